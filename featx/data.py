@@ -1,0 +1,242 @@
+"""Folder -> stream of files with labels -> decoded, preprocessed uint8 batches. Failures are data.
+
+Nothing here imports torch or onnxruntime: decode workers stay light.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .backbones import PreprocessConfig
+from .errors import ImageError
+
+_logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs (--max-pixels)
+_INTERPOLATION = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+# Where an image has transparency, it is composited onto this colour (white, as browsers show it).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One image file found under the root. ``key`` is its path relative to the root, '/'-separated."""
+
+    key: str
+    path: str
+    label: str | None  # first-level subfolder, None for files directly under the root
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class WalkFailure:
+    """Something under the root that could not be listed (unreadable folder, symlink loop)."""
+
+    key: str
+    reason: str
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Image format from the first bytes of a file, or None when it is no image type featx reads."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return None
+
+
+def walk_images(root: str | os.PathLike) -> Iterator[FileEntry | WalkFailure]:
+    """Every image file under ``root``, recursively, in a stable sorted order.
+
+    Streamed: only the listing of the folders on the current path is held. Files with an image
+    extension are listed; files without an extension are listed when their content is an image.
+    Symlinked folders are followed once; a loop is reported as a :class:`WalkFailure`.
+    """
+    root = os.fspath(root)
+    seen_dirs: set[tuple[int, int]] = set()
+
+    def walk(folder: str, rel: str, label: str | None) -> Iterator[FileEntry | WalkFailure]:
+        try:
+            st = os.stat(folder)
+        except OSError as e:
+            yield WalkFailure(rel or ".", f"folder cannot be read: {e.strerror or e}")
+            return
+        ident = (st.st_dev, st.st_ino)
+        if ident in seen_dirs:
+            yield WalkFailure(rel, "symlink loop: this folder was already walked")
+            return
+        seen_dirs.add(ident)
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: os.fsencode(e.name))
+        except OSError as e:
+            yield WalkFailure(rel or ".", f"folder cannot be read: {e.strerror or e}")
+            return
+        for entry in entries:
+            key = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if is_dir:
+                yield from walk(entry.path, key, label if rel else entry.name)
+                continue
+            ext = os.path.splitext(entry.name)[1].lower()
+            if ext not in IMAGE_EXTENSIONS and (ext or not _content_is_image(entry.path)):
+                continue
+            try:
+                st = entry.stat()
+            except OSError as e:  # dangling symlink, or deleted since the listing
+                yield WalkFailure(key, f"file cannot be read: {e.strerror or e}")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            yield FileEntry(key, entry.path, label, st.st_size, st.st_mtime_ns)
+
+    yield from walk(root, "", None)
+
+
+def class_names_of(root: str | os.PathLike) -> list[str]:
+    """First-level subfolders of ``root``, sorted: the classes, as Keras and torchvision's ImageFolder see them."""
+    with os.scandir(root) as it:
+        return sorted((e.name for e in it if e.is_dir()), key=os.fsencode)
+
+
+def _content_is_image(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return sniff_format(f.read(16)) is not None
+    except OSError:
+        return False
+
+
+def decode_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read an image file as an upright RGB picture.
+
+    EXIF orientation is applied; alpha is composited onto white; CMYK, palette, grayscale and
+    16-bit images are converted (16-bit scaled to 8 bits, not clipped).
+
+    Raises:
+        ImageError: with a one-line reason (empty, not an image, truncated, too large, unreadable).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if not head:
+                raise ImageError("empty file (0 bytes)")
+            fmt = sniff_format(head)
+            if fmt is None:
+                raise ImageError(f"not an image: content starts with {head[:8]!r}")
+            f.seek(0)
+            with Image.open(f) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise ImageError(f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} (--max-pixels)")
+                img.load()
+                return _to_rgb(ImageOps.exif_transpose(img))
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError("file vanished before it could be read") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"decompression bomb: {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        text = str(e).strip().splitlines()
+        raise ImageError(f"cannot decode: {text[0] if text else type(e).__name__}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit greyscale: scale 0..65535 onto 0..255 instead of letting PIL clip at 255
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def preprocess_image(img: Image.Image | np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Resize the shorter side to ``cfg.resize_size``, centre-crop to ``cfg.input_size``.
+
+    Matches torchvision's Resize + CenterCrop on PIL images pixel for pixel, so the exported
+    model (which normalises inside its graph) sees what the torch reference sees.
+    Returns uint8 (H, W, 3).
+    """
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img).convert("RGB")
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = cfg.resize_size, int(cfg.resize_size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), _INTERPOLATION[cfg.interpolation])
+    ch, cw = cfg.input_size
+    if new_w < cw or new_h < ch:  # only when resize_size < crop: pad like torchvision's center_crop
+        canvas = Image.new("RGB", (max(new_w, cw), max(new_h, ch)))
+        canvas.paste(img, ((max(new_w, cw) - new_w) // 2, (max(new_h, ch) - new_h) // 2))
+        img, (new_w, new_h) = canvas, canvas.size
+    top = int(round((new_h - ch) / 2.0))
+    left = int(round((new_w - cw) / 2.0))
+    return np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.uint8)
+
+
+def load_image(path: str | os.PathLike, cfg: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode and preprocess one file. Returns uint8 (H, W, 3); raises ImageError."""
+    return preprocess_image(decode_image(path, max_pixels=max_pixels), cfg)
+
+
+@dataclass
+class DecodedBatch:
+    """A batch ready for the model: ``images`` uint8 (n_ok, H, W, 3) for ``ok`` positions of the input."""
+
+    images: np.ndarray
+    ok: list[int]
+    failed: list[tuple[int, str]]  # (position in the input, reason)
+
+
+def load_batch(paths: Sequence[str], cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedBatch:
+    """Decode and preprocess ``paths``; a bad file becomes a (position, reason) row, never an exception."""
+    h, w = cfg.input_size
+    images = np.empty((len(paths), h, w, 3), dtype=np.uint8)
+    ok: list[int] = []
+    failed: list[tuple[int, str]] = []
+    for i, path in enumerate(paths):
+        try:
+            images[len(ok)] = load_image(path, cfg, max_pixels=max_pixels)
+            ok.append(i)
+        except ImageError as e:
+            failed.append((i, str(e)))
+        except Exception as e:  # a decoder bug must not end a run of millions of files
+            failed.append((i, f"unexpected {type(e).__name__}: {e}"))
+    return DecodedBatch(images[: len(ok)], ok, failed)
+
+
+def path_key(root: str | os.PathLike, path: str | os.PathLike) -> str:
+    return Path(path).relative_to(root).as_posix()

@@ -1,0 +1,40 @@
+"""Errors featx raises on purpose. Each says what was expected and what came."""
+
+
+class FeatxError(Exception):
+    """Base class: a problem the user can fix, reported in one line without a traceback."""
+
+
+class UnknownBackboneError(FeatxError, KeyError):
+    """A backbone name that no registry knows."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class WeightsError(FeatxError, ValueError):
+    """Weights could not be had, or do not fit the architecture, or are unsafe to load."""
+
+
+class ModelFileError(FeatxError, ValueError):
+    """An ONNX file that is missing, corrupt, or not made by featx."""
+
+
+class ExportCheckError(FeatxError, RuntimeError):
+    """An exported file whose outputs disagree with torch beyond tolerance."""
+
+
+class ImageError(FeatxError, ValueError):
+    """An image that cannot be decoded; in bulk runs this becomes a recorded failure instead."""
+
+
+class StoreError(FeatxError, RuntimeError):
+    """The HDF5 cache cannot be used as asked (locked, other model, unwritable)."""
+
+
+class NotFittedError(FeatxError, ValueError, AttributeError):
+    """A head used before fit, as in scikit-learn."""
+
+
+class HeadMismatchError(FeatxError, ValueError):
+    """A head trained on one backbone used with another."""

@@ -1,0 +1,263 @@
+"""Torch backbone -> ONNX file with an ``embedding`` output (and ``logits`` where there is a classifier).
+
+The file's input is uint8 RGB images, (n, H, W, 3): normalisation happens inside the graph, so
+callers copy a quarter of the bytes of a float tensor and cannot get mean/std wrong. Everything
+needed to use the file (preprocessing, class names, weights hash) travels in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import __version__
+from .backbones import Backbone, PreprocessConfig
+from .errors import ExportCheckError
+
+if TYPE_CHECKING:
+    import torch
+
+_logger = logging.getLogger(__name__)
+
+METADATA_KEY = "featx"
+INPUT_NAME = "images"
+# Largest |onnxruntime - torch| allowed, as a fraction of the largest |embedding| on the check images.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an exported file says about itself (its ``featx`` metadata)."""
+
+    backbone: str
+    embed_dim: int
+    preprocess: PreprocessConfig
+    class_names: list[str] | None
+    weights: str
+    weights_sha256: str
+    precision: str  # "fp32" or "fp16" (compute precision inside the graph; outputs are float32)
+    featx_version: str
+
+    @property
+    def has_logits(self) -> bool:
+        return self.class_names is not None
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of what the embeddings mean: weights + preprocessing + precision, not the engine."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.weights_sha256}|{self.preprocess.to_json()}|{self.precision}".encode())
+        return h.hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "backbone": self.backbone,
+                "embed_dim": self.embed_dim,
+                "preprocess": json.loads(self.preprocess.to_json()),
+                "class_names": self.class_names,
+                "weights": self.weights,
+                "weights_sha256": self.weights_sha256,
+                "precision": self.precision,
+                "featx_version": self.featx_version,
+                "input": "uint8 RGB (n, H, W, 3)",
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelInfo:
+        d = json.loads(text)
+        return cls(
+            backbone=d["backbone"],
+            embed_dim=int(d["embed_dim"]),
+            preprocess=PreprocessConfig.from_json(json.dumps(d["preprocess"])),
+            class_names=d["class_names"],
+            weights=d["weights"],
+            weights_sha256=d["weights_sha256"],
+            precision=d["precision"],
+            featx_version=d["featx_version"],
+        )
+
+    @classmethod
+    def from_backbone(cls, backbone: Backbone, *, half: bool = False) -> ModelInfo:
+        return cls(
+            backbone=backbone.name,
+            embed_dim=backbone.embed_dim,
+            preprocess=backbone.preprocess,
+            class_names=backbone.class_names if backbone.classifier is not None else None,
+            weights=backbone.weights,
+            weights_sha256=backbone.weights_sha256(),
+            precision="fp16" if half else "fp32",
+            featx_version=__version__,
+        )
+
+
+def embedding_model(backbone: Backbone, *, half: bool = False, dtype=None) -> torch.nn.Module:
+    """The module that is exported, and that the torch engine runs.
+
+    Takes uint8 (n, H, W, 3) RGB; returns float32 (n, embed_dim) and, with a classifier,
+    float32 (n, n_classes) logits.
+    """
+    import copy
+
+    import torch
+
+    compute_dtype = dtype or (torch.float16 if half else torch.float32)
+
+    class EmbeddingModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            p = backbone.preprocess
+            # mean/std scaled by 255 so uint8 pixels are normalised in one subtract and one divide
+            self.register_buffer("mean", torch.tensor(p.mean).view(1, 3, 1, 1) * 255.0)
+            self.register_buffer("std", torch.tensor(p.std).view(1, 3, 1, 1) * 255.0)
+            self.features = copy.deepcopy(backbone.features).to(compute_dtype)
+            self.classifier = (
+                copy.deepcopy(backbone.classifier).to(compute_dtype) if backbone.classifier is not None else None
+            )
+
+        def forward(self, images: torch.Tensor):
+            x = images.permute(0, 3, 1, 2).to(torch.float32)
+            x = ((x - self.mean) / self.std).to(compute_dtype)
+            embedding = self.features(x)
+            if self.classifier is None:
+                return embedding.float()
+            return embedding.float(), self.classifier(embedding).float()
+
+    return EmbeddingModel().eval()
+
+
+def check_images(size: tuple[int, int], preprocess: PreprocessConfig) -> np.ndarray:
+    """Real photos (scikit-learn and scikit-image samples) preprocessed as the model expects: uint8 (n, H, W, 3)."""
+    from .data import preprocess_image
+    from .samples import sample_photos
+
+    return np.stack([preprocess_image(img, preprocess) for img in sample_photos().values()])
+
+
+def export_onnx(
+    backbone: Backbone,
+    path: str | os.PathLike,
+    *,
+    half: bool = False,
+    opset: int = 17,
+    check: bool = True,
+) -> ModelInfo:
+    """Write ``backbone`` to ``path`` as ONNX, check it against torch, and return its metadata.
+
+    The write is atomic: the file appears at ``path`` only once it has passed the check.
+
+    Raises:
+        ExportCheckError: onnxruntime's outputs differ from torch's beyond ``TOLERANCE``.
+    """
+    import onnx
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = ModelInfo.from_backbone(backbone, half=half)
+    model = embedding_model(backbone, half=half)
+    h, w = backbone.preprocess.input_size
+    example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
+    outputs = ["embedding", "logits"] if info.has_logits else ["embedding"]
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                input_names=[INPUT_NAME],
+                output_names=outputs,
+                dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
+                opset_version=opset,
+                dynamo=False,  # the TorchScript exporter handles every torchvision/timm model we list
+            )
+        proto = onnx.load(str(tmp))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, info.to_json()
+        proto.producer_name = "featx"
+        onnx.save(proto, str(tmp))
+        onnx.checker.check_model(str(tmp))
+        if check:
+            compare_with_torch(tmp, backbone, half=half)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return info
+
+
+def compare_with_torch(path: str | os.PathLike, backbone: Backbone, *, half: bool = False) -> float:
+    """Largest |onnxruntime - torch fp32| over real photos, relative to the largest |embedding|.
+
+    Raises ExportCheckError above the tolerance for the precision.
+    """
+    import torch
+
+    from .runtime import load_model
+
+    images = check_images(backbone.preprocess.input_size, backbone.preprocess)
+    with torch.no_grad():
+        ref = embedding_model(backbone)(torch.from_numpy(images))
+    ref_emb = (ref[0] if isinstance(ref, tuple) else ref).numpy()
+    got = load_model(path, device="cpu").encode(images)
+    scale = float(np.abs(ref_emb).max()) or 1.0
+    worst = float(np.abs(got.embedding - ref_emb).max()) / scale
+    tolerance = TOLERANCE["fp16" if half else "fp32"]
+    _logger.info(
+        "export check on %d photos: max |onnx - torch| = %.2e of the embedding scale (tolerance %.0e, %s)",
+        len(images), worst, tolerance, "fp16" if half else "fp32",
+    )
+    if not worst <= tolerance:
+        raise ExportCheckError(
+            f"{path}: onnxruntime and torch embeddings differ by {worst:.3g} of the embedding scale, "
+            f"tolerance {tolerance:g}"
+        )
+    return worst
+
+
+def default_models_dir() -> Path:
+    """Where exported files go unless told: $FEATX_MODELS, else ./models."""
+    return Path(os.environ.get("FEATX_MODELS", "models"))
+
+
+def ensure_model_file(
+    model: str | os.PathLike,
+    *,
+    weights: str | os.PathLike | None = None,
+    half: bool = False,
+    models_dir: str | os.PathLike | None = None,
+) -> Path:
+    """An exported ONNX file for ``model``: the file itself if ``model`` is a path, else the backbone
+    name exported into ``models_dir`` on first use (``NAME[-fp16][-WEIGHTS].onnx``) and reused after.
+    """
+    as_path = Path(model)
+    if as_path.suffix == ".onnx" or as_path.is_file():
+        return as_path
+    from .backbones import load_backbone
+
+    name = str(model)
+    tag = "" if weights is None else "-" + _weights_tag(str(weights))
+    path = Path(models_dir or default_models_dir()) / f"{name.replace('/', '_')}{'-fp16' if half else ''}{tag}.onnx"
+    if not path.is_file():
+        _logger.info("exporting %s to %s (first use)", name, path)
+        export_onnx(load_backbone(name, weights=weights), path, half=half)
+    return path
+
+
+def _weights_tag(weights: str) -> str:
+    import hashlib
+
+    if weights in ("none", "pretrained", "bundled"):
+        return weights
+    return Path(weights).stem[:24] + "-" + hashlib.sha256(os.path.abspath(weights).encode()).hexdigest()[:8]

@@ -1,0 +1,80 @@
+"""Real photos that install with featx's dependencies (scikit-learn and scikit-image samples).
+
+Used as the bundled demo data, as the check images of an export, and by tests and benchmarks.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+
+def sample_photos() -> dict[str, Image.Image]:
+    """name -> RGB photo: china and flower (scikit-learn), coffee, chelsea, astronaut, rocket (scikit-image)."""
+    import skimage.data
+    import sklearn.datasets
+
+    folder = Path(sklearn.datasets.__file__).parent / "images"
+    photos = {name: Image.open(folder / f"{name}.jpg").convert("RGB") for name in ("china", "flower")}
+    for name in ("coffee", "chelsea", "astronaut", "rocket"):
+        photos[name] = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    return photos
+
+
+def write_sample_photos(folder: str | Path) -> list[Path]:
+    """Write the sample photos into ``folder`` (JPEGs as they ship, the others as PNG); returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, img in sample_photos().items():
+        path = folder / (f"{name}.jpg" if name in ("china", "flower") else f"{name}.png")
+        img.save(path, quality=95) if path.suffix == ".jpg" else img.save(path)
+        paths.append(path)
+    return paths
+
+
+def write_digits_folder(folder: str | Path, *, size: int = 64, limit: int | None = None) -> Path:
+    """scikit-learn's 1,797 labelled digits as a class-per-folder tree of PNGs (``folder/3/0042.png``).
+
+    The 8x8 images (values 0..16) are scaled to ``size`` pixels, white digit on black.
+    """
+    import numpy as np
+    import sklearn.datasets
+
+    folder = Path(folder)
+    digits = sklearn.datasets.load_digits()
+    n = len(digits.images) if limit is None else min(limit, len(digits.images))
+    for i in range(n):
+        label = int(digits.target[i])
+        pixels = (digits.images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        img = Image.fromarray(pixels, mode="L").resize((size, size), Image.BILINEAR)
+        out = folder / str(label) / f"{i:04d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img.save(out)
+    return folder
+
+
+def write_jpeg_folder(folder: str | Path, n: int, *, size: tuple[int, int] = (500, 375), quality: int = 90,
+                      classes: int = 4, seed: int = 0) -> Path:
+    """``n`` realistic JPEGs (random crops of the sample photos, ``size`` pixels, given quality) in ``classes`` folders."""
+    import numpy as np
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    photos = list(sample_photos().values())
+    w, h = size
+    for i in range(n):
+        src = photos[i % len(photos)]
+        scale = rng.uniform(1.0, 1.6)
+        big = src.resize((int(max(w, src.width) * scale), int(max(h, src.height) * scale)), Image.BILINEAR)
+        x = int(rng.integers(0, big.width - w + 1))
+        y = int(rng.integers(0, big.height - h + 1))
+        crop = big.crop((x, y, x + w, y + h))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        out = folder / f"class_{i % classes}" / f"img_{i:06d}.jpg"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        crop.save(out, quality=quality)
+    return folder
