@@ -1,0 +1,186 @@
+"""The ``featx`` command: parses arguments and calls the public API, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+
+def _add_model(p: argparse.ArgumentParser, *, weights: bool = True) -> None:
+    from .backbones import DEFAULT_BACKBONE
+
+    p.add_argument("--model", "-m", default=DEFAULT_BACKBONE,
+                   help=f"backbone name or exported .onnx file (default {DEFAULT_BACKBONE})")
+    if weights:
+        p.add_argument("--weights", default=None,
+                       help="pretrained | none | bundled | PATH to a state dict (.pth/.pt/.safetensors)")
+
+
+def _add_device(p: argparse.ArgumentParser, *, engine: bool = False) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    if engine:
+        p.add_argument("--engine", choices=["auto", "onnx", "torch"], default="auto",
+                       help="onnxruntime, or torch on the same weights (auto: torch on CUDA, onnxruntime on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featx", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"featx {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list-models", help="backbone names featx can load")
+    p.add_argument("--source", choices=["all", "featx", "torchvision", "timm"], default="all")
+    p.add_argument("pattern", nargs="?", default=None, help="substring to filter names")
+
+    p = sub.add_parser("export", help="export a backbone to ONNX (embedding and logits outputs), checked against torch")
+    p.add_argument("model", help="backbone name")
+    p.add_argument("-o", "--output", default=None, help="output .onnx path (default models/NAME.onnx)")
+    p.add_argument("--weights", default=None, help="pretrained | none | bundled | PATH to a state dict")
+    p.add_argument("--half", action="store_true", help="fp16 inside the graph (input uint8, outputs float32)")
+
+    p = sub.add_parser("classify", help="top ImageNet classes of image files")
+    p.add_argument("images", nargs="+")
+    _add_model(p)
+    p.add_argument("--top", type=int, default=5)
+    _add_device(p)
+
+    p = sub.add_parser("embed", help="embed an image folder into an HDF5 cache (resumable, incremental)")
+    p.add_argument("root")
+    p.add_argument("--out", "-o", required=True, help="HDF5 cache file")
+    _add_model(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default: cores - 1)")
+    _add_device(p, engine=True)
+    p.add_argument("--half", action="store_true", help="fp16 model and float16 storage")
+    p.add_argument("--prune", action="store_true", help="remove files no longer in the folder from the cache")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when any image failed")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)")
+
+    p = sub.add_parser("train-head", help="fit a classifier head on cached embeddings")
+    p.add_argument("cache")
+    p.add_argument("--model", "-m", default=None, help="model group in the cache (needed when it holds several)")
+    p.add_argument("--head", choices=["logreg", "mlp"], default="logreg")
+    p.add_argument("-o", "--output", required=True, help="head file (.safetensors)")
+    p.add_argument("--test-size", type=float, default=0.2)
+    p.add_argument("--cv", type=int, default=None, help="K-fold cross-validation instead of one split")
+    p.add_argument("--C", type=float, default=None, help="logreg inverse regularisation (default: by cross-validation)")
+    p.add_argument("--hidden", default="1024", help="mlp hidden sizes, comma-separated")
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", default=None, help="confusion-matrix PNG (default: next to the head file)")
+
+    p = sub.add_parser("predict", help="classify images or a folder with a trained head")
+    p.add_argument("inputs", nargs="+", help="image files or one folder")
+    p.add_argument("--head", required=True)
+    _add_model(p)
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("-o", "--output", default=None, help="CSV file (key, top classes, probabilities)")
+    p.add_argument("--cache", default=None, help="embedding cache to reuse for a folder")
+    _add_device(p)
+
+    p = sub.add_parser("bench", help="throughput against plain PyTorch in the same run")
+    _add_model(p)
+    _add_device(p)
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--half", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
+    p.add_argument("--images", default=None, help="JPEG folder for the end-to-end comparison (generated if absent)")
+    p.add_argument("--n-images", type=int, default=512, help="images to generate for end-to-end")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--int8", action="store_true", help="also time onnxruntime int8 (dynamic quantization), CPU")
+    p.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from .errors import FeatxError
+
+    try:
+        return _run(args)
+    except FeatxError as e:
+        print(f"featx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featx: interrupted; committed batches are kept, run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    import featx
+
+    if args.command == "list-models":
+        for name in featx.list_backbones(args.source):
+            if args.pattern is None or args.pattern in name:
+                print(name)
+        return 0
+
+    if args.command == "export":
+        from pathlib import Path
+
+        from .export import default_models_dir
+
+        out = Path(args.output) if args.output else default_models_dir() / f"{args.model}{'-fp16' if args.half else ''}.onnx"
+        info = featx.export_onnx(featx.load_backbone(args.model, weights=args.weights), out, half=args.half)
+        print(f"{out}: {info.backbone}, {info.embed_dim}-d embedding"
+              f"{', logits for %d classes' % len(info.class_names) if info.has_logits else ''}, "
+              f"input {info.preprocess.input_size[0]}x{info.preprocess.input_size[1]}, {info.precision}, "
+              f"fingerprint {info.fingerprint}")
+        return 0
+
+    if args.command == "classify":
+        results = featx.classify(args.images, model=args.model, weights=args.weights, top=args.top, device=args.device)
+        for r in results:
+            print(f"{r.path}  " + "  ".join(f"{name} {p * 100:.1f}%" for name, p in r.top))
+        return 0
+
+    if args.command == "embed":
+        from .data import DEFAULT_MAX_PIXELS
+
+        stats = featx.embed_folder(
+            args.root, args.out, model=args.model, weights=args.weights, batch_size=args.batch_size,
+            workers=args.workers, device=args.device, engine=args.engine, half=args.half, prune=args.prune,
+            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet,
+        )
+        print(stats.summary())
+        return 1 if args.strict and stats.n_failed else 0
+
+    if args.command == "train-head":
+        report = featx.train_head(
+            args.cache, args.output, model=args.model, head=args.head, test_size=args.test_size, cv=args.cv,
+            C=args.C, hidden=tuple(int(h) for h in args.hidden.split(",") if h), dropout=args.dropout,
+            epochs=args.epochs, seed=args.seed, report_png=args.report,
+        )
+        print(report.text())
+        return 0
+
+    if args.command == "predict":
+        rows = featx.predict(args.inputs, head=args.head, model=args.model, weights=args.weights, top=args.top,
+                             output=args.output, cache=args.cache, device=args.device)
+        if args.output is None:
+            for row in rows:
+                print(row.line())
+        else:
+            print(f"{len(rows)} rows -> {args.output}")
+        return 0
+
+    if args.command == "bench":
+        result = featx.bench_models(
+            model=args.model, weights=args.weights, device=args.device,
+            batch_sizes=[int(b) for b in args.batch_sizes.split(",")], half=args.half, compile=args.compile,
+            images=args.images, n_images=args.n_images, repeats=args.repeats, int8=args.int8, out_dir=args.out,
+        )
+        print(result.table())
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

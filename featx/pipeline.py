@@ -1,0 +1,293 @@
+"""Images -> embeddings: classify a few files, or embed a whole folder into the HDF5 cache.
+
+``embed_folder`` streams the folder (data), decodes in worker processes ahead of the model
+(a bounded window of batches, so memory does not grow with the folder), runs the engine
+(runtime) and commits whole batches (store). Killed at any point, the same call resumes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import DEFAULT_BACKBONE
+from .data import DEFAULT_MAX_PIXELS, FileEntry, WalkFailure, class_names_of, load_batch, load_image, walk_images
+from .errors import FeatxError, ModelFileError
+from .export import ensure_model_file
+from .runtime import Device, EngineName, load_model
+from .store import EmbeddingStore
+
+_logger = logging.getLogger(__name__)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class Classification:
+    path: str
+    top: list[tuple[str, float]]  # (class name, probability), most probable first
+
+
+def classify(
+    images: Sequence[str | os.PathLike],
+    *,
+    model: str | os.PathLike = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    top: int = 5,
+    device: Device = "auto",
+) -> list[Classification]:
+    """ImageNet classes of each image through the exported model. Raises ImageError for a bad file.
+
+    Example:
+        >>> classify(["coffee.png"])[0].top[0]
+        ('espresso', 0.95...)
+    """
+    engine = load_model(ensure_model_file(model, weights=weights), device=device, engine="onnx")
+    info = engine.info
+    if not info.has_logits:
+        raise ModelFileError(f"{engine.path}: this model has no ImageNet classifier (no logits output)")
+    results = []
+    for path in images:
+        batch = load_image(path, info.preprocess)[None]
+        probs = softmax(engine.encode(batch).logits)[0]
+        best = np.argsort(-probs)[:top]
+        results.append(Classification(str(path), [(info.class_names[i], float(probs[i])) for i in best]))
+    return results
+
+
+def embed_images(
+    images: Sequence[str | os.PathLike | np.ndarray],
+    *,
+    model: str | os.PathLike = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    batch_size: int = 32,
+    device: Device = "auto",
+    engine: EngineName = "onnx",
+) -> np.ndarray:
+    """Embeddings of image files or RGB arrays, in memory. Returns float32 (n, embed_dim); raises on a bad file."""
+    from .data import preprocess_image
+
+    runner = load_model(ensure_model_file(model, weights=weights), device=device, engine=engine)
+    cfg = runner.info.preprocess
+    out = np.empty((len(images), runner.info.embed_dim), dtype=np.float32)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        batch = np.stack([
+            preprocess_image(img, cfg) if isinstance(img, np.ndarray) else load_image(img, cfg) for img in chunk
+        ])
+        out[start:start + len(chunk)] = runner.encode(batch).embedding
+    return out
+
+
+@dataclass
+class RunStats:
+    """Summary of one ``embed_folder`` run."""
+
+    out: str
+    model: str
+    n_embedded: int = 0
+    n_cached: int = 0
+    n_failed: int = 0
+    n_failed_before: int = 0  # failures recorded by an earlier run, file unchanged: not retried
+    n_deleted: int = 0
+    n_pruned: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_embedded / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.n_embedded} embedded, {self.n_cached} already cached, {self.n_failed} failed"
+            + (f" ({self.n_failed_before} failed before, unchanged)" if self.n_failed_before else "")
+            + (f", {self.n_deleted} deleted from the folder" + (f" ({self.n_pruned} pruned)" if self.n_pruned else
+               " (--prune removes them)") if self.n_deleted else "")
+            + f" in {self.seconds:.1f} s, {self.images_per_second:.1f} images/s -> {self.out} [{self.model}]"
+        )
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def embed_folder(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    device: Device = "auto",
+    engine: EngineName = "auto",
+    half: bool = False,
+    prune: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    models_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> RunStats:
+    """Embed every image under ``root`` into the HDF5 cache ``out``; only new or changed files are decoded.
+
+    Args:
+        model: a backbone name (exported to ``models_dir`` on first use) or an exported .onnx file.
+        workers: decode processes running ahead of the model; 0 decodes in this process.
+        half: fp16 model and float16 storage (a separate group, ``NAME-fp16``).
+        prune: remove rows of files no longer under ``root``.
+        progress: show a tqdm bar (images, images/s, ETA).
+
+    Returns:
+        RunStats; bad images are counted and stored as failures, never raised.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FeatxError(f"{root} is not a folder")
+    start = time.perf_counter()
+    model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
+    runner = load_model(model_file, device=device, engine=engine)
+    info = runner.info
+    group = Path(model_file).stem
+    stats = RunStats(out=str(out), model=group)
+    workers = default_workers() if workers is None else workers
+
+    with EmbeddingStore(out, group, info=info, half=half) as store:
+        label_of = store.label_index(class_names_of(root))
+        done, failed_before = store.done(), store.failed()
+        seen: set[str] = set()
+        total = _count_candidates(root) if progress else None
+        bar = _progress_bar(total, progress)
+
+        def pending() -> Iterator[FileEntry]:
+            for item in walk_images(root):
+                if isinstance(item, WalkFailure):
+                    seen.add(item.key)
+                    if item.key in failed_before:
+                        stats.n_failed_before += 1
+                        continue
+                    stats.failures.append((item.key, item.reason))
+                    stats.n_failed += 1
+                    store.add_failures([item.key], [item.reason], [0], [0])
+                    continue
+                seen.add(item.key)
+                row = done.get(item.key)
+                if row is not None and row[1:] == (item.size, item.mtime_ns):
+                    stats.n_cached += 1
+                    bar.update(1)
+                    continue
+                before = failed_before.get(item.key)
+                if before is not None and before[1:] == (item.size, item.mtime_ns):
+                    stats.n_failed_before += 1
+                    bar.update(1)
+                    continue
+                yield item
+
+        recovered: set[str] = set()
+        try:
+            for batch, decoded in _decode_ahead(_chunks(pending(), batch_size), info.preprocess, workers, max_pixels):
+                ok = [batch[i] for i in decoded.ok]
+                if ok:
+                    emb = runner.encode(decoded.images).embedding
+                    labels = [label_of[e.label] if e.label is not None else -1 for e in ok]
+                    new = [i for i, e in enumerate(ok) if e.key not in done]
+                    changed = [i for i, e in enumerate(ok) if e.key in done]
+                    store.append([ok[i].key for i in new], emb[new], [labels[i] for i in new],
+                                 [ok[i].size for i in new], [ok[i].mtime_ns for i in new])
+                    if changed:
+                        store.replace([done[ok[i].key][0] for i in changed], emb[changed], [labels[i] for i in changed],
+                                      [ok[i].size for i in changed], [ok[i].mtime_ns for i in changed])
+                    recovered.update(e.key for e in ok if e.key in failed_before)
+                    stats.n_embedded += len(ok)
+                if decoded.failed:
+                    bad = [(batch[i], reason) for i, reason in decoded.failed]
+                    store.add_failures([e.key for e, _ in bad], [r for _, r in bad],
+                                       [e.size for e, _ in bad], [e.mtime_ns for e, _ in bad])
+                    stats.failures += [(e.key, r) for e, r in bad]
+                    stats.n_failed += len(bad)
+                    for e, r in bad:
+                        _logger.warning("skipped %s: %s", e.key, r)
+                bar.update(len(batch))
+                bar.set_postfix(failed=stats.n_failed, refresh=False)
+        finally:
+            bar.close()
+            stats.seconds = time.perf_counter() - start
+        deleted = (set(done) | set(failed_before)) - seen
+        stats.n_deleted = len(deleted & set(done))
+        if recovered or (prune and deleted):
+            store.rewrite_without(recovered | (deleted if prune else set()), failures=True)
+        if prune and deleted:
+            stats.n_pruned = store.rewrite_without(deleted)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _count_candidates(root: Path) -> int:
+    """Image files under root by extension only (no stat, no reads): the progress bar's total."""
+    from .data import IMAGE_EXTENSIONS
+
+    n = 0
+    for _dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
+        n += sum(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in filenames)
+    return n
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kw) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress_bar(total: int | None, show: bool):
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1)
+
+
+def _chunks(items: Iterator[FileEntry], size: int) -> Iterator[list[FileEntry]]:
+    chunk: list[FileEntry] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _decode_ahead(batches: Iterator[list[FileEntry]], cfg, workers: int, max_pixels: int):
+    """Yield (batch, DecodedBatch) in order, decoding up to 2*workers batches ahead in worker processes."""
+    if workers <= 0:
+        for batch in batches:
+            yield batch, load_batch([e.path for e in batch], cfg, max_pixels)
+        return
+    # spawn, not fork: the parent holds onnxruntime/torch threads that a fork would copy mid-flight
+    context = multiprocessing.get_context("spawn")
+    window: deque = deque()
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        try:
+            for batch in batches:
+                window.append((batch, pool.submit(load_batch, [e.path for e in batch], cfg, max_pixels)))
+                if len(window) >= 2 * workers:
+                    b, fut = window.popleft()
+                    yield b, fut.result()
+            while window:
+                b, fut = window.popleft()
+                yield b, fut.result()
+        finally:
+            for _, fut in window:
+                fut.cancel()

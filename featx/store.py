@@ -1,0 +1,310 @@
+"""HDF5 embedding cache: one group per model, appended in whole batches, resumable after a kill.
+
+Layout (readable with plain h5py)::
+
+    /<model>/                     attrs: fingerprint, backbone, embed_dim, precision, preprocess (JSON),
+                                         featx_version, created, n_rows (rows committed)
+        embeddings     (n, D) float32 or float16, chunked, resizable
+        keys           (n,)   UTF-8 path relative to the folder ('/'-separated)
+        labels         (n,)   int32 index into class_names, -1 when unlabelled
+        file_size      (n,)   int64  } identity of the file that was embedded: a re-run
+        file_mtime_ns  (n,)   int64  } skips a key whose size and mtime are unchanged
+        class_names    (k,)   UTF-8
+        failures/      keys, reasons, file_size, file_mtime_ns (same meaning), attr n_rows
+
+Commit protocol: a batch is written to every dataset, the file is flushed, and only then is the
+group's ``n_rows`` raised and flushed again. Rows past ``n_rows`` (a batch cut short by a kill) are
+dropped when the file is next opened for writing, so key i always matches row i.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import StoreError
+
+_logger = logging.getLogger(__name__)
+
+_STR = None  # h5py string dtype, created on first use (h5py imported lazily)
+CHUNK_ROWS = 256
+
+
+def _str_dtype():
+    import h5py
+
+    global _STR
+    if _STR is None:
+        _STR = h5py.string_dtype("utf-8")
+    return _STR
+
+
+def _encode(keys) -> np.ndarray:
+    # non-UTF-8 file names arrive as surrogate-escaped str; their bytes are stored as they are on disk
+    return np.array([k.encode("utf-8", "surrogateescape") for k in keys], dtype=object)
+
+
+def _decode(raw) -> list[str]:
+    return [k.decode("utf-8", "surrogateescape") if isinstance(k, bytes) else k for k in raw]
+
+
+def _open_h5(path: Path, mode: str):
+    import h5py
+
+    try:
+        return h5py.File(path, mode, locking=True)
+    except BlockingIOError:
+        raise StoreError(f"{path} is being written by another featx run (file is locked); wait for it or use another --out") from None
+    except FileNotFoundError:
+        raise StoreError(f"{path} does not exist") from None
+    except PermissionError:
+        raise StoreError(f"{path} cannot be opened: permission denied") from None
+    except OSError as e:
+        text = str(e)
+        if "lock" in text.lower():
+            raise StoreError(f"{path} is being written by another featx run (file is locked); wait for it or use another --out") from None
+        if not path.parent.exists():
+            raise StoreError(f"cannot create {path}: folder {path.parent} does not exist") from None
+        raise StoreError(f"{path} cannot be opened as HDF5 ({text.splitlines()[0] if text else type(e).__name__})") from None
+
+
+@dataclass
+class Embeddings:
+    """What :func:`load_embeddings` returns: ``embeddings`` float32 (n, D) with aligned ``keys`` and ``labels``."""
+
+    embeddings: np.ndarray
+    keys: list[str]
+    labels: np.ndarray  # int32 (n,), -1 for unlabelled
+    class_names: list[str]
+    model: str
+    fingerprint: str
+    attrs: dict = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def list_models(path: str | os.PathLike) -> list[str]:
+    """Model groups in a cache file."""
+    with _open_h5(Path(path), "r") as f:
+        return sorted(k for k in f if "fingerprint" in f[k].attrs)
+
+
+def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labelled_only: bool = False) -> Embeddings:
+    """Read a model's committed embeddings from a cache file.
+
+    Args:
+        model: the group name (the model file's stem, e.g. ``efficientnet_lite0``); may be left out
+            when the file holds one model.
+        labelled_only: drop rows without a label.
+    """
+    path = Path(path)
+    with _open_h5(path, "r") as f:
+        models = sorted(k for k in f if "fingerprint" in f[k].attrs)
+        if model is None:
+            if len(models) != 1:
+                raise StoreError(f"{path} holds {len(models)} models {models}; name one with --model")
+            model = models[0]
+        if model not in models:
+            raise StoreError(f"{path} has no embeddings for model {model!r}; it has {models}")
+        g = f[model]
+        n = int(g.attrs["n_rows"])
+        emb = g["embeddings"][:n].astype(np.float32)
+        keys = _decode(g["keys"][:n])
+        labels = g["labels"][:n].astype(np.int32)
+        classes = _decode(g["class_names"][:])
+        fails = g.get("failures")
+        failures = {}
+        if fails is not None:
+            m = int(fails.attrs["n_rows"])
+            failures = dict(zip(_decode(fails["keys"][:m]), _decode(fails["reasons"][:m])))
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
+    if labelled_only:
+        keep = labels >= 0
+        emb, labels, keys = emb[keep], labels[keep], [k for k, ok in zip(keys, keep) if ok]
+    return Embeddings(emb, keys, labels, classes, model, str(attrs["fingerprint"]), attrs, failures)
+
+
+class EmbeddingStore:
+    """Writer for one model's group. Use as a context manager; see the module docstring for the layout."""
+
+    def __init__(self, path: str | os.PathLike, model: str, *, info, half: bool = False):
+        self.path = Path(path)
+        self.model = model
+        self.info = info
+        self.half = half
+        self.file = _open_h5(self.path, "a")
+        try:
+            self._open_group()
+        except BaseException:
+            self.file.close()
+            raise
+
+    # ------------------------------------------------------------------ open / recover
+    def _open_group(self) -> None:
+        f = self.file
+        fingerprint = self.info.fingerprint
+        if self.model in f:
+            g = f[self.model]
+            theirs = g.attrs.get("fingerprint")
+            theirs = theirs.decode() if isinstance(theirs, bytes) else theirs
+            if theirs != fingerprint:
+                raise StoreError(
+                    f"{self.path} group {self.model!r} was made with model fingerprint {theirs}, this run uses "
+                    f"{fingerprint} (other weights, preprocessing or precision); use another --out or a new model name"
+                )
+            if g["embeddings"].dtype != np.dtype(np.float16 if self.half else np.float32):
+                raise StoreError(
+                    f"{self.path} group {self.model!r} stores {g['embeddings'].dtype} embeddings; "
+                    f"this run asked for {'float16 (--half)' if self.half else 'float32'}"
+                )
+            self._truncate_uncommitted(g)
+            self._truncate_uncommitted(g["failures"])
+        else:
+            g = f.create_group(self.model)
+            d = self.info.embed_dim
+            g.create_dataset("embeddings", (0, d), maxshape=(None, d), chunks=(CHUNK_ROWS, d),
+                             dtype=np.float16 if self.half else np.float32)
+            for group in (g, g.create_group("failures")):
+                group.create_dataset("keys", (0,), maxshape=(None,), chunks=(1024,), dtype=_str_dtype())
+                group.create_dataset("file_size", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int64)
+                group.create_dataset("file_mtime_ns", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int64)
+                group.attrs["n_rows"] = 0
+            g.create_dataset("labels", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int32)
+            g["failures"].create_dataset("reasons", (0,), maxshape=(None,), chunks=(1024,), dtype=_str_dtype())
+            g.create_dataset("class_names", (0,), maxshape=(None,), dtype=_str_dtype())
+            g.attrs.update(
+                fingerprint=fingerprint,
+                backbone=self.info.backbone,
+                embed_dim=d,
+                precision=self.info.precision,
+                preprocess=self.info.preprocess.to_json(),
+                weights_sha256=self.info.weights_sha256,
+                featx_version=__version__,
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            )
+            f.flush()
+        self.group = g
+        self.class_names = _decode(g["class_names"][:])
+
+    @staticmethod
+    def _truncate_uncommitted(group) -> None:
+        n = int(group.attrs["n_rows"])
+        for ds in group.values():
+            if hasattr(ds, "shape") and ds.shape and ds.shape[0] != n and ds.name.split("/")[-1] != "class_names":
+                _logger.warning("%s: dropping %d rows of a batch that was not committed", ds.name, ds.shape[0] - n)
+                ds.resize(n, axis=0)
+
+    # ------------------------------------------------------------------ reading state
+    def done(self) -> dict[str, tuple[int, int, int]]:
+        """key -> (row, file size, mtime_ns) for every committed row."""
+        g, n = self.group, int(self.group.attrs["n_rows"])
+        keys = _decode(g["keys"][:n])
+        sizes, mtimes = g["file_size"][:n], g["file_mtime_ns"][:n]
+        return {k: (i, int(s), int(m)) for i, (k, s, m) in enumerate(zip(keys, sizes, mtimes))}
+
+    def failed(self) -> dict[str, tuple[str, int, int]]:
+        """key -> (reason, file size, mtime_ns) of recorded failures; the last record of a key wins."""
+        g = self.group["failures"]
+        n = int(g.attrs["n_rows"])
+        out = {}
+        for k, r, s, m in zip(_decode(g["keys"][:n]), _decode(g["reasons"][:n]), g["file_size"][:n], g["file_mtime_ns"][:n]):
+            out[k] = (r, int(s), int(m))
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def label_index(self, names: list[str]) -> dict[str, int]:
+        """Index of each class name; names new to the store are appended (existing indices never move)."""
+        new = [n for n in names if n not in self.class_names]
+        if new:
+            ds = self.group["class_names"]
+            ds.resize(len(self.class_names) + len(new), axis=0)
+            ds[len(self.class_names):] = _encode(new)
+            self.class_names += new
+            self.file.flush()
+        return {n: i for i, n in enumerate(self.class_names)}
+
+    def append(self, keys: list[str], embeddings: np.ndarray, labels, sizes, mtimes) -> None:
+        """Commit one batch: float32 (k, D) embeddings with their keys, labels and file identities."""
+        if not keys:
+            return
+        g = self.group
+        n, k = int(g.attrs["n_rows"]), len(keys)
+        columns = {
+            "embeddings": np.asarray(embeddings, dtype=g["embeddings"].dtype),
+            "keys": _encode(keys),
+            "labels": np.asarray(labels, dtype=np.int32),
+            "file_size": np.asarray(sizes, dtype=np.int64),
+            "file_mtime_ns": np.asarray(mtimes, dtype=np.int64),
+        }
+        self._commit(g, n, k, columns)
+
+    def replace(self, rows: list[int], embeddings: np.ndarray, labels, sizes, mtimes) -> None:
+        """Overwrite rows of changed files in place; identity is written last, so a kill re-embeds them."""
+        order = np.argsort(rows)
+        idx = np.asarray(rows)[order]
+        g = self.group
+        g["embeddings"][idx] = np.asarray(embeddings, dtype=g["embeddings"].dtype)[order]
+        g["labels"][idx] = np.asarray(labels, dtype=np.int32)[order]
+        self.file.flush()
+        g["file_size"][idx] = np.asarray(sizes, dtype=np.int64)[order]
+        g["file_mtime_ns"][idx] = np.asarray(mtimes, dtype=np.int64)[order]
+        self.file.flush()
+
+    def add_failures(self, keys: list[str], reasons: list[str], sizes, mtimes) -> None:
+        if not keys:
+            return
+        g = self.group["failures"]
+        columns = {
+            "keys": _encode(keys),
+            "reasons": _encode(reasons),
+            "file_size": np.asarray(sizes, dtype=np.int64),
+            "file_mtime_ns": np.asarray(mtimes, dtype=np.int64),
+        }
+        self._commit(g, int(g.attrs["n_rows"]), len(keys), columns)
+
+    def _commit(self, group, n: int, k: int, columns: dict[str, np.ndarray]) -> None:
+        try:
+            for name, values in columns.items():
+                ds = group[name]
+                ds.resize(n + k, axis=0)
+                ds[n:n + k] = values
+            self.file.flush()
+            group.attrs["n_rows"] = n + k  # the commit marker, written after the data
+            self.file.flush()
+        except OSError as e:
+            raise StoreError(f"writing to {self.path} failed ({str(e).splitlines()[0]}); rows committed before are intact") from None
+
+    def rewrite_without(self, drop_keys: set[str], *, failures: bool = False) -> int:
+        """Remove the rows of ``drop_keys`` (pruned files, or failures that since succeeded). Returns rows removed."""
+        g = self.group["failures"] if failures else self.group
+        n = int(g.attrs["n_rows"])
+        keys = _decode(g["keys"][:n])
+        keep = np.array([k not in drop_keys for k in keys], dtype=bool)
+        removed = int(n - keep.sum())
+        if not removed:
+            return 0
+        for name, ds in list(g.items()):
+            if not hasattr(ds, "shape") or name == "class_names" or not ds.shape:
+                continue
+            values = ds[:n][keep]
+            ds.resize(len(values), axis=0)
+            ds[:] = values
+        g.attrs["n_rows"] = int(keep.sum())
+        self.file.flush()
+        return removed
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.flush()
+            self.file.close()
+
+    def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,76 @@
+"""Shared fixtures: real photos, the real EfficientNet-Lite0 weights exported once, image folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    from featx.runtime import cuda_device_count
+
+    if cuda_device_count() == 0:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory) -> Path:
+    from featx.samples import write_sample_photos
+
+    folder = tmp_path_factory.mktemp("photos")
+    write_sample_photos(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def lite0_backbone():
+    from featx import load_backbone
+
+    return load_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="session")
+def lite0_onnx(models_dir, lite0_backbone) -> Path:
+    from featx import export_onnx
+
+    path = models_dir / "efficientnet_lite0.onnx"
+    export_onnx(lite0_backbone, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """All 1,797 scikit-learn digits as a class-per-folder tree of 32x32 PNGs."""
+    from featx.samples import write_digits_folder
+
+    return write_digits_folder(tmp_path_factory.mktemp("digits") / "digits", size=32)
+
+
+@pytest.fixture
+def small_digits(tmp_path) -> Path:
+    """60 digits as a class-per-folder tree, a fresh copy per test (tests modify it)."""
+    from featx.samples import write_digits_folder
+
+    return write_digits_folder(tmp_path / "digits", size=32, limit=60)
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory, digits_dir, lite0_onnx) -> Path:
+    """The full digits folder embedded once with the real default model."""
+    from featx import embed_folder
+
+    out = tmp_path_factory.mktemp("cache") / "digits.h5"
+    embed_folder(digits_dir, out, model=lite0_onnx, batch_size=64, workers=1)
+    return out

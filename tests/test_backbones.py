@@ -1,0 +1,104 @@
+import socket
+
+import pytest
+import torch
+
+import featx
+from featx.backbones import load_state_dict_file, register_backbone
+from featx.errors import UnknownBackboneError, WeightsError
+
+
+def test_default_backbone_is_lite0_with_its_own_preprocessing(lite0_backbone):
+    import timm.data
+
+    assert featx.DEFAULT_BACKBONE == "efficientnet_lite0"
+    cfg = timm.data.resolve_data_config({}, model=lite0_backbone.features)
+    p = lite0_backbone.preprocess
+    assert p.mean == (0.5, 0.5, 0.5) and p.std == (0.5, 0.5, 0.5)
+    assert p.mean == tuple(cfg["mean"]) and p.interpolation == cfg["interpolation"]
+    assert p.input_size == cfg["input_size"][1:]
+    assert lite0_backbone.embed_dim == 1280 and len(lite0_backbone.class_names) == 1000
+
+
+def test_bundled_lite_weights_classify_like_imagenet(lite0_backbone, photos_dir):
+    """The lukemelas -> timm position mapping must give a working classifier, not just matching shapes."""
+    from featx.data import load_image
+
+    x = torch.from_numpy(load_image(photos_dir / "coffee.png", lite0_backbone.preprocess)).permute(2, 0, 1)[None]
+    x = (x.float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        logits = lite0_backbone.classifier(lite0_backbone.features(x))
+    assert lite0_backbone.class_names[int(logits.argmax())] == "espresso"
+
+
+def test_inception_preprocessing_comes_from_weights_metadata():
+    import torchvision
+
+    bb = featx.load_backbone("inception_v3", weights="none")
+    t = torchvision.models.Inception_V3_Weights.DEFAULT.transforms()
+    assert bb.preprocess.input_size == (299, 299) == (t.crop_size[0], t.crop_size[0])
+    assert bb.preprocess.resize_size == t.resize_size[0]
+    assert bb.embed_dim == 2048
+
+
+def test_unknown_name_is_refused():
+    with pytest.raises(UnknownBackboneError, match="unknown backbone 'resnet5000'"):
+        featx.load_backbone("resnet5000")
+
+
+def test_registering_a_name_twice_is_an_error():
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("efficientnet_lite0")(lambda weights: None)
+
+
+def test_pretrained_download_failure_names_the_alternatives(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent-featx-test")
+    with pytest.raises(WeightsError) as e:
+        featx.load_backbone("resnet18", weights="pretrained")
+    msg = str(e.value)
+    assert "could not download pretrained weights for resnet18" in msg
+    assert "--weights PATH" in msg and "--weights none" in msg and "\n" not in msg
+
+
+def test_local_checkpoint_loads_and_fixes_the_weights(tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    model = torchvision.models.resnet18()
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    save_file(model.state_dict(), str(tmp_path / "r18.safetensors"))
+    a = featx.load_backbone("resnet18", weights=tmp_path / "r18.pth")
+    b = featx.load_backbone("resnet18", weights=tmp_path / "r18.safetensors")
+    c = featx.load_backbone("resnet18", weights="none")
+    assert a.weights_sha256() == b.weights_sha256() != c.weights_sha256()
+    assert torch.equal(a.features.conv1.weight, model.conv1.weight)
+
+
+class Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /tmp/featx-pwned",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "x": Payload()}, path)
+    with pytest.raises(WeightsError, match="refused.*pickled"):
+        load_state_dict_file(path)
+    import os
+
+    assert not os.path.exists("/tmp/featx-pwned")
+
+
+def test_state_dict_that_does_not_fit_names_the_keys(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(WeightsError, match=r"does not fit.*unexpected .*layer1\.2"):
+        featx.load_backbone("resnet18", weights=tmp_path / "r34.pth")

@@ -1,0 +1,140 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import featx
+from featx.errors import ExportCheckError, ModelFileError
+from featx.export import METADATA_KEY, compare_with_torch, embedding_model
+
+
+def test_export_carries_its_config_and_matches_torch(lite0_onnx, lite0_backbone):
+    proto = onnx.load(str(lite0_onnx))
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+    assert meta["backbone"] == "efficientnet_lite0"
+    assert meta["embed_dim"] == 1280 and len(meta["class_names"]) == 1000
+    assert meta["preprocess"]["mean"] == [0.5, 0.5, 0.5] and meta["preprocess"]["input_size"] == [224, 224]
+    assert meta["weights_sha256"] == lite0_backbone.weights_sha256()
+    assert [o.name for o in proto.graph.output] == ["embedding", "logits"]
+    assert compare_with_torch(lite0_onnx, lite0_backbone) <= 1e-4
+
+
+def test_onnx_classifies_real_photos(lite0_onnx, photos_dir):
+    coffee, china = featx.classify([photos_dir / "coffee.png", photos_dir / "china.jpg"], model=lite0_onnx, top=3)
+    assert coffee.top[0][0] in ("espresso", "cup", "coffee mug")
+    assert "palace" in [name for name, _ in china.top]
+    assert abs(sum(p for _, p in coffee.top) - 1) < 0.1 and coffee.top[0][1] > 0.5
+
+
+def test_runtime_preprocessing_matches_timm_reference_transform(lite0_backbone, photos_dir):
+    """Our PIL resize+crop, normalised in the graph, equals timm's own eval transform."""
+    import timm.data
+    from PIL import Image
+
+    from featx.data import load_image
+
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=lite0_backbone.features))
+    for name in ("china.jpg", "coffee.png", "rocket.png"):
+        ref = transform(Image.open(photos_dir / name).convert("RGB"))
+        ours = torch.from_numpy(load_image(photos_dir / name, lite0_backbone.preprocess)).permute(2, 0, 1).float()
+        ours = (ours / 255 - 0.5) / 0.5
+        assert ours.shape == ref.shape
+        assert float((ours - ref).abs().max()) < 1e-5
+
+
+def test_onnx_and_torch_reference_pipeline_agree_on_real_photos(lite0_onnx, lite0_backbone, photos_dir):
+    """Same file -> same embedding: featx (decode, resize, ONNX) vs timm transform + torch model."""
+    import timm.data
+    from PIL import Image
+
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=lite0_backbone.features))
+    files = sorted(photos_dir.iterdir())
+    ref = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        ref = lite0_backbone.features(ref).numpy()
+    ours = featx.embed_images(files, model=lite0_onnx)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_failed_check_leaves_no_file(tmp_path, monkeypatch, lite0_backbone):
+    monkeypatch.setitem(featx.export.TOLERANCE, "fp32", 0.0)
+    target = tmp_path / "m.onnx"
+    with pytest.raises(ExportCheckError, match="differ by"):
+        featx.export_onnx(lite0_backbone, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_export_is_checked_with_a_looser_tolerance(tmp_path, lite0_backbone, photos_dir):
+    path = tmp_path / "lite0-fp16.onnx"
+    info = featx.export_onnx(lite0_backbone, path, half=True)
+    assert info.precision == "fp16"
+    assert compare_with_torch(path, lite0_backbone, half=True) <= 2e-2
+    emb = featx.embed_images([photos_dir / "coffee.png"], model=path)
+    assert emb.dtype == np.float32
+
+
+def test_truncated_onnx_file_is_refused(tmp_path, lite0_onnx):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(lite0_onnx.read_bytes()[:50_000])
+    with pytest.raises(ModelFileError, match="not a valid ONNX"):
+        featx.load_model(bad)
+
+
+def test_onnx_file_not_from_featx_is_refused(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "plain.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3),), str(path), dynamo=False)
+    with pytest.raises(ModelFileError, match="not exported by featx"):
+        featx.load_model(path)
+
+
+def test_torch_engine_gives_the_onnx_embedding(lite0_onnx, lite0_backbone, photos_dir):
+    from featx.runtime import TorchEngine, load_model
+
+    images = featx.export.check_images(None, lite0_backbone.preprocess)
+    onnx_out = load_model(lite0_onnx, device="cpu").encode(images)
+    torch_out = TorchEngine(featx.read_model_info(lite0_onnx), device="cpu", backbone=lite0_backbone).encode(images)
+    cos = (onnx_out.embedding * torch_out.embedding).sum(1) / (
+        np.linalg.norm(onnx_out.embedding, axis=1) * np.linalg.norm(torch_out.embedding, axis=1))
+    assert cos.min() > 0.9999
+
+
+def test_torch_engine_refuses_other_weights(lite0_onnx):
+    from featx.runtime import TorchEngine
+
+    info = featx.read_model_info(lite0_onnx)
+    other = featx.load_backbone("efficientnet_lite0", weights="none")
+    with pytest.raises(featx.WeightsError, match="hash to"):
+        TorchEngine(info, device="cpu", backbone=other)
+
+
+TORCHVISION_NAMES = ["resnet50", "resnet101", "vgg16", "vgg19", "inception_v3", "mobilenet_v2",
+                     "mobilenet_v3_large", "densenet121", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION_NAMES + ["xception"])
+def test_export_every_listed_architecture(name, tmp_path):
+    """Random weights; the file's preprocessing must be what the weights' own metadata says."""
+    bb = featx.load_backbone(name, weights="none")
+    info = featx.export_onnx(bb, tmp_path / f"{name}.onnx")
+    if name in TORCHVISION_NAMES:
+        import torchvision
+
+        t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        assert info.preprocess.input_size == (t.crop_size[0], t.crop_size[0])
+        assert info.preprocess.resize_size == t.resize_size[0]
+        assert info.preprocess.mean == tuple(t.mean) and info.preprocess.std == tuple(t.std)
+        assert info.preprocess.interpolation == t.interpolation.value
+    else:
+        import timm.data
+
+        cfg = timm.data.resolve_data_config({}, model=timm.create_model(name))
+        assert info.preprocess.input_size == cfg["input_size"][1:] and info.preprocess.mean == cfg["mean"]
+    engine = featx.load_model(tmp_path / f"{name}.onnx", device="cpu")
+    h, w = info.preprocess.input_size
+    out = engine.encode(np.random.default_rng(0).integers(0, 255, (3, h, w, 3), dtype=np.uint8))
+    assert out.embedding.shape == (3, bb.embed_dim) and out.logits.shape == (3, 1000)
+    assert np.isfinite(out.embedding).all()
