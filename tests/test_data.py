@@ -1,0 +1,133 @@
+"""Bad and unusual images: each is converted, or skipped with a reason; nothing ends a run."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featx.backbones import PreprocessConfig
+from featx.data import decode_image, load_batch, walk_images, WalkFailure
+from featx.errors import ImageError
+
+CFG = PreprocessConfig((32, 32), 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+
+
+@pytest.fixture
+def coffee(photos_dir):
+    return Image.open(photos_dir / "coffee.png").convert("RGB")
+
+
+def test_truncated_jpeg_is_refused_with_reason(tmp_path, coffee):
+    buf = io.BytesIO()
+    coffee.save(buf, "JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError, match="truncated|cannot decode"):
+        decode_image(path)
+
+
+@pytest.mark.parametrize("content,reason", [(b"", "empty file"), (b"hello, I am text\n", "not an image")])
+def test_empty_and_text_files_named_jpg(tmp_path, content, reason):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageError, match=reason):
+        decode_image(path)
+
+
+def test_pixel_limit_refuses_decompression_bombs(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("L", (4000, 3000)).save(path)  # a few kB on disk, 12 Mpx decoded
+    with pytest.raises(ImageError, match="over the limit of 1,000,000"):
+        decode_image(path, max_pixels=1_000_000)
+    assert decode_image(path).size == (4000, 3000)
+
+
+def test_alpha_is_composited_onto_white(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    rgba.save(tmp_path / "a.png")
+    Image.new("LA", (8, 8), (0, 0)).save(tmp_path / "la.png")
+    p = Image.new("P", (8, 8), 1)
+    p.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    p.info["transparency"] = 1
+    p.save(tmp_path / "p.png", transparency=1)
+    for name in ("a.png", "la.png", "p.png"):
+        assert np.asarray(decode_image(tmp_path / name)).min() == 255, name
+
+
+def test_cmyk_and_grayscale_become_rgb(tmp_path, coffee):
+    coffee.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    coffee.convert("L").save(tmp_path / "gray.png")
+    for name in ("cmyk.jpg", "gray.png"):
+        img = decode_image(tmp_path / name)
+        assert img.mode == "RGB" and img.size == coffee.size
+    gray = np.asarray(decode_image(tmp_path / "gray.png"))
+    assert (gray[..., 0] == gray[..., 1]).all()
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    a = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(a).save(tmp_path / "deep.png")
+    out = np.asarray(decode_image(tmp_path / "deep.png"))[..., 0]
+    assert out.min() == 0 and out.max() == 255
+    assert 100 < out.mean() < 155  # clipping at 255 would make nearly every pixel 255
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert decode_image(tmp_path / "rot.jpg").size == (20, 40)
+
+
+def test_png_named_jpg_is_read_by_content(tmp_path, coffee):
+    coffee.save(tmp_path / "really_png.jpg", format="PNG")
+    assert decode_image(tmp_path / "really_png.jpg").size == coffee.size
+
+
+def test_batch_with_every_image_bad_does_not_raise(tmp_path):
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.jpg"
+        p.write_bytes(b"nope")
+        paths.append(str(p))
+    paths.append(str(tmp_path / "vanished.jpg"))
+    batch = load_batch(paths, CFG)
+    assert batch.images.shape == (0, 32, 32, 3) and batch.ok == []
+    assert [i for i, _ in batch.failed] == [0, 1, 2, 3]
+    assert "vanished" in batch.failed[3][1]
+
+
+def test_walk_is_sorted_labelled_and_survives_loops_and_odd_names(tmp_path, coffee):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    coffee.save(tmp_path / "b" / "2.png")
+    coffee.save(tmp_path / "a" / "sub" / "1.png")
+    coffee.save(tmp_path / "top.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    coffee.save(tmp_path / "a" / "noext", format="PNG")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "sub" / "loop")
+    odd = os.fsencode(str(tmp_path / "b")) + b"/caf\xe9.png"  # Latin-1 name: not valid UTF-8
+    with open(odd, "wb") as f:
+        coffee.save(f, format="PNG")
+    items = list(walk_images(tmp_path))
+    entries = [i for i in items if not isinstance(i, WalkFailure)]
+    loops = [i for i in items if isinstance(i, WalkFailure)]
+    assert [e.key for e in entries] == ["a/noext", "a/sub/1.png", "b/2.png", "b/caf\udce9.png", "top.png"]
+    assert [e.label for e in entries] == ["a", "a", "b", "b", None]
+    assert len(loops) == 1 and "symlink loop" in loops[0].reason
+    assert decode_image(entries[3].path).size == coffee.size
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_and_folder(tmp_path, coffee):
+    coffee.save(tmp_path / "locked.png")
+    os.chmod(tmp_path / "locked.png", 0)
+    (tmp_path / "closed").mkdir()
+    os.chmod(tmp_path / "closed", 0)
+    with pytest.raises(ImageError, match="permission denied"):
+        decode_image(tmp_path / "locked.png")
+    failures = [i for i in walk_images(tmp_path) if isinstance(i, WalkFailure)]
+    assert failures and "cannot be read" in failures[0].reason

@@ -1,0 +1,150 @@
+"""embed_folder and the HDF5 cache: incremental, resumable after SIGKILL, honest about failures."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import featx
+from featx.errors import StoreError
+
+
+def embed(root, out, model, **kw):
+    return featx.embed_folder(root, out, model=model, batch_size=8, workers=kw.pop("workers", 0), **kw)
+
+
+def test_embeds_a_labelled_folder_readable_with_plain_h5py(small_digits, tmp_path, lite0_onnx):
+    out = tmp_path / "c.h5"
+    stats = embed(small_digits, out, lite0_onnx, workers=1)
+    assert (stats.n_embedded, stats.n_failed) == (60, 0)
+    with h5py.File(out, "r") as f:
+        g = f["efficientnet_lite0"]
+        assert g["embeddings"].shape == (60, 1280) and g["embeddings"].dtype == np.float32
+        keys = g["keys"].asstr()[:]
+        classes = list(g["class_names"].asstr()[:])
+        assert classes == [str(d) for d in range(10)]
+        assert all(classes[label] == key.split("/")[0] for key, label in zip(keys, g["labels"][:]))
+        assert list(keys) == sorted(keys)
+    data = featx.load_embeddings(out)
+    ref = featx.embed_images([small_digits / k for k in data.keys[:5]], model=lite0_onnx)
+    assert np.abs(data.embeddings[:5] - ref).max() < 1e-4
+
+
+def test_rerun_embeds_only_new_and_changed_and_reports_deleted(small_digits, tmp_path, lite0_onnx, photos_dir):
+    out = tmp_path / "c.h5"
+    embed(small_digits, out, lite0_onnx)
+    first = featx.load_embeddings(out)
+    again = embed(small_digits, out, lite0_onnx)
+    assert (again.n_embedded, again.n_cached) == (0, 60)
+
+    import shutil
+    shutil.copy(photos_dir / "coffee.png", small_digits / "3" / "new.png")
+    changed = small_digits / first.keys[0]
+    shutil.copy(photos_dir / "chelsea.png", changed)  # same name, new content
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    (small_digits / first.keys[1]).unlink()
+    stats = embed(small_digits, out, lite0_onnx)
+    assert (stats.n_embedded, stats.n_cached, stats.n_deleted) == (2, 58, 1)
+    after = featx.load_embeddings(out)
+    assert len(after.keys) == 61 == len(set(after.keys))
+    row = after.keys.index(first.keys[0])
+    assert np.abs(after.embeddings[row] - first.embeddings[0]).max() > 0.1
+    assert featx.load_embeddings(out).keys.count(first.keys[1]) == 1  # still cached until --prune
+
+    pruned = embed(small_digits, out, lite0_onnx, prune=True)
+    assert pruned.n_pruned == 1
+    final = featx.load_embeddings(out)
+    assert first.keys[1] not in final.keys and len(final.keys) == 60
+    assert np.allclose(final.embeddings[final.keys.index(first.keys[5])], first.embeddings[5])
+
+
+def test_bad_files_are_recorded_and_not_retried_until_changed(small_digits, tmp_path, lite0_onnx, photos_dir):
+    (small_digits / "0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    (small_digits / "1" / "empty.png").write_bytes(b"")
+    out = tmp_path / "c.h5"
+    stats = embed(small_digits, out, lite0_onnx)
+    assert (stats.n_embedded, stats.n_failed) == (60, 2)
+    failures = featx.load_embeddings(out).failures
+    assert set(failures) == {"0/broken.jpg", "1/empty.png"} and "empty" in failures["1/empty.png"]
+    again = embed(small_digits, out, lite0_onnx)
+    assert (again.n_embedded, again.n_failed, again.n_failed_before) == (0, 0, 2)
+    import shutil
+    shutil.copy(photos_dir / "coffee.png", small_digits / "1" / "empty.png")
+    fixed = embed(small_digits, out, lite0_onnx)
+    assert fixed.n_embedded == 1
+    data = featx.load_embeddings(out)
+    assert "1/empty.png" in data.keys and set(data.failures) == {"0/broken.jpg"}
+
+
+def test_other_model_with_same_name_is_refused(small_digits, tmp_path, lite0_onnx, lite0_backbone):
+    out = tmp_path / "c.h5"
+    embed(small_digits, out, lite0_onnx)
+    other = tmp_path / "other" / "efficientnet_lite0.onnx"
+    featx.export_onnx(featx.load_backbone("efficientnet_lite0", weights="none"), other)
+    fp_a, fp_b = featx.read_model_info(lite0_onnx).fingerprint, featx.read_model_info(other).fingerprint
+    with pytest.raises(StoreError, match=f"{fp_a}.*{fp_b}"):
+        embed(small_digits, out, other)
+    assert len(featx.load_embeddings(out).keys) == 60
+
+
+def test_second_writer_and_reader_get_a_clear_error(small_digits, tmp_path, lite0_onnx, lite0_backbone):
+    from featx.store import EmbeddingStore
+
+    out = tmp_path / "c.h5"
+    info = featx.read_model_info(lite0_onnx)
+    with EmbeddingStore(out, "efficientnet_lite0", info=info):
+        code = (
+            "import featx, sys\n"
+            "try:\n"
+            f"    featx.load_embeddings({str(out)!r})\n"
+            "except featx.StoreError as e:\n"
+            "    print(e); sys.exit(3)\n"
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 3 and "locked" in r.stdout, r.stdout + r.stderr
+        r = subprocess.run([sys.executable, "-m", "featx", "-q", "embed", str(small_digits), "-o", str(out),
+                            "--model", str(lite0_onnx), "--workers", "0"], capture_output=True, text=True)
+        assert r.returncode == 2 and "locked" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unwritable_output_is_a_clear_error(small_digits, tmp_path, lite0_onnx):
+    with pytest.raises(StoreError, match="does not exist"):
+        embed(small_digits, tmp_path / "no" / "such" / "dir" / "c.h5", lite0_onnx)
+
+
+def test_strict_exit_code(small_digits, tmp_path, lite0_onnx):
+    (small_digits / "0" / "broken.png").write_bytes(b"not a png")
+    base = [sys.executable, "-m", "featx", "-q", "embed", str(small_digits), "--model", str(lite0_onnx), "--workers", "0"]
+    r = subprocess.run(base + ["-o", str(tmp_path / "a.h5")], capture_output=True, text=True)
+    assert r.returncode == 0 and "60 embedded" in r.stdout and "1 failed" in r.stdout
+    r = subprocess.run(base + ["-o", str(tmp_path / "b.h5"), "--strict"], capture_output=True, text=True)
+    assert r.returncode == 1
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(digits_dir, tmp_path, lite0_onnx, digits_cache):
+    """Kill a running `featx embed` several times at different moments; the resumed result is exact."""
+    out = tmp_path / "killed.h5"
+    cmd = [sys.executable, "-m", "featx", "-q", "embed", str(digits_dir), "-o", str(out),
+           "--model", str(lite0_onnx), "--batch-size", "16", "--workers", "1"]
+    rows_seen = []
+    for delay in (8.0, 10.5, 13.0):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with h5py.File(out, "r") as f:  # opens after every kill
+            rows_seen.append(int(f["efficientnet_lite0"].attrs["n_rows"]))
+    assert rows_seen[-1] > 0, rows_seen
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "already cached" in r.stdout
+    resumed, reference = featx.load_embeddings(out), featx.load_embeddings(digits_cache)
+    assert resumed.keys == reference.keys and len(set(resumed.keys)) == 1797
+    assert np.array_equal(resumed.labels, reference.labels)
+    assert np.abs(resumed.embeddings - reference.embeddings).max() < 1e-4
