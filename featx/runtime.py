@@ -137,8 +137,10 @@ class OnnxEngine:
 class TorchEngine:
     """The same model in torch: rebuilt from the registry, checked against the file's weights hash.
 
-    On CUDA it runs in ``dtype`` (fp16 by default) with channels_last, and with ``compile=True``
-    through ``torch.compile``.
+    On CUDA it runs in ``dtype`` (fp16 by default) with channels_last. ``compile`` takes a
+    ``torch.compile`` mode (True means "default"); compiled graphs are frozen (inductor folds
+    BatchNorm into the convolutions) and batches are padded to the first batch's size, so the
+    compiled shape never changes.
     """
 
     name = "torch"
@@ -148,7 +150,7 @@ class TorchEngine:
         info: ModelInfo,
         *,
         device: Device | None = "auto",
-        compile: bool = False,
+        compile: bool | str = False,
         dtype: Literal["fp32", "fp16", "bf16"] | None = None,
         backbone=None,
     ):
@@ -174,17 +176,37 @@ class TorchEngine:
         if self.device == "cuda":
             model = model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
-        self.model = torch.compile(model) if compile else model
+        self.compiled = bool(compile)
+        self.batch_size: int | None = None
+        if compile:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True  # weights are constants: fold BN, pre-pack layouts
+            model = torch.compile(model, mode=None if compile is True else compile, dynamic=False)
+        self.model = model
+
+    def forward(self, images):
+        """Run on a uint8 (n, H, W, 3) tensor on any device; returns device tensors (embedding, logits|None)."""
+        import torch
+
+        n = images.shape[0]
+        if self.compiled:
+            self.batch_size = self.batch_size or n
+            if n < self.batch_size:  # keep the compiled shape: pad, then drop the padding
+                pad = images.new_zeros((self.batch_size - n, *images.shape[1:]))
+                images = torch.cat([images, pad])
+        with torch.inference_mode():
+            out = self.model(images.to(self.device, non_blocking=True))
+        emb, logits = out if isinstance(out, tuple) else (out, None)
+        return emb[:n], None if logits is None else logits[:n]
 
     def encode(self, images) -> Encoded:
         """``images`` uint8 (n, H, W, 3), numpy or a torch tensor (already on the GPU is fastest)."""
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-        with torch.inference_mode():
-            out = self.model(x.to(self.device, non_blocking=True))
-        emb, logits = out if isinstance(out, tuple) else (out, None)
-        return Encoded(emb.cpu().numpy(), None if logits is None else logits.cpu().numpy())
+        emb, logits = self.forward(x)
+        return Encoded(emb.float().cpu().numpy(), None if logits is None else logits.float().cpu().numpy())
 
 
 def load_model(

@@ -1,0 +1,322 @@
+"""Throughput of featx against plain PyTorch, measured in one process on the same weights.
+
+Model-only: featx's engines (uint8 batches in, embeddings out) against what a user writes in
+PyTorch (the backbone in eval mode on normalised float tensors), after warm-up, several
+repetitions, median and spread. End-to-end: ``embed_folder`` on a JPEG folder against torchvision
+ImageFolder + DataLoader + the model, same workers, batch size and machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .backbones import DEFAULT_BACKBONE
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Timing:
+    name: str
+    kind: str  # "model" or "end-to-end"
+    batch_size: int
+    images_per_second: float
+    spread: tuple[float, float]  # min and max images/s over the repetitions
+    setup_seconds: float = 0.0  # export, session creation or compile time, outside the timed region
+    note: str = ""
+
+
+@dataclass
+class BenchResult:
+    model: str
+    device: str
+    machine: dict
+    timings: list[Timing] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        lines = [f"featx bench: {self.model} on {self.device} ({self.machine.get('cpu', '')}"
+                 f"{', ' + self.machine['gpu'] if self.machine.get('gpu') else ''})",
+                 f"{'engine':44s} {'kind':10s} {'batch':>5s} {'images/s':>10s}  spread"]
+        for t in self.timings:
+            lines.append(f"{t.name:44s} {t.kind:10s} {t.batch_size:5d} {t.images_per_second:10.1f}  "
+                         f"{t.spread[0]:.1f}-{t.spread[1]:.1f}" + (f"  ({t.note})" if t.note else ""))
+        for k, v in self.ratios.items():
+            lines.append(f"ratio {k}: {v:.2f}x")
+        lines += [f"-> {f}" for f in self.files]
+        return "\n".join(lines)
+
+
+def machine_description() -> dict:
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "featx": __version__,
+        "platform": platform.platform(),
+    }
+
+
+def time_throughput(run: Callable[[], object], batch_size: int, *, repeats: int = 5, min_seconds: float = 0.5,
+                    sync: Callable[[], None] = lambda: None) -> tuple[float, tuple[float, float]]:
+    """Median and (min, max) images/s of ``run`` (one batch per call) after a warm-up."""
+    run(), run()
+    sync()
+    t0 = time.perf_counter()
+    run()
+    sync()
+    per_call = max(time.perf_counter() - t0, 1e-6)
+    calls = max(1, int(min_seconds / per_call))  # each repetition lasts about min_seconds
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            run()
+        sync()
+        rates.append(calls * batch_size / (time.perf_counter() - t0))
+    return statistics.median(rates), (min(rates), max(rates))
+
+
+def cosine_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest row-wise cosine similarity between two embedding matrices."""
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float((num / np.maximum(den, 1e-12)).min())
+
+
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """onnxruntime dynamic int8 quantization of an exported file (metadata kept)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    proto, original = onnx.load(str(dst)), onnx.load(str(src), load_external_data=False)
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(original.metadata_props)
+    onnx.save(proto, str(dst))
+    return Path(dst)
+
+
+def bench_models(
+    *,
+    model: str = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    device: str = "auto",
+    batch_sizes: list[int] = (1, 8, 32),
+    half: bool = False,
+    compile: bool | str = False,
+    images: str | os.PathLike | None = None,
+    n_images: int = 512,
+    repeats: int = 5,
+    int8: bool = False,
+    end_to_end: bool = True,
+    workers: int | None = None,
+    out_dir: str | os.PathLike | None = "benchmarks/results",
+    models_dir: str | os.PathLike | None = None,
+) -> BenchResult:
+    """Measure featx against plain PyTorch; write JSON and a PNG chart to ``out_dir``."""
+    import torch
+
+    from .backbones import load_backbone
+    from .export import check_images, ensure_model_file
+    from .runtime import OnnxEngine, TorchEngine, read_model_info, resolve_device
+
+    device = resolve_device(device)
+    backbone = load_backbone(model, weights=weights)
+    t0 = time.perf_counter()
+    model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
+    export_seconds = time.perf_counter() - t0
+    result = BenchResult(model=f"{model}{' fp16' if half else ''}", device=device, machine=machine_description())
+    cfg = backbone.preprocess
+    h, w = cfg.input_size
+    rng = np.random.default_rng(0)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+    engines: list[tuple[str, Callable]] = []
+    t0 = time.perf_counter()
+    ort_engine = OnnxEngine(model_file, device=device)
+    ort_setup = time.perf_counter() - t0 + export_seconds
+    engines.append((f"featx onnxruntime {'fp16' if half else 'fp32'} ({device})", lambda x: ort_engine.encode(x)))
+    if int8 and device == "cpu":
+        q_path = quantize_int8(model_file, Path(tempfile.mkdtemp()) / "int8.onnx")
+        q_engine = OnnxEngine(q_path, device="cpu")
+        photos = check_images(None, cfg)
+        agreement = cosine_agreement(q_engine.encode(photos).embedding, ort_engine.encode(photos).embedding)
+        engines.append((f"featx onnxruntime int8 (cos>={agreement:.4f})", lambda x: q_engine.encode(x)))
+    info = read_model_info(model_file)
+    torch_engine = TorchEngine(info, device=device, backbone=backbone)
+    engines.append((f"featx torch engine {'fp16 channels_last' if device == 'cuda' else 'fp32'}",
+                    lambda x: torch_engine.forward(x)))
+    compiled_engine = None
+    if compile:
+        compiled_engine = TorchEngine(info, device=device, backbone=backbone, compile=compile)
+        engines.append((f"featx torch engine compiled ({compile if isinstance(compile, str) else 'default'})",
+                        lambda x: compiled_engine.forward(x)))
+
+    plain = backbone.features.to(device).eval()
+    baselines: list[tuple[str, Callable, str]] = [("torch eager fp32", plain, "fp32")]
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        plain_half = __import__("copy").deepcopy(plain).half().to(memory_format=torch.channels_last)
+        baselines.append(("torch eager fp16 channels_last", plain_half, "fp16"))
+        if compile:
+            baselines.append(("torch.compile fp16 channels_last", torch.compile(plain_half), "fp16"))
+
+    for bs in batch_sizes:
+        batch_u8 = rng.integers(0, 256, (bs, h, w, 3), dtype=np.uint8)
+        batch_t = torch.from_numpy(batch_u8)
+        gpu_u8 = batch_t.to(device)
+        float_in = ((batch_t.permute(0, 3, 1, 2).float() / 255 - mean) / std).to(device)
+        for name, fn in engines:
+            x = batch_u8 if name.startswith("featx onnxruntime") else gpu_u8
+            t0 = time.perf_counter()
+            fn(x)
+            sync()
+            first_call = time.perf_counter() - t0
+            rate, spread = time_throughput(lambda: fn(x), bs, repeats=repeats, sync=sync)
+            setup = ort_setup if "onnxruntime" in name else first_call
+            result.timings.append(Timing(name, "model", bs, rate, spread, setup))
+        for name, module, precision in baselines:
+            x = float_in.half().contiguous(memory_format=torch.channels_last) if precision == "fp16" else float_in
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                module(x)
+            sync()
+            first_call = time.perf_counter() - t0
+
+            def run(module=module, x=x):
+                with torch.inference_mode():
+                    return module(x)
+
+            rate, spread = time_throughput(run, bs, repeats=repeats, sync=sync)
+            result.timings.append(Timing(name, "model", bs, rate, spread, first_call))
+
+    if end_to_end:
+        _bench_end_to_end(result, backbone, model_file, images, n_images, max(batch_sizes), device, workers)
+    _ratios(result)
+    if out_dir:
+        result.files = _write_results(result, Path(out_dir))
+    return result
+
+
+def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size, device, workers) -> None:
+    import torch
+    import torchvision
+
+    from .pipeline import default_workers, embed_folder
+    from .samples import write_jpeg_folder
+
+    workers = default_workers() if workers is None else workers
+    tmp = Path(tempfile.mkdtemp(prefix="featx-bench-"))
+    root = Path(images) if images else write_jpeg_folder(tmp / "jpegs", n_images)
+    n = sum(1 for _ in root.rglob("*.jpg"))
+
+    t0 = time.perf_counter()
+    stats = embed_folder(root, tmp / "bench.h5", model=model_file, batch_size=batch_size, workers=workers,
+                         device=device, engine="auto")
+    featx_seconds = time.perf_counter() - t0
+    result.timings.append(Timing("featx embed (decode+infer+store)", "end-to-end", batch_size,
+                                 stats.n_embedded / featx_seconds, (0, 0), note=f"{n} JPEGs, {workers} workers"))
+
+    p = backbone.preprocess
+    transform = torchvision.transforms.Compose([
+        torchvision.transforms.Resize(p.resize_size, interpolation=getattr(
+            torchvision.transforms.InterpolationMode, p.interpolation.upper())),
+        torchvision.transforms.CenterCrop(p.input_size),
+        torchvision.transforms.ToTensor(),
+        torchvision.transforms.Normalize(p.mean, p.std),
+    ])
+    dataset = torchvision.datasets.ImageFolder(str(root), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device == "cuda")
+    model = backbone.features.to(device).eval()
+    t0 = time.perf_counter()
+    kept = []
+    with torch.inference_mode():
+        for x, _ in loader:
+            kept.append(model(x.to(device, non_blocking=True)).cpu())
+    torch_seconds = time.perf_counter() - t0
+    result.timings.append(Timing("plain PyTorch ImageFolder+DataLoader fp32", "end-to-end", batch_size,
+                                 sum(len(k) for k in kept) / torch_seconds, (0, 0), note=f"{n} JPEGs, {workers} workers"))
+
+
+def _ratios(result: BenchResult) -> None:
+    by = {}
+    for t in result.timings:
+        by.setdefault((t.name, t.kind, t.batch_size), t.images_per_second)
+    model_rows = [t for t in result.timings if t.kind == "model"]
+    featx_rows = [t for t in model_rows if t.name.startswith("featx") and "int8" not in t.name]
+    for bs in sorted({t.batch_size for t in model_rows}):
+        best = max((t for t in featx_rows if t.batch_size == bs), key=lambda t: t.images_per_second)
+        for base in ("torch eager fp32", "torch.compile fp16 channels_last"):
+            if (base, "model", bs) in by:
+                result.ratios[f"best featx ({best.name}) / {base}, batch {bs}"] = (
+                    best.images_per_second / by[(base, "model", bs)])
+    e2e = {t.name: t.images_per_second for t in result.timings if t.kind == "end-to-end"}
+    if len(e2e) == 2:
+        a, b = e2e.values()
+        result.ratios["end-to-end featx embed / plain PyTorch pipeline"] = a / b
+        model_best = max((t.images_per_second for t in featx_rows
+                          if t.batch_size == max(x.batch_size for x in model_rows)), default=0)
+        if model_best:
+            result.ratios["end-to-end featx embed / featx model-only (same batch)"] = a / model_best
+
+
+def _write_results(result: BenchResult, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{result.model.replace(' ', '-').replace('/', '_')}-{result.device}"
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(asdict(result), indent=2))
+    names = list(dict.fromkeys(t.name for t in result.timings if t.kind == "model"))
+    sizes = sorted({t.batch_size for t in result.timings if t.kind == "model"})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        rates = [next((t.images_per_second for t in result.timings if t.name == name and t.batch_size == bs
+                       and t.kind == "model"), 0) for bs in sizes]
+        axes[0].bar(np.arange(len(sizes)) + i * width, rates, width, label=name)
+    axes[0].set_xticks(np.arange(len(sizes)) + width * (len(names) - 1) / 2, [f"batch {b}" for b in sizes])
+    axes[0].set_ylabel("images/s")
+    axes[0].set_title(f"model only: {result.model} on {result.device}")
+    axes[0].legend(fontsize=7)
+    e2e = [t for t in result.timings if t.kind == "end-to-end"]
+    axes[1].bar(range(len(e2e)), [t.images_per_second for t in e2e], color=["tab:blue", "tab:gray"][: len(e2e)])
+    axes[1].set_xticks(range(len(e2e)), ["featx embed", "PyTorch\nDataLoader"][: len(e2e)])
+    axes[1].set_title("end to end (JPEG folder)")
+    fig.tight_layout()
+    png_path = out_dir / f"{stem}.png"
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return [str(json_path), str(png_path)]
