@@ -142,6 +142,17 @@ def load_backbone(name: str, *, weights: str | os.PathLike | None = None) -> Bac
         (1280, (0.5, 0.5, 0.5))
     """
     weights = None if weights is None else str(weights)
+    if weights == "none":
+        import torch
+
+        # seeded, so "none" is one fixed set of weights: an export and a later torch engine agree
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return _load_backbone(name, weights)
+    return _load_backbone(name, weights)
+
+
+def _load_backbone(name: str, weights: str | None) -> Backbone:
     if name in _REGISTRY:
         backbone = _REGISTRY[name](weights)
     elif name.startswith("timm/"):

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--half", action="store_true")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   help="also time torch.compile; optional comma-separated modes (default, reduce-overhead, ...)")
     p.add_argument("--images", default=None, help="JPEG folder for the end-to-end comparison (generated if absent)")
     p.add_argument("--n-images", type=int, default=512, help="images to generate for end-to-end")
     p.add_argument("--repeats", type=int, default=5)
@@ -174,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "bench":
         result = featx.bench_models(
             model=args.model, weights=args.weights, device=args.device,
-            batch_sizes=[int(b) for b in args.batch_sizes.split(",")], half=args.half, compile=args.compile,
+            batch_sizes=[int(b) for b in args.batch_sizes.split(",")], half=args.half, compile=args.compile.split(",") if args.compile else False,
             images=args.images, n_images=args.n_images, repeats=args.repeats, int8=args.int8, out_dir=args.out,
         )
         print(result.table())

