@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", action="store_true", help="remove files no longer in the folder from the cache")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any image failed")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)")
+    p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="gpu: nvJPEG decode and resize on the GPU (auto: whenever the torch engine runs on CUDA)")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   help="torch engine: torch.compile it (optional mode, e.g. reduce-overhead)")
 
     p = sub.add_parser("train-head", help="fit a classifier head on cached embeddings")
     p.add_argument("cache")
@@ -148,7 +152,8 @@ def _run(args: argparse.Namespace) -> int:
         stats = featx.embed_folder(
             args.root, args.out, model=args.model, weights=args.weights, batch_size=args.batch_size,
             workers=args.workers, device=args.device, engine=args.engine, half=args.half, prune=args.prune,
-            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet,
+            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet, decode=args.decode,
+            compile=(True if args.compile == "default" else args.compile) if args.compile else False,
         )
         print(stats.summary())
         return 1 if args.strict and stats.n_failed else 0

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -105,11 +106,19 @@ class RunStats:
     n_deleted: int = 0
     n_pruned: int = 0
     seconds: float = 0.0
+    load_seconds: float = 0.0  # model export/load/compile before the first image
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
+        """Over the whole run, loading the model included."""
         return self.n_embedded / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """After the model was loaded: what a long run approaches."""
+        busy = self.seconds - self.load_seconds
+        return self.n_embedded / busy if busy > 0 else 0.0
 
     def summary(self) -> str:
         return (
@@ -117,7 +126,8 @@ class RunStats:
             + (f" ({self.n_failed_before} failed before, unchanged)" if self.n_failed_before else "")
             + (f", {self.n_deleted} deleted from the folder" + (f" ({self.n_pruned} pruned)" if self.n_pruned else
                " (--prune removes them)") if self.n_deleted else "")
-            + f" in {self.seconds:.1f} s, {self.images_per_second:.1f} images/s -> {self.out} [{self.model}]"
+            + f" in {self.seconds:.1f} s ({self.load_seconds:.1f} s loading the model), "
+            f"{self.steady_images_per_second:.1f} images/s -> {self.out} [{self.model}]"
         )
 
 
@@ -140,6 +150,8 @@ def embed_folder(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     models_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    decode: Literal["auto", "cpu", "gpu"] = "auto",
+    compile: bool | str = False,
 ) -> RunStats:
     """Embed every image under ``root`` into the HDF5 cache ``out``; only new or changed files are decoded.
 
@@ -149,6 +161,9 @@ def embed_folder(
         half: fp16 model and float16 storage (a separate group, ``NAME-fp16``).
         prune: remove rows of files no longer under ``root``.
         progress: show a tqdm bar (images, images/s, ETA).
+        decode: "gpu" decodes JPEGs with nvJPEG and resizes on the GPU (the torch engine on CUDA);
+            "auto" does so whenever that engine runs.
+        compile: torch engine only: torch.compile it (True or a mode name).
 
     Returns:
         RunStats; bad images are counted and stored as failures, never raised.
@@ -158,8 +173,12 @@ def embed_folder(
         raise FeatxError(f"{root} is not a folder")
     start = time.perf_counter()
     model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
-    runner = load_model(model_file, device=device, engine=engine)
+    runner = load_model(model_file, device=device, engine=engine, compile=compile)
     info = runner.info
+    runner.warmup(batch_size)
+    gpu_decode = decode == "gpu" or (decode == "auto" and runner.name == "torch" and runner.device == "cuda")
+    if gpu_decode and not (runner.name == "torch" and runner.device == "cuda"):
+        raise FeatxError("--decode gpu needs the torch engine on CUDA (--engine torch --device cuda)")
     group = Path(model_file).stem
     stats = RunStats(out=str(out), model=group)
     workers = default_workers() if workers is None else workers
@@ -196,8 +215,14 @@ def embed_folder(
                 yield item
 
         recovered: set[str] = set()
+        batches = _chunks(pending(), batch_size)
+        if gpu_decode:
+            decoded_batches = _gpu_decode_ahead(batches, info.preprocess, runner.device, max_pixels)
+        else:
+            decoded_batches = _decode_ahead(batches, info.preprocess, workers, max_pixels)
+        stats.load_seconds = time.perf_counter() - start
         try:
-            for batch, decoded in _decode_ahead(_chunks(pending(), batch_size), info.preprocess, workers, max_pixels):
+            for batch, decoded in decoded_batches:
                 ok = [batch[i] for i in decoded.ok]
                 if ok:
                     emb = runner.encode(decoded.images).embedding
@@ -267,6 +292,40 @@ def _chunks(items: Iterator[FileEntry], size: int) -> Iterator[list[FileEntry]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def _gpu_decode_ahead(batches: Iterator[list[FileEntry]], cfg, device: str, max_pixels: int, depth: int = 3):
+    """Yield (batch, DecodedBatch with a CUDA uint8 tensor) in order.
+
+    Batches are read and decoded ``depth`` ahead in threads, each on its own CUDA stream, so
+    decoding the next batches overlaps the model running on the current one.
+    """
+    import torch
+
+    from .data import DecodedBatch
+    from .gpudecode import GpuDecoder
+
+    decoder = GpuDecoder(cfg, device=device, max_pixels=max_pixels, threads=min(32, (os.cpu_count() or 2) * 2))
+    pool = cf.ThreadPoolExecutor(2)
+    window: deque = deque()
+
+    def take():
+        b, fut = window.popleft()
+        images, ok, failed = fut.result()
+        images.record_stream(torch.cuda.current_stream())  # freed only after the model has read it
+        return b, DecodedBatch(images, ok, failed)
+
+    try:
+        for batch in batches:
+            paths = [e.path for e in batch]
+            window.append((batch, pool.submit(decoder.decode, paths, decoder.read(paths))))
+            if len(window) > depth:
+                yield take()
+        while window:
+            yield take()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        decoder.close()
 
 
 def _decode_ahead(batches: Iterator[list[FileEntry]], cfg, workers: int, max_pixels: int):

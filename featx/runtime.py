@@ -127,6 +127,11 @@ class OnnxEngine:
         if self.device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise ModelFileError(f"{self.path}: onnxruntime could not start its CUDA provider on this machine")
 
+    def warmup(self, batch_size: int) -> None:
+        """One run at ``batch_size``, so session start-up costs land before the first real batch."""
+        h, w = self.info.preprocess.input_size
+        self.encode(np.zeros((batch_size, h, w, 3), dtype=np.uint8))
+
     def encode(self, images: np.ndarray) -> Encoded:
         """``images`` uint8 (n, H, W, 3) RGB, preprocessed as ``self.info.preprocess`` says."""
         result = self.session.run(self.outputs, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)})
@@ -181,6 +186,16 @@ class TorchEngine:
         if compile:
             model = torch.compile(model, mode=None if compile is True else compile, dynamic=False)
         self.model = model
+
+    def warmup(self, batch_size: int) -> None:
+        """Compile (when asked) and autotune at ``batch_size`` now, not inside the first real batch."""
+        import torch
+
+        h, w = self.info.preprocess.input_size
+        for _ in range(2):
+            self.forward(torch.zeros((batch_size, h, w, 3), dtype=torch.uint8, device=self.device))
+        if self.device == "cuda":
+            torch.cuda.synchronize()
 
     def forward(self, images):
         """Run on a uint8 (n, H, W, 3) tensor on any device; returns device tensors (embedding, logits|None)."""

@@ -57,15 +57,30 @@ def write_digits_folder(folder: str | Path, *, size: int = 64, limit: int | None
 
 
 def write_jpeg_folder(folder: str | Path, n: int, *, size: tuple[int, int] = (500, 375), quality: int = 90,
-                      classes: int = 4, seed: int = 0) -> Path:
+                      classes: int = 4, seed: int = 0, processes: int | None = None) -> Path:
     """``n`` realistic JPEGs (random crops of the sample photos, ``size`` pixels, given quality) in ``classes`` folders."""
-    import numpy as np
+    import concurrent.futures as cf
+    import os
 
     folder = Path(folder)
-    rng = np.random.default_rng(seed)
+    processes = processes or os.cpu_count() or 1
+    step = max(1, -(-n // processes))
+    jobs = [(folder, start, min(n, start + step), size, quality, classes, seed) for start in range(0, n, step)]
+    if len(jobs) == 1:
+        _write_jpegs(*jobs[0])
+    else:
+        with cf.ProcessPoolExecutor(len(jobs)) as pool:
+            list(pool.map(_write_jpegs, *zip(*jobs)))
+    return folder
+
+
+def _write_jpegs(folder: Path, start: int, stop: int, size, quality: int, classes: int, seed: int) -> None:
+    import numpy as np
+
     photos = list(sample_photos().values())
     w, h = size
-    for i in range(n):
+    for i in range(start, stop):
+        rng = np.random.default_rng([seed, i])
         src = photos[i % len(photos)]
         scale = rng.uniform(1.0, 1.6)
         big = src.resize((int(max(w, src.width) * scale), int(max(h, src.height) * scale)), Image.BILINEAR)
@@ -77,4 +92,3 @@ def write_jpeg_folder(folder: str | Path, n: int, *, size: tuple[int, int] = (50
         out = folder / f"class_{i % classes}" / f"img_{i:06d}.jpg"
         out.parent.mkdir(parents=True, exist_ok=True)
         crop.save(out, quality=quality)
-    return folder
