@@ -56,7 +56,7 @@ _API = {
     "ModelFileError": "errors",
     "ImageError": "errors",
     "StoreError": "errors",
-    "NotFittedError": "errors",
+    "NotFittedError": "heads",
     "HeadMismatchError": "errors",
     "ExportCheckError": "errors",
     "UnknownBackboneError": "errors",

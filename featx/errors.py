@@ -32,9 +32,5 @@ class StoreError(FeatxError, RuntimeError):
     """The HDF5 cache cannot be used as asked (locked, other model, unwritable)."""
 
 
-class NotFittedError(FeatxError, ValueError, AttributeError):
-    """A head used before fit, as in scikit-learn."""
-
-
 class HeadMismatchError(FeatxError, ValueError):
     """A head trained on one backbone used with another."""

@@ -1,0 +1,535 @@
+"""Cheap classifier heads on cached embeddings, as scikit-learn estimators; save/load without pickle.
+
+``LogRegHead``: standardise + multinomial logistic regression (C by cross-validation unless given).
+``MLPHead``: standardise + a small torch MLP (Dense-ReLU-Dropout blocks, AdamW, early stopping).
+Both keep their learned state as plain arrays, predict with numpy, and save to .safetensors with
+a JSON header (class names, backbone fingerprint), so loading a head runs no code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .backbones import DEFAULT_BACKBONE
+from .errors import FeatxError, HeadMismatchError
+
+_logger = logging.getLogger(__name__)
+HEAD_FORMAT = "featx-head/1"
+
+
+class NotFittedError(FeatxError, _SklearnNotFittedError):
+    """A head used before fit: scikit-learn's error, and a featx one for the CLI's one-line report."""
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class _Head(ClassifierMixin, BaseEstimator):
+    """Shared prediction: ``layers_`` is [(W, b), ...] applied to standardised inputs, ReLU between."""
+
+    def _standardise_fit(self, X: np.ndarray) -> np.ndarray:
+        self.mean_ = X.mean(axis=0)
+        scale = X.std(axis=0)
+        self.scale_ = np.where(scale > 1e-12, scale, 1.0)
+        return (X - self.mean_) / self.scale_
+
+    def decision_function(self, X) -> np.ndarray:
+        """float (n, n_classes) logits; for two classes, as scikit-learn has it, (n,) scores of ``classes_[1]``."""
+        logits = self._logits(X)
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
+
+    def _logits(self, X) -> np.ndarray:
+        try:
+            check_is_fitted(self)
+        except Exception as e:
+            raise NotFittedError(str(e)) from None
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        h = (X - self.mean_) / self.scale_
+        for i, (W, b) in enumerate(self.layers_):
+            h = h @ W.T + b
+            if i < len(self.layers_) - 1:
+                h = np.maximum(h, 0)
+        return h
+
+    def predict_proba(self, X) -> np.ndarray:
+        """float (n, n_classes) probabilities, columns in the order of ``classes_``."""
+        return _softmax(self._logits(X))
+
+    def predict(self, X) -> np.ndarray:
+        scores = self._logits(X)  # checks fitted before classes_ is touched
+        return self.classes_[np.argmax(scores, axis=1)]
+
+    def _single_class(self, Xs: np.ndarray) -> None:
+        # one class seen: always predict it (logit 0 of one column -> probability 1)
+        self.layers_ = [(np.zeros((1, Xs.shape[1])), np.zeros(1))]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = False
+        return tags
+
+
+class LogRegHead(_Head):
+    """Standardised multinomial logistic regression.
+
+    Args:
+        C: inverse regularisation; None chooses it by ``cv``-fold cross-validation.
+        cv: folds for choosing C.
+    """
+
+    def __init__(self, C: float | None = None, cv: int = 5, max_iter: int = 2000, random_state: int | None = 0):
+        self.C = C
+        self.cv = cv
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def fit(self, X, y) -> LogRegHead:
+        from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        Xs = self._standardise_fit(X)
+        if len(self.classes_) == 1:
+            self._single_class(Xs)
+            self.C_, self.n_iter_ = self.C, 1
+            return self
+        counts = np.bincount(y_idx)
+        if self.C is None and counts.min() >= 2:
+            folds = int(min(self.cv, counts.min()))
+            model = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=folds, max_iter=self.max_iter,
+                                         random_state=self.random_state).fit(Xs, y_idx)
+            self.C_ = float(np.atleast_1d(model.C_)[0])
+        else:
+            self.C_ = 1.0 if self.C is None else float(self.C)
+            model = LogisticRegression(C=self.C_, max_iter=self.max_iter, random_state=self.random_state).fit(Xs, y_idx)
+        self.n_iter_ = int(np.max(model.n_iter_))
+        coef, intercept = model.coef_, model.intercept_
+        if coef.shape[0] == 1:  # binary: sigmoid(z) == softmax([-z/2, z/2])
+            coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+        self.layers_ = [(coef, intercept)]
+        return self
+
+
+class MLPHead(_Head):
+    """Standardise, then Dense(hidden)-ReLU-Dropout blocks and a softmax layer, trained in torch.
+
+    AdamW with early stopping on a stratified validation split: the weights of the epoch with the
+    lowest validation loss are kept. Runs on CUDA when available.
+    """
+
+    def __init__(
+        self,
+        hidden: Sequence[int] = (1024,),
+        dropout: float = 0.5,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        max_epochs: int = 200,
+        batch_size: int = 256,
+        validation_fraction: float = 0.1,
+        patience: int = 10,
+        random_state: int | None = 0,
+        device: str = "auto",
+    ):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.random_state = random_state
+        self.device = device
+
+    def fit(self, X, y) -> MLPHead:
+        import torch
+
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        Xs = self._standardise_fit(X).astype(np.float32)
+        if len(self.classes_) == 1:
+            self._single_class(Xs)
+            return self
+        device = "cuda" if self.device == "auto" and torch.cuda.is_available() else (
+            "cpu" if self.device == "auto" else self.device)
+        train, val = self._split(y_idx)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0 if self.random_state is None else self.random_state)
+            net = self._network(Xs.shape[1], len(self.classes_)).to(device)
+            opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            loss_fn = torch.nn.CrossEntropyLoss()
+            Xt, yt = torch.from_numpy(Xs).to(device), torch.from_numpy(y_idx.astype(np.int64)).to(device)
+            best, best_state, waited = np.inf, None, 0
+            self.history_ = []
+            for epoch in range(self.max_epochs):
+                net.train()
+                order = train[torch.randperm(len(train)).numpy()]
+                for start in range(0, len(order), self.batch_size):
+                    idx = torch.from_numpy(order[start:start + self.batch_size]).to(device)
+                    opt.zero_grad()
+                    loss_fn(net(Xt[idx]), yt[idx]).backward()
+                    opt.step()
+                net.eval()
+                with torch.no_grad():
+                    watch = val if len(val) else train
+                    v = float(loss_fn(net(Xt[watch]), yt[watch]))
+                self.history_.append(v)
+                if v < best - 1e-6:
+                    best, waited = v, 0
+                    best_state = {k: t.detach().cpu().clone() for k, t in net.state_dict().items()}
+                else:
+                    waited += 1
+                    if waited >= self.patience:
+                        break
+            net.load_state_dict(best_state)
+        self.n_epochs_ = len(self.history_)
+        linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+        self.layers_ = [(m.weight.detach().cpu().double().numpy(), m.bias.detach().cpu().double().numpy())
+                        for m in linears]
+        return self
+
+    def _network(self, d_in: int, n_out: int):
+        import torch
+
+        layers, width = [], d_in
+        for h in self.hidden:
+            layers += [torch.nn.Linear(width, int(h)), torch.nn.ReLU(), torch.nn.Dropout(self.dropout)]
+            width = int(h)
+        layers.append(torch.nn.Linear(width, n_out))
+        return torch.nn.Sequential(*layers)
+
+    def _split(self, y_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.model_selection import train_test_split
+
+        n, k = len(y_idx), int(y_idx.max()) + 1
+        n_val = int(round(n * self.validation_fraction))
+        everything = np.arange(n)
+        if n_val < k or np.bincount(y_idx).min() < 2:
+            return everything, np.array([], dtype=int)  # too small to hold out: train on all, watch train loss
+        train, val = train_test_split(everything, test_size=n_val, stratify=y_idx, random_state=self.random_state)
+        return train, val
+
+
+# ---------------------------------------------------------------------------------------- save / load
+
+
+def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbone: str, model: str) -> Path:
+    """Write a fitted head as .safetensors: arrays plus a JSON header; no pickle."""
+    from safetensors.numpy import save_file
+
+    check_is_fitted(head)
+    tensors = {"mean": head.mean_, "scale": head.scale_}
+    for i, (W, b) in enumerate(head.layers_):
+        tensors[f"layer{i}.weight"], tensors[f"layer{i}.bias"] = W, b
+    header = {
+        "format": HEAD_FORMAT,
+        "kind": type(head).__name__,
+        "params": json.loads(json.dumps(head.get_params(), default=list)),
+        "classes": [c.item() if hasattr(c, "item") else c for c in head.classes_],
+        "fingerprint": fingerprint,
+        "backbone": backbone,
+        "model": model,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()}, str(path),
+              metadata={"featx": json.dumps(header)})
+    return path
+
+
+@dataclass
+class LoadedHead:
+    head: _Head
+    fingerprint: str
+    backbone: str
+    model: str
+
+    def check_model(self, fingerprint: str, where: str) -> None:
+        if fingerprint != self.fingerprint:
+            raise HeadMismatchError(
+                f"head was trained on embeddings of {self.backbone} with fingerprint {self.fingerprint}; "
+                f"{where} has fingerprint {fingerprint}: embed with the same model, or train a new head"
+            )
+
+
+def load_head(path: str | os.PathLike) -> LoadedHead:
+    """Read a head written by :func:`save_head`. Refuses files that are not featx heads."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FeatxError(f"head file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise FeatxError(f"{path}: not a readable head file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    header = json.loads(meta.get("featx", "{}"))
+    if header.get("format") != HEAD_FORMAT:
+        raise FeatxError(f"{path}: not a featx head (format {header.get('format')!r}, expected {HEAD_FORMAT!r})")
+    cls = {"LogRegHead": LogRegHead, "MLPHead": MLPHead}[header["kind"]]
+    params = header["params"]
+    if "hidden" in params:
+        params["hidden"] = tuple(params["hidden"])
+    head = cls(**params)
+    head.classes_ = np.array(header["classes"])
+    head.mean_, head.scale_ = arrays["mean"], arrays["scale"]
+    n_layers = sum(1 for k in arrays if k.endswith(".weight"))
+    head.layers_ = [(arrays[f"layer{i}.weight"], arrays[f"layer{i}.bias"]) for i in range(n_layers)]
+    head.n_features_in_ = len(head.mean_)
+    return LoadedHead(head, header["fingerprint"], header["backbone"], header["model"])
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class HeadReport:
+    """What ``train_head`` measured on held-out data."""
+
+    head: str
+    n_train: int
+    n_test: int
+    accuracy: float
+    macro_f1: float
+    fit_seconds: float
+    per_class: str  # scikit-learn's classification report
+    confusion: np.ndarray
+    classes: list[str]
+    cv_accuracy: list[float] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = [f"{self.head}: accuracy {self.accuracy:.4f}, macro-F1 {self.macro_f1:.4f} on {self.n_test} held-out "
+                 f"images (trained on {self.n_train} in {self.fit_seconds:.2f} s)"]
+        if self.cv_accuracy:
+            lines.append(f"{len(self.cv_accuracy)}-fold cross-validation accuracy: "
+                         f"{np.mean(self.cv_accuracy):.4f} ± {np.std(self.cv_accuracy):.4f}")
+        lines += [self.per_class.rstrip(), "confusion matrix (rows: true, columns: predicted):",
+                  np.array2string(self.confusion, max_line_width=200)]
+        lines += [f"-> {f}" for f in self.files]
+        return "\n".join(lines)
+
+
+def make_head(kind: str, *, C=None, hidden=(1024,), dropout=0.5, epochs=200, seed=0) -> _Head:
+    if kind == "logreg":
+        return LogRegHead(C=C, random_state=seed)
+    if kind == "mlp":
+        return MLPHead(hidden=tuple(hidden), dropout=dropout, max_epochs=epochs, random_state=seed)
+    raise ValueError(f"head must be logreg or mlp, got {kind!r}")
+
+
+def train_head(
+    cache: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    model: str | None = None,
+    head: str = "logreg",
+    test_size: float = 0.2,
+    cv: int | None = None,
+    C: float | None = None,
+    hidden: Sequence[int] = (1024,),
+    dropout: float = 0.5,
+    epochs: int = 200,
+    seed: int = 0,
+    report_png: str | os.PathLike | None = None,
+) -> HeadReport:
+    """Fit a head on a cache's labelled embeddings, report on a stratified held-out split, save it.
+
+    With ``cv``, also K-fold cross-validated accuracy, and the saved head is refit on all data.
+    """
+    from sklearn.metrics import classification_report, confusion_matrix, f1_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
+
+    from .store import load_embeddings
+
+    data = load_embeddings(cache, model, labelled_only=True)
+    if len(data.keys) == 0:
+        raise FeatxError(f"{cache} has no labelled embeddings for {data.model}: put images in class subfolders")
+    y = np.array(data.class_names, dtype=object)[data.labels].astype(str)
+    X = data.embeddings
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, stratify=y, random_state=seed)
+    estimator = make_head(head, C=C, hidden=hidden, dropout=dropout, epochs=epochs, seed=seed)
+    t0 = time.perf_counter()
+    estimator.fit(X_train, y_train)
+    fit_seconds = time.perf_counter() - t0
+    predicted = estimator.predict(X_test)
+    classes = [str(c) for c in estimator.classes_]
+    report = HeadReport(
+        head=head, n_train=len(y_train), n_test=len(y_test),
+        accuracy=float(np.mean(predicted == y_test)),
+        macro_f1=float(f1_score(y_test, predicted, average="macro")),
+        fit_seconds=fit_seconds,
+        per_class=classification_report(y_test, predicted, digits=3, zero_division=0),
+        confusion=confusion_matrix(y_test, predicted, labels=estimator.classes_),
+        classes=classes,
+    )
+    if cv:
+        folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
+        report.cv_accuracy = [float(a) for a in cross_val_score(estimator, X, y, cv=folds)]
+        estimator.fit(X, y)
+    output = Path(output)
+    save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
+              model=data.model)
+    png = Path(report_png) if report_png else output.with_suffix(".confusion.png")
+    plot_confusion(report.confusion, classes, png, title=f"{head} on {data.model}: accuracy {report.accuracy:.3f}")
+    report.files = [str(output), str(png)]
+    return report
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(5, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=ax, colorbar=False, xticks_rotation=45)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- prediction
+
+
+@dataclass
+class PredictionRow:
+    key: str
+    top: list[tuple[str, float]]
+    error: str | None = None
+
+    def line(self) -> str:
+        if self.error:
+            return f"{self.key}  FAILED: {self.error}"
+        return f"{self.key}  " + "  ".join(f"{name} {p * 100:.1f}%" for name, p in self.top)
+
+
+def predict(
+    inputs: Sequence[str | os.PathLike],
+    *,
+    head: str | os.PathLike,
+    model: str | os.PathLike = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    top: int = 3,
+    output: str | os.PathLike | None = None,
+    cache: str | os.PathLike | None = None,
+    device: str = "auto",
+) -> list[PredictionRow]:
+    """Classify image files, or one folder (embedded through the cache when given), with a trained head.
+
+    A bad image is a row with an error, never an exception. With ``output``, rows go to a CSV.
+    """
+    import tempfile
+
+    from .data import load_image
+    from .export import ensure_model_file
+    from .pipeline import embed_folder
+    from .runtime import load_model, read_model_info
+    from .store import load_embeddings
+
+    loaded = load_head(head)
+    model_file = ensure_model_file(model, weights=weights)
+    info = read_model_info(model_file)
+    loaded.check_model(info.fingerprint, f"model {model_file}")
+    rows: list[PredictionRow] = []
+    classes = [str(c) for c in loaded.head.classes_]
+
+    def top_k(probs: np.ndarray) -> list[tuple[str, float]]:
+        best = np.argsort(-probs)[:top]
+        return [(classes[i], float(probs[i])) for i in best]
+
+    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(cache) if cache else Path(tmp) / "predict.h5"
+            embed_folder(inputs[0], out, model=model_file, device=device)
+            data = load_embeddings(out, Path(model_file).stem)
+            probs = loaded.head.predict_proba(data.embeddings)
+            rows = [PredictionRow(k, top_k(p)) for k, p in zip(data.keys, probs)]
+            rows += [PredictionRow(k, [], reason) for k, reason in sorted(data.failures.items())]
+    else:
+        engine = load_model(model_file, device=device, engine="onnx")
+        for path in inputs:
+            try:
+                emb = engine.encode(load_image(path, info.preprocess)[None]).embedding
+                rows.append(PredictionRow(str(path), top_k(loaded.head.predict_proba(emb)[0])))
+            except FeatxError as e:
+                rows.append(PredictionRow(str(path), [], str(e)))
+    if output:
+        _write_csv(rows, Path(output), top)
+    return rows
+
+
+def _write_csv(rows: list[PredictionRow], path: Path, top: int) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        header = ["key"] + [c for i in range(1, top + 1) for c in (f"class_{i}", f"probability_{i}")] + ["error"]
+        writer.writerow(header)
+        for row in rows:
+            cells = [c for name, p in row.top for c in (name, f"{p:.6f}")]
+            cells += [""] * (2 * top - len(cells))
+            writer.writerow([row.key, *cells, row.error or ""])
+
+
+# ---------------------------------------------------------------------------------------- sklearn transformer
+
+
+class ImageEmbedder(TransformerMixin, BaseEstimator):
+    """scikit-learn transformer: image paths or uint8 RGB arrays in, float32 (n, embed_dim) embeddings out.
+
+    Example:
+        >>> from sklearn.pipeline import make_pipeline
+        >>> from sklearn.linear_model import LogisticRegression
+        >>> clf = make_pipeline(ImageEmbedder("efficientnet_lite0"), LogisticRegression()).fit(paths, labels)
+    """
+
+    def __init__(self, model: str = DEFAULT_BACKBONE, weights: str | None = None, batch_size: int = 32,
+                 device: str = "auto"):
+        self.model = model
+        self.weights = weights
+        self.batch_size = batch_size
+        self.device = device
+
+    def fit(self, X, y=None) -> ImageEmbedder:
+        from .export import ensure_model_file
+
+        self.model_file_ = str(ensure_model_file(self.model, weights=self.weights))
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        from .pipeline import embed_images
+
+        check_is_fitted(self, "model_file_")
+        items = list(X) if not isinstance(X, np.ndarray) or X.ndim != 4 else list(X)
+        return embed_images(items, model=self.model_file_, batch_size=self.batch_size, device=self.device)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.requires_fit = True
+        return tags

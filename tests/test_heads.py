@@ -1,0 +1,82 @@
+"""Heads on real cached embeddings (scikit-learn digits through the default model), and the sklearn contract."""
+
+import csv
+
+import numpy as np
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import featx
+from featx.errors import HeadMismatchError
+from featx.heads import ImageEmbedder, NotFittedError, LogRegHead, MLPHead, load_head
+
+
+@parametrize_with_checks([LogRegHead(), MLPHead(hidden=(32,), max_epochs=60, patience=5)])
+def test_heads_follow_the_scikit_learn_contract(estimator, check):
+    check(estimator)
+
+
+def test_unfitted_head_says_so():
+    with pytest.raises(NotFittedError):
+        LogRegHead().predict(np.zeros((2, 3)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["logreg", "mlp"])
+def test_heads_on_digits_beat_chance_by_far(kind, digits_cache, tmp_path):
+    report = featx.train_head(digits_cache, tmp_path / f"{kind}.safetensors", head=kind)
+    assert report.n_test == 360 and report.accuracy >= 0.85, report.text()
+    assert report.confusion.shape == (10, 10) and report.confusion.sum() == 360
+    assert (tmp_path / f"{kind}.confusion.png").stat().st_size > 10_000
+    loaded = load_head(tmp_path / f"{kind}.safetensors")
+    data = featx.load_embeddings(digits_cache)
+    assert list(loaded.head.classes_) == [str(d) for d in range(10)]
+    assert loaded.fingerprint == data.fingerprint
+    assert np.mean(loaded.head.predict(data.embeddings) == np.array(data.class_names)[data.labels]) > 0.85
+
+
+@pytest.mark.slow
+def test_predict_folder_to_csv_and_files(digits_cache, digits_dir, lite0_onnx, tmp_path):
+    head = tmp_path / "h.safetensors"
+    featx.train_head(digits_cache, head, head="logreg", C=1.0)
+    rows = featx.predict([digits_dir], head=head, model=lite0_onnx, cache=digits_cache, output=tmp_path / "p.csv")
+    with open(tmp_path / "p.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) == 1797
+    right = sum(r["key"].split("/")[0] == r["class_1"] for r in table)
+    assert right / 1797 > 0.9
+    (tmp_path / "bad.png").write_bytes(b"oops")
+    one = featx.predict([digits_dir / "7" / sorted(p.name for p in (digits_dir / "7").iterdir())[0],
+                         tmp_path / "bad.png"], head=head, model=lite0_onnx)
+    assert one[0].top[0][0] == "7" and one[1].error and "not an image" in one[1].error
+
+
+def test_head_refuses_another_backbone(tmp_path, lite0_onnx):
+    from featx.heads import save_head
+
+    head = LogRegHead(C=1.0).fit(np.random.default_rng(0).normal(size=(20, 1280)), np.arange(20) % 2)
+    save_head(head, tmp_path / "h.safetensors", fingerprint="0123456789abcdef", backbone="resnet50", model="resnet50")
+    with pytest.raises(HeadMismatchError, match="0123456789abcdef.*" + featx.read_model_info(lite0_onnx).fingerprint):
+        featx.predict([tmp_path], head=tmp_path / "h.safetensors", model=lite0_onnx)
+
+
+def test_head_file_with_pickle_is_not_a_head(tmp_path):
+    import pickle
+
+    (tmp_path / "h.safetensors").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(featx.FeatxError, match="not a readable head file"):
+        load_head(tmp_path / "h.safetensors")
+
+
+@pytest.mark.slow
+def test_image_embedder_in_a_pipeline_with_cross_validation(digits_dir, lite0_onnx):
+    from sklearn.base import clone
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+
+    paths = sorted(digits_dir.rglob("*.png"))[::9][:120]
+    labels = [p.parent.name for p in paths]
+    pipe = make_pipeline(ImageEmbedder(str(lite0_onnx)), LogisticRegression(max_iter=2000))
+    scores = cross_val_score(clone(pipe), [str(p) for p in paths], labels, cv=3)
+    assert scores.mean() > 0.6
