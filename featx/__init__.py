@@ -48,6 +48,8 @@ _API = {
     "load_head": "heads",
     "train_head": "heads",
     "predict": "heads",
+    "export_classifier": "heads",
+    "save_head": "heads",
     # benchmarks
     "bench_models": "bench",
     # errors

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", default=None, help="confusion-matrix PNG (default: next to the head file)")
 
+    p = sub.add_parser("export-classifier", help="backbone + head merged into one ONNX file (images -> probabilities)")
+    p.add_argument("--head", required=True)
+    _add_model(p)
+    p.add_argument("-o", "--output", required=True)
+
     p = sub.add_parser("predict", help="classify images or a folder with a trained head")
     p.add_argument("inputs", nargs="+", help="image files or one folder")
     p.add_argument("--head", required=True)
@@ -165,6 +170,11 @@ def _run(args: argparse.Namespace) -> int:
             epochs=args.epochs, seed=args.seed, report_png=args.report,
         )
         print(report.text())
+        return 0
+
+    if args.command == "export-classifier":
+        out = featx.export_classifier(args.model, args.head, args.output, weights=args.weights)
+        print(f"{out}: input uint8 images (n, H, W, 3) -> probabilities; class names in metadata 'featx_classes'")
         return 0
 
     if args.command == "predict":

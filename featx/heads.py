@@ -533,3 +533,72 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         tags.input_tags.two_d_array = False
         tags.requires_fit = True
         return tags
+
+
+# ---------------------------------------------------------------------------------------- deployment
+
+
+def export_classifier(
+    model: str | os.PathLike,
+    head: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    weights: str | None = None,
+) -> Path:
+    """One ONNX file mapping uint8 images (n, H, W, 3) to ``probabilities`` (n, n_classes), for use without featx.
+
+    The head's standardisation and layers are appended to the backbone's graph after its
+    ``embedding`` output; class names go into the metadata (``featx_classes``), next to the
+    backbone's preprocessing (``featx``).
+    """
+    import onnx
+    from onnx import TensorProto, compose, helper, numpy_helper
+
+    from .export import ensure_model_file
+
+    loaded = load_head(head)
+    model_file = ensure_model_file(model, weights=weights)
+    backbone = onnx.load(str(model_file))
+    from .runtime import read_model_info
+
+    loaded.check_model(read_model_info(model_file).fingerprint, f"model {model_file}")
+    h = loaded.head
+    inits = [numpy_helper.from_array(h.mean_.astype(np.float32), "mean"),
+             numpy_helper.from_array(h.scale_.astype(np.float32), "scale")]
+    nodes = [helper.make_node("Sub", ["embedding", "mean"], ["centred"]),
+             helper.make_node("Div", ["centred", "scale"], ["x0"])]
+    for i, (W, b) in enumerate(h.layers_):
+        inits += [numpy_helper.from_array(W.T.astype(np.float32), f"W{i}"),
+                  numpy_helper.from_array(b.astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [f"x{i}", f"W{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"z{i}"])]
+        if i < len(h.layers_) - 1:
+            nodes.append(helper.make_node("Relu", [f"z{i}"], [f"x{i + 1}"]))
+    nodes.append(helper.make_node("Softmax", [f"z{len(h.layers_) - 1}"], ["probabilities"], axis=1))
+    d, k = len(h.mean_), h.layers_[-1][0].shape[0]
+    graph = helper.make_graph(
+        nodes, "featx_head",
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", d])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", k])],
+        initializer=inits,
+    )
+    head_model = helper.make_model(graph, opset_imports=list(backbone.opset_import), ir_version=backbone.ir_version)
+    head_model = compose.add_prefix(head_model, "head/")
+    merged = compose.merge_models(backbone, head_model, io_map=[("embedding", "head/embedding")],
+                                  outputs=["head/probabilities", "embedding"])
+    for out in merged.graph.output:
+        if out.name == "head/probabilities":
+            out.name = "probabilities"
+    for node in merged.graph.node:
+        node.output[:] = ["probabilities" if o == "head/probabilities" else o for o in node.output]
+    del merged.metadata_props[:]
+    merged.metadata_props.extend(backbone.metadata_props)
+    entry = merged.metadata_props.add()
+    entry.key, entry.value = "featx_classes", json.dumps([str(c) for c in h.classes_])
+    onnx.checker.check_model(merged)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.partial")
+    onnx.save(merged, str(tmp))
+    os.replace(tmp, output)
+    return output

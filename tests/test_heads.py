@@ -80,3 +80,26 @@ def test_image_embedder_in_a_pipeline_with_cross_validation(digits_dir, lite0_on
     pipe = make_pipeline(ImageEmbedder(str(lite0_onnx)), LogisticRegression(max_iter=2000))
     scores = cross_val_score(clone(pipe), [str(p) for p in paths], labels, cv=3)
     assert scores.mean() > 0.6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["logreg", "mlp"])
+def test_merged_onnx_classifier_gives_featx_probabilities(kind, digits_cache, digits_dir, lite0_onnx, tmp_path):
+    import json
+
+    import onnxruntime as ort
+
+    from featx.data import load_image
+
+    head = tmp_path / "h.safetensors"
+    featx.train_head(digits_cache, head, head=kind, C=1.0, epochs=20)
+    merged = featx.export_classifier(lite0_onnx, head, tmp_path / "clf.onnx")
+    session = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"])
+    classes = json.loads(session.get_modelmeta().custom_metadata_map["featx_classes"])
+    info = featx.read_model_info(lite0_onnx)
+    files = sorted(digits_dir.rglob("*.png"))[::150]
+    images = np.stack([load_image(f, info.preprocess) for f in files])
+    probs = session.run(["probabilities"], {"images": images})[0]
+    expected = load_head(head).head.predict_proba(featx.embed_images(files, model=lite0_onnx))
+    assert classes == [str(d) for d in range(10)]
+    assert np.abs(probs - expected).max() < 1e-4
