@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("demo", help="the main job on the default model and bundled data (photos, digits)")
+    p.add_argument("--dir", default="demo", help="where to write the data, cache, head and plots")
+    _add_device(p)
+
     p = sub.add_parser("list-models", help="backbone names featx can load")
     p.add_argument("--source", choices=["all", "featx", "torchvision", "timm"], default="all")
     p.add_argument("pattern", nargs="?", default=None, help="substring to filter names")
@@ -125,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import featx
+
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.dir, device=args.device, progress=not args.quiet)
+        return 0
 
     if args.command == "list-models":
         for name in featx.list_backbones(args.source):

@@ -172,7 +172,10 @@ def export_onnx(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        # nn.MultiheadAttention's fused fast path (ViT) has no ONNX symbolic: trace the plain ops
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's notice, not the user's concern
             torch.onnx.export(
@@ -195,6 +198,7 @@ def export_onnx(
             compare_with_torch(tmp, backbone, half=half)
         os.replace(tmp, path)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         tmp.unlink(missing_ok=True)
     return info
 

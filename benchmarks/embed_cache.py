@@ -1,0 +1,111 @@
+"""Issue 3's figures, in one run on this machine:
+
+1. end-to-end `embed_folder` images/s on realistic JPEGs (500x375, quality 90) next to the model-only
+   images/s of the same model file, batch size and thread count;
+2. files/s of a re-run on the finished folder (walk, stat, skip: nothing decoded);
+3. peak memory of `featx embed` on 1,000 and on 50,000 small files (a tiny timm model, so the
+   run is about the bookkeeping, not the network).
+
+    python benchmarks/embed_cache.py [--n-jpegs 2000] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def model_only(model_file: Path, batch_size: int) -> float:
+    from featx.bench import time_throughput
+    from featx.runtime import OnnxEngine
+
+    engine = OnnxEngine(model_file, device="cpu")
+    h, w = engine.info.preprocess.input_size
+    batch = np.random.default_rng(0).integers(0, 256, (batch_size, h, w, 3), dtype=np.uint8)
+    rate, _ = time_throughput(lambda: engine.encode(batch), batch_size, repeats=5, min_seconds=2.0)
+    return rate
+
+
+def peak_rss_mb(cmd: list[str]) -> tuple[float, str]:
+    """Peak resident memory of a child process (MB), and its output."""
+    code = (
+        "import resource, subprocess, sys\n"
+        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)\n"
+        "print(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-500:])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True).stdout.splitlines()
+    return float(out[0]), out[1]
+
+
+def small_files(root: Path, n: int) -> Path:
+    """n tiny PNGs in 10 class folders, hard links of 10 real digit images (fast to make)."""
+    from featx.samples import write_digits_folder
+
+    seeds = write_digits_folder(root.parent / f"seed-{n}", size=32, limit=10)
+    sources = sorted(seeds.rglob("*.png"))
+    for i in range(n):
+        dst = root / f"c{i % 10}" / f"{i:06d}.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.link(sources[i % 10], dst)
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n-jpegs", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    import featx
+    from featx.bench import machine_description
+    from featx.pipeline import default_workers
+    from featx.samples import write_jpeg_folder
+
+    tmp = Path(tempfile.mkdtemp(prefix="featx-embed-bench-"))
+    model_file = featx.ensure_model_file(featx.DEFAULT_BACKBONE, models_dir=tmp / "models")
+    root = write_jpeg_folder(tmp / "jpegs", args.n_jpegs)
+    results: dict = {"machine": machine_description(), "model": model_file.stem, "batch_size": args.batch_size,
+                     "n_jpegs": args.n_jpegs, "workers": default_workers()}
+
+    results["model_only_images_per_s"] = model_only(model_file, args.batch_size)
+    stats = featx.embed_folder(root, tmp / "cache.h5", model=model_file, batch_size=args.batch_size, device="cpu")
+    results["end_to_end_images_per_s"] = stats.steady_images_per_second
+    results["end_to_end_over_model_only"] = stats.steady_images_per_second / results["model_only_images_per_s"]
+    rerun = featx.embed_folder(root, tmp / "cache.h5", model=model_file, device="cpu")
+    results["rerun_files_per_s"] = rerun.n_cached / (rerun.seconds - rerun.load_seconds)
+
+    tiny = featx.ensure_model_file("test_efficientnet", weights="none", models_dir=tmp / "models")
+    for n in (1_000, 50_000):
+        folder = small_files(tmp / f"small-{n}", n)
+        cmd = [sys.executable, "-m", "featx", "-q", "embed", str(folder), "-o", str(tmp / f"small-{n}.h5"),
+               "--model", str(tiny), "--workers", "0", "--batch-size", "256", "--device", "cpu"]
+        t0 = time.perf_counter()
+        results[f"peak_rss_mb_{n}_files"], results[f"summary_{n}_files"] = peak_rss_mb(cmd)
+        results[f"seconds_{n}_files"] = time.perf_counter() - t0
+        if n == 50_000:
+            again = featx.embed_folder(folder, tmp / f"small-{n}.h5", model=tiny, device="cpu")
+            results["rerun_files_per_s_50000"] = again.n_cached / (again.seconds - again.load_seconds)
+    results["peak_rss_growth_mb"] = results["peak_rss_mb_50000_files"] - results["peak_rss_mb_1000_files"]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "embed_cache-cpu.json").write_text(json.dumps(results, indent=2))
+    for k, v in results.items():
+        if k != "machine":
+            print(f"{k:32s} {v:.2f}" if isinstance(v, float) else f"{k:32s} {v}")
+    print(f"-> {out / 'embed_cache-cpu.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,428 @@
+"""Back to torch when frozen features + a head are not enough: unfreeze the top blocks, train, re-export.
+
+Blocks are the architecture's own units (ResNet stages, EfficientNet/MobileNet blocks, VGG conv
+blocks, DenseNet dense blocks, timm's block lists), not a count of parameters. BatchNorm layers in
+frozen blocks stay in eval mode. The backbone trains at a tenth of the new head's learning rate.
+Checkpoints are .safetensors (tensors only) with a JSON header; ``featx export NAME --weights CKPT``
+turns one into an ONNX file whose logits are the new classes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import DEFAULT_BACKBONE
+from .errors import FeatxError
+
+_logger = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "featx-finetune/1"
+
+
+def model_blocks(features) -> list[tuple[str, object]]:
+    """The backbone's blocks in forward order, as (name, module); only blocks that hold parameters.
+
+    Top-level children are the blocks, except that a Sequential/ModuleList of three or more
+    parameterised children (timm's ``blocks``, torchvision's ``features``) contributes its children;
+    VGG's ``features`` is cut into conv blocks at its max-pooling layers.
+    """
+    import torch
+
+    def has_params(m) -> bool:
+        return any(True for _ in m.parameters())
+
+    blocks: list[tuple[str, object]] = []
+    for name, child in features.named_children():
+        if not has_params(child):
+            continue
+        parts = [(f"{name}.{n}", c) for n, c in child.named_children()] if isinstance(
+            child, (torch.nn.Sequential, torch.nn.ModuleList)) else []
+        if any(isinstance(c, torch.nn.MaxPool2d) for _, c in parts):  # VGG: conv blocks end at pooling
+            group: list = []
+            for n, c in parts:
+                group.append(c)
+                if isinstance(c, torch.nn.MaxPool2d):
+                    blocks.append((f"{name}[..{n.split('.')[-1]}]", torch.nn.Sequential(*group)))
+                    group = []
+            if group:
+                blocks.append((f"{name}[rest]", torch.nn.Sequential(*group)))
+        elif sum(has_params(c) for _, c in parts) >= 3:
+            blocks += [(n, c) for n, c in parts if has_params(c)]
+        else:
+            blocks.append((name, child))
+    return blocks
+
+
+def freeze_except_top(features, unfreeze: int | str) -> tuple[list[str], list[str]]:
+    """Freeze every block but the top ``unfreeze`` (or none, with "all"). Returns (frozen, trainable) names."""
+    blocks = model_blocks(features)
+    n = len(blocks) if unfreeze == "all" else int(unfreeze)
+    if not 0 <= n <= len(blocks):
+        raise FeatxError(f"--unfreeze {unfreeze}: this backbone has {len(blocks)} blocks")
+    features.requires_grad_(False)
+    for _, block in blocks[len(blocks) - n:]:
+        block.requires_grad_(True)
+    return [b for b, _ in blocks[: len(blocks) - n]], [b for b, _ in blocks[len(blocks) - n:]]
+
+
+def set_train_mode(features, head) -> None:
+    """Train mode for what trains; frozen modules (BatchNorm statistics included) stay in eval mode."""
+    features.train()
+    head.train()
+    for module in features.modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            module.eval()
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    accuracy: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+    def line(self, epochs: int) -> str:
+        return (f"Epoch {self.epoch}/{epochs} - {self.seconds:.0f}s - loss: {self.loss:.4f} - accuracy: {self.accuracy:.4f}"
+                f" - val_loss: {self.val_loss:.4f} - val_accuracy: {self.val_accuracy:.4f}")
+
+
+@dataclass
+class FinetuneResult:
+    checkpoint: str
+    class_names: list[str]
+    best_val_accuracy: float
+    best_val_loss: float
+    history: list[EpochLog] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
+
+
+def split_indices(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded train/validation split of a folder's samples (the same one heads use)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(targets))
+    return tuple(train_test_split(idx, test_size=val_fraction, stratify=targets, random_state=seed))
+
+
+def head_from_file(path: str | os.PathLike, embed_dim: int, class_names: list[str]):
+    """A torch classifier equal to a trained featx head (standardisation folded into the first layer)."""
+    import torch
+
+    from .heads import load_head
+
+    head = load_head(path).head
+    if [str(c) for c in head.classes_] != class_names:
+        raise FeatxError(f"head {path} has classes {list(head.classes_)}, the folder has {class_names}")
+    layers, modules = head.layers_, []
+    for i, (W, b) in enumerate(layers):
+        W, b = np.asarray(W, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if i == 0:
+            W, b = W / head.scale_, b - (W / head.scale_) @ head.mean_
+        linear = torch.nn.Linear(W.shape[1], W.shape[0])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(W))
+            linear.bias.copy_(torch.from_numpy(b))
+        modules.append(linear)
+        if i < len(layers) - 1:
+            modules += [torch.nn.ReLU(), torch.nn.Dropout(getattr(head, "dropout", 0.5))]
+    if modules[0].in_features != embed_dim:
+        raise FeatxError(f"head {path} takes {modules[0].in_features}-d embeddings, the backbone gives {embed_dim}")
+    return torch.nn.Sequential(*modules)
+
+
+def finetune(
+    root: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    model: str = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    head: str | os.PathLike | None = None,
+    unfreeze: int | str = 2,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    backbone_lr_scale: float = 0.1,
+    batch_size: int = 32,
+    input_size: int | None = None,
+    val_fraction: float = 0.2,
+    hflip: bool = True,
+    vflip: bool = False,
+    patience: int = 3,
+    seed: int = 0,
+    workers: int = 0,
+    device: str = "auto",
+    resume: bool = False,
+    log=print,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on the class folders under ``root``; the best epoch (lowest val_loss) is saved.
+
+    Args:
+        head: a trained featx head (.safetensors) to start the new classifier from (the linear probe).
+        unfreeze: how many top blocks train, "all", or "auto" (what :func:`advise` recommends).
+        input_size: train and validate at this size instead of the model's (small images train faster).
+        resume: continue from ``output`` if it exists (weights and epoch count).
+    """
+    import torch
+    import torchvision
+    from torchvision import transforms as T
+
+    from .backbones import load_backbone
+    from .runtime import resolve_device
+
+    torch.manual_seed(seed)
+    device = resolve_device(device)
+    backbone = load_backbone(model, weights=weights)
+    features = backbone.features
+    dataset = torchvision.datasets.ImageFolder(str(root))
+    class_names = dataset.classes
+    if unfreeze == "auto":
+        unfreeze = advise(root, model=model, weights=weights, device=device).unfreeze
+        log(f"advise: unfreeze {unfreeze}")
+    frozen, trainable = freeze_except_top(features, unfreeze)
+    classifier = (head_from_file(head, backbone.embed_dim, class_names) if head
+                  else torch.nn.Linear(backbone.embed_dim, len(class_names)))
+    start_epoch, best = 0, (np.inf, 0.0)
+    output = Path(output)
+    if resume and output.is_file():
+        state, meta = _read_checkpoint(output)
+        features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+        classifier = _classifier_from_state(state, meta)
+        start_epoch, best = int(meta["epoch"]), (float(meta["val_loss"]), float(meta["val_accuracy"]))
+        log(f"resuming from {output} after epoch {start_epoch}")
+
+    p = backbone.preprocess
+    size = input_size or p.input_size[0]
+    resize = int(round(size * p.resize_size / p.input_size[0]))
+    interp = getattr(T.InterpolationMode, p.interpolation.upper())
+    normalise = [T.ToTensor(), T.Normalize(p.mean, p.std)]
+    train_tf = T.Compose([
+        T.RandomResizedCrop(size, scale=(0.7, 1.0), interpolation=interp),
+        *([T.RandomHorizontalFlip()] if hflip else []), *([T.RandomVerticalFlip()] if vflip else []),
+        T.RandomAffine(degrees=0, shear=10),
+        T.Lambda(lambda im: im.convert("RGB")), *normalise,
+    ])
+    val_tf = T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size),
+                        T.Lambda(lambda im: im.convert("RGB")), *normalise])
+    train_idx, val_idx = split_indices(dataset.targets, val_fraction, seed)
+    train_set = torch.utils.data.Subset(torchvision.datasets.ImageFolder(str(root), transform=train_tf), train_idx)
+    val_set = torch.utils.data.Subset(torchvision.datasets.ImageFolder(str(root), transform=val_tf), val_idx)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size * 2, num_workers=workers)
+
+    features.to(device)
+    classifier.to(device)
+    params = [{"params": [q for q in features.parameters() if q.requires_grad], "lr": lr * backbone_lr_scale},
+              {"params": list(classifier.parameters()), "lr": lr}]
+    optimizer = torch.optim.AdamW([g for g in params if g["params"]], weight_decay=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    use_amp = device == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    result = FinetuneResult(str(output), class_names, best[1], best[0], frozen=frozen, trainable=trainable)
+    waited = 0
+    for epoch in range(start_epoch + 1, epochs + 1):
+        t0 = time.perf_counter()
+        set_train_mode(features, classifier)
+        total, correct, loss_sum = 0, 0, 0.0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device, enabled=use_amp):
+                logits = classifier(features(x))
+                loss = loss_fn(logits, y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+        val_loss, val_acc = evaluate(features, classifier, val_loader, device)
+        entry = EpochLog(epoch, loss_sum / total, correct / total, val_loss, val_acc, time.perf_counter() - t0)
+        result.history.append(entry)
+        log(entry.line(epochs))
+        if val_loss < result.best_val_loss:
+            result.best_val_loss, result.best_val_accuracy, waited = val_loss, val_acc, 0
+            _write_checkpoint(output, features, classifier, model=backbone.name, class_names=class_names,
+                              epoch=epoch, val_loss=val_loss, val_accuracy=val_acc)
+        else:
+            waited += 1
+            if waited >= patience:
+                log(f"early stopping: val_loss has not improved for {patience} epochs")
+                break
+    return result
+
+
+def evaluate(features, classifier, loader, device: str) -> tuple[float, float]:
+    import torch
+
+    features.eval()
+    classifier.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = classifier(features(x)).float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+    return loss_sum / total, correct / total
+
+
+def _write_checkpoint(path: Path, features, classifier, **meta) -> None:
+    from safetensors.torch import save_file
+
+    import torch
+
+    if not isinstance(classifier, torch.nn.Linear):  # an MLP head: keep only what export understands
+        linears = [m for m in classifier if isinstance(m, torch.nn.Linear)]
+        meta["head_layers"] = len(linears)
+    state = {f"features.{k}": v.detach().cpu().contiguous() for k, v in features.state_dict().items()}
+    state.update({f"classifier.{k}": v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(state, str(tmp), metadata={"featx": json.dumps({"format": CHECKPOINT_FORMAT, **meta})})
+    os.replace(tmp, path)
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("featx", "{}"))
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise FeatxError(f"{path}: not a featx fine-tuning checkpoint")
+    return state, meta
+
+
+def _classifier_from_state(state: dict, meta: dict):
+    """Rebuild the classifier (Linear, or the MLP a head started it as) from checkpoint tensors."""
+    import torch
+
+    keys = sorted({k.split(".")[1] for k in state if k.startswith("classifier.")} - {"weight", "bias"})
+    if "classifier.weight" in state:
+        w = state["classifier.weight"]
+        linear = torch.nn.Linear(w.shape[1], w.shape[0])
+        linear.load_state_dict({"weight": w, "bias": state["classifier.bias"]})
+        return linear
+    modules = []
+    for i, idx in enumerate(sorted(int(k) for k in keys)):
+        w, b = state[f"classifier.{idx}.weight"], state[f"classifier.{idx}.bias"]
+        while len(modules) < idx:
+            modules.append(torch.nn.ReLU() if len(modules) % 3 == 1 else torch.nn.Dropout(0.5))
+        linear = torch.nn.Linear(w.shape[1], w.shape[0])
+        linear.load_state_dict({"weight": w, "bias": b})
+        modules.append(linear)
+    return torch.nn.Sequential(*modules)
+
+
+def is_finetune_checkpoint(path: str | os.PathLike) -> bool:
+    if not str(path).endswith(".safetensors"):
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("featx", "{}")).get("format") == CHECKPOINT_FORMAT
+    except Exception:
+        return False
+
+
+def load_finetuned(backbone, path: str | os.PathLike):
+    """Put a fine-tuning checkpoint's weights and classifier into ``backbone`` (built with random weights)."""
+    from .backbones import apply_state_dict
+
+    state, meta = _read_checkpoint(Path(path))
+    if meta.get("model") != backbone.name:
+        raise FeatxError(f"{path} fine-tuned {meta.get('model')}, not {backbone.name}")
+    apply_state_dict(backbone.features, {k[len("features."):]: v for k, v in state.items()
+                                         if k.startswith("features.")}, source=str(path))
+    backbone.classifier = _classifier_from_state(state, meta).eval().requires_grad_(False)
+    backbone.class_names = list(meta["class_names"])
+    backbone.weights = str(path)
+    return backbone
+
+
+# ---------------------------------------------------------------------------------------- the four cases
+
+
+@dataclass
+class Advice:
+    """What ``advise`` measured and recommends."""
+
+    n_images: int
+    n_classes: int
+    images_per_class: float
+    imagenet_confidence: float  # mean top-1 ImageNet probability on a sample: high means ImageNet-like
+    probe_accuracy: float  # cross-validated logistic regression on frozen embeddings of the sample
+    size: str  # "small" or "large"
+    similarity: str  # "similar" or "different"
+    recommendation: str
+    unfreeze: int | str
+
+    def text(self) -> str:
+        return (f"{self.n_images} images in {self.n_classes} classes ({self.images_per_class:.0f} per class: {self.size})\n"
+                f"ImageNet classifier's mean top-1 confidence on a sample: {self.imagenet_confidence:.3f} "
+                f"(< {SIMILARITY_CONFIDENCE} counts as different from ImageNet: {self.similarity})\n"
+                f"linear probe on frozen embeddings (3-fold CV on the sample): accuracy {self.probe_accuracy:.3f}\n"
+                f"recommendation: {self.recommendation} (featx finetune --unfreeze {self.unfreeze})")
+
+
+LARGE_PER_CLASS = 1000  # from this many images per class, the data set counts as large
+SIMILARITY_CONFIDENCE = 0.3
+
+
+def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: str | None = None,
+           sample: int = 300, device: str = "auto", seed: int = 0) -> Advice:
+    """Place a labelled folder among the four transfer-learning cases (small/large x similar/different)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    from .data import FileEntry, class_names_of, walk_images
+    from .export import ensure_model_file
+    from .pipeline import embed_images, softmax
+    from .runtime import load_model
+
+    entries = [e for e in walk_images(root) if isinstance(e, FileEntry) and e.label is not None]
+    classes = class_names_of(root)
+    if len(classes) < 2 or not entries:
+        raise FeatxError(f"{root}: advise needs images in at least two class folders")
+    rng = np.random.default_rng(seed)
+    picked = [entries[i] for i in sorted(rng.choice(len(entries), min(sample, len(entries)), replace=False))]
+    model_file = ensure_model_file(model, weights=weights)
+    engine = load_model(model_file, device=device, engine="onnx")
+    from .data import load_image
+
+    confidences, embeddings, labels = [], [], []
+    for start in range(0, len(picked), 32):
+        chunk = picked[start:start + 32]
+        batch = np.stack([load_image(e.path, engine.info.preprocess) for e in chunk])
+        out = engine.encode(batch)
+        embeddings.append(out.embedding)
+        if out.logits is not None:
+            confidences.append(softmax(out.logits).max(axis=1))
+        labels += [e.label for e in chunk]
+    X, y = np.concatenate(embeddings), np.array(labels)
+    folds = int(min(3, np.unique(y, return_counts=True)[1].min()))
+    probe = float(np.mean(cross_val_score(LogisticRegression(max_iter=2000), X, y, cv=folds))) if folds >= 2 else float("nan")
+    confidence = float(np.concatenate(confidences).mean()) if confidences else float("nan")
+    per_class = len(entries) / len(classes)
+    size = "large" if per_class >= LARGE_PER_CLASS else "small"
+    similarity = "similar" if confidence >= SIMILARITY_CONFIDENCE else "different"
+    recommendation, unfreeze = {
+        ("small", "similar"): ("frozen features + a head (train-head): the ImageNet features already fit", 0),
+        ("large", "similar"): ("fine-tune the top blocks: enough data to adapt the highest features", 2),
+        ("small", "different"): ("fine-tune the top blocks at a low learning rate with augmentation: "
+                                 "the top features are ImageNet-specific, too little data for more", 2),
+        ("large", "different"): ("fine-tune everything: the data can support it and differs from ImageNet", "all"),
+    }[(size, similarity)]
+    return Advice(len(entries), len(classes), per_class, confidence, probe, size, similarity, recommendation, unfreeze)
