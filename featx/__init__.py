@@ -50,6 +50,10 @@ _API = {
     "predict": "heads",
     "export_classifier": "heads",
     "save_head": "heads",
+    # fine-tuning
+    "finetune": "finetune",
+    "advise": "finetune",
+    "model_blocks": "finetune",
     # benchmarks
     "bench_models": "bench",
     # errors

@@ -142,6 +142,11 @@ def load_backbone(name: str, *, weights: str | os.PathLike | None = None) -> Bac
         (1280, (0.5, 0.5, 0.5))
     """
     weights = None if weights is None else str(weights)
+    if weights is not None and weights.endswith(".safetensors"):
+        from .finetune import is_finetune_checkpoint, load_finetuned
+
+        if is_finetune_checkpoint(weights):  # new classes: the architecture with the checkpoint's classifier
+            return load_finetuned(load_backbone(name, weights="none"), weights)
     if weights == "none":
         import torch
 

@@ -97,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="embedding cache to reuse for a folder")
     _add_device(p)
 
+    p = sub.add_parser("finetune", help="fine-tune the top blocks on class folders (torch), save a checkpoint")
+    p.add_argument("root")
+    _add_model(p)
+    p.add_argument("--head", default=None, help="trained head to start the classifier from")
+    p.add_argument("--unfreeze", default="2", help="top blocks to train: N, all, or auto (featx advise)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate; the backbone gets a tenth")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--input-size", type=int, default=None, help="train at this size (small images train faster)")
+    p.add_argument("--no-hflip", action="store_true", help="no horizontal flips (digits, text)")
+    p.add_argument("--vflip", action="store_true")
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint at -o")
+    p.add_argument("-o", "--output", required=True, help="checkpoint (.safetensors)")
+    _add_device(p)
+
+    p = sub.add_parser("advise", help="which of the four transfer-learning cases a labelled folder is")
+    p.add_argument("root")
+    _add_model(p)
+    _add_device(p)
+
     p = sub.add_parser("bench", help="throughput against plain PyTorch in the same run")
     _add_model(p)
     _add_device(p)
@@ -147,7 +168,8 @@ def _run(args: argparse.Namespace) -> int:
 
         from .export import default_models_dir
 
-        out = Path(args.output) if args.output else default_models_dir() / f"{args.model}{'-fp16' if args.half else ''}.onnx"
+        out = Path(args.output) if args.output else default_models_dir() / (
+            f"{args.model}{'-fp16' if args.half else ''}{'-' + Path(args.weights).stem if args.weights and Path(args.weights).is_file() else ''}.onnx")
         info = featx.export_onnx(featx.load_backbone(args.model, weights=args.weights), out, half=args.half)
         print(f"{out}: {info.backbone}, {info.embed_dim}-d embedding"
               f"{', logits for %d classes' % len(info.class_names) if info.has_logits else ''}, "
@@ -195,6 +217,22 @@ def _run(args: argparse.Namespace) -> int:
                 print(row.line())
         else:
             print(f"{len(rows)} rows -> {args.output}")
+        return 0
+
+    if args.command == "finetune":
+        unfreeze = args.unfreeze if args.unfreeze in ("all", "auto") else int(args.unfreeze)
+        result = featx.finetune(
+            args.root, args.output, model=args.model, weights=args.weights, head=args.head, unfreeze=unfreeze,
+            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, input_size=args.input_size,
+            hflip=not args.no_hflip, vflip=args.vflip, patience=args.patience, resume=args.resume, device=args.device,
+        )
+        print(f"best val_accuracy {result.best_val_accuracy:.4f} (val_loss {result.best_val_loss:.4f}) -> "
+              f"{result.checkpoint}; trained blocks: {', '.join(result.trainable) or 'classifier only'}\n"
+              f"export it: featx export {args.model} --weights {result.checkpoint}")
+        return 0
+
+    if args.command == "advise":
+        print(featx.advise(args.root, model=args.model, weights=args.weights, device=args.device).text())
         return 0
 
     if args.command == "bench":

@@ -266,4 +266,7 @@ def _weights_tag(weights: str) -> str:
 
     if weights in ("none", "pretrained", "bundled"):
         return weights
-    return Path(weights).stem[:24] + "-" + hashlib.sha256(os.path.abspath(weights).encode()).hexdigest()[:8]
+    # path, size and mtime: a checkpoint rewritten by a later fine-tuning run gets a new export
+    st = os.stat(weights) if os.path.exists(weights) else None
+    ident = f"{os.path.abspath(weights)}|{st.st_size if st else ''}|{st.st_mtime_ns if st else ''}"
+    return Path(weights).stem[:24] + "-" + hashlib.sha256(ident.encode()).hexdigest()[:8]

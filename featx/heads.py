@@ -42,11 +42,18 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 class _Head(ClassifierMixin, BaseEstimator):
     """Shared prediction: ``layers_`` is [(W, b), ...] applied to standardised inputs, ReLU between."""
 
-    def _standardise_fit(self, X: np.ndarray) -> np.ndarray:
+    def _prepare_fit(self, X, y) -> tuple[np.ndarray, np.ndarray]:
+        """Validate, learn classes_ and the standardisation; returns standardised X and class indices."""
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
         self.mean_ = X.mean(axis=0)
         scale = X.std(axis=0)
         self.scale_ = np.where(scale > 1e-12, scale, 1.0)
-        return (X - self.mean_) / self.scale_
+        Xs = (X - self.mean_) / self.scale_
+        if len(self.classes_) == 1:  # one class seen: always predict it (one logit, probability 1)
+            self.layers_ = [(np.zeros((1, Xs.shape[1])), np.zeros(1))]
+        return Xs, y_idx
 
     def decision_function(self, X) -> np.ndarray:
         """float (n, n_classes) logits; for two classes, as scikit-learn has it, (n,) scores of ``classes_[1]``."""
@@ -74,10 +81,6 @@ class _Head(ClassifierMixin, BaseEstimator):
         scores = self._logits(X)  # checks fitted before classes_ is touched
         return self.classes_[np.argmax(scores, axis=1)]
 
-    def _single_class(self, Xs: np.ndarray) -> None:
-        # one class seen: always predict it (logit 0 of one column -> probability 1)
-        self.layers_ = [(np.zeros((1, Xs.shape[1])), np.zeros(1))]
-
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.classifier_tags.multi_label = False
@@ -101,19 +104,19 @@ class LogRegHead(_Head):
     def fit(self, X, y) -> LogRegHead:
         from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
-        X, y = validate_data(self, X, y, dtype=np.float64)
-        check_classification_targets(y)
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
-        Xs = self._standardise_fit(X)
+        Xs, y_idx = self._prepare_fit(X, y)
         if len(self.classes_) == 1:
-            self._single_class(Xs)
             self.C_, self.n_iter_ = self.C, 1
             return self
         counts = np.bincount(y_idx)
         if self.C is None and counts.min() >= 2:
+            import warnings
+
             folds = int(min(self.cv, counts.min()))
-            model = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=folds, max_iter=self.max_iter,
-                                         random_state=self.random_state).fit(Xs, y_idx)
+            with warnings.catch_warnings():  # scikit-learn 1.9's notices of future defaults; ours are explicit
+                warnings.simplefilter("ignore", FutureWarning)
+                model = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=folds, max_iter=self.max_iter,
+                                             scoring="accuracy", random_state=self.random_state).fit(Xs, y_idx)
             self.C_ = float(np.atleast_1d(model.C_)[0])
         else:
             self.C_ = 1.0 if self.C is None else float(self.C)
@@ -160,12 +163,9 @@ class MLPHead(_Head):
     def fit(self, X, y) -> MLPHead:
         import torch
 
-        X, y = validate_data(self, X, y, dtype=np.float64)
-        check_classification_targets(y)
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
-        Xs = self._standardise_fit(X).astype(np.float32)
+        Xs, y_idx = self._prepare_fit(X, y)
+        Xs = Xs.astype(np.float32)
         if len(self.classes_) == 1:
-            self._single_class(Xs)
             return self
         device = "cuda" if self.device == "auto" and torch.cuda.is_available() else (
             "cpu" if self.device == "auto" else self.device)

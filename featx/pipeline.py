@@ -173,7 +173,9 @@ def embed_folder(
         raise FeatxError(f"{root} is not a folder")
     start = time.perf_counter()
     model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
-    runner = load_model(model_file, device=device, engine=engine, compile=compile)
+    workers = default_workers() if workers is None else workers
+    # decode workers share the CPU with onnxruntime: its spinning threads would take their cores
+    runner = load_model(model_file, device=device, engine=engine, compile=compile, spin=workers == 0)
     info = runner.info
     runner.warmup(batch_size)
     gpu_decode = decode == "gpu" or (decode == "auto" and runner.name == "torch" and runner.device == "cuda")
@@ -181,7 +183,6 @@ def embed_folder(
         raise FeatxError("--decode gpu needs the torch engine on CUDA (--engine torch --device cuda)")
     group = Path(model_file).stem
     stats = RunStats(out=str(out), model=group)
-    workers = default_workers() if workers is None else workers
 
     with EmbeddingStore(out, group, info=info, half=half) as store:
         label_of = store.label_index(class_names_of(root))

@@ -101,7 +101,10 @@ class OnnxEngine:
 
     name = "onnx"
 
-    def __init__(self, path: str | os.PathLike, *, device: Device | None = "auto", threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, device: Device | None = "auto", threads: int | None = None,
+                 spin: bool = True):
+        """``spin=False`` stops idle intra-op threads from spinning: slower alone, faster when decode
+        workers share the cores (measured in benchmarks/embed_cache.py)."""
         import onnxruntime as ort
 
         self.path = _existing(path)
@@ -110,6 +113,8 @@ class OnnxEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
         if self.device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -239,7 +244,8 @@ def load_model(
     device: Device | None = "auto",
     engine: EngineName | None = "onnx",
     threads: int | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
+    spin: bool = True,
 ) -> OnnxEngine | TorchEngine:
     """Open an exported featx model file with the chosen engine.
 
@@ -250,7 +256,7 @@ def load_model(
     if engine in (None, "auto"):
         engine = "torch" if device == "cuda" else "onnx"
     if engine == "onnx":
-        return OnnxEngine(path, device=device, threads=threads)
+        return OnnxEngine(path, device=device, threads=threads, spin=spin)
     if engine == "torch":
         return TorchEngine(read_model_info(path), device=device, compile=compile)
     raise ValueError(f"engine must be onnx, torch or auto, got {engine!r}")

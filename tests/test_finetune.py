@@ -1,0 +1,57 @@
+"""Fine-tuning in torch: meaningful blocks, frozen stays frozen, checkpoint -> ONNX, the four cases."""
+
+import numpy as np
+import pytest
+import torch
+
+import featx
+from featx.finetune import freeze_except_top, model_blocks
+
+
+def test_blocks_are_the_architectures_own_units():
+    names = [n for n, _ in model_blocks(featx.load_backbone("resnet18", weights="none").features)]
+    assert names == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    lite = [n for n, _ in model_blocks(featx.load_backbone("efficientnet_lite0", weights="none").features)]
+    assert lite == ["conv_stem", "bn1"] + [f"blocks.{i}" for i in range(7)] + ["conv_head", "bn2"]
+    vgg = model_blocks(featx.load_backbone("vgg16", weights="none").features)
+    assert len([n for n, _ in vgg if n.startswith("features[")]) == 5  # five conv blocks, cut at max-pooling
+
+
+@pytest.mark.slow
+def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_path, lite0_backbone):
+    before = {k: v.clone() for k, v in lite0_backbone.features.state_dict().items()}
+    ckpt = tmp_path / "ft.safetensors"
+    lines = []
+    result = featx.finetune(small_digits, ckpt, unfreeze=3, epochs=2, input_size=64, hflip=False,
+                            batch_size=16, patience=5, log=lines.append)
+    assert result.trainable == ["blocks.6", "conv_head", "bn2"]
+    assert len(result.history) == 2 and lines[0].startswith("Epoch 1/2 - ") and "val_accuracy" in lines[0]
+    tuned = featx.load_backbone("efficientnet_lite0", weights=ckpt)
+    after = tuned.features.state_dict()
+    frozen_keys = [k for k in before if k.startswith(("conv_stem", "bn1", "blocks.0", "blocks.5"))]
+    moved_keys = [k for k in before if k.startswith(("blocks.6", "conv_head")) and k.endswith("weight")]
+    assert frozen_keys and all(torch.equal(before[k], after[k]) for k in frozen_keys)  # BN statistics too
+    assert all(not torch.equal(before[k], after[k]) for k in moved_keys)
+    assert tuned.class_names == [str(d) for d in range(10)] and tuned.classifier.out_features == 10
+
+    onnx_path = tmp_path / "ft.onnx"
+    info = featx.export_onnx(tuned, onnx_path)  # raises unless onnxruntime agrees with the tuned torch model
+    assert info.class_names == tuned.class_names
+    assert info.fingerprint != featx.read_model_info(featx.ensure_model_file(
+        "efficientnet_lite0", models_dir=tmp_path / "m")).fingerprint
+
+    resumed = featx.finetune(small_digits, ckpt, unfreeze=3, epochs=3, input_size=64, hflip=False,
+                             batch_size=16, resume=True, log=lines.append)
+    assert [h.epoch for h in resumed.history] == [3] and any("resuming" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_advise_tells_digits_from_natural_photos(digits_dir, tmp_path, lite0_onnx):
+    from featx.samples import write_jpeg_folder
+
+    digits = featx.advise(digits_dir, model=lite0_onnx, sample=120)
+    photos = featx.advise(write_jpeg_folder(tmp_path / "photos", 60, classes=3), model=lite0_onnx, sample=60)
+    assert digits.similarity == "different" and photos.similarity == "similar"
+    assert digits.recommendation != photos.recommendation
+    assert digits.imagenet_confidence < photos.imagenet_confidence
+    assert "recommendation" in digits.text() and f"{digits.imagenet_confidence:.3f}" in digits.text()
