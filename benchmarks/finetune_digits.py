@@ -55,7 +55,7 @@ def main() -> None:
 
     unfreeze = args.unfreeze if args.unfreeze == "all" else int(args.unfreeze)
     t0 = time.perf_counter()
-    result = featx.finetune(root, tmp / "ft.safetensors", unfreeze=unfreeze, epochs=args.epochs,
+    result = featx.fine_tune(root, tmp / "ft.safetensors", unfreeze=unfreeze, epochs=args.epochs,
                             input_size=args.input_size, hflip=False, patience=3, device="cpu")
     seconds = time.perf_counter() - t0
     print(f"fine-tuned top {args.unfreeze} blocks: best val_accuracy {result.best_val_accuracy:.4f} ({seconds:.0f} s)")

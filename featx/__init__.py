@@ -51,7 +51,7 @@ _API = {
     "export_classifier": "heads",
     "save_head": "heads",
     # fine-tuning
-    "finetune": "finetune",
+    "fine_tune": "finetune",
     "advise": "finetune",
     "model_blocks": "finetune",
     # benchmarks

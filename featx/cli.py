@@ -221,7 +221,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "finetune":
         unfreeze = args.unfreeze if args.unfreeze in ("all", "auto") else int(args.unfreeze)
-        result = featx.finetune(
+        result = featx.fine_tune(
             args.root, args.output, model=args.model, weights=args.weights, head=args.head, unfreeze=unfreeze,
             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, input_size=args.input_size,
             hflip=not args.no_hflip, vflip=args.vflip, patience=args.patience, resume=args.resume, device=args.device,

@@ -141,7 +141,7 @@ def head_from_file(path: str | os.PathLike, embed_dim: int, class_names: list[st
     return torch.nn.Sequential(*modules)
 
 
-def finetune(
+def fine_tune(
     root: str | os.PathLike,
     output: str | os.PathLike,
     *,
@@ -242,7 +242,7 @@ def finetune(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
         val_loss, val_acc = evaluate(features, classifier, val_loader, device)

@@ -22,7 +22,7 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
     before = {k: v.clone() for k, v in lite0_backbone.features.state_dict().items()}
     ckpt = tmp_path / "ft.safetensors"
     lines = []
-    result = featx.finetune(small_digits, ckpt, unfreeze=3, epochs=2, input_size=64, hflip=False,
+    result = featx.fine_tune(small_digits, ckpt, unfreeze=3, epochs=2, input_size=64, hflip=False,
                             batch_size=16, patience=5, log=lines.append)
     assert result.trainable == ["blocks.6", "conv_head", "bn2"]
     assert len(result.history) == 2 and lines[0].startswith("Epoch 1/2 - ") and "val_accuracy" in lines[0]
@@ -40,7 +40,7 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
     assert info.fingerprint != featx.read_model_info(featx.ensure_model_file(
         "efficientnet_lite0", models_dir=tmp_path / "m")).fingerprint
 
-    resumed = featx.finetune(small_digits, ckpt, unfreeze=3, epochs=3, input_size=64, hflip=False,
+    resumed = featx.fine_tune(small_digits, ckpt, unfreeze=3, epochs=3, input_size=64, hflip=False,
                              batch_size=16, resume=True, log=lines.append)
     assert [h.epoch for h in resumed.history] == [3] and any("resuming" in line for line in lines)
 
