@@ -114,7 +114,13 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs a paragraph per tensor it skips through the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     proto, original = onnx.load(str(dst)), onnx.load(str(src), load_external_data=False)
     del proto.metadata_props[:]
     proto.metadata_props.extend(original.metadata_props)
@@ -171,7 +177,7 @@ def bench_models(
     if int8 and device == "cpu":
         q_path = quantize_int8(model_file, Path(tempfile.mkdtemp()) / "int8.onnx")
         q_engine = OnnxEngine(q_path, device="cpu")
-        photos = check_images(None, cfg)
+        photos = check_images(cfg)
         agreement = cosine_agreement(q_engine.encode(photos).embedding, ort_engine.encode(photos).embedding)
         engines.append((f"featx onnxruntime int8 (cos>={agreement:.4f})", lambda x: q_engine.encode(x)))
     info = read_model_info(model_file)

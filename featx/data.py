@@ -10,7 +10,6 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -236,7 +235,3 @@ def load_batch(paths: Sequence[str], cfg: PreprocessConfig, max_pixels: int = DE
         except Exception as e:  # a decoder bug must not end a run of millions of files
             failed.append((i, f"unexpected {type(e).__name__}: {e}"))
     return DecodedBatch(images[: len(ok)], ok, failed)
-
-
-def path_key(root: str | os.PathLike, path: str | os.PathLike) -> str:
-    return Path(path).relative_to(root).as_posix()

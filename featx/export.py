@@ -136,7 +136,7 @@ def embedding_model(backbone: Backbone, *, half: bool = False, dtype=None) -> to
     return EmbeddingModel().eval()
 
 
-def check_images(size: tuple[int, int], preprocess: PreprocessConfig) -> np.ndarray:
+def check_images(preprocess: PreprocessConfig) -> np.ndarray:
     """Real photos (scikit-learn and scikit-image samples) preprocessed as the model expects: uint8 (n, H, W, 3)."""
     from .data import preprocess_image
     from .samples import sample_photos
@@ -212,7 +212,7 @@ def compare_with_torch(path: str | os.PathLike, backbone: Backbone, *, half: boo
 
     from .runtime import load_model
 
-    images = check_images(backbone.preprocess.input_size, backbone.preprocess)
+    images = check_images(backbone.preprocess)
     with torch.no_grad():
         ref = embedding_model(backbone)(torch.from_numpy(images))
     ref_emb = (ref[0] if isinstance(ref, tuple) else ref).numpy()

@@ -224,6 +224,10 @@ def fine_tune(
     params = [{"params": [q for q in features.parameters() if q.requires_grad], "lr": lr * backbone_lr_scale},
               {"params": list(classifier.parameters()), "lr": lr}]
     optimizer = torch.optim.AdamW([g for g in params if g["params"]], weight_decay=1e-4)
+    # cosine decay over the planned epochs: large steps first, settling at the end
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs), last_epoch=-1)
+    for _ in range(start_epoch):
+        schedule.step()
     loss_fn = torch.nn.CrossEntropyLoss()
     use_amp = device == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -245,6 +249,7 @@ def fine_tune(
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
+        schedule.step()
         val_loss, val_acc = evaluate(features, classifier, val_loader, device)
         entry = EpochLog(epoch, loss_sum / total, correct / total, val_loss, val_acc, time.perf_counter() - t0)
         result.history.append(entry)

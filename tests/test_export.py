@@ -93,7 +93,7 @@ def test_onnx_file_not_from_featx_is_refused(tmp_path):
 def test_torch_engine_gives_the_onnx_embedding(lite0_onnx, lite0_backbone, photos_dir):
     from featx.runtime import TorchEngine, load_model
 
-    images = featx.export.check_images(None, lite0_backbone.preprocess)
+    images = featx.export.check_images(lite0_backbone.preprocess)
     onnx_out = load_model(lite0_onnx, device="cpu").encode(images)
     torch_out = TorchEngine(featx.read_model_info(lite0_onnx), device="cpu", backbone=lite0_backbone).encode(images)
     cos = (onnx_out.embedding * torch_out.embedding).sum(1) / (

@@ -16,7 +16,7 @@ def test_torch_engine_on_cuda_matches_onnxruntime_cpu(lite0_onnx, lite0_backbone
     from featx.export import check_images
     from featx.runtime import TorchEngine
 
-    images = check_images(None, lite0_backbone.preprocess)
+    images = check_images(lite0_backbone.preprocess)
     ref = featx.load_model(lite0_onnx, device="cpu").encode(images).embedding
     for compile in (False, True):
         engine = TorchEngine(featx.read_model_info(lite0_onnx), device="cuda", compile=compile)
