@@ -67,8 +67,9 @@ def main() -> None:
         "finetune_seconds": seconds, "unfreeze": args.unfreeze, "trainable_blocks": result.trainable,
         "input_size": args.input_size, "epochs": [vars(h) for h in result.history],
     }
-    (out / "finetune_digits-cpu.json").write_text(json.dumps(record, indent=2))
-    print(f"-> {out / 'finetune_digits-cpu.json'}")
+    path = out / f"finetune_digits-cpu-unfreeze{args.unfreeze}-{args.input_size}px.json"
+    path.write_text(json.dumps(record, indent=2))
+    print(f"-> {path}")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,22 @@ def test_advise_tells_digits_from_natural_photos(digits_dir, tmp_path, lite0_onn
     assert digits.recommendation != photos.recommendation
     assert digits.imagenet_confidence < photos.imagenet_confidence
     assert "recommendation" in digits.text() and f"{digits.imagenet_confidence:.3f}" in digits.text()
+
+
+@pytest.mark.slow
+def test_finetune_starts_from_a_trained_head(small_digits, tmp_path, lite0_onnx):
+    """With the linear probe as the start, epoch 0 of fine-tuning already classifies like the head."""
+    from featx.finetune import head_from_file
+    from featx.heads import load_head
+
+    featx.embed_folder(small_digits, tmp_path / "c.h5", model=lite0_onnx, workers=0)
+    head = tmp_path / "h.safetensors"
+    featx.train_head(tmp_path / "c.h5", head, C=1.0, test_size=0.2)
+    module = head_from_file(head, 1280, [str(d) for d in range(10)])
+    data = featx.load_embeddings(tmp_path / "c.h5")
+    with torch.no_grad():
+        torch_probs = torch.softmax(module(torch.from_numpy(data.embeddings)), 1).numpy()
+    assert np.abs(torch_probs - load_head(head).head.predict_proba(data.embeddings)).max() < 1e-4
+    result = featx.fine_tune(small_digits, tmp_path / "ft.safetensors", head=head, unfreeze=1, epochs=1,
+                             hflip=False, batch_size=16, log=lambda line: None)
+    assert result.history[0].val_accuracy > 0.5

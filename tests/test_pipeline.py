@@ -148,3 +148,37 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(digits_dir, tmp_path, l
     assert resumed.keys == reference.keys and len(set(resumed.keys)) == 1797
     assert np.array_equal(resumed.labels, reference.labels)
     assert np.abs(resumed.embeddings - reference.embeddings).max() < 1e-4
+
+
+def test_non_utf8_file_name_keeps_its_identity_in_the_cache(small_digits, tmp_path, lite0_onnx, photos_dir):
+    import shutil
+
+    odd = os.fsencode(str(small_digits / "4")) + b"/caf\xe9.png"
+    shutil.copy(photos_dir / "coffee.png", odd)
+    out = tmp_path / "c.h5"
+    assert embed(small_digits, out, lite0_onnx).n_embedded == 61
+    keys = featx.load_embeddings(out).keys
+    name = next(k for k in keys if k.startswith("4/caf"))
+    assert os.fsencode(str(small_digits / name)) == odd  # the stored key opens the same file
+    assert embed(small_digits, out, lite0_onnx).n_cached == 61
+
+
+def test_ctrl_c_exits_cleanly_and_keeps_committed_batches(digits_dir, tmp_path, lite0_onnx):
+    out = tmp_path / "c.h5"
+    cmd = [sys.executable, "-m", "featx", "-q", "embed", str(digits_dir), "-o", str(out),
+           "--model", str(lite0_onnx), "--batch-size", "16", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until at least one batch is committed
+        time.sleep(0.5)
+        try:
+            with h5py.File(out, "r", locking=False) as f:
+                if int(f["efficientnet_lite0"].attrs["n_rows"]) > 0:
+                    break
+        except (OSError, KeyError):
+            pass
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command again to resume" in err and "Traceback" not in err
+    data = featx.load_embeddings(out)
+    assert 0 < len(data.keys) < 1797 and len(set(data.keys)) == len(data.keys)
