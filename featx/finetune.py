@@ -285,11 +285,6 @@ def evaluate(features, classifier, loader, device: str) -> tuple[float, float]:
 def _write_checkpoint(path: Path, features, classifier, **meta) -> None:
     from safetensors.torch import save_file
 
-    import torch
-
-    if not isinstance(classifier, torch.nn.Linear):  # an MLP head: keep only what export understands
-        linears = [m for m in classifier if isinstance(m, torch.nn.Linear)]
-        meta["head_layers"] = len(linears)
     state = {f"features.{k}": v.detach().cpu().contiguous() for k, v in features.state_dict().items()}
     state.update({f"classifier.{k}": v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()})
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,11 +42,16 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 class _Head(ClassifierMixin, BaseEstimator):
     """Shared prediction: ``layers_`` is [(W, b), ...] applied to standardised inputs, ReLU between."""
 
-    def _prepare_fit(self, X, y) -> tuple[np.ndarray, np.ndarray]:
-        """Validate, learn classes_ and the standardisation; returns standardised X and class indices."""
-        X, y = validate_data(self, X, y, dtype=np.float64)
+    def _prepare_fit(self, X, y, *, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Validate, learn classes_ and the standardisation; returns standardised X and class indices
+        (or, multi-label, the (n, n_labels) indicator matrix as float32)."""
+        X, y = validate_data(self, X, y, dtype=np.float64, multi_output=multilabel)
         check_classification_targets(y)
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        self.multilabel_ = multilabel
+        if multilabel:
+            self.classes_, y_idx = np.arange(y.shape[1]), np.asarray(y, dtype=np.float32)
+        else:
+            self.classes_, y_idx = np.unique(y, return_inverse=True)
         self.mean_ = X.mean(axis=0)
         scale = X.std(axis=0)
         self.scale_ = np.where(scale > 1e-12, scale, 1.0)
@@ -74,11 +79,16 @@ class _Head(ClassifierMixin, BaseEstimator):
         return h
 
     def predict_proba(self, X) -> np.ndarray:
-        """float (n, n_classes) probabilities, columns in the order of ``classes_``."""
-        return _softmax(self._logits(X))
+        """float (n, n_classes) probabilities, columns in the order of ``classes_``
+        (multi-label: independent sigmoid probabilities, one column per label)."""
+        logits = self._logits(X)
+        return 1.0 / (1.0 + np.exp(-logits)) if getattr(self, "multilabel_", False) else _softmax(logits)
 
     def predict(self, X) -> np.ndarray:
+        """Class labels; multi-label: int (n, n_labels) indicator, each label at its own threshold."""
         scores = self._logits(X)  # checks fitted before classes_ is touched
+        if getattr(self, "multilabel_", False):
+            return (1.0 / (1.0 + np.exp(-scores)) >= self.thresholds_).astype(int)
         return self.classes_[np.argmax(scores, axis=1)]
 
     def __sklearn_tags__(self):
@@ -161,9 +171,14 @@ class MLPHead(_Head):
         self.device = device
 
     def fit(self, X, y) -> MLPHead:
+        """``y``: class labels, or a (n, n_labels) 0/1 matrix for multi-label (sigmoid outputs, BCE loss,
+        a threshold per label chosen for the best F1 on the validation split)."""
         import torch
 
-        Xs, y_idx = self._prepare_fit(X, y)
+        from sklearn.utils.multiclass import type_of_target
+
+        multilabel = type_of_target(y) == "multilabel-indicator"
+        Xs, y_idx = self._prepare_fit(X, y, multilabel=multilabel)
         Xs = Xs.astype(np.float32)
         if len(self.classes_) == 1:
             return self
@@ -174,8 +189,9 @@ class MLPHead(_Head):
             torch.manual_seed(0 if self.random_state is None else self.random_state)
             net = self._network(Xs.shape[1], len(self.classes_)).to(device)
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            loss_fn = torch.nn.CrossEntropyLoss()
-            Xt, yt = torch.from_numpy(Xs).to(device), torch.from_numpy(y_idx.astype(np.int64)).to(device)
+            loss_fn = torch.nn.BCEWithLogitsLoss() if multilabel else torch.nn.CrossEntropyLoss()
+            yt = torch.from_numpy(y_idx if multilabel else y_idx.astype(np.int64)).to(device)
+            Xt = torch.from_numpy(Xs).to(device)
             best, best_state, waited = np.inf, None, 0
             self.history_ = []
             for epoch in range(self.max_epochs):
@@ -203,6 +219,9 @@ class MLPHead(_Head):
         linears = [m for m in net if isinstance(m, torch.nn.Linear)]
         self.layers_ = [(m.weight.detach().cpu().double().numpy(), m.bias.detach().cpu().double().numpy())
                         for m in linears]
+        if multilabel:
+            watch = val if len(val) else train
+            self.thresholds_ = best_thresholds(y_idx[watch], self.predict_proba(np.asarray(X)[watch]))
         return self
 
     def _network(self, d_in: int, n_out: int):
@@ -218,6 +237,11 @@ class MLPHead(_Head):
     def _split(self, y_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from sklearn.model_selection import train_test_split
 
+        if y_idx.ndim == 2:  # multi-label: a seeded random split (no stratification over label sets)
+            n_val = int(round(len(y_idx) * self.validation_fraction))
+            if n_val < 2:
+                return np.arange(len(y_idx)), np.array([], dtype=int)
+            return tuple(train_test_split(np.arange(len(y_idx)), test_size=n_val, random_state=self.random_state))
         n, k = len(y_idx), int(y_idx.max()) + 1
         n_val = int(round(n * self.validation_fraction))
         everything = np.arange(n)
@@ -225,6 +249,21 @@ class MLPHead(_Head):
             return everything, np.array([], dtype=int)  # too small to hold out: train on all, watch train loss
         train, val = train_test_split(everything, test_size=n_val, stratify=y_idx, random_state=self.random_state)
         return train, val
+
+
+def best_thresholds(truth: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per label, the threshold on the grid 0.05..0.95 with the best F1 (0.5 where the label never occurs)."""
+    grid = np.linspace(0.05, 0.95, 19)
+    out = np.full(truth.shape[1], 0.5)
+    for j in range(truth.shape[1]):
+        t = truth[:, j] > 0.5
+        if not t.any():
+            continue
+        pred = probs[:, j][:, None] >= grid[None, :]
+        tp = (pred & t[:, None]).sum(0)
+        f1 = 2 * tp / np.maximum(pred.sum(0) + t.sum(), 1)
+        out[j] = grid[int(np.argmax(f1))]
+    return out
 
 
 # ---------------------------------------------------------------------------------------- save / load
@@ -238,7 +277,10 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
     tensors = {"mean": head.mean_, "scale": head.scale_}
     for i, (W, b) in enumerate(head.layers_):
         tensors[f"layer{i}.weight"], tensors[f"layer{i}.bias"] = W, b
+    if getattr(head, "multilabel_", False):
+        tensors["thresholds"] = head.thresholds_
     header = {
+        "multilabel": bool(getattr(head, "multilabel_", False)),
         "format": HEAD_FORMAT,
         "kind": type(head).__name__,
         "params": json.loads(json.dumps(head.get_params(), default=list)),
@@ -292,9 +334,12 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     head = cls(**params)
     head.classes_ = np.array(header["classes"])
     head.mean_, head.scale_ = arrays["mean"], arrays["scale"]
-    n_layers = sum(1 for k in arrays if k.endswith(".weight"))
+    n_layers = sum(1 for k in arrays if k.startswith("layer") and k.endswith(".weight"))
     head.layers_ = [(arrays[f"layer{i}.weight"], arrays[f"layer{i}.bias"]) for i in range(n_layers)]
     head.n_features_in_ = len(head.mean_)
+    head.multilabel_ = bool(header.get("multilabel", False))
+    if head.multilabel_:
+        head.thresholds_ = arrays["thresholds"]
     return LoadedHead(head, header["fingerprint"], header["backbone"], header["model"])
 
 
@@ -316,15 +361,20 @@ class HeadReport:
     classes: list[str]
     cv_accuracy: list[float] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    micro_f1: float | None = None  # multi-label only; accuracy is then the exact-match ratio
 
     def text(self) -> str:
-        lines = [f"{self.head}: accuracy {self.accuracy:.4f}, macro-F1 {self.macro_f1:.4f} on {self.n_test} held-out "
+        micro = f", micro-F1 {self.micro_f1:.4f}" if self.micro_f1 is not None else ""
+        lines = [f"{self.head}: {'exact-match ' if self.micro_f1 is not None else ''}accuracy {self.accuracy:.4f}, "
+                 f"macro-F1 {self.macro_f1:.4f}{micro} on {self.n_test} held-out "
                  f"images (trained on {self.n_train} in {self.fit_seconds:.2f} s)"]
         if self.cv_accuracy:
             lines.append(f"{len(self.cv_accuracy)}-fold cross-validation accuracy: "
                          f"{np.mean(self.cv_accuracy):.4f} ± {np.std(self.cv_accuracy):.4f}")
-        lines += [self.per_class.rstrip(), "confusion matrix (rows: true, columns: predicted):",
-                  np.array2string(self.confusion, max_line_width=200)]
+        lines.append(self.per_class.rstrip())
+        if self.micro_f1 is None:
+            lines += ["confusion matrix (rows: true, columns: predicted):",
+                      np.array2string(self.confusion, max_line_width=200)]
         lines += [f"-> {f}" for f in self.files]
         return "\n".join(lines)
 
@@ -351,11 +401,18 @@ def train_head(
     epochs: int = 200,
     seed: int = 0,
     report_png: str | os.PathLike | None = None,
+    labels_csv: str | os.PathLike | None = None,
 ) -> HeadReport:
     """Fit a head on a cache's labelled embeddings, report on a stratified held-out split, save it.
 
     With ``cv``, also K-fold cross-validated accuracy, and the saved head is refit on all data.
+    With ``labels_csv`` (rows ``key,label1;label2``), a multi-label head: sigmoid outputs, BCE,
+    per-label thresholds; ``logreg`` is then the linear case (no hidden layer). Only keys in the
+    CSV are used.
     """
+    if labels_csv is not None:
+        return _train_multilabel(cache, output, labels_csv, model=model, head=head, test_size=test_size,
+                                 hidden=hidden, dropout=dropout, epochs=epochs, seed=seed, report_png=report_png)
     from sklearn.metrics import classification_report, confusion_matrix, f1_score
     from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
 
@@ -395,6 +452,83 @@ def train_head(
     return report
 
 
+def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
+    """``key,labels`` rows (labels separated by ';'; a header row whose first cell is 'key' is skipped)."""
+    import csv
+
+    out: dict[str, list[str]] = {}
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        for row in csv.reader(f):
+            if not row or row[0] == "key":
+                continue
+            out[row[0]] = [x.strip() for x in ";".join(row[1:]).split(";") if x.strip()]
+    return out
+
+
+def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidden, dropout, epochs, seed,
+                      report_png) -> HeadReport:
+    from sklearn.metrics import classification_report, f1_score, multilabel_confusion_matrix
+    from sklearn.model_selection import train_test_split
+
+    from .store import load_embeddings
+
+    data = load_embeddings(cache, model)
+    wanted = read_labels_csv(labels_csv)
+    rows = [i for i, k in enumerate(data.keys) if k in wanted]
+    if not rows:
+        raise FeatxError(f"no key of {labels_csv} is in {cache} ({data.model}); keys are paths relative to the folder")
+    names = sorted({label for i in rows for label in wanted[data.keys[i]]})
+    column = {n: j for j, n in enumerate(names)}
+    Y = np.zeros((len(rows), len(names)), dtype=int)
+    for r, i in enumerate(rows):
+        for label in wanted[data.keys[i]]:
+            Y[r, column[label]] = 1
+    X = data.embeddings[rows]
+    X_train, X_test, Y_train, Y_test = train_test_split(X, Y, test_size=test_size, random_state=seed)
+    estimator = MLPHead(hidden=tuple(hidden) if head == "mlp" else (), dropout=dropout, max_epochs=epochs,
+                        random_state=seed)
+    t0 = time.perf_counter()
+    estimator.fit(X_train, Y_train)
+    fit_seconds = time.perf_counter() - t0
+    estimator.classes_ = np.array(names)
+    predicted = estimator.predict(X_test)
+    report = HeadReport(
+        head=f"{head} (multi-label)", n_train=len(X_train), n_test=len(X_test),
+        accuracy=float(np.mean((predicted == Y_test).all(axis=1))),
+        macro_f1=float(f1_score(Y_test, predicted, average="macro", zero_division=0)),
+        micro_f1=float(f1_score(Y_test, predicted, average="micro", zero_division=0)),
+        fit_seconds=fit_seconds,
+        per_class=classification_report(Y_test, predicted, target_names=names, digits=3, zero_division=0),
+        confusion=multilabel_confusion_matrix(Y_test, predicted), classes=names,
+    )
+    output = Path(output)
+    save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
+              model=data.model)
+    png = Path(report_png) if report_png else output.with_suffix(".f1.png")
+    _plot_label_f1(f1_score(Y_test, predicted, average=None, zero_division=0), names, png,
+                   title=f"{head} multi-label on {data.model}: micro-F1 {report.micro_f1:.3f}")
+    report.files = [str(output), str(png)]
+    return report
+
+
+def _plot_label_f1(f1: np.ndarray, names: list[str], path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(names) + 2), 4))
+    ax.bar(range(len(names)), f1)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1 on held-out images")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, *, title: str) -> None:
     import matplotlib
 
@@ -420,11 +554,13 @@ class PredictionRow:
     key: str
     top: list[tuple[str, float]]
     error: str | None = None
+    labels: list[str] | None = None  # multi-label heads: every label at or above its threshold
 
     def line(self) -> str:
         if self.error:
             return f"{self.key}  FAILED: {self.error}"
-        return f"{self.key}  " + "  ".join(f"{name} {p * 100:.1f}%" for name, p in self.top)
+        chosen = f"  labels: {';'.join(self.labels) or '-'}" if self.labels is not None else ""
+        return f"{self.key}  " + "  ".join(f"{name} {p * 100:.1f}%" for name, p in self.top) + chosen
 
 
 def predict(
@@ -457,9 +593,12 @@ def predict(
     rows: list[PredictionRow] = []
     classes = [str(c) for c in loaded.head.classes_]
 
-    def top_k(probs: np.ndarray) -> list[tuple[str, float]]:
+    multilabel = getattr(loaded.head, "multilabel_", False)
+
+    def row(key: str, probs: np.ndarray) -> PredictionRow:
         best = np.argsort(-probs)[:top]
-        return [(classes[i], float(probs[i])) for i in best]
+        chosen = [classes[j] for j in np.flatnonzero(probs >= loaded.head.thresholds_)] if multilabel else None
+        return PredictionRow(key, [(classes[i], float(probs[i])) for i in best], labels=chosen)
 
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
         with tempfile.TemporaryDirectory() as tmp:
@@ -467,14 +606,14 @@ def predict(
             embed_folder(inputs[0], out, model=model_file, device=device)
             data = load_embeddings(out, Path(model_file).stem)
             probs = loaded.head.predict_proba(data.embeddings)
-            rows = [PredictionRow(k, top_k(p)) for k, p in zip(data.keys, probs)]
+            rows = [row(k, p) for k, p in zip(data.keys, probs)]
             rows += [PredictionRow(k, [], reason) for k, reason in sorted(data.failures.items())]
     else:
         engine = load_model(model_file, device=device, engine="onnx")
         for path in inputs:
             try:
                 emb = engine.encode(load_image(path, info.preprocess)[None]).embedding
-                rows.append(PredictionRow(str(path), top_k(loaded.head.predict_proba(emb)[0])))
+                rows.append(row(str(path), loaded.head.predict_proba(emb)[0]))
             except FeatxError as e:
                 rows.append(PredictionRow(str(path), [], str(e)))
     if output:
@@ -488,12 +627,12 @@ def _write_csv(rows: list[PredictionRow], path: Path, top: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
-        header = ["key"] + [c for i in range(1, top + 1) for c in (f"class_{i}", f"probability_{i}")] + ["error"]
-        writer.writerow(header)
+        header = ["key"] + [c for i in range(1, top + 1) for c in (f"class_{i}", f"probability_{i}")]
+        writer.writerow(header + ["labels", "error"])
         for row in rows:
             cells = [c for name, p in row.top for c in (name, f"{p:.6f}")]
             cells += [""] * (2 * top - len(cells))
-            writer.writerow([row.key, *cells, row.error or ""])
+            writer.writerow([row.key, *cells, ";".join(row.labels or []), row.error or ""])
 
 
 # ---------------------------------------------------------------------------------------- sklearn transformer
@@ -574,7 +713,11 @@ def export_classifier(
                   helper.make_node("Add", [f"m{i}", f"b{i}"], [f"z{i}"])]
         if i < len(h.layers_) - 1:
             nodes.append(helper.make_node("Relu", [f"z{i}"], [f"x{i + 1}"]))
-    nodes.append(helper.make_node("Softmax", [f"z{len(h.layers_) - 1}"], ["probabilities"], axis=1))
+    last = f"z{len(h.layers_) - 1}"
+    if getattr(h, "multilabel_", False):
+        nodes.append(helper.make_node("Sigmoid", [last], ["probabilities"]))
+    else:
+        nodes.append(helper.make_node("Softmax", [last], ["probabilities"], axis=1))
     d, k = len(h.mean_), h.layers_[-1][0].shape[0]
     graph = helper.make_graph(
         nodes, "featx_head",

@@ -103,3 +103,33 @@ def test_merged_onnx_classifier_gives_featx_probabilities(kind, digits_cache, di
     expected = load_head(head).head.predict_proba(featx.embed_images(files, model=lite0_onnx))
     assert classes == [str(d) for d in range(10)]
     assert np.abs(probs - expected).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_multilabel_head_from_csv(digits_cache, digits_dir, lite0_onnx, tmp_path):
+    """Real images, labels a person could give digits: even/odd, 'big' (5-9), 'loop' (0, 6, 8, 9)."""
+    data = featx.load_embeddings(digits_cache)
+    with open(tmp_path / "labels.csv", "w") as f:
+        f.write("key,labels\n")
+        for key in data.keys:
+            d = int(key.split("/")[0])
+            labels = ["even" if d % 2 == 0 else "odd"] + (["big"] if d >= 5 else []) + (["loop"] if d in (0, 6, 8, 9) else [])
+            f.write(f"{key},{';'.join(labels)}\n")
+    for kind in ("logreg", "mlp"):
+        report = featx.train_head(digits_cache, tmp_path / f"{kind}.safetensors", head=kind,
+                                  labels_csv=tmp_path / "labels.csv")
+        assert report.classes == ["big", "even", "loop", "odd"] and report.micro_f1 >= 0.85, report.text()
+        assert (tmp_path / f"{kind}.f1.png").exists()
+    head = load_head(tmp_path / "mlp.safetensors").head
+    assert head.multilabel_ and head.thresholds_.shape == (4,)
+    eight = sorted((digits_dir / "8").iterdir())[0]
+    row = featx.predict([eight], head=tmp_path / "mlp.safetensors", model=lite0_onnx, top=4)[0]
+    assert set(row.labels) == {"even", "big", "loop"}
+    merged = featx.export_classifier(lite0_onnx, tmp_path / "mlp.safetensors", tmp_path / "ml.onnx")
+    import onnxruntime as ort
+
+    from featx.data import load_image
+
+    probs = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"]).run(
+        ["probabilities"], {"images": load_image(eight, featx.read_model_info(lite0_onnx).preprocess)[None]})[0][0]
+    assert np.abs(probs - head.predict_proba(featx.embed_images([eight], model=lite0_onnx))[0]).max() < 1e-4
