@@ -317,6 +317,14 @@ def _ratios(result: BenchResult) -> None:
             result.ratios["end-to-end featx embed / featx model-only (same batch)"] = a / model_best
 
 
+def replot(json_path: str | os.PathLike) -> list[str]:
+    """Redraw the PNG of a recorded result (and rewrite its JSON unchanged) without measuring again."""
+    d = json.loads(Path(json_path).read_text())
+    result = BenchResult(d["model"], d["device"], d["machine"],
+                         [Timing(**{**t, "spread": tuple(t["spread"])}) for t in d["timings"]], d["ratios"])
+    return _write_results(result, Path(json_path).parent)
+
+
 def _write_results(result: BenchResult, out_dir: Path) -> list[str]:
     import matplotlib
 
@@ -329,7 +337,7 @@ def _write_results(result: BenchResult, out_dir: Path) -> list[str]:
     json_path.write_text(json.dumps(asdict(result), indent=2))
     names = list(dict.fromkeys(t.name for t in result.timings if t.kind == "model"))
     sizes = sorted({t.batch_size for t in result.timings if t.kind == "model"})
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), gridspec_kw={"width_ratios": [3, 1.2]})
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         rates = [next((t.images_per_second for t in result.timings if t.name == name and t.batch_size == bs
@@ -338,13 +346,14 @@ def _write_results(result: BenchResult, out_dir: Path) -> list[str]:
     axes[0].set_xticks(np.arange(len(sizes)) + width * (len(names) - 1) / 2, [f"batch {b}" for b in sizes])
     axes[0].set_ylabel("images/s")
     axes[0].set_title(f"model only: {result.model} on {result.device}")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     e2e = [t for t in result.timings if t.kind == "end-to-end"]
     import textwrap
 
     axes[1].bar(range(len(e2e)), [t.images_per_second for t in e2e],
                 color=["tab:gray" if t.name.startswith("plain") else "tab:blue" for t in e2e])
-    axes[1].set_xticks(range(len(e2e)), [textwrap.fill(t.name, 18) for t in e2e], fontsize=7)
+    axes[1].set_xticks(range(len(e2e)), [textwrap.fill(t.name, 16) for t in e2e], fontsize=6)
+    axes[1].set_ylabel("images/s")
     axes[1].set_title("end to end (JPEG folder)")
     fig.tight_layout()
     png_path = out_dir / f"{stem}.png"

@@ -28,7 +28,10 @@ def _add_device(p: argparse.ArgumentParser, *, engine: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="featx", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="featx",
+        description="Pretrained backbones as ONNX: classify photos, embed image folders into an HDF5 cache, "
+                    "train classifier heads, fine-tune, benchmark.")
     parser.add_argument("--version", action="version", version=f"featx {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)

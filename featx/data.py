@@ -154,7 +154,7 @@ def decode_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXEL
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError("file vanished before it could be read") from None
+        raise ImageError("no such file (deleted or moved before it could be read)") from None
     except PermissionError:
         raise ImageError("permission denied") from None
     except Image.DecompressionBombError as e:

@@ -30,7 +30,7 @@ def _read(path: str) -> bytes | ImageError:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        return ImageError("file vanished before it could be read")
+        return ImageError("no such file (deleted or moved before it could be read)")
     except OSError as e:
         return ImageError(f"cannot read: {e.strerror or e}")
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, FileEntry, WalkFailure, class_names_of, load_batch, load_image, walk_images
-from .errors import FeatxError, ModelFileError
+from .errors import FeatxError, ImageError, ModelFileError
 from .export import ensure_model_file
 from .runtime import Device, EngineName, load_model
 from .store import EmbeddingStore
@@ -62,7 +62,10 @@ def classify(
         raise ModelFileError(f"{engine.path}: this model has no ImageNet classifier (no logits output)")
     results = []
     for path in images:
-        batch = load_image(path, info.preprocess)[None]
+        try:
+            batch = load_image(path, info.preprocess)[None]
+        except ImageError as e:
+            raise ImageError(f"{path}: {e}") from None
         probs = softmax(engine.encode(batch).logits)[0]
         best = np.argsort(-probs)[:top]
         results.append(Classification(str(path), [(info.class_names[i], float(probs[i])) for i in best]))

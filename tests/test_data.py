@@ -97,7 +97,7 @@ def test_batch_with_every_image_bad_does_not_raise(tmp_path):
     batch = load_batch(paths, CFG)
     assert batch.images.shape == (0, 32, 32, 3) and batch.ok == []
     assert [i for i, _ in batch.failed] == [0, 1, 2, 3]
-    assert "vanished" in batch.failed[3][1]
+    assert "no such file" in batch.failed[3][1]
 
 
 def test_walk_is_sorted_labelled_and_survives_loops_and_odd_names(tmp_path, coffee):
