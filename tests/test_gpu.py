@@ -51,3 +51,19 @@ def test_embed_folder_on_gpu_equals_cpu_run(tmp_path, lite0_onnx):
     a, b = featx.load_embeddings(tmp_path / "cpu.h5"), featx.load_embeddings(tmp_path / "gpu.h5")
     assert a.keys == b.keys and np.array_equal(a.labels, b.labels) and a.fingerprint == b.fingerprint
     assert cosine_min(a.embeddings, b.embeddings) >= 0.99
+
+
+def test_finetune_and_mlp_head_on_cuda(small_digits, tmp_path, lite0_onnx):
+    """Mixed-precision fine-tuning and the torch MLP head run on the GPU and give usable models."""
+    from featx.heads import MLPHead
+
+    result = featx.fine_tune(small_digits, tmp_path / "ft.safetensors", unfreeze=2, epochs=2, input_size=64,
+                             hflip=False, batch_size=16, device="cuda", log=lambda line: None)
+    assert len(result.history) == 2 and np.isfinite(result.best_val_loss)
+    info = featx.export_onnx(featx.load_backbone("efficientnet_lite0", weights=tmp_path / "ft.safetensors"),
+                             tmp_path / "ft.onnx")
+    assert info.class_names == [str(d) for d in range(10)]
+    featx.embed_folder(small_digits, tmp_path / "c.h5", model=lite0_onnx, device="cpu", workers=0)
+    data = featx.load_embeddings(tmp_path / "c.h5")
+    head = MLPHead(hidden=(64,), max_epochs=30, device="cuda").fit(data.embeddings, data.labels)
+    assert np.mean(head.predict(data.embeddings) == data.labels) > 0.8
