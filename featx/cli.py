@@ -23,8 +23,11 @@ def _add_model(p: argparse.ArgumentParser, *, weights: bool = True) -> None:
 def _add_device(p: argparse.ArgumentParser, *, engine: bool = False) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     if engine:
-        p.add_argument("--engine", choices=["auto", "onnx", "torch"], default="auto",
-                       help="onnxruntime, or torch on the same weights (auto: torch on CUDA, onnxruntime on CPU)")
+        p.add_argument("--engine", choices=["auto", "onnx", "torch", "ray"], default="auto",
+                       help="onnxruntime, or torch on the same weights (auto: torch on CUDA, onnxruntime on CPU), "
+                            "or ray: a Ray cluster (pip install 'featx[ray]')")
+        p.add_argument("--address", default=None, help="ray: cluster address (auto, ray://host:10001); none starts one")
+        p.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="ray: GPUs per embedding actor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +199,7 @@ def _run(args: argparse.Namespace) -> int:
             workers=args.workers, device=args.device, engine=args.engine, half=args.half, prune=args.prune,
             max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet, decode=args.decode,
             compile=(True if args.compile == "default" else args.compile) if args.compile else False,
+            address=args.address, num_gpus_per_worker=args.num_gpus_per_worker,
         )
         print(stats.summary())
         return 1 if args.strict and stats.n_failed else 0

@@ -155,6 +155,8 @@ def embed_folder(
     progress: bool = False,
     decode: Literal["auto", "cpu", "gpu"] = "auto",
     compile: bool | str = False,
+    address: str | None = None,
+    num_gpus_per_worker: float = 0.0,
 ) -> RunStats:
     """Embed every image under ``root`` into the HDF5 cache ``out``; only new or changed files are decoded.
 
@@ -167,10 +169,18 @@ def embed_folder(
         decode: "gpu" decodes JPEGs with nvJPEG and resizes on the GPU (the torch engine on CUDA);
             "auto" does so whenever that engine runs.
         compile: torch engine only: torch.compile it (True or a mode name).
+        engine: "ray" runs on a Ray cluster (``address``, ``num_gpus_per_worker``; see featx.rayengine)
+            and gives the same cache; ray is imported only then.
 
     Returns:
         RunStats; bad images are counted and stored as failures, never raised.
     """
+    if engine == "ray":
+        from .rayengine import embed_folder_ray
+
+        return embed_folder_ray(root, out, model=model, weights=weights, batch_size=batch_size, workers=workers,
+                                address=address, num_gpus_per_worker=num_gpus_per_worker, max_pixels=max_pixels,
+                                models_dir=models_dir)
     root = Path(root)
     if not root.is_dir():
         raise FeatxError(f"{root} is not a folder")

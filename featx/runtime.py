@@ -23,7 +23,7 @@ from .export import INPUT_NAME, METADATA_KEY, ModelInfo
 _logger = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda"]
-EngineName = Literal["auto", "onnx", "torch"]
+EngineName = Literal["auto", "onnx", "torch", "ray"]
 
 
 @dataclass

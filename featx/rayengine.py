@@ -1,0 +1,177 @@
+"""embed_folder on Ray Data: decode in CPU tasks, embed in an actor pool, shards stitched into one cache.
+
+The listing and the skip logic are the single-machine path's (data.walk_images, the store's done
+keys). Decoding runs ``data.load_batch`` in Ray tasks, so bad files fail the same way; each actor
+holds one onnxruntime session (on a GPU with ``num_gpus_per_worker``) and writes each batch it embeds
+as a shard file, its ``.done`` marker written last. The driver then stitches finished shards into the
+HDF5 store through ``EmbeddingStore.append``, which commits per batch; a shard is deleted only after
+its rows are committed, and rows already in the store are skipped, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import DEFAULT_BACKBONE
+from .data import DEFAULT_MAX_PIXELS, FileEntry, WalkFailure, class_names_of, load_batch, walk_images
+from .errors import FeatxError
+from .export import ensure_model_file
+from .pipeline import RunStats
+from .runtime import read_model_info
+from .store import EmbeddingStore
+
+_logger = logging.getLogger(__name__)
+
+
+def _decode(batch: dict, *, cfg, max_pixels: int) -> dict:
+    """Ray task: paths -> uint8 images (zeros where decoding failed) and an error column."""
+    decoded = load_batch(list(batch["path"]), cfg, max_pixels)
+    h, w = cfg.input_size
+    images = np.zeros((len(batch["path"]), h, w, 3), dtype=np.uint8)
+    images[decoded.ok] = decoded.images
+    errors = np.array([""] * len(batch["path"]), dtype=object)
+    for i, reason in decoded.failed:
+        errors[i] = reason
+    return {**{k: batch[k] for k in ("order", "key", "label", "size", "mtime")}, "image": images, "error": errors}
+
+
+class _Embedder:
+    """Ray actor: one onnxruntime session; each batch becomes a shard file, then its done marker."""
+
+    def __init__(self, model_file: str, device: str, shard_dir: str):
+        from .runtime import OnnxEngine
+
+        self.engine = OnnxEngine(model_file, device=device)
+        self.shard_dir = Path(shard_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        emb = self.engine.encode(batch["image"][ok]).embedding if ok.any() else np.zeros((0, self.engine.info.embed_dim))
+        # named by the batch's first position in the walk: stitching in name order keeps the walk's order
+        name = f"{int(batch['order'][0]):012d}-{uuid.uuid4().hex[:8]}"
+        path = self.shard_dir / f"{name}.npz"
+        with open(path, "wb") as f:
+            np.savez(f, ok=ok, embedding=emb.astype(np.float32), key=np.asarray(batch["key"], dtype=object),
+                     label=batch["label"], size=batch["size"], mtime=batch["mtime"],
+                     error=np.asarray(batch["error"], dtype=object))
+            f.flush()
+            os.fsync(f.fileno())
+        (self.shard_dir / f"{name}.done").touch()  # written last: the shard is complete
+        return {"shard": np.array([name]), "n": np.array([len(ok)])}
+
+
+def stitch_shards(shard_dir: Path, store: EmbeddingStore) -> tuple[int, list[tuple[str, str]]]:
+    """Commit every finished shard into the store (skipping keys already there), then delete it."""
+    done = store.done()
+    embedded, failures = 0, []
+    for marker in sorted(shard_dir.glob("*.done")):
+        shard = marker.with_suffix(".npz")
+        with np.load(shard, allow_pickle=True) as z:  # our own shard files: keys and reasons are str objects
+            ok, keys, errors = z["ok"], [str(k) for k in z["key"]], [str(e) for e in z["error"]]
+            rows = [i for i in np.flatnonzero(ok) if keys[i] not in done]
+            emb_row = {i: r for r, i in enumerate(np.flatnonzero(ok))}
+            store.append([keys[i] for i in rows], z["embedding"][[emb_row[i] for i in rows]],
+                         z["label"][rows], z["size"][rows], z["mtime"][rows])
+            bad = [i for i in np.flatnonzero(~ok)]
+            store.add_failures([keys[i] for i in bad], [errors[i] for i in bad], z["size"][bad], z["mtime"][bad])
+        for i in rows:
+            done[keys[i]] = (0, 0, 0)
+        embedded += len(rows)
+        failures += [(keys[i], errors[i]) for i in bad]
+        shard.unlink()
+        marker.unlink()
+    for partial in shard_dir.glob("*.npz"):  # a shard without its marker was cut short: its files are redone
+        partial.unlink()
+    return embedded, failures
+
+
+def embed_folder_ray(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    address: str | None = None,
+    num_gpus_per_worker: float = 0.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    models_dir: str | os.PathLike | None = None,
+) -> RunStats:
+    """The same result as :func:`featx.embed_folder`, computed on a Ray cluster.
+
+    Args:
+        address: a Ray cluster ("auto", "ray://host:10001"); None starts a local one.
+        workers: embedding actors (default: one per GPU with GPUs, else 1).
+        num_gpus_per_worker: GPUs each actor holds (its onnxruntime session then runs on CUDA).
+    Shards go to ``OUT.shards/<model>/``, which must be on storage the workers and the driver share.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise FeatxError("the ray engine needs Ray: pip install 'featx[ray]'") from None
+    root = Path(root)
+    if not root.is_dir():
+        raise FeatxError(f"{root} is not a folder")
+    start = time.perf_counter()
+    model_file = ensure_model_file(model, weights=weights, models_dir=models_dir)
+    info = read_model_info(model_file)
+    group = Path(model_file).stem
+    stats = RunStats(out=str(out), model=group)
+    shard_dir = Path(f"{out}.shards") / group
+    shard_dir.mkdir(parents=True, exist_ok=True)
+
+    with EmbeddingStore(out, group, info=info) as store:
+        stats.n_embedded, recovered_failures = stitch_shards(shard_dir, store)  # a killed run's finished shards
+        label_of = store.label_index(class_names_of(root))
+        done, failed_before = store.done(), store.failed()
+        items, seen = [], set()
+        for item in walk_images(root):
+            seen.add(item.key)
+            if isinstance(item, WalkFailure):
+                if item.key not in failed_before:
+                    store.add_failures([item.key], [item.reason], [0], [0])
+                    stats.failures.append((item.key, item.reason))
+                continue
+            row, before = done.get(item.key), failed_before.get(item.key)
+            if row is not None and row[1:] == (item.size, item.mtime_ns):
+                stats.n_cached += 1
+            elif before is not None and before[1:] == (item.size, item.mtime_ns):
+                stats.n_failed_before += 1
+            elif row is None:
+                items.append({"order": len(items), "path": item.path, "key": item.key, "size": item.size, "mtime": item.mtime_ns,
+                              "label": label_of[item.label] if item.label is not None else -1})
+            else:
+                raise FeatxError(f"{item.key} changed since it was embedded; the ray engine only adds new files "
+                                 "(run featx embed without --engine ray to update changed files)")
+        stats.load_seconds = time.perf_counter() - start
+        if items:
+            if not ray.is_initialized():
+                ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+            gpus = float(ray.cluster_resources().get("GPU", 0))
+            n_actors = workers or (max(1, int(gpus / num_gpus_per_worker)) if num_gpus_per_worker else 1)
+            ray.data.DataContext.get_current().execution_options.preserve_order = True
+            ds = ray.data.from_items(items)
+            ds = ds.map_batches(_decode, fn_kwargs={"cfg": info.preprocess, "max_pixels": max_pixels},
+                                batch_size=batch_size, batch_format="numpy")
+            ds = ds.map_batches(_Embedder, batch_size=batch_size, batch_format="numpy", concurrency=n_actors,
+                                num_gpus=num_gpus_per_worker,
+                                fn_constructor_kwargs={"model_file": str(Path(model_file).resolve()),
+                                                       "device": "cuda" if num_gpus_per_worker else "cpu",
+                                                       "shard_dir": str(shard_dir.resolve())})
+            for _ in ds.iter_batches(batch_size=None):
+                pass
+            n, failures = stitch_shards(shard_dir, store)
+            stats.n_embedded += n
+            stats.failures += failures
+        stats.failures += recovered_failures
+        stats.n_failed = len(stats.failures)
+        stats.n_deleted = len(set(done) - seen)
+    stats.seconds = time.perf_counter() - start
+    return stats

@@ -1,0 +1,61 @@
+"""The ray engine on a local cluster: the same cache as the single-machine path, and a killed run resumes."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import featx
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def assert_same_cache(a_path, b_path):
+    a, b = featx.load_embeddings(a_path), featx.load_embeddings(b_path)
+    assert a.keys == b.keys and np.array_equal(a.labels, b.labels) and a.class_names == b.class_names
+    assert np.abs(a.embeddings - b.embeddings).max() < 1e-4
+    assert a.failures == b.failures
+
+
+@pytest.mark.slow
+def test_ray_engine_gives_the_single_machine_cache(local_cluster, small_digits, tmp_path, lite0_onnx):
+    (small_digits / "2" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
+    ray_stats = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray",
+                                   batch_size=8, workers=2)
+    one = featx.embed_folder(small_digits, tmp_path / "one.h5", model=lite0_onnx, batch_size=8, workers=0)
+    assert (ray_stats.n_embedded, ray_stats.n_failed) == (one.n_embedded, one.n_failed) == (60, 1)
+    assert_same_cache(tmp_path / "ray.h5", tmp_path / "one.h5")
+    again = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray")
+    assert (again.n_embedded, again.n_cached, again.n_failed_before) == (0, 60, 1)
+    assert not list((tmp_path / "ray.h5.shards" / "efficientnet_lite0").iterdir())
+
+
+@pytest.mark.slow
+def test_ray_run_killed_halfway_resumes_equal(local_cluster, digits_dir, digits_cache, tmp_path, lite0_onnx):
+    out = tmp_path / "ray.h5"
+    shards = tmp_path / "ray.h5.shards" / "efficientnet_lite0"
+    cmd = [sys.executable, "-m", "featx", "-q", "embed", str(digits_dir), "-o", str(out), "--model", str(lite0_onnx),
+           "--engine", "ray", "--batch-size", "32", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(shards.glob("*.done"))) < 3:
+        time.sleep(0.5)
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local cluster it started
+    proc.wait()
+    finished = len(list(shards.glob("*.done")))
+    assert finished >= 3
+    stats = featx.embed_folder(digits_dir, out, model=lite0_onnx, engine="ray", batch_size=32, workers=1)
+    assert stats.n_embedded == 1797  # the killed run's finished shards, stitched now, plus the rest
+    assert_same_cache(out, digits_cache)
