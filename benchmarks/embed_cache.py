@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -68,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import featx
-    from featx.bench import machine_description
+    from featx.bench import machine_description, write_record
     from featx.pipeline import default_workers
     from featx.samples import write_jpeg_folder
 
@@ -103,13 +101,7 @@ def main() -> None:
             results["rerun_files_per_s_50000"] = again.n_cached / (again.seconds - again.load_seconds)
     results["peak_rss_growth_mb"] = results["peak_rss_mb_50000_files"] - results["peak_rss_mb_1000_files"]
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "embed_cache-cpu.json").write_text(json.dumps(results, indent=2))
-    for k, v in results.items():
-        if k != "machine":
-            print(f"{k:32s} {v:.2f}" if isinstance(v, float) else f"{k:32s} {v}")
-    print(f"-> {out / 'embed_cache-cpu.json'}")
+    write_record(results, args.out, "embed_cache-cpu")
 
 
 if __name__ == "__main__":

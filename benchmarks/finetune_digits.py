@@ -11,7 +11,6 @@ the frozen baseline uses the model's own 224 px preprocessing (its best case).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ def main() -> None:
     import torchvision
 
     import featx
-    from featx.bench import machine_description
+    from featx.bench import machine_description, write_record
     from featx.finetune import split_indices
     from featx.heads import LogRegHead
     from featx.samples import write_digits_folder
@@ -59,17 +58,13 @@ def main() -> None:
                             input_size=args.input_size, hflip=False, patience=3, device="cpu")
     seconds = time.perf_counter() - t0
     print(f"fine-tuned top {args.unfreeze} blocks: best val_accuracy {result.best_val_accuracy:.4f} ({seconds:.0f} s)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     record = {
         "machine": machine_description(), "n_train": len(train_idx), "n_val": len(val_idx),
         "frozen_logreg_val_accuracy": frozen_acc, "finetune_best_val_accuracy": result.best_val_accuracy,
         "finetune_seconds": seconds, "unfreeze": args.unfreeze, "trainable_blocks": result.trainable,
         "input_size": args.input_size, "epochs": [vars(h) for h in result.history],
     }
-    path = out / f"finetune_digits-cpu-unfreeze{args.unfreeze}-{args.input_size}px.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"-> {path}")
+    write_record(record, args.out, f"finetune_digits-cpu-unfreeze{args.unfreeze}-{args.input_size}px")
 
 
 if __name__ == "__main__":

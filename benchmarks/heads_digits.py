@@ -11,7 +11,6 @@ The 20,000-row set is the 1,797 real digit embeddings repeated with small Gaussi
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ def main() -> None:
     from sklearn.preprocessing import StandardScaler
 
     import featx
-    from featx.bench import machine_description
+    from featx.bench import machine_description, write_record
     from featx.heads import LogRegHead, MLPHead
     from featx.samples import write_digits_folder
 
@@ -74,10 +73,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         results[f"logreg 20000x1280 {label} fit_seconds"] = seconds
         print(f"logreg on 20,000 x 1,280 ({label}): {seconds:.1f} s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "heads_digits-cpu.json").write_text(json.dumps(results, indent=2))
-    print(f"-> {out / 'heads_digits-cpu.json'}")
+    write_record(results, args.out, "heads_digits-cpu")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ figure says how much. Its point is many machines, which this machine cannot show
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ def main() -> None:
     import ray
 
     import featx
-    from featx.bench import machine_description
+    from featx.bench import machine_description, write_record
     from featx.samples import write_jpeg_folder
 
     tmp = Path(tempfile.mkdtemp(prefix="featx-ray-bench-"))
@@ -43,13 +42,7 @@ def main() -> None:
     results["ray_images_per_s"] = on_ray.n_embedded / on_ray.seconds
     results["ray_over_single"] = results["ray_images_per_s"] / results["single_machine_images_per_s"]
     ray.shutdown()
-    for k, v in results.items():
-        if k != "machine":
-            print(f"{k:32s} {v:.2f}" if isinstance(v, float) else f"{k:32s} {v}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ray_vs_single-cpu.json").write_text(json.dumps(results, indent=2))
-    print(f"-> {out / 'ray_vs_single-cpu.json'}")
+    write_record(results, args.out, "ray_vs_single-cpu")
 
 
 if __name__ == "__main__":

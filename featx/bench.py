@@ -360,3 +360,16 @@ def _write_results(result: BenchResult, out_dir: Path) -> list[str]:
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return [str(json_path), str(png_path)]
+
+
+def write_record(record: dict, out_dir: str | os.PathLike, name: str) -> Path:
+    """Print a benchmark script's figures, one a line, and write them as ``out_dir/name.json``."""
+    for key, value in record.items():
+        if key != "machine":
+            print(f"{key:40s} {value:.4g}" if isinstance(value, float) else f"{key:40s} {value}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2))
+    print(f"-> {path}")
+    return path

@@ -389,7 +389,7 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
 
     from .data import FileEntry, class_names_of, walk_images
     from .export import ensure_model_file
-    from .pipeline import embed_images, softmax
+    from .pipeline import softmax
     from .runtime import load_model
 
     entries = [e for e in walk_images(root) if isinstance(e, FileEntry) and e.label is not None]

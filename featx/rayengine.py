@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE
-from .data import DEFAULT_MAX_PIXELS, FileEntry, WalkFailure, class_names_of, load_batch, walk_images
+from .data import DEFAULT_MAX_PIXELS, WalkFailure, class_names_of, load_batch, walk_images
 from .errors import FeatxError
 from .export import ensure_model_file
 from .pipeline import RunStats

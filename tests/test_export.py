@@ -7,7 +7,7 @@ import torch
 
 import featx
 from featx.errors import ExportCheckError, ModelFileError
-from featx.export import METADATA_KEY, compare_with_torch, embedding_model
+from featx.export import METADATA_KEY, compare_with_torch
 
 
 def test_export_carries_its_config_and_matches_torch(lite0_onnx, lite0_backbone):

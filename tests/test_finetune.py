@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import featx
-from featx.finetune import freeze_except_top, model_blocks
+from featx.finetune import model_blocks
 
 
 def test_blocks_are_the_architectures_own_units():
