@@ -204,32 +204,10 @@ def embed_folder(
         total = _count_candidates(root) if progress else None
         bar = _progress_bar(total, progress)
 
-        def pending() -> Iterator[FileEntry]:
-            for item in walk_images(root):
-                if isinstance(item, WalkFailure):
-                    seen.add(item.key)
-                    if item.key in failed_before:
-                        stats.n_failed_before += 1
-                        continue
-                    stats.failures.append((item.key, item.reason))
-                    stats.n_failed += 1
-                    store.add_failures([item.key], [item.reason], [0], [0])
-                    continue
-                seen.add(item.key)
-                row = done.get(item.key)
-                if row is not None and row[1:] == (item.size, item.mtime_ns):
-                    stats.n_cached += 1
-                    bar.update(1)
-                    continue
-                before = failed_before.get(item.key)
-                if before is not None and before[1:] == (item.size, item.mtime_ns):
-                    stats.n_failed_before += 1
-                    bar.update(1)
-                    continue
-                yield item
+        pending = pending_files(root, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1))
 
         recovered: set[str] = set()
-        batches = _chunks(pending(), batch_size)
+        batches = _chunks(pending, batch_size)
         if gpu_decode:
             decoded_batches = _gpu_decode_ahead(batches, info.preprocess, runner.device, max_pixels)
         else:
@@ -271,6 +249,37 @@ def embed_folder(
             stats.n_pruned = store.rewrite_without(deleted)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def pending_files(root, store, stats: RunStats, seen: set[str], done: dict, failed_before: dict,
+                  on_skip=lambda: None) -> Iterator[FileEntry]:
+    """Files under ``root`` that need embedding: new, or changed since their row or failure was stored.
+
+    Counts cached and earlier-failed files in ``stats``, records new walk failures (unreadable
+    folders, symlink loops) in the store, and adds every key seen to ``seen`` (for deletions).
+    Shared by the single-machine and the Ray paths, so both skip exactly the same files.
+    """
+    for item in walk_images(root):
+        seen.add(item.key)
+        if isinstance(item, WalkFailure):
+            if item.key in failed_before:
+                stats.n_failed_before += 1
+                continue
+            stats.failures.append((item.key, item.reason))
+            stats.n_failed += 1
+            store.add_failures([item.key], [item.reason], [0], [0])
+            continue
+        row = done.get(item.key)
+        if row is not None and row[1:] == (item.size, item.mtime_ns):
+            stats.n_cached += 1
+            on_skip()
+            continue
+        before = failed_before.get(item.key)
+        if before is not None and before[1:] == (item.size, item.mtime_ns):
+            stats.n_failed_before += 1
+            on_skip()
+            continue
+        yield item
 
 
 def _count_candidates(root: Path) -> int:

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE
-from .data import DEFAULT_MAX_PIXELS, WalkFailure, class_names_of, load_batch, walk_images
+from .data import DEFAULT_MAX_PIXELS, class_names_of, load_batch
 from .errors import FeatxError
 from .export import ensure_model_file
-from .pipeline import RunStats
+from .pipeline import RunStats, pending_files
 from .runtime import read_model_info
 from .store import EmbeddingStore
 
@@ -132,24 +132,12 @@ def embed_folder_ray(
         label_of = store.label_index(class_names_of(root))
         done, failed_before = store.done(), store.failed()
         items, seen = [], set()
-        for item in walk_images(root):
-            seen.add(item.key)
-            if isinstance(item, WalkFailure):
-                if item.key not in failed_before:
-                    store.add_failures([item.key], [item.reason], [0], [0])
-                    stats.failures.append((item.key, item.reason))
-                continue
-            row, before = done.get(item.key), failed_before.get(item.key)
-            if row is not None and row[1:] == (item.size, item.mtime_ns):
-                stats.n_cached += 1
-            elif before is not None and before[1:] == (item.size, item.mtime_ns):
-                stats.n_failed_before += 1
-            elif row is None:
-                items.append({"order": len(items), "path": item.path, "key": item.key, "size": item.size, "mtime": item.mtime_ns,
-                              "label": label_of[item.label] if item.label is not None else -1})
-            else:
+        for item in pending_files(root, store, stats, seen, done, failed_before):
+            if item.key in done:
                 raise FeatxError(f"{item.key} changed since it was embedded; the ray engine only adds new files "
                                  "(run featx embed without --engine ray to update changed files)")
+            items.append({"order": len(items), "path": item.path, "key": item.key, "size": item.size,
+                          "mtime": item.mtime_ns, "label": label_of[item.label] if item.label is not None else -1})
         stats.load_seconds = time.perf_counter() - start
         if items:
             if not ray.is_initialized():
@@ -171,7 +159,7 @@ def embed_folder_ray(
             stats.n_embedded += n
             stats.failures += failures
         stats.failures += recovered_failures
-        stats.n_failed = len(stats.failures)
+        stats.n_failed = len(stats.failures)  # walk failures, recovered shards' and this run's
         stats.n_deleted = len(set(done) - seen)
     stats.seconds = time.perf_counter() - start
     return stats
