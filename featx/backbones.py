@@ -363,6 +363,7 @@ def _imagenet_class_names(num_classes: int) -> list[str] | None:
 
 def _timm_backbone(name: str, weights: str | None, *, model=None, source: str | None = None) -> Backbone:
     import timm
+    import torch
 
     if model is None:
         source = _resolve_weights(weights, "pretrained")
@@ -379,7 +380,7 @@ def _timm_backbone(name: str, weights: str | None, *, model=None, source: str | 
         import copy
 
         classifier = copy.deepcopy(model.get_classifier())
-        if not isinstance(classifier, __import__("torch").nn.Linear):
+        if not isinstance(classifier, torch.nn.Linear):
             classifier = None  # e.g. conv heads: embeddings still work, logits are not exported
     n_classes = model.num_classes
     model.reset_classifier(0)

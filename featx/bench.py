@@ -8,6 +8,7 @@ ImageFolder + DataLoader + the model, same workers, batch size and machine.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -193,7 +194,7 @@ def bench_models(
     baselines: list[tuple[str, Callable, str]] = [("torch eager fp32", plain, "fp32")]
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
-        plain_half = __import__("copy").deepcopy(plain).half().to(memory_format=torch.channels_last)
+        plain_half = copy.deepcopy(plain).half().to(memory_format=torch.channels_last)
         baselines.append(("torch eager fp16 channels_last", plain_half, "fp16"))
         if compile:
             baselines.append(("torch.compile fp16 channels_last", torch.compile(plain_half), "fp16"))
