@@ -29,6 +29,11 @@ _API = {
     "TorchEngine": "runtime",
     "load_model": "runtime",
     "read_model_info": "runtime",
+    "BackoffEncoder": "runtime",
+    "auto_batch_size": "runtime",
+    # which engine engine="auto" takes
+    "calibrate": "calibrate",
+    "Calibration": "calibrate",
     # data
     "decode_image": "data",
     "load_image": "data",
@@ -87,4 +92,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .backbones import DEFAULT_BACKBONE, Backbone, PreprocessConfig, list_backbones, load_backbone, register_backbone
     from .errors import *  # noqa: F403
     from .export import ModelInfo, ensure_model_file, export_onnx
-    from .runtime import Encoded, OnnxEngine, TorchEngine, load_model, read_model_info
+    from .calibrate import Calibration, calibrate
+    from .runtime import BackoffEncoder, Encoded, OnnxEngine, TorchEngine, auto_batch_size, load_model, read_model_info

@@ -20,12 +20,28 @@ def _add_model(p: argparse.ArgumentParser, *, weights: bool = True) -> None:
                        help="pretrained | none | bundled | PATH to a state dict (.pth/.pt/.safetensors)")
 
 
+def _device(text: str) -> str:
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive number or auto, got {text!r}")
+
+
 def _add_device(p: argparse.ArgumentParser, *, engine: bool = False) -> None:
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     if engine:
-        p.add_argument("--engine", choices=["auto", "onnx", "torch", "ray"], default="auto",
-                       help="onnxruntime, or torch on the same weights (auto: torch on CUDA, onnxruntime on CPU), "
-                            "or ray: a Ray cluster (pip install 'featx[ray]')")
+        p.add_argument("--engine", choices=["auto", "onnx", "tensorrt", "torch", "ray"], default="auto",
+                       help="auto: the fastest engine a short calibration measured on this device (cached; "
+                            "`featx calibrate` shows it); onnx: onnxruntime; tensorrt: onnxruntime's TensorRT "
+                            "provider; torch: the same weights in torch; ray: a Ray cluster (pip install 'featx[ray]')")
         p.add_argument("--address", default=None, help="ray: cluster address (auto, ray://host:10001); none starts one")
         p.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="ray: GPUs per embedding actor")
 
@@ -63,9 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root")
     p.add_argument("--out", "-o", required=True, help="HDF5 cache file")
     _add_model(p)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_batch_size, default=32,
+                   help="images per engine call, or auto: from free memory (default 32); halved on out-of-memory")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: cores - 1)")
     _add_device(p, engine=True)
+    p.add_argument("--devices", default=None,
+                   help="comma-separated devices, one engine each, one store (default: every GPU, else the CPU)")
     p.add_argument("--half", action="store_true", help="fp16 model and float16 storage")
     p.add_argument("--prune", action="store_true", help="remove files no longer in the folder from the cache")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any image failed")
@@ -74,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gpu: nvJPEG decode and resize on the GPU (auto: whenever the torch engine runs on CUDA)")
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    help="torch engine: torch.compile it (optional mode, e.g. reduce-overhead)")
+
+    p = sub.add_parser("calibrate", help="measure which engine --engine auto takes for a model on this device")
+    _add_model(p)
+    _add_device(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--force", action="store_true", help="measure again even when a cached result exists")
 
     p = sub.add_parser("train-head", help="fit a classifier head on cached embeddings")
     p.add_argument("cache")
@@ -200,9 +225,17 @@ def _run(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet, decode=args.decode,
             compile=(True if args.compile == "default" else args.compile) if args.compile else False,
             address=args.address, num_gpus_per_worker=args.num_gpus_per_worker,
+            devices=args.devices.split(",") if args.devices else None,
         )
         print(stats.summary())
         return 1 if args.strict and stats.n_failed else 0
+
+    if args.command == "calibrate":
+        from .export import ensure_model_file
+
+        print(featx.calibrate(ensure_model_file(args.model, weights=args.weights), device=args.device,
+                              batch_size=args.batch_size, force=args.force).text())
+        return 0
 
     if args.command == "train-head":
         report = featx.train_head(

@@ -8,9 +8,12 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import logging
 import multiprocessing
 import os
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -24,7 +27,8 @@ from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, FileEntry, WalkFailure, class_names_of, load_batch, load_image, walk_images
 from .errors import FeatxError, ImageError, ModelFileError
 from .export import ensure_model_file
-from .runtime import Device, EngineName, load_model
+from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, is_cuda, load_model, \
+    resolve_device
 from .store import EmbeddingStore
 
 _logger = logging.getLogger(__name__)
@@ -110,6 +114,8 @@ class RunStats:
     n_pruned: int = 0
     seconds: float = 0.0
     load_seconds: float = 0.0  # model export/load/compile before the first image
+    engine: str = ""  # the engine(s) that ran, with their devices
+    backoffs: list[int] = field(default_factory=list)  # batch sizes lowered to after out-of-memory
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -130,7 +136,9 @@ class RunStats:
             + (f", {self.n_deleted} deleted from the folder" + (f" ({self.n_pruned} pruned)" if self.n_pruned else
                " (--prune removes them)") if self.n_deleted else "")
             + f" in {self.seconds:.1f} s ({self.load_seconds:.1f} s loading the model), "
-            f"{self.steady_images_per_second:.1f} images/s -> {self.out} [{self.model}]"
+            f"{self.steady_images_per_second:.1f} images/s -> {self.out} [{self.model}"
+            + (f", {self.engine}" if self.engine else "") + "]"
+            + (f"; out of memory: batch size lowered to {self.backoffs[-1]}" if self.backoffs else "")
         )
 
 
@@ -144,7 +152,7 @@ def embed_folder(
     *,
     model: str | os.PathLike = DEFAULT_BACKBONE,
     weights: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | Literal["auto"] = 32,
     workers: int | None = None,
     device: Device = "auto",
     engine: EngineName = "auto",
@@ -157,6 +165,7 @@ def embed_folder(
     compile: bool | str = False,
     address: str | None = None,
     num_gpus_per_worker: float = 0.0,
+    devices: Sequence[str] | None = None,
 ) -> RunStats:
     """Embed every image under ``root`` into the HDF5 cache ``out``; only new or changed files are decoded.
 
@@ -169,7 +178,12 @@ def embed_folder(
         decode: "gpu" decodes JPEGs with nvJPEG and resizes on the GPU (the torch engine on CUDA);
             "auto" does so whenever that engine runs.
         compile: torch engine only: torch.compile it (True or a mode name).
-        engine: "ray" runs on a Ray cluster (``address``, ``num_gpus_per_worker``; see featx.rayengine)
+        batch_size: images per engine call, or "auto": from free memory (featx.runtime.auto_batch_size).
+            Out of memory, it halves and the same images are retried.
+        devices: one engine per entry ("cpu", "cuda:0", "cuda:1", ...), sharing the folder and the store;
+            default: every visible GPU, else the CPU.
+        engine: "auto" measures the engines once per model and device (featx.calibrate) and takes the
+            fastest; "ray" runs on a Ray cluster (``address``, ``num_gpus_per_worker``; see featx.rayengine)
             and gives the same cache; ray is imported only then.
 
     Returns:
@@ -187,15 +201,28 @@ def embed_folder(
     start = time.perf_counter()
     model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
     workers = default_workers() if workers is None else workers
-    # decode workers share the CPU with onnxruntime: its spinning threads would take their cores
-    runner = load_model(model_file, device=device, engine=engine, compile=compile, spin=workers == 0)
-    info = runner.info
-    runner.warmup(batch_size)
-    gpu_decode = decode == "gpu" or (decode == "auto" and runner.name == "torch" and runner.device == "cuda")
-    if gpu_decode and not (runner.name == "torch" and runner.device == "cuda"):
+    devices = list(devices) if devices else default_devices(device)
+    n_cpu = sum(not is_cuda(d) for d in devices)
+    # decode workers share the CPU with onnxruntime: its spinning threads would take their cores;
+    # several engines on the CPU split its cores between them
+    threads = max(1, (os.cpu_count() or 2) // n_cpu) if n_cpu > 1 else None
+    auto_batch = batch_size == "auto"
+    first_batch = (256 if is_cuda(devices[0]) else 32) if auto_batch else int(batch_size)
+    runners = [load_model(model_file, device=d, engine=engine, compile=compile, spin=workers == 0, threads=threads,
+                          batch_size=first_batch) for d in devices]
+    if auto_batch:
+        batch_size = min(auto_batch_size(r) for r in runners)
+        _logger.info("batch size %d, from free memory", batch_size)
+    encoders = [BackoffEncoder(r, batch_size) for r in runners]
+    for e in encoders:
+        e.warmup()
+    info = runners[0].info
+    on_gpu_torch = all(r.name == "torch" and is_cuda(r.device) for r in runners)
+    gpu_decode = decode == "gpu" or (decode == "auto" and on_gpu_torch)
+    if gpu_decode and not on_gpu_torch:
         raise FeatxError("--decode gpu needs the torch engine on CUDA (--engine torch --device cuda)")
     group = Path(model_file).stem
-    stats = RunStats(out=str(out), model=group)
+    stats = RunStats(out=str(out), model=group, engine=", ".join(f"{r.name} ({r.device})" for r in runners))
 
     with EmbeddingStore(out, group, info=info, half=half) as store:
         label_of = store.label_index(class_names_of(root))
@@ -208,39 +235,45 @@ def embed_folder(
 
         recovered: set[str] = set()
         batches = _chunks(pending, batch_size)
-        if gpu_decode:
-            decoded_batches = _gpu_decode_ahead(batches, info.preprocess, runner.device, max_pixels)
-        else:
-            decoded_batches = _decode_ahead(batches, info.preprocess, workers, max_pixels)
+        if gpu_decode:  # each GPU decodes the batches its engine takes
+            source = batches
+            stages = [functools.partial(_gpu_decode_ahead, cfg=info.preprocess, device=e.engine.device,
+                                        max_pixels=max_pixels) for e in encoders]
+        else:  # one pool of decode processes feeds every engine
+            source = _decode_ahead(batches, info.preprocess, workers, max_pixels)
+            stages = [iter] * len(encoders)
         stats.load_seconds = time.perf_counter() - start
-        try:
-            for batch, decoded in decoded_batches:
-                ok = [batch[i] for i in decoded.ok]
-                if ok:
-                    emb = runner.encode(decoded.images).embedding
-                    labels = [label_of[e.label] if e.label is not None else -1 for e in ok]
-                    new = [i for i, e in enumerate(ok) if e.key not in done]
-                    changed = [i for i, e in enumerate(ok) if e.key in done]
-                    store.append([ok[i].key for i in new], emb[new], [labels[i] for i in new],
-                                 [ok[i].size for i in new], [ok[i].mtime_ns for i in new])
-                    if changed:
-                        store.replace([done[ok[i].key][0] for i in changed], emb[changed], [labels[i] for i in changed],
-                                      [ok[i].size for i in changed], [ok[i].mtime_ns for i in changed])
-                    recovered.update(e.key for e in ok if e.key in failed_before)
-                    stats.n_embedded += len(ok)
-                if decoded.failed:
-                    bad = [(batch[i], reason) for i, reason in decoded.failed]
-                    store.add_failures([e.key for e, _ in bad], [r for _, r in bad],
-                                       [e.size for e, _ in bad], [e.mtime_ns for e, _ in bad])
-                    stats.failures += [(e.key, r) for e, r in bad]
-                    stats.n_failed += len(bad)
-                    for e, r in bad:
-                        _logger.warning("skipped %s: %s", e.key, r)
-                bar.update(len(batch))
-                bar.set_postfix(failed=stats.n_failed, refresh=False)
-        finally:
-            bar.close()
-            stats.seconds = time.perf_counter() - start
+        with _EngineThreads(source, stages, encoders) as results:
+            try:
+                for batch, decoded, emb in results:
+                    ok = [batch[i] for i in decoded.ok]
+                    with results.store_lock:  # the walk, in an engine thread, records walk failures too
+                        if ok:
+                            labels = [label_of[e.label] if e.label is not None else -1 for e in ok]
+                            new = [i for i, e in enumerate(ok) if e.key not in done]
+                            changed = [i for i, e in enumerate(ok) if e.key in done]
+                            store.append([ok[i].key for i in new], emb[new], [labels[i] for i in new],
+                                         [ok[i].size for i in new], [ok[i].mtime_ns for i in new])
+                            if changed:
+                                store.replace([done[ok[i].key][0] for i in changed], emb[changed],
+                                              [labels[i] for i in changed], [ok[i].size for i in changed],
+                                              [ok[i].mtime_ns for i in changed])
+                            recovered.update(e.key for e in ok if e.key in failed_before)
+                            stats.n_embedded += len(ok)
+                        if decoded.failed:
+                            bad = [(batch[i], reason) for i, reason in decoded.failed]
+                            store.add_failures([e.key for e, _ in bad], [r for _, r in bad],
+                                               [e.size for e, _ in bad], [e.mtime_ns for e, _ in bad])
+                            stats.failures += [(e.key, r) for e, r in bad]
+                            stats.n_failed += len(bad)
+                            for e, r in bad:
+                                _logger.warning("skipped %s: %s", e.key, r)
+                    bar.update(len(batch))
+                    bar.set_postfix(failed=stats.n_failed, refresh=False)
+            finally:
+                bar.close()
+                stats.seconds = time.perf_counter() - start
+        stats.backoffs = [limit for e in encoders for limit in e.backoffs]
         deleted = (set(done) | set(failed_before)) - seen
         stats.n_deleted = len(deleted & set(done))
         if recovered or (prune and deleted):
@@ -249,6 +282,114 @@ def embed_folder(
             stats.n_pruned = store.rewrite_without(deleted)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def default_devices(device: Device) -> list[str]:
+    """"auto"/"cuda": every visible GPU (one engine each; CUDA_VISIBLE_DEVICES narrows it), else the CPU."""
+    device_kind = resolve_device(device)
+    if device_kind == "cuda":
+        return [f"cuda:{i}" for i in range(cuda_device_count())]
+    return [device_kind]
+
+
+class _EngineThreads:
+    """One thread per engine pulls batches from a shared source, decodes them where its stage says
+    (GPU decode on its own device, or nothing when the source is already decoded), encodes them and
+    hands them back; iteration yields (batch, DecodedBatch, embeddings) in the source's order.
+
+    The engines run while the caller writes the previous batches to the store, so GPU work, host
+    copies and HDF5 writes overlap. ``store_lock`` guards the store: the source (the folder walk)
+    runs in whichever engine thread pulls next and records walk failures there.
+    """
+
+    def __init__(self, source, stages, encoders: list[BackoffEncoder], depth: int = 2):
+        self.store_lock = threading.Lock()
+        self._source = source
+        self._numbered = self._number(source)
+        self._results: queue.Queue = queue.Queue(maxsize=depth * len(encoders))
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._work, args=(stage, encoder), daemon=True,
+                                          name=f"featx-engine-{encoder.engine.device}")
+                         for stage, encoder in zip(stages, encoders)]
+
+    def _number(self, source):
+        for seq, item in enumerate(source):
+            if isinstance(item, tuple):  # (batch, decoded) from the decode pool
+                batch, decoded = item
+                yield _Batch(batch, seq=seq, decoded=decoded)
+            else:
+                yield _Batch(item, seq=seq)
+
+    def _pull(self):
+        """The shared source, one batch at a time under the store lock, until stopped."""
+        while not self._stop.is_set():
+            with self.store_lock:
+                item = next(self._numbered, None)
+            if item is None:
+                return
+            yield item
+
+    def _work(self, stage, encoder: BackoffEncoder) -> None:
+        if is_cuda(encoder.engine.device):
+            import torch
+
+            torch.cuda.set_device(encoder.engine.device)  # this thread's current stream is on its own GPU
+        staged = stage(self._pull())
+        try:
+            for item in staged:
+                batch, decoded = item if isinstance(item, tuple) else (item, item.decoded)
+                emb = encoder.encode(decoded.images).embedding if decoded.ok else None
+                self._results.put((batch.seq, batch, decoded, emb))
+        except BaseException as e:  # handed to the caller, which raises it
+            self._results.put((-1, e, None, None))
+        finally:
+            if hasattr(staged, "close"):
+                staged.close()
+            self._results.put(None)  # this thread is done
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __iter__(self):
+        waiting: dict[int, tuple] = {}
+        next_seq, running = 0, len(self._threads)
+        while running:
+            got = self._results.get()
+            if got is None:
+                running -= 1
+                continue
+            seq, batch, decoded, emb = got
+            if seq < 0:
+                raise batch
+            waiting[seq] = (batch, decoded, emb)
+            while next_seq in waiting:
+                yield waiting.pop(next_seq)
+                next_seq += 1
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:  # each finishes the batch in hand; results are no longer read
+            while t.is_alive():
+                try:
+                    self._results.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+        with self.store_lock:
+            self._numbered.close()
+            if hasattr(self._source, "close"):
+                self._source.close()
+        return False
+
+
+class _Batch(list):
+    """A batch of FileEntry that remembers its place in the walk (and its decoded images, when decoded upstream)."""
+
+    def __init__(self, entries, seq: int, decoded=None):
+        super().__init__(entries)
+        self.seq = seq
+        self.decoded = decoded
 
 
 def pending_files(root, store, stats: RunStats, seen: set[str], done: dict, failed_before: dict,

@@ -1,9 +1,11 @@
 """Exported model file -> inference engine with ``encode(uint8 batch) -> embeddings[, logits]``.
 
-Two engines run the same file's model: onnxruntime (CPU, or CUDA when onnxruntime-gpu sees a GPU)
-and torch (the same weights rebuilt from the registry and verified against the file's weights
-hash; on a GPU it runs fp16, channels_last and optionally torch.compile, which beats onnxruntime's
-CUDA kernels). The model's config is always read back from the file.
+Engines run the same file's model behind one interface (``Engine``): onnxruntime (CPU, its CUDA
+provider when onnxruntime-gpu sees a GPU, or its TensorRT provider when TensorRT's libraries are
+installed) and torch (the same weights rebuilt from the registry and verified against the file's
+weights hash; on a GPU it runs fp16, channels_last and optionally torch.compile, which beats
+onnxruntime's CUDA kernels). The model's config is always read back from the file. Which engine
+``engine="auto"`` takes is measured, once per model and device, by featx.calibrate.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -22,8 +24,20 @@ from .export import INPUT_NAME, METADATA_KEY, ModelInfo
 
 _logger = logging.getLogger(__name__)
 
-Device = Literal["auto", "cpu", "cuda"]
-EngineName = Literal["auto", "onnx", "torch", "ray"]
+Device = str  # "auto", "cpu", "cuda" or "cuda:N"
+EngineName = Literal["auto", "onnx", "tensorrt", "torch", "ray"]
+
+
+class Engine(Protocol):
+    """What the pipeline needs of an inference engine."""
+
+    name: str  # "onnx", "tensorrt" or "torch"
+    device: str  # "cpu", "cuda" or "cuda:N"
+    info: ModelInfo
+
+    def warmup(self, batch_size: int) -> None: ...
+
+    def encode(self, images) -> Encoded: ...
 
 
 @dataclass
@@ -47,13 +61,47 @@ def cuda_device_count() -> int:
 
 
 def resolve_device(device: Device | None) -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; "cuda:N" is checked against the GPUs present."""
     if device in (None, "auto"):
         return "cuda" if cuda_device_count() > 0 else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
-    if device == "cuda" and cuda_device_count() == 0:
-        raise ModelFileError("--device cuda asked for, but no CUDA GPU is visible (no NVIDIA driver or no device)")
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    n_gpus = cuda_device_count() if kind == "cuda" else 0
+    if kind == "cuda" and n_gpus == 0:
+        raise ModelFileError(f"--device {device} asked for, but no CUDA GPU is visible (no NVIDIA driver or no device)")
+    if index and int(index) >= n_gpus:
+        raise ModelFileError(f"--device {device} asked for, but only {n_gpus} GPU(s) are visible")
     return device
+
+
+def is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def cuda_index(device: str) -> int:
+    return int(device.partition(":")[2] or 0)
+
+
+def tensorrt_problem() -> str | None:
+    """Why onnxruntime's TensorRT provider cannot run here, or None when it can.
+
+    onnxruntime-gpu lists the provider whether or not TensorRT itself is installed; the session
+    would then fall back to CUDA with a page of errors, so the library is looked for first.
+    """
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime has no TensorRT provider (pip install onnxruntime-gpu)"
+    if cuda_device_count() == 0:
+        return "the TensorRT provider needs a CUDA GPU"
+    for name in ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+            return None
+        except OSError:
+            continue
+    return "TensorRT's libraries (libnvinfer) are not installed (pip install tensorrt, then put them on LD_LIBRARY_PATH)"
 
 
 def read_model_info(path: str | os.PathLike) -> ModelInfo:
@@ -100,15 +148,25 @@ class OnnxEngine:
     """
 
     name = "onnx"
+    calibration = None  # the featx.calibrate result when engine="auto" chose this engine
+    _warm: int | None = None  # the batch size warmed up at
 
     def __init__(self, path: str | os.PathLike, *, device: Device | None = "auto", threads: int | None = None,
-                 spin: bool = True):
+                 spin: bool = True, tensorrt: bool = False, cache_dir: str | os.PathLike | None = None):
         """``spin=False`` stops idle intra-op threads from spinning: slower alone, faster when decode
-        workers share the cores (measured in benchmarks/embed_cache.py)."""
+        workers share the cores (measured in benchmarks/embed_cache.py). ``tensorrt`` puts the
+        TensorRT provider first (fp16, engines cached under ``cache_dir``); it needs a GPU and TensorRT."""
         import onnxruntime as ort
 
         self.path = _existing(path)
         self.device = resolve_device(device)
+        if tensorrt:
+            problem = tensorrt_problem()
+            if problem:
+                raise ModelFileError(f"--engine tensorrt: {problem}")
+            if not is_cuda(self.device):
+                raise ModelFileError("--engine tensorrt runs on a GPU; --device cpu was asked for")
+            self.name = "tensorrt"
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -116,26 +174,42 @@ class OnnxEngine:
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = ["CPUExecutionProvider"]
-        if self.device == "cuda":
+        if is_cuda(self.device):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ModelFileError("--device cuda needs onnxruntime-gpu; this onnxruntime has no CUDA provider")
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()  # use the CUDA/cuDNN libraries that torch's wheels installed
-            cuda_options = {"cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": "1"}
+            gpu = str(cuda_index(self.device))
+            cuda_options = {"device_id": gpu, "cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": "1"}
             providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+            if tensorrt:
+                from .export import default_models_dir
+
+                trt_cache = Path(cache_dir or default_models_dir() / "tensorrt")
+                trt_cache.mkdir(parents=True, exist_ok=True)
+                # TensorRT builds an engine per input shape in minutes: cache it beside the models
+                trt_options = {"device_id": gpu, "trt_fp16_enable": "True", "trt_engine_cache_enable": "True",
+                               "trt_engine_cache_path": str(trt_cache), "trt_timing_cache_enable": "True"}
+                providers.insert(0, ("TensorrtExecutionProvider", trt_options))
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/InvalidGraph classes
             raise ModelFileError(f"{self.path}: not a valid ONNX model ({_first_line(e)})") from None
         self.info = _info_from_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
         self.outputs = [o.name for o in self.session.get_outputs()]
-        if self.device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+        started = self.session.get_providers()
+        if is_cuda(self.device) and "CUDAExecutionProvider" not in started:
             raise ModelFileError(f"{self.path}: onnxruntime could not start its CUDA provider on this machine")
+        if tensorrt and "TensorrtExecutionProvider" not in started:
+            raise ModelFileError(f"{self.path}: onnxruntime could not start its TensorRT provider on this machine")
 
     def warmup(self, batch_size: int) -> None:
         """One run at ``batch_size``, so session start-up costs land before the first real batch."""
+        if self._warm == batch_size:
+            return
         h, w = self.info.preprocess.input_size
         self.encode(np.zeros((batch_size, h, w, 3), dtype=np.uint8))
+        self._warm = batch_size
 
     def encode(self, images: np.ndarray) -> Encoded:
         """``images`` uint8 (n, H, W, 3) RGB, preprocessed as ``self.info.preprocess`` says."""
@@ -154,6 +228,8 @@ class TorchEngine:
     """
 
     name = "torch"
+    calibration = None
+    _warm: int | None = None
 
     def __init__(
         self,
@@ -177,13 +253,13 @@ class TorchEngine:
                 f"torch weights for {info.backbone} ({backbone.weights}) hash to {backbone.weights_sha256()[:12]}…, "
                 f"the model file was exported from {info.weights_sha256[:12]}…"
             )
-        dtype = dtype or ("fp16" if self.device == "cuda" or info.precision == "fp16" else "fp32")
+        dtype = dtype or ("fp16" if is_cuda(self.device) or info.precision == "fp16" else "fp32")
         torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         if self.device == "cpu" and torch_dtype is torch.float16:
             torch_dtype = torch.float32  # fp16 convolutions on CPU are slower than fp32
         self.dtype = torch_dtype
         model = embedding_model(backbone, dtype=torch_dtype).to(self.device)
-        if self.device == "cuda":
+        if is_cuda(self.device):
             model = model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.compiled = bool(compile)
@@ -196,11 +272,14 @@ class TorchEngine:
         """Compile (when asked) and autotune at ``batch_size`` now, not inside the first real batch."""
         import torch
 
+        if self._warm == batch_size:
+            return
         h, w = self.info.preprocess.input_size
         for _ in range(2):
             self.forward(torch.zeros((batch_size, h, w, 3), dtype=torch.uint8, device=self.device))
-        if self.device == "cuda":
-            torch.cuda.synchronize()
+        if is_cuda(self.device):
+            torch.cuda.synchronize(self.device)
+        self._warm = batch_size
 
     def forward(self, images):
         """Run on a uint8 (n, H, W, 3) tensor on any device; returns device tensors (embedding, logits|None)."""
@@ -226,6 +305,141 @@ class TorchEngine:
         return Encoded(emb.float().cpu().numpy(), None if logits is None else logits.float().cpu().numpy())
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an engine error means the batch did not fit in memory (CUDA or host, torch or onnxruntime)."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error).lower()
+    return any(s in text for s in ("out of memory", "failed to allocate memory", "bad_alloc", "bad allocation",
+                                   "can't allocate memory", "alloc_failed", "cudaerrormemoryallocation"))
+
+
+class BackoffEncoder:
+    """Runs batches through an engine, at most ``limit`` images at a time; on out-of-memory it
+    halves the limit and retries the same images, so none are lost or encoded twice.
+
+    The lowered limit stays for the rest of the run (the next batches would not fit either).
+    """
+
+    def __init__(self, engine: Engine, limit: int):
+        self.engine = engine
+        self.limit = limit
+        self.backoffs: list[int] = []  # the limits backed off to, in order
+
+    def warmup(self) -> None:
+        """The engine's warm-up at the current limit, backing off as ``encode`` does."""
+        while True:
+            try:
+                return self.engine.warmup(self.limit)
+            except Exception as e:
+                if not is_out_of_memory(e) or self.limit == 1:
+                    raise
+                self._back_off(self.limit // 2, e)
+
+    def encode(self, images) -> Encoded:
+        n = len(images)
+        parts: list[Encoded] = []
+        start = 0
+        while start < n:
+            size = min(self.limit, n - start)
+            try:
+                parts.append(self.engine.encode(images[start:start + size]))
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                if size == 1:
+                    raise ModelFileError(f"{self.engine.info.backbone}: out of memory with a single image "
+                                         f"on {self.engine.device} ({_oom_reason(e)})") from None
+                self._back_off(size // 2, e)
+                continue
+            start += size
+        if len(parts) == 1:
+            return parts[0]
+        logits = [p.logits for p in parts]
+        return Encoded(np.concatenate([p.embedding for p in parts]),
+                       None if logits[0] is None else np.concatenate(logits))
+
+    def _back_off(self, limit: int, error: BaseException) -> None:
+        self.limit = limit
+        self.backoffs.append(limit)
+        _logger.warning("out of memory on %s (%s): batch size lowered to %d, the same images retried",
+                        self.engine.device, _oom_reason(error), limit)
+        if is_cuda(self.engine.device):
+            import torch
+
+            torch.cuda.empty_cache()  # what the failed batch left cached, back to the driver
+        if getattr(self.engine, "compiled", False):
+            self.engine.batch_size = limit  # the compiled shape follows (one recompile), padding stays within it
+
+
+def _oom_reason(error: BaseException) -> str:
+    """The allocation that failed, without onnxruntime's node names and source paths."""
+    import re
+
+    found = re.search(r"(failed to allocate memory[^.\n]*?size \d+|tried to allocate [\d.]+ \w+|out of memory)",
+                      str(error), re.IGNORECASE)
+    return found.group(1) if found else _first_line(error)[:160]
+
+
+def auto_batch_size(engine: Engine, *, cap: int | None = None, memory_fraction: float = 0.6) -> int:
+    """The batch size to run ``engine`` at, from its measured memory per image and the free memory.
+
+    On CUDA: a probe at two batch sizes measures bytes per image (torch's peak-allocation counter
+    for the torch engine, the driver's free memory for onnxruntime); the largest power of two
+    that fits ``memory_fraction`` of the free memory, at most ``cap`` (1024). On CPU: 32, past
+    which measured throughput stops growing (benchmarks/), unless free memory says less; the
+    ``BackoffEncoder`` handles what a probe misjudges.
+    """
+    h, w = engine.info.preprocess.input_size
+    if not is_cuda(engine.device):
+        cap = cap or 32
+        per_image = 4 * 3 * h * w * 64  # float activations of a few wide layers: a generous CPU bound
+        return max(1, min(cap, _floor_pow2(memory_fraction * _free_host_memory() / per_image)))
+    import torch
+
+    cap = cap or 1024
+    index = cuda_index(engine.device)
+    probe = (8, 32)
+    peaks = []
+    model = getattr(engine, "model", None)
+    eager = getattr(model, "_orig_mod", model)  # probe torch.compile'd models eagerly: no compile per shape
+    for n in probe:
+        images = torch.zeros((n, h, w, 3), dtype=torch.uint8, device=engine.device)
+        torch.cuda.synchronize(index)
+        if eager is not None:
+            torch.cuda.reset_peak_memory_stats(index)
+            base = torch.cuda.memory_allocated(index)
+            with torch.inference_mode():
+                eager(images)
+            torch.cuda.synchronize(index)
+            peaks.append(torch.cuda.max_memory_allocated(index) - base)
+        else:
+            free_before = torch.cuda.mem_get_info(index)[0]
+            engine.encode(images.cpu().numpy())
+            peaks.append(free_before - torch.cuda.mem_get_info(index)[0])
+    per_image = max((peaks[1] - peaks[0]) / (probe[1] - probe[0]), 1.0)
+    free = torch.cuda.mem_get_info(index)[0] + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    return max(1, min(cap, _floor_pow2(memory_fraction * free / per_image)))
+
+
+def _floor_pow2(x: float) -> int:
+    return 1 << max(0, int(x).bit_length() - 1) if x >= 1 else 1
+
+
+def _free_host_memory() -> int:
+    """Bytes this process may still take: MemAvailable, or the cgroup's limit when that is lower."""
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        free = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemAvailable"))) * 1024
+        limit, used = (Path("/sys/fs/cgroup") / "memory.max").read_text().strip(), \
+            int((Path("/sys/fs/cgroup") / "memory.current").read_text())
+        if limit != "max":
+            free = min(free, int(limit) - used)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return free
+
+
 def _freezing(on: bool):
     """Inductor's freezing (weights as constants: BatchNorm folded, layouts pre-packed), read when
     torch.compile compiles on the first call; patched per call so other compiled code is untouched."""
@@ -246,17 +460,26 @@ def load_model(
     threads: int | None = None,
     compile: bool | str = False,
     spin: bool = True,
-) -> OnnxEngine | TorchEngine:
+    batch_size: int = 32,
+) -> Engine:
     """Open an exported featx model file with the chosen engine.
 
-    ``engine="auto"`` takes onnxruntime on CPU (measured faster than torch there) and torch on CUDA
-    (torch fp16 channels_last beats onnxruntime's CUDA provider; see benchmarks/).
+    ``engine="auto"`` takes the engine that a short calibration on this device, model and
+    ``batch_size`` measured fastest among those that agree with fp32 torch (featx.calibrate; cached,
+    so only the first run pays). ``compile`` asks for the torch engine compiled.
     """
     device = resolve_device(device)
+    if engine in (None, "auto") and compile:
+        engine = "torch"
     if engine in (None, "auto"):
-        engine = "torch" if device == "cuda" else "onnx"
-    if engine == "onnx":
-        return OnnxEngine(path, device=device, threads=threads, spin=spin)
+        from .calibrate import choose_engine
+
+        chosen, calibration = choose_engine(path, device=device, batch_size=batch_size, threads=threads, spin=spin)
+        _logger.info("%s", calibration.summary())
+        chosen.calibration = calibration
+        return chosen
+    if engine in ("onnx", "tensorrt"):
+        return OnnxEngine(path, device=device, threads=threads, spin=spin, tensorrt=engine == "tensorrt")
     if engine == "torch":
         return TorchEngine(read_model_info(path), device=device, compile=compile)
-    raise ValueError(f"engine must be onnx, torch or auto, got {engine!r}")
+    raise ValueError(f"engine must be onnx, tensorrt, torch or auto, got {engine!r}")
