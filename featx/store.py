@@ -267,7 +267,30 @@ class EmbeddingStore:
         }
         self._commit(g, int(g.attrs["n_rows"]), len(keys), columns)
 
+    def _check_room(self, columns: dict[str, np.ndarray]) -> None:
+        """Refuse a batch the disk (or the process's file-size limit) cannot take, before HDF5 is touched.
+
+        A write that the OS refuses half-way leaves HDF5's metadata cache unwritable, and the
+        library can then crash the process at exit; checking first keeps the failure one clean line.
+        """
+        import resource
+        import shutil
+
+        row_bytes = sum(v.nbytes for v in columns.values())
+        chunk = CHUNK_ROWS * self.info.embed_dim * (2 if self.half else 4)  # a new chunk may be allocated
+        needed = row_bytes + chunk + 256 * 1024  # + HDF5 metadata for the grown datasets
+        free = shutil.disk_usage(self.path.parent).free
+        size = self.path.stat().st_size
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            free = min(free, limit - size)
+        if free < needed:
+            raise StoreError(f"{self.path}: no room for the next batch ({free / 2**20:.1f} MiB left, "
+                             f"{needed / 2**20:.1f} MiB needed): free some disk and run the same command again; "
+                             f"rows committed before are intact")
+
     def _commit(self, group, n: int, k: int, columns: dict[str, np.ndarray]) -> None:
+        self._check_room(columns)
         try:
             for name, values in columns.items():
                 ds = group[name]
@@ -276,8 +299,8 @@ class EmbeddingStore:
             self.file.flush()
             group.attrs["n_rows"] = n + k  # the commit marker, written after the data
             self.file.flush()
-        except OSError as e:
-            raise StoreError(f"writing to {self.path} failed ({str(e).splitlines()[0]}); rows committed before are intact") from None
+        except (OSError, RuntimeError) as e:  # h5py reports a failed flush (disk full) as RuntimeError
+            raise StoreError(f"writing to {self.path} failed ({_reason(e)}); rows committed before are intact") from None
 
     def rewrite_without(self, drop_keys: set[str], *, failures: bool = False) -> int:
         """Remove the rows of ``drop_keys`` (pruned files, or failures that since succeeded). Returns rows removed."""
@@ -299,12 +322,33 @@ class EmbeddingStore:
         return removed
 
     def close(self) -> None:
-        if self.file.id.valid:
+        if not self.file.id.valid:
+            return
+        try:
             self.file.flush()
-            self.file.close()
+        except (OSError, RuntimeError) as e:
+            raise StoreError(f"writing to {self.path} failed ({_reason(e)}); rows committed before are intact") from None
+        finally:
+            try:
+                self.file.close()
+            except (OSError, RuntimeError):
+                pass  # the flush above already failed: that is the error to report
 
     def __enter__(self) -> EmbeddingStore:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except StoreError:
+            if exc_type is None:
+                raise  # otherwise the error already on its way (e.g. the failed write) is the one to report
+
+
+def _reason(error: BaseException) -> str:
+    """h5py's message, down to the OS's words when it gives them ('File too large', 'No space left on device')."""
+    import re
+
+    text = str(error)
+    found = re.search(r"error message = '([^']+)'", text)
+    return found.group(1) if found else (text.splitlines()[0] if text else type(error).__name__)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# engine="auto" calibrations are cached per test session, not in the user's ~/.cache
+os.environ.setdefault("FEATX_CACHE_DIR", tempfile.mkdtemp(prefix="featx-test-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -131,7 +131,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(digits_dir, tmp_path, l
     """Kill a running `featx embed` several times at different moments; the resumed result is exact."""
     out = tmp_path / "killed.h5"
     cmd = [sys.executable, "-m", "featx", "-q", "embed", str(digits_dir), "-o", str(out),
-           "--model", str(lite0_onnx), "--batch-size", "16", "--workers", "1"]
+           "--model", str(lite0_onnx), "--batch-size", "16", "--workers", "1", "--engine", "onnx"]
     rows_seen = []
     for delay in (8.0, 10.5, 13.0):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -166,7 +166,7 @@ def test_non_utf8_file_name_keeps_its_identity_in_the_cache(small_digits, tmp_pa
 def test_ctrl_c_exits_cleanly_and_keeps_committed_batches(digits_dir, tmp_path, lite0_onnx):
     out = tmp_path / "c.h5"
     cmd = [sys.executable, "-m", "featx", "-q", "embed", str(digits_dir), "-o", str(out),
-           "--model", str(lite0_onnx), "--batch-size", "16", "--workers", "1"]
+           "--model", str(lite0_onnx), "--batch-size", "16", "--workers", "1", "--engine", "onnx"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until at least one batch is committed
@@ -182,3 +182,38 @@ def test_ctrl_c_exits_cleanly_and_keeps_committed_batches(digits_dir, tmp_path, 
     assert proc.returncode == 130 and "run the same command again to resume" in err and "Traceback" not in err
     data = featx.load_embeddings(out)
     assert 0 < len(data.keys) < 1797 and len(set(data.keys)) == len(data.keys)
+
+
+@pytest.mark.slow
+def test_disk_full_is_one_line_and_the_next_run_resumes(digits_dir, tmp_path, lite0_onnx):
+    """The OS refuses writes past a size (RLIMIT_FSIZE: what a full disk looks like to the process):
+    the run stops with one line, committed rows stay readable, and the same command, with room
+    again, finishes the folder exactly like an uninterrupted run."""
+    import resource
+    import shutil
+
+    folder = tmp_path / "digits"
+    for cls in ("0", "1", "2"):
+        shutil.copytree(digits_dir / cls, folder / cls)
+    out = tmp_path / "full.h5"
+    cmd = [sys.executable, "-m", "featx", "-q", "embed", str(folder), "-o", str(out), "--model", str(lite0_onnx),
+           "--batch-size", "32", "--workers", "0", "--engine", "onnx"]
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2**20, 4 * 2**20))
+
+    r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    error = [line for line in r.stderr.splitlines() if line.startswith("featx: error:")]
+    assert len(error) == 1 and "no room for the next batch" in error[0] and "Traceback" not in r.stderr
+    committed = featx.load_embeddings(out)
+    assert 0 < len(committed.keys) < 3 * 170
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{len(committed.keys)} already cached" in r.stdout
+    embed(folder, tmp_path / "whole.h5", lite0_onnx, engine="onnx")
+    resumed, whole = featx.load_embeddings(out), featx.load_embeddings(tmp_path / "whole.h5")
+    assert resumed.keys == whole.keys
+    assert np.abs(resumed.embeddings - whole.embeddings).max() < 1e-4
