@@ -112,16 +112,16 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
         if model not in models:
             raise StoreError(f"{path} has no embeddings for model {model!r}; it has {models}")
         g = f[model]
-        n = int(g.attrs["n_rows"])
-        emb = g["embeddings"][:n].astype(np.float32)
-        keys = _decode(g["keys"][:n])
-        labels = g["labels"][:n].astype(np.int32)
+        columns, n = _committed_columns(g)
+        emb = columns["embeddings"][:n].astype(np.float32)
+        keys = _decode(columns["keys"][:n])
+        labels = columns["labels"][:n].astype(np.int32)
         classes = _decode(g["class_names"][:])
         fails = g.get("failures")
         failures = {}
         if fails is not None:
-            m = int(fails.attrs["n_rows"])
-            failures = dict(zip(_decode(fails["keys"][:m]), _decode(fails["reasons"][:m])))
+            columns, m = _committed_columns(fails)
+            failures = dict(zip(_decode(columns["keys"][:m]), _decode(columns["reasons"][:m])))
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
     if labelled_only:
         keep = labels >= 0
@@ -162,8 +162,9 @@ class EmbeddingStore:
                     f"{self.path} group {self.model!r} stores {g['embeddings'].dtype} embeddings; "
                     f"this run asked for {'float16 (--half)' if self.half else 'float32'}"
                 )
-            self._truncate_uncommitted(g)
-            self._truncate_uncommitted(g["failures"])
+            for group in (g, g["failures"]):
+                self._recover_rewrite(group)
+                self._truncate_uncommitted(group)
         else:
             g = f.create_group(self.model)
             d = self.info.embed_dim
@@ -194,8 +195,8 @@ class EmbeddingStore:
     @staticmethod
     def _truncate_uncommitted(group) -> None:
         n = int(group.attrs["n_rows"])
-        for ds in group.values():
-            if hasattr(ds, "shape") and ds.shape and ds.shape[0] != n and ds.name.split("/")[-1] != "class_names":
+        for _name, ds in _row_datasets(group):
+            if ds.shape[0] != n:
                 _logger.warning("%s: dropping %d rows of a batch that was not committed", ds.name, ds.shape[0] - n)
                 ds.resize(n, axis=0)
 
@@ -303,7 +304,13 @@ class EmbeddingStore:
             raise StoreError(f"writing to {self.path} failed ({_reason(e)}); rows committed before are intact") from None
 
     def rewrite_without(self, drop_keys: set[str], *, failures: bool = False) -> int:
-        """Remove the rows of ``drop_keys`` (pruned files, or failures that since succeeded). Returns rows removed."""
+        """Remove the rows of ``drop_keys`` (pruned files, or failures that since succeeded). Returns rows removed.
+
+        Kill-safe: the kept rows are first copied into a staging group; a marker then says the copy
+        is complete; the swap that follows only deletes and renames datasets, and a run killed during
+        it is finished on the next open. Killed before the marker, the staging copy is discarded and
+        the original rows stand. (HDF5 does not give back the space of deleted datasets: h5repack does.)
+        """
         g = self.group["failures"] if failures else self.group
         n = int(g.attrs["n_rows"])
         keys = _decode(g["keys"][:n])
@@ -311,15 +318,45 @@ class EmbeddingStore:
         removed = int(n - keep.sum())
         if not removed:
             return 0
-        for name, ds in list(g.items()):
-            if not hasattr(ds, "shape") or name == "class_names" or not ds.shape:
-                continue
-            values = ds[:n][keep]
-            ds.resize(len(values), axis=0)
-            ds[:] = values
-        g.attrs["n_rows"] = int(keep.sum())
-        self.file.flush()
+        self._stage_rewrite(g, keep)
+        self._finish_rewrite(g)
         return removed
+
+    def _stage_rewrite(self, g, keep: np.ndarray) -> None:
+        n = int(g.attrs["n_rows"])
+        if _STAGING in g:
+            del g[_STAGING]
+        staging = g.create_group(_STAGING)
+        for name, ds in _row_datasets(g):
+            staging.create_dataset(name, data=ds[:n][keep], maxshape=ds.maxshape, chunks=ds.chunks)
+        staging.attrs["n_rows"] = int(keep.sum())
+        self.file.flush()
+        g.attrs[_STAGED] = True  # the copy is complete: from here on the rewrite is finished, never undone
+        self.file.flush()
+
+    def _finish_rewrite(self, g) -> None:
+        staging = g[_STAGING]
+        for name in list(staging):
+            if name in g:
+                del g[name]
+            g.move(f"{_STAGING}/{name}", name)
+        g.attrs["n_rows"] = int(staging.attrs["n_rows"])
+        del g.attrs[_STAGED]
+        del g[_STAGING]
+        self.file.flush()
+
+    def _recover_rewrite(self, g) -> None:
+        """A rewrite a kill cut short: finish it when its copy was complete, else drop the copy."""
+        if g.attrs.get(_STAGED) and _STAGING in g:
+            _logger.warning("%s: finishing a prune that was interrupted", g.name)
+            self._finish_rewrite(g)
+        elif _STAGING in g:
+            _logger.warning("%s: discarding an interrupted prune's partial copy; nothing was removed", g.name)
+            del g[_STAGING]
+            self.file.flush()
+        elif _STAGED in g.attrs:
+            del g.attrs[_STAGED]
+            self.file.flush()
 
     def close(self) -> None:
         if not self.file.id.valid:
@@ -343,6 +380,26 @@ class EmbeddingStore:
         except StoreError:
             if exc_type is None:
                 raise  # otherwise the error already on its way (e.g. the failed write) is the one to report
+
+
+_STAGING = "_rewrite"  # group of compacted copies during a prune
+_STAGED = "rewrite_staged"  # attribute: the staging copy is complete
+
+
+def _committed_columns(group):
+    """({column: dataset}, committed rows) as a reader should see them: when a prune was cut short
+    after its copy was complete, the copy is what counts (the next writer finishes the swap)."""
+    columns = dict(_row_datasets(group))
+    if group.attrs.get(_STAGED) and _STAGING in group:
+        staging = group[_STAGING]
+        return {**columns, **dict(_row_datasets(staging))}, int(staging.attrs["n_rows"])
+    return columns, int(group.attrs["n_rows"])
+
+
+def _row_datasets(group):
+    """(name, dataset) of the per-row columns of a group (not class_names, not subgroups)."""
+    return [(name, ds) for name, ds in group.items()
+            if hasattr(ds, "shape") and ds.shape and name != "class_names"]
 
 
 def _reason(error: BaseException) -> str:

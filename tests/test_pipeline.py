@@ -217,3 +217,40 @@ def test_disk_full_is_one_line_and_the_next_run_resumes(digits_dir, tmp_path, li
     resumed, whole = featx.load_embeddings(out), featx.load_embeddings(tmp_path / "whole.h5")
     assert resumed.keys == whole.keys
     assert np.abs(resumed.embeddings - whole.embeddings).max() < 1e-4
+
+
+def test_prune_cut_short_by_a_kill_is_finished_or_undone_on_the_next_open(small_digits, tmp_path, lite0_onnx):
+    """The two states a kill can leave in the middle of --prune, made with the store's own steps."""
+    from featx.store import EmbeddingStore
+
+    info = featx.read_model_info(lite0_onnx)
+    out = tmp_path / "p.h5"
+    embed(small_digits, out, lite0_onnx)
+    full = featx.load_embeddings(out)
+    gone = set(full.keys[:5])
+    keep = np.array([k not in gone for k in full.keys])
+
+    # killed after the copy was complete and part of the swap was done: the prune is finished
+    with EmbeddingStore(out, "efficientnet_lite0", info=info) as store:
+        store._stage_rewrite(store.group, keep)
+        del store.group["keys"]
+        store.group.move("_rewrite/keys", "keys")
+    seen = featx.load_embeddings(out)  # a reader already sees the pruned rows, consistently
+    assert seen.keys == [k for k in full.keys if k not in gone]
+    np.testing.assert_array_equal(seen.embeddings, full.embeddings[keep])
+    with EmbeddingStore(out, "efficientnet_lite0", info=info) as store:
+        assert sorted(store.done()) == sorted(seen.keys)
+    with h5py.File(out, "r") as f:
+        assert "_rewrite" not in f["efficientnet_lite0"] and "rewrite_staged" not in f["efficientnet_lite0"].attrs
+    assert featx.load_embeddings(out).keys == seen.keys
+
+    # killed while copying (no marker yet): the copy is dropped, no row is lost
+    before = featx.load_embeddings(out)
+    with EmbeddingStore(out, "efficientnet_lite0", info=info) as store:
+        store._stage_rewrite(store.group, np.zeros(len(before.keys), dtype=bool))
+        del store.group.attrs["rewrite_staged"]
+    assert featx.load_embeddings(out).keys == before.keys
+    with EmbeddingStore(out, "efficientnet_lite0", info=info) as store:
+        assert len(store.done()) == len(before.keys)
+    with h5py.File(out, "r") as f:
+        assert "_rewrite" not in f["efficientnet_lite0"]
