@@ -144,31 +144,20 @@ def _write_cache(path: Path, key: str, calibration: Calibration) -> None:
         _logger.warning("could not cache the calibration in %s (%s)", path, e)
 
 
-def build_engine(name: str, path, *, device: str, backbone=None, threads: int | None = None, spin: bool = True):
-    """The engine called ``name`` (a calibration candidate) on ``device``."""
-    from .runtime import OnnxEngine, TorchEngine, read_model_info
-
-    if name in ("onnx", "tensorrt"):
-        return OnnxEngine(path, device=device, threads=threads, spin=spin, tensorrt=name == "tensorrt")
-    if name in ("torch", "torch-compiled"):
-        return TorchEngine(read_model_info(path), device=device, compile=name == "torch-compiled", backbone=backbone)
-    raise ValueError(f"unknown engine {name!r}")
-
-
-def _release(engine) -> None:
+def _free_gpu_cache(device: str) -> None:
+    """Give the memory of engines already dropped back to the driver before the next one is built."""
     from .runtime import is_cuda
 
-    if is_cuda(engine.device):
+    if is_cuda(device):
         import torch
 
-        del engine
         torch.cuda.empty_cache()
 
 
 def choose_engine(path: str | os.PathLike, *, device: str, batch_size: int, force: bool = False,
                   threads: int | None = None, spin: bool = True):
     """(the fastest agreeing engine, built and warmed up at ``batch_size``; its Calibration)."""
-    from .runtime import read_model_info, resolve_device
+    from .runtime import _first_line, build_engine, read_model_info, resolve_device
 
     device = resolve_device(device)
     info = read_model_info(path)
@@ -219,21 +208,20 @@ def choose_engine(path: str | os.PathLike, *, device: str, batch_size: int, forc
                 result.cosine = cosine_agreement(engine.encode(photos).embedding, reference)
                 if result.cosine < MIN_COSINE:
                     result.problem = f"refused: embeddings differ from fp32 torch (cosine {result.cosine:.4f})"
-                    _release(engine)
+                    engine = None
+                    _free_gpu_cache(device)
                     continue
             rate, _ = time_throughput(lambda: engine.encode(batch), batch_size, repeats=3, min_seconds=0.25)
             result.images_per_second = rate
         except Exception as e:  # an engine that cannot run here is a result, not the end of the run
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            result.problem = f"failed: {str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}"
+            engine = None
+            _free_gpu_cache(device)
+            result.problem = f"failed: {_first_line(e)}"
             continue
         if best is None or rate > best[1].images_per_second:
-            if best is not None:
-                _release(best[0])
-            best = (engine, result)
-        else:
-            _release(engine)
+            best = (engine, result)  # the slower one is dropped here
+        engine = None
+        _free_gpu_cache(device)
     if best is None:
         raise FeatxError(f"no engine could run {path} on {device}: "
                          + "; ".join(f"{r.engine}: {r.problem}" for r in results))

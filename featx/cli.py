@@ -21,10 +21,13 @@ def _add_model(p: argparse.ArgumentParser, *, weights: bool = True) -> None:
 
 
 def _device(text: str) -> str:
-    kind, _, index = text.partition(":")
-    if text in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
-        return text
-    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    from .runtime import check_device_name
+
+    try:
+        check_device_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _batch_size(text: str) -> int | str:

@@ -60,13 +60,19 @@ def cuda_device_count() -> int:
     return count.value
 
 
+def check_device_name(device: str) -> tuple[str, str]:
+    """(kind, index or "") of "auto", "cpu", "cuda" or "cuda:N"; ValueError for anything else."""
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return kind, index
+
+
 def resolve_device(device: Device | None) -> str:
     """"auto" -> "cuda" when a GPU is visible, else "cpu"; "cuda:N" is checked against the GPUs present."""
     if device in (None, "auto"):
         return "cuda" if cuda_device_count() > 0 else "cpu"
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    kind, index = check_device_name(device)
     n_gpus = cuda_device_count() if kind == "cuda" else 0
     if kind == "cuda" and n_gpus == 0:
         raise ModelFileError(f"--device {device} asked for, but no CUDA GPU is visible (no NVIDIA driver or no device)")
@@ -403,10 +409,11 @@ def auto_batch_size(engine: Engine, *, cap: int | None = None, memory_fraction: 
     peaks = []
     model = getattr(engine, "model", None)
     eager = getattr(model, "_orig_mod", model)  # probe torch.compile'd models eagerly: no compile per shape
+    free_at_start = torch.cuda.mem_get_info(index)[0]  # onnxruntime's arena keeps what it grew: one baseline
     for n in probe:
-        images = torch.zeros((n, h, w, 3), dtype=torch.uint8, device=engine.device)
         torch.cuda.synchronize(index)
         if eager is not None:
+            images = torch.zeros((n, h, w, 3), dtype=torch.uint8, device=engine.device)
             torch.cuda.reset_peak_memory_stats(index)
             base = torch.cuda.memory_allocated(index)
             with torch.inference_mode():
@@ -414,9 +421,8 @@ def auto_batch_size(engine: Engine, *, cap: int | None = None, memory_fraction: 
             torch.cuda.synchronize(index)
             peaks.append(torch.cuda.max_memory_allocated(index) - base)
         else:
-            free_before = torch.cuda.mem_get_info(index)[0]
-            engine.encode(images.cpu().numpy())
-            peaks.append(free_before - torch.cuda.mem_get_info(index)[0])
+            engine.encode(np.zeros((n, h, w, 3), dtype=np.uint8))
+            peaks.append(free_at_start - torch.cuda.mem_get_info(index)[0])
     per_image = max((peaks[1] - peaks[0]) / (probe[1] - probe[0]), 1.0)
     free = torch.cuda.mem_get_info(index)[0] + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
     return max(1, min(cap, _floor_pow2(memory_fraction * free / per_image)))
@@ -452,6 +458,17 @@ def _freezing(on: bool):
     return inductor_config.patch(freezing=True)
 
 
+def build_engine(name: str, path: str | os.PathLike, *, device: Device | None = "auto", threads: int | None = None,
+                 spin: bool = True, compile: bool | str = False, backbone=None) -> Engine:
+    """The engine called ``name``: "onnx", "tensorrt", "torch" or "torch-compiled"."""
+    if name in ("onnx", "tensorrt"):
+        return OnnxEngine(path, device=device, threads=threads, spin=spin, tensorrt=name == "tensorrt")
+    if name in ("torch", "torch-compiled"):
+        return TorchEngine(read_model_info(path), device=device, compile=compile or name == "torch-compiled",
+                           backbone=backbone)
+    raise ValueError(f"engine must be onnx, tensorrt, torch or auto, got {name!r}")
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -478,8 +495,4 @@ def load_model(
         _logger.info("%s", calibration.summary())
         chosen.calibration = calibration
         return chosen
-    if engine in ("onnx", "tensorrt"):
-        return OnnxEngine(path, device=device, threads=threads, spin=spin, tensorrt=engine == "tensorrt")
-    if engine == "torch":
-        return TorchEngine(read_model_info(path), device=device, compile=compile)
-    raise ValueError(f"engine must be onnx, tensorrt, torch or auto, got {engine!r}")
+    return build_engine(engine, path, device=device, threads=threads, spin=spin, compile=compile)
