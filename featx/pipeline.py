@@ -241,7 +241,7 @@ def embed_folder(
                                         max_pixels=max_pixels) for e in encoders]
         else:  # one pool of decode processes feeds every engine
             source = _decode_ahead(batches, info.preprocess, workers, max_pixels)
-            stages = [iter] * len(encoders)
+            stages = [_decoded_upstream] * len(encoders)
         stats.load_seconds = time.perf_counter() - start
         with _EngineThreads(source, stages, encoders) as results:
             try:
@@ -330,21 +330,20 @@ class _EngineThreads:
             yield item
 
     def _work(self, stage, encoder: BackoffEncoder) -> None:
+        """``stage`` maps this thread's batches to (batch, DecodedBatch) pairs."""
         if is_cuda(encoder.engine.device):
             import torch
 
             torch.cuda.set_device(encoder.engine.device)  # this thread's current stream is on its own GPU
         staged = stage(self._pull())
         try:
-            for item in staged:
-                batch, decoded = item if isinstance(item, tuple) else (item, item.decoded)
+            for batch, decoded in staged:
                 emb = encoder.encode(decoded.images).embedding if decoded.ok else None
                 self._results.put((batch.seq, batch, decoded, emb))
         except BaseException as e:  # handed to the caller, which raises it
             self._results.put((-1, e, None, None))
         finally:
-            if hasattr(staged, "close"):
-                staged.close()
+            staged.close()
             self._results.put(None)  # this thread is done
 
     def __enter__(self):
@@ -381,6 +380,12 @@ class _EngineThreads:
             if hasattr(self._source, "close"):
                 self._source.close()
         return False
+
+
+def _decoded_upstream(batches):
+    """The stage for batches the decode pool already decoded."""
+    for batch in batches:
+        yield batch, batch.decoded
 
 
 class _Batch(list):
