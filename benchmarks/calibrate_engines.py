@@ -9,7 +9,6 @@ its embeddings against fp32 torch (featx.calibrate); `--force` semantics: always
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 
@@ -22,10 +21,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import featx
-    from featx.bench import machine_description, write_record
-    from featx.export import ensure_model_file
+    from featx.bench import bench_workspace, machine_description, write_record
 
-    model_file = ensure_model_file(args.model, models_dir=Path(tempfile.mkdtemp(prefix="featx-calibrate-")))
+    _, model_file, _ = bench_workspace("featx-calibrate-", model=args.model)
     record: dict = {"machine": machine_description(), "model": args.model}
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         calibration = featx.calibrate(model_file, device=args.device, batch_size=batch_size, force=True)

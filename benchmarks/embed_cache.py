@@ -15,7 +15,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -66,13 +65,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import featx
-    from featx.bench import machine_description, write_record
+    from featx.bench import bench_workspace, machine_description, write_record
     from featx.pipeline import default_workers
-    from featx.samples import write_jpeg_folder
 
-    tmp = Path(tempfile.mkdtemp(prefix="featx-embed-bench-"))
-    model_file = featx.ensure_model_file(featx.DEFAULT_BACKBONE, models_dir=tmp / "models")
-    root = write_jpeg_folder(tmp / "jpegs", args.n_jpegs)
+    tmp, model_file, root = bench_workspace("featx-embed-bench-", args.n_jpegs)
     results: dict = {"machine": machine_description(), "model": model_file.stem, "batch_size": args.batch_size,
                      "n_jpegs": args.n_jpegs, "workers": default_workers()}
 

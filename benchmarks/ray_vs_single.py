@@ -10,9 +10,7 @@ figure says how much. Its point is many machines, which this machine cannot show
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 
 def main() -> None:
@@ -25,14 +23,12 @@ def main() -> None:
     import ray
 
     import featx
-    from featx.bench import machine_description, write_record
-    from featx.samples import write_jpeg_folder
+    from featx.bench import bench_workspace, machine_description, write_record
 
-    tmp = Path(tempfile.mkdtemp(prefix="featx-ray-bench-"))
-    model_file = featx.ensure_model_file(featx.DEFAULT_BACKBONE, models_dir=tmp / "models")
-    root = write_jpeg_folder(tmp / "jpegs", args.n_jpegs)
+    tmp, model_file, root = bench_workspace("featx-ray-bench-", args.n_jpegs)
     results = {"machine": machine_description(), "n_jpegs": args.n_jpegs, "batch_size": args.batch_size}
-    single = featx.embed_folder(root, tmp / "single.h5", model=model_file, batch_size=args.batch_size, device="cpu")
+    single = featx.embed_folder(root, tmp / "single.h5", model=model_file, batch_size=args.batch_size, device="cpu",
+                                engine="onnx")  # what the ray actors run; auto would time a first calibration too
     results["single_machine_images_per_s"] = single.n_embedded / single.seconds
     t0 = time.perf_counter()
     ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)

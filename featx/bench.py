@@ -365,6 +365,17 @@ def _write_results(result: BenchResult, out_dir: Path) -> list[str]:
     return [str(json_path), str(png_path)]
 
 
+def bench_workspace(prefix: str, n_jpegs: int = 0, model: str = DEFAULT_BACKBONE) -> tuple[Path, Path, Path | None]:
+    """(a fresh temporary folder, ``model`` exported into it, a folder of ``n_jpegs`` 500x375 JPEGs or None):
+    what the benchmark scripts start from, so no export or file from an earlier run is measured."""
+    from .export import ensure_model_file
+    from .samples import write_jpeg_folder
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    model_file = ensure_model_file(model, models_dir=tmp / "models")
+    return tmp, model_file, write_jpeg_folder(tmp / "jpegs", n_jpegs) if n_jpegs else None
+
+
 def write_record(record: dict, out_dir: str | os.PathLike, name: str) -> Path:
     """Print a benchmark script's figures, one a line, and write them as ``out_dir/name.json``."""
     for key, value in record.items():
