@@ -121,10 +121,34 @@ def test_several_engines_fill_one_store_like_one(small_digits, tmp_path, lite0_o
     assert (again.n_embedded, again.n_cached, again.n_failed_before) == (0, 60, 1)
 
 
-def test_auto_batch_size_on_cpu_runs(small_digits, tmp_path, lite0_onnx):
-    stats = featx.embed_folder(small_digits, tmp_path / "auto.h5", model=lite0_onnx, engine="onnx",
-                               batch_size="auto", workers=0)
-    assert stats.n_embedded == 60 and not stats.backoffs
+def test_auto_batch_size_on_cpu_is_32_with_room(lite0_onnx):
+    from featx.runtime import _free_host_memory, auto_batch_size
+
+    assert _free_host_memory() > 2 * 2**30  # this test's premise: a machine with a few GiB free
+    assert auto_batch_size(OnnxEngine(lite0_onnx, device="cpu")) == 32
+
+
+@pytest.mark.slow
+def test_cli_calibrate_devices_and_auto_batch(small_digits, tmp_path, lite0_onnx, cache_dir):
+    featx_cli = [sys.executable, "-m", "featx"]
+    r = subprocess.run(featx_cli + ["calibrate", "--model", str(lite0_onnx), "--device", "cpu", "--batch-size", "4"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "<- chosen" in r.stdout and "onnx" in r.stdout and "torch" in r.stdout
+    assert (cache_dir / "calibration.json").is_file()
+
+    out = tmp_path / "cli.h5"
+    r = subprocess.run(featx_cli + ["-q", "embed", str(small_digits), "-o", str(out), "--model", str(lite0_onnx),
+                                    "--devices", "cpu,cpu", "--batch-size", "auto", "--workers", "0",
+                                    "--engine", "onnx"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "60 embedded" in r.stdout and "onnx (cpu), onnx (cpu)" in r.stdout
+    assert len(featx.load_embeddings(out).keys) == 60
+
+    r = subprocess.run(featx_cli + ["embed", str(small_digits), "-o", str(out), "--device", "gpu0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "device must be auto, cpu, cuda or cuda:N" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 _OOM_CHILD = textwrap.dedent("""
