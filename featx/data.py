@@ -218,6 +218,7 @@ class DecodedBatch:
     images: np.ndarray
     ok: list[int]
     failed: list[tuple[int, str]]  # (position in the input, reason)
+    decoded_by: str = "cpu"  # "gpu": nvJPEG (featx.gpudecode); only counted, in RunStats.decoded_by
 
 
 def load_batch(paths: Sequence[str], cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedBatch:

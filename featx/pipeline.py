@@ -24,7 +24,8 @@ from typing import Literal
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE
-from .data import DEFAULT_MAX_PIXELS, FileEntry, WalkFailure, class_names_of, load_batch, load_image, walk_images
+from .data import DEFAULT_MAX_PIXELS, DecodedBatch, FileEntry, WalkFailure, class_names_of, load_batch, load_image, \
+    walk_images
 from .errors import FeatxError, ImageError, ModelFileError
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, is_cuda, load_model, \
@@ -116,6 +117,7 @@ class RunStats:
     load_seconds: float = 0.0  # model export/load/compile before the first image
     engine: str = ""  # the engine(s) that ran, with their devices
     backoffs: list[int] = field(default_factory=list)  # batch sizes lowered to after out-of-memory
+    decoded_by: dict[str, int] = field(default_factory=dict)  # files per decoder: "gpu" (nvJPEG), "cpu"
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -139,6 +141,9 @@ class RunStats:
             f"{self.steady_images_per_second:.1f} images/s -> {self.out} [{self.model}"
             + (f", {self.engine}" if self.engine else "") + "]"
             + (f"; out of memory: batch size lowered to {self.backoffs[-1]}" if self.backoffs else "")
+            + ("; decoded: " + ", ".join(f"{n} by {'nvJPEG' if k == 'gpu' else 'CPU workers'}"
+                                         for k, n in sorted(self.decoded_by.items(), reverse=True))
+               if "gpu" in self.decoded_by else "")
         )
 
 
@@ -171,7 +176,9 @@ def embed_folder(
 
     Args:
         model: a backbone name (exported to ``models_dir`` on first use) or an exported .onnx file.
-        workers: decode processes running ahead of the model; 0 decodes in this process.
+        workers: decode processes running ahead of the model; 0 decodes in this process. With GPU
+            decode they decode a share of the batches beside nvJPEG (default: half the cores); 0 leaves
+            every batch to the GPU.
         half: fp16 model and float16 storage (a separate group, ``NAME-fp16``).
         prune: remove rows of files no longer under ``root``.
         progress: show a tqdm bar (images, images/s, ETA).
@@ -200,7 +207,7 @@ def embed_folder(
         raise FeatxError(f"{root} is not a folder")
     start = time.perf_counter()
     model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
-    workers = default_workers() if workers is None else workers
+    workers_given, workers = workers, default_workers() if workers is None else workers
     devices = list(devices) if devices else default_devices(device)
     n_cpu = sum(not is_cuda(d) for d in devices)
     # decode workers share the CPU with onnxruntime: its spinning threads would take their cores;
@@ -221,6 +228,10 @@ def embed_folder(
     gpu_decode = decode == "gpu" or (decode == "auto" and on_gpu_torch)
     if gpu_decode and not on_gpu_torch:
         raise FeatxError("--decode gpu needs the torch engine on CUDA (--engine torch --device cuda)")
+    if gpu_decode and workers_given is None:
+        # the other half stays free for what feeds the GPU: file reads, nvJPEG's host side, the
+        # engine threads and the store writes (not yet measured against other splits)
+        workers = default_workers() // 2
     group = Path(model_file).stem
     stats = RunStats(out=str(out), model=group, engine=", ".join(f"{r.name} ({r.device})" for r in runners))
 
@@ -235,10 +246,14 @@ def embed_folder(
 
         recovered: set[str] = set()
         batches = _chunks(pending, batch_size)
-        if gpu_decode:  # each GPU decodes the batches its engine takes
+        cpu_pool = None
+        if gpu_decode:  # each GPU decodes the batches its engine takes; one pool of CPU decoders helps them all
             source = batches
+            if workers > 0:
+                cpu_pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             stages = [functools.partial(_gpu_decode_ahead, cfg=info.preprocess, device=e.engine.device,
-                                        max_pixels=max_pixels) for e in encoders]
+                                        max_pixels=max_pixels, cpu_pool=cpu_pool, cpu_workers=workers)
+                      for e in encoders]
         else:  # one pool of decode processes feeds every engine
             source = _decode_ahead(batches, info.preprocess, workers, max_pixels)
             stages = [_decoded_upstream] * len(encoders)
@@ -268,10 +283,13 @@ def embed_folder(
                             stats.n_failed += len(bad)
                             for e, r in bad:
                                 _logger.warning("skipped %s: %s", e.key, r)
+                    stats.decoded_by[decoded.decoded_by] = stats.decoded_by.get(decoded.decoded_by, 0) + len(batch)
                     bar.update(len(batch))
                     bar.set_postfix(failed=stats.n_failed, refresh=False)
             finally:
                 bar.close()
+                if cpu_pool is not None:
+                    cpu_pool.shutdown(wait=False, cancel_futures=True)
                 stats.seconds = time.perf_counter() - start
         stats.backoffs = [limit for e in encoders for limit in e.backoffs]
         deleted = (set(done) | set(failed_before)) - seen
@@ -339,6 +357,9 @@ class _EngineThreads:
         try:
             for batch, decoded in staged:
                 emb = encoder.encode(decoded.images).embedding if decoded.ok else None
+                # the pixels are not needed any more: a batch waiting for its turn holds only its embeddings
+                decoded = DecodedBatch(None, decoded.ok, decoded.failed, decoded.decoded_by)
+                batch.decoded = None
                 self._results.put((batch.seq, batch, decoded, emb))
         except BaseException as e:  # handed to the caller, which raises it
             self._results.put((-1, e, None, None))
@@ -463,38 +484,73 @@ def _chunks(items: Iterator[FileEntry], size: int) -> Iterator[list[FileEntry]]:
         yield chunk
 
 
-def _gpu_decode_ahead(batches: Iterator[list[FileEntry]], cfg, device: str, max_pixels: int, depth: int = 3):
-    """Yield (batch, DecodedBatch with a CUDA uint8 tensor) in order.
+def _gpu_decode_ahead(batches: Iterator[list[FileEntry]], cfg, device: str, max_pixels: int, depth: int = 3,
+                      cpu_pool: cf.Executor | None = None, cpu_workers: int = 0):
+    """Yield (batch, DecodedBatch) as the decodes finish: GPU batches as CUDA uint8 tensors, CPU batches as
+    numpy arrays. The engine threads put the results back in walk order.
 
-    Batches are read and decoded ``depth`` ahead in threads, each on its own CUDA stream, so
-    decoding the next batches overlaps the model running on the current one.
+    nvJPEG decodes up to ``depth`` batches ahead in threads, each on its own CUDA stream, so decoding
+    the next batches overlaps the model running on the current one. torchvision has one nvJPEG
+    decoder per process, behind one lock, so more decode threads add nothing; the CPU cores add
+    their own rate instead: with ``cpu_pool`` (``cpu_workers`` decode processes), whenever nvJPEG
+    has ``depth`` batches queued and the pool has room, the next batch is decoded there, split into
+    one chunk per worker so it finishes about as soon as a GPU batch does.
     """
     import torch
 
-    from .data import DecodedBatch
     from .gpudecode import GpuDecoder
 
     decoder = GpuDecoder(cfg, device=device, max_pixels=max_pixels, threads=min(32, (os.cpu_count() or 2) * 2))
     pool = cf.ThreadPoolExecutor(2)
-    window: deque = deque()
+    on_gpu: deque = deque()
+    on_cpu: deque = deque()
+    cuda = is_cuda(device)
 
-    def take():
-        b, fut = window.popleft()
+    def from_gpu():
+        b, fut = on_gpu.popleft()
         images, ok, failed = fut.result()
-        images.record_stream(torch.cuda.current_stream())  # freed only after the model has read it
-        return b, DecodedBatch(images, ok, failed)
+        if cuda:
+            images.record_stream(torch.cuda.current_stream())  # freed only after the model has read it
+        return b, DecodedBatch(images, ok, failed, decoded_by="gpu")
+
+    def from_cpu():
+        b, chunks = on_cpu.popleft()
+        return b, _merge_chunks([f.result() for f in chunks])
 
     try:
         for batch in batches:
             paths = [e.path for e in batch]
-            window.append((batch, pool.submit(decoder.decode, paths, decoder.read(paths))))
-            if len(window) > depth:
-                yield take()
-        while window:
-            yield take()
+            if cpu_pool is not None and len(on_gpu) >= depth and len(on_cpu) < 2:
+                step = -(-len(paths) // max(1, cpu_workers))
+                on_cpu.append((batch, [cpu_pool.submit(load_batch, paths[i:i + step], cfg, max_pixels)
+                                       for i in range(0, len(paths), step)]))
+            else:
+                on_gpu.append((batch, pool.submit(decoder.decode, paths, decoder.read(paths))))
+            while on_cpu and all(f.done() for f in on_cpu[0][1]):
+                yield from_cpu()
+            while len(on_gpu) > depth or (on_gpu and on_gpu[0][1].done()):
+                yield from_gpu()
+        while on_gpu or on_cpu:
+            if on_gpu and (not on_cpu or on_gpu[0][1].done()):
+                yield from_gpu()
+            else:
+                yield from_cpu()
     finally:
+        for _, chunks in on_cpu:
+            for f in chunks:
+                f.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
         decoder.close()
+
+
+def _merge_chunks(parts: list) -> DecodedBatch:
+    """One DecodedBatch from consecutive chunks of a batch, positions counted from the batch's start."""
+    ok, failed, offset = [], [], 0
+    for part in parts:
+        ok += [offset + i for i in part.ok]
+        failed += [(offset + i, reason) for i, reason in part.failed]
+        offset += len(part.ok) + len(part.failed)
+    return DecodedBatch(np.concatenate([p.images for p in parts]), ok, failed)
 
 
 def _decode_ahead(batches: Iterator[list[FileEntry]], cfg, workers: int, max_pixels: int):

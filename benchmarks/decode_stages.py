@@ -1,0 +1,100 @@
+"""Where the end-to-end time goes before the model: each decode stage alone, on one JPEG folder.
+
+    python benchmarks/decode_stages.py --device cuda [--n-jpegs 8000] [--batch-size 256] [--out DIR]
+
+Measures, in one run: file reads + header checks (threads); torchvision's batched JPEG decode alone
+(nvJPEG on CUDA, libjpeg-turbo on the CPU) at several batch sizes; resize + crop alone; the whole
+GpuDecoder; PIL decode + resize in 1, half and all-but-one worker processes (the CPU path); and the
+pipeline's decode stage with nvJPEG alone and with CPU workers taking a share of the batches. The
+model is not run, so these are the ceilings the end-to-end figure in `featx bench` works under.
+``--device cpu`` runs the same steps with the CPU decoder, to check the script without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing
+import os
+import time
+
+
+def _rate(n: int, fn, sync=lambda: None) -> float:
+    fn()  # warm-up: allocators, decoder handles, page cache
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--n-jpegs", type=int, default=8000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    import torch
+    import torchvision.io
+
+    from featx.backbones import load_backbone
+    from featx.bench import bench_workspace, machine_description, write_record
+    from featx.data import FileEntry, load_batch
+    from featx.gpudecode import GpuDecoder, _read
+    from featx.pipeline import _gpu_decode_ahead, default_workers
+
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cfg = load_backbone("efficientnet_lite0", weights=None).preprocess
+    _, _, root = bench_workspace("featx-decode-bench-", args.n_jpegs)
+    paths = sorted(str(p) for p in root.rglob("*.jpg"))
+    n, bs = len(paths), args.batch_size
+    batches = [paths[i:i + bs] for i in range(0, n, bs)]
+    cores = os.cpu_count() or 2
+    rec: dict = {"machine": machine_description(), "device": args.device, "n_jpegs": n, "batch_size": bs,
+                 "cores": cores}
+
+    threads = cf.ThreadPoolExecutor(min(32, cores * 2))
+    rec["read_and_header_check_per_s"] = _rate(n, lambda: list(threads.map(_read, paths, [10**9] * n)))
+    blobs = [torch.frombuffer(b, dtype=torch.uint8) for b, _ in threads.map(_read, paths, [10**9] * n)]
+    rgb = torchvision.io.ImageReadMode.RGB
+    for size in sorted({64, bs, 2 * bs}):
+        rec[f"torchvision_decode_jpeg_batch{size}_per_s"] = _rate(n, lambda: [
+            torchvision.io.decode_jpeg(blobs[i:i + size], mode=rgb, device=args.device) for i in range(0, n, size)],
+            sync)
+
+    decoder = GpuDecoder(cfg, device=args.device, threads=min(32, cores * 2))
+    one = torch.stack(torchvision.io.decode_jpeg(blobs[:bs], mode=rgb, device=args.device))
+    rec["resize_crop_per_s"] = _rate(bs, lambda: decoder._resize_crop(one, *one.shape[2:]), sync)
+    rec["gpudecoder_whole_per_s"] = _rate(n, lambda: [decoder.decode(b) for b in batches], sync)
+    decoder.close()
+
+    context = multiprocessing.get_context("spawn")
+    for workers in sorted({1, max(1, default_workers() // 2), default_workers()}):
+        with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            chunk = max(1, bs // 4)
+            rec[f"cpu_pil_{workers}_workers_per_s"] = _rate(n, lambda: list(pool.map(
+                load_batch, [paths[i:i + chunk] for i in range(0, n, chunk)], [cfg] * (-(-n // chunk)))))
+
+    entries = [[FileEntry(key=p, path=p, label=None, size=0, mtime_ns=0) for p in b] for b in batches]
+    for workers in sorted({0, max(1, default_workers() // 2), default_workers()}):
+        pool = cf.ProcessPoolExecutor(workers, mp_context=context) if workers else None
+        counts: dict[str, int] = {}
+
+        def stage():
+            counts.clear()
+            for batch, decoded in _gpu_decode_ahead(iter(entries), cfg, args.device, 10**9, cpu_pool=pool,
+                                                    cpu_workers=workers):
+                counts[decoded.decoded_by] = counts.get(decoded.decoded_by, 0) + len(batch)
+
+        rec[f"decode_stage_{workers}_cpu_workers_per_s"] = _rate(n, stage, sync)
+        rec[f"decode_stage_{workers}_cpu_workers_share_cpu"] = counts.get("cpu", 0) / n
+        if pool:
+            pool.shutdown()
+    write_record(rec, args.out, f"decode_stages-{'cuda' if cuda else 'cpu'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The GPU decode path's host-side logic, run on the CPU (torchvision's libjpeg-turbo in place of nvJPEG):
+which files go to nvJPEG, fallbacks and failures, and the stage that shares batches with CPU decoders."""
+
+import concurrent.futures as cf
+import io
+import multiprocessing
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featx.data import FileEntry, load_batch, load_image
+from featx.gpudecode import GpuDecoder, jpeg_gpu_ok
+
+
+@pytest.fixture
+def coffee(photos_dir):
+    return Image.open(photos_dir / "coffee.png").convert("RGB")
+
+
+def _jpeg(img, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=kw.pop("format", "JPEG"), **kw)
+    return buf.getvalue()
+
+
+def test_only_files_nvjpeg_decodes_as_they_are_go_to_it(coffee):
+    rotated, upright = Image.Exif(), Image.Exif()
+    rotated[0x0112] = 6
+    upright[0x0112], upright[0x010F] = 1, "camera"
+    cases = {
+        "baseline": (_jpeg(coffee), True),
+        "grey": (_jpeg(coffee.convert("L")), True),
+        "progressive": (_jpeg(coffee, progressive=True), True),
+        "optimised, 4:4:4": (_jpeg(coffee, optimize=True, subsampling=0), True),
+        "upright EXIF": (_jpeg(coffee, exif=upright.tobytes()), True),
+        "EXIF rotated": (_jpeg(coffee, exif=rotated.tobytes()), False),  # the CPU path turns it upright
+        "CMYK": (_jpeg(coffee.convert("CMYK")), False),
+        "PNG": (_jpeg(coffee, format="PNG"), False),
+        "header cut short": (_jpeg(coffee)[:40], False),
+        "empty": (b"", False),
+    }
+    assert {name: jpeg_gpu_ok(data, 10**8) for name, (data, _) in cases.items()} == \
+        {name: want for name, (_, want) in cases.items()}
+    assert not jpeg_gpu_ok(cases["baseline"][0], max_pixels=coffee.width * coffee.height - 1)
+
+
+def _mixed_folder(tmp_path, coffee, n_jpegs: int):
+    from featx.samples import write_jpeg_folder
+
+    root = write_jpeg_folder(tmp_path / "jpegs", n_jpegs, processes=1)
+    paths = sorted(str(p) for p in root.rglob("*.jpg"))
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    coffee.convert("CMYK").save(odd / "cmyk.jpg")
+    coffee.save(odd / "png.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    coffee.save(odd / "rotated.jpg", exif=exif)
+    (odd / "corrupt.jpg").write_bytes(_jpeg(coffee)[:300])  # a header nvJPEG accepts, then nothing
+    (odd / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    extra = [str(odd / n) for n in ("cmyk.jpg", "png.png", "rotated.jpg", "corrupt.jpg", "garbage.jpg")]
+    return paths, extra + [str(odd / "missing.jpg")]
+
+
+def test_decoder_matches_the_cpu_path_and_records_what_it_cannot_decode(tmp_path, coffee, lite0_backbone):
+    cfg = lite0_backbone.preprocess
+    jpegs, odd = _mixed_folder(tmp_path, coffee, 12)
+    paths = jpegs[:6] + odd + jpegs[6:]
+    decoder = GpuDecoder(cfg, device="cpu")
+    try:
+        images, ok, failed = decoder.decode(paths)
+    finally:
+        decoder.close()
+    reference = load_batch(paths, cfg)
+    assert ok == reference.ok and [i for i, _ in failed] == [i for i, _ in reference.failed]
+    assert "no such file" in dict(failed)[paths.index(odd[-1])]
+    got = images.numpy().astype(np.float32)
+    assert got.shape == (len(ok), *cfg.input_size, 3)
+    assert np.abs(got - reference.images).mean() < 1.0  # libjpeg-turbo either way; torch resizes, PIL resizes
+    for name in ("cmyk.jpg", "png.png", "rotated.jpg"):  # fallbacks decode with PIL: identical
+        row = ok.index(next(i for i, p in enumerate(paths) if p.endswith(name)))
+        assert np.array_equal(images[row].numpy(), load_image(paths[ok[row]], cfg))
+
+
+def test_decode_stage_shares_batches_with_cpu_workers_and_loses_none(tmp_path, coffee, lite0_backbone):
+    """Every batch comes out once, whichever decoder took it, with the same files ok and failed."""
+    from featx.pipeline import _gpu_decode_ahead
+
+    cfg = lite0_backbone.preprocess
+    jpegs, odd = _mixed_folder(tmp_path, coffee, 58)
+    paths = jpegs + odd
+    entries = [FileEntry(key=p, path=p, label=None, size=0, mtime_ns=0) for p in paths]
+    batches = [entries[i:i + 8] for i in range(0, len(entries), 8)]
+    with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        out = list(_gpu_decode_ahead(iter(batches), cfg, device="cpu", max_pixels=10**8, depth=1,
+                                     cpu_pool=pool, cpu_workers=2))
+    assert sorted(tuple(e.key for e in b) for b, _ in out) == sorted(tuple(e.key for e in b) for b in batches)
+    assert {d.decoded_by for _, d in out} == {"gpu", "cpu"}
+    for batch, decoded in out:
+        reference = load_batch([e.path for e in batch], cfg)
+        assert decoded.ok == reference.ok
+        assert [i for i, _ in decoded.failed] == [i for i, _ in reference.failed]
+        images = decoded.images if isinstance(decoded.images, np.ndarray) else decoded.images.numpy()
+        assert np.abs(images.astype(np.float32) - reference.images).mean() < 1.0
