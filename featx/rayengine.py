@@ -68,9 +68,10 @@ class _Embedder:
 
 def stitch_shards(shard_dir: Path, store: EmbeddingStore) -> tuple[int, list[tuple[str, str]]]:
     """Commit every finished shard into the store (skipping keys already there), then delete it."""
-    done = store.done()
+    markers = sorted(shard_dir.glob("*.done"))
+    done = store.done() if markers else {}  # the done keys are read only when there is something to stitch
     embedded, failures = 0, []
-    for marker in sorted(shard_dir.glob("*.done")):
+    for marker in markers:
         shard = marker.with_suffix(".npz")
         with np.load(shard, allow_pickle=True) as z:  # our own shard files: keys and reasons are str objects
             ok, keys, errors = z["ok"], [str(k) for k in z["key"]], [str(e) for e in z["error"]]
