@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .backbones import PreprocessConfig
-from .data import DEFAULT_MAX_PIXELS, load_image
+from .data import DEFAULT_MAX_PIXELS, DecodedBatch, load_image
 from .errors import ImageError
 
 _logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _read(path: str, max_pixels: int) -> tuple[bytearray | ImageError, bool]:
 class GpuDecoder:
     """Decode + preprocess batches of files with torchvision: nvJPEG on a CUDA device.
 
-    ``decode(paths)`` returns ``(images, ok, failed)``: uint8 (n_ok, H, W, 3) on ``device``, the
+    ``decode(paths)`` returns a DecodedBatch: uint8 (n_ok, H, W, 3) images on ``device``, the
     positions that succeeded, and (position, reason) for the rest. ``device="cpu"`` runs the same
     steps with libjpeg-turbo, so the batching, fallbacks and failures are tested without a GPU.
     """
@@ -166,7 +166,20 @@ class GpuDecoder:
             done.update(cpu_rows)
         ok = sorted(done)
         images = out if len(ok) == len(paths) else out[torch.tensor(ok, dtype=torch.long, device=self.device)]
-        return images, ok, sorted(failed)
+        return DecodedBatch(images, ok, sorted(failed), decoded_by="gpu")
+
+    def to_device(self, images: np.ndarray):
+        """uint8 (n, H, W, 3) decoded on the host -> the same on ``device``, copied from pinned memory on
+        this thread's stream (a pageable copy would hold up whichever thread asked for it)."""
+        import torch
+
+        tensor = torch.from_numpy(images)
+        if not self.device.startswith("cuda"):
+            return tensor
+        with torch.cuda.stream(self._stream()):
+            on_device = tensor.pin_memory().to(self.device, non_blocking=True)
+        self._stream().synchronize()  # the pinned buffer may be freed once this returns
+        return on_device
 
     def _stream(self):
         import torch

@@ -486,59 +486,54 @@ def _chunks(items: Iterator[FileEntry], size: int) -> Iterator[list[FileEntry]]:
 
 def _gpu_decode_ahead(batches: Iterator[list[FileEntry]], cfg, device: str, max_pixels: int, depth: int = 3,
                       cpu_pool: cf.Executor | None = None, cpu_workers: int = 0):
-    """Yield (batch, DecodedBatch) as the decodes finish: GPU batches as CUDA uint8 tensors, CPU batches as
-    numpy arrays. The engine threads put the results back in walk order.
+    """Yield (batch, DecodedBatch with the images on ``device``) as the decodes finish; the engine
+    threads put the results back in walk order.
 
     nvJPEG decodes up to ``depth`` batches ahead in threads, each on its own CUDA stream, so decoding
     the next batches overlaps the model running on the current one. torchvision has one nvJPEG
     decoder per process, behind one lock, so more decode threads add nothing; the CPU cores add
     their own rate instead: with ``cpu_pool`` (``cpu_workers`` decode processes), whenever nvJPEG
     has ``depth`` batches queued and the pool has room, the next batch is decoded there, split into
-    one chunk per worker so it finishes about as soon as a GPU batch does.
+    one chunk per worker so it finishes about as soon as a GPU batch does, and copied to the device
+    from pinned memory in a decode thread, so the engine thread never waits on a host copy.
     """
     import torch
 
     from .gpudecode import GpuDecoder
 
     decoder = GpuDecoder(cfg, device=device, max_pixels=max_pixels, threads=min(32, (os.cpu_count() or 2) * 2))
-    pool = cf.ThreadPoolExecutor(2)
+    pool = cf.ThreadPoolExecutor(4)  # up to 2 nvJPEG batches and 2 CPU batches waiting for their upload
     on_gpu: deque = deque()
     on_cpu: deque = deque()
-    cuda = is_cuda(device)
 
-    def from_gpu():
-        b, fut = on_gpu.popleft()
-        images, ok, failed = fut.result()
-        if cuda:
-            images.record_stream(torch.cuda.current_stream())  # freed only after the model has read it
-        return b, DecodedBatch(images, ok, failed, decoded_by="gpu")
+    def from_cpu(chunks) -> DecodedBatch:
+        merged = _merge_chunks([f.result() for f in chunks])
+        return DecodedBatch(decoder.to_device(merged.images), merged.ok, merged.failed)
 
-    def from_cpu():
-        b, chunks = on_cpu.popleft()
-        return b, _merge_chunks([f.result() for f in chunks])
+    def take(queue: deque):
+        b, fut = queue.popleft()
+        decoded = fut.result()
+        if is_cuda(device):
+            decoded.images.record_stream(torch.cuda.current_stream())  # freed only after the model has read it
+        return b, decoded
 
     try:
         for batch in batches:
             paths = [e.path for e in batch]
             if cpu_pool is not None and len(on_gpu) >= depth and len(on_cpu) < 2:
                 step = -(-len(paths) // max(1, cpu_workers))
-                on_cpu.append((batch, [cpu_pool.submit(load_batch, paths[i:i + step], cfg, max_pixels)
-                                       for i in range(0, len(paths), step)]))
+                chunks = [cpu_pool.submit(load_batch, paths[i:i + step], cfg, max_pixels)
+                          for i in range(0, len(paths), step)]
+                on_cpu.append((batch, pool.submit(from_cpu, chunks)))
             else:
                 on_gpu.append((batch, pool.submit(decoder.decode, paths, decoder.read(paths))))
-            while on_cpu and all(f.done() for f in on_cpu[0][1]):
-                yield from_cpu()
+            while on_cpu and on_cpu[0][1].done():
+                yield take(on_cpu)
             while len(on_gpu) > depth or (on_gpu and on_gpu[0][1].done()):
-                yield from_gpu()
+                yield take(on_gpu)
         while on_gpu or on_cpu:
-            if on_gpu and (not on_cpu or on_gpu[0][1].done()):
-                yield from_gpu()
-            else:
-                yield from_cpu()
+            yield take(on_gpu if on_gpu and (not on_cpu or on_gpu[0][1].done()) else on_cpu)
     finally:
-        for _, chunks in on_cpu:
-            for f in chunks:
-                f.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
         decoder.close()
 

@@ -33,7 +33,8 @@ def test_gpu_decode_matches_cpu_decode(tmp_path, lite0_backbone):
     paths = sorted(str(p) for p in root.rglob("*.jpg"))
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     decoder = GpuDecoder(lite0_backbone.preprocess)
-    images, ok, failed = decoder.decode(paths + [str(tmp_path / "bad.jpg")])
+    decoded = decoder.decode(paths + [str(tmp_path / "bad.jpg")])
+    images, ok, failed = decoded.images, decoded.ok, decoded.failed
     assert ok == list(range(16)) and [i for i, _ in failed] == [16]
     cpu = np.stack([load_image(p, lite0_backbone.preprocess) for p in paths]).astype(np.float32)
     diff = np.abs(images.cpu().numpy().astype(np.float32) - cpu)

@@ -69,9 +69,11 @@ def test_decoder_matches_the_cpu_path_and_records_what_it_cannot_decode(tmp_path
     paths = jpegs[:6] + odd + jpegs[6:]
     decoder = GpuDecoder(cfg, device="cpu")
     try:
-        images, ok, failed = decoder.decode(paths)
+        decoded = decoder.decode(paths)
     finally:
         decoder.close()
+    images, ok, failed = decoded.images, decoded.ok, decoded.failed
+    assert decoded.decoded_by == "gpu"  # nvJPEG's place in the pipeline, here with libjpeg-turbo
     reference = load_batch(paths, cfg)
     assert ok == reference.ok and [i for i, _ in failed] == [i for i, _ in reference.failed]
     assert "no such file" in dict(failed)[paths.index(odd[-1])]
@@ -101,5 +103,4 @@ def test_decode_stage_shares_batches_with_cpu_workers_and_loses_none(tmp_path, c
         reference = load_batch([e.path for e in batch], cfg)
         assert decoded.ok == reference.ok
         assert [i for i, _ in decoded.failed] == [i for i, _ in reference.failed]
-        images = decoded.images if isinstance(decoded.images, np.ndarray) else decoded.images.numpy()
-        assert np.abs(images.astype(np.float32) - reference.images).mean() < 1.0
+        assert np.abs(decoded.images.numpy().astype(np.float32) - reference.images).mean() < 1.0
