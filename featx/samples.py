@@ -35,6 +35,34 @@ def write_sample_photos(folder: str | Path) -> list[Path]:
     return paths
 
 
+def camera_sized_photo(size: tuple[int, int] = (4032, 3024), seed: int = 0) -> Image.Image:
+    """A (w, h) RGB picture with real detail in every pixel, like a phone camera's: a mosaic of the
+    sample photos, scikit-image's larger pictures (retina, Hubble deep field, stereo motorcycle) and
+    its grass, gravel and brick textures, each tile cut at native resolution (nothing is upscaled)."""
+    import numpy as np
+    import skimage.data
+
+    pictures = [np.asarray(p) for p in sample_photos().values()]
+    for name in ("retina", "hubble_deep_field", "stereo_motorcycle"):
+        picture = getattr(skimage.data, name)()
+        pictures.append(np.asarray(picture[0] if isinstance(picture, tuple) else picture))  # stereo: the left view
+    pictures += [np.repeat(getattr(skimage.data, name)()[..., None], 3, axis=2) for name in ("grass", "gravel", "brick")]
+    rng = np.random.default_rng(seed)
+    w, h = size
+    canvas = np.zeros((h, w, 3), dtype=np.uint8)
+    y = 0
+    while y < h:
+        x, row_h = 0, int(rng.integers(250, 500))
+        while x < w:
+            src = pictures[int(rng.integers(len(pictures)))]
+            th, tw = min(row_h, src.shape[0], h - y), min(int(rng.integers(250, 600)), src.shape[1], w - x)
+            sy, sx = int(rng.integers(0, src.shape[0] - th + 1)), int(rng.integers(0, src.shape[1] - tw + 1))
+            canvas[y:y + th, x:x + tw] = src[sy:sy + th, sx:sx + tw]
+            x += tw
+        y += row_h
+    return Image.fromarray(canvas)
+
+
 def write_digits_folder(folder: str | Path, *, size: int = 64, limit: int | None = None) -> Path:
     """scikit-learn's 1,797 labelled digits as a class-per-folder tree of PNGs (``folder/3/0042.png``).
 

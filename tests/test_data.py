@@ -131,3 +131,29 @@ def test_unreadable_file_and_folder(tmp_path, coffee):
         decode_image(tmp_path / "locked.png")
     failures = [i for i in walk_images(tmp_path) if isinstance(i, WalkFailure)]
     assert failures and "cannot be read" in failures[0].reason
+
+
+def test_camera_sized_jpeg_decodes_at_reduced_scale_and_embeds_like_a_full_decode(tmp_path, lite0_onnx):
+    """A 12-megapixel photo is decoded by libjpeg at 1/4 scale (still twice the resize target), upright
+    when EXIF says so, and its embedding agrees with the full-resolution decode's."""
+    import featx
+    from featx.data import load_image, preprocess_image
+    from featx.samples import camera_sized_photo
+
+    photo = camera_sized_photo((4032, 3024))
+    photo.save(tmp_path / "photo.jpg", quality=92)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "portrait.jpg", quality=92, exif=exif)
+    photo.resize((1000, 750)).save(tmp_path / "small.jpg", quality=92)
+    assert decode_image(tmp_path / "photo.jpg", min_size=512).size == (1008, 756)
+    assert decode_image(tmp_path / "portrait.jpg", min_size=512).size == (756, 1008)
+    assert decode_image(tmp_path / "small.jpg", min_size=512).size == (1000, 750)  # less than twice: full size
+
+    engine = featx.load_model(lite0_onnx, device="cpu", engine="onnx")
+    cfg = engine.info.preprocess
+    for name in ("photo.jpg", "portrait.jpg"):
+        reduced = load_image(tmp_path / name, cfg)
+        full = preprocess_image(decode_image(tmp_path / name), cfg)
+        a, b = engine.encode(np.stack([reduced, full])).embedding
+        assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) >= 0.999
