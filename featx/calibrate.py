@@ -201,6 +201,7 @@ def choose_engine(path: str | os.PathLike, *, device: str, batch_size: int, forc
         if candidate.startswith("torch") and backbone is None:
             result.problem = "torch weights not available"
             continue
+        engine = None
         try:
             engine = build_engine(candidate, path, device=device, backbone=backbone, threads=threads, spin=spin)
             engine.warmup(batch_size)
@@ -208,20 +209,16 @@ def choose_engine(path: str | os.PathLike, *, device: str, batch_size: int, forc
                 result.cosine = cosine_agreement(engine.encode(photos).embedding, reference)
                 if result.cosine < MIN_COSINE:
                     result.problem = f"refused: embeddings differ from fp32 torch (cosine {result.cosine:.4f})"
-                    engine = None
-                    _free_gpu_cache(device)
                     continue
             rate, _ = time_throughput(lambda: engine.encode(batch), batch_size, repeats=3, min_seconds=0.25)
             result.images_per_second = rate
+            if best is None or rate > best[1].images_per_second:
+                best = (engine, result)  # the one it beats is dropped below
         except Exception as e:  # an engine that cannot run here is a result, not the end of the run
-            engine = None
-            _free_gpu_cache(device)
             result.problem = f"failed: {_first_line(e)}"
-            continue
-        if best is None or rate > best[1].images_per_second:
-            best = (engine, result)  # the slower one is dropped here
-        engine = None
-        _free_gpu_cache(device)
+        finally:
+            engine = None  # only the best one stays referenced
+            _free_gpu_cache(device)
     if best is None:
         raise FeatxError(f"no engine could run {path} on {device}: "
                          + "; ".join(f"{r.engine}: {r.problem}" for r in results))
