@@ -5,6 +5,7 @@ Nothing here imports torch or onnxruntime: decode workers stay light.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -127,9 +128,9 @@ def _content_is_image(path: str) -> bool:
         return False
 
 
-def decode_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  min_size: int | None = None) -> Image.Image:
-    """Read an image file as an upright RGB picture.
+    """Read an image file (or its bytes, already read) as an upright RGB picture.
 
     EXIF orientation is applied; alpha is composited onto white; CMYK, palette, grayscale and
     16-bit images are converted (16-bit scaled to 8 bits, not clipped). ``min_size``: a JPEG
@@ -140,7 +141,7 @@ def decode_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXEL
         ImageError: with a one-line reason (empty, not an image, truncated, too large, unreadable).
     """
     try:
-        with open(path, "rb") as f:
+        with io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else open(path, "rb") as f:
             head = f.read(16)
             if not head:
                 raise ImageError("empty file (0 bytes)")
@@ -211,8 +212,9 @@ def preprocess_image(img: Image.Image | np.ndarray, cfg: PreprocessConfig) -> np
     return np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.uint8)
 
 
-def load_image(path: str | os.PathLike, cfg: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode and preprocess one file. Returns uint8 (H, W, 3); raises ImageError.
+def load_image(path: str | os.PathLike | bytes | bytearray, cfg: PreprocessConfig, *,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode and preprocess one file (or its bytes). Returns uint8 (H, W, 3); raises ImageError.
 
     A large JPEG (a 12-megapixel photo) is decoded at a reduced scale that keeps at least twice the
     resize target on its shorter side, so the antialiased resize still does the final filtering; the

@@ -150,7 +150,7 @@ class GpuDecoder:
                 resized = self._resize_crop(torch.stack([decoded[k] for k in members]), ih, iw)
                 out.index_copy_(0, torch.tensor(rows, device=self.device), resized)
                 done.update(rows)
-        cpu_jobs = {i: self.pool.submit(self._cpu, paths[i], read[i][0]) for i in range(len(paths)) if i not in done}
+        cpu_jobs = {i: self.pool.submit(self._cpu, read[i][0]) for i in range(len(paths)) if i not in done}
         failed: list[tuple[int, str]] = []
         cpu_rows, cpu_images = [], []
         for i, job in cpu_jobs.items():
@@ -206,11 +206,12 @@ class GpuDecoder:
                     decoded.append(None)
             return decoded
 
-    def _cpu(self, path: str, blob) -> np.ndarray | str:
+    def _cpu(self, blob) -> np.ndarray | str:
+        """The CPU path on the bytes already read (the file is not read twice)."""
         if isinstance(blob, ImageError):
             return str(blob)
         try:
-            return load_image(path, self.cfg, max_pixels=self.max_pixels)
+            return load_image(blob, self.cfg, max_pixels=self.max_pixels)
         except ImageError as e:
             return str(e)
         except Exception as e:  # a decoder bug must not end the run
