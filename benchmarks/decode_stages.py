@@ -72,14 +72,14 @@ def main() -> None:
     decoder.close()
 
     context = multiprocessing.get_context("spawn")
-    for workers in sorted({1, max(1, default_workers() // 2), default_workers()}):
+    for workers in sorted({1, max(1, default_workers(gpu_decode=True)), default_workers()}):
         with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
             chunk = max(1, bs // 4)
             rec[f"cpu_pil_{workers}_workers_per_s"] = _rate(n, lambda: list(pool.map(
                 load_batch, [paths[i:i + chunk] for i in range(0, n, chunk)], [cfg] * (-(-n // chunk)))))
 
     entries = [[FileEntry(key=p, path=p, label=None, size=0, mtime_ns=0) for p in b] for b in batches]
-    for workers in sorted({0, max(1, default_workers() // 2), default_workers()}):
+    for workers in sorted({0, max(1, default_workers(gpu_decode=True)), default_workers()}):
         pool = cf.ProcessPoolExecutor(workers, mp_context=context) if workers else None
         counts: dict[str, int] = {}
 

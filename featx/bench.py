@@ -256,7 +256,7 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
     compile = compile if device == "cuda" else False
     runs = [(workers, f"{workers} decode worker{'s' * (workers != 1)}")]
     if device == "cuda":  # nvJPEG alone, and with the CPU workers taking a share of the batches
-        runs = [(0, "nvJPEG"), (None, f"nvJPEG + {default_workers() // 2} CPU decode workers")]
+        runs = [(0, "nvJPEG"), (None, f"nvJPEG + {default_workers(gpu_decode=True)} CPU decode workers")]
     for run_workers, how in runs:
         stats = embed_folder(root, tmp / f"bench-{how}.h5", model=model_file, batch_size=batch_size,
                              workers=run_workers, device=device, engine="auto", compile=compile)

@@ -147,8 +147,12 @@ class RunStats:
         )
 
 
-def default_workers() -> int:
-    return max(1, min(16, (os.cpu_count() or 2) - 1))
+def default_workers(*, gpu_decode: bool = False) -> int:
+    """Decode processes when the caller names none: all cores but one; with GPU decode half of
+    those, the other half left to what feeds the GPU (file reads, nvJPEG's host side, the engine
+    threads, the store writes; not yet measured against other splits)."""
+    cpu_decoders = max(1, min(16, (os.cpu_count() or 2) - 1))
+    return cpu_decoders // 2 if gpu_decode else cpu_decoders
 
 
 def embed_folder(
@@ -229,9 +233,7 @@ def embed_folder(
     if gpu_decode and not on_gpu_torch:
         raise FeatxError("--decode gpu needs the torch engine on CUDA (--engine torch --device cuda)")
     if gpu_decode and workers_given is None:
-        # the other half stays free for what feeds the GPU: file reads, nvJPEG's host side, the
-        # engine threads and the store writes (not yet measured against other splits)
-        workers = default_workers() // 2
+        workers = default_workers(gpu_decode=True)
     group = Path(model_file).stem
     stats = RunStats(out=str(out), model=group, engine=", ".join(f"{r.name} ({r.device})" for r in runners))
 
