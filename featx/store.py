@@ -19,6 +19,7 @@ dropped when the file is next opened for writing, so key i always matches row i.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -223,10 +224,11 @@ class EmbeddingStore:
         new = [n for n in names if n not in self.class_names]
         if new:
             ds = self.group["class_names"]
-            ds.resize(len(self.class_names) + len(new), axis=0)
-            ds[len(self.class_names):] = _encode(new)
+            with self._writing():
+                ds.resize(len(self.class_names) + len(new), axis=0)
+                ds[len(self.class_names):] = _encode(new)
+                self.file.flush()
             self.class_names += new
-            self.file.flush()
         return {n: i for i, n in enumerate(self.class_names)}
 
     def append(self, keys: list[str], embeddings: np.ndarray, labels, sizes, mtimes) -> None:
@@ -249,12 +251,13 @@ class EmbeddingStore:
         order = np.argsort(rows)
         idx = np.asarray(rows)[order]
         g = self.group
-        g["embeddings"][idx] = np.asarray(embeddings, dtype=g["embeddings"].dtype)[order]
-        g["labels"][idx] = np.asarray(labels, dtype=np.int32)[order]
-        self.file.flush()
-        g["file_size"][idx] = np.asarray(sizes, dtype=np.int64)[order]
-        g["file_mtime_ns"][idx] = np.asarray(mtimes, dtype=np.int64)[order]
-        self.file.flush()
+        with self._writing():
+            g["embeddings"][idx] = np.asarray(embeddings, dtype=g["embeddings"].dtype)[order]
+            g["labels"][idx] = np.asarray(labels, dtype=np.int32)[order]
+            self.file.flush()
+            g["file_size"][idx] = np.asarray(sizes, dtype=np.int64)[order]
+            g["file_mtime_ns"][idx] = np.asarray(mtimes, dtype=np.int64)[order]
+            self.file.flush()
 
     def add_failures(self, keys: list[str], reasons: list[str], sizes, mtimes) -> None:
         if not keys:
@@ -290,9 +293,17 @@ class EmbeddingStore:
                              f"{needed / 2**20:.1f} MiB needed): free some disk and run the same command again; "
                              f"rows committed before are intact")
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """Every write to the file goes through here: a failed one (disk full, I/O error) is one line."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:  # h5py reports a failed flush (disk full) as RuntimeError
+            raise StoreError(f"writing to {self.path} failed ({_reason(e)}); rows committed before are intact") from None
+
     def _commit(self, group, n: int, k: int, columns: dict[str, np.ndarray]) -> None:
         self._check_room(columns)
-        try:
+        with self._writing():
             for name, values in columns.items():
                 ds = group[name]
                 ds.resize(n + k, axis=0)
@@ -300,8 +311,6 @@ class EmbeddingStore:
             self.file.flush()
             group.attrs["n_rows"] = n + k  # the commit marker, written after the data
             self.file.flush()
-        except (OSError, RuntimeError) as e:  # h5py reports a failed flush (disk full) as RuntimeError
-            raise StoreError(f"writing to {self.path} failed ({_reason(e)}); rows committed before are intact") from None
 
     def rewrite_without(self, drop_keys: set[str], *, failures: bool = False) -> int:
         """Remove the rows of ``drop_keys`` (pruned files, or failures that since succeeded). Returns rows removed.
@@ -318,8 +327,9 @@ class EmbeddingStore:
         removed = int(n - keep.sum())
         if not removed:
             return 0
-        self._stage_rewrite(g, keep)
-        self._finish_rewrite(g)
+        with self._writing():
+            self._stage_rewrite(g, keep)
+            self._finish_rewrite(g)
         return removed
 
     def _stage_rewrite(self, g, keep: np.ndarray) -> None:
@@ -362,9 +372,8 @@ class EmbeddingStore:
         if not self.file.id.valid:
             return
         try:
-            self.file.flush()
-        except (OSError, RuntimeError) as e:
-            raise StoreError(f"writing to {self.path} failed ({_reason(e)}); rows committed before are intact") from None
+            with self._writing():
+                self.file.flush()
         finally:
             try:
                 self.file.close()
