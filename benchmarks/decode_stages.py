@@ -2,7 +2,8 @@
 
     python benchmarks/decode_stages.py --device cuda [--n-jpegs 8000] [--batch-size 256] [--out DIR]
 
-Measures, in one run: file reads + header checks (threads); torchvision's batched JPEG decode alone
+Measures, in one run: the per-image header check (featx's JPEG marker scan against a PIL open);
+file reads + header checks (threads); torchvision's batched JPEG decode alone
 (nvJPEG on CUDA, libjpeg-turbo on the CPU) at several batch sizes; resize + crop alone; the whole
 GpuDecoder; PIL decode + resize in 1, half and all-but-one worker processes (the CPU path); and the
 pipeline's decode stage with nvJPEG alone and with CPU workers taking a share of the batches. The
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import io
 import multiprocessing
 import os
 import time
@@ -38,11 +40,12 @@ def main() -> None:
 
     import torch
     import torchvision.io
+    from PIL import Image
 
     from featx.backbones import load_backbone
     from featx.bench import bench_workspace, machine_description, write_record
     from featx.data import FileEntry, load_batch
-    from featx.gpudecode import GpuDecoder, _read
+    from featx.gpudecode import GpuDecoder, _read, jpeg_gpu_ok
     from featx.pipeline import _gpu_decode_ahead, default_workers
 
     cuda = args.device.startswith("cuda")
@@ -55,6 +58,17 @@ def main() -> None:
     cores = os.cpu_count() or 2
     rec: dict = {"machine": machine_description(), "device": args.device, "n_jpegs": n, "batch_size": bs,
                  "cores": cores}
+
+    # the per-image host check that decides what nvJPEG gets: featx's marker scan against opening the file
+    # with PIL (what featx did before), one thread, on bytes already in memory
+    raw = [_read(p, 10**9)[0] for p in paths]
+
+    def pil_check(data) -> bool:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.mode in ("RGB", "L") and img.getexif().get(0x0112, 1) == 1
+
+    for name, check in (("marker_scan", lambda b: jpeg_gpu_ok(b, 10**9)), ("pil_open", pil_check)):
+        rec[f"header_check_{name}_us_per_image"] = 1e6 / _rate(n, lambda: [check(b) for b in raw])
 
     threads = cf.ThreadPoolExecutor(min(32, cores * 2))
     rec["read_and_header_check_per_s"] = _rate(n, lambda: list(threads.map(_read, paths, [10**9] * n)))
