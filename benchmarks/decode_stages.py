@@ -3,9 +3,11 @@
     python benchmarks/decode_stages.py --device cuda [--n-jpegs 8000] [--batch-size 256] [--out DIR]
 
 Measures, in one run: the per-image header check (featx's JPEG marker scan against a PIL open);
-file reads + header checks (threads); torchvision's batched JPEG decode alone
-(nvJPEG on CUDA, libjpeg-turbo on the CPU) at several batch sizes; resize + crop alone; the whole
-GpuDecoder; PIL decode + resize in 1, half and all-but-one worker processes (the CPU path); and the
+file reads + header checks (threads); the batched JPEG decode alone (nvJPEG on CUDA, libjpeg-turbo
+on the CPU) through TorchCodec and torchvision at several batch sizes, and TorchCodec from 1, 2 and 4
+threads at once (torchvision's lock makes threads pointless there); resize + crop alone; the whole
+GpuDecoder with each library; PIL decode + resize in 1, half and all-but-one worker processes (the
+CPU path); and the
 pipeline's decode stage with nvJPEG alone and with CPU workers taking a share of the batches. The
 model is not run, so these are the ceilings the end-to-end figure in `featx bench` works under.
 ``--device cpu`` runs the same steps with the CPU decoder, to check the script without a GPU.
@@ -39,13 +41,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    import torchvision.io
     from PIL import Image
 
     from featx.backbones import load_backbone
     from featx.bench import bench_workspace, machine_description, write_record
     from featx.data import FileEntry, load_batch
-    from featx.gpudecode import GpuDecoder, _read, jpeg_gpu_ok
+    from featx.gpudecode import GpuDecoder, _read, available_jpeg_libraries, jpeg_gpu_ok
     from featx.pipeline import _gpu_decode_ahead, default_workers
 
     cuda = args.device.startswith("cuda")
@@ -73,17 +74,26 @@ def main() -> None:
     threads = cf.ThreadPoolExecutor(min(32, cores * 2))
     rec["read_and_header_check_per_s"] = _rate(n, lambda: list(threads.map(_read, paths, [10**9] * n)))
     blobs = [torch.frombuffer(b, dtype=torch.uint8) for b, _ in threads.map(_read, paths, [10**9] * n)]
-    rgb = torchvision.io.ImageReadMode.RGB
-    for size in sorted({64, bs, 2 * bs}):
-        rec[f"torchvision_decode_jpeg_batch{size}_per_s"] = _rate(n, lambda: [
-            torchvision.io.decode_jpeg(blobs[i:i + size], mode=rgb, device=args.device) for i in range(0, n, size)],
-            sync)
+    libraries = available_jpeg_libraries()
+    rec["jpeg_libraries"] = libraries
+    for lib in libraries:
+        decode_list = GpuDecoder(cfg, device=args.device, library=lib)._decode_list
+        for size in sorted({64, bs, 2 * bs}):
+            rec[f"{lib}_decode_jpeg_batch{size}_per_s"] = _rate(n, lambda: [
+                decode_list(blobs[i:i + size]) for i in range(0, n, size)], sync)
+        if lib == "torchcodec":  # batches from several threads at once, each on a decoder of its own
+            for n_threads in (2, 4):
+                with cf.ThreadPoolExecutor(n_threads) as decode_threads:
+                    rec[f"{lib}_decode_jpeg_batch{bs}_{n_threads}_threads_per_s"] = _rate(n, lambda: list(
+                        decode_threads.map(decode_list, [blobs[i:i + bs] for i in range(0, n, bs)])), sync)
 
-    decoder = GpuDecoder(cfg, device=args.device, threads=min(32, cores * 2))
-    one = torch.stack(torchvision.io.decode_jpeg(blobs[:bs], mode=rgb, device=args.device))
-    rec["resize_crop_per_s"] = _rate(bs, lambda: decoder._resize_crop(one, *one.shape[2:]), sync)
-    rec["gpudecoder_whole_per_s"] = _rate(n, lambda: [decoder.decode(b) for b in batches], sync)
-    decoder.close()
+    for lib in libraries:
+        decoder = GpuDecoder(cfg, device=args.device, threads=min(32, cores * 2), library=lib)
+        if lib == libraries[0]:
+            one = torch.stack(decoder._decode_list(blobs[:bs]))
+            rec["resize_crop_per_s"] = _rate(bs, lambda: decoder._resize_crop(one, *one.shape[2:]), sync)
+        rec[f"gpudecoder_{lib}_whole_per_s"] = _rate(n, lambda: [decoder.decode(b) for b in batches], sync)
+        decoder.close()
 
     context = multiprocessing.get_context("spawn")
     for workers in sorted({1, max(1, default_workers(gpu_decode=True)), default_workers()}):

@@ -264,21 +264,26 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
                                      "end-to-end", batch_size, stats.steady_images_per_second, (0, 0),
                                      setup_seconds=stats.load_seconds, note=f"{n} JPEGs; {stats.engine}"))
 
-    if device == "cuda":  # the decode stage alone, to tell a decode wall from a model wall
-        from .gpudecode import GpuDecoder
+    if device == "cuda":  # the pipeline's decode stage alone, to tell a decode wall from a model wall
+        from .data import DEFAULT_MAX_PIXELS, FileEntry
+        from .gpudecode import jpeg_library
+        from .pipeline import _gpu_decode_ahead
 
-        paths = sorted(str(p) for p in root.rglob("*.jpg"))
-        decoder = GpuDecoder(backbone.preprocess, threads=32)
-        decoder.decode(paths[:batch_size])
-        torch.cuda.synchronize()
+        entries = [FileEntry(key=str(p), path=str(p), label=None, size=0, mtime_ns=0)
+                   for p in sorted(root.rglob("*.jpg"))]
+        batches = [entries[i:i + batch_size] for i in range(0, len(entries), batch_size)]
+
+        def decode_all():
+            for _ in _gpu_decode_ahead(iter(batches), backbone.preprocess, "cuda:0", DEFAULT_MAX_PIXELS):
+                pass
+            torch.cuda.synchronize()
+
+        decode_all()  # warm-up: decoder handles, allocator, page cache
         t0 = time.perf_counter()
-        pending = [decoder.read(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
-        for i, raw in zip(range(0, len(paths), batch_size), pending):
-            decoder.decode(paths[i:i + batch_size], raw)
-        torch.cuda.synchronize()
+        decode_all()
         result.timings.append(Timing("featx GPU decode+resize only (no model)", "end-to-end", batch_size,
-                                     len(paths) / (time.perf_counter() - t0), (0, 0), note=f"{len(paths)} JPEGs"))
-        decoder.close()
+                                     len(entries) / (time.perf_counter() - t0), (0, 0),
+                                     note=f"{len(entries)} JPEGs; nvJPEG through {jpeg_library()}"))
 
     p = backbone.preprocess
     transform = torchvision.transforms.Compose([

@@ -1,11 +1,18 @@
-"""JPEG decode and resize on the GPU (nvJPEG through torchvision), with the CPU path as fallback.
+"""JPEG decode and resize on the GPU (nvJPEG through TorchCodec, or torchvision where TorchCodec does
+not load), with the CPU path as fallback.
 
 On a GPU the model outruns CPU JPEG decoding many times over, so decode moves to the GPU too:
 file bytes are read by threads, JPEGs are decoded in one batched nvJPEG call, resized with
 antialiasing in groups of equal size, centre-cropped, and handed to the torch engine as a uint8
-(n, H, W, 3) CUDA tensor. Anything nvJPEG does not take (PNG and other formats, CMYK or rotated
-JPEGs, files it rejects) goes through :func:`featx.data.load_image` on the CPU; a file that fails
-both is a recorded failure, as on the CPU path.
+(n, H, W, 3) CUDA tensor. Anything nvJPEG does not take (PNG and other formats, CMYK JPEGs, files
+it rejects, and with torchvision EXIF-rotated JPEGs) goes through :func:`featx.data.load_image` on
+the CPU; a file that fails both is a recorded failure, as on the CPU path.
+
+TorchCodec is preferred: torchvision's image decoders are deprecated since torchvision 0.29 in its
+favour, and torchvision runs every nvJPEG call behind one process-wide lock with one decoder, while
+TorchCodec keeps a cache of decoders per GPU, so batches decoded from several threads run at once.
+It also turns EXIF-rotated JPEGs upright as PIL's ``exif_transpose`` does (pixel for pixel on the
+CPU: tests/test_gpudecode.py), so phone photos taken in portrait stay on the GPU.
 """
 
 from __future__ import annotations
@@ -45,11 +52,42 @@ def _exif_orientation(tiff: bytes) -> int:
     return 1
 
 
-def jpeg_gpu_ok(data, max_pixels: int) -> bool:
-    """Whether nvJPEG can take this file as it is: an 8-bit Huffman JPEG, YCbCr or grey, upright
-    (no EXIF rotation), within the pixel limit. Anything else goes to the CPU path, which says what
-    is wrong with it. A scan of the marker segments up to the frame header, no decoding: it runs
-    once per image on the host, where parsing the file with PIL cost 2-3 times as much."""
+JPEG_LIBRARIES = ("torchcodec", "torchvision")
+
+
+def jpeg_library(prefer: str = "auto") -> str:
+    """The library that decodes JPEG batches: ``prefer`` if it loads, or with "auto" TorchCodec when
+    it loads (it is built against torch's stable ABI, from torch 2.11), else torchvision."""
+    if prefer not in ("auto", *JPEG_LIBRARIES):
+        raise ValueError(f"unknown JPEG decode library {prefer!r}: use auto, {', '.join(JPEG_LIBRARIES)}")
+    if prefer in ("auto", "torchcodec"):
+        try:
+            import torchcodec.decoders  # noqa: F401
+            return "torchcodec"
+        except Exception as e:  # not installed, or its native library does not load with this torch
+            if prefer == "torchcodec":
+                raise ImportError(f"TorchCodec does not load here: {e}") from e
+            _logger.debug("TorchCodec does not load (%s); decoding JPEGs with torchvision", e)
+    return "torchvision"
+
+
+def available_jpeg_libraries() -> list[str]:
+    """The JPEG decode libraries that load here, preferred first."""
+    available = []
+    for library in JPEG_LIBRARIES:
+        try:
+            available += [library] if jpeg_library(library) == library else []
+        except ImportError:
+            pass
+    return available
+
+
+def jpeg_gpu_ok(data, max_pixels: int, *, rotates: bool = False) -> bool:
+    """Whether nvJPEG can take this file as it is: an 8-bit Huffman JPEG, YCbCr or grey, within the
+    pixel limit, and upright unless the decoder applies the EXIF orientation itself (``rotates``).
+    Anything else goes to the CPU path, which says what is wrong with it. A scan of the marker
+    segments up to the frame header, no decoding: it runs once per image on the host, where parsing
+    the file with PIL cost 2-3 times as much."""
     data = memoryview(data)
     if bytes(data[:3]) != b"\xff\xd8\xff":
         return False
@@ -74,7 +112,8 @@ def jpeg_gpu_ok(data, max_pixels: int) -> bool:
             if marker not in _NVJPEG_SOF or len(segment) < 6 or segment[0] != 8:
                 return False
             height, width, components = (segment[1] << 8) | segment[2], (segment[3] << 8) | segment[4], segment[5]
-            return (components == 1 or (components == 3 and not adobe_rgb)) and orientation == 1 \
+            upright = orientation == 1 or (rotates and 1 <= orientation <= 8)
+            return (components == 1 or (components == 3 and not adobe_rgb)) and upright \
                 and 0 < width * height <= max_pixels
         elif marker in (0xDA, 0xD9):  # scan or end before any frame header
             return False
@@ -82,7 +121,7 @@ def jpeg_gpu_ok(data, max_pixels: int) -> bool:
     return False
 
 
-def _read(path: str, max_pixels: int) -> tuple[bytearray | ImageError, bool]:
+def _read(path: str, max_pixels: int, rotates: bool = False) -> tuple[bytearray | ImageError, bool]:
     """(file bytes or why they could not be read, whether nvJPEG can decode them)."""
     try:
         with open(path, "rb") as f:
@@ -93,11 +132,12 @@ def _read(path: str, max_pixels: int) -> tuple[bytearray | ImageError, bool]:
         return ImageError("no such file (deleted or moved before it could be read)"), False
     except OSError as e:
         return ImageError(f"cannot read: {e.strerror or e}"), False
-    return data, jpeg_gpu_ok(data, max_pixels)
+    return data, jpeg_gpu_ok(data, max_pixels, rotates=rotates)
 
 
 class GpuDecoder:
-    """Decode + preprocess batches of files with torchvision: nvJPEG on a CUDA device.
+    """Decode + preprocess batches of files: nvJPEG on a CUDA device, through ``library`` (see
+    :func:`jpeg_library`).
 
     ``decode(paths)`` returns a DecodedBatch: uint8 (n_ok, H, W, 3) images on ``device``, the
     positions that succeeded, and (position, reason) for the rest. ``device="cpu"`` runs the same
@@ -105,19 +145,23 @@ class GpuDecoder:
     """
 
     def __init__(self, cfg: PreprocessConfig, *, device: str = "cuda", threads: int = 8,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, library: str = "auto"):
         import threading
 
         self.cfg = cfg
         self.device = device
         self.max_pixels = max_pixels
+        self.library = jpeg_library(library)
+        self.rotates = self.library == "torchcodec"  # it applies the EXIF orientation, as the CPU path does
+        self._decode_list = self._batch_decode_fn()
         self._local = threading.local()  # one CUDA stream per thread that decodes
         self.pool = cf.ThreadPoolExecutor(threads)  # file reads + header checks, and CPU fallbacks
         self.ahead = cf.ThreadPoolExecutor(1)  # whole-batch reads, so they never wait on their own pool
 
     def read(self, paths: Sequence[str]) -> cf.Future:
         """Start reading a batch's bytes in the background; pass the future to ``decode``."""
-        return self.ahead.submit(lambda: list(self.pool.map(_read, paths, itertools.repeat(self.max_pixels))))
+        return self.ahead.submit(lambda: list(self.pool.map(_read, paths, itertools.repeat(self.max_pixels),
+                                                            itertools.repeat(self.rotates))))
 
     def decode(self, paths: Sequence[str], raw: cf.Future | None = None):
         """Thread-safe; runs on this thread's own CUDA stream and returns once the batch is complete."""
@@ -189,22 +233,30 @@ class GpuDecoder:
         return self._local.stream
 
     def _decode_jpegs(self, tensors: list) -> list:
-        """One batched call per batch: torchvision serialises every nvJPEG call behind one process-wide
-        lock and synchronises at its end, so slices decoded from several threads would only queue up,
-        while one large batch keeps all of the hardware JPEG decoders busy."""
-        import torchvision.io
-
-        rgb = torchvision.io.ImageReadMode.RGB
+        """One batched call per batch, which keeps all of the GPU's hardware JPEG decoders busy (and with
+        torchvision, whose calls queue behind one lock, several smaller calls would only wait)."""
         try:
-            return torchvision.io.decode_jpeg(tensors, mode=rgb, device=self.device)
-        except RuntimeError:  # one bad file fails the batched call: retry one by one
+            return self._decode_list(tensors)
+        except (RuntimeError, ValueError):  # one bad file fails the batched call: retry one by one
             decoded = []
             for t in tensors:
                 try:
-                    decoded.append(torchvision.io.decode_jpeg(t, mode=rgb, device=self.device))
-                except RuntimeError:
+                    decoded.append(self._decode_list([t])[0])
+                except (RuntimeError, ValueError):
                     decoded.append(None)
             return decoded
+
+    def _batch_decode_fn(self):
+        """list of 1-D uint8 CPU tensors -> list of uint8 (3, h, w) RGB images on ``device``."""
+        device = self.device
+        if self.library == "torchcodec":
+            from torchcodec.decoders import decode_jpeg
+
+            return lambda tensors: decode_jpeg(list(tensors), mode="RGB", device=device)
+        import torchvision.io
+
+        rgb = torchvision.io.ImageReadMode.RGB
+        return lambda tensors: torchvision.io.decode_jpeg(list(tensors), mode=rgb, device=device)
 
     def _cpu(self, blob) -> np.ndarray | str:
         """The CPU path on the bytes already read (the file is not read twice)."""

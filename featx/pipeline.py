@@ -492,9 +492,9 @@ def _gpu_decode_ahead(batches: Iterator[list[FileEntry]], cfg, device: str, max_
     threads put the results back in walk order.
 
     nvJPEG decodes up to ``depth`` batches ahead in threads, each on its own CUDA stream, so decoding
-    the next batches overlaps the model running on the current one. torchvision has one nvJPEG
-    decoder per process, behind one lock, so more decode threads add nothing; the CPU cores add
-    their own rate instead: with ``cpu_pool`` (``cpu_workers`` decode processes), whenever nvJPEG
+    the next batches overlaps the model running on the current one (with TorchCodec they decode at
+    once, each on a decoder of its own; torchvision's one decoder takes them in turn). The CPU cores
+    add their own rate: with ``cpu_pool`` (``cpu_workers`` decode processes), whenever nvJPEG
     has ``depth`` batches queued and the pool has room, the next batch is decoded there, split into
     one chunk per worker so it finishes about as soon as a GPU batch does, and copied to the device
     from pinned memory in a decode thread, so the engine thread never waits on a host copy.
@@ -504,7 +504,7 @@ def _gpu_decode_ahead(batches: Iterator[list[FileEntry]], cfg, device: str, max_
     from .gpudecode import GpuDecoder
 
     decoder = GpuDecoder(cfg, device=device, max_pixels=max_pixels, threads=min(32, (os.cpu_count() or 2) * 2))
-    pool = cf.ThreadPoolExecutor(4)  # up to 2 nvJPEG batches and 2 CPU batches waiting for their upload
+    pool = cf.ThreadPoolExecutor(depth + 3)  # up to depth + 1 nvJPEG batches, 2 CPU batches waiting for upload
     on_gpu: deque = deque()
     on_cpu: deque = deque()
 

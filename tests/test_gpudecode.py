@@ -1,5 +1,6 @@
-"""The GPU decode path's host-side logic, run on the CPU (torchvision's libjpeg-turbo in place of nvJPEG):
-which files go to nvJPEG, fallbacks and failures, and the stage that shares batches with CPU decoders."""
+"""The GPU decode path's host-side logic, run on the CPU (TorchCodec's or torchvision's libjpeg-turbo in
+place of nvJPEG): which files go to nvJPEG, fallbacks and failures, EXIF rotation, and the stage that
+shares batches with CPU decoders."""
 
 import concurrent.futures as cf
 import io
@@ -10,7 +11,15 @@ import pytest
 from PIL import Image
 
 from featx.data import FileEntry, load_batch, load_image
-from featx.gpudecode import GpuDecoder, jpeg_gpu_ok
+from featx.gpudecode import JPEG_LIBRARIES, GpuDecoder, available_jpeg_libraries, jpeg_gpu_ok
+
+AVAILABLE = available_jpeg_libraries()
+
+# both decode libraries wherever they load: TorchCodec is preferred, torchvision (its image decoders
+# deprecated since 0.29, hence the warning filter) is the fallback
+LIBRARIES = [pytest.param(lib, marks=[pytest.mark.skipif(lib not in AVAILABLE, reason=f"{lib} does not load here"),
+                                      pytest.mark.filterwarnings("ignore:.*deprecated since torchvision")])
+             for lib in JPEG_LIBRARIES]
 
 
 @pytest.fixture
@@ -34,7 +43,7 @@ def test_only_files_nvjpeg_decodes_as_they_are_go_to_it(coffee):
         "progressive": (_jpeg(coffee, progressive=True), True),
         "optimised, 4:4:4": (_jpeg(coffee, optimize=True, subsampling=0), True),
         "upright EXIF": (_jpeg(coffee, exif=upright.tobytes()), True),
-        "EXIF rotated": (_jpeg(coffee, exif=rotated.tobytes()), False),  # the CPU path turns it upright
+        "EXIF rotated": (_jpeg(coffee, exif=rotated.tobytes()), False),  # unless the decoder turns it upright
         "CMYK": (_jpeg(coffee.convert("CMYK")), False),
         "PNG": (_jpeg(coffee, format="PNG"), False),
         "header cut short": (_jpeg(coffee)[:40], False),
@@ -43,6 +52,11 @@ def test_only_files_nvjpeg_decodes_as_they_are_go_to_it(coffee):
     assert {name: jpeg_gpu_ok(data, 10**8) for name, (data, _) in cases.items()} == \
         {name: want for name, (_, want) in cases.items()}
     assert not jpeg_gpu_ok(cases["baseline"][0], max_pixels=coffee.width * coffee.height - 1)
+    # a decoder that applies the EXIF orientation takes rotated files, but no orientation outside 1-8
+    assert jpeg_gpu_ok(cases["EXIF rotated"][0], 10**8, rotates=True)
+    rotated[0x0112] = 9
+    assert not jpeg_gpu_ok(_jpeg(coffee, exif=rotated.tobytes()), 10**8, rotates=True)
+    assert not jpeg_gpu_ok(cases["CMYK"][0], 10**8, rotates=True)
 
 
 def _mixed_folder(tmp_path, coffee, n_jpegs: int):
@@ -63,11 +77,12 @@ def _mixed_folder(tmp_path, coffee, n_jpegs: int):
     return paths, extra + [str(odd / "missing.jpg")]
 
 
-def test_decoder_matches_the_cpu_path_and_records_what_it_cannot_decode(tmp_path, coffee, lite0_backbone):
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_decoder_matches_the_cpu_path_and_records_what_it_cannot_decode(tmp_path, coffee, lite0_backbone, library):
     cfg = lite0_backbone.preprocess
     jpegs, odd = _mixed_folder(tmp_path, coffee, 12)
     paths = jpegs[:6] + odd + jpegs[6:]
-    decoder = GpuDecoder(cfg, device="cpu")
+    decoder = GpuDecoder(cfg, device="cpu", library=library)
     try:
         decoded = decoder.decode(paths)
     finally:
@@ -80,9 +95,40 @@ def test_decoder_matches_the_cpu_path_and_records_what_it_cannot_decode(tmp_path
     got = images.numpy().astype(np.float32)
     assert got.shape == (len(ok), *cfg.input_size, 3)
     assert np.abs(got - reference.images).mean() < 1.0  # libjpeg-turbo either way; torch resizes, PIL resizes
-    for name in ("cmyk.jpg", "png.png", "rotated.jpg"):  # fallbacks decode with PIL: identical
+    fallbacks = ["cmyk.jpg", "png.png"] + (["rotated.jpg"] if library == "torchvision" else [])
+    for name in fallbacks:  # decoded with PIL: identical
         row = ok.index(next(i for i, p in enumerate(paths) if p.endswith(name)))
         assert np.array_equal(images[row].numpy(), load_image(paths[ok[row]], cfg))
+
+
+@pytest.mark.skipif("torchcodec" not in AVAILABLE, reason="TorchCodec does not load here")
+def test_torchcodec_turns_every_exif_orientation_upright_like_the_cpu_path(tmp_path, lite0_backbone):
+    """Phone photos carry their rotation in EXIF; with TorchCodec they stay on nvJPEG and must come out
+    the way the CPU path (PIL's exif_transpose) shows them. A portrait crop of the photo, so a wrong
+    rotation or mirror changes the pixels."""
+    cfg = lite0_backbone.preprocess
+    from featx.samples import sample_photos
+
+    photo = sample_photos()["china"].crop((100, 0, 400, 427))
+    paths = []
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        paths.append(str(tmp_path / f"orientation{orientation}.jpg"))
+        photo.save(paths[-1], exif=exif, quality=95)
+    decoder = GpuDecoder(cfg, device="cpu", library="torchcodec")
+    try:
+        assert all(gpu_ok for _, gpu_ok in decoder.read(paths).result())  # none left to the CPU fallback
+        decoded = decoder.decode(paths)
+    finally:
+        decoder.close()
+    assert decoded.ok == list(range(8))
+    reference = load_batch(paths, cfg).images.astype(np.float32)
+    got = decoded.images.numpy().astype(np.float32)
+    errors = np.abs(got - reference).mean(axis=(1, 2, 3))
+    assert errors.max() < 1.0, errors
+    # and the eight really differ, so the check above could fail
+    assert min(np.abs(reference[0] - reference[k]).mean() for k in range(1, 8)) > 5
 
 
 def test_decode_stage_shares_batches_with_cpu_workers_and_loses_none(tmp_path, coffee, lite0_backbone):
