@@ -46,7 +46,7 @@ def main() -> None:
     from featx.backbones import load_backbone
     from featx.bench import bench_workspace, machine_description, write_record
     from featx.data import FileEntry, load_batch
-    from featx.gpudecode import GpuDecoder, _read, available_jpeg_libraries, jpeg_gpu_ok
+    from featx.gpudecode import GpuDecoder, _read, available_jpeg_libraries, nvjpeg_pixels
     from featx.pipeline import _gpu_decode_ahead, default_workers
 
     cuda = args.device.startswith("cuda")
@@ -68,7 +68,7 @@ def main() -> None:
         with Image.open(io.BytesIO(data)) as img:
             return img.mode in ("RGB", "L") and img.getexif().get(0x0112, 1) == 1
 
-    for name, check in (("marker_scan", lambda b: jpeg_gpu_ok(b, 10**9)), ("pil_open", pil_check)):
+    for name, check in (("marker_scan", lambda b: nvjpeg_pixels(b, 10**9)), ("pil_open", pil_check)):
         rec[f"header_check_{name}_us_per_image"] = 1e6 / _rate(n, lambda: [check(b) for b in raw])
 
     threads = cf.ThreadPoolExecutor(min(32, cores * 2))

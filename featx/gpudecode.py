@@ -82,19 +82,19 @@ def available_jpeg_libraries() -> list[str]:
     return available
 
 
-def jpeg_gpu_ok(data, max_pixels: int, *, rotates: bool = False) -> bool:
-    """Whether nvJPEG can take this file as it is: an 8-bit Huffman JPEG, YCbCr or grey, within the
-    pixel limit, and upright unless the decoder applies the EXIF orientation itself (``rotates``).
-    Anything else goes to the CPU path, which says what is wrong with it. A scan of the marker
-    segments up to the frame header, no decoding: it runs once per image on the host, where parsing
-    the file with PIL cost 2-3 times as much."""
+def nvjpeg_pixels(data, max_pixels: int, *, rotates: bool = False) -> int:
+    """Width x height of a JPEG nvJPEG can take as it is, 0 for anything else. nvJPEG takes an 8-bit
+    Huffman JPEG, YCbCr or grey, within the pixel limit, and upright unless the decoder applies the
+    EXIF orientation itself (``rotates``). Anything else goes to the CPU path, which says what is
+    wrong with it. A scan of the marker segments up to the frame header, no decoding: it runs once
+    per image on the host, where parsing the file with PIL cost 2-3 times as much."""
     data = memoryview(data)
     if bytes(data[:3]) != b"\xff\xd8\xff":
-        return False
+        return 0
     i, n, orientation, adobe_rgb = 2, len(data), 1, False
     while i + 4 <= n:
         if data[i] != 0xFF:
-            return False
+            return 0
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -110,29 +110,30 @@ def jpeg_gpu_ok(data, max_pixels: int, *, rotates: bool = False) -> bool:
             adobe_rgb = segment[11] == 0  # colour transform 0: RGB-coded, which nvJPEG would read as YCbCr
         elif marker in _ANY_SOF:
             if marker not in _NVJPEG_SOF or len(segment) < 6 or segment[0] != 8:
-                return False
+                return 0
             height, width, components = (segment[1] << 8) | segment[2], (segment[3] << 8) | segment[4], segment[5]
             upright = orientation == 1 or (rotates and 1 <= orientation <= 8)
-            return (components == 1 or (components == 3 and not adobe_rgb)) and upright \
+            ok = (components == 1 or (components == 3 and not adobe_rgb)) and upright \
                 and 0 < width * height <= max_pixels
+            return width * height if ok else 0
         elif marker in (0xDA, 0xD9):  # scan or end before any frame header
-            return False
+            return 0
         i += 2 + length
-    return False
+    return 0
 
 
-def _read(path: str, max_pixels: int, rotates: bool = False) -> tuple[bytearray | ImageError, bool]:
-    """(file bytes or why they could not be read, whether nvJPEG can decode them)."""
+def _read(path: str, max_pixels: int, rotates: bool = False) -> tuple[bytearray | ImageError, int]:
+    """(file bytes or why they could not be read, their pixels if nvJPEG can decode them else 0)."""
     try:
         with open(path, "rb") as f:
             # read into a writable buffer: torch.frombuffer then shares it instead of copying
             data = bytearray(os.fstat(f.fileno()).st_size)
             del data[f.readinto(data):]
     except FileNotFoundError:
-        return ImageError("no such file (deleted or moved before it could be read)"), False
+        return ImageError("no such file (deleted or moved before it could be read)"), 0
     except OSError as e:
-        return ImageError(f"cannot read: {e.strerror or e}"), False
-    return data, jpeg_gpu_ok(data, max_pixels, rotates=rotates)
+        return ImageError(f"cannot read: {e.strerror or e}"), 0
+    return data, nvjpeg_pixels(data, max_pixels, rotates=rotates)
 
 
 class GpuDecoder:
@@ -145,12 +146,14 @@ class GpuDecoder:
     """
 
     def __init__(self, cfg: PreprocessConfig, *, device: str = "cuda", threads: int = 8,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, library: str = "auto"):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, library: str = "auto", pixels_per_call: int = 2**27):
         import threading
 
         self.cfg = cfg
         self.device = device
         self.max_pixels = max_pixels
+        # 128 Mpx: a whole batch of 256 photos up to 0.5 Mpx in one call, 384 MiB decoded (1.5 GiB as floats)
+        self.pixels_per_call = pixels_per_call
         self.library = jpeg_library(library)
         self.rotates = self.library == "torchcodec"  # it applies the EXIF orientation, as the CPU path does
         self._decode_list = self._batch_decode_fn()
@@ -182,18 +185,18 @@ class GpuDecoder:
         h, w = self.cfg.input_size
         out = torch.empty((len(paths), h, w, 3), dtype=torch.uint8, device=self.device)
         done: set[int] = set()
-        gpu_idx = [i for i, (_, gpu_ok) in enumerate(read) if gpu_ok]
-        if gpu_idx:
-            decoded = self._decode_jpegs([torch.frombuffer(read[i][0], dtype=torch.uint8) for i in gpu_idx])
+        for call in self._calls([(i, pixels) for i, (_, pixels) in enumerate(read) if pixels]):
+            decoded = self._decode_jpegs([torch.frombuffer(read[i][0], dtype=torch.uint8) for i in call])
             groups: dict[tuple[int, int], list[int]] = {}
             for k, img in enumerate(decoded):
                 if img is not None:
                     groups.setdefault(tuple(img.shape[1:]), []).append(k)
             for (ih, iw), members in groups.items():
-                rows = [gpu_idx[k] for k in members]
+                rows = [call[k] for k in members]
                 resized = self._resize_crop(torch.stack([decoded[k] for k in members]), ih, iw)
                 out.index_copy_(0, torch.tensor(rows, device=self.device), resized)
                 done.update(rows)
+            del decoded  # full-size images: freed before the next call decodes
         cpu_jobs = {i: self.pool.submit(self._cpu, read[i][0]) for i in range(len(paths)) if i not in done}
         failed: list[tuple[int, str]] = []
         cpu_rows, cpu_images = [], []
@@ -231,6 +234,20 @@ class GpuDecoder:
         if not hasattr(self._local, "stream"):
             self._local.stream = torch.cuda.Stream(device=self.device)
         return self._local.stream
+
+    def _calls(self, jpegs: list[tuple[int, int]]) -> list[list[int]]:
+        """Positions of the batch's (position, pixels) JPEGs split into consecutive nvJPEG calls of at most
+        ``pixels_per_call`` pixels together (one image alone may be larger): a batch of 12-megapixel
+        photos would otherwise decode to 9 GiB at once, and 37 GiB as floats in the resize."""
+        calls: list[list[int]] = []
+        total = self.pixels_per_call
+        for i, pixels in jpegs:
+            if total + pixels > self.pixels_per_call:
+                calls.append([])
+                total = 0
+            calls[-1].append(i)
+            total += pixels
+        return calls
 
     def _decode_jpegs(self, tensors: list) -> list:
         """One batched call per batch, which keeps all of the GPU's hardware JPEG decoders busy (and with

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from featx.data import FileEntry, load_batch, load_image
-from featx.gpudecode import JPEG_LIBRARIES, GpuDecoder, available_jpeg_libraries, jpeg_gpu_ok
+from featx.gpudecode import JPEG_LIBRARIES, GpuDecoder, available_jpeg_libraries, nvjpeg_pixels
 
 AVAILABLE = available_jpeg_libraries()
 
@@ -49,14 +49,15 @@ def test_only_files_nvjpeg_decodes_as_they_are_go_to_it(coffee):
         "header cut short": (_jpeg(coffee)[:40], False),
         "empty": (b"", False),
     }
-    assert {name: jpeg_gpu_ok(data, 10**8) for name, (data, _) in cases.items()} == \
-        {name: want for name, (_, want) in cases.items()}
-    assert not jpeg_gpu_ok(cases["baseline"][0], max_pixels=coffee.width * coffee.height - 1)
+    pixels = coffee.width * coffee.height
+    assert {name: nvjpeg_pixels(data, 10**8) for name, (data, _) in cases.items()} == \
+        {name: pixels if want else 0 for name, (_, want) in cases.items()}
+    assert not nvjpeg_pixels(cases["baseline"][0], max_pixels=pixels - 1)
     # a decoder that applies the EXIF orientation takes rotated files, but no orientation outside 1-8
-    assert jpeg_gpu_ok(cases["EXIF rotated"][0], 10**8, rotates=True)
+    assert nvjpeg_pixels(cases["EXIF rotated"][0], 10**8, rotates=True) == pixels
     rotated[0x0112] = 9
-    assert not jpeg_gpu_ok(_jpeg(coffee, exif=rotated.tobytes()), 10**8, rotates=True)
-    assert not jpeg_gpu_ok(cases["CMYK"][0], 10**8, rotates=True)
+    assert not nvjpeg_pixels(_jpeg(coffee, exif=rotated.tobytes()), 10**8, rotates=True)
+    assert not nvjpeg_pixels(cases["CMYK"][0], 10**8, rotates=True)
 
 
 def _mixed_folder(tmp_path, coffee, n_jpegs: int):
@@ -118,7 +119,7 @@ def test_torchcodec_turns_every_exif_orientation_upright_like_the_cpu_path(tmp_p
         photo.save(paths[-1], exif=exif, quality=95)
     decoder = GpuDecoder(cfg, device="cpu", library="torchcodec")
     try:
-        assert all(gpu_ok for _, gpu_ok in decoder.read(paths).result())  # none left to the CPU fallback
+        assert all(pixels for _, pixels in decoder.read(paths).result())  # none left to the CPU fallback
         decoded = decoder.decode(paths)
     finally:
         decoder.close()
@@ -150,3 +151,36 @@ def test_decode_stage_shares_batches_with_cpu_workers_and_loses_none(tmp_path, c
         assert decoded.ok == reference.ok
         assert [i for i, _ in decoded.failed] == [i for i, _ in reference.failed]
         assert np.abs(decoded.images.numpy().astype(np.float32) - reference.images).mean() < 1.0
+
+
+def test_camera_photos_decode_in_bounded_calls_with_the_same_pixels(tmp_path, lite0_backbone):
+    """A batch of camera-sized photos is split into nvJPEG calls of bounded size (a whole batch at once
+    would not fit a consumer GPU's memory) and comes out as it would from one call."""
+    from featx.samples import camera_sized_photo
+
+    cfg = lite0_backbone.preprocess
+    paths = []
+    for seed in range(4):
+        paths.append(str(tmp_path / f"camera{seed}.jpg"))
+        camera_sized_photo((2000, 1500), seed=seed).save(paths[-1], quality=90)
+    small = _jpeg(camera_sized_photo((500, 375), seed=9))
+    (tmp_path / "small.jpg").write_bytes(small)
+    paths.insert(2, str(tmp_path / "small.jpg"))
+
+    def decode(pixels_per_call):
+        decoder = GpuDecoder(cfg, device="cpu", pixels_per_call=pixels_per_call)
+        calls = []
+        decode_list = decoder._decode_list
+        decoder._decode_list = lambda tensors: calls.append(len(tensors)) or decode_list(tensors)
+        try:
+            return decoder.decode(paths), calls
+        finally:
+            decoder.close()
+
+    whole, whole_calls = decode(10**9)
+    split, split_calls = decode(4_000_000)  # one 3-Mpx photo per call, the small one beside the one before it
+    assert whole_calls == [5] and split_calls == [1, 2, 1, 1]
+    assert whole.ok == split.ok == list(range(5))
+    assert np.array_equal(whole.images.numpy(), split.images.numpy())
+    reference = load_batch(paths, cfg).images.astype(np.float32)
+    assert np.abs(split.images.numpy().astype(np.float32) - reference).mean() < 1.0
