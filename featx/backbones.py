@@ -168,9 +168,12 @@ def _load_backbone(name: str, weights: str | None) -> Backbone:
         import timm
 
         if not timm.is_model(name):
+            import difflib
+
+            close = difflib.get_close_matches(name, list(dict.fromkeys(list_backbones())), n=3)
             raise UnknownBackboneError(
                 f"unknown backbone {name!r}: not a featx, torchvision or timm model name "
-                "(featx list-models shows them)"
+                f"({'did you mean ' + ', '.join(close) + '? ' if close else ''}featx list-models shows them)"
             )
         backbone = _timm_backbone(name, weights)
     backbone.features.eval().requires_grad_(False)

@@ -256,8 +256,9 @@ def ensure_model_file(
     tag = "" if weights is None else "-" + _weights_tag(str(weights))
     path = Path(models_dir or default_models_dir()) / f"{name.replace('/', '_')}{'-fp16' if half else ''}{tag}.onnx"
     if not path.is_file():
+        backbone = load_backbone(name, weights=weights)  # an unknown name fails here, before any "exporting"
         _logger.info("exporting %s to %s (first use)", name, path)
-        export_onnx(load_backbone(name, weights=weights), path, half=half)
+        export_onnx(backbone, path, half=half)
     return path
 
 

@@ -1,3 +1,4 @@
+import logging
 import socket
 
 import pytest
@@ -41,9 +42,17 @@ def test_inception_preprocessing_comes_from_weights_metadata():
     assert bb.embed_dim == 2048
 
 
-def test_unknown_name_is_refused():
+def test_unknown_name_is_refused_with_the_closest_names(tmp_path, caplog):
     with pytest.raises(UnknownBackboneError, match="unknown backbone 'resnet5000'"):
         featx.load_backbone("resnet5000")
+    with pytest.raises(UnknownBackboneError, match=r"did you mean resnet50, "):  # a typo: the names it is near
+        featx.load_backbone("resnet5")
+    with pytest.raises(UnknownBackboneError, match=r"model name \(featx list-models shows them\)"):
+        featx.load_backbone("qqqqzzzz")
+    # nothing is announced as exporting, and no file is left for it
+    with caplog.at_level(logging.INFO, logger="featx"), pytest.raises(UnknownBackboneError):
+        featx.ensure_model_file("resnet5", models_dir=tmp_path)
+    assert "exporting" not in caplog.text and not list(tmp_path.iterdir())
 
 
 def test_registering_a_name_twice_is_an_error():
