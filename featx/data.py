@@ -5,6 +5,7 @@ Nothing here imports torch or onnxruntime: decode workers stay light.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -20,7 +21,8 @@ from .errors import ImageError
 
 _logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                              ".heic", ".heif", ".avif"})
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs (--max-pixels)
 _INTERPOLATION = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 # Where an image has transparency, it is composited onto this colour (white, as browsers show it).
@@ -47,7 +49,7 @@ class WalkFailure:
 
 
 def sniff_format(head: bytes) -> str | None:
-    """Image format from the first bytes of a file, or None when it is no image type featx reads."""
+    """Image format from the first (32) bytes of a file, or None when it is no image type featx reads."""
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -60,7 +62,29 @@ def sniff_format(head: bytes) -> str | None:
         return "webp"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
+    if head[4:8] == b"ftyp":  # ISO base media file: the major brand, or a generic one and the compatible list
+        brand, compatible = head[8:12], head[16:32]
+        if brand in (b"avif", b"avis") or (brand in (b"mif1", b"msf1") and b"avif" in compatible):
+            return "avif"
+        if brand in _HEIF_BRANDS:
+            return "heif"
     return None
+
+
+# HEVC-coded HEIF (phones' .heic) and the generic image brands; AVIF is told apart by its own brand
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+
+
+@functools.cache
+def _open_heif_with_pillow() -> None:
+    """Teach PIL to open HEIF (Pillow reads AVIF itself). pillow-heif applies the container's
+    rotation and mirror while decoding and sets the EXIF orientation to 1, so the exif_transpose
+    every image goes through does not turn it twice."""
+    try:
+        import pillow_heif
+    except ImportError:
+        raise ImageError("HEIC/HEIF photo, and pillow-heif is not installed (pip install pillow-heif)") from None
+    pillow_heif.register_heif_opener()
 
 
 def walk_images(root: str | os.PathLike) -> Iterator[FileEntry | WalkFailure]:
@@ -123,7 +147,7 @@ def class_names_of(root: str | os.PathLike) -> list[str]:
 def _content_is_image(path: str) -> bool:
     try:
         with open(path, "rb") as f:
-            return sniff_format(f.read(16)) is not None
+            return sniff_format(f.read(32)) is not None
     except OSError:
         return False
 
@@ -142,12 +166,14 @@ def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int
     """
     try:
         with io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(32)
             if not head:
                 raise ImageError("empty file (0 bytes)")
             fmt = sniff_format(head)
             if fmt is None:
                 raise ImageError(f"not an image: content starts with {head[:8]!r}")
+            if fmt == "heif":
+                _open_heif_with_pillow()
             f.seek(0)
             with Image.open(f) as img:
                 w, h = img.size

@@ -157,3 +157,28 @@ def test_camera_sized_jpeg_decodes_at_reduced_scale_and_embeds_like_a_full_decod
         full = preprocess_image(decode_image(tmp_path / name), cfg)
         a, b = engine.encode(np.stack([reduced, full])).embedding
         assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) >= 0.999
+
+
+@pytest.mark.parametrize("fmt,ext", [("HEIF", ".heic"), ("AVIF", ".avif")])
+def test_phone_formats_are_walked_decoded_upright_and_classified(tmp_path, coffee, lite0_onnx, fmt, ext):
+    """iPhones save HEIC, Android and web exports AVIF: featx lists them (by name or by content),
+    turns a portrait shot upright like the same shot as JPEG, and the real model sees espresso."""
+    import pillow_heif
+
+    import featx
+
+    pillow_heif.register_heif_opener()  # to write HEIC here; featx registers it itself to read
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    coffee.save(tmp_path / f"portrait{ext}", format=fmt, exif=exif.tobytes(), quality=90)
+    coffee.save(tmp_path / "portrait.jpg", exif=exif, quality=95)
+    coffee.save(tmp_path / f"coffee{ext}", format=fmt, quality=90)
+    coffee.save(tmp_path / "exported_without_extension", format=fmt, quality=90)
+    walked = list(walk_images(tmp_path))
+    assert {e.key for e in walked} == {f"portrait{ext}", "portrait.jpg", f"coffee{ext}", "exported_without_extension"}
+    upright, as_jpeg = decode_image(tmp_path / f"portrait{ext}"), decode_image(tmp_path / "portrait.jpg")
+    assert upright.size == as_jpeg.size == (coffee.height, coffee.width)
+    assert np.abs(np.asarray(upright, np.float32) - np.asarray(as_jpeg, np.float32)).mean() < 4
+    assert decode_image(tmp_path / "exported_without_extension").size == coffee.size
+    result = featx.classify([tmp_path / f"coffee{ext}"], model=lite0_onnx, top=1)[0]
+    assert result.top[0][0] == "espresso"
