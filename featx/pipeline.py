@@ -24,8 +24,8 @@ from typing import Literal
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE
-from .data import DEFAULT_MAX_PIXELS, DecodedBatch, FileEntry, WalkFailure, class_names_of, load_batch, load_image, \
-    walk_images
+from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry, WalkFailure, class_names_of, \
+    load_batch, load_image, walk_images
 from .errors import FeatxError, ImageError, ModelFileError
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, is_cuda, load_model, \
@@ -144,7 +144,14 @@ class RunStats:
             + ("; decoded: " + ", ".join(f"{n} by {'nvJPEG' if k == 'gpu' else 'CPU workers'}"
                                          for k, n in sorted(self.decoded_by.items(), reverse=True))
                if "gpu" in self.decoded_by else "")
+            + (f"; no image files found (featx reads {' '.join(sorted(IMAGE_EXTENSIONS))}, and files without"
+               " an extension whose content is an image)" if self.found_nothing else "")
         )
+
+    @property
+    def found_nothing(self) -> bool:
+        """The walk found no image file at all: a wrong folder, most likely."""
+        return not (self.n_embedded or self.n_cached or self.n_failed or self.n_failed_before or self.n_deleted)
 
 
 def default_workers(*, gpu_decode: bool = False) -> int:
@@ -453,8 +460,6 @@ def pending_files(root, store, stats: RunStats, seen: set[str], done: dict, fail
 
 def _count_candidates(root: Path) -> int:
     """Image files under root by extension only (no stat, no reads): the progress bar's total."""
-    from .data import IMAGE_EXTENSIONS
-
     n = 0
     for _dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
         n += sum(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in filenames)

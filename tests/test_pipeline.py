@@ -117,6 +117,16 @@ def test_unwritable_output_is_a_clear_error(small_digits, tmp_path, lite0_onnx):
         embed(small_digits, tmp_path / "no" / "such" / "dir" / "c.h5", lite0_onnx)
 
 
+def test_a_folder_without_images_says_so(small_digits, tmp_path, lite0_onnx):
+    """Pointing featx at the wrong folder is not a silent '0 embedded'."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no photos here\n")
+    empty = embed(tmp_path / "notes", tmp_path / "a.h5", lite0_onnx)
+    assert empty.found_nothing and "no image files found (featx reads .avif .bmp" in empty.summary()
+    full = embed(small_digits, tmp_path / "b.h5", lite0_onnx)
+    assert not full.found_nothing and "no image files" not in full.summary()
+
+
 def test_strict_exit_code(small_digits, tmp_path, lite0_onnx):
     (small_digits / "0" / "broken.png").write_bytes(b"not a png")
     base = [sys.executable, "-m", "featx", "-q", "embed", str(small_digits), "--model", str(lite0_onnx), "--workers", "0"]
