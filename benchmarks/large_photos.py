@@ -1,4 +1,4 @@
-"""Camera-sized JPEGs: reduced-scale JPEG decode (featx's CPU path) against a full decode, same files.
+"""Camera-sized photos: reduced-scale JPEG decode (featx's CPU path) against a full decode, same files; HEIC.
 
     python benchmarks/large_photos.py [--n 24] [--size 4032x3024] [--out benchmarks/results/cpu]
 
@@ -6,7 +6,9 @@ The photos are ``featx.samples.camera_sized_photo`` mosaics: real pictures and t
 native resolution, so every pixel carries real detail rather than upscaled blur. For each file: decode + preprocess time with ``featx.data.load_image``
 (libjpeg's DCT scaling down to at least twice the resize target) and with a full decode followed by
 the same preprocessing, in one process; then the EfficientNet-Lite0 embeddings of both (cosine) and
-the mean pixel difference of the preprocessed images.
+the mean pixel difference of the preprocessed images. Then the same photos as HEIC (what iPhones
+save; HEVC has no reduced-scale decode), decoded through featx's path, and their embeddings against
+the JPEGs'.
 """
 
 from __future__ import annotations
@@ -49,9 +51,23 @@ def main() -> None:
         t0 = time.perf_counter()
         images = np.stack([fn(p) for p in paths])
         timings[name] = (len(paths) / (time.perf_counter() - t0), images)
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()  # to write them; featx registers it itself to read
+    heic_paths = [p[:-4] + ".heic" for p in paths]
+    for jpeg, heic in zip(paths, heic_paths):
+        decode_image(jpeg).save(heic, quality=85)
+    load_image(heic_paths[0], cfg)
+    t0 = time.perf_counter()
+    heic = np.stack([load_image(p, cfg) for p in heic_paths])
+    timings["heic_decode"] = (len(paths) / (time.perf_counter() - t0), heic)
+
+    def cosine(x, y):
+        a, b = engine.encode(x).embedding, engine.encode(y).embedding
+        return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
     full, reduced = timings["full_decode"][1], timings["reduced_scale_decode"][1]
-    a, b = engine.encode(full).embedding, engine.encode(reduced).embedding
-    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    cosine_reduced, cosine_heic = cosine(full, reduced), cosine(full, heic)
     record = {
         "machine": machine_description(),
         "photos": args.n,
@@ -59,9 +75,11 @@ def main() -> None:
         "full_decode_images_per_s": timings["full_decode"][0],
         "reduced_scale_decode_images_per_s": timings["reduced_scale_decode"][0],
         "speedup": timings["reduced_scale_decode"][0] / timings["full_decode"][0],
-        "embedding_cosine_min": float(cosine.min()),
-        "embedding_cosine_mean": float(cosine.mean()),
+        "embedding_cosine_min": float(cosine_reduced.min()),
+        "embedding_cosine_mean": float(cosine_reduced.mean()),
         "pixel_mean_abs_diff": float(np.abs(full.astype(np.float32) - reduced).mean()),
+        "heic_decode_images_per_s": timings["heic_decode"][0],
+        "heic_vs_jpeg_embedding_cosine_min": float(cosine_heic.min()),
     }
     write_record(record, args.out, f"large_photos-{args.size}")
 
