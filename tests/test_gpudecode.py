@@ -68,13 +68,14 @@ def _mixed_folder(tmp_path, coffee, n_jpegs: int):
     odd = tmp_path / "odd"
     odd.mkdir()
     coffee.convert("CMYK").save(odd / "cmyk.jpg")
+    coffee.convert("L").save(odd / "grey.jpg")  # nvJPEG's: one channel in, RGB out like the rest
     coffee.save(odd / "png.png")
     exif = Image.Exif()
     exif[0x0112] = 6
     coffee.save(odd / "rotated.jpg", exif=exif)
     (odd / "corrupt.jpg").write_bytes(_jpeg(coffee)[:300])  # a header nvJPEG accepts, then nothing
     (odd / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    extra = [str(odd / n) for n in ("cmyk.jpg", "png.png", "rotated.jpg", "corrupt.jpg", "garbage.jpg")]
+    extra = [str(odd / n) for n in ("cmyk.jpg", "grey.jpg", "png.png", "rotated.jpg", "corrupt.jpg", "garbage.jpg")]
     return paths, extra + [str(odd / "missing.jpg")]
 
 
@@ -150,7 +151,8 @@ def test_decode_stage_shares_batches_with_cpu_workers_and_loses_none(tmp_path, c
         reference = load_batch([e.path for e in batch], cfg)
         assert decoded.ok == reference.ok
         assert [i for i, _ in decoded.failed] == [i for i, _ in reference.failed]
-        assert np.abs(decoded.images.numpy().astype(np.float32) - reference.images).mean() < 1.0
+        if decoded.ok:  # a batch may hold only the missing file
+            assert np.abs(decoded.images.numpy().astype(np.float32) - reference.images).mean() < 1.0
 
 
 def test_camera_photos_decode_in_bounded_calls_with_the_same_pixels(tmp_path, lite0_backbone):
