@@ -169,8 +169,9 @@ def test_camera_photos_decode_in_bounded_calls_with_the_same_pixels(tmp_path, li
     (tmp_path / "small.jpg").write_bytes(small)
     paths.insert(2, str(tmp_path / "small.jpg"))
 
-    def decode(pixels_per_call):
+    def decode(pixels_per_call, resize_pixels=10**9):
         decoder = GpuDecoder(cfg, device="cpu", pixels_per_call=pixels_per_call)
+        decoder.resize_pixels = resize_pixels
         calls = []
         decode_list = decoder._decode_list
         decoder._decode_list = lambda tensors: calls.append(len(tensors)) or decode_list(tensors)
@@ -181,8 +182,10 @@ def test_camera_photos_decode_in_bounded_calls_with_the_same_pixels(tmp_path, li
 
     whole, whole_calls = decode(10**9)
     split, split_calls = decode(4_000_000)  # one 3-Mpx photo per call, the small one beside the one before it
-    assert whole_calls == [5] and split_calls == [1, 2, 1, 1]
-    assert whole.ok == split.ok == list(range(5))
+    resized_apart, resized_apart_calls = decode(10**9, resize_pixels=4_000_000)  # one call, resized one by one
+    assert whole_calls == resized_apart_calls == [5] and split_calls == [1, 2, 1, 1]
+    assert whole.ok == split.ok == resized_apart.ok == list(range(5))
     assert np.array_equal(whole.images.numpy(), split.images.numpy())
+    assert np.array_equal(whole.images.numpy(), resized_apart.images.numpy())
     reference = load_batch(paths, cfg).images.astype(np.float32)
     assert np.abs(split.images.numpy().astype(np.float32) - reference).mean() < 1.0
