@@ -256,7 +256,10 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
     compile = compile if device == "cuda" else False
     runs = [(workers, f"{workers} decode worker{'s' * (workers != 1)}")]
     if device == "cuda":  # nvJPEG alone, and with the CPU workers taking a share of the batches
-        runs = [(0, "nvJPEG"), (None, f"nvJPEG + {default_workers(gpu_decode=True)} CPU decode workers")]
+        from .gpudecode import jpeg_library
+
+        nvjpeg = f"nvJPEG through {jpeg_library()}"
+        runs = [(0, nvjpeg), (None, f"{nvjpeg} + {default_workers(gpu_decode=True)} CPU decode workers")]
     for run_workers, how in runs:
         stats = embed_folder(root, tmp / f"bench-{how}.h5", model=model_file, batch_size=batch_size,
                              workers=run_workers, device=device, engine="auto", compile=compile)
@@ -266,7 +269,6 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
 
     if device == "cuda":  # the pipeline's decode stage alone, to tell a decode wall from a model wall
         from .data import DEFAULT_MAX_PIXELS, FileEntry
-        from .gpudecode import jpeg_library
         from .pipeline import _gpu_decode_ahead
 
         entries = [FileEntry(key=str(p), path=str(p), label=None, size=0, mtime_ns=0)
@@ -283,7 +285,7 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
         decode_all()
         result.timings.append(Timing("featx GPU decode+resize only (no model)", "end-to-end", batch_size,
                                      len(entries) / (time.perf_counter() - t0), (0, 0),
-                                     note=f"{len(entries)} JPEGs; nvJPEG through {jpeg_library()}"))
+                                     note=f"{len(entries)} JPEGs; {nvjpeg}"))
 
     p = backbone.preprocess
     transform = torchvision.transforms.Compose([

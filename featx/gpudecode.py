@@ -56,10 +56,14 @@ JPEG_LIBRARIES = ("torchcodec", "torchvision")
 
 
 def jpeg_library(prefer: str = "auto") -> str:
-    """The library that decodes JPEG batches: ``prefer`` if it loads, or with "auto" TorchCodec when
-    it loads (it is built against torch's stable ABI, from torch 2.11), else torchvision."""
+    """The library that decodes JPEG batches: ``prefer`` if it loads, or with "auto" the one
+    ``$FEATX_JPEG_LIBRARY`` names, else TorchCodec when it loads (it is built against torch's stable
+    ABI, from torch 2.11), else torchvision."""
+    if prefer == "auto":
+        prefer = os.environ.get("FEATX_JPEG_LIBRARY") or "auto"
     if prefer not in ("auto", *JPEG_LIBRARIES):
-        raise ValueError(f"unknown JPEG decode library {prefer!r}: use auto, {', '.join(JPEG_LIBRARIES)}")
+        raise ValueError(f"unknown JPEG decode library {prefer!r} (FEATX_JPEG_LIBRARY?): "
+                         f"use auto, {', '.join(JPEG_LIBRARIES)}")
     if prefer in ("auto", "torchcodec"):
         try:
             import torchcodec.decoders  # noqa: F401

@@ -79,6 +79,22 @@ def _mixed_folder(tmp_path, coffee, n_jpegs: int):
     return paths, extra + [str(odd / "missing.jpg")]
 
 
+@pytest.mark.skipif(AVAILABLE != list(JPEG_LIBRARIES), reason="needs both JPEG decode libraries")
+def test_the_environment_picks_the_jpeg_library(monkeypatch, lite0_backbone):
+    def decoder(**kw):
+        made = GpuDecoder(lite0_backbone.preprocess, device="cpu", **kw)
+        made.close()
+        return made
+
+    assert decoder().library == "torchcodec"  # preferred
+    monkeypatch.setenv("FEATX_JPEG_LIBRARY", "torchvision")  # to compare them end to end, say
+    assert decoder().library == "torchvision" and not decoder().rotates
+    assert decoder(library="torchcodec").library == "torchcodec"  # an explicit choice wins
+    monkeypatch.setenv("FEATX_JPEG_LIBRARY", "nvjpeg")
+    with pytest.raises(ValueError, match="unknown JPEG decode library 'nvjpeg'"):
+        decoder()
+
+
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_decoder_matches_the_cpu_path_and_records_what_it_cannot_decode(tmp_path, coffee, lite0_backbone, library):
     cfg = lite0_backbone.preprocess
