@@ -217,8 +217,7 @@ class GpuDecoder:
             else:
                 failed.append((i, result))
         if cpu_rows:  # one host-to-device copy for all of them
-            out.index_copy_(0, torch.tensor(cpu_rows, device=self.device),
-                            torch.from_numpy(np.stack(cpu_images)).to(self.device))
+            out.index_copy_(0, torch.tensor(cpu_rows, device=self.device), self.to_device(np.stack(cpu_images)))
             done.update(cpu_rows)
         ok = sorted(done)
         images = out if len(ok) == len(paths) else out[torch.tensor(ok, dtype=torch.long, device=self.device)]
