@@ -9,6 +9,7 @@ import functools
 import io
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -192,8 +193,9 @@ def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        text = str(e).strip().splitlines()
-        raise ImageError(f"cannot decode: {text[0] if text else type(e).__name__}") from None
+        # PIL names the file object it was given ("<_io.BufferedReader name='...'>"): the row has the path
+        text = [re.sub(r"\s*<_io\.\w+[^>]*>", "", line) for line in str(e).strip().splitlines()]
+        raise ImageError(f"cannot decode: {text[0] if text and text[0] else type(e).__name__}") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -180,5 +180,8 @@ def test_phone_formats_are_walked_decoded_upright_and_classified(tmp_path, coffe
     assert upright.size == as_jpeg.size == (coffee.height, coffee.width)
     assert np.abs(np.asarray(upright, np.float32) - np.asarray(as_jpeg, np.float32)).mean() < 4
     assert decode_image(tmp_path / "exported_without_extension").size == coffee.size
+    (tmp_path / f"cut{ext}").write_bytes((tmp_path / f"coffee{ext}").read_bytes()[:400])
+    with pytest.raises(ImageError, match=r"^cannot decode: [^<]*$"):  # a reason, without PIL's file-object repr
+        decode_image(tmp_path / f"cut{ext}")
     result = featx.classify([tmp_path / f"coffee{ext}"], model=lite0_onnx, top=1)[0]
     assert result.top[0][0] == "espresso"
