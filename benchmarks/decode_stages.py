@@ -117,7 +117,7 @@ def main() -> None:
         rec[f"decode_stage_{workers}_cpu_workers_share_cpu"] = counts.get("cpu", 0) / n
         if pool:
             pool.shutdown()
-    write_record(rec, args.out, f"decode_stages-{'cuda' if cuda else 'cpu'}")
+    write_record(rec, args.out, f"decode_stages-{'cuda' if cuda else 'cpu'}", plot_rates=True)
 
 
 if __name__ == "__main__":

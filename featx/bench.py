@@ -389,8 +389,10 @@ def bench_workspace(prefix: str, n_jpegs: int = 0, model: str = DEFAULT_BACKBONE
     return tmp, model_file, write_jpeg_folder(tmp / "jpegs", n_jpegs) if n_jpegs else None
 
 
-def write_record(record: dict, out_dir: str | os.PathLike, name: str) -> Path:
-    """Print a benchmark script's figures, one a line, and write them as ``out_dir/name.json``."""
+def write_record(record: dict, out_dir: str | os.PathLike, name: str, *, plot_rates: bool = False) -> Path:
+    """Print a benchmark script's figures, one a line, and write them as ``out_dir/name.json``; with
+    ``plot_rates``, also ``out_dir/name.png``: a bar a ``*_per_s`` figure, to see at a glance which stage
+    is the slowest."""
     for key, value in record.items():
         if key != "machine":
             print(f"{key:40s} {value:.4g}" if isinstance(value, float) else f"{key:40s} {value}")
@@ -399,4 +401,23 @@ def write_record(record: dict, out_dir: str | os.PathLike, name: str) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(record, indent=2))
     print(f"-> {path}")
+    if plot_rates:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rates = {k[:-len("_per_s")]: v for k, v in record.items() if k.endswith("_per_s") and isinstance(v, float)}
+        fig, ax = plt.subplots(figsize=(9, 0.3 * len(rates) + 1.2))
+        ax.barh(range(len(rates)), list(rates.values()), color="tab:blue")
+        ax.set_yticks(range(len(rates)), [k.replace("_", " ") for k in rates], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")  # file reads run at tens of thousands a second, decoders at hundreds
+        ax.set_xlabel("per second (log scale)")
+        ax.set_title(f"{name} ({record.get('machine', {}).get('gpu') or record.get('machine', {}).get('cpu', '')})",
+                     fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=110)
+        plt.close(fig)
+        print(f"-> {out / f'{name}.png'}")
     return path
