@@ -47,6 +47,8 @@ def test_only_files_nvjpeg_decodes_as_they_are_go_to_it(coffee):
         "CMYK": (_jpeg(coffee.convert("CMYK")), False),
         "PNG": (_jpeg(coffee, format="PNG"), False),
         "header cut short": (_jpeg(coffee)[:40], False),
+        "cut in its compressed data": (_jpeg(coffee)[:-2000], False),  # an interrupted copy or download
+        "data after the end marker": (_jpeg(coffee) + b"\x00trailer" * 100, True),  # phones append some
         "empty": (b"", False),
     }
     pixels = coffee.width * coffee.height
@@ -205,3 +207,34 @@ def test_camera_photos_decode_in_bounded_calls_with_the_same_pixels(tmp_path, li
     assert np.array_equal(whole.images.numpy(), resized_apart.images.numpy())
     reference = load_batch(paths, cfg).images.astype(np.float32)
     assert np.abs(split.images.numpy().astype(np.float32) - reference).mean() < 1.0
+
+
+def test_a_bad_file_in_a_batch_costs_a_few_halved_calls_not_one_call_per_file(tmp_path, coffee, lite0_backbone):
+    """A file whose header passes but whose decode fails (here a broken Huffman table) fails the whole
+    batched call; the halves are decoded again down to it, and everything else still comes from nvJPEG."""
+    cfg = lite0_backbone.preprocess
+    paths = []
+    for k in range(8):
+        data = bytearray(_jpeg(coffee.rotate(45 * k)))
+        if k == 5:
+            table = data.find(b"\xff\xc4")  # DHT: its code counts, overwritten with nonsense
+            data[table + 5:table + 21] = b"\xff" * 16
+        paths.append(str(tmp_path / f"{k}.jpg"))
+        (tmp_path / f"{k}.jpg").write_bytes(bytes(data))
+    with_trailer = tmp_path / "trailer.jpg"  # phones append data after the end marker: still nvJPEG's
+    with_trailer.write_bytes(_jpeg(coffee) + b"\x00motion photo" * 50)
+    paths.append(str(with_trailer))
+    decoder = GpuDecoder(cfg, device="cpu")
+    calls = []
+    decode_list = decoder._decode_list
+    decoder._decode_list = lambda tensors: calls.append(len(tensors)) or decode_list(tensors)
+    try:
+        assert all(pixels for _, pixels in decoder.read(paths).result())
+        decoded = decoder.decode(paths)
+    finally:
+        decoder.close()
+    assert calls == [9, 4, 5, 2, 1, 1, 3]  # 9 fails; 0-3 ok; 4-8 fails; 4-5 fails: 4 ok, 5 fails; 6-8 ok
+    reference = load_batch(paths, cfg)
+    assert decoded.ok == reference.ok == [0, 1, 2, 3, 4, 6, 7, 8]
+    assert [i for i, _ in decoded.failed] == [5]
+    assert np.abs(decoded.images.numpy().astype(np.float32) - reference.images).mean() < 1.0
