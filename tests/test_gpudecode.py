@@ -75,7 +75,7 @@ def _mixed_folder(tmp_path, coffee, n_jpegs: int):
     exif = Image.Exif()
     exif[0x0112] = 6
     coffee.save(odd / "rotated.jpg", exif=exif)
-    (odd / "corrupt.jpg").write_bytes(_jpeg(coffee)[:300])  # a header nvJPEG accepts, then nothing
+    (odd / "corrupt.jpg").write_bytes(_jpeg(coffee)[:300])  # cut short: no end marker, so the CPU path says why
     (odd / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     extra = [str(odd / n) for n in ("cmyk.jpg", "grey.jpg", "png.png", "rotated.jpg", "corrupt.jpg", "garbage.jpg")]
     return paths, extra + [str(odd / "missing.jpg")]
