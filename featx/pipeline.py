@@ -118,6 +118,7 @@ class RunStats:
     engine: str = ""  # the engine(s) that ran, with their devices
     backoffs: list[int] = field(default_factory=list)  # batch sizes lowered to after out-of-memory
     decoded_by: dict[str, int] = field(default_factory=dict)  # files per decoder: "gpu" (nvJPEG), "cpu"
+    jpeg_library: str = ""  # what called nvJPEG (torchcodec, torchvision), with GPU decode
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -141,7 +142,7 @@ class RunStats:
             f"{self.steady_images_per_second:.1f} images/s -> {self.out} [{self.model}"
             + (f", {self.engine}" if self.engine else "") + "]"
             + (f"; out of memory: batch size lowered to {self.backoffs[-1]}" if self.backoffs else "")
-            + ("; decoded: " + ", ".join(f"{n} by {'nvJPEG' if k == 'gpu' else 'CPU workers'}"
+            + ("; decoded: " + ", ".join(f"{n} by {f'nvJPEG ({self.jpeg_library})' if k == 'gpu' else 'CPU workers'}"
                                          for k, n in sorted(self.decoded_by.items(), reverse=True))
                if "gpu" in self.decoded_by else "")
             + (f"; no image files found (featx reads {' '.join(sorted(IMAGE_EXTENSIONS))}, and files without"
@@ -257,7 +258,10 @@ def embed_folder(
         batches = _chunks(pending, batch_size)
         cpu_pool = None
         if gpu_decode:  # each GPU decodes the batches its engine takes; one pool of CPU decoders helps them all
+            from .gpudecode import jpeg_library
+
             source = batches
+            stats.jpeg_library = jpeg_library()
             if workers > 0:
                 cpu_pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             stages = [functools.partial(_gpu_decode_ahead, cfg=info.preprocess, device=e.engine.device,
