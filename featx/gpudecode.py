@@ -18,6 +18,7 @@ CPU: tests/test_gpudecode.py), so phone photos taken in portrait stay on the GPU
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import itertools
 import logging
 import os
@@ -65,14 +66,24 @@ def jpeg_library(prefer: str = "auto") -> str:
         raise ValueError(f"unknown JPEG decode library {prefer!r} (FEATX_JPEG_LIBRARY?): "
                          f"use auto, {', '.join(JPEG_LIBRARIES)}")
     if prefer in ("auto", "torchcodec"):
-        try:
-            import torchcodec.decoders  # noqa: F401
+        problem = _torchcodec_problem()
+        if problem is None:
             return "torchcodec"
-        except Exception as e:  # not installed, or its native library does not load with this torch
-            if prefer == "torchcodec":
-                raise ImportError(f"TorchCodec does not load here: {e}") from e
-            _logger.debug("TorchCodec does not load (%s); decoding JPEGs with torchvision", e)
+        if prefer == "torchcodec":
+            raise ImportError(f"TorchCodec does not load here: {problem}")
     return "torchvision"
+
+
+@functools.cache
+def _torchcodec_problem() -> str | None:
+    """Why TorchCodec's decoders do not load here (not installed, or its native library does not
+    load with this torch), or None; tried once per process."""
+    try:
+        import torchcodec.decoders  # noqa: F401
+    except Exception as e:
+        _logger.debug("TorchCodec does not load (%s); decoding JPEGs with torchvision", e)
+        return str(e)
+    return None
 
 
 def available_jpeg_libraries() -> list[str]:
@@ -169,11 +180,15 @@ class GpuDecoder:
         self.pixels_per_call = pixels_per_call
         self.resize_pixels = 2**24
         self.library = jpeg_library(library)
-        self.rotates = self.library == "torchcodec"  # it applies the EXIF orientation, as the CPU path does
         self._decode_list = self._batch_decode_fn()
         self._local = threading.local()  # one CUDA stream per thread that decodes
         self.pool = cf.ThreadPoolExecutor(threads)  # file reads + header checks, and CPU fallbacks
         self.ahead = cf.ThreadPoolExecutor(1)  # whole-batch reads, so they never wait on their own pool
+
+    @property
+    def rotates(self) -> bool:
+        """Whether the library applies the EXIF orientation itself, as the CPU path does."""
+        return self.library == "torchcodec"
 
     def read(self, paths: Sequence[str]) -> cf.Future:
         """Start reading a batch's bytes in the background; pass the future to ``decode``."""
