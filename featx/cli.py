@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hflip", action="store_true", help="no horizontal flips (digits, text)")
     p.add_argument("--vflip", action="store_true")
     p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out for validation")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint at -o")
     p.add_argument("-o", "--output", required=True, help="checkpoint (.safetensors)")
     _add_device(p)
@@ -271,7 +272,8 @@ def _run(args: argparse.Namespace) -> int:
         result = featx.fine_tune(
             args.root, args.output, model=args.model, weights=args.weights, head=args.head, unfreeze=unfreeze,
             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, input_size=args.input_size,
-            hflip=not args.no_hflip, vflip=args.vflip, patience=args.patience, resume=args.resume, device=args.device,
+            hflip=not args.no_hflip, vflip=args.vflip, patience=args.patience, val_fraction=args.val_fraction,
+            resume=args.resume, device=args.device,
         )
         print(f"best val_accuracy {result.best_val_accuracy:.4f} (val_loss {result.best_val_loss:.4f}) -> "
               f"{result.checkpoint}; trained blocks: {', '.join(result.trainable) or 'classifier only'}\n"

@@ -107,12 +107,11 @@ class FinetuneResult:
     trainable: list[str] = field(default_factory=list)
 
 
-def split_indices(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(targets: Sequence, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded train/validation split of a folder's samples (the same one heads use)."""
-    from sklearn.model_selection import train_test_split
+    from .heads import stratified_split
 
-    idx = np.arange(len(targets))
-    return tuple(train_test_split(idx, test_size=val_fraction, stratify=targets, random_state=seed))
+    return stratified_split(targets, val_fraction, seed, held_out="validation", option="--val-fraction")
 
 
 def head_from_file(path: str | os.PathLike, embed_dim: int, class_names: list[str]):
@@ -181,10 +180,15 @@ def fine_tune(
 
     torch.manual_seed(seed)
     device = resolve_device(device)
+    try:
+        dataset = torchvision.datasets.ImageFolder(str(root))
+    except FileNotFoundError as e:  # no class folder, or class folders without images
+        raise FeatxError(f"{root}: fine-tuning needs images in class subfolders ({e})") from None
+    class_names = dataset.classes
+    # before the backbone loads: a folder that cannot be split is reported at once
+    train_idx, val_idx = split_indices([class_names[t] for t in dataset.targets], val_fraction, seed)
     backbone = load_backbone(model, weights=weights)
     features = backbone.features
-    dataset = torchvision.datasets.ImageFolder(str(root))
-    class_names = dataset.classes
     if unfreeze == "auto":
         unfreeze = advise(root, model=model, weights=weights, device=device).unfreeze
         log(f"advise: unfreeze {unfreeze}")
@@ -213,7 +217,6 @@ def fine_tune(
     ])
     val_tf = T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size),
                         T.Lambda(lambda im: im.convert("RGB")), *normalise])
-    train_idx, val_idx = split_indices(dataset.targets, val_fraction, seed)
     train_set = torch.utils.data.Subset(torchvision.datasets.ImageFolder(str(root), transform=train_tf), train_idx)
     val_set = torch.utils.data.Subset(torchvision.datasets.ImageFolder(str(root), transform=val_tf), val_idx)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers)

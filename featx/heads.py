@@ -387,6 +387,34 @@ def make_head(kind: str, *, C=None, hidden=(1024,), dropout=0.5, epochs=200, see
     raise ValueError(f"head must be logreg or mlp, got {kind!r}")
 
 
+def stratified_split(labels: Sequence, fraction: float, seed: int, *, held_out: str = "test",
+                     option: str = "--test-size") -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, stratified (train, held-out) positions of ``labels``; a FeatxError saying what to change
+    when the classes cannot be split: fewer than two classes, a class with one image (nothing to hold
+    out), or a held-out share smaller than the number of classes (scikit-learn's errors name none of it)."""
+    from sklearn.model_selection import train_test_split
+
+    names, counts = np.unique(np.asarray(labels).astype(str), return_counts=True)
+    if len(names) < 2:
+        found = f"one class ('{names[0]}', {counts[0]} images)" if len(names) else "no labelled image"
+        raise FeatxError(f"a classifier needs images of at least two classes, found {found}: "
+                         "put each class in its own subfolder")
+    single = names[counts < 2]
+    if len(single):
+        listed = ", ".join(f"'{n}'" for n in single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
+        raise FeatxError(f"{len(single)} class(es) have a single image, so none can be held out for {held_out}: "
+                         f"{listed}; add images or move them out of the class folders")
+    n = int(counts.sum())
+    n_held = int(np.ceil(fraction * n)) if fraction < 1 else int(fraction)
+    if not (len(names) <= n_held <= n - len(names)):
+        raise FeatxError(f"{option} {fraction:g} holds out {n_held} of {n} images for {held_out}, but each of the "
+                         f"{len(names)} classes needs one there and one to train on: "
+                         f"use {option} between {len(names) / n:.2g} and {1 - len(names) / n:.2g}, or add images")
+    positions = np.arange(n)
+    train, rest = train_test_split(positions, test_size=fraction, stratify=np.asarray(labels), random_state=seed)
+    return train, rest
+
+
 def train_head(
     cache: str | os.PathLike,
     output: str | os.PathLike,
@@ -414,7 +442,7 @@ def train_head(
         return _train_multilabel(cache, output, labels_csv, model=model, head=head, test_size=test_size,
                                  hidden=hidden, dropout=dropout, epochs=epochs, seed=seed, report_png=report_png)
     from sklearn.metrics import classification_report, confusion_matrix, f1_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     from .store import load_embeddings
 
@@ -423,7 +451,15 @@ def train_head(
         raise FeatxError(f"{cache} has no labelled embeddings for {data.model}: put images in class subfolders")
     y = np.array(data.class_names, dtype=object)[data.labels].astype(str)
     X = data.embeddings
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, stratify=y, random_state=seed)
+    try:
+        train, test = stratified_split(y, test_size, seed)
+    except FeatxError as e:
+        raise FeatxError(f"{cache} ({data.model}): {e}") from None
+    smallest = int(np.unique(y, return_counts=True)[1].min())
+    if cv and cv > smallest:  # scikit-learn would only warn, and its folds would miss classes
+        raise FeatxError(f"--cv {cv} needs at least {cv} images in every class, the smallest class has {smallest}: "
+                         "lower --cv or add images")
+    X_train, X_test, y_train, y_test = X[train], X[test], y[train], y[test]
     estimator = make_head(head, C=C, hidden=hidden, dropout=dropout, epochs=epochs, seed=seed)
     t0 = time.perf_counter()
     estimator.fit(X_train, y_train)

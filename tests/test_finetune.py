@@ -74,3 +74,17 @@ def test_finetune_starts_from_a_trained_head(small_digits, tmp_path, lite0_onnx)
     result = featx.fine_tune(small_digits, tmp_path / "ft.safetensors", head=head, unfreeze=1, epochs=1,
                              hflip=False, batch_size=16, log=lambda line: None)
     assert result.history[0].val_accuracy > 0.5
+
+
+def test_finetune_refuses_folders_it_cannot_split_before_loading_the_model(small_digits, tmp_path):
+    """The split is checked before the backbone loads (a model that does not exist is never reached)."""
+    from featx.errors import FeatxError
+
+    with pytest.raises(FeatxError, match="--val-fraction 0.9 holds out 54 of 60 images for validation"):
+        featx.fine_tune(small_digits, tmp_path / "ft.safetensors", val_fraction=0.9, model="no_such_model")
+    for extra in sorted((small_digits / "4").iterdir())[1:]:
+        extra.unlink()
+    with pytest.raises(FeatxError, match="single image, so none can be held out for validation: '4'"):
+        featx.fine_tune(small_digits, tmp_path / "ft.safetensors", model="no_such_model")
+    with pytest.raises(FeatxError, match="needs images in class subfolders"):
+        featx.fine_tune(small_digits / "3", tmp_path / "ft.safetensors", model="no_such_model")

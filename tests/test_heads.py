@@ -133,3 +133,30 @@ def test_multilabel_head_from_csv(digits_cache, digits_dir, lite0_onnx, tmp_path
     probs = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"]).run(
         ["probabilities"], {"images": load_image(eight, featx.read_model_info(lite0_onnx).preprocess)[None]})[0][0]
     assert np.abs(probs - head.predict_proba(featx.embed_images([eight], model=lite0_onnx))[0]).max() < 1e-4
+
+
+def test_train_head_says_which_classes_cannot_be_split(small_digits, lite0_onnx, tmp_path):
+    """A class folder with one photo, a held-out share too small for the classes, --cv above the smallest
+    class, a folder of one class: each a one-line error naming the fix, and no head file written."""
+    from featx.errors import FeatxError
+
+    cache, head = tmp_path / "c.h5", tmp_path / "h.safetensors"
+    for extra in sorted((small_digits / "7").iterdir())[1:]:
+        extra.unlink()
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    with pytest.raises(FeatxError, match="1 class\\(es\\) have a single image.*'7'"):
+        featx.train_head(cache, head)
+    (small_digits / "7").rename(tmp_path / "7")
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0, prune=True)
+    with pytest.raises(FeatxError, match="--test-size 0.05 holds out 3 of 54 images.*9 classes"):
+        featx.train_head(cache, head, test_size=0.05)
+    with pytest.raises(FeatxError, match="--cv 5 needs at least 5 images in every class, the smallest class has 4"):
+        featx.train_head(cache, head, cv=5)
+    assert not head.exists()
+    assert featx.train_head(cache, head, cv=4, C=1.0).n_test == 11 and head.exists()
+    for other in small_digits.iterdir():
+        if other.name != "3":
+            other.rename(tmp_path / f"moved-{other.name}")
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0, prune=True)
+    with pytest.raises(FeatxError, match="at least two classes, found one class \\('3', 5 images\\)"):
+        featx.train_head(cache, tmp_path / "one.safetensors")
