@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="pretrained | none | bundled | PATH to a state dict")
     p.add_argument("--half", action="store_true", help="fp16 inside the graph (input uint8, outputs float32)")
 
-    p = sub.add_parser("classify", help="top ImageNet classes of image files")
-    p.add_argument("images", nargs="+")
+    p = sub.add_parser("classify", help="top ImageNet classes of image files and folders")
+    p.add_argument("images", nargs="+", help="image files or folders (every image under them)")
     _add_model(p)
     p.add_argument("--top", type=int, default=5)
     _add_device(p)
@@ -219,7 +219,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "classify":
         results = featx.classify(args.images, model=args.model, weights=args.weights, top=args.top, device=args.device)
         for r in results:
-            print(f"{r.path}  " + "  ".join(f"{name} {p * 100:.1f}%" for name, p in r.top))
+            print(r.line())
         return 0
 
     if args.command == "embed":

@@ -26,7 +26,7 @@ import numpy as np
 from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry, WalkFailure, class_names_of, \
     load_batch, load_image, walk_images
-from .errors import FeatxError, ImageError, ModelFileError
+from .errors import FeatxError, ModelFileError
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, is_cuda, load_model, \
     resolve_device
@@ -44,7 +44,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 @dataclass
 class Classification:
     path: str
-    top: list[tuple[str, float]]  # (class name, probability), most probable first
+    top: list[tuple[str, float]]  # (class name, probability), most probable first; empty when it failed
+    error: str | None = None  # why the image could not be classified
+
+    def line(self) -> str:
+        if self.error:
+            return f"{self.path}  FAILED: {self.error}"
+        return f"{self.path}  " + "  ".join(f"{name} {p * 100:.1f}%" for name, p in self.top)
 
 
 def classify(
@@ -54,8 +60,10 @@ def classify(
     weights: str | None = None,
     top: int = 5,
     device: Device = "auto",
+    batch_size: int = 32,
 ) -> list[Classification]:
-    """ImageNet classes of each image through the exported model. Raises ImageError for a bad file.
+    """ImageNet classes of image files, and of every image under the folders among them (in walk order).
+    A bad image is a Classification with ``error``, never an exception: the others are still classified.
 
     Example:
         >>> classify(["coffee.png"])[0].top[0]
@@ -65,16 +73,30 @@ def classify(
     info = engine.info
     if not info.has_logits:
         raise ModelFileError(f"{engine.path}: this model has no ImageNet classifier (no logits output)")
-    results = []
-    for path in images:
-        try:
-            batch = load_image(path, info.preprocess)[None]
-        except ImageError as e:
-            raise ImageError(f"{path}: {e}") from None
-        probs = softmax(engine.encode(batch).logits)[0]
-        best = np.argsort(-probs)[:top]
-        results.append(Classification(str(path), [(info.class_names[i], float(probs[i])) for i in best]))
-    return results
+    paths: list[str] = []
+    results: dict[int, Classification] = {}
+    for item in images:
+        if not Path(item).is_dir():
+            paths.append(str(item))
+            continue
+        for entry in walk_images(item):
+            if isinstance(entry, WalkFailure):
+                results[len(paths)] = Classification(os.path.join(item, entry.key), [], entry.reason)
+                paths.append("")
+            else:
+                paths.append(entry.path)
+    todo = [i for i in range(len(paths)) if i not in results]
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        decoded = load_batch([paths[i] for i in chunk], info.preprocess)
+        for k, reason in decoded.failed:
+            results[chunk[k]] = Classification(paths[chunk[k]], [], reason)
+        if decoded.ok:
+            probs = softmax(engine.encode(decoded.images).logits)
+            for k, p in zip(decoded.ok, probs):
+                best = np.argsort(-p)[:top]
+                results[chunk[k]] = Classification(paths[chunk[k]], [(info.class_names[j], float(p[j])) for j in best])
+    return [results[i] for i in range(len(paths))]
 
 
 def embed_images(

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,6 +28,24 @@ def test_onnx_classifies_real_photos(lite0_onnx, photos_dir):
     assert "palace" in [name for name, _ in china.top]
     assert abs(sum(p for _, p in coffee.top) - 1) < 0.1 and coffee.top[0][1] > 0.5
 
+
+
+def test_classify_takes_a_folder_and_reports_bad_files_without_stopping(lite0_onnx, photos_dir, tmp_path):
+    """A folder is walked (subfolders too, sorted by path); a broken file is a row with its reason, and the
+    photos after it are still classified."""
+    import shutil
+
+    (tmp_path / "b").mkdir()
+    shutil.copy(photos_dir / "coffee.png", tmp_path / "b" / "coffee.png")
+    shutil.copy(photos_dir / "china.jpg", tmp_path / "china.jpg")
+    (tmp_path / "a_broken.jpg").write_bytes((photos_dir / "china.jpg").read_bytes()[:300])
+    rows = featx.classify([tmp_path, tmp_path / "missing.jpg"], model=lite0_onnx, top=3, batch_size=2)
+    assert [Path(r.path).name for r in rows] == ["a_broken.jpg", "coffee.png", "china.jpg", "missing.jpg"]  # b/ < c
+    broken, coffee, china, missing = rows
+    assert broken.top == [] and broken.error and broken.line().endswith("FAILED: " + broken.error)
+    assert missing.error and "no such file" in missing.error
+    assert "palace" in [name for name, _ in china.top] and china.error is None
+    assert coffee.top[0][0] in ("espresso", "cup", "coffee mug")
 
 def test_runtime_preprocessing_matches_timm_reference_transform(lite0_backbone, photos_dir):
     """Our PIL resize+crop, normalised in the graph, equals timm's own eval transform."""
