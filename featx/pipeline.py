@@ -30,7 +30,7 @@ from .errors import FeatxError, ModelFileError
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, is_cuda, load_model, \
     resolve_device
-from .store import EmbeddingStore
+from .store import EmbeddingStore, check_store_path
 
 _logger = logging.getLogger(__name__)
 
@@ -230,15 +230,16 @@ def embed_folder(
     Returns:
         RunStats; bad images are counted and stored as failures, never raised.
     """
+    root = Path(root)
+    if not root.is_dir():
+        raise FeatxError(f"{root} is not a folder")
+    check_store_path(out)
     if engine == "ray":
         from .rayengine import embed_folder_ray
 
         return embed_folder_ray(root, out, model=model, weights=weights, batch_size=batch_size, workers=workers,
                                 address=address, num_gpus_per_worker=num_gpus_per_worker, max_pixels=max_pixels,
                                 models_dir=models_dir)
-    root = Path(root)
-    if not root.is_dir():
-        raise FeatxError(f"{root} is not a folder")
     start = time.perf_counter()
     model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
     workers_given, workers = workers, default_workers() if workers is None else workers

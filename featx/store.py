@@ -55,6 +55,15 @@ def _decode(raw) -> list[str]:
     return [k.decode("utf-8", "surrogateescape") if isinstance(k, bytes) else k for k in raw]
 
 
+def check_store_path(path: str | os.PathLike) -> None:
+    """Refuse a cache path that cannot be one before any work starts (the model loads first otherwise)."""
+    path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"{path} is a folder; the cache is a file, e.g. {path / 'cache.h5'}")
+    if not path.parent.is_dir():
+        raise StoreError(f"cannot create {path}: folder {path.parent} does not exist")
+
+
 def _open_h5(path: Path, mode: str):
     import h5py
 
@@ -63,6 +72,8 @@ def _open_h5(path: Path, mode: str):
     except BlockingIOError:
         raise StoreError(f"{path} is being written by another featx run (file is locked); wait for it or use another --out") from None
     except FileNotFoundError:
+        if mode != "r":
+            check_store_path(path)
         raise StoreError(f"{path} does not exist") from None
     except PermissionError:
         raise StoreError(f"{path} cannot be opened: permission denied") from None
@@ -70,8 +81,7 @@ def _open_h5(path: Path, mode: str):
         text = str(e)
         if "lock" in text.lower():
             raise StoreError(f"{path} is being written by another featx run (file is locked); wait for it or use another --out") from None
-        if not path.parent.exists():
-            raise StoreError(f"cannot create {path}: folder {path.parent} does not exist") from None
+        check_store_path(path)
         raise StoreError(f"{path} cannot be opened as HDF5 ({text.splitlines()[0] if text else type(e).__name__})") from None
 
 

@@ -112,9 +112,13 @@ def test_second_writer_and_reader_get_a_clear_error(small_digits, tmp_path, lite
         assert r.returncode == 2 and "locked" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_unwritable_output_is_a_clear_error(small_digits, tmp_path, lite0_onnx):
-    with pytest.raises(StoreError, match="does not exist"):
-        embed(small_digits, tmp_path / "no" / "such" / "dir" / "c.h5", lite0_onnx)
+def test_unusable_output_is_refused_before_the_model_loads(small_digits, tmp_path):
+    """A missing folder or a folder given as the cache: one line, before any export (the model named
+    here does not exist, so reaching it would raise another error)."""
+    with pytest.raises(StoreError, match=f"cannot create .*c.h5: folder {tmp_path / 'no' / 'such'} does not exist"):
+        featx.embed_folder(small_digits, tmp_path / "no" / "such" / "c.h5", model="no_such_model")
+    with pytest.raises(StoreError, match=f"{tmp_path} is a folder; the cache is a file, e.g. .*cache.h5"):
+        featx.embed_folder(small_digits, tmp_path, model="no_such_model")
 
 
 def test_a_folder_without_images_says_so(small_digits, tmp_path, lite0_onnx):
