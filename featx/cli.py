@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
 
     p = sub.add_parser("predict", help="classify images or a folder with a trained head")
-    p.add_argument("inputs", nargs="+", help="image files or one folder")
+    p.add_argument("inputs", nargs="+", help="image files or folders (one folder alone is embedded through --cache)")
     p.add_argument("--head", required=True)
     _add_model(p)
     p.add_argument("--top", type=int, default=3)
@@ -217,7 +217,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "classify":
-        results = featx.classify(args.images, model=args.model, weights=args.weights, top=args.top, device=args.device)
+        results = featx.classify(args.images, model=args.model, weights=args.weights, top=args.top, device=args.device,
+                                 progress=not args.quiet)
         for r in results:
             print(r.line())
         return 0
@@ -259,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "predict":
         rows = featx.predict(args.inputs, head=args.head, model=args.model, weights=args.weights, top=args.top,
-                             output=args.output, cache=args.cache, device=args.device)
+                             output=args.output, cache=args.cache, device=args.device, progress=not args.quiet)
         if args.output is None:
             for row in rows:
                 print(row.line())

@@ -609,16 +609,18 @@ def predict(
     output: str | os.PathLike | None = None,
     cache: str | os.PathLike | None = None,
     device: str = "auto",
+    progress: bool = False,
 ) -> list[PredictionRow]:
-    """Classify image files, or one folder (embedded through the cache when given), with a trained head.
+    """Classify image files and folders with a trained head; one folder alone is embedded through the
+    cache (``cache``, else a temporary one), so a re-run on it only embeds what is new.
 
     A bad image is a row with an error, never an exception. With ``output``, rows go to a CSV.
+    ``progress`` shows a bar (images, images/s, ETA).
     """
     import tempfile
 
-    from .data import load_image
     from .export import ensure_model_file
-    from .pipeline import embed_folder
+    from .pipeline import embed_folder, encode_files, expand_inputs
     from .runtime import load_model, read_model_info
     from .store import load_embeddings
 
@@ -639,19 +641,17 @@ def predict(
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(cache) if cache else Path(tmp) / "predict.h5"
-            embed_folder(inputs[0], out, model=model_file, device=device)
+            embed_folder(inputs[0], out, model=model_file, device=device, progress=progress)
             data = load_embeddings(out, Path(model_file).stem)
             probs = loaded.head.predict_proba(data.embeddings)
             rows = [row(k, p) for k, p in zip(data.keys, probs)]
             rows += [PredictionRow(k, [], reason) for k, reason in sorted(data.failures.items())]
     else:
-        engine = load_model(model_file, device=device, engine="onnx")
-        for path in inputs:
-            try:
-                emb = engine.encode(load_image(path, info.preprocess)[None]).embedding
-                rows.append(row(str(path), loaded.head.predict_proba(emb)[0]))
-            except FeatxError as e:
-                rows.append(PredictionRow(str(path), [], str(e)))
+        paths = expand_inputs(inputs)
+        encoded = encode_files(load_model(model_file, device=device, engine="onnx"), paths, progress=progress)
+        probs = loaded.head.predict_proba(encoded.embedding)
+        rows = [PredictionRow(path, [], encoded.errors[i]) if i in encoded.errors else row(path, probs[i])
+                for i, path in enumerate(paths)]
     if output:
         _write_csv(rows, Path(output), top)
     return rows

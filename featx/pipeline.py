@@ -61,6 +61,7 @@ def classify(
     top: int = 5,
     device: Device = "auto",
     batch_size: int = 32,
+    progress: bool = False,
 ) -> list[Classification]:
     """ImageNet classes of image files, and of every image under the folders among them (in walk order).
     A bad image is a Classification with ``error``, never an exception: the others are still classified.
@@ -73,30 +74,62 @@ def classify(
     info = engine.info
     if not info.has_logits:
         raise ModelFileError(f"{engine.path}: this model has no ImageNet classifier (no logits output)")
-    paths: list[str] = []
-    results: dict[int, Classification] = {}
-    for item in images:
-        if not Path(item).is_dir():
-            paths.append(str(item))
+    paths = expand_inputs(images)
+    encoded = encode_files(engine, paths, batch_size=batch_size, progress=progress)
+    results = []
+    for i, path in enumerate(paths):
+        if i in encoded.errors:
+            results.append(Classification(path, [], encoded.errors[i]))
             continue
-        for entry in walk_images(item):
-            if isinstance(entry, WalkFailure):
-                results[len(paths)] = Classification(os.path.join(item, entry.key), [], entry.reason)
-                paths.append("")
-            else:
-                paths.append(entry.path)
-    todo = [i for i in range(len(paths)) if i not in results]
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
+        p = softmax(encoded.logits[i:i + 1])[0]
+        results.append(Classification(path, [(info.class_names[j], float(p[j])) for j in np.argsort(-p)[:top]]))
+    return results
+
+
+def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
+    """Image files as given, and for a folder every image under it, in walk order (sorted by path)."""
+    paths: list[str] = []
+    for item in items:
+        if Path(item).is_dir():
+            for entry in walk_images(item):
+                if isinstance(entry, FileEntry):
+                    paths.append(entry.path)
+                else:
+                    _logger.warning("skipped %s: %s", os.path.join(item, entry.key), entry.reason)
+        else:
+            paths.append(str(item))
+    return paths
+
+
+@dataclass
+class EncodedFiles:
+    """Outputs of :func:`encode_files`, one row per path; rows of failed paths are zeros."""
+
+    embedding: np.ndarray
+    logits: np.ndarray | None
+    errors: dict[int, str]  # position -> why the file could not be encoded
+
+
+def encode_files(engine, paths: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> EncodedFiles:
+    """Decode and encode ``paths`` in batches with a loaded engine; a bad file is an error row, never raised."""
+    info = engine.info
+    embedding = np.zeros((len(paths), info.embed_dim), dtype=np.float32)
+    logits = np.zeros((len(paths), len(info.class_names)), dtype=np.float32) if info.has_logits else None
+    errors: dict[int, str] = {}
+    bar = progress_bar(len(paths), progress)
+    for start in range(0, len(paths), batch_size):
+        chunk = range(start, min(start + batch_size, len(paths)))
         decoded = load_batch([paths[i] for i in chunk], info.preprocess)
-        for k, reason in decoded.failed:
-            results[chunk[k]] = Classification(paths[chunk[k]], [], reason)
+        errors.update((chunk[k], reason) for k, reason in decoded.failed)
         if decoded.ok:
-            probs = softmax(engine.encode(decoded.images).logits)
-            for k, p in zip(decoded.ok, probs):
-                best = np.argsort(-p)[:top]
-                results[chunk[k]] = Classification(paths[chunk[k]], [(info.class_names[j], float(p[j])) for j in best])
-    return [results[i] for i in range(len(paths))]
+            out = engine.encode(decoded.images)
+            rows = [chunk[k] for k in decoded.ok]
+            embedding[rows] = out.embedding
+            if logits is not None:
+                logits[rows] = out.logits
+        bar.update(len(chunk))
+    bar.close()
+    return EncodedFiles(embedding, logits, errors)
 
 
 def embed_images(
@@ -273,7 +306,7 @@ def embed_folder(
         done, failed_before = store.done(), store.failed()
         seen: set[str] = set()
         total = _count_candidates(root) if progress else None
-        bar = _progress_bar(total, progress)
+        bar = progress_bar(total, progress)
 
         pending = pending_files(root, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1))
 
@@ -499,7 +532,7 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress_bar(total: int | None, show: bool):
+def progress_bar(total: int | None, show: bool):
     if not show:
         return _NoBar()
     from tqdm import tqdm

@@ -49,6 +49,11 @@ def test_predict_folder_to_csv_and_files(digits_cache, digits_dir, lite0_onnx, t
     one = featx.predict([digits_dir / "7" / sorted(p.name for p in (digits_dir / "7").iterdir())[0],
                          tmp_path / "bad.png"], head=head, model=lite0_onnx)
     assert one[0].top[0][0] == "7" and one[1].error and "not an image" in one[1].error
+    # several inputs, folders among them: each folder's images in walk order, no cache
+    mixed = featx.predict([tmp_path / "bad.png", digits_dir / "7", digits_dir / "1"], head=head, model=lite0_onnx)
+    sevens, ones = sorted((digits_dir / "7").iterdir()), sorted((digits_dir / "1").iterdir())
+    assert [r.key for r in mixed] == [str(tmp_path / "bad.png")] + [str(p) for p in sevens + ones]
+    assert mixed[0].error and sum(r.top[0][0] == r.key.split("/")[-2] for r in mixed[1:]) / (len(mixed) - 1) > 0.9
 
 
 def test_head_refuses_another_backbone(tmp_path, lite0_onnx):
