@@ -278,6 +278,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(f"best val_accuracy {result.best_val_accuracy:.4f} (val_loss {result.best_val_loss:.4f}) -> "
               f"{result.checkpoint}; trained blocks: {', '.join(result.trainable) or 'classifier only'}\n"
+              f"curves: {result.curves}\n"
               f"export it: featx export {args.model} --weights {result.checkpoint}")
         return 0
 

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -102,9 +102,10 @@ class FinetuneResult:
     class_names: list[str]
     best_val_accuracy: float
     best_val_loss: float
-    history: list[EpochLog] = field(default_factory=list)
+    history: list[EpochLog] = field(default_factory=list)  # every epoch, those before a resume included
     frozen: list[str] = field(default_factory=list)
     trainable: list[str] = field(default_factory=list)
+    curves: str = ""  # PNG of loss and accuracy per epoch, redrawn after each epoch
 
 
 def split_indices(targets: Sequence, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -195,13 +196,14 @@ def fine_tune(
     frozen, trainable = freeze_except_top(features, unfreeze)
     classifier = (head_from_file(head, backbone.embed_dim, class_names) if head
                   else torch.nn.Linear(backbone.embed_dim, len(class_names)))
-    start_epoch, best = 0, (np.inf, 0.0)
+    start_epoch, best, history = 0, (np.inf, 0.0), []
     output = Path(output)
     if resume and output.is_file():
         state, meta = _read_checkpoint(output)
         features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
         classifier = _classifier_from_state(state, meta)
         start_epoch, best = int(meta["epoch"]), (float(meta["val_loss"]), float(meta["val_accuracy"]))
+        history = [EpochLog(**e) for e in meta.get("history", [])]
         log(f"resuming from {output} after epoch {start_epoch}")
 
     p = backbone.preprocess
@@ -234,7 +236,8 @@ def fine_tune(
     loss_fn = torch.nn.CrossEntropyLoss()
     use_amp = device == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    result = FinetuneResult(str(output), class_names, best[1], best[0], frozen=frozen, trainable=trainable)
+    result = FinetuneResult(str(output), class_names, best[1], best[0], history=history, frozen=frozen,
+                            trainable=trainable, curves=str(output.with_suffix(".curves.png")))
     waited = 0
     for epoch in range(start_epoch + 1, epochs + 1):
         t0 = time.perf_counter()
@@ -259,14 +262,43 @@ def fine_tune(
         log(entry.line(epochs))
         if val_loss < result.best_val_loss:
             result.best_val_loss, result.best_val_accuracy, waited = val_loss, val_acc, 0
+            # the history up to this epoch goes with the weights: a resume continues from here
             _write_checkpoint(output, features, classifier, model=backbone.name, class_names=class_names,
-                              epoch=epoch, val_loss=val_loss, val_accuracy=val_acc)
+                              epoch=epoch, val_loss=val_loss, val_accuracy=val_acc,
+                              history=[asdict(e) for e in result.history])
         else:
             waited += 1
-            if waited >= patience:
-                log(f"early stopping: val_loss has not improved for {patience} epochs")
-                break
+        plot_curves(result.history, Path(result.curves), title=f"{backbone.name} fine-tuned: {', '.join(trainable) or 'classifier only'}")
+        if waited >= patience:
+            log(f"early stopping: val_loss has not improved for {patience} epochs")
+            break
     return result
+
+
+def plot_curves(history: Sequence[EpochLog], path: Path, *, title: str) -> None:
+    """Loss and accuracy per epoch, training and validation, the best epoch (lowest val_loss) marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    epochs = [e.epoch for e in history]
+    best = min(history, key=lambda e: e.val_loss).epoch
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, name in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, [getattr(e, name) for e in history], "o-", label=f"training {name}")
+        ax.plot(epochs, [getattr(e, f"val_{name}") for e in history], "o-", label=f"validation {name}")
+        ax.axvline(best, color="grey", linestyle="--", label=f"best epoch ({best}, saved)")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_title(name)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def evaluate(features, classifier, loader, device: str) -> tuple[float, float]:

@@ -1,5 +1,7 @@
 """Fine-tuning in torch: meaningful blocks, frozen stays frozen, checkpoint -> ONNX, the four cases."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -42,7 +44,9 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
 
     resumed = featx.fine_tune(small_digits, ckpt, unfreeze=3, epochs=3, input_size=64, hflip=False,
                              batch_size=16, resume=True, log=lines.append)
-    assert [h.epoch for h in resumed.history] == [3] and any("resuming" in line for line in lines)
+    assert [h.epoch for h in resumed.history] == [1, 2, 3] and any("resuming" in line for line in lines)
+    assert resumed.history[:2] == result.history  # the epochs before the resume came with the checkpoint
+    assert Path(resumed.curves).stat().st_size > 20_000  # loss and accuracy over all three epochs
 
 
 @pytest.mark.slow
