@@ -183,7 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"featx: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("featx: interrupted; committed batches are kept, run the same command again to resume", file=sys.stderr)
+        if args.command == "embed" or (args.command == "predict" and args.cache):
+            how = "; committed batches are kept, run the same command again to resume"
+        elif args.command == "finetune":
+            how = f"; the best epoch so far is in {args.output}, the same command with --resume continues from it"
+        else:
+            how = ""
+        print(f"featx: interrupted{how}", file=sys.stderr)
         return 130
 
 
