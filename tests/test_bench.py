@@ -19,3 +19,24 @@ def test_bench_writes_json_and_png_with_the_comparisons(tmp_path):
     assert "end-to-end featx embed / plain PyTorch pipeline" in record["ratios"]
     assert (tmp_path / "out" / "test_efficientnet-cpu.png").stat().st_size > 10_000
     assert "ratio" in result.table()
+
+
+def test_decode_stages_script_records_every_stage_on_the_cpu(tmp_path):
+    """The script a GPU session runs first (benchmarks/README.md) must not break unseen: on the CPU it
+    times the same stages (both JPEG libraries, the decode stage with and without CPU workers) and
+    writes the JSON and the PNG."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "decode_stages.py"
+    run = subprocess.run([sys.executable, str(script), "--device", "cpu", "--n-jpegs", "32", "--batch-size", "16",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((tmp_path / "decode_stages-cpu.json").read_text())
+    rates = {k: v for k, v in record.items() if k.endswith("_per_s")}
+    assert {"torchcodec_decode_jpeg_batch16_per_s", "torchvision_decode_jpeg_batch16_per_s", "resize_crop_per_s",
+            "decode_stage_0_cpu_workers_per_s", "decode_stage_1_cpu_workers_per_s"} <= set(rates)
+    assert all(v > 0 for v in rates.values())
+    assert record["header_check_marker_scan_us_per_image"] > 0 and record["jpeg_libraries"][0] == "torchcodec"
+    assert (tmp_path / "decode_stages-cpu.png").stat().st_size > 10_000

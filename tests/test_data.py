@@ -185,3 +185,28 @@ def test_phone_formats_are_walked_decoded_upright_and_classified(tmp_path, coffe
         decode_image(tmp_path / f"cut{ext}")
     result = featx.classify([tmp_path / f"coffee{ext}"], model=lite0_onnx, top=1)[0]
     assert result.top[0][0] == "espresso"
+
+
+def test_heic_without_pillow_heif_is_a_recorded_failure_that_says_what_to_install(tmp_path, coffee):
+    """pillow-heif is what reads HEIC; where it is missing (a minimal install), a folder of iPhone photos
+    must not end the run or fail with a bare 'cannot identify image': each file names the package."""
+    import subprocess
+    import sys
+
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    coffee.save(tmp_path / "phone.heic", format="HEIF", quality=90)
+    coffee.save(tmp_path / "camera.jpg", quality=90)
+    script = (
+        "import sys; sys.modules['pillow_heif'] = None  # as if it were not installed\n"
+        "from featx.backbones import PreprocessConfig\n"
+        "from featx.data import load_batch\n"
+        "cfg = PreprocessConfig((32, 32), 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 'bilinear')\n"
+        f"batch = load_batch([{str(tmp_path / 'phone.heic')!r}, {str(tmp_path / 'camera.jpg')!r}], cfg)\n"
+        "print(batch.ok, batch.failed)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("[1] [(0, 'HEIC/HEIF photo, and pillow-heif is not installed "
+                                  "(pip install pillow-heif)')]")
