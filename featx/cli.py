@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="confusion-matrix PNG (default: next to the head file)")
     p.add_argument("--labels", default=None,
                    help="multi-label: CSV of key,label1;label2 (sigmoid outputs, per-label thresholds)")
+    p.add_argument("--balanced", action="store_true",
+                   help="weigh every class equally, however many images it has (classes of very different sizes)")
 
     p = sub.add_parser("export-classifier", help="backbone + head merged into one ONNX file (images -> probabilities)")
     p.add_argument("--head", required=True)
@@ -255,6 +257,7 @@ def _run(args: argparse.Namespace) -> int:
             args.cache, args.output, model=args.model, head=args.head, test_size=args.test_size, cv=args.cv,
             C=args.C, hidden=tuple(int(h) for h in args.hidden.split(",") if h), dropout=args.dropout,
             epochs=args.epochs, seed=args.seed, report_png=args.report, labels_csv=args.labels,
+            class_weight="balanced" if args.balanced else None,
         )
         print(report.text())
         return 0

@@ -103,13 +103,17 @@ class LogRegHead(_Head):
     Args:
         C: inverse regularisation; None chooses it by ``cv``-fold cross-validation.
         cv: folds for choosing C.
+        class_weight: None, or "balanced": each class weighs as much in the loss as any other, however
+            many images it has (and C is then chosen by balanced accuracy).
     """
 
-    def __init__(self, C: float | None = None, cv: int = 5, max_iter: int = 2000, random_state: int | None = 0):
+    def __init__(self, C: float | None = None, cv: int = 5, max_iter: int = 2000, random_state: int | None = 0,
+                 class_weight: str | None = None):
         self.C = C
         self.cv = cv
         self.max_iter = max_iter
         self.random_state = random_state
+        self.class_weight = class_weight
 
     def fit(self, X, y) -> LogRegHead:
         from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
@@ -125,12 +129,15 @@ class LogRegHead(_Head):
             folds = int(min(self.cv, counts.min()))
             with warnings.catch_warnings():  # scikit-learn 1.9's notices of future defaults; ours are explicit
                 warnings.simplefilter("ignore", FutureWarning)
+                scoring = "balanced_accuracy" if self.class_weight == "balanced" else "accuracy"
                 model = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=folds, max_iter=self.max_iter,
-                                             scoring="accuracy", random_state=self.random_state).fit(Xs, y_idx)
+                                             scoring=scoring, class_weight=self.class_weight,
+                                             random_state=self.random_state).fit(Xs, y_idx)
             self.C_ = float(np.atleast_1d(model.C_)[0])
         else:
             self.C_ = 1.0 if self.C is None else float(self.C)
-            model = LogisticRegression(C=self.C_, max_iter=self.max_iter, random_state=self.random_state).fit(Xs, y_idx)
+            model = LogisticRegression(C=self.C_, max_iter=self.max_iter, class_weight=self.class_weight,
+                                       random_state=self.random_state).fit(Xs, y_idx)
         self.n_iter_ = int(np.max(model.n_iter_))
         coef, intercept = model.coef_, model.intercept_
         if coef.shape[0] == 1:  # binary: sigmoid(z) == softmax([-z/2, z/2])
@@ -143,7 +150,8 @@ class MLPHead(_Head):
     """Standardise, then Dense(hidden)-ReLU-Dropout blocks and a softmax layer, trained in torch.
 
     AdamW with early stopping on a stratified validation split: the weights of the epoch with the
-    lowest validation loss are kept. Runs on CUDA when available.
+    lowest validation loss are kept. Runs on CUDA when available. ``class_weight="balanced"`` weighs
+    each class (multi-label: each label's positives against its negatives) equally in the loss.
     """
 
     def __init__(
@@ -158,6 +166,7 @@ class MLPHead(_Head):
         patience: int = 10,
         random_state: int | None = 0,
         device: str = "auto",
+        class_weight: str | None = None,
     ):
         self.hidden = hidden
         self.dropout = dropout
@@ -169,6 +178,7 @@ class MLPHead(_Head):
         self.patience = patience
         self.random_state = random_state
         self.device = device
+        self.class_weight = class_weight
 
     def fit(self, X, y) -> MLPHead:
         """``y``: class labels, or a (n, n_labels) 0/1 matrix for multi-label (sigmoid outputs, BCE loss,
@@ -189,7 +199,10 @@ class MLPHead(_Head):
             torch.manual_seed(0 if self.random_state is None else self.random_state)
             net = self._network(Xs.shape[1], len(self.classes_)).to(device)
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            loss_fn = torch.nn.BCEWithLogitsLoss() if multilabel else torch.nn.CrossEntropyLoss()
+            weight = None if self.class_weight != "balanced" else torch.from_numpy(
+                _balanced_weights(y_idx[train], len(self.classes_), multilabel)).to(device)
+            loss_fn = (torch.nn.BCEWithLogitsLoss(pos_weight=weight) if multilabel
+                       else torch.nn.CrossEntropyLoss(weight=weight))
             yt = torch.from_numpy(y_idx if multilabel else y_idx.astype(np.int64)).to(device)
             Xt = torch.from_numpy(Xs).to(device)
             best, best_state, waited = np.inf, None, 0
@@ -249,6 +262,16 @@ class MLPHead(_Head):
             return everything, np.array([], dtype=int)  # too small to hold out: train on all, watch train loss
         train, val = train_test_split(everything, test_size=n_val, stratify=y_idx, random_state=self.random_state)
         return train, val
+
+
+def _balanced_weights(y: np.ndarray, n_classes: int, multilabel: bool) -> np.ndarray:
+    """float32 loss weights as scikit-learn's "balanced": n / (n_classes * count) per class; multi-label,
+    each label's negatives / positives (BCE's pos_weight)."""
+    if multilabel:
+        positives = y.sum(axis=0)
+        return ((len(y) - positives) / np.maximum(positives, 1)).astype(np.float32)
+    counts = np.bincount(y, minlength=n_classes)
+    return (len(y) / (n_classes * np.maximum(counts, 1))).astype(np.float32)
 
 
 def best_thresholds(truth: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -362,11 +385,13 @@ class HeadReport:
     cv_accuracy: list[float] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     micro_f1: float | None = None  # multi-label only; accuracy is then the exact-match ratio
+    balanced_accuracy: float | None = None  # single-label: the mean of the per-class recalls
 
     def text(self) -> str:
         micro = f", micro-F1 {self.micro_f1:.4f}" if self.micro_f1 is not None else ""
-        lines = [f"{self.head}: {'exact-match ' if self.micro_f1 is not None else ''}accuracy {self.accuracy:.4f}, "
-                 f"macro-F1 {self.macro_f1:.4f}{micro} on {self.n_test} held-out "
+        balanced = f", balanced accuracy {self.balanced_accuracy:.4f}" if self.balanced_accuracy is not None else ""
+        lines = [f"{self.head}: {'exact-match ' if self.micro_f1 is not None else ''}accuracy {self.accuracy:.4f}"
+                 f"{balanced}, macro-F1 {self.macro_f1:.4f}{micro} on {self.n_test} held-out "
                  f"images (trained on {self.n_train} in {self.fit_seconds:.2f} s)"]
         if self.cv_accuracy:
             lines.append(f"{len(self.cv_accuracy)}-fold cross-validation accuracy: "
@@ -379,11 +404,12 @@ class HeadReport:
         return "\n".join(lines)
 
 
-def make_head(kind: str, *, C=None, hidden=(1024,), dropout=0.5, epochs=200, seed=0) -> _Head:
+def make_head(kind: str, *, C=None, hidden=(1024,), dropout=0.5, epochs=200, seed=0, class_weight=None) -> _Head:
     if kind == "logreg":
-        return LogRegHead(C=C, random_state=seed)
+        return LogRegHead(C=C, random_state=seed, class_weight=class_weight)
     if kind == "mlp":
-        return MLPHead(hidden=tuple(hidden), dropout=dropout, max_epochs=epochs, random_state=seed)
+        return MLPHead(hidden=tuple(hidden), dropout=dropout, max_epochs=epochs, random_state=seed,
+                       class_weight=class_weight)
     raise ValueError(f"head must be logreg or mlp, got {kind!r}")
 
 
@@ -430,18 +456,22 @@ def train_head(
     seed: int = 0,
     report_png: str | os.PathLike | None = None,
     labels_csv: str | os.PathLike | None = None,
+    class_weight: str | None = None,
 ) -> HeadReport:
     """Fit a head on a cache's labelled embeddings, report on a stratified held-out split, save it.
 
     With ``cv``, also K-fold cross-validated accuracy, and the saved head is refit on all data.
+    ``class_weight="balanced"``: every class counts as much as any other in training, for folders whose
+    classes have very different numbers of images (the small ones are otherwise rarely predicted).
     With ``labels_csv`` (rows ``key,label1;label2``), a multi-label head: sigmoid outputs, BCE,
     per-label thresholds; ``logreg`` is then the linear case (no hidden layer). Only keys in the
     CSV are used.
     """
     if labels_csv is not None:
         return _train_multilabel(cache, output, labels_csv, model=model, head=head, test_size=test_size,
-                                 hidden=hidden, dropout=dropout, epochs=epochs, seed=seed, report_png=report_png)
-    from sklearn.metrics import classification_report, confusion_matrix, f1_score
+                                 hidden=hidden, dropout=dropout, epochs=epochs, seed=seed, report_png=report_png,
+                                 class_weight=class_weight)
+    from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, f1_score
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     from .store import load_embeddings
@@ -455,12 +485,18 @@ def train_head(
         train, test = stratified_split(y, test_size, seed)
     except FeatxError as e:
         raise FeatxError(f"{cache} ({data.model}): {e}") from None
-    smallest = int(np.unique(y, return_counts=True)[1].min())
+    names, counts = np.unique(y, return_counts=True)
+    smallest = int(counts.min())
+    if class_weight is None and counts.max() >= 5 * smallest:
+        _logger.info("classes range from %d images ('%s') to %d ('%s'): --balanced (class_weight='balanced') "
+                     "keeps the small ones from being drowned out", smallest, names[counts.argmin()],
+                     counts.max(), names[counts.argmax()])
     if cv and cv > smallest:  # scikit-learn would only warn, and its folds would miss classes
         raise FeatxError(f"--cv {cv} needs at least {cv} images in every class, the smallest class has {smallest}: "
                          "lower --cv or add images")
     X_train, X_test, y_train, y_test = X[train], X[test], y[train], y[test]
-    estimator = make_head(head, C=C, hidden=hidden, dropout=dropout, epochs=epochs, seed=seed)
+    estimator = make_head(head, C=C, hidden=hidden, dropout=dropout, epochs=epochs, seed=seed,
+                          class_weight=class_weight)
     t0 = time.perf_counter()
     estimator.fit(X_train, y_train)
     fit_seconds = time.perf_counter() - t0
@@ -469,6 +505,7 @@ def train_head(
     report = HeadReport(
         head=head, n_train=len(y_train), n_test=len(y_test),
         accuracy=float(np.mean(predicted == y_test)),
+        balanced_accuracy=float(balanced_accuracy_score(y_test, predicted)),
         macro_f1=float(f1_score(y_test, predicted, average="macro")),
         fit_seconds=fit_seconds,
         per_class=classification_report(y_test, predicted, digits=3, zero_division=0),
@@ -502,7 +539,7 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
 
 
 def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidden, dropout, epochs, seed,
-                      report_png) -> HeadReport:
+                      report_png, class_weight) -> HeadReport:
     from sklearn.metrics import classification_report, f1_score, multilabel_confusion_matrix
     from sklearn.model_selection import train_test_split
 
@@ -522,7 +559,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     X = data.embeddings[rows]
     X_train, X_test, Y_train, Y_test = train_test_split(X, Y, test_size=test_size, random_state=seed)
     estimator = MLPHead(hidden=tuple(hidden) if head == "mlp" else (), dropout=dropout, max_epochs=epochs,
-                        random_state=seed)
+                        random_state=seed, class_weight=class_weight)
     t0 = time.perf_counter()
     estimator.fit(X_train, Y_train)
     fit_seconds = time.perf_counter() - t0
