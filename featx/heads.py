@@ -103,8 +103,8 @@ class LogRegHead(_Head):
     Args:
         C: inverse regularisation; None chooses it by ``cv``-fold cross-validation.
         cv: folds for choosing C.
-        class_weight: None, or "balanced": each class weighs as much in the loss as any other, however
-            many images it has (and C is then chosen by balanced accuracy).
+        class_weight: None; "balanced": each class weighs as much in the loss as any other, however
+            many images it has (and C is then chosen by balanced accuracy); or a dict class -> weight.
     """
 
     def __init__(self, C: float | None = None, cv: int = 5, max_iter: int = 2000, random_state: int | None = 0,
@@ -150,8 +150,9 @@ class MLPHead(_Head):
     """Standardise, then Dense(hidden)-ReLU-Dropout blocks and a softmax layer, trained in torch.
 
     AdamW with early stopping on a stratified validation split: the weights of the epoch with the
-    lowest validation loss are kept. Runs on CUDA when available. ``class_weight="balanced"`` weighs
-    each class (multi-label: each label's positives against its negatives) equally in the loss.
+    lowest validation loss are kept. Runs on CUDA when available. ``class_weight`` as scikit-learn's:
+    "balanced" weighs each class (multi-label: each label's positives against its negatives) equally
+    in the loss, a dict gives a weight per class.
     """
 
     def __init__(
@@ -199,8 +200,8 @@ class MLPHead(_Head):
             torch.manual_seed(0 if self.random_state is None else self.random_state)
             net = self._network(Xs.shape[1], len(self.classes_)).to(device)
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            weight = None if self.class_weight != "balanced" else torch.from_numpy(
-                _balanced_weights(y_idx[train], len(self.classes_), multilabel)).to(device)
+            weight = None if self.class_weight is None else torch.from_numpy(
+                self._loss_weights(y_idx[train], multilabel)).to(device)
             loss_fn = (torch.nn.BCEWithLogitsLoss(pos_weight=weight) if multilabel
                        else torch.nn.CrossEntropyLoss(weight=weight))
             yt = torch.from_numpy(y_idx if multilabel else y_idx.astype(np.int64)).to(device)
@@ -237,6 +238,19 @@ class MLPHead(_Head):
             self.thresholds_ = best_thresholds(y_idx[watch], self.predict_proba(np.asarray(X)[watch]))
         return self
 
+    def _loss_weights(self, y: np.ndarray, multilabel: bool) -> np.ndarray:
+        """float32 weights for the loss from ``class_weight``: as scikit-learn computes them (a dict of
+        class -> weight, or "balanced": n / (n_classes * count)); multi-label, "balanced" only: each
+        label's negatives / positives (BCE's pos_weight)."""
+        from sklearn.utils.class_weight import compute_class_weight
+
+        if multilabel:
+            if self.class_weight != "balanced":
+                raise ValueError(f"multi-label heads take class_weight='balanced' or None, not {self.class_weight!r}")
+            positives = y.sum(axis=0)
+            return ((len(y) - positives) / np.maximum(positives, 1)).astype(np.float32)
+        return compute_class_weight(self.class_weight, classes=self.classes_, y=self.classes_[y]).astype(np.float32)
+
     def _network(self, d_in: int, n_out: int):
         import torch
 
@@ -262,16 +276,6 @@ class MLPHead(_Head):
             return everything, np.array([], dtype=int)  # too small to hold out: train on all, watch train loss
         train, val = train_test_split(everything, test_size=n_val, stratify=y_idx, random_state=self.random_state)
         return train, val
-
-
-def _balanced_weights(y: np.ndarray, n_classes: int, multilabel: bool) -> np.ndarray:
-    """float32 loss weights as scikit-learn's "balanced": n / (n_classes * count) per class; multi-label,
-    each label's negatives / positives (BCE's pos_weight)."""
-    if multilabel:
-        positives = y.sum(axis=0)
-        return ((len(y) - positives) / np.maximum(positives, 1)).astype(np.float32)
-    counts = np.bincount(y, minlength=n_classes)
-    return (len(y) / (n_classes * np.maximum(counts, 1))).astype(np.float32)
 
 
 def best_thresholds(truth: np.ndarray, probs: np.ndarray) -> np.ndarray:
