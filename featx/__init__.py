@@ -46,6 +46,8 @@ _API = {
     "RunStats": "pipeline",
     "load_embeddings": "store",
     "Embeddings": "store",
+    "summarize_cache": "store",
+    "CacheSummary": "store",
     # heads
     "LogRegHead": "heads",
     "MLPHead": "heads",

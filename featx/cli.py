@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="pretrained | none | bundled | PATH to a state dict")
     p.add_argument("--half", action="store_true", help="fp16 inside the graph (input uint8, outputs float32)")
 
+    p = sub.add_parser("info", help="what a cache (.h5), model (.onnx) or head file holds")
+    p.add_argument("path")
+    p.add_argument("--failures", action="store_true", help="cache: every failed file with its reason")
+
     p = sub.add_parser("classify", help="top ImageNet classes of image files and folders")
     p.add_argument("images", nargs="+", help="image files or folders (every image under them)")
     _add_model(p)
@@ -195,6 +199,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _model_line(path, info) -> str:
+    return (f"{path}: {info.backbone}, {info.embed_dim}-d embedding"
+            f"{', logits for %d classes' % len(info.class_names) if info.has_logits else ''}, "
+            f"input {info.preprocess.input_size[0]}x{info.preprocess.input_size[1]}, {info.precision}, "
+            f"fingerprint {info.fingerprint}")
+
+
+def _info(path: str, *, list_failures: bool) -> int:
+    """What a featx file holds: an embedding cache, an exported model or a head, told by content."""
+    import featx
+
+    from .errors import FeatxError
+
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(8)
+    except OSError as e:
+        raise FeatxError(f"{path}: cannot read ({e.strerror or e})") from None
+    if magic == b"\x89HDF\r\n\x1a\n":
+        summaries = featx.summarize_cache(path)
+        print(f"{path}: embedding cache, {len(summaries)} model(s)")
+        for summary in summaries:
+            print(summary.text(list_failures=list_failures))
+    elif path.endswith(".onnx"):
+        print(_model_line(path, featx.read_model_info(path)))
+    elif not path.endswith(".safetensors"):
+        raise FeatxError(f"{path}: not a featx file (an embedding cache .h5, a model .onnx or a head .safetensors)")
+    else:
+        loaded = featx.load_head(path)
+        head = loaded.head
+        kind = "multi-label " if getattr(head, "multilabel_", False) else ""
+        print(f"{path}: {kind}{type(head).__name__} for {len(head.classes_)} classes "
+              f"({', '.join(str(c) for c in head.classes_)}), on {loaded.model} embeddings "
+              f"(fingerprint {loaded.fingerprint})")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     import featx
 
@@ -218,11 +259,11 @@ def _run(args: argparse.Namespace) -> int:
         out = Path(args.output) if args.output else default_models_dir() / (
             f"{args.model}{'-fp16' if args.half else ''}{'-' + Path(args.weights).stem if args.weights and Path(args.weights).is_file() else ''}.onnx")
         info = featx.export_onnx(featx.load_backbone(args.model, weights=args.weights), out, half=args.half)
-        print(f"{out}: {info.backbone}, {info.embed_dim}-d embedding"
-              f"{', logits for %d classes' % len(info.class_names) if info.has_logits else ''}, "
-              f"input {info.preprocess.input_size[0]}x{info.preprocess.input_size[1]}, {info.precision}, "
-              f"fingerprint {info.fingerprint}")
+        print(_model_line(out, info))
         return 0
+
+    if args.command == "info":
+        return _info(args.path, list_failures=args.failures)
 
     if args.command == "classify":
         results = featx.classify(args.images, model=args.model, weights=args.weights, top=args.top, device=args.device,

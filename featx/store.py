@@ -140,6 +140,63 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
     return Embeddings(emb, keys, labels, classes, model, str(attrs["fingerprint"]), attrs, failures)
 
 
+@dataclass
+class CacheSummary:
+    """One model group of a cache, without reading its embeddings: what :func:`summarize_cache` returns."""
+
+    model: str
+    rows: int
+    embed_dim: int
+    dtype: str
+    class_counts: dict[str, int]  # rows per class, in class order
+    unlabelled: int
+    failures: dict[str, str]  # key -> reason: files skipped, not retried until they change
+    attrs: dict
+
+    def text(self, *, list_failures: bool = False) -> str:
+        from collections import Counter
+
+        lines = [f"{self.model}: {self.rows:,} embeddings, {self.embed_dim}-d {self.dtype}, "
+                 f"backbone {self.attrs.get('backbone')}, created {self.attrs.get('created')} "
+                 f"(featx {self.attrs.get('featx_version')}), fingerprint {self.attrs.get('fingerprint')}"]
+        if self.class_counts:
+            lines.append(f"  {len(self.class_counts)} classes: "
+                         + ", ".join(f"{name} ({n:,})" for name, n in self.class_counts.items()))
+        if self.unlabelled:
+            lines.append(f"  {self.unlabelled:,} without a class (directly under the folder)")
+        if self.failures:
+            lines.append(f"  {len(self.failures):,} files failed (skipped until they change):")
+            if list_failures:
+                lines += [f"    {key}: {reason}" for key, reason in sorted(self.failures.items())]
+            else:
+                lines += [f"    {n:,} x {reason}" for reason, n in Counter(self.failures.values()).most_common(5)]
+                lines.append("    (--failures lists every file)")
+        return "\n".join(lines)
+
+
+def summarize_cache(path: str | os.PathLike) -> list[CacheSummary]:
+    """Every model group of a cache: rows, classes with their counts, failures. Reads labels and
+    failures only, so it is quick on a cache of millions of rows."""
+    out = []
+    with _open_h5(Path(path), "r") as f:
+        for model in sorted(k for k in f if "fingerprint" in f[k].attrs):
+            g = f[model]
+            columns, n = _committed_columns(g)
+            labels = columns["labels"][:n]
+            classes = _decode(g["class_names"][:])
+            counts = np.bincount(labels[labels >= 0], minlength=len(classes))
+            failures = {}
+            if "failures" in g:
+                fc, m = _committed_columns(g["failures"])
+                failures = dict(zip(_decode(fc["keys"][:m]), _decode(fc["reasons"][:m])))
+            emb = columns["embeddings"]
+            out.append(CacheSummary(model, n, int(emb.shape[1]), str(emb.dtype),
+                                    {c: int(k) for c, k in zip(classes, counts) if k}, int((labels < 0).sum()),
+                                    failures, {k: (v.decode() if isinstance(v, bytes) else v)
+                                               for k, v in g.attrs.items()}))
+    return out
+
+
 class EmbeddingStore:
     """Writer for one model's group. Use as a context manager; see the module docstring for the layout."""
 

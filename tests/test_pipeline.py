@@ -81,6 +81,32 @@ def test_bad_files_are_recorded_and_not_retried_until_changed(small_digits, tmp_
     assert "1/empty.png" in data.keys and set(data.failures) == {"0/broken.jpg"}
 
 
+def test_info_says_what_a_cache_holds_and_why_files_failed(small_digits, tmp_path, lite0_onnx, capsys):
+    """`featx info` on a cache: rows, classes with their counts, unlabelled files, failures grouped by
+    reason (every file with --failures); on the model file, what it is."""
+    from featx.cli import main
+
+    (small_digits / "0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    (small_digits / "loose.png").write_bytes((small_digits / "3" / sorted(os.listdir(small_digits / "3"))[0]).read_bytes())
+    out = tmp_path / "c.h5"
+    embed(small_digits, out, lite0_onnx)
+    [summary] = featx.summarize_cache(out)
+    counts = {d: len(os.listdir(small_digits / d)) for d in "0123456789"}
+    counts["0"] -= 1  # broken.jpg
+    assert summary.rows == 61 and summary.embed_dim == 1280 and summary.unlabelled == 1
+    assert summary.class_counts == counts and list(summary.failures) == ["0/broken.jpg"]
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "61 embeddings, 1280-d float32" in text and f"0 ({counts['0']})" in text
+    assert "1 without a class" in text and "1 files failed" in text and "1 x cannot decode" in text
+    assert main(["info", str(out), "--failures"]) == 0
+    assert "    0/broken.jpg: cannot decode" in capsys.readouterr().out
+    assert main(["info", str(lite0_onnx)]) == 0
+    assert "efficientnet_lite0, 1280-d embedding, logits for 1000 classes" in capsys.readouterr().out
+    assert main(["info", str(small_digits / "loose.png")]) == 2
+    assert "not a featx file" in capsys.readouterr().err
+
+
 def test_other_model_with_same_name_is_refused(small_digits, tmp_path, lite0_onnx, lite0_backbone):
     out = tmp_path / "c.h5"
     embed(small_digits, out, lite0_onnx)
