@@ -284,6 +284,8 @@ def _run(args: argparse.Namespace) -> int:
             devices=args.devices.split(",") if args.devices else None,
         )
         print(stats.summary())
+        if stats.n_failed or stats.n_failed_before:
+            print(f"the failed files and why: featx info {args.out} --failures")
         return 1 if args.strict and stats.n_failed else 0
 
     if args.command == "calibrate":
