@@ -9,6 +9,7 @@ turns one into an ONNX file whose logits are the new classes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -264,6 +265,7 @@ def fine_tune(
             result.best_val_loss, result.best_val_accuracy, waited = val_loss, val_acc, 0
             # the history up to this epoch goes with the weights: a resume continues from here
             _write_checkpoint(output, features, classifier, model=backbone.name, class_names=class_names,
+                              input_size=[size, size], resize_size=resize,
                               epoch=epoch, val_loss=val_loss, val_accuracy=val_acc,
                               history=[asdict(e) for e in result.history])
         else:
@@ -383,6 +385,10 @@ def load_finetuned(backbone, path: str | os.PathLike):
                                          if k.startswith("features.")}, source=str(path))
     backbone.classifier = _classifier_from_state(state, meta).eval().requires_grad_(False)
     backbone.class_names = list(meta["class_names"])
+    if "input_size" in meta:  # trained at another size (--input-size): exported and run at that size too,
+        # since a convnet tuned on 64-pixel digits does not recognise them at 224
+        backbone.preprocess = dataclasses.replace(backbone.preprocess, input_size=tuple(meta["input_size"]),
+                                                  resize_size=int(meta["resize_size"]))
     backbone.weights = str(path)
     return backbone
 

@@ -39,6 +39,8 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
     onnx_path = tmp_path / "ft.onnx"
     info = featx.export_onnx(tuned, onnx_path)  # raises unless onnxruntime agrees with the tuned torch model
     assert info.class_names == tuned.class_names
+    # trained at 64 pixels: exported and run at 64 (at the model's 224 the tuned layers see other scales)
+    assert info.preprocess.input_size == (64, 64) and info.preprocess.resize_size == round(64 * 256 / 224)
     assert info.fingerprint != featx.read_model_info(featx.ensure_model_file(
         "efficientnet_lite0", models_dir=tmp_path / "m")).fingerprint
 
