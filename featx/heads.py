@@ -688,11 +688,10 @@ def predict(
             rows = [row(k, p) for k, p in zip(data.keys, probs)]
             rows += [PredictionRow(k, [], reason) for k, reason in sorted(data.failures.items())]
     else:
-        paths = expand_inputs(inputs)
-        encoded = encode_files(load_model(model_file, device=device, engine="onnx"), paths, progress=progress)
-        probs = loaded.head.predict_proba(encoded.embedding)
-        rows = [PredictionRow(path, [], encoded.errors[i]) if i in encoded.errors else row(path, probs[i])
-                for i, path in enumerate(paths)]
+        engine = load_model(model_file, device=device, engine="onnx")
+        for path, embedding, _, error in encode_files(engine, expand_inputs(inputs), progress=progress):
+            rows.append(PredictionRow(path, [], error) if error
+                        else row(path, loaded.head.predict_proba(embedding[None])[0]))
     if output:
         _write_csv(rows, Path(output), top)
     return rows

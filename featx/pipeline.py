@@ -74,15 +74,14 @@ def classify(
     info = engine.info
     if not info.has_logits:
         raise ModelFileError(f"{engine.path}: this model has no ImageNet classifier (no logits output)")
-    paths = expand_inputs(images)
-    encoded = encode_files(engine, paths, batch_size=batch_size, progress=progress)
     results = []
-    for i, path in enumerate(paths):
-        if i in encoded.errors:
-            results.append(Classification(path, [], encoded.errors[i]))
-            continue
-        p = softmax(encoded.logits[i:i + 1])[0]
-        results.append(Classification(path, [(info.class_names[j], float(p[j])) for j in np.argsort(-p)[:top]]))
+    for path, _, logits, error in encode_files(engine, expand_inputs(images), batch_size=batch_size,
+                                               progress=progress):
+        if error:
+            results.append(Classification(path, [], error))
+        else:
+            p = softmax(logits[None])[0]
+            results.append(Classification(path, [(info.class_names[j], float(p[j])) for j in np.argsort(-p)[:top]]))
     return results
 
 
@@ -101,35 +100,27 @@ def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
     return paths
 
 
-@dataclass
-class EncodedFiles:
-    """Outputs of :func:`encode_files`, one row per path; rows of failed paths are zeros."""
-
-    embedding: np.ndarray
-    logits: np.ndarray | None
-    errors: dict[int, str]  # position -> why the file could not be encoded
-
-
-def encode_files(engine, paths: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> EncodedFiles:
-    """Decode and encode ``paths`` in batches with a loaded engine; a bad file is an error row, never raised."""
-    info = engine.info
-    embedding = np.zeros((len(paths), info.embed_dim), dtype=np.float32)
-    logits = np.zeros((len(paths), len(info.class_names)), dtype=np.float32) if info.has_logits else None
-    errors: dict[int, str] = {}
+def encode_files(engine, paths: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> Iterator:
+    """(path, embedding, logits or None, None) for each path in order, or (path, None, None, why it
+    failed): decoded and encoded in batches with a loaded engine; a bad file is never raised. Only a
+    batch is held at a time, so a folder of any size runs in bounded memory."""
     bar = progress_bar(len(paths), progress)
-    for start in range(0, len(paths), batch_size):
-        chunk = range(start, min(start + batch_size, len(paths)))
-        decoded = load_batch([paths[i] for i in chunk], info.preprocess)
-        errors.update((chunk[k], reason) for k, reason in decoded.failed)
-        if decoded.ok:
-            out = engine.encode(decoded.images)
-            rows = [chunk[k] for k in decoded.ok]
-            embedding[rows] = out.embedding
-            if logits is not None:
-                logits[rows] = out.logits
-        bar.update(len(chunk))
-    bar.close()
-    return EncodedFiles(embedding, logits, errors)
+    try:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            decoded = load_batch(chunk, engine.info.preprocess)
+            rows: list = [(None, None, None)] * len(chunk)
+            for k, reason in decoded.failed:
+                rows[k] = (None, None, reason)
+            if decoded.ok:
+                out = engine.encode(decoded.images)
+                for j, k in enumerate(decoded.ok):
+                    rows[k] = (out.embedding[j], None if out.logits is None else out.logits[j], None)
+            for path, row in zip(chunk, rows):
+                yield (path, *row)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
 
 
 def embed_images(
