@@ -404,17 +404,24 @@ class Advice:
     n_classes: int
     images_per_class: float
     imagenet_confidence: float  # mean top-1 ImageNet probability on a sample: high means ImageNet-like
-    probe_accuracy: float  # cross-validated logistic regression on frozen embeddings of the sample
+    probe_accuracy: float  # cross-validated logistic regression on frozen embeddings of the sample; nan: not run
     size: str  # "small" or "large"
     similarity: str  # "similar" or "different"
     recommendation: str
     unfreeze: int | str
+    probe_folds: int = 3
+    probe_note: str = ""  # why the probe did not run
+    skipped: dict[str, str] = field(default_factory=dict)  # sampled files that could not be decoded -> why
 
     def text(self) -> str:
+        probe = (f"({self.probe_folds}-fold CV on the sample): accuracy {self.probe_accuracy:.3f}"
+                 if self.probe_accuracy == self.probe_accuracy else f": not run ({self.probe_note})")
+        skipped = (f"\n{len(self.skipped)} sampled files skipped (cannot be decoded), e.g. "
+                   f"{next(iter(self.skipped))}: {next(iter(self.skipped.values()))}" if self.skipped else "")
         return (f"{self.n_images} images in {self.n_classes} classes ({self.images_per_class:.0f} per class: {self.size})\n"
                 f"ImageNet classifier's mean top-1 confidence on a sample: {self.imagenet_confidence:.3f} "
                 f"(< {SIMILARITY_CONFIDENCE} counts as different from ImageNet: {self.similarity})\n"
-                f"linear probe on frozen embeddings (3-fold CV on the sample): accuracy {self.probe_accuracy:.3f}\n"
+                f"linear probe on frozen embeddings {probe}{skipped}\n"
                 f"recommendation: {self.recommendation} (featx finetune --unfreeze {self.unfreeze})")
 
 
@@ -426,36 +433,50 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
            sample: int = 300, device: str = "auto", seed: int = 0) -> Advice:
     """Place a labelled folder among the four transfer-learning cases (small/large x similar/different)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     from .data import FileEntry, class_names_of, walk_images
     from .export import ensure_model_file
-    from .pipeline import softmax
+    from .pipeline import encode_files, softmax
     from .runtime import load_model
 
     entries = [e for e in walk_images(root) if isinstance(e, FileEntry) and e.label is not None]
     classes = class_names_of(root)
     if len(classes) < 2 or not entries:
         raise FeatxError(f"{root}: advise needs images in at least two class folders")
+    # the same share of every class (all of a small one), so a class of a few images is in the sample
     rng = np.random.default_rng(seed)
-    picked = [entries[i] for i in sorted(rng.choice(len(entries), min(sample, len(entries)), replace=False))]
+    by_class: dict[str, list] = {}
+    for e in entries:
+        by_class.setdefault(e.label, []).append(e)
+    share = -(-sample // len(by_class))
+    picked = [members[i] for members in by_class.values()
+              for i in sorted(rng.choice(len(members), min(share, len(members)), replace=False))]
     model_file = ensure_model_file(model, weights=weights)
     engine = load_model(model_file, device=device, engine="onnx")
-    from .data import load_image
 
-    confidences, embeddings, labels = [], [], []
-    for start in range(0, len(picked), 32):
-        chunk = picked[start:start + 32]
-        batch = np.stack([load_image(e.path, engine.info.preprocess) for e in chunk])
-        out = engine.encode(batch)
-        embeddings.append(out.embedding)
-        if out.logits is not None:
-            confidences.append(softmax(out.logits).max(axis=1))
-        labels += [e.label for e in chunk]
-    X, y = np.concatenate(embeddings), np.array(labels)
-    folds = int(min(3, np.unique(y, return_counts=True)[1].min()))
-    probe = float(np.mean(cross_val_score(LogisticRegression(max_iter=2000), X, y, cv=folds))) if folds >= 2 else float("nan")
-    confidence = float(np.concatenate(confidences).mean()) if confidences else float("nan")
+    confidences, embeddings, labels, skipped = [], [], [], {}
+    for entry, (_, embedding, logits, error) in zip(picked, encode_files(engine, [e.path for e in picked])):
+        if error:  # a bad file is left out of the sample, as embed leaves it out of the cache
+            skipped[entry.key] = error
+            continue
+        embeddings.append(embedding)
+        labels.append(entry.label)
+        if logits is not None:
+            confidences.append(softmax(logits[None]).max())
+    if not embeddings:
+        raise FeatxError(f"{root}: none of the {len(picked)} sampled images could be decoded")
+    X, y = np.stack(embeddings), np.array(labels)
+    names, counts = np.unique(y, return_counts=True)
+    folds, probe, note = int(min(3, counts.min())), float("nan"), ""
+    if len(names) < 2:
+        note = "one class left in the sample"
+    elif folds < 2:
+        note = f"class '{names[counts.argmin()]}' has a single usable image"
+    else:
+        folds_split = StratifiedKFold(folds, shuffle=True, random_state=seed)
+        probe = float(np.mean(cross_val_score(LogisticRegression(max_iter=2000), X, y, cv=folds_split)))
+    confidence = float(np.mean(confidences)) if confidences else float("nan")
     per_class = len(entries) / len(classes)
     size = "large" if per_class >= LARGE_PER_CLASS else "small"
     similarity = "similar" if confidence >= SIMILARITY_CONFIDENCE else "different"
@@ -466,4 +487,5 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
                                  "the top features are ImageNet-specific, too little data for more", 2),
         ("large", "different"): ("fine-tune everything: the data can support it and differs from ImageNet", "all"),
     }[(size, similarity)]
-    return Advice(len(entries), len(classes), per_class, confidence, probe, size, similarity, recommendation, unfreeze)
+    return Advice(len(entries), len(classes), per_class, confidence, probe, size, similarity, recommendation, unfreeze,
+                  probe_folds=folds, probe_note=note, skipped=skipped)

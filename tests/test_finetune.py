@@ -94,3 +94,18 @@ def test_finetune_refuses_folders_it_cannot_split_before_loading_the_model(small
         featx.fine_tune(small_digits, tmp_path / "ft.safetensors", model="no_such_model")
     with pytest.raises(FeatxError, match="needs images in class subfolders"):
         featx.fine_tune(small_digits / "3", tmp_path / "ft.safetensors", model="no_such_model")
+
+
+def test_advise_skips_bad_files_and_says_why_the_probe_did_not_run(small_digits, lite0_onnx):
+    """A corrupt photo is left out of the sample (not the end of the advice); a class with one image
+    is still sampled, and the probe that cannot cross-validate it says so instead of printing nan."""
+    (small_digits / "0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    for extra in sorted((small_digits / "4").iterdir())[1:]:
+        extra.unlink()
+    advice = featx.advise(small_digits, model=lite0_onnx)  # the sample takes every image of these 60
+    assert list(advice.skipped) == ["0/broken.jpg"] and "1 sampled files skipped" in advice.text()
+    assert advice.probe_accuracy != advice.probe_accuracy and "class '4' has a single usable image" in advice.text()
+    assert "nan" not in advice.text() and advice.recommendation
+    (small_digits / "4").rename(small_digits.parent / "4")  # the rest: every class has 2+ images in the sample
+    advice = featx.advise(small_digits, model=lite0_onnx, sample=18)  # 2 of each of the 9 classes
+    assert advice.probe_accuracy > 0.3 and advice.probe_folds == 2 and "(2-fold CV on the sample)" in advice.text()
