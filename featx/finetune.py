@@ -107,6 +107,7 @@ class FinetuneResult:
     frozen: list[str] = field(default_factory=list)
     trainable: list[str] = field(default_factory=list)
     curves: str = ""  # PNG of loss and accuracy per epoch, redrawn after each epoch
+    skipped: dict[str, str] = field(default_factory=dict)  # files that could not be decoded -> why
 
 
 def split_indices(targets: Sequence, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,12 +179,15 @@ def fine_tune(
     from torchvision import transforms as T
 
     from .backbones import load_backbone
+    from .data import IMAGE_EXTENSIONS
     from .runtime import resolve_device
 
     torch.manual_seed(seed)
     device = resolve_device(device)
     try:
-        dataset = torchvision.datasets.ImageFolder(str(root))
+        # the files embed reads (HEIC and AVIF too), by extension as torchvision lists them
+        dataset = torchvision.datasets.ImageFolder(
+            str(root), is_valid_file=lambda p: os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
     except FileNotFoundError as e:  # no class folder, or class folders without images
         raise FeatxError(f"{root}: fine-tuning needs images in class subfolders ({e})") from None
     class_names = dataset.classes
@@ -220,10 +224,12 @@ def fine_tune(
     ])
     val_tf = T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size),
                         T.Lambda(lambda im: im.convert("RGB")), *normalise])
-    train_set = torch.utils.data.Subset(torchvision.datasets.ImageFolder(str(root), transform=train_tf), train_idx)
-    val_set = torch.utils.data.Subset(torchvision.datasets.ImageFolder(str(root), transform=val_tf), val_idx)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size * 2, num_workers=workers)
+    train_set = _FolderImages([dataset.samples[i] for i in train_idx], train_tf)
+    val_set = _FolderImages([dataset.samples[i] for i in val_idx], val_tf)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         collate_fn=_collate_decoded)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size * 2, num_workers=workers,
+                                             collate_fn=_collate_decoded)
 
     features.to(device)
     classifier.to(device)
@@ -239,12 +245,16 @@ def fine_tune(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     result = FinetuneResult(str(output), class_names, best[1], best[0], history=history, frozen=frozen,
                             trainable=trainable, curves=str(output.with_suffix(".curves.png")))
+    skipped = result.skipped
     waited = 0
     for epoch in range(start_epoch + 1, epochs + 1):
         t0 = time.perf_counter()
         set_train_mode(features, classifier)
         total, correct, loss_sum = 0, 0, 0.0
-        for x, y in loader:
+        for x, y, bad in loader:
+            skipped.update(bad)
+            if x is None:
+                continue
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device, enabled=use_amp):
@@ -256,8 +266,13 @@ def fine_tune(
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
+        if not total:
+            raise FeatxError("no training image could be decoded")
         schedule.step()
-        val_loss, val_acc = evaluate(features, classifier, val_loader, device)
+        val_loss, val_acc = evaluate(features, classifier, val_loader, device, skipped=skipped)
+        if epoch == start_epoch + 1 and skipped:
+            log(f"skipped {len(skipped)} files that cannot be decoded, e.g. {next(iter(skipped))}: "
+                f"{next(iter(skipped.values()))}")
         entry = EpochLog(epoch, loss_sum / total, correct / total, val_loss, val_acc, time.perf_counter() - t0)
         result.history.append(entry)
         log(entry.line(epochs))
@@ -303,19 +318,60 @@ def plot_curves(history: Sequence[EpochLog], path: Path, *, title: str) -> None:
     plt.close(fig)
 
 
-def evaluate(features, classifier, loader, device: str) -> tuple[float, float]:
+class _FolderImages:
+    """(path, class index) samples as a torch dataset, decoded as embed decodes them (EXIF, CMYK,
+    16-bit, HEIC ...). A file that cannot be decoded is an item of its own, (None, target,
+    (path, reason)), that the collate function leaves out of the batch: a corrupt photo in a class
+    folder costs one image, not the training run."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from .data import decode_image
+        from .errors import ImageError
+
+        path, target = self.samples[i]
+        try:
+            return self.transform(decode_image(path)), target, None
+        except ImageError as e:
+            return None, target, (path, str(e))
+
+
+def _collate_decoded(items):
+    """Batch of (image, target, failure) -> (images or None when none decoded, targets, {path: reason})."""
+    import torch
+
+    good = [(x, y) for x, y, bad in items if bad is None]
+    failed = dict(bad for _, _, bad in items if bad is not None)
+    if not good:
+        return None, None, failed
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), failed
+
+
+def evaluate(features, classifier, loader, device: str, skipped: dict | None = None) -> tuple[float, float]:
     import torch
 
     features.eval()
     classifier.eval()
     total, correct, loss_sum = 0, 0, 0.0
     with torch.no_grad():
-        for x, y in loader:
+        for x, y, bad in loader:
+            if skipped is not None:
+                skipped.update(bad)
+            if x is None:
+                continue
             x, y = x.to(device), y.to(device)
             logits = classifier(features(x)).float()
             loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
+    if not total:
+        raise FeatxError("no validation image could be decoded (featx info lists what embed could not read)")
     return loss_sum / total, correct / total
 
 

@@ -23,11 +23,15 @@ def test_blocks_are_the_architectures_own_units():
 def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_path, lite0_backbone):
     before = {k: v.clone() for k, v in lite0_backbone.features.state_dict().items()}
     ckpt = tmp_path / "ft.safetensors"
+    (small_digits / "0" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")  # a corrupt photo costs itself
+    (small_digits / "1" / "empty.png").write_bytes(b"")
     lines = []
     result = featx.fine_tune(small_digits, ckpt, unfreeze=3, epochs=2, input_size=64, hflip=False,
                             batch_size=16, patience=5, log=lines.append)
     assert result.trainable == ["blocks.6", "conv_head", "bn2"]
-    assert len(result.history) == 2 and lines[0].startswith("Epoch 1/2 - ") and "val_accuracy" in lines[0]
+    assert sorted(Path(p).name for p in result.skipped) == ["empty.png", "zz_broken.jpg"]
+    assert lines[0].startswith("skipped 2 files that cannot be decoded")
+    assert len(result.history) == 2 and lines[1].startswith("Epoch 1/2 - ") and "val_accuracy" in lines[1]
     tuned = featx.load_backbone("efficientnet_lite0", weights=ckpt)
     after = tuned.features.state_dict()
     frozen_keys = [k for k in before if k.startswith(("conv_stem", "bn1", "blocks.0", "blocks.5"))]
