@@ -33,6 +33,11 @@ class NotFittedError(FeatxError, _SklearnNotFittedError):
     """A head used before fit: scikit-learn's error, and a featx one for the CLI's one-line report."""
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-z)) without exp's overflow warning for large negative logits."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -82,13 +87,13 @@ class _Head(ClassifierMixin, BaseEstimator):
         """float (n, n_classes) probabilities, columns in the order of ``classes_``
         (multi-label: independent sigmoid probabilities, one column per label)."""
         logits = self._logits(X)
-        return 1.0 / (1.0 + np.exp(-logits)) if getattr(self, "multilabel_", False) else _softmax(logits)
+        return _sigmoid(logits) if getattr(self, "multilabel_", False) else _softmax(logits)
 
     def predict(self, X) -> np.ndarray:
         """Class labels; multi-label: int (n, n_labels) indicator, each label at its own threshold."""
         scores = self._logits(X)  # checks fitted before classes_ is touched
         if getattr(self, "multilabel_", False):
-            return (1.0 / (1.0 + np.exp(-scores)) >= self.thresholds_).astype(int)
+            return (_sigmoid(scores) >= self.thresholds_).astype(int)
         return self.classes_[np.argmax(scores, axis=1)]
 
     def __sklearn_tags__(self):
@@ -554,6 +559,10 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     rows = [i for i, k in enumerate(data.keys) if k in wanted]
     if not rows:
         raise FeatxError(f"no key of {labels_csv} is in {cache} ({data.model}); keys are paths relative to the folder")
+    missing = sorted(set(wanted) - set(data.keys))
+    if missing:  # a typo, or a folder not embedded yet: those rows would silently not count
+        _logger.warning("%d keys of %s are not in %s (e.g. %s): embed their folder, or check the paths "
+                        "(relative to the embedded folder, '/'-separated)", len(missing), labels_csv, cache, missing[0])
     names = sorted({label for i in rows for label in wanted[data.keys[i]]})
     column = {n: j for j, n in enumerate(names)}
     Y = np.zeros((len(rows), len(names)), dtype=int)

@@ -1,6 +1,7 @@
 """Heads on real cached embeddings (scikit-learn digits through the default model), and the sklearn contract."""
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -111,7 +112,7 @@ def test_merged_onnx_classifier_gives_featx_probabilities(kind, digits_cache, di
 
 
 @pytest.mark.slow
-def test_multilabel_head_from_csv(digits_cache, digits_dir, lite0_onnx, tmp_path):
+def test_multilabel_head_from_csv(digits_cache, digits_dir, lite0_onnx, tmp_path, caplog):
     """Real images, labels a person could give digits: even/odd, 'big' (5-9), 'loop' (0, 6, 8, 9)."""
     data = featx.load_embeddings(digits_cache)
     with open(tmp_path / "labels.csv", "w") as f:
@@ -120,11 +121,14 @@ def test_multilabel_head_from_csv(digits_cache, digits_dir, lite0_onnx, tmp_path
             d = int(key.split("/")[0])
             labels = ["even" if d % 2 == 0 else "odd"] + (["big"] if d >= 5 else []) + (["loop"] if d in (0, 6, 8, 9) else [])
             f.write(f"{key},{';'.join(labels)}\n")
+        f.write("3/typo.png,odd\n")  # a path that is not in the cache: said, not silently dropped
     for kind in ("logreg", "mlp"):
-        report = featx.train_head(digits_cache, tmp_path / f"{kind}.safetensors", head=kind,
-                                  labels_csv=tmp_path / "labels.csv")
+        with caplog.at_level(logging.WARNING, logger="featx.heads"):
+            report = featx.train_head(digits_cache, tmp_path / f"{kind}.safetensors", head=kind,
+                                      labels_csv=tmp_path / "labels.csv")
         assert report.classes == ["big", "even", "loop", "odd"] and report.micro_f1 >= 0.85, report.text()
         assert (tmp_path / f"{kind}.f1.png").exists()
+        assert "1 keys of" in caplog.text and "3/typo.png" in caplog.text
     head = load_head(tmp_path / "mlp.safetensors").head
     assert head.multilabel_ and head.thresholds_.shape == (4,)
     eight = sorted((digits_dir / "8").iterdir())[0]
