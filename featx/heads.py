@@ -506,6 +506,9 @@ def train_head(
     X_train, X_test, y_train, y_test = X[train], X[test], y[train], y[test]
     estimator = make_head(head, C=C, hidden=hidden, dropout=dropout, epochs=epochs, seed=seed,
                           class_weight=class_weight)
+    if head == "logreg" and C is None:  # the slow part on a large cache, silent otherwise
+        _logger.info("fitting %d embeddings; C is chosen by %d-fold cross-validation over 7 values "
+                     "(--C VALUE skips it)", len(y_train), estimator.cv)
     t0 = time.perf_counter()
     estimator.fit(X_train, y_train)
     fit_seconds = time.perf_counter() - t0
