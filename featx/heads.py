@@ -619,17 +619,27 @@ def _plot_label_f1(f1: np.ndarray, names: list[str], path: Path, *, title: str) 
 
 
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, *, title: str) -> None:
+    """Counts; beside them, when the held-out classes differ twice or more in size, each row divided by
+    its total (the recall of each class), where a small class's misses would not show in counts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
+    support = matrix.sum(axis=1)
+    uneven = support.min() > 0 and support.max() >= 2 * support.min()
     size = max(5, 0.5 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=ax, colorbar=False, xticks_rotation=45)
-    ax.set_title(title)
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, 2 if uneven else 1, figsize=(size * (2 if uneven else 1), size), squeeze=False,
+                             layout="constrained")
+    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=axes[0, 0], colorbar=False, xticks_rotation=45)
+    axes[0, 0].set_title("counts")
+    if uneven:
+        recall = matrix / support[:, None]
+        ConfusionMatrixDisplay(recall, display_labels=classes).plot(ax=axes[0, 1], colorbar=False,
+                                                                     xticks_rotation=45, values_format=".2f")
+        axes[0, 1].set_title("share of each true class (rows sum to 1)")
+    fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

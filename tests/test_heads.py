@@ -29,6 +29,10 @@ def test_heads_on_digits_beat_chance_by_far(kind, digits_cache, tmp_path):
     assert report.n_test == 360 and report.accuracy >= 0.85, report.text()
     assert report.confusion.shape == (10, 10) and report.confusion.sum() == 360
     assert (tmp_path / f"{kind}.confusion.png").stat().st_size > 10_000
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / f"{kind}.confusion.png").size
+    assert width == height  # classes of 35 to 37 held-out images: counts alone
     loaded = load_head(tmp_path / f"{kind}.safetensors")
     data = featx.load_embeddings(digits_cache)
     assert list(loaded.head.classes_) == [str(d) for d in range(10)]
@@ -163,6 +167,10 @@ def test_train_head_says_which_classes_cannot_be_split(small_digits, lite0_onnx,
         featx.train_head(cache, head, cv=5)
     assert not head.exists()
     assert featx.train_head(cache, head, cv=4, C=1.0).n_test == 11 and head.exists()
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "h.confusion.png").size  # held-out classes of 1 and 2 images:
+    assert width > 1.8 * height  # counts, and beside them each row as shares of its class
     for other in small_digits.iterdir():
         if other.name != "3":
             other.rename(tmp_path / f"moved-{other.name}")
