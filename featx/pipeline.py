@@ -159,6 +159,7 @@ class RunStats:
     n_failed_before: int = 0  # failures recorded by an earlier run, file unchanged: not retried
     n_deleted: int = 0
     n_pruned: int = 0
+    n_moved: int = 0  # new paths recognised as moved files: their embeddings were reused, not recomputed
     seconds: float = 0.0
     load_seconds: float = 0.0  # model export/load/compile before the first image
     engine: str = ""  # the engine(s) that ran, with their devices
@@ -181,6 +182,7 @@ class RunStats:
     def summary(self) -> str:
         return (
             f"{self.n_embedded} embedded, {self.n_cached} already cached, {self.n_failed} failed"
+            + (f", {self.n_moved} moved (embeddings reused)" if self.n_moved else "")
             + (f" ({self.n_failed_before} failed before, unchanged)" if self.n_failed_before else "")
             + (f", {self.n_deleted} deleted from the folder" + (f" ({self.n_pruned} pruned)" if self.n_pruned else
                " (--prune removes them)") if self.n_deleted else "")
@@ -198,7 +200,8 @@ class RunStats:
     @property
     def found_nothing(self) -> bool:
         """The walk found no image file at all: a wrong folder, most likely."""
-        return not (self.n_embedded or self.n_cached or self.n_failed or self.n_failed_before or self.n_deleted)
+        return not (self.n_embedded or self.n_cached or self.n_failed or self.n_failed_before or self.n_deleted
+                    or self.n_moved)
 
 
 def default_workers(*, gpu_decode: bool = False) -> int:
@@ -299,7 +302,8 @@ def embed_folder(
         total = _count_candidates(root) if progress else None
         bar = progress_bar(total, progress)
 
-        pending = pending_files(root, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1))
+        pending = pending_files(root, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1),
+                                label_of=label_of)
 
         recovered: set[str] = set()
         batches = _chunks(pending, batch_size)
@@ -479,13 +483,19 @@ class _Batch(list):
 
 
 def pending_files(root, store, stats: RunStats, seen: set[str], done: dict, failed_before: dict,
-                  on_skip=lambda: None) -> Iterator[FileEntry]:
+                  on_skip=lambda: None, label_of: dict[str, int] | None = None) -> Iterator[FileEntry]:
     """Files under ``root`` that need embedding: new, or changed since their row or failure was stored.
 
     Counts cached and earlier-failed files in ``stats``, records new walk failures (unreadable
     folders, symlink loops) in the store, and adds every key seen to ``seen`` (for deletions).
+    With ``label_of``, a new path whose file name, size and mtime (to the nanosecond) are those of a
+    stored row whose file is gone is a moved file (sorting photos into class folders moves them): its
+    row is copied under the new key and label instead of decoding and embedding it again.
     Shared by the single-machine and the Ray paths, so both skip exactly the same files.
     """
+    root = Path(root)
+    moved_from = None  # (file name, size, mtime_ns) -> (key, row) of the stored rows, built on first need
+    moves: list[tuple[FileEntry, int]] = []
     for item in walk_images(root):
         seen.add(item.key)
         if isinstance(item, WalkFailure):
@@ -506,7 +516,32 @@ def pending_files(root, store, stats: RunStats, seen: set[str], done: dict, fail
             stats.n_failed_before += 1
             on_skip()
             continue
+        if row is None and done and label_of is not None:
+            if moved_from is None:
+                moved_from = {(k.rsplit("/", 1)[-1], size, mtime): (k, r) for k, (r, size, mtime) in done.items()}
+            old = moved_from.get((item.key.rsplit("/", 1)[-1], item.size, item.mtime_ns))
+            if old is not None and not os.path.lexists(root / old[0]):  # still there: a copy, embedded anew
+                moves.append((item, old[1]))
+                stats.n_moved += 1
+                on_skip()
+                if len(moves) >= 256:
+                    _store_moves(store, moves, label_of)
+                continue
         yield item
+    _store_moves(store, moves, label_of)
+
+
+def _store_moves(store, moves: list, label_of) -> None:
+    """Append the moved files' rows: the stored embeddings under their new keys, labels and identities."""
+    if not moves:
+        return
+    rows, back = np.unique([row for _, row in moves], return_inverse=True)  # h5py reads rows in increasing order
+    embeddings = store.group["embeddings"][rows][back]
+    entries = [e for e, _ in moves]
+    store.append([e.key for e in entries], embeddings,
+                 [label_of[e.label] if e.label is not None else -1 for e in entries],
+                 [e.size for e in entries], [e.mtime_ns for e in entries])
+    moves.clear()
 
 
 def _count_candidates(root: Path) -> int:

@@ -133,7 +133,7 @@ def embed_folder_ray(
         label_of = store.label_index(class_names_of(root))
         done, failed_before = store.done(), store.failed()
         items, seen = [], set()
-        for item in pending_files(root, store, stats, seen, done, failed_before):
+        for item in pending_files(root, store, stats, seen, done, failed_before, label_of=label_of):
             if item.key in done:
                 raise FeatxError(f"{item.key} changed since it was embedded; the ray engine only adds new files "
                                  "(run featx embed without --engine ray to update changed files)")

@@ -63,6 +63,40 @@ def test_rerun_embeds_only_new_and_changed_and_reports_deleted(small_digits, tmp
     assert np.allclose(final.embeddings[final.keys.index(first.keys[5])], first.embeddings[5])
 
 
+def test_moved_files_keep_their_embeddings_and_take_their_new_class(small_digits, tmp_path, lite0_onnx):
+    """Sorting photos into other folders (the step before train-head) moves them: a moved file's row is
+    reused under its new path and class, not decoded and embedded again. A copy whose original is still
+    there, or a file whose content changed on the way, is embedded as usual."""
+    import shutil
+
+    out = tmp_path / "c.h5"
+    embed(small_digits, out, lite0_onnx)
+    first = featx.load_embeddings(out)
+    threes = sorted(k for k in first.keys if k.startswith("3/"))
+    (small_digits / "3").rename(small_digits / "three")  # a whole class folder renamed
+    sevens = sorted(k for k in first.keys if k.startswith("7/"))
+    (small_digits / "three" / "from7").mkdir()
+    (small_digits / sevens[0]).rename(small_digits / "three" / "from7" / sevens[0].split("/")[1])  # into another class
+    shutil.copy2(small_digits / sevens[1], small_digits / "copy_of_a_seven.png")  # original still there
+    shutil.copy2(small_digits / sevens[2], small_digits / "7" / "renamed.png")
+    (small_digits / sevens[2]).unlink()  # renamed: another name, so not recognised
+    stats = embed(small_digits, out, lite0_onnx)
+    assert (stats.n_moved, stats.n_embedded, stats.n_deleted) == (len(threes) + 1, 2, len(threes) + 2)
+    assert "moved (embeddings reused)" in stats.summary()
+    after = featx.load_embeddings(out)
+    for old in threes:
+        new = "three/" + old.split("/")[1]
+        assert np.array_equal(after.embeddings[after.keys.index(new)], first.embeddings[first.keys.index(old)])
+        assert after.class_names[after.labels[after.keys.index(new)]] == "three"
+    moved = "three/from7/" + sevens[0].split("/")[1]
+    assert np.array_equal(after.embeddings[after.keys.index(moved)], first.embeddings[first.keys.index(sevens[0])])
+    assert after.class_names[after.labels[after.keys.index(moved)]] == "three"
+    assert embed(small_digits, out, lite0_onnx).n_moved == 0  # now cached under the new paths
+    pruned = embed(small_digits, out, lite0_onnx, prune=True)
+    final = featx.load_embeddings(out)
+    assert pruned.n_pruned == len(threes) + 2 and not set(threes) & set(final.keys) and len(final.keys) == 61
+
+
 def test_bad_files_are_recorded_and_not_retried_until_changed(small_digits, tmp_path, lite0_onnx, photos_dir):
     (small_digits / "0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     (small_digits / "1" / "empty.png").write_bytes(b"")
