@@ -9,13 +9,12 @@ turns one into an ONNX file whose logits are the new classes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -285,7 +284,8 @@ def fine_tune(
                               history=[asdict(e) for e in result.history])
         else:
             waited += 1
-        plot_curves(result.history, Path(result.curves), title=f"{backbone.name} fine-tuned: {', '.join(trainable) or 'classifier only'}")
+        plot_curves(result.history, Path(result.curves),
+                    title=f"{backbone.name} fine-tuned: {', '.join(trainable) or 'classifier only'}")
         if waited >= patience:
             log(f"early stopping: val_loss has not improved for {patience} epochs")
             break
@@ -371,7 +371,7 @@ def evaluate(features, classifier, loader, device: str, skipped: dict | None = N
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
     if not total:
-        raise FeatxError("no validation image could be decoded (featx info lists what embed could not read)")
+        raise FeatxError("no validation image could be decoded")
     return loss_sum / total, correct / total
 
 
@@ -443,8 +443,8 @@ def load_finetuned(backbone, path: str | os.PathLike):
     backbone.class_names = list(meta["class_names"])
     if "input_size" in meta:  # trained at another size (--input-size): exported and run at that size too,
         # since a convnet tuned on 64-pixel digits does not recognise them at 224
-        backbone.preprocess = dataclasses.replace(backbone.preprocess, input_size=tuple(meta["input_size"]),
-                                                  resize_size=int(meta["resize_size"]))
+        backbone.preprocess = replace(backbone.preprocess, input_size=tuple(meta["input_size"]),
+                                      resize_size=int(meta["resize_size"]))
     backbone.weights = str(path)
     return backbone
 
@@ -543,5 +543,5 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
                                  "the top features are ImageNet-specific, too little data for more", 2),
         ("large", "different"): ("fine-tune everything: the data can support it and differs from ImageNet", "all"),
     }[(size, similarity)]
-    return Advice(len(entries), len(classes), per_class, confidence, probe, size, similarity, recommendation, unfreeze,
-                  probe_folds=folds, probe_note=note, skipped=skipped)
+    return Advice(len(entries), len(classes), per_class, confidence, probe, size, similarity, recommendation,
+                  unfreeze, probe_folds=folds, probe_note=note, skipped=skipped)
