@@ -102,7 +102,23 @@ class Embeddings:
 def list_models(path: str | os.PathLike) -> list[str]:
     """Model groups in a cache file."""
     with _open_h5(Path(path), "r") as f:
-        return sorted(k for k in f if "fingerprint" in f[k].attrs)
+        return _model_groups(f)
+
+
+def _model_groups(f) -> list[str]:
+    return sorted(k for k in f if "fingerprint" in f[k].attrs)
+
+
+def _failures_of(g) -> dict[str, str]:
+    """key -> reason of a model group's committed failures."""
+    if "failures" not in g:
+        return {}
+    columns, m = _committed_columns(g["failures"])
+    return dict(zip(_decode(columns["keys"][:m]), _decode(columns["reasons"][:m])))
+
+
+def _attrs_of(g) -> dict:
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
 
 
 def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labelled_only: bool = False) -> Embeddings:
@@ -115,7 +131,7 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
     """
     path = Path(path)
     with _open_h5(path, "r") as f:
-        models = sorted(k for k in f if "fingerprint" in f[k].attrs)
+        models = _model_groups(f)
         if model is None:
             if len(models) != 1:
                 raise StoreError(f"{path} holds {len(models)} models {models}; name one with --model")
@@ -128,12 +144,7 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
         keys = _decode(columns["keys"][:n])
         labels = columns["labels"][:n].astype(np.int32)
         classes = _decode(g["class_names"][:])
-        fails = g.get("failures")
-        failures = {}
-        if fails is not None:
-            columns, m = _committed_columns(fails)
-            failures = dict(zip(_decode(columns["keys"][:m]), _decode(columns["reasons"][:m])))
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
+        failures, attrs = _failures_of(g), _attrs_of(g)
     if labelled_only:
         keep = labels >= 0
         emb, labels, keys = emb[keep], labels[keep], [k for k, ok in zip(keys, keep) if ok]
@@ -179,21 +190,16 @@ def summarize_cache(path: str | os.PathLike) -> list[CacheSummary]:
     failures only, so it is quick on a cache of millions of rows."""
     out = []
     with _open_h5(Path(path), "r") as f:
-        for model in sorted(k for k in f if "fingerprint" in f[k].attrs):
+        for model in _model_groups(f):
             g = f[model]
             columns, n = _committed_columns(g)
             labels = columns["labels"][:n]
             classes = _decode(g["class_names"][:])
             counts = np.bincount(labels[labels >= 0], minlength=len(classes))
-            failures = {}
-            if "failures" in g:
-                fc, m = _committed_columns(g["failures"])
-                failures = dict(zip(_decode(fc["keys"][:m]), _decode(fc["reasons"][:m])))
             emb = columns["embeddings"]
             out.append(CacheSummary(model, n, int(emb.shape[1]), str(emb.dtype),
                                     {c: int(k) for c, k in zip(classes, counts) if k}, int((labels < 0).sum()),
-                                    failures, {k: (v.decode() if isinstance(v, bytes) else v)
-                                               for k, v in g.attrs.items()}))
+                                    _failures_of(g), _attrs_of(g)))
     return out
 
 
