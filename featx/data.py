@@ -266,6 +266,12 @@ class DecodedBatch:
     decoded_by: str = "cpu"  # "gpu": nvJPEG (featx.gpudecode); only counted, in RunStats.decoded_by
 
 
+def failure_reason(error: Exception) -> str:
+    """What a file's failure row says: an ImageError's own one line, or any other exception named as
+    unexpected (a decoder bug must not end a run of millions of files, only cost that file)."""
+    return str(error) if isinstance(error, ImageError) else f"unexpected {type(error).__name__}: {error}"
+
+
 def load_batch(paths: Sequence[str], cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedBatch:
     """Decode and preprocess ``paths``; a bad file becomes a (position, reason) row, never an exception."""
     h, w = cfg.input_size
@@ -276,8 +282,6 @@ def load_batch(paths: Sequence[str], cfg: PreprocessConfig, max_pixels: int = DE
         try:
             images[len(ok)] = load_image(path, cfg, max_pixels=max_pixels)
             ok.append(i)
-        except ImageError as e:
-            failed.append((i, str(e)))
-        except Exception as e:  # a decoder bug must not end a run of millions of files
-            failed.append((i, f"unexpected {type(e).__name__}: {e}"))
+        except Exception as e:
+            failed.append((i, failure_reason(e)))
     return DecodedBatch(images[: len(ok)], ok, failed)

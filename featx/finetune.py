@@ -332,14 +332,13 @@ class _FolderImages:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from .data import decode_image
-        from .errors import ImageError
+        from .data import decode_image, failure_reason
 
         path, target = self.samples[i]
         try:
             return self.transform(decode_image(path)), target, None
-        except ImageError as e:
-            return None, target, (path, str(e))
+        except Exception as e:
+            return None, target, (path, failure_reason(e))
 
 
 def _collate_decoded(items):

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .backbones import PreprocessConfig
-from .data import DEFAULT_MAX_PIXELS, DecodedBatch, load_image
+from .data import DEFAULT_MAX_PIXELS, DecodedBatch, failure_reason, load_image
 from .errors import ImageError
 
 _logger = logging.getLogger(__name__)
@@ -310,10 +310,8 @@ class GpuDecoder:
             return str(blob)
         try:
             return load_image(blob, self.cfg, max_pixels=self.max_pixels)
-        except ImageError as e:
-            return str(e)
-        except Exception as e:  # a decoder bug must not end the run
-            return f"unexpected {type(e).__name__}: {e}"
+        except Exception as e:
+            return failure_reason(e)
 
     def _resize_crop(self, batch, ih: int, iw: int):
         """uint8 (n, 3, ih, iw) -> uint8 (n, H, W, 3): the same geometry as data.preprocess_image."""
