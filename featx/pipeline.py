@@ -104,7 +104,7 @@ def encode_files(engine, paths: Sequence[str], *, batch_size: int = 32, progress
     """(path, embedding, logits or None, None) for each path in order, or (path, None, None, why it
     failed): decoded and encoded in batches with a loaded engine; a bad file is never raised. Only a
     batch is held at a time, so a folder of any size runs in bounded memory."""
-    bar = progress_bar(len(paths), progress)
+    bar = _progress_bar(len(paths), progress)
     try:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
@@ -300,7 +300,7 @@ def embed_folder(
         done, failed_before = store.done(), store.failed()
         seen: set[str] = set()
         total = _count_candidates(root) if progress else None
-        bar = progress_bar(total, progress)
+        bar = _progress_bar(total, progress)
 
         pending = pending_files(root, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1),
                                 label_of=label_of)
@@ -559,7 +559,7 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def progress_bar(total: int | None, show: bool):
+def _progress_bar(total: int | None, show: bool):
     if not show:
         return _NoBar()
     from tqdm import tqdm
