@@ -86,12 +86,17 @@ def test_finetune_starts_from_a_trained_head(small_digits, tmp_path, lite0_onnx)
     assert result.history[0].val_accuracy > 0.5
 
 
-def test_finetune_refuses_folders_it_cannot_split_before_loading_the_model(small_digits, tmp_path):
+def test_finetune_refuses_folders_it_cannot_split_before_loading_the_model(small_digits, tmp_path, capsys):
     """The split is checked before the backbone loads (a model that does not exist is never reached)."""
     from featx.errors import FeatxError
 
     with pytest.raises(FeatxError, match="--val-fraction 0.9 holds out 54 of 60 images for validation"):
         featx.fine_tune(small_digits, tmp_path / "ft.safetensors", val_fraction=0.9, model="no_such_model")
+    from featx.cli import main
+
+    assert main(["finetune", str(small_digits), "-o", str(tmp_path / "ft.safetensors"), "--val-fraction", "0.9",
+                 "--model", "no_such_model"]) == 2
+    assert "--val-fraction 0.9 holds out 54 of 60 images" in capsys.readouterr().err
     for extra in sorted((small_digits / "4").iterdir())[1:]:
         extra.unlink()
     with pytest.raises(FeatxError, match="single image, so none can be held out for validation: '4'"):

@@ -198,7 +198,13 @@ def test_balanced_heads_find_the_class_a_folder_has_few_of(make, digits_cache):
         assert recall["balanced"] >= recall[None] + 0.05, recall
 
 
-def test_train_head_balanced_is_saved_and_reported(digits_cache, tmp_path):
+def test_train_head_balanced_is_saved_and_reported(digits_cache, tmp_path, capsys):
     report = featx.train_head(digits_cache, tmp_path / "b.safetensors", C=1.0, class_weight="balanced")
     assert report.balanced_accuracy is not None and "balanced accuracy" in report.text()
     assert load_head(tmp_path / "b.safetensors").head.class_weight == "balanced"
+    from featx.cli import main
+
+    assert main(["-q", "train-head", str(digits_cache), "-o", str(tmp_path / "cli.safetensors"), "--C", "1",
+                 "--balanced"]) == 0
+    assert load_head(tmp_path / "cli.safetensors").head.class_weight == "balanced"
+    assert "balanced accuracy" in capsys.readouterr().out

@@ -123,7 +123,9 @@ def test_info_says_what_a_cache_holds_and_why_files_failed(small_digits, tmp_pat
     (small_digits / "0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     (small_digits / "loose.png").write_bytes((small_digits / "3" / sorted(os.listdir(small_digits / "3"))[0]).read_bytes())
     out = tmp_path / "c.h5"
-    embed(small_digits, out, lite0_onnx)
+    assert main(["-q", "embed", str(small_digits), "-o", str(out), "--model", str(lite0_onnx), "--engine", "onnx",
+                 "--workers", "0"]) == 0
+    assert f"the failed files and why: featx info {out} --failures" in capsys.readouterr().out
     [summary] = featx.summarize_cache(out)
     counts = {d: len(os.listdir(small_digits / d)) for d in "0123456789"}
     counts["0"] -= 1  # broken.jpg
