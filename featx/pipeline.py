@@ -518,7 +518,7 @@ def pending_files(root, store, stats: RunStats, seen: set[str], done: dict, fail
             continue
         if row is None and done and label_of is not None:
             if moved_from is None:
-                # about 2 s and 200 MB per million rows, only on runs that find new paths
+                # one entry per stored row, built only on runs that find new paths
                 moved_from = {(k.rsplit("/", 1)[-1], size, mtime): k for k, (_, size, mtime) in done.items()}
             old = moved_from.get((item.key.rsplit("/", 1)[-1], item.size, item.mtime_ns))
             if old is not None and not os.path.lexists(root / old):  # still there: a copy, embedded anew
