@@ -45,6 +45,8 @@ _API = {
     "embed_images": "pipeline",
     "RunStats": "pipeline",
     "load_embeddings": "store",
+    "iter_embeddings": "store",
+    "load_failures": "store",
     "Embeddings": "store",
     "summarize_cache": "store",
     "CacheSummary": "store",
@@ -55,6 +57,8 @@ _API = {
     "load_head": "heads",
     "train_head": "heads",
     "predict": "heads",
+    "iter_predictions": "heads",
+    "write_predictions": "heads",
     "export_classifier": "heads",
     "save_head": "heads",
     # fine-tuning
@@ -96,3 +100,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .export import ModelInfo, ensure_model_file, export_onnx
     from .calibrate import Calibration, calibrate
     from .runtime import BackoffEncoder, Encoded, OnnxEngine, TorchEngine, auto_batch_size, load_model, read_model_info
+    from .data import decode_image, load_image, preprocess_image, walk_images
+    from .pipeline import RunStats, classify, embed_folder, embed_images
+    from .store import CacheSummary, Embeddings, iter_embeddings, load_embeddings, load_failures, summarize_cache
+    from .heads import (ImageEmbedder, LogRegHead, MLPHead, NotFittedError, export_classifier, iter_predictions,
+                        load_head, predict, save_head, train_head, write_predictions)
+    from .finetune import advise, fine_tune, model_blocks
+    from .bench import bench_models

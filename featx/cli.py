@@ -311,13 +311,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "predict":
-        rows = featx.predict(args.inputs, head=args.head, model=args.model, weights=args.weights, top=args.top,
-                             output=args.output, cache=args.cache, device=args.device, progress=not args.quiet)
+        common = dict(head=args.head, model=args.model, weights=args.weights, top=args.top, cache=args.cache,
+                      device=args.device, progress=not args.quiet)
         if args.output is None:
-            for row in rows:
-                print(row.line())
+            for row in featx.iter_predictions(args.inputs, **common):
+                print(row.line(), flush=True)
         else:
-            print(f"{len(rows)} rows -> {args.output}")
+            n = featx.write_predictions(featx.iter_predictions(args.inputs, **common), args.output, top=args.top)
+            print(f"{n} rows -> {args.output}")
         return 0
 
     if args.command == "finetune":

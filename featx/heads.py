@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -662,6 +662,82 @@ class PredictionRow:
         return f"{self.key}  " + "  ".join(f"{name} {p * 100:.1f}%" for name, p in self.top) + chosen
 
 
+def iter_predictions(
+    inputs: Sequence[str | os.PathLike],
+    *,
+    head: str | os.PathLike,
+    model: str | os.PathLike = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    top: int = 3,
+    cache: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: bool = False,
+    batch_size: int | None = None,
+) -> Iterator[PredictionRow]:
+    """:func:`predict`'s rows one at a time, as they are made: a folder of any size runs in bounded memory.
+
+    One folder alone is embedded through the cache first (``cache``, else a temporary one), then its
+    rows are read back a chunk at a time, files gone from the folder left out; files and several inputs
+    are decoded and encoded ``batch_size`` at a time (default: embed's for a folder, 32 for files). The
+    head runs once per chunk or batch.
+    """
+    import tempfile
+
+    from .export import ensure_model_file
+    from .pipeline import embed_folder, encode_files, expand_inputs
+    from .runtime import load_model, read_model_info
+    from .store import iter_embeddings, load_failures
+
+    loaded = load_head(head)
+    model_file = ensure_model_file(model, weights=weights)
+    info = read_model_info(model_file)
+    loaded.check_model(info.fingerprint, f"model {model_file}")
+    classes = [str(c) for c in loaded.head.classes_]
+    multilabel = getattr(loaded.head, "multilabel_", False)
+
+    def rows_of(keys: list[str], embeddings: np.ndarray) -> Iterator[PredictionRow]:
+        for key, probs in zip(keys, loaded.head.predict_proba(embeddings)):
+            best = np.argsort(-probs)[:top]
+            chosen = [classes[j] for j in np.flatnonzero(probs >= loaded.head.thresholds_)] if multilabel else None
+            yield PredictionRow(key, [(classes[i], float(probs[i])) for i in best], labels=chosen)
+
+    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(cache) if cache else Path(tmp) / "predict.h5"
+            stats = embed_folder(inputs[0], out, model=model_file, device=device, progress=progress,
+                                 **({"batch_size": batch_size} if batch_size else {}))
+            group, gone = Path(model_file).stem, set(stats.deleted)
+            for keys, embeddings in iter_embeddings(out, group):
+                if gone:
+                    keep = [i for i, k in enumerate(keys) if k not in gone]
+                    keys, embeddings = [keys[i] for i in keep], embeddings[keep]
+                if keys:
+                    yield from rows_of(keys, embeddings)
+            failures = load_failures(out, group)
+            # failures are few: whether each file is still there is asked of the folder itself
+            yield from (PredictionRow(k, [], reason) for k, reason in sorted(failures.items())
+                        if os.path.lexists(os.path.join(inputs[0], k)))
+        return
+    engine = load_model(model_file, device=device, engine="onnx")
+    batch_size = batch_size or 32
+    batch: list[tuple[str, np.ndarray | None, str | None]] = []
+    for path, embedding, _, error in encode_files(engine, expand_inputs(inputs), batch_size=batch_size,
+                                                  progress=progress):
+        batch.append((path, embedding, error))
+        if len(batch) == batch_size:
+            yield from _batch_rows(batch, rows_of)
+            batch = []
+    yield from _batch_rows(batch, rows_of)
+
+
+def _batch_rows(batch, rows_of) -> Iterator[PredictionRow]:
+    """Rows of one encoded batch in its order: the head runs once on its good images."""
+    good = [(path, emb) for path, emb, error in batch if error is None]
+    made = iter(rows_of([p for p, _ in good], np.stack([e for _, e in good])) if good else ())
+    for path, _, error in batch:
+        yield PredictionRow(path, [], error) if error else next(made)
+
+
 def predict(
     inputs: Sequence[str | os.PathLike],
     *,
@@ -677,52 +753,28 @@ def predict(
     """Classify image files and folders with a trained head; one folder alone is embedded through the
     cache (``cache``, else a temporary one), so a re-run on it only embeds what is new.
 
-    A bad image is a row with an error, never an exception. With ``output``, rows go to a CSV.
-    ``progress`` shows a bar (images, images/s, ETA).
+    A bad image is a row with an error, never an exception. With ``output``, rows go to a CSV as they
+    are made (a run stopped part-way keeps the rows written). ``progress`` shows a bar (images,
+    images/s, ETA). For a folder too large to hold its rows in memory, use :func:`iter_predictions`.
     """
-    import tempfile
-
-    from .export import ensure_model_file
-    from .pipeline import embed_folder, encode_files, expand_inputs
-    from .runtime import load_model, read_model_info
-    from .store import load_embeddings
-
-    loaded = load_head(head)
-    model_file = ensure_model_file(model, weights=weights)
-    info = read_model_info(model_file)
-    loaded.check_model(info.fingerprint, f"model {model_file}")
-    rows: list[PredictionRow] = []
-    classes = [str(c) for c in loaded.head.classes_]
-
-    multilabel = getattr(loaded.head, "multilabel_", False)
-
-    def row(key: str, probs: np.ndarray) -> PredictionRow:
-        best = np.argsort(-probs)[:top]
-        chosen = [classes[j] for j in np.flatnonzero(probs >= loaded.head.thresholds_)] if multilabel else None
-        return PredictionRow(key, [(classes[i], float(probs[i])) for i in best], labels=chosen)
-
-    if len(inputs) == 1 and Path(inputs[0]).is_dir():
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(cache) if cache else Path(tmp) / "predict.h5"
-            embed_folder(inputs[0], out, model=model_file, device=device, progress=progress)
-            data = load_embeddings(out, Path(model_file).stem)
-            probs = loaded.head.predict_proba(data.embeddings)
-            rows = [row(k, p) for k, p in zip(data.keys, probs)]
-            rows += [PredictionRow(k, [], reason) for k, reason in sorted(data.failures.items())]
-    else:
-        engine = load_model(model_file, device=device, engine="onnx")
-        for path, embedding, _, error in encode_files(engine, expand_inputs(inputs), progress=progress):
-            rows.append(PredictionRow(path, [], error) if error
-                        else row(path, loaded.head.predict_proba(embedding[None])[0]))
-    if output:
-        _write_csv(rows, Path(output), top)
-    return rows
+    rows = iter_predictions(inputs, head=head, model=model, weights=weights, top=top, cache=cache, device=device,
+                            progress=progress)
+    if not output:
+        return list(rows)
+    kept: list[PredictionRow] = []
+    write_predictions((kept.append(row) or row for row in rows), output, top=top)
+    return kept
 
 
-def _write_csv(rows: list[PredictionRow], path: Path, top: int) -> None:
+def write_predictions(rows: Iterable[PredictionRow], path: str | os.PathLike, *, top: int = 3) -> int:
+    """Write prediction rows to a CSV as they come (flushed every 256 rows, so a run stopped part-way
+    keeps what it wrote); returns how many. Columns: key, class_i/probability_i for i in 1..top,
+    labels (multi-label heads, ';'-joined), error (a file that could not be read)."""
     import csv
 
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         header = ["key"] + [c for i in range(1, top + 1) for c in (f"class_{i}", f"probability_{i}")]
@@ -731,6 +783,10 @@ def _write_csv(rows: list[PredictionRow], path: Path, top: int) -> None:
             cells = [c for name, p in row.top for c in (name, f"{p:.6f}")]
             cells += [""] * (2 * top - len(cells))
             writer.writerow([row.key, *cells, ";".join(row.labels or []), row.error or ""])
+            n += 1
+            if n % 256 == 0:
+                f.flush()
+    return n
 
 
 # ---------------------------------------------------------------------------------------- sklearn transformer

@@ -167,6 +167,7 @@ class RunStats:
     decoded_by: dict[str, int] = field(default_factory=dict)  # files per decoder: "gpu" (nvJPEG), "cpu"
     jpeg_library: str = ""  # what called nvJPEG (torchcodec, torchvision), with GPU decode
     failures: list[tuple[str, str]] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)  # stored keys whose file is gone (kept unless pruned)
 
     @property
     def images_per_second(self) -> float:
@@ -357,7 +358,8 @@ def embed_folder(
                 stats.seconds = time.perf_counter() - start
         stats.backoffs = [limit for e in encoders for limit in e.backoffs]
         deleted = (set(done) | set(failed_before)) - seen
-        stats.n_deleted = len(deleted & set(done))
+        stats.deleted = sorted(deleted & set(done))
+        stats.n_deleted = len(stats.deleted)
         if recovered or (prune and deleted):
             store.rewrite_without(recovered | (deleted if prune else set()), failures=True)
         if prune and deleted:

@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +110,18 @@ def _model_groups(f) -> list[str]:
     return sorted(k for k in f if "fingerprint" in f[k].attrs)
 
 
+def _pick_model(f, path: Path, model: str | None) -> str:
+    """The group to read: ``model``, or the file's only one."""
+    models = _model_groups(f)
+    if model is None:
+        if len(models) != 1:
+            raise StoreError(f"{path} holds {len(models)} models {models}; name one with --model")
+        model = models[0]
+    if model not in models:
+        raise StoreError(f"{path} has no embeddings for model {model!r}; it has {models}")
+    return model
+
+
 def _failures_of(g) -> dict[str, str]:
     """key -> reason of a model group's committed failures."""
     if "failures" not in g:
@@ -131,13 +144,7 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
     """
     path = Path(path)
     with _open_h5(path, "r") as f:
-        models = _model_groups(f)
-        if model is None:
-            if len(models) != 1:
-                raise StoreError(f"{path} holds {len(models)} models {models}; name one with --model")
-            model = models[0]
-        if model not in models:
-            raise StoreError(f"{path} has no embeddings for model {model!r}; it has {models}")
+        model = _pick_model(f, path, model)
         g = f[model]
         columns, n = _committed_columns(g)
         emb = columns["embeddings"][:n].astype(np.float32)
@@ -149,6 +156,26 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
         keep = labels >= 0
         emb, labels, keys = emb[keep], labels[keep], [k for k, ok in zip(keys, keep) if ok]
     return Embeddings(emb, keys, labels, classes, model, str(attrs["fingerprint"]), attrs, failures)
+
+
+def iter_embeddings(path: str | os.PathLike, model: str | None = None, *,
+                    rows_per_chunk: int = 16384) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(keys, float32 embeddings) of a model's committed rows, ``rows_per_chunk`` at a time: a cache of
+    millions of rows is read in bounded memory (:func:`load_embeddings` holds every row at once)."""
+    path = Path(path)
+    with _open_h5(path, "r") as f:
+        g = f[_pick_model(f, path, model)]
+        columns, n = _committed_columns(g)
+        for start in range(0, n, rows_per_chunk):
+            stop = min(n, start + rows_per_chunk)
+            yield _decode(columns["keys"][start:stop]), columns["embeddings"][start:stop].astype(np.float32)
+
+
+def load_failures(path: str | os.PathLike, model: str | None = None) -> dict[str, str]:
+    """key -> reason for each file a model's runs skipped (not retried until the file changes)."""
+    path = Path(path)
+    with _open_h5(path, "r") as f:
+        return _failures_of(f[_pick_model(f, path, model)])
 
 
 @dataclass

@@ -61,6 +61,52 @@ def test_predict_folder_to_csv_and_files(digits_cache, digits_dir, lite0_onnx, t
     assert mixed[0].error and sum(r.top[0][0] == r.key.split("/")[-2] for r in mixed[1:]) / (len(mixed) - 1) > 0.9
 
 
+@pytest.mark.slow
+def test_predict_leaves_out_deleted_files_and_a_stopped_run_keeps_its_rows(
+        digits_cache, small_digits, lite0_onnx, tmp_path, capsys):
+    head = tmp_path / "h.safetensors"
+    featx.train_head(digits_cache, head, head="logreg", C=1.0)
+    cache = tmp_path / "c.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx)
+    gone = sorted(small_digits.rglob("*.png"))[:3]
+    (small_digits / "3" / "bad.png").write_bytes(b"not an image")
+    featx.embed_folder(small_digits, cache, model=lite0_onnx)
+    for path in gone + [small_digits / "3" / "bad.png"]:
+        path.unlink()
+    rows = list(featx.iter_predictions([small_digits], head=head, model=lite0_onnx, cache=cache))
+    # the cache keeps the deleted files' rows and the failure (no --prune), the predictions do not
+    assert len(featx.load_embeddings(cache).keys) == 60 and featx.load_failures(cache)
+    assert sorted(r.key for r in rows) == sorted(p.relative_to(small_digits).as_posix()
+                                                 for p in small_digits.rglob("*.png"))
+    assert len(rows) == 57 and not any(r.error for r in rows)
+    assert sum(r.top[0][0] == r.key.split("/")[0] for r in rows) / 57 > 0.9
+
+    def stopped_by_ctrl_c(rows, after):
+        for i, row in enumerate(rows):
+            if i == after:
+                raise KeyboardInterrupt
+            yield row
+
+    files = sorted(small_digits.rglob("*.png"))  # the file-list path, batch by batch
+    with pytest.raises(KeyboardInterrupt):
+        featx.write_predictions(stopped_by_ctrl_c(featx.iter_predictions(files, head=head, model=lite0_onnx,
+                                                                          batch_size=16), 40), tmp_path / "p.csv")
+    with open(tmp_path / "p.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["key"] for r in table] == [str(p) for p in files[:40]] and all(r["class_1"] for r in table)
+
+    from featx.cli import main
+
+    capsys.readouterr()
+    assert main(["-q", "predict", *map(str, files[:5]), "--head", str(head), "--model", str(lite0_onnx)]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [str(p) for p in files[:5]]
+    assert main(["-q", "predict", *map(str, files[:5]), "--head", str(head), "--model", str(lite0_onnx),
+                 "-o", str(tmp_path / "cli.csv")]) == 0
+    assert capsys.readouterr().out.strip() == f"5 rows -> {tmp_path / 'cli.csv'}"
+    with open(tmp_path / "cli.csv") as f:
+        assert [r["key"] for r in csv.DictReader(f)] == [str(p) for p in files[:5]]
+
+
 def test_head_refuses_another_backbone(tmp_path, lite0_onnx):
     from featx.heads import save_head
 
