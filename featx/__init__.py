@@ -59,6 +59,7 @@ _API = {
     "predict": "heads",
     "iter_predictions": "heads",
     "write_predictions": "heads",
+    "describe_file": "heads",
     "export_classifier": "heads",
     "save_head": "heads",
     # fine-tuning
@@ -104,6 +105,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .pipeline import RunStats, classify, embed_folder, embed_images
     from .store import CacheSummary, Embeddings, iter_embeddings, load_embeddings, load_failures, summarize_cache
     from .heads import (ImageEmbedder, LogRegHead, MLPHead, NotFittedError, export_classifier, iter_predictions,
-                        load_head, predict, save_head, train_head, write_predictions)
+                        load_head, predict, save_head, train_head, write_predictions, describe_file)
     from .finetune import advise, fine_tune, model_blocks
     from .bench import bench_models

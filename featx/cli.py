@@ -199,43 +199,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _model_line(path, info) -> str:
-    return (f"{path}: {info.backbone}, {info.embed_dim}-d embedding"
-            f"{', logits for %d classes' % len(info.class_names) if info.has_logits else ''}, "
-            f"input {info.preprocess.input_size[0]}x{info.preprocess.input_size[1]}, {info.precision}, "
-            f"fingerprint {info.fingerprint}")
-
-
-def _info(path: str, *, list_failures: bool) -> int:
-    """What a featx file holds: an embedding cache, an exported model or a head, told by content."""
-    import featx
-
-    from .errors import FeatxError
-
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(8)
-    except OSError as e:
-        raise FeatxError(f"{path}: cannot read ({e.strerror or e})") from None
-    if magic == b"\x89HDF\r\n\x1a\n":
-        summaries = featx.summarize_cache(path)
-        print(f"{path}: embedding cache, {len(summaries)} model(s)")
-        for summary in summaries:
-            print(summary.text(list_failures=list_failures))
-    elif path.endswith(".onnx"):
-        print(_model_line(path, featx.read_model_info(path)))
-    elif not path.endswith(".safetensors"):
-        raise FeatxError(f"{path}: not a featx file (an embedding cache .h5, a model .onnx or a head .safetensors)")
-    else:
-        loaded = featx.load_head(path)
-        head = loaded.head
-        kind = "multi-label " if getattr(head, "multilabel_", False) else ""
-        print(f"{path}: {kind}{type(head).__name__} for {len(head.classes_)} classes "
-              f"({', '.join(str(c) for c in head.classes_)}), on {loaded.model} embeddings "
-              f"(fingerprint {loaded.fingerprint})")
-    return 0
-
-
 def _run(args: argparse.Namespace) -> int:
     import featx
 
@@ -252,18 +215,16 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "export":
-        from pathlib import Path
+        from .export import model_path
 
-        from .export import default_models_dir
-
-        out = Path(args.output) if args.output else default_models_dir() / (
-            f"{args.model}{'-fp16' if args.half else ''}{'-' + Path(args.weights).stem if args.weights and Path(args.weights).is_file() else ''}.onnx")
+        out = args.output or model_path(args.model, weights=args.weights, half=args.half)
         info = featx.export_onnx(featx.load_backbone(args.model, weights=args.weights), out, half=args.half)
-        print(_model_line(out, info))
+        print(f"{out}: {info.summary()}")
         return 0
 
     if args.command == "info":
-        return _info(args.path, list_failures=args.failures)
+        print(featx.describe_file(args.path, list_failures=args.failures))
+        return 0
 
     if args.command == "classify":
         results = featx.classify(args.images, model=args.model, weights=args.weights, top=args.top, device=args.device,

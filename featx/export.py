@@ -58,6 +58,13 @@ class ModelInfo:
         h = hashlib.sha256(f"{self.weights_sha256}|{self.preprocess.to_json()}|{self.precision}".encode())
         return h.hexdigest()[:16]
 
+    def summary(self) -> str:
+        """One line: backbone, embedding size, logits, input size, precision, fingerprint."""
+        return (f"{self.backbone}, {self.embed_dim}-d embedding"
+                f"{', logits for %d classes' % len(self.class_names) if self.has_logits else ''}, "
+                f"input {self.preprocess.input_size[0]}x{self.preprocess.input_size[1]}, {self.precision}, "
+                f"fingerprint {self.fingerprint}")
+
     def to_json(self) -> str:
         return json.dumps(
             {
@@ -253,13 +260,19 @@ def ensure_model_file(
     from .backbones import load_backbone
 
     name = str(model)
-    tag = "" if weights is None else "-" + _weights_tag(str(weights))
-    path = Path(models_dir or default_models_dir()) / f"{name.replace('/', '_')}{'-fp16' if half else ''}{tag}.onnx"
+    path = model_path(name, weights=weights, half=half, models_dir=models_dir)
     if not path.is_file():
         backbone = load_backbone(name, weights=weights)  # an unknown name fails here, before any "exporting"
         _logger.info("exporting %s to %s (first use)", name, path)
         export_onnx(backbone, path, half=half)
     return path
+
+
+def model_path(name: str, *, weights: str | os.PathLike | None = None, half: bool = False,
+               models_dir: str | os.PathLike | None = None) -> Path:
+    """Where a backbone name's export lives: ``models_dir/NAME[-fp16][-WEIGHTS].onnx``."""
+    tag = "" if weights is None else "-" + _weights_tag(str(weights))
+    return Path(models_dir or default_models_dir()) / f"{name.replace('/', '_')}{'-fp16' if half else ''}{tag}.onnx"
 
 
 def _weights_tag(weights: str) -> str:

@@ -335,6 +335,13 @@ class LoadedHead:
     backbone: str
     model: str
 
+    def summary(self) -> str:
+        """One line: kind, classes, and the embeddings it was trained on."""
+        kind = "multi-label " if getattr(self.head, "multilabel_", False) else ""
+        classes = self.head.classes_
+        return (f"{kind}{type(self.head).__name__} for {len(classes)} classes ({', '.join(str(c) for c in classes)}), "
+                f"on {self.model} embeddings (fingerprint {self.fingerprint})")
+
     def check_model(self, fingerprint: str, where: str) -> None:
         if fingerprint != self.fingerprint:
             raise HeadMismatchError(
@@ -899,3 +906,33 @@ def export_classifier(
     onnx.save(merged, str(tmp))
     os.replace(tmp, output)
     return output
+
+
+# ---------------------------------------------------------------------------------------- any featx file
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def describe_file(path: str | os.PathLike, *, list_failures: bool = False) -> str:
+    """What a featx file holds, told by its content: an embedding cache (models, classes with counts,
+    failures; every failed file with ``list_failures``), an exported model, or a head. It lives here,
+    in the last stage, because only here may every earlier stage's files be read."""
+    from .runtime import read_model_info
+    from .store import summarize_cache
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_HDF5_SIGNATURE))
+    except OSError as e:
+        raise FeatxError(f"{path}: cannot read ({e.strerror or e})") from None
+    if magic == _HDF5_SIGNATURE:
+        summaries = summarize_cache(path)
+        return "\n".join([f"{path}: embedding cache, {len(summaries)} model(s)"]
+                         + [s.text(list_failures=list_failures) for s in summaries])
+    if path.suffix == ".onnx":
+        return f"{path}: {read_model_info(path).summary()}"
+    if path.suffix == ".safetensors":
+        return f"{path}: {load_head(path).summary()}"
+    raise FeatxError(f"{path}: not a featx file (an embedding cache .h5, a model .onnx or a head .safetensors)")

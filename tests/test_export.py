@@ -109,6 +109,23 @@ def test_onnx_file_not_from_featx_is_refused(tmp_path):
         featx.load_model(path)
 
 
+def test_cli_export_of_a_checkpoint_is_the_file_its_name_and_weights_find_later(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    from featx.cli import main
+
+    monkeypatch.setenv("FEATX_MODELS", str(tmp_path / "models"))
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "tuned.pth")
+    assert main(["-q", "export", "resnet18", "--weights", str(tmp_path / "tuned.pth")]) == 0
+    path = Path(capsys.readouterr().out.split(": ")[0])
+    assert path.parent == tmp_path / "models" and path.stem.startswith("resnet18-tuned-")
+    assert "512-d embedding, logits for 1000 classes" in featx.describe_file(path)
+    exported_at = path.stat().st_mtime_ns
+    # a later --model resnet18 --weights tuned.pth uses that export instead of making another
+    assert featx.ensure_model_file("resnet18", weights=str(tmp_path / "tuned.pth")) == path
+    assert path.stat().st_mtime_ns == exported_at and len(list(path.parent.iterdir())) == 1
+
+
 def test_torch_engine_gives_the_onnx_embedding(lite0_onnx, lite0_backbone, photos_dir):
     from featx.runtime import TorchEngine, load_model
 
