@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--int8", action="store_true", help="also time onnxruntime int8 (dynamic quantization), CPU")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
+    # -q after the command too (`featx embed photos -o c.h5 -q`); SUPPRESS keeps a -q given before it
+    for command in sub.choices.values():
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="only warnings and errors")
     return parser
 
 

@@ -709,21 +709,22 @@ def iter_predictions(
             yield PredictionRow(key, [(classes[i], float(probs[i])) for i in best], labels=chosen)
 
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        folder = str(inputs[0])
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(cache) if cache else Path(tmp) / "predict.h5"
-            stats = embed_folder(inputs[0], out, model=model_file, device=device, progress=progress,
+            stats = embed_folder(folder, out, model=model_file, device=device, progress=progress,
                                  **({"batch_size": batch_size} if batch_size else {}))
             group, gone = Path(model_file).stem, set(stats.deleted)
             for keys, embeddings in iter_embeddings(out, group):
                 if gone:
                     keep = [i for i, k in enumerate(keys) if k not in gone]
                     keys, embeddings = [keys[i] for i in keep], embeddings[keep]
-                if keys:
-                    yield from rows_of(keys, embeddings)
+                if keys:  # the cache's keys are relative to the folder; a row names the file as given
+                    yield from rows_of([os.path.join(folder, k) for k in keys], embeddings)
             failures = load_failures(out, group)
             # failures are few: whether each file is still there is asked of the folder itself
-            yield from (PredictionRow(k, [], reason) for k, reason in sorted(failures.items())
-                        if os.path.lexists(os.path.join(inputs[0], k)))
+            yield from (PredictionRow(path, [], reason) for path, reason in
+                        sorted((os.path.join(folder, k), r) for k, r in failures.items()) if os.path.lexists(path))
         return
     engine = load_model(model_file, device=device, engine="onnx")
     batch_size = batch_size or 32

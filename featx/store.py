@@ -203,7 +203,8 @@ class CacheSummary:
         if self.unlabelled:
             lines.append(f"  {self.unlabelled:,} without a class (directly under the folder)")
         if self.failures:
-            lines.append(f"  {len(self.failures):,} files failed (skipped until they change):")
+            n = len(self.failures)
+            lines.append(f"  {n:,} file{'s' if n > 1 else ''} failed (skipped until {'they change' if n > 1 else 'it changes'}):")
             if list_failures:
                 lines += [f"    {key}: {reason}" for key, reason in sorted(self.failures.items())]
             else:
