@@ -2,7 +2,7 @@
 default model against the frozen-features logistic-regression head, on the same held-out split
 (the fine-tuning validation split), with the per-epoch log.
 
-    python benchmarks/finetune_digits.py [--epochs 12] [--unfreeze 5] [--input-size 128]
+    python benchmarks/finetune_digits.py [--epochs 12] [--unfreeze 4] [--input-size 128]
 
 Small images: training runs at --input-size instead of 224 so an epoch takes seconds on 2 cores;
 the frozen baseline uses the model's own 224 px preprocessing (its best case).
@@ -21,7 +21,7 @@ import numpy as np
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--unfreeze", default="5")
+    parser.add_argument("--unfreeze", default="4")
     parser.add_argument("--input-size", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

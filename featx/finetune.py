@@ -29,35 +29,58 @@ CHECKPOINT_FORMAT = "featx-finetune/1"
 def model_blocks(features) -> list[tuple[str, object]]:
     """The backbone's blocks in forward order, as (name, module); only blocks that hold parameters.
 
-    Top-level children are the blocks, except that a Sequential/ModuleList of three or more
-    parameterised children (timm's ``blocks``, torchvision's ``features``) contributes its children;
-    VGG's ``features`` is cut into conv blocks at its max-pooling layers.
+    The blocks are the children of the backbone's trunk: the one Sequential/ModuleList of three or
+    more parameterised children (timm's ``blocks``, torchvision's ``features``, a ViT's
+    ``encoder.layers``), looked for inside a child that holds most of the weights too; with no single
+    trunk (ResNet's four stages) the top-level children are the blocks. VGG's trunk of plain layers is
+    cut into conv blocks at its max-pooling layers. A normalisation layer joins the block before it
+    (``conv_head+bn2``): alone it would adapt no features, and ``--unfreeze 1`` would train a BatchNorm.
     """
     import torch
 
-    def has_params(m) -> bool:
-        return any(True for _ in m.parameters())
+    containers = (torch.nn.Sequential, torch.nn.ModuleList)
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)  # timm's subclass them
 
-    blocks: list[tuple[str, object]] = []
-    for name, child in features.named_children():
-        if not has_params(child):
-            continue
-        parts = [(f"{name}.{n}", c) for n, c in child.named_children()] if isinstance(
-            child, (torch.nn.Sequential, torch.nn.ModuleList)) else []
-        if any(isinstance(c, torch.nn.MaxPool2d) for _, c in parts):  # VGG: conv blocks end at pooling
-            group: list = []
-            for n, c in parts:
-                group.append(c)
-                if isinstance(c, torch.nn.MaxPool2d):
-                    blocks.append((f"{name}[..{n.split('.')[-1]}]", torch.nn.Sequential(*group)))
-                    group = []
-            if group:
-                blocks.append((f"{name}[rest]", torch.nn.Sequential(*group)))
-        elif sum(has_params(c) for _, c in parts) >= 3:
-            blocks += [(n, c) for n, c in parts if has_params(c)]
+    def size(m) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    def weighted_children(prefix: str, m) -> list[tuple[str, object]]:
+        return [(f"{prefix}{n}", c) for n, c in m.named_children() if size(c)]
+
+    def trunk(m):
+        stacks = [c for _, c in weighted_children("", m)
+                  if isinstance(c, containers) and len(weighted_children("", c)) >= 3]
+        return stacks[0] if len(stacks) == 1 else None
+
+    def blocks_of(prefix: str, m) -> list[tuple[str, object]]:
+        stack, out = trunk(m), []
+        for name, child in weighted_children(prefix, m):
+            if child is stack and all(not list(c.children()) for c in child.children()) and any(
+                    isinstance(c, torch.nn.MaxPool2d) for c in child.children()):
+                group: list = []  # VGG: plain layers, conv blocks end at max-pooling
+                for n, c in child.named_children():
+                    group.append(c)
+                    if isinstance(c, torch.nn.MaxPool2d):
+                        out.append((f"{name}[..{n}]", torch.nn.Sequential(*group)))
+                        group = []
+                if any(size(c) for c in group):
+                    out.append((f"{name}[rest]", torch.nn.Sequential(*group)))
+            elif child is stack:
+                out += weighted_children(f"{name}.", child)
+            elif stack is None and not isinstance(child, containers) and 2 * size(child) > size(m) and trunk(child):
+                out += blocks_of(f"{name}.", child)  # the trunk sits one level down (a ViT's encoder.layers)
+            else:
+                out.append((name, child))
+        return out
+
+    merged: list[tuple[str, object]] = []
+    for name, block in blocks_of("", features):
+        if merged and isinstance(block, norms):
+            before, module = merged[-1]
+            merged[-1] = (f"{before}+{name.rsplit('.', 1)[-1]}", torch.nn.ModuleList([module, block]))
         else:
-            blocks.append((name, child))
-    return blocks
+            merged.append((name, block))
+    return merged
 
 
 def freeze_except_top(features, unfreeze: int | str) -> tuple[list[str], list[str]]:
@@ -65,8 +88,10 @@ def freeze_except_top(features, unfreeze: int | str) -> tuple[list[str], list[st
     blocks = model_blocks(features)
     n = len(blocks) if unfreeze == "all" else int(unfreeze)
     if not 0 <= n <= len(blocks):
-        raise FeatxError(f"--unfreeze {unfreeze}: this backbone has {len(blocks)} blocks")
-    features.requires_grad_(False)
+        raise FeatxError(f"--unfreeze {unfreeze}: this backbone has {len(blocks)} blocks "
+                         f"({', '.join(name for name, _ in blocks)}); take 0 to {len(blocks)} or all")
+    # "all" is the whole backbone: weights that sit outside every block (a ViT's class token) train too
+    features.requires_grad_(n == len(blocks))
     for _, block in blocks[len(blocks) - n:]:
         block.requires_grad_(True)
     return [b for b, _ in blocks[: len(blocks) - n]], [b for b, _ in blocks[len(blocks) - n:]]
@@ -270,7 +295,7 @@ def fine_tune(
         schedule.step()
         val_loss, val_acc = evaluate(features, classifier, val_loader, device, skipped=skipped)
         if epoch == start_epoch + 1 and skipped:
-            log(f"skipped {len(skipped)} files that cannot be decoded, e.g. {next(iter(skipped))}: "
+            log(f"skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that cannot be decoded, e.g. {next(iter(skipped))}: "
                 f"{next(iter(skipped.values()))}")
         entry = EpochLog(epoch, loss_sum / total, correct / total, val_loss, val_acc, time.perf_counter() - t0)
         result.history.append(entry)
@@ -471,7 +496,7 @@ class Advice:
     def text(self) -> str:
         probe = (f"({self.probe_folds}-fold CV on the sample): accuracy {self.probe_accuracy:.3f}"
                  if self.probe_accuracy == self.probe_accuracy else f": not run ({self.probe_note})")
-        skipped = (f"\n{len(self.skipped)} sampled files skipped (cannot be decoded), e.g. "
+        skipped = (f"\n{len(self.skipped)} sampled file{'s' if len(self.skipped) > 1 else ''} skipped (cannot be decoded), e.g. "
                    f"{next(iter(self.skipped))}: {next(iter(self.skipped.values()))}" if self.skipped else "")
         return (f"{self.n_images} images in {self.n_classes} classes ({self.images_per_class:.0f} per class: {self.size})\n"
                 f"ImageNet classifier's mean top-1 confidence on a sample: {self.imagenet_confidence:.3f} "

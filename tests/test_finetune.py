@@ -11,12 +11,24 @@ from featx.finetune import model_blocks
 
 
 def test_blocks_are_the_architectures_own_units():
-    names = [n for n, _ in model_blocks(featx.load_backbone("resnet18", weights="none").features)]
-    assert names == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
-    lite = [n for n, _ in model_blocks(featx.load_backbone("efficientnet_lite0", weights="none").features)]
-    assert lite == ["conv_stem", "bn1"] + [f"blocks.{i}" for i in range(7)] + ["conv_head", "bn2"]
-    vgg = model_blocks(featx.load_backbone("vgg16", weights="none").features)
-    assert len([n for n, _ in vgg if n.startswith("features[")]) == 5  # five conv blocks, cut at max-pooling
+    def names(model: str) -> list[str]:
+        return [n for n, _ in model_blocks(featx.load_backbone(model, weights="none").features)]
+
+    # a norm layer belongs to the conv before it: --unfreeze 1 trains conv_head and bn2, never a BatchNorm alone
+    assert names("efficientnet_lite0") == ["conv_stem+bn1"] + [f"blocks.{i}" for i in range(7)] + ["conv_head+bn2"]
+    # ResNet's four stages whatever their depth (resnet50's stages hold 3 to 6 bottlenecks each)
+    assert names("resnet18") == names("resnet50") == ["conv1+bn1", "layer1", "layer2", "layer3", "layer4"]
+    assert len([n for n in names("vgg16") if n.startswith("features[")]) == 5  # five conv blocks, cut at max-pooling
+    # DenseNet has a max-pooling stem too, but its trunk is dense blocks, not plain layers
+    assert names("densenet121")[-3:] == ["features.denseblock3", "features.transition3", "features.denseblock4+norm5"]
+    # a ViT's trunk sits one level down: its 12 encoder layers
+    vit = names("vit_b_16")
+    assert len(vit) == 13 and vit[-1] == "encoder.layers.encoder_layer_11+ln"
+    from featx.finetune import freeze_except_top
+
+    with pytest.raises(featx.FeatxError, match=r"--unfreeze 6: this backbone has 5 blocks \(conv1\+bn1, layer1, "
+                                               r"layer2, layer3, layer4\); take 0 to 5 or all"):
+        freeze_except_top(featx.load_backbone("resnet18", weights="none").features, 6)
 
 
 @pytest.mark.slow
@@ -26,9 +38,9 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
     (small_digits / "0" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")  # a corrupt photo costs itself
     (small_digits / "1" / "empty.png").write_bytes(b"")
     lines = []
-    result = featx.fine_tune(small_digits, ckpt, unfreeze=3, epochs=2, input_size=64, hflip=False,
+    result = featx.fine_tune(small_digits, ckpt, unfreeze=2, epochs=2, input_size=64, hflip=False,
                             batch_size=16, patience=5, log=lines.append)
-    assert result.trainable == ["blocks.6", "conv_head", "bn2"]
+    assert result.trainable == ["blocks.6", "conv_head+bn2"]
     assert sorted(Path(p).name for p in result.skipped) == ["empty.png", "zz_broken.jpg"]
     assert lines[0].startswith("skipped 2 files that cannot be decoded")
     assert len(result.history) == 2 and lines[1].startswith("Epoch 1/2 - ") and "val_accuracy" in lines[1]
@@ -48,7 +60,7 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
     assert info.fingerprint != featx.read_model_info(featx.ensure_model_file(
         "efficientnet_lite0", models_dir=tmp_path / "m")).fingerprint
 
-    resumed = featx.fine_tune(small_digits, ckpt, unfreeze=3, epochs=3, input_size=64, hflip=False,
+    resumed = featx.fine_tune(small_digits, ckpt, unfreeze=2, epochs=3, input_size=64, hflip=False,
                              batch_size=16, resume=True, log=lines.append)
     assert [h.epoch for h in resumed.history] == [1, 2, 3] and any("resuming" in line for line in lines)
     assert resumed.history[:2] == result.history  # the epochs before the resume came with the checkpoint
@@ -112,7 +124,7 @@ def test_advise_skips_bad_files_and_says_why_the_probe_did_not_run(small_digits,
     for extra in sorted((small_digits / "4").iterdir())[1:]:
         extra.unlink()
     advice = featx.advise(small_digits, model=lite0_onnx)  # the sample takes every image of these 60
-    assert list(advice.skipped) == ["0/broken.jpg"] and "1 sampled files skipped" in advice.text()
+    assert list(advice.skipped) == ["0/broken.jpg"] and "1 sampled file skipped" in advice.text()
     assert advice.probe_accuracy != advice.probe_accuracy and "class '4' has a single usable image" in advice.text()
     assert "nan" not in advice.text() and advice.recommendation
     (small_digits / "4").rename(small_digits.parent / "4")  # the rest: every class has 2+ images in the sample
