@@ -54,7 +54,9 @@ class BenchResult:
                  f"{'engine':44s} {'kind':10s} {'batch':>5s} {'images/s':>10s}  spread"]
         for t in self.timings:
             lines.append(f"{t.name:44s} {t.kind:10s} {t.batch_size:5d} {t.images_per_second:10.1f}  "
-                         f"{t.spread[0]:.1f}-{t.spread[1]:.1f}" + (f"  ({t.note})" if t.note else ""))
+                         # end-to-end rows are one whole run each: no spread to show
+                         + (f"{t.spread[0]:.1f}-{t.spread[1]:.1f}" if t.spread[1] else "-")
+                         + (f"  ({t.note})" if t.note else ""))
         for k, v in self.ratios.items():
             lines.append(f"ratio {k}: {v:.2f}x")
         lines += [f"-> {f}" for f in self.files]
