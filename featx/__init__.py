@@ -47,6 +47,9 @@ _API = {
     "load_embeddings": "store",
     "iter_embeddings": "store",
     "load_failures": "store",
+    "load_labels": "store",
+    "plot_embeddings": "embedmap",
+    "EmbeddingMap": "embedmap",
     "Embeddings": "store",
     "summarize_cache": "store",
     "CacheSummary": "store",
@@ -103,8 +106,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .runtime import BackoffEncoder, Encoded, OnnxEngine, TorchEngine, auto_batch_size, load_model, read_model_info
     from .data import decode_image, load_image, preprocess_image, walk_images
     from .pipeline import RunStats, classify, embed_folder, embed_images
-    from .store import CacheSummary, Embeddings, iter_embeddings, load_embeddings, load_failures, summarize_cache
+    from .store import (CacheSummary, Embeddings, iter_embeddings, load_embeddings, load_failures, load_labels,
+                        summarize_cache)
     from .heads import (ImageEmbedder, LogRegHead, MLPHead, NotFittedError, export_classifier, iter_predictions,
                         load_head, predict, save_head, train_head, write_predictions, describe_file)
     from .finetune import advise, fine_tune, model_blocks
     from .bench import bench_models
+    from .embedmap import EmbeddingMap, plot_embeddings

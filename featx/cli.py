@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--force", action="store_true", help="measure again even when a cached result exists")
 
+    p = sub.add_parser("map", help="draw cached embeddings on a plane, coloured by class (PNG)")
+    p.add_argument("cache")
+    p.add_argument("-o", "--output", default=None, help="PNG (default: next to the cache, CACHE.map.png)")
+    p.add_argument("--model", "-m", default=None, help="model group in the cache (needed when it holds several)")
+    p.add_argument("--method", choices=["tsne", "pca"], default="tsne",
+                   help="tsne: neighbourhoods kept (a few seconds per thousand points); pca: instant")
+    p.add_argument("--max-points", type=int, default=3000, help="a larger cache is sampled, each class in its share")
+
     p = sub.add_parser("train-head", help="fit a classifier head on cached embeddings")
     p.add_argument("cache")
     p.add_argument("--model", "-m", default=None, help="model group in the cache (needed when it holds several)")
@@ -268,6 +276,11 @@ def _run(args: argparse.Namespace) -> int:
             class_weight="balanced" if args.balanced else None,
         )
         print(report.text())
+        return 0
+
+    if args.command == "map":
+        print(featx.plot_embeddings(args.cache, args.output, model=args.model, method=args.method,
+                                    max_points=args.max_points).text())
         return 0
 
     if args.command == "export-classifier":

@@ -134,22 +134,27 @@ def _attrs_of(g) -> dict:
     return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
 
 
-def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labelled_only: bool = False) -> Embeddings:
+def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labelled_only: bool = False,
+                    rows: np.ndarray | None = None) -> Embeddings:
     """Read a model's committed embeddings from a cache file.
 
     Args:
         model: the group name (the model file's stem, e.g. ``efficientnet_lite0``); may be left out
             when the file holds one model.
         labelled_only: drop rows without a label.
+        rows: read only these row numbers (increasing), e.g. a sample chosen from :func:`load_labels`.
     """
     path = Path(path)
     with _open_h5(path, "r") as f:
         model = _pick_model(f, path, model)
         g = f[model]
         columns, n = _committed_columns(g)
-        emb = columns["embeddings"][:n].astype(np.float32)
-        keys = _decode(columns["keys"][:n])
-        labels = columns["labels"][:n].astype(np.int32)
+        pick = slice(0, n) if rows is None else np.asarray(rows, dtype=np.int64)
+        if rows is not None and len(pick) and (pick[0] < 0 or pick[-1] >= n or np.any(np.diff(pick) <= 0)):
+            raise StoreError(f"rows must increase within 0..{n - 1}")
+        emb = columns["embeddings"][pick].astype(np.float32)
+        keys = _decode(columns["keys"][pick])
+        labels = columns["labels"][pick].astype(np.int32)
         classes = _decode(g["class_names"][:])
         failures, attrs = _failures_of(g), _attrs_of(g)
     if labelled_only:
@@ -169,6 +174,14 @@ def iter_embeddings(path: str | os.PathLike, model: str | None = None, *,
         for start in range(0, n, rows_per_chunk):
             stop = min(n, start + rows_per_chunk)
             yield _decode(columns["keys"][start:stop]), columns["embeddings"][start:stop].astype(np.float32)
+
+
+def load_labels(path: str | os.PathLike, model: str | None = None) -> np.ndarray:
+    """int32 (n,) class index of every committed row (-1 without a class), without reading the embeddings."""
+    path = Path(path)
+    with _open_h5(path, "r") as f:
+        columns, n = _committed_columns(f[_pick_model(f, path, model)])
+        return columns["labels"][:n].astype(np.int32)
 
 
 def load_failures(path: str | os.PathLike, model: str | None = None) -> dict[str, str]:

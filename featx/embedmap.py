@@ -1,0 +1,150 @@
+"""Cached embeddings -> a 2-D map (t-SNE or PCA) coloured by class, saved as a PNG.
+
+A look before training a head: classes that form their own islands on the map are what a linear head
+will separate; classes smeared into each other need more data, a better backbone, or fine-tuning.
+Beside the picture, one number measured in the full embedding space rather than the flattened map:
+how often an image's nearest neighbour (cosine) is of its own class, against what chance gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddingMap:
+    """What :func:`plot_embeddings` drew: ``points`` float32 (n, 2) for the sampled ``keys``."""
+
+    png: Path
+    method: str
+    keys: list[str]
+    points: np.ndarray
+    labels: np.ndarray  # int32 (n,), -1 for unlabelled
+    class_names: list[str]
+    n_total: int  # rows in the cache; the map shows a stratified sample of them
+    neighbour_agreement: float | None  # share whose nearest neighbour has the same class (labelled rows)
+    chance_agreement: float | None  # the same for labels drawn at random with the class shares
+
+    def text(self) -> str:
+        return f"{self.what()} -> {self.png}" + (f"\n{self.agreement()}" if self.agreement() else "")
+
+    def what(self) -> str:
+        shown = (f"{len(self.keys):,} of {self.n_total:,}" if len(self.keys) < self.n_total else f"{self.n_total:,}")
+        return f"{self.method} map of {shown} embeddings"
+
+    def agreement(self) -> str:
+        if self.neighbour_agreement is None:
+            return ""
+        return (f"nearest neighbour of the same class: {self.neighbour_agreement:.3f} "
+                f"(chance {self.chance_agreement:.3f})")
+
+
+def plot_embeddings(
+    cache: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    model: str | None = None,
+    method: Literal["tsne", "pca"] = "tsne",
+    max_points: int = 3000,
+    seed: int = 0,
+) -> EmbeddingMap:
+    """Draw a cache's embeddings on a plane, coloured by class, into the PNG ``output`` (default: next
+    to the cache, ``CACHE.map.png``).
+
+    Args:
+        model: the cache's model group, when it holds several.
+        method: "tsne" (neighbourhoods kept, a few seconds per thousand points; PCA to 50 dimensions
+            first) or "pca" (the two directions of most variance, instant).
+        max_points: a larger cache is sampled, each class in its share (at least 5 of each).
+    """
+    from sklearn.decomposition import PCA
+
+    from .errors import FeatxError
+    from .store import load_embeddings, load_labels
+
+    if method not in ("tsne", "pca"):
+        raise FeatxError(f"method {method!r}: expected tsne or pca")
+    all_labels = load_labels(cache, model)  # the sample is chosen first: a cache of millions is not read whole
+    n_total = len(all_labels)
+    if n_total < 3:
+        raise FeatxError(f"{cache}: {n_total} embeddings; a map needs at least 3")
+    data = load_embeddings(cache, model, rows=_stratified_sample(all_labels, max_points, seed))
+    X, labels, keys = data.embeddings, data.labels, data.keys
+    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)  # unit length: neighbours by cosine
+    agreement, chance = _neighbour_agreement(X, labels)
+    if method == "pca":
+        points = PCA(n_components=2, random_state=seed).fit_transform(X)
+    else:
+        from sklearn.manifold import TSNE
+
+        reduced = PCA(n_components=min(50, *X.shape), random_state=seed).fit_transform(X)
+        points = TSNE(n_components=2, perplexity=min(30.0, (len(X) - 1) / 3), init="pca", learning_rate="auto",
+                      random_state=seed).fit_transform(reduced)
+    output = Path(output) if output else Path(cache).with_suffix(".map.png")
+    result = EmbeddingMap(output, "t-SNE" if method == "tsne" else "PCA", keys, points.astype(np.float32),
+                          labels, data.class_names, n_total, agreement, chance)
+    _draw(result, title=f"{data.model}: {result.what()}")
+    return result
+
+
+def _stratified_sample(labels: np.ndarray, max_points: int, seed: int) -> np.ndarray:
+    """Row indices, sorted: everything when it fits, else each label value in its share, at least 5."""
+    if len(labels) <= max_points:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    picked = []
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        take = min(len(members), max(5, round(max_points * len(members) / len(labels))))
+        picked.append(rng.choice(members, take, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def _neighbour_agreement(X: np.ndarray, labels: np.ndarray) -> tuple[float | None, float | None]:
+    """Leave-one-out 1-NN agreement among labelled rows of unit vectors, and its chance level Σ p_c²."""
+    labelled = labels >= 0
+    if labelled.sum() < 2 or len(np.unique(labels[labelled])) < 2:
+        return None, None
+    Y, y = X[labelled], labels[labelled]
+    nearest = np.empty(len(Y), dtype=np.int64)
+    for start in range(0, len(Y), 1024):  # (1024, n) similarities at a time
+        sims = Y[start:start + 1024] @ Y.T
+        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf  # not itself
+        nearest[start:start + len(sims)] = sims.argmax(axis=1)
+    shares = np.bincount(y) / len(y)
+    return float(np.mean(y[nearest] == y)), float(np.sum(shares ** 2))
+
+
+def _draw(result: EmbeddingMap, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [c for c in range(len(result.class_names)) if np.any(result.labels == c)]
+    cmap = plt.get_cmap("tab10" if len(present) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(8, 7), layout="constrained")
+    unlabelled = result.labels < 0
+    if unlabelled.any():
+        ax.scatter(*result.points[unlabelled].T, s=6, c="0.7", label="(no class)", linewidths=0)
+    for i, c in enumerate(present):
+        mine = result.labels == c
+        ax.scatter(*result.points[mine].T, s=6, color=cmap(i % cmap.N), label=result.class_names[c], linewidths=0)
+    if len(present) <= 30:
+        ax.legend(markerscale=3, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    if len(present) > cmap.N:
+        _logger.info("%d classes share %d colours on the map", len(present), cmap.N)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title + (f"\n{result.agreement()}" if result.agreement() else ""), fontsize="medium")
+    result.png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(result.png, dpi=110)
+    plt.close(fig)
