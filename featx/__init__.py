@@ -50,6 +50,8 @@ _API = {
     "load_labels": "store",
     "plot_embeddings": "embedmap",
     "EmbeddingMap": "embedmap",
+    "find_similar": "search",
+    "SimilarImages": "search",
     "Embeddings": "store",
     "summarize_cache": "store",
     "CacheSummary": "store",
@@ -113,3 +115,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .finetune import advise, fine_tune, model_blocks
     from .bench import bench_models
     from .embedmap import EmbeddingMap, plot_embeddings
+    from .search import SimilarImages, find_similar

@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tsne: neighbourhoods kept (a few seconds per thousand points); pca: instant")
     p.add_argument("--max-points", type=int, default=3000, help="a larger cache is sampled, each class in its share")
 
+    p = sub.add_parser("similar", help="the cached images most similar to query images (cosine of embeddings)")
+    p.add_argument("images", nargs="+", help="query image files or folders")
+    p.add_argument("--cache", required=True, help="embedding cache to search (.h5)")
+    p.add_argument("-k", type=int, default=5, help="matches per query (default 5)")
+    _add_model(p)
+    _add_device(p)
+
     p = sub.add_parser("train-head", help="fit a classifier head on cached embeddings")
     p.add_argument("cache")
     p.add_argument("--model", "-m", default=None, help="model group in the cache (needed when it holds several)")
@@ -281,6 +288,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "map":
         print(featx.plot_embeddings(args.cache, args.output, model=args.model, method=args.method,
                                     max_points=args.max_points).text())
+        return 0
+
+    if args.command == "similar":
+        for result in featx.find_similar(args.images, args.cache, k=args.k, model=args.model, weights=args.weights,
+                                         device=args.device):
+            print(result.text())
         return 0
 
     if args.command == "export-classifier":
