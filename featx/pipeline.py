@@ -157,7 +157,6 @@ class RunStats:
     n_cached: int = 0
     n_failed: int = 0
     n_failed_before: int = 0  # failures recorded by an earlier run, file unchanged: not retried
-    n_deleted: int = 0
     n_pruned: int = 0
     n_moved: int = 0  # new paths recognised as moved files: their embeddings were reused, not recomputed
     seconds: float = 0.0
@@ -168,6 +167,10 @@ class RunStats:
     jpeg_library: str = ""  # what called nvJPEG (torchcodec, torchvision), with GPU decode
     failures: list[tuple[str, str]] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)  # stored keys whose file is gone (kept unless pruned)
+
+    @property
+    def n_deleted(self) -> int:
+        return len(self.deleted)
 
     @property
     def images_per_second(self) -> float:
@@ -359,7 +362,6 @@ def embed_folder(
         stats.backoffs = [limit for e in encoders for limit in e.backoffs]
         deleted = (set(done) | set(failed_before)) - seen
         stats.deleted = sorted(deleted & set(done))
-        stats.n_deleted = len(stats.deleted)
         if recovered or (prune and deleted):
             store.rewrite_without(recovered | (deleted if prune else set()), failures=True)
         if prune and deleted:

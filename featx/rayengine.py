@@ -161,6 +161,6 @@ def embed_folder_ray(
             stats.failures += failures
         stats.failures += recovered_failures
         stats.n_failed = len(stats.failures)  # walk failures, recovered shards' and this run's
-        stats.n_deleted = len(set(done) - seen)
+        stats.deleted = sorted(set(done) - seen)
     stats.seconds = time.perf_counter() - start
     return stats
