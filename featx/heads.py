@@ -779,7 +779,12 @@ def write_predictions(rows: Iterable[PredictionRow], path: str | os.PathLike, *,
     keeps what it wrote); returns how many. Columns: key, class_i/probability_i for i in 1..top,
     labels (multi-label heads, ';'-joined), error (a file that could not be read)."""
     import csv
+    import itertools
 
+    rows = iter(rows)
+    # the first row is made before the file is opened: a run refused at its start (a head of another
+    # model, a missing folder) leaves an earlier CSV at this path as it was
+    first = list(itertools.islice(rows, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
@@ -787,7 +792,7 @@ def write_predictions(rows: Iterable[PredictionRow], path: str | os.PathLike, *,
         writer = csv.writer(f)
         header = ["key"] + [c for i in range(1, top + 1) for c in (f"class_{i}", f"probability_{i}")]
         writer.writerow(header + ["labels", "error"])
-        for row in rows:
+        for row in itertools.chain(first, rows):
             cells = [c for name, p in row.top for c in (name, f"{p:.6f}")]
             cells += [""] * (2 * top - len(cells))
             writer.writerow([row.key, *cells, ";".join(row.labels or []), row.error or ""])

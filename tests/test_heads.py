@@ -115,6 +115,13 @@ def test_head_refuses_another_backbone(tmp_path, lite0_onnx):
     save_head(head, tmp_path / "h.safetensors", fingerprint="0123456789abcdef", backbone="resnet50", model="resnet50")
     with pytest.raises(HeadMismatchError, match="0123456789abcdef.*" + featx.read_model_info(lite0_onnx).fingerprint):
         featx.predict([tmp_path], head=tmp_path / "h.safetensors", model=lite0_onnx)
+    # refused in one line, and yesterday's predictions at -o are left as they were
+    from featx.cli import main
+
+    (tmp_path / "predictions.csv").write_text("key,class_1\nold.jpg,cat\n")
+    assert main(["-q", "predict", str(tmp_path), "--head", str(tmp_path / "h.safetensors"), "--model", str(lite0_onnx),
+                 "-o", str(tmp_path / "predictions.csv")]) == 2
+    assert (tmp_path / "predictions.csv").read_text() == "key,class_1\nold.jpg,cat\n"
 
 
 def test_head_file_with_pickle_is_not_a_head(tmp_path):
