@@ -68,6 +68,7 @@ def plot_embeddings(
     from sklearn.decomposition import PCA
 
     from .errors import FeatxError
+    from .search import unit_rows
     from .store import load_embeddings, load_labels
 
     if method not in ("tsne", "pca"):
@@ -78,7 +79,7 @@ def plot_embeddings(
         raise FeatxError(f"{cache}: {n_total} embeddings; a map needs at least 3")
     data = load_embeddings(cache, model, rows=_stratified_sample(all_labels, max_points, seed))
     X, labels, keys = data.embeddings, data.labels, data.keys
-    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)  # unit length: neighbours by cosine
+    X = unit_rows(X)  # neighbours by cosine, as featx similar finds them
     agreement, chance = _neighbour_agreement(X, labels)
     if method == "pca":
         points = PCA(n_components=2, random_state=seed).fit_transform(X)

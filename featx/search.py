@@ -55,32 +55,33 @@ def find_similar(
     from .errors import FeatxError
     from .export import ensure_model_file
     from .pipeline import encode_files, expand_inputs
-    from .runtime import load_model
+    from .runtime import load_model, read_model_info
     from .store import iter_embeddings, summarize_cache
 
     if k < 1:
         raise FeatxError(f"k={k}: ask for at least one match")
-    engine = load_model(ensure_model_file(model, weights=weights), device=device, engine="onnx")
-    fingerprint = engine.info.fingerprint
-    groups = summarize_cache(cache)
+    groups = summarize_cache(cache)  # a missing or unreadable cache is refused before the model loads
+    model_file = ensure_model_file(model, weights=weights)
+    fingerprint = read_model_info(model_file).fingerprint
     group = next((g.model for g in groups if g.attrs.get("fingerprint") == fingerprint), None)
     if group is None:
-        raise FeatxError(f"{cache} holds no embeddings of {engine.path} (fingerprint {fingerprint}); it has "
+        raise FeatxError(f"{cache} holds no embeddings of {model_file} (fingerprint {fingerprint}); it has "
                          + ", ".join(f"{g.model} ({g.attrs.get('fingerprint')})" for g in groups)
                          + ": pass the model the cache was made with as --model")
+    engine = load_model(model_file, device=device, engine="onnx")
     results, queries = [], []
     for path, embedding, _, error in encode_files(engine, expand_inputs(images), batch_size=batch_size):
         results.append(SimilarImages(path, error=error))
         if error is None:
-            queries.append(embedding / max(float(np.linalg.norm(embedding)), 1e-12))
+            queries.append(embedding)
     searched = [r for r in results if r.error is None]
     if not searched:
         return results
-    Q = np.stack(queries)  # (n_queries, D), unit rows
+    Q = unit_rows(np.stack(queries))  # (n_queries, D)
     best_sim = np.full((len(Q), 0), -np.inf, dtype=np.float32)
     best_key = np.empty((len(Q), 0), dtype=object)
     for keys, embeddings in iter_embeddings(cache, group, rows_per_chunk=rows_per_chunk):
-        embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        embeddings = unit_rows(embeddings)
         # the chunk's similarities beside the best so far; keep the k highest of each row
         sims = np.concatenate([best_sim, Q @ embeddings.T], axis=1)
         names = np.concatenate([best_key, np.broadcast_to(np.array(keys, dtype=object), (len(Q), len(keys)))],
@@ -90,3 +91,8 @@ def find_similar(
     for result, sims, keys in zip(searched, best_sim, best_key):
         result.matches = [(str(key), float(s)) for key, s in zip(keys, sims)]
     return results
+
+
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """float32 (n, D) rows scaled to length 1, so that a matrix product gives cosine similarities."""
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)

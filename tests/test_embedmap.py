@@ -43,5 +43,7 @@ def test_unlabelled_cache_is_drawn_without_a_class_figure(small_digits, tmp_path
     out = capsys.readouterr().out
     assert f"PCA map of 12 embeddings -> {tmp_path / 'c.map.png'}" in out and "nearest neighbour" not in out
     assert (tmp_path / "c.map.png").stat().st_size > 10_000
+    with pytest.raises(featx.FeatxError, match=r"rows must increase within 0\.\.11"):
+        featx.load_embeddings(tmp_path / "c.h5", rows=[5, 3])
     with pytest.raises(featx.FeatxError, match="expected tsne or pca"):
         featx.plot_embeddings(tmp_path / "c.h5", tmp_path / "x.png", method="umap")

@@ -26,6 +26,13 @@ def test_blocks_are_the_architectures_own_units():
     assert len(vit) == 13 and vit[-1] == "encoder.layers.encoder_layer_11+ln"
     from featx.finetune import freeze_except_top
 
+    # the top block trains, the class token (outside every block) with "all" only
+    vit_features = featx.load_backbone("vit_b_16", weights="none").features
+    freeze_except_top(vit_features, 1)
+    assert vit_features.encoder.layers[-1].mlp[0].weight.requires_grad and not vit_features.class_token.requires_grad
+    freeze_except_top(vit_features, "all")
+    assert all(p.requires_grad for p in vit_features.parameters())
+
     with pytest.raises(featx.FeatxError, match=r"--unfreeze 6: this backbone has 5 blocks \(conv1\+bn1, layer1, "
                                                r"layer2, layer3, layer4\); take 0 to 5 or all"):
         freeze_except_top(featx.load_backbone("resnet18", weights="none").features, 6)

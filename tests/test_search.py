@@ -45,6 +45,9 @@ def test_a_cache_of_another_model_is_refused_with_its_fingerprints(digits_cache,
     with h5py.File(other, "r+") as f:
         (group,) = [g for g in f.values() if "fingerprint" in g.attrs]
         group.attrs["fingerprint"] = "0123456789abcdef"
+    with pytest.raises(featx.FeatxError, match="nope.h5 does not exist"):  # before any model loads
+        featx.find_similar([photos_dir / "coffee.png"], tmp_path / "nope.h5", model="resnet18",
+                           weights=str(tmp_path / "never-loaded.pth"))
     mine = featx.read_model_info(lite0_onnx).fingerprint
     with pytest.raises(featx.FeatxError, match=f"holds no embeddings of .*{mine}.*0123456789abcdef.*--model"):
         featx.find_similar([photos_dir / "coffee.png"], other, model=lite0_onnx)
