@@ -18,7 +18,13 @@ def test_bench_writes_json_and_png_with_the_comparisons(tmp_path):
     assert any(k.startswith("best featx") for k in record["ratios"])
     assert "end-to-end featx embed / plain PyTorch pipeline" in record["ratios"]
     assert (tmp_path / "out" / "test_efficientnet-cpu.png").stat().st_size > 10_000
-    assert "ratio" in result.table()
+    table = result.table()
+    assert "ratio" in table
+    # a model row shows the spread of its repetitions; an end-to-end row is one whole run, shown as "-"
+    rows = {line.split("  ")[0].strip(): line for line in table.splitlines()}
+    assert "-" in rows["torch eager fp32"].split()[-1] and rows["torch eager fp32"].split()[-1] != "-"
+    e2e = [line for line in table.splitlines() if " end-to-end " in line and not line.startswith("ratio")]
+    assert e2e and all(line.split("  (")[0].split()[-1] == "-" for line in e2e)
 
 
 def test_decode_stages_script_records_every_stage_on_the_cpu(tmp_path):
