@@ -663,10 +663,10 @@ class PredictionRow:
     labels: list[str] | None = None  # multi-label heads: every label at or above its threshold
 
     def line(self) -> str:
-        if self.error:
-            return f"{self.key}  FAILED: {self.error}"
-        chosen = f"  labels: {';'.join(self.labels) or '-'}" if self.labels is not None else ""
-        return f"{self.key}  " + "  ".join(f"{name} {p * 100:.1f}%" for name, p in self.top) + chosen
+        from .pipeline import Classification  # classify's line, and a multi-label head's chosen labels
+
+        chosen = f"  labels: {';'.join(self.labels) or '-'}" if self.labels is not None and not self.error else ""
+        return Classification(self.key, self.top, self.error).line() + chosen
 
 
 def iter_predictions(
