@@ -6,13 +6,14 @@ Nothing here imports torch or onnxruntime: decode workers stay light.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import os
 import re
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -153,6 +154,50 @@ def _content_is_image(path: str) -> bool:
         return False
 
 
+def read_image_file(path: str | os.PathLike) -> bytearray:
+    """A file's bytes, in a writable buffer (torch.frombuffer shares it rather than copying).
+
+    Raises:
+        ImageError: with a one-line reason (gone since the walk, permission denied, I/O error, or a
+            content that is no image: refused from its first bytes, so a large stray file is not read).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+            if head and sniff_format(head) is None:
+                raise ImageError(_not_an_image(head))
+            data = bytearray(max(len(head), os.fstat(f.fileno()).st_size))
+            data[:len(head)] = head
+            del data[len(head) + f.readinto(memoryview(data)[len(head):]):]
+            rest = f.read()  # grown since the stat
+    except FileNotFoundError:
+        raise ImageError("no such file (deleted or moved before it could be read)") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except OSError as e:
+        raise ImageError(f"cannot read: {e.strerror or e}") from None
+    return data + rest if rest else data
+
+
+def _not_an_image(head: bytes) -> str:
+    return f"not an image: content starts with {head[:8]!r}"
+
+
+def content_digest(data: bytes | bytearray) -> str:
+    """SHA-256 of a file's bytes as hex, what ``sha256sum`` prints: the cache's record of the content
+    it embedded, by which a renamed, moved or copied file is recognised without decoding it."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """``content_digest`` of a file, read 1 MiB at a time. Raises OSError when it cannot be read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  min_size: int | None = None) -> Image.Image:
     """Read an image file (or its bytes, already read) as an upright RGB picture.
@@ -165,14 +210,15 @@ def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int
     Raises:
         ImageError: with a one-line reason (empty, not an image, truncated, too large, unreadable).
     """
+    data = path if isinstance(path, (bytes, bytearray)) else read_image_file(path)
     try:
-        with io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else open(path, "rb") as f:
+        with io.BytesIO(data) as f:
             head = f.read(32)
             if not head:
                 raise ImageError("empty file (0 bytes)")
             fmt = sniff_format(head)
             if fmt is None:
-                raise ImageError(f"not an image: content starts with {head[:8]!r}")
+                raise ImageError(_not_an_image(head))
             if fmt == "heif":
                 _open_heif_with_pillow()
             f.seek(0)
@@ -186,10 +232,6 @@ def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int
                 return _to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError("no such file (deleted or moved before it could be read)") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
@@ -264,6 +306,7 @@ class DecodedBatch:
     ok: list[int]
     failed: list[tuple[int, str]]  # (position in the input, reason)
     decoded_by: str = "cpu"  # "gpu": nvJPEG (featx.gpudecode); only counted, in RunStats.decoded_by
+    digests: list[str] = field(default_factory=list)  # content_digest of each ``ok`` file's bytes, in order
 
 
 def failure_reason(error: Exception) -> str:
@@ -278,10 +321,13 @@ def load_batch(paths: Sequence[str], cfg: PreprocessConfig, max_pixels: int = DE
     images = np.empty((len(paths), h, w, 3), dtype=np.uint8)
     ok: list[int] = []
     failed: list[tuple[int, str]] = []
+    digests: list[str] = []
     for i, path in enumerate(paths):
         try:
-            images[len(ok)] = load_image(path, cfg, max_pixels=max_pixels)
+            data = read_image_file(path)  # read once: decoded and hashed from memory
+            images[len(ok)] = load_image(data, cfg, max_pixels=max_pixels)
+            digests.append(content_digest(data))
             ok.append(i)
         except Exception as e:
             failed.append((i, failure_reason(e)))
-    return DecodedBatch(images[: len(ok)], ok, failed)
+    return DecodedBatch(images[: len(ok)], ok, failed, digests=digests)

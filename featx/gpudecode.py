@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .backbones import PreprocessConfig
-from .data import DEFAULT_MAX_PIXELS, DecodedBatch, failure_reason, load_image
+from .data import DEFAULT_MAX_PIXELS, DecodedBatch, content_digest, failure_reason, load_image, read_image_file
 from .errors import ImageError
 
 _logger = logging.getLogger(__name__)
@@ -144,18 +144,14 @@ def nvjpeg_pixels(data, max_pixels: int, *, rotates: bool = False) -> int:
     return 0
 
 
-def _read(path: str, max_pixels: int, rotates: bool = False) -> tuple[bytearray | ImageError, int]:
-    """(file bytes or why they could not be read, their pixels if nvJPEG can decode them else 0)."""
+def _read(path: str, max_pixels: int, rotates: bool = False) -> tuple[bytearray | ImageError, int, str]:
+    """(file bytes or why they could not be read, their pixels if nvJPEG can decode them else 0, their
+    content_digest): the read threads hash too, so the engine thread never does."""
     try:
-        with open(path, "rb") as f:
-            # read into a writable buffer: torch.frombuffer then shares it instead of copying
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            del data[f.readinto(data):]
-    except FileNotFoundError:
-        return ImageError("no such file (deleted or moved before it could be read)"), 0
-    except OSError as e:
-        return ImageError(f"cannot read: {e.strerror or e}"), 0
-    return data, nvjpeg_pixels(data, max_pixels, rotates=rotates)
+        data = read_image_file(path)
+    except ImageError as e:
+        return e, 0, ""
+    return data, nvjpeg_pixels(data, max_pixels, rotates=rotates), content_digest(data)
 
 
 class GpuDecoder:
@@ -214,7 +210,7 @@ class GpuDecoder:
         h, w = self.cfg.input_size
         out = torch.empty((len(paths), h, w, 3), dtype=torch.uint8, device=self.device)
         done: set[int] = set()
-        for call in self._calls([(i, pixels) for i, (_, pixels) in enumerate(read) if pixels]):
+        for call in self._calls([(i, pixels) for i, (_, pixels, _) in enumerate(read) if pixels]):
             decoded = self._decode_jpegs([torch.frombuffer(read[i][0], dtype=torch.uint8) for i in call])
             groups: dict[tuple[int, int], list[int]] = {}
             for k, img in enumerate(decoded):
@@ -243,7 +239,7 @@ class GpuDecoder:
             done.update(cpu_rows)
         ok = sorted(done)
         images = out if len(ok) == len(paths) else out[torch.tensor(ok, dtype=torch.long, device=self.device)]
-        return DecodedBatch(images, ok, sorted(failed), decoded_by="gpu")
+        return DecodedBatch(images, ok, sorted(failed), decoded_by="gpu", digests=[read[i][2] for i in ok])
 
     def to_device(self, images: np.ndarray):
         """uint8 (n, H, W, 3) decoded on the host -> the same on ``device``, copied from pinned memory on

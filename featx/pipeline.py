@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import functools
 import logging
 import multiprocessing
@@ -25,7 +26,7 @@ import numpy as np
 
 from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry, WalkFailure, class_names_of, \
-    load_batch, load_image, walk_images
+    file_digest, load_batch, load_image, walk_images
 from .errors import FeatxError, ModelFileError
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, is_cuda, load_model, \
@@ -158,7 +159,9 @@ class RunStats:
     n_failed: int = 0
     n_failed_before: int = 0  # failures recorded by an earlier run, file unchanged: not retried
     n_pruned: int = 0
-    n_moved: int = 0  # new paths recognised as moved files: their embeddings were reused, not recomputed
+    # new paths whose bytes the cache had embedded under another path (moved, renamed, copied): their
+    # embeddings were reused, not recomputed
+    n_moved: int = 0
     seconds: float = 0.0
     load_seconds: float = 0.0  # model export/load/compile before the first image
     engine: str = ""  # the engine(s) that ran, with their devices
@@ -186,7 +189,7 @@ class RunStats:
     def summary(self) -> str:
         return (
             f"{self.n_embedded} embedded, {self.n_cached} already cached, {self.n_failed} failed"
-            + (f", {self.n_moved} moved (embeddings reused)" if self.n_moved else "")
+            + (f", {self.n_moved} moved, renamed or copied (embeddings reused)" if self.n_moved else "")
             + (f" ({self.n_failed_before} failed before, unchanged)" if self.n_failed_before else "")
             + (f", {self.n_deleted} deleted from the folder" + (f" ({self.n_pruned} pruned)" if self.n_pruned else
                " (--prune removes them)") if self.n_deleted else "")
@@ -335,12 +338,14 @@ def embed_folder(
                             labels = [label_of[e.label] if e.label is not None else -1 for e in ok]
                             new = [i for i, e in enumerate(ok) if e.key not in done]
                             changed = [i for i, e in enumerate(ok) if e.key in done]
+                            digests = decoded.digests
                             store.append([ok[i].key for i in new], emb[new], [labels[i] for i in new],
-                                         [ok[i].size for i in new], [ok[i].mtime_ns for i in new])
+                                         [ok[i].size for i in new], [ok[i].mtime_ns for i in new],
+                                         digests=[digests[i] for i in new])
                             if changed:
                                 store.replace([done[ok[i].key][0] for i in changed], emb[changed],
                                               [labels[i] for i in changed], [ok[i].size for i in changed],
-                                              [ok[i].mtime_ns for i in changed])
+                                              [ok[i].mtime_ns for i in changed], digests=[digests[i] for i in changed])
                             recovered.update(e.key for e in ok if e.key in failed_before)
                             stats.n_embedded += len(ok)
                         if decoded.failed:
@@ -426,7 +431,7 @@ class _EngineThreads:
             for batch, decoded in staged:
                 emb = encoder.encode(decoded.images).embedding if decoded.ok else None
                 # the pixels are not needed any more: a batch waiting for its turn holds only its embeddings
-                decoded = DecodedBatch(None, decoded.ok, decoded.failed, decoded.decoded_by)
+                decoded = dataclasses.replace(decoded, images=None)
                 batch.decoded = None
                 self._results.put((batch.seq, batch, decoded, emb))
         except BaseException as e:  # handed to the caller, which raises it
@@ -492,14 +497,16 @@ def pending_files(root, store, stats: RunStats, seen: set[str], done: dict, fail
 
     Counts cached and earlier-failed files in ``stats``, records new walk failures (unreadable
     folders, symlink loops) in the store, and adds every key seen to ``seen`` (for deletions).
-    With ``label_of``, a new path whose file name, size and mtime (to the nanosecond) are those of a
-    stored row whose file is gone is a moved file (sorting photos into class folders moves them): its
-    row is copied under the new key and label instead of decoding and embedding it again.
+    With ``label_of``, a file whose bytes the cache already embedded is not decoded again
+    (``_StoredContent``): a new path (renamed, moved into another class folder, copied) gets the stored
+    row's embedding under its new key and label; a stored path whose mtime changed but whose bytes did
+    not (a copied or synced folder) only has its mtime updated, and counts as cached.
     Shared by the single-machine and the Ray paths, so both skip exactly the same files.
     """
     root = Path(root)
-    moved_from = None  # (file name, size, mtime_ns) -> key of the stored rows, built on first need
-    moves: list[tuple[FileEntry, int]] = []
+    stored = _StoredContent(root, store, done) if label_of is not None else None
+    reused: list[tuple[FileEntry, int]] = []  # (new path, stored row whose embedding it takes)
+    touched: list[tuple[int, int]] = []  # (stored row, new mtime_ns)
     for item in walk_images(root):
         seen.add(item.key)
         if isinstance(item, WalkFailure):
@@ -520,33 +527,100 @@ def pending_files(root, store, stats: RunStats, seen: set[str], done: dict, fail
             stats.n_failed_before += 1
             on_skip()
             continue
-        if row is None and done and label_of is not None:
-            if moved_from is None:
-                # one entry per stored row, built only on runs that find new paths
-                moved_from = {(k.rsplit("/", 1)[-1], size, mtime): k for k, (_, size, mtime) in done.items()}
-            old = moved_from.get((item.key.rsplit("/", 1)[-1], item.size, item.mtime_ns))
-            if old is not None and not os.path.lexists(root / old):  # still there: a copy, embedded anew
-                moves.append((item, done[old][0]))
+        if stored is not None:
+            if row is not None and row[1] == item.size and stored.unchanged(item, row[0]):
+                touched.append((row[0], item.mtime_ns))
+                stats.n_cached += 1
+                on_skip()
+                if len(touched) >= 256:
+                    _store_touched(store, touched)
+                continue
+            old = stored.row_with_content_of(item) if row is None else None
+            if old is not None:
+                reused.append((item, old))
                 stats.n_moved += 1
                 on_skip()
-                if len(moves) >= 256:
-                    _store_moves(store, moves, label_of)
+                if len(reused) >= 256:
+                    _store_reused(store, reused, label_of, stored)
                 continue
         yield item
-    _store_moves(store, moves, label_of)
+    _store_touched(store, touched)
+    _store_reused(store, reused, label_of, stored)
 
 
-def _store_moves(store, moves: list, label_of) -> None:
-    """Append the moved files' rows: the stored embeddings under their new keys, labels and identities."""
-    if not moves:
+class _StoredContent:
+    """The cache's rows looked up by the content of the files they embedded, for ``pending_files``.
+
+    A new path is compared only with stored rows of its size and mtime (to the nanosecond: a rename
+    or move keeps it, as ``cp -p`` and rsync do), so an ordinary new file is never read twice; when one
+    matches, the file is hashed and its SHA-256 must equal the row's: same bytes, same embedding, so a
+    copy whose original is still there is reused too, and a different file that happens to share size
+    and mtime (extracted from a zip with 2-second times, say) is not. Rows stored before featx kept
+    digests fall back to the file name: same name, size and mtime, and the stored file gone.
+    Both tables are built on first need: a run that meets only cached files reads no digest.
+    """
+
+    def __init__(self, root: Path, store, done: dict):
+        self.root, self.store, self.done = root, store, done
+        self._digests: list[str] | None = None  # by row; "" for rows stored before digests were kept
+        self._by_identity: dict[tuple[int, int], list[str]] | None = None
+
+    def digest(self, row: int) -> str:
+        if self._digests is None:
+            self._digests = self.store.digests()
+        return self._digests[row]
+
+    def unchanged(self, item: FileEntry, row: int) -> bool:
+        """Whether a stored path, its mtime changed, still holds the bytes that were embedded."""
+        digest = self.digest(row)
+        return bool(digest) and _file_digest_or_none(item.path) == digest
+
+    def row_with_content_of(self, item: FileEntry) -> int | None:
+        """The stored row that embedded this new path's bytes, or None."""
+        if self._by_identity is None:
+            self._by_identity = {}
+            for key, (_, size, mtime) in self.done.items():
+                self._by_identity.setdefault((size, mtime), []).append(key)
+        digest = None
+        for key in self._by_identity.get((item.size, item.mtime_ns), ()):
+            row = self.done[key][0]
+            if self.digest(row):
+                digest = digest or _file_digest_or_none(item.path) or "unreadable"
+                if digest == self.digest(row):
+                    return row
+            elif key.rsplit("/", 1)[-1] == item.key.rsplit("/", 1)[-1] and not os.path.lexists(self.root / key):
+                return row
+        return None
+
+
+def _file_digest_or_none(path: str) -> str | None:
+    """The file's content digest; None when it cannot be read (its decode then records why)."""
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
+
+
+def _store_touched(store, touched: list) -> None:
+    """Record the new mtimes of stored files whose bytes did not change, so the next run skips them unread."""
+    if touched:
+        store.touch([row for row, _ in touched], [mtime for _, mtime in touched])
+        touched.clear()
+
+
+def _store_reused(store, reused: list, label_of, stored: _StoredContent) -> None:
+    """Append rows for new paths whose bytes were embedded before: the stored embeddings under the new
+    keys and labels, with the new files' identities."""
+    if not reused:
         return
-    rows, back = np.unique([row for _, row in moves], return_inverse=True)  # h5py reads rows in increasing order
+    rows, back = np.unique([row for _, row in reused], return_inverse=True)  # h5py reads rows in increasing order
     embeddings = store.group["embeddings"][rows][back]
-    entries = [e for e, _ in moves]
+    entries = [e for e, _ in reused]
     store.append([e.key for e in entries], embeddings,
                  [label_of[e.label] if e.label is not None else -1 for e in entries],
-                 [e.size for e in entries], [e.mtime_ns for e in entries])
-    moves.clear()
+                 [e.size for e in entries], [e.mtime_ns for e in entries],
+                 digests=[stored.digest(row) for _, row in reused])
+    reused.clear()
 
 
 def _count_candidates(root: Path) -> int:
@@ -606,7 +680,7 @@ def _gpu_decode_ahead(batches: Iterator[list[FileEntry]], cfg, device: str, max_
 
     def from_cpu(chunks) -> DecodedBatch:
         merged = _merge_chunks([f.result() for f in chunks])
-        return DecodedBatch(decoder.to_device(merged.images), merged.ok, merged.failed)
+        return dataclasses.replace(merged, images=decoder.to_device(merged.images))
 
     def take(queue: deque):
         b, fut = queue.popleft()
@@ -638,12 +712,13 @@ def _gpu_decode_ahead(batches: Iterator[list[FileEntry]], cfg, device: str, max_
 
 def _merge_chunks(parts: list) -> DecodedBatch:
     """One DecodedBatch from consecutive chunks of a batch, positions counted from the batch's start."""
-    ok, failed, offset = [], [], 0
+    ok, failed, digests, offset = [], [], [], 0
     for part in parts:
         ok += [offset + i for i in part.ok]
         failed += [(offset + i, reason) for i, reason in part.failed]
+        digests += part.digests
         offset += len(part.ok) + len(part.failed)
-    return DecodedBatch(np.concatenate([p.images for p in parts]), ok, failed)
+    return DecodedBatch(np.concatenate([p.images for p in parts]), ok, failed, digests=digests)
 
 
 def _decode_ahead(batches: Iterator[list[FileEntry]], cfg, workers: int, max_pixels: int):

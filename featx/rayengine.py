@@ -38,7 +38,10 @@ def _decode(batch: dict, *, cfg, max_pixels: int) -> dict:
     errors = np.array([""] * len(batch["path"]), dtype=object)
     for i, reason in decoded.failed:
         errors[i] = reason
-    return {**{k: batch[k] for k in ("order", "key", "label", "size", "mtime")}, "image": images, "error": errors}
+    digests = np.array([""] * len(batch["path"]), dtype=object)
+    digests[decoded.ok] = decoded.digests
+    return {**{k: batch[k] for k in ("order", "key", "label", "size", "mtime")}, "image": images, "error": errors,
+            "digest": digests}
 
 
 class _Embedder:
@@ -59,7 +62,7 @@ class _Embedder:
         with open(path, "wb") as f:
             np.savez(f, ok=ok, embedding=emb.astype(np.float32), key=np.asarray(batch["key"], dtype=object),
                      label=batch["label"], size=batch["size"], mtime=batch["mtime"],
-                     error=np.asarray(batch["error"], dtype=object))
+                     error=np.asarray(batch["error"], dtype=object), digest=np.asarray(batch["digest"], dtype=object))
             f.flush()
             os.fsync(f.fileno())
         (self.shard_dir / f"{name}.done").touch()  # written last: the shard is complete
@@ -78,7 +81,8 @@ def stitch_shards(shard_dir: Path, store: EmbeddingStore) -> tuple[int, list[tup
             rows = [i for i in np.flatnonzero(ok) if keys[i] not in done]
             emb_row = {i: r for r, i in enumerate(np.flatnonzero(ok))}
             store.append([keys[i] for i in rows], z["embedding"][[emb_row[i] for i in rows]],
-                         z["label"][rows], z["size"][rows], z["mtime"][rows])
+                         z["label"][rows], z["size"][rows], z["mtime"][rows],
+                         digests=[str(z["digest"][i]) for i in rows] if "digest" in z else None)
             bad = [i for i in np.flatnonzero(~ok)]
             store.add_failures([keys[i] for i in bad], [errors[i] for i in bad], z["size"][bad], z["mtime"][bad])
         for i in rows:

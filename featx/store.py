@@ -9,6 +9,9 @@ Layout (readable with plain h5py)::
         labels         (n,)   int32 index into class_names, -1 when unlabelled
         file_size      (n,)   int64  } identity of the file that was embedded: a re-run
         file_mtime_ns  (n,)   int64  } skips a key whose size and mtime are unchanged
+        file_sha256    (n,)   64-byte ASCII: SHA-256 hex of the bytes embedded (as sha256sum prints it);
+                              renamed, moved and copied files are recognised by it. A cache made before
+                              the column existed gets it on its next write, b"" for its old rows
         class_names    (k,)   UTF-8
         failures/      keys, reasons, file_size, file_mtime_ns (same meaning), attr n_rows
 
@@ -280,6 +283,8 @@ class EmbeddingStore:
             for group in (g, g["failures"]):
                 self._recover_rewrite(group)
                 self._truncate_uncommitted(group)
+            if _DIGESTS not in g:  # a cache from before digests were kept: its rows' content is unknown ("")
+                self._create_digests(g, int(g.attrs["n_rows"]))
         else:
             g = f.create_group(self.model)
             d = self.info.embed_dim
@@ -291,6 +296,7 @@ class EmbeddingStore:
                 group.create_dataset("file_mtime_ns", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int64)
                 group.attrs["n_rows"] = 0
             g.create_dataset("labels", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int32)
+            self._create_digests(g, 0)
             g["failures"].create_dataset("reasons", (0,), maxshape=(None,), chunks=(1024,), dtype=_str_dtype())
             g.create_dataset("class_names", (0,), maxshape=(None,), dtype=_str_dtype())
             g.attrs.update(
@@ -307,6 +313,11 @@ class EmbeddingStore:
         self.group = g
         self.class_names = _decode(g["class_names"][:])
 
+    def _create_digests(self, group, n: int) -> None:
+        with self._writing():
+            group.create_dataset(_DIGESTS, (n,), maxshape=(None,), chunks=(1024,), dtype=_DIGEST_DTYPE)
+            self.file.flush()
+
     @staticmethod
     def _truncate_uncommitted(group) -> None:
         n = int(group.attrs["n_rows"])
@@ -322,6 +333,11 @@ class EmbeddingStore:
         keys = _decode(g["keys"][:n])
         sizes, mtimes = g["file_size"][:n], g["file_mtime_ns"][:n]
         return {k: (i, int(s), int(m)) for i, (k, s, m) in enumerate(zip(keys, sizes, mtimes))}
+
+    def digests(self) -> list[str]:
+        """The content digest (SHA-256 hex) of every committed row, by row; "" where it is not known."""
+        n = int(self.group.attrs["n_rows"])
+        return [d.decode("ascii") for d in self.group[_DIGESTS][:n]]
 
     def failed(self) -> dict[str, tuple[str, int, int]]:
         """key -> (reason, file size, mtime_ns) of recorded failures; the last record of a key wins."""
@@ -345,8 +361,10 @@ class EmbeddingStore:
             self.class_names += new
         return {n: i for i, n in enumerate(self.class_names)}
 
-    def append(self, keys: list[str], embeddings: np.ndarray, labels, sizes, mtimes) -> None:
-        """Commit one batch: float32 (k, D) embeddings with their keys, labels and file identities."""
+    def append(self, keys: list[str], embeddings: np.ndarray, labels, sizes, mtimes,
+               digests: list[str] | None = None) -> None:
+        """Commit one batch: float32 (k, D) embeddings with their keys, labels and file identities
+        (size, mtime_ns, and the SHA-256 hex of the bytes embedded; None: not known)."""
         if not keys:
             return
         g = self.group
@@ -357,10 +375,12 @@ class EmbeddingStore:
             "labels": np.asarray(labels, dtype=np.int32),
             "file_size": np.asarray(sizes, dtype=np.int64),
             "file_mtime_ns": np.asarray(mtimes, dtype=np.int64),
+            _DIGESTS: _digest_column(digests, k),
         }
         self._commit(g, n, k, columns)
 
-    def replace(self, rows: list[int], embeddings: np.ndarray, labels, sizes, mtimes) -> None:
+    def replace(self, rows: list[int], embeddings: np.ndarray, labels, sizes, mtimes,
+                digests: list[str] | None = None) -> None:
         """Overwrite rows of changed files in place; identity is written last, so a kill re-embeds them."""
         order = np.argsort(rows)
         idx = np.asarray(rows)[order]
@@ -369,8 +389,16 @@ class EmbeddingStore:
             g["embeddings"][idx] = np.asarray(embeddings, dtype=g["embeddings"].dtype)[order]
             g["labels"][idx] = np.asarray(labels, dtype=np.int32)[order]
             self.file.flush()
+            g[_DIGESTS][idx] = _digest_column(digests, len(rows))[order]
             g["file_size"][idx] = np.asarray(sizes, dtype=np.int64)[order]
             g["file_mtime_ns"][idx] = np.asarray(mtimes, dtype=np.int64)[order]
+            self.file.flush()
+
+    def touch(self, rows: list[int], mtimes) -> None:
+        """New mtimes for rows whose file kept its bytes (checked by digest): skipped unread from then on."""
+        order = np.argsort(rows)
+        with self._writing():
+            self.group["file_mtime_ns"][np.asarray(rows)[order]] = np.asarray(mtimes, dtype=np.int64)[order]
             self.file.flush()
 
     def add_failures(self, keys: list[str], reasons: list[str], sizes, mtimes) -> None:
@@ -503,6 +531,14 @@ class EmbeddingStore:
         except StoreError:
             if exc_type is None:
                 raise  # otherwise the error already on its way (e.g. the failed write) is the one to report
+
+
+_DIGESTS = "file_sha256"
+_DIGEST_DTYPE = "S64"  # fixed-length ASCII: a SHA-256 in hex
+
+
+def _digest_column(digests: list[str] | None, k: int) -> np.ndarray:
+    return np.asarray(digests if digests is not None else [""] * k, dtype=_DIGEST_DTYPE)
 
 
 _STAGING = "_rewrite"  # group of compacted copies during a prune

@@ -3,6 +3,7 @@ place of nvJPEG): which files go to nvJPEG, fallbacks and failures, EXIF rotatio
 shares batches with CPU decoders."""
 
 import concurrent.futures as cf
+import hashlib
 import io
 import multiprocessing
 
@@ -112,6 +113,8 @@ def test_decoder_matches_the_cpu_path_and_records_what_it_cannot_decode(tmp_path
     reference = load_batch(paths, cfg)
     assert ok == reference.ok and [i for i, _ in failed] == [i for i, _ in reference.failed]
     assert "no such file" in dict(failed)[paths.index(odd[-1])]
+    # what the cache records of each file embedded: the SHA-256 of its bytes, from the bytes already read
+    assert decoded.digests == reference.digests == [hashlib.sha256(open(paths[i], "rb").read()).hexdigest() for i in ok]
     got = images.numpy().astype(np.float32)
     assert got.shape == (len(ok), *cfg.input_size, 3)
     assert np.abs(got - reference.images).mean() < 1.0  # libjpeg-turbo either way; torch resizes, PIL resizes
@@ -138,7 +141,7 @@ def test_torchcodec_turns_every_exif_orientation_upright_like_the_cpu_path(tmp_p
         photo.save(paths[-1], exif=exif, quality=95)
     decoder = GpuDecoder(cfg, device="cpu", library="torchcodec")
     try:
-        assert all(pixels for _, pixels in decoder.read(paths).result())  # none left to the CPU fallback
+        assert all(pixels for _, pixels, _ in decoder.read(paths).result())  # none left to the CPU fallback
         decoded = decoder.decode(paths)
     finally:
         decoder.close()
@@ -169,6 +172,7 @@ def test_decode_stage_shares_batches_with_cpu_workers_and_loses_none(tmp_path, c
         reference = load_batch([e.path for e in batch], cfg)
         assert decoded.ok == reference.ok
         assert [i for i, _ in decoded.failed] == [i for i, _ in reference.failed]
+        assert decoded.digests == reference.digests
         if decoded.ok:  # a batch may hold only the missing file
             assert np.abs(decoded.images.numpy().astype(np.float32) - reference.images).mean() < 1.0
 
@@ -229,7 +233,7 @@ def test_a_bad_file_in_a_batch_costs_a_few_halved_calls_not_one_call_per_file(tm
     decode_list = decoder._decode_list
     decoder._decode_list = lambda tensors: calls.append(len(tensors)) or decode_list(tensors)
     try:
-        assert all(pixels for _, pixels in decoder.read(paths).result())
+        assert all(pixels for _, pixels, _ in decoder.read(paths).result())
         decoded = decoder.decode(paths)
     finally:
         decoder.close()

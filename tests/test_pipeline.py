@@ -1,5 +1,6 @@
 """embed_folder and the HDF5 cache: incremental, resumable after SIGKILL, honest about failures."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -30,6 +31,8 @@ def test_embeds_a_labelled_folder_readable_with_plain_h5py(small_digits, tmp_pat
         assert classes == [str(d) for d in range(10)]
         assert all(classes[label] == key.split("/")[0] for key, label in zip(keys, g["labels"][:]))
         assert list(keys) == sorted(keys)
+        digests = g["file_sha256"][:].astype(str)  # what sha256sum prints for each file
+        assert all(d == hashlib.sha256((small_digits / k).read_bytes()).hexdigest() for k, d in zip(keys, digests))
     data = featx.load_embeddings(out)
     ref = featx.embed_images([small_digits / k for k in data.keys[:5]], model=lite0_onnx)
     assert np.abs(data.embeddings[:5] - ref).max() < 1e-4
@@ -63,10 +66,11 @@ def test_rerun_embeds_only_new_and_changed_and_reports_deleted(small_digits, tmp
     assert np.allclose(final.embeddings[final.keys.index(first.keys[5])], first.embeddings[5])
 
 
-def test_moved_files_keep_their_embeddings_and_take_their_new_class(small_digits, tmp_path, lite0_onnx):
-    """Sorting photos into other folders (the step before train-head) moves them: a moved file's row is
-    reused under its new path and class, not decoded and embedded again. A copy whose original is still
-    there, or a file whose content changed on the way, is embedded as usual."""
+def test_moved_renamed_and_copied_files_keep_their_embeddings_and_take_their_new_class(small_digits, tmp_path,
+                                                                                     lite0_onnx):
+    """Sorting photos into other folders (the step before train-head) moves them, photo managers rename
+    them: a file whose bytes the cache has embedded under another path is not decoded and embedded
+    again; its row is reused under the new path and class. The old paths count as deleted."""
     import shutil
 
     out = tmp_path / "c.h5"
@@ -78,23 +82,100 @@ def test_moved_files_keep_their_embeddings_and_take_their_new_class(small_digits
     (small_digits / "three" / "from7").mkdir()
     (small_digits / sevens[0]).rename(small_digits / "three" / "from7" / sevens[0].split("/")[1])  # into another class
     shutil.copy2(small_digits / sevens[1], small_digits / "copy_of_a_seven.png")  # original still there
-    shutil.copy2(small_digits / sevens[2], small_digits / "7" / "renamed.png")
-    (small_digits / sevens[2]).unlink()  # renamed: another name, so not recognised
+    (small_digits / sevens[2]).rename(small_digits / "7" / "2024-05-01 renamed.png")  # a new file name
     stats = embed(small_digits, out, lite0_onnx)
-    assert (stats.n_moved, stats.n_embedded, stats.n_deleted) == (len(threes) + 1, 2, len(threes) + 2)
-    assert "moved (embeddings reused)" in stats.summary()
+    assert (stats.n_moved, stats.n_embedded, stats.n_deleted) == (len(threes) + 3, 0, len(threes) + 2)
+    assert "moved, renamed or copied (embeddings reused)" in stats.summary()
     after = featx.load_embeddings(out)
-    for old in threes:
-        new = "three/" + old.split("/")[1]
+    reused = {"three/" + old.split("/")[1]: old for old in threes}
+    reused |= {"three/from7/" + sevens[0].split("/")[1]: sevens[0], "copy_of_a_seven.png": sevens[1],
+               "7/2024-05-01 renamed.png": sevens[2]}
+    for new, old in reused.items():
         assert np.array_equal(after.embeddings[after.keys.index(new)], first.embeddings[first.keys.index(old)])
-        assert after.class_names[after.labels[after.keys.index(new)]] == "three"
-    moved = "three/from7/" + sevens[0].split("/")[1]
-    assert np.array_equal(after.embeddings[after.keys.index(moved)], first.embeddings[first.keys.index(sevens[0])])
-    assert after.class_names[after.labels[after.keys.index(moved)]] == "three"
+    assert after.class_names[after.labels[after.keys.index("three/from7/" + sevens[0].split("/")[1])]] == "three"
+    assert after.labels[after.keys.index("copy_of_a_seven.png")] == -1
+    with h5py.File(out, "r") as f:  # the reused rows carry the digest of their bytes too
+        g = f["efficientnet_lite0"]
+        digests = dict(zip(g["keys"].asstr()[:], g["file_sha256"][:].astype(str)))
+    assert all(digests[new] == digests[old] != "" for new, old in reused.items())
     assert embed(small_digits, out, lite0_onnx).n_moved == 0  # now cached under the new paths
     pruned = embed(small_digits, out, lite0_onnx, prune=True)
     final = featx.load_embeddings(out)
     assert pruned.n_pruned == len(threes) + 2 and not set(threes) & set(final.keys) and len(final.keys) == 61
+
+
+def test_a_new_file_sharing_size_mtime_and_name_with_a_gone_one_is_embedded_not_given_its_row(small_digits, tmp_path,
+                                                                                               lite0_onnx):
+    """Size and mtime alone do not identify a file (zip archives keep times to 2 s, small files share
+    sizes): a new path takes a stored row only when its bytes hash to the row's digest."""
+    out = tmp_path / "c.h5"
+    embed(small_digits, out, lite0_onnx)
+    first = featx.load_embeddings(out)
+    sizes = {k: (small_digits / k).stat().st_size for k in first.keys}
+    gone, other = next((a, b) for a in first.keys for b in first.keys
+                       if sizes[b] < sizes[a] and a.split("/")[0] != b.split("/")[0])
+    identity = (small_digits / gone).stat()
+    impostor = small_digits / other.split("/")[0] / ("x" + gone.split("/")[1])
+    impostor.write_bytes((small_digits / other).read_bytes() + bytes(sizes[gone] - sizes[other]))  # padded
+    (small_digits / gone).unlink()
+    impostor = impostor.rename(small_digits / other.split("/")[0] / gone.split("/")[1])  # the gone file's name
+    os.utime(impostor, ns=(identity.st_atime_ns, identity.st_mtime_ns))
+    assert impostor.stat().st_size == identity.st_size
+    stats = embed(small_digits, out, lite0_onnx)
+    assert (stats.n_moved, stats.n_embedded) == (0, 1)
+    after = featx.load_embeddings(out)
+    row = after.embeddings[after.keys.index(str(impostor.relative_to(small_digits)))]
+    assert np.abs(row - first.embeddings[first.keys.index(other)]).max() < 1e-4  # its own picture's embedding
+    assert np.abs(row - first.embeddings[first.keys.index(gone)]).max() > 0.1
+
+
+def test_a_copied_folder_with_new_mtimes_is_recognised_by_content_not_embedded_again(small_digits, tmp_path,
+                                                                                   lite0_onnx):
+    """Copying a folder (cp -r, a sync client, unzip) gives every file a new mtime: the cache compares
+    the bytes with the digest it stored, records the new mtime, and embeds only what really changed."""
+    import shutil
+
+    out = tmp_path / "c.h5"
+    embed(small_digits, out, lite0_onnx)
+    first = featx.load_embeddings(out)
+    copy = shutil.copytree(small_digits, tmp_path / "copied", copy_function=shutil.copy)  # new mtimes
+    sizes = {k: (copy / k).stat().st_size for k in first.keys}
+    edited, other = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
+    # same size, other bytes (another digit, padded): an edit in place
+    (copy / edited).write_bytes((copy / other).read_bytes() + bytes(sizes[edited] - sizes[other]))
+    assert (copy / first.keys[1]).stat().st_mtime_ns != (small_digits / first.keys[1]).stat().st_mtime_ns
+    stats = embed(copy, out, lite0_onnx)
+    assert (stats.n_embedded, stats.n_cached, stats.n_moved) == (1, 59, 0)
+    after = featx.load_embeddings(out)
+    assert np.abs(after.embeddings[after.keys.index(edited)] - first.embeddings[first.keys.index(other)]).max() < 1e-4
+    with h5py.File(out, "r") as f:
+        g = f["efficientnet_lite0"]
+        mtimes = dict(zip(g["keys"].asstr()[:], g["file_mtime_ns"][:]))
+    assert all(mtimes[k] == (copy / k).stat().st_mtime_ns for k in first.keys)  # next run skips them unread
+    again = embed(copy, out, lite0_onnx)
+    assert (again.n_embedded, again.n_cached) == (0, 60)
+
+
+def test_a_cache_from_before_digests_gains_the_column_and_still_recognises_moves(small_digits, tmp_path, lite0_onnx):
+    """A cache written before featx kept digests: its rows' content is unknown, so a moved file is
+    recognised by name, size and mtime with its old path gone, as then; new rows get their digests."""
+    import shutil
+
+    out = tmp_path / "c.h5"
+    embed(small_digits, out, lite0_onnx)
+    with h5py.File(out, "r+") as f:
+        del f["efficientnet_lite0/file_sha256"]
+    first = featx.load_embeddings(out)
+    (small_digits / "3").rename(small_digits / "three")
+    shutil.copy2(small_digits / first.keys[0], small_digits / "copy.png")  # unknown content: embedded anew
+    stats = embed(small_digits, out, lite0_onnx)
+    n_threes = sum(k.startswith("3/") for k in first.keys)
+    assert (stats.n_moved, stats.n_embedded, stats.n_cached) == (n_threes, 1, 60 - n_threes)
+    with h5py.File(out, "r") as f:
+        g = f["efficientnet_lite0"]
+        digests = dict(zip(g["keys"].asstr()[:], g["file_sha256"][:].astype(str)))
+    assert digests[first.keys[0]] == "" and len(digests["copy.png"]) == 64
+    assert len(digests) == 60 + n_threes + 1  # the threes' old rows stay until --prune
 
 
 def test_bad_files_are_recorded_and_not_retried_until_changed(small_digits, tmp_path, lite0_onnx, photos_dir):
