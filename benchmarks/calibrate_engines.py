@@ -3,7 +3,7 @@
     python benchmarks/calibrate_engines.py [--model efficientnet_lite0] [--device auto] [--batch-sizes 1,8,32]
 
 Each calibration times every engine that starts here on real photos after a warm-up, after checking
-its embeddings against fp32 torch (featx.calibrate); `--force` semantics: always measured afresh.
+its embeddings against fp32 torch (featx.calibration); `--force` semantics: always measured afresh.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ _API = {
     "BackoffEncoder": "runtime",
     "auto_batch_size": "runtime",
     # which engine engine="auto" takes
-    "calibrate": "calibrate",
-    "Calibration": "calibrate",
+    "calibrate": "calibration",
+    "Calibration": "calibration",
     # data
     "decode_image": "data",
     "load_image": "data",
@@ -104,7 +104,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .backbones import DEFAULT_BACKBONE, Backbone, PreprocessConfig, list_backbones, load_backbone, register_backbone
     from .errors import *  # noqa: F403
     from .export import ModelInfo, ensure_model_file, export_onnx
-    from .calibrate import Calibration, calibrate
+    from .calibration import Calibration, calibrate
     from .runtime import BackoffEncoder, Encoded, OnnxEngine, TorchEngine, auto_batch_size, load_model, read_model_info
     from .data import decode_image, load_image, preprocess_image, walk_images
     from .pipeline import RunStats, classify, embed_folder, embed_images

@@ -257,7 +257,7 @@ def embed_folder(
             Out of memory, it halves and the same images are retried.
         devices: one engine per entry ("cpu", "cuda:0", "cuda:1", ...), sharing the folder and the store;
             default: every visible GPU, else the CPU.
-        engine: "auto" measures the engines once per model and device (featx.calibrate) and takes the
+        engine: "auto" measures the engines once per model and device (featx.calibration) and takes the
             fastest; "ray" runs on a Ray cluster (``address``, ``num_gpus_per_worker``; see featx.rayengine)
             and gives the same cache; ray is imported only then.
 

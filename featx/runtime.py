@@ -5,7 +5,7 @@ provider when onnxruntime-gpu sees a GPU, or its TensorRT provider when TensorRT
 installed) and torch (the same weights rebuilt from the registry and verified against the file's
 weights hash; on a GPU it runs fp16, channels_last and optionally torch.compile, which beats
 onnxruntime's CUDA kernels). The model's config is always read back from the file. Which engine
-``engine="auto"`` takes is measured, once per model and device, by featx.calibrate.
+``engine="auto"`` takes is measured, once per model and device, by featx.calibration.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class OnnxEngine:
     """
 
     name = "onnx"
-    calibration = None  # the featx.calibrate result when engine="auto" chose this engine
+    calibration = None  # the featx.calibration result when engine="auto" chose this engine
     _warm: int | None = None  # the batch size warmed up at
 
     def __init__(self, path: str | os.PathLike, *, device: Device | None = "auto", threads: int | None = None,
@@ -482,14 +482,14 @@ def load_model(
     """Open an exported featx model file with the chosen engine.
 
     ``engine="auto"`` takes the engine that a short calibration on this device, model and
-    ``batch_size`` measured fastest among those that agree with fp32 torch (featx.calibrate; cached,
+    ``batch_size`` measured fastest among those that agree with fp32 torch (featx.calibration; cached,
     so only the first run pays). ``compile`` asks for the torch engine compiled.
     """
     device = resolve_device(device)
     if engine in (None, "auto") and compile:
         engine = "torch"
     if engine in (None, "auto"):
-        from .calibrate import choose_engine
+        from .calibration import choose_engine
 
         chosen, calibration = choose_engine(path, device=device, batch_size=batch_size, threads=threads, spin=spin)
         _logger.info("%s", calibration.summary())

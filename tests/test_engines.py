@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import featx
-from featx.calibrate import MIN_COSINE, calibrate, featx_cache_dir
+from featx.calibration import MIN_COSINE, calibrate, featx_cache_dir
 from featx.errors import ModelFileError
 from featx.runtime import OnnxEngine, TorchEngine, load_model, tensorrt_problem
 
@@ -72,6 +72,23 @@ def test_auto_refuses_an_engine_whose_embeddings_are_off(lite0_onnx, cache_dir, 
     onnx = next(c for c in calibration.candidates if c.engine == "onnx")
     assert onnx.cosine < MIN_COSINE and onnx.problem.startswith("refused")
     assert calibration.chosen == "torch"
+
+
+def test_every_public_name_is_the_api_object_even_after_its_module_was_imported():
+    """featx's names load lazily; importing a submodule binds it on the package, so a module named
+    like a function (featx.calibrate, once embed_folder had imported it) made the function a module."""
+    code = textwrap.dedent("""
+        import importlib, pkgutil, types
+        import featx
+        for m in pkgutil.iter_modules(featx.__path__):
+            if m.name != "__main__":
+                importlib.import_module("featx." + m.name)
+        bad = [n for n in featx.__all__ if isinstance(getattr(featx, n), types.ModuleType)]
+        print(bad)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert callable(featx.calibrate)
 
 
 def test_calibration_cache_lives_where_featx_cache_dir_says(cache_dir):
