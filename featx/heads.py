@@ -402,13 +402,16 @@ class HeadReport:
     files: list[str] = field(default_factory=list)
     micro_f1: float | None = None  # multi-label only; accuracy is then the exact-match ratio
     balanced_accuracy: float | None = None  # single-label: the mean of the per-class recalls
+    n_copies: int = 0  # rows left out: the same bytes as another row of the same class (featx.store.find_copies)
 
     def text(self) -> str:
         micro = f", micro-F1 {self.micro_f1:.4f}" if self.micro_f1 is not None else ""
         balanced = f", balanced accuracy {self.balanced_accuracy:.4f}" if self.balanced_accuracy is not None else ""
+        copies = (f"; {self.n_copies} cop{'ies' if self.n_copies > 1 else 'y'} of other images left out"
+                  if self.n_copies else "")
         lines = [f"{self.head}: {'exact-match ' if self.micro_f1 is not None else ''}accuracy {self.accuracy:.4f}"
                  f"{balanced}, macro-F1 {self.macro_f1:.4f}{micro} on {self.n_test} held-out "
-                 f"images (trained on {self.n_train} in {self.fit_seconds:.2f} s)"]
+                 f"images (trained on {self.n_train} in {self.fit_seconds:.2f} s{copies})"]
         if self.cv_accuracy:
             lines.append(f"{len(self.cv_accuracy)}-fold cross-validation accuracy: "
                          f"{np.mean(self.cv_accuracy):.4f} ± {np.std(self.cv_accuracy):.4f}")
@@ -490,13 +493,16 @@ def train_head(
     from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, f1_score
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-    from .store import load_embeddings
+    from .store import find_copies, load_embeddings
 
     data = load_embeddings(cache, model, labelled_only=True)
     if len(data.keys) == 0:
         raise FeatxError(f"{cache} has no labelled embeddings for {data.model}: put images in class subfolders")
-    y = np.array(data.class_names, dtype=object)[data.labels].astype(str)
-    X = data.embeddings
+    copies = find_copies(data.keys, data.labels, data.digests)
+    for line in copies.lines(str(cache)):
+        _logger.warning("%s", line)
+    y = np.array(data.class_names, dtype=object)[data.labels[copies.keep]].astype(str)
+    X = data.embeddings[copies.keep]
     try:
         train, test = stratified_split(y, test_size, seed)
     except FeatxError as e:
@@ -530,6 +536,7 @@ def train_head(
         per_class=classification_report(y_test, predicted, digits=3, zero_division=0),
         confusion=confusion_matrix(y_test, predicted, labels=estimator.classes_),
         classes=classes,
+        n_copies=copies.n_copies,
     )
     if cv:
         folds = StratifiedKFold(cv, shuffle=True, random_state=seed)

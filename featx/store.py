@@ -101,6 +101,7 @@ class Embeddings:
     fingerprint: str
     attrs: dict = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    digests: list[str] = field(default_factory=list)  # SHA-256 hex of each row's file bytes; "" where unknown
 
 
 def list_models(path: str | os.PathLike) -> list[str]:
@@ -158,12 +159,21 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
         emb = columns["embeddings"][pick].astype(np.float32)
         keys = _decode(columns["keys"][pick])
         labels = columns["labels"][pick].astype(np.int32)
+        digests = _digests_of(columns, pick, len(keys))
         classes = _decode(g["class_names"][:])
         failures, attrs = _failures_of(g), _attrs_of(g)
     if labelled_only:
         keep = labels >= 0
-        emb, labels, keys = emb[keep], labels[keep], [k for k, ok in zip(keys, keep) if ok]
-    return Embeddings(emb, keys, labels, classes, model, str(attrs["fingerprint"]), attrs, failures)
+        emb, labels = emb[keep], labels[keep]
+        keys, digests = [k for k, ok in zip(keys, keep) if ok], [d for d, ok in zip(digests, keep) if ok]
+    return Embeddings(emb, keys, labels, classes, model, str(attrs["fingerprint"]), attrs, failures, digests)
+
+
+def _digests_of(columns: dict, pick, n: int) -> list[str]:
+    """The rows' content digests; "" for each row of a cache made before the column existed."""
+    if _DIGESTS not in columns:
+        return [""] * n
+    return [d.decode("ascii") for d in columns[_DIGESTS][pick]]
 
 
 def iter_embeddings(path: str | os.PathLike, model: str | None = None, *,
@@ -195,6 +205,48 @@ def load_failures(path: str | os.PathLike, model: str | None = None) -> dict[str
 
 
 @dataclass
+class Copies:
+    """Rows whose files had the same bytes (by their SHA-256), as :func:`find_copies` finds them."""
+
+    keep: np.ndarray  # int64 positions: every row, less a copy of an earlier row with the same class
+    n_copies: int  # rows left out of ``keep``
+    across_classes: list[tuple[str, str]]  # (key, key) pairs of the same bytes under two classes
+
+    def lines(self, cache: str) -> list[str]:
+        """What to tell a user: nothing when there are no copies."""
+        out = []
+        if self.n_copies:
+            out.append(f"{self.n_copies:,} row{'s are' if self.n_copies > 1 else ' is'} a copy of another row's file "
+                       "(same SHA-256 and class): counted once in training and evaluation")
+        if self.across_classes:
+            a, b = self.across_classes[0]
+            n = len(self.across_classes)
+            out.append(f"{n:,} file{'s' if n > 1 else ''} stored under two classes with the same bytes, e.g. {a} and "
+                       f"{b}: moved to another class folder since? `featx embed FOLDER -o {cache} --prune` drops "
+                       "the rows of paths that are gone")
+        return out
+
+
+def find_copies(keys: list, labels, digests: list) -> Copies:
+    """Rows that embed the same bytes as an earlier row of the same class, and the same bytes under
+    two classes. Identical bytes give identical embeddings, so a copy in both the training and the
+    held-out split would be scored on what it trained on. Rows without a digest ("") count as distinct."""
+    first: dict[str, tuple[int, str]] = {}  # digest -> (label, key) of its first row
+    seen: set[tuple[str, int]] = set()
+    keep, across = [], []
+    for i, (label, digest) in enumerate(zip(np.asarray(labels).tolist(), digests)):
+        if digest:
+            if (digest, label) in seen:
+                continue
+            seen.add((digest, label))
+            if digest in first and first[digest][0] != label:
+                across.append((first[digest][1], keys[i]))
+            first.setdefault(digest, (label, keys[i]))
+        keep.append(i)
+    return Copies(np.asarray(keep, dtype=np.int64), len(digests) - len(keep), across)
+
+
+@dataclass
 class CacheSummary:
     """One model group of a cache, without reading its embeddings: what :func:`summarize_cache` returns."""
 
@@ -206,6 +258,8 @@ class CacheSummary:
     unlabelled: int
     failures: dict[str, str]  # key -> reason: files skipped, not retried until they change
     attrs: dict
+    copies: Copies | None = None  # rows of labelled files whose bytes another row embedded
+    path: str = ""
 
     def text(self, *, list_failures: bool = False) -> str:
         from collections import Counter
@@ -218,6 +272,8 @@ class CacheSummary:
                          + ", ".join(f"{name} ({n:,})" for name, n in self.class_counts.items()))
         if self.unlabelled:
             lines.append(f"  {self.unlabelled:,} without a class (directly under the folder)")
+        if self.copies is not None:
+            lines += [f"  {line}" for line in self.copies.lines(self.path)]
         if self.failures:
             n = len(self.failures)
             lines.append(f"  {n:,} file{'s' if n > 1 else ''} failed (skipped until {'they change' if n > 1 else 'it changes'}):")
@@ -230,8 +286,9 @@ class CacheSummary:
 
 
 def summarize_cache(path: str | os.PathLike) -> list[CacheSummary]:
-    """Every model group of a cache: rows, classes with their counts, failures. Reads labels and
-    failures only, so it is quick on a cache of millions of rows."""
+    """Every model group of a cache: rows, classes with their counts, failures, copies among the
+    labelled files. Reads labels, digests and failures (keys only where one file sits under two
+    classes), so it is quick on a cache of millions of rows."""
     out = []
     with _open_h5(Path(path), "r") as f:
         for model in _model_groups(f):
@@ -240,10 +297,16 @@ def summarize_cache(path: str | os.PathLike) -> list[CacheSummary]:
             labels = columns["labels"][:n]
             classes = _decode(g["class_names"][:])
             counts = np.bincount(labels[labels >= 0], minlength=len(classes))
+            labelled = np.flatnonzero(labels >= 0)
+            raw = columns[_DIGESTS][:n].tolist() if _DIGESTS in columns else [b""] * n  # bytes: no decoding
+            copies = find_copies(labelled.tolist(), labels[labelled], [raw[i] for i in labelled])
+            if copies.across_classes:  # positions -> keys, read only now
+                keys = _decode(columns["keys"][:n])
+                copies.across_classes = [(keys[a], keys[b]) for a, b in copies.across_classes]
             emb = columns["embeddings"]
             out.append(CacheSummary(model, n, int(emb.shape[1]), str(emb.dtype),
                                     {c: int(k) for c, k in zip(classes, counts) if k}, int((labels < 0).sum()),
-                                    _failures_of(g), _attrs_of(g)))
+                                    _failures_of(g), _attrs_of(g), copies, str(path)))
     return out
 
 

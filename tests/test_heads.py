@@ -233,6 +233,37 @@ def test_train_head_says_which_classes_cannot_be_split(small_digits, lite0_onnx,
         featx.train_head(cache, tmp_path / "one.safetensors")
 
 
+def test_copies_count_once_and_a_file_moved_between_classes_without_prune_is_named(small_digits, lite0_onnx,
+                                                                                    tmp_path, caplog, capsys):
+    """The same photo twice in a class would sit on both sides of the split and score what it trained on:
+    copies (same bytes, same class) count once. A file moved to another class folder keeps its old row
+    until --prune, so its bytes train under two classes: train-head and info say so, with the fix."""
+    import shutil
+
+    cache, head = tmp_path / "c.h5", tmp_path / "h.safetensors"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    fives = sorted((small_digits / "5").iterdir())
+    for i, photo in enumerate(fives[:4]):  # exported twice under another name
+        shutil.copy2(photo, photo.with_name(f"copy-{i}.png"))
+    misfiled = sorted((small_digits / "3").iterdir())[0]
+    misfiled.rename(small_digits / "8" / misfiled.name)
+    stats = featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    assert (stats.n_moved, stats.n_embedded, stats.n_deleted) == (5, 0, 1)
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        report = featx.train_head(cache, head, C=1.0)
+    assert report.n_copies == 4 and report.n_train + report.n_test == 60 + 5 - 4
+    assert "4 copies of other images left out" in report.text()
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert f"e.g. 3/{misfiled.name} and 8/{misfiled.name}" in warned and "--prune" in warned
+    from featx.cli import main
+
+    assert main(["info", str(cache)]) == 0
+    info = capsys.readouterr().out
+    assert "4 rows are a copy of another row's file" in info and f"3/{misfiled.name} and 8/{misfiled.name}" in info
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0, prune=True)
+    assert featx.summarize_cache(cache)[0].copies.across_classes == []
+
+
 @pytest.mark.parametrize("make", [lambda cw: LogRegHead(C=1.0, class_weight=cw),
                                   lambda cw: MLPHead(hidden=(256,), max_epochs=100, class_weight=cw)],
                          ids=["logreg", "mlp"])
