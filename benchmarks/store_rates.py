@@ -8,6 +8,7 @@ them (every column written, flushed, then the row count raised), and the re-run'
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 
 import numpy as np
@@ -39,7 +40,8 @@ def main() -> None:
         for b in range(args.batches):
             keys = [f"class_{b % 10}/img_{b * args.batch_size + i:08d}.jpg" for i in range(args.batch_size)]
             store.append(keys, embeddings, [b % 10] * args.batch_size, [50_000 + b] * args.batch_size,
-                         [1_700_000_000_000_000_000 + b] * args.batch_size)
+                         [1_700_000_000_000_000_000 + b] * args.batch_size,
+                         digests=[hashlib.sha256(k.encode()).hexdigest() for k in keys])  # as embed writes them
         append = time.perf_counter() - t0
         t0 = time.perf_counter()
         done = store.done()
