@@ -227,23 +227,29 @@ class Copies:
         return out
 
 
-def find_copies(keys: list, labels, digests: list) -> Copies:
+def find_copies(keys, labels, digests) -> Copies:
     """Rows that embed the same bytes as an earlier row of the same class, and the same bytes under
     two classes. Identical bytes give identical embeddings, so a copy in both the training and the
-    held-out split would be scored on what it trained on. Rows without a digest ("") count as distinct."""
-    first: dict[str, tuple[int, str]] = {}  # digest -> (label, key) of its first row
-    seen: set[tuple[str, int]] = set()
-    keep, across = [], []
-    for i, (label, digest) in enumerate(zip(np.asarray(labels).tolist(), digests)):
-        if digest:
-            if (digest, label) in seen:
-                continue
-            seen.add((digest, label))
-            if digest in first and first[digest][0] != label:
-                across.append((first[digest][1], keys[i]))
-            first.setdefault(digest, (label, keys[i]))
-        keep.append(i)
-    return Copies(np.asarray(keep, dtype=np.int64), len(digests) - len(keep), across)
+    held-out split would be scored on what it trained on. Rows without a digest ("") count as distinct.
+    ``digests``: str or bytes per row; only rows whose digest occurs more than once are looked at one by one."""
+    digests = np.asarray(digests, dtype=_DIGEST_DTYPE)
+    labels = np.asarray(labels)
+    _, inverse, counts = np.unique(digests, return_inverse=True, return_counts=True)
+    shared = np.flatnonzero((counts[inverse.ravel()] > 1) & (digests != b""))
+    first: dict[bytes, tuple[int, str]] = {}  # digest -> (label, key) of its first row
+    seen: set[tuple[bytes, int]] = set()
+    keep = np.ones(len(digests), dtype=bool)
+    across = []
+    for i in shared.tolist():
+        digest, label = digests[i], int(labels[i])
+        if (digest, label) in seen:
+            keep[i] = False
+            continue
+        seen.add((digest, label))
+        if digest in first and first[digest][0] != label:
+            across.append((first[digest][1], keys[i]))
+        first.setdefault(digest, (label, keys[i]))
+    return Copies(np.flatnonzero(keep), int((~keep).sum()), across)
 
 
 @dataclass
@@ -298,8 +304,8 @@ def summarize_cache(path: str | os.PathLike) -> list[CacheSummary]:
             classes = _decode(g["class_names"][:])
             counts = np.bincount(labels[labels >= 0], minlength=len(classes))
             labelled = np.flatnonzero(labels >= 0)
-            raw = columns[_DIGESTS][:n].tolist() if _DIGESTS in columns else [b""] * n  # bytes: no decoding
-            copies = find_copies(labelled.tolist(), labels[labelled], [raw[i] for i in labelled])
+            raw = columns[_DIGESTS][:n] if _DIGESTS in columns else np.zeros(n, dtype=_DIGEST_DTYPE)
+            copies = find_copies(labelled, labels[labelled], raw[labelled])  # keys: positions until needed
             if copies.across_classes:  # positions -> keys, read only now
                 keys = _decode(columns["keys"][:n])
                 copies.across_classes = [(keys[a], keys[b]) for a, b in copies.across_classes]
