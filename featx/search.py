@@ -56,17 +56,17 @@ def find_similar(
     from .export import ensure_model_file
     from .pipeline import encode_files, expand_inputs
     from .runtime import load_model, read_model_info
-    from .store import iter_embeddings, summarize_cache
+    from .store import iter_embeddings, model_fingerprints
 
     if k < 1:
         raise FeatxError(f"k={k}: ask for at least one match")
-    groups = summarize_cache(cache)  # a missing or unreadable cache is refused before the model loads
+    groups = model_fingerprints(cache)  # a missing or unreadable cache is refused before the model loads
     model_file = ensure_model_file(model, weights=weights)
     fingerprint = read_model_info(model_file).fingerprint
-    group = next((g.model for g in groups if g.attrs.get("fingerprint") == fingerprint), None)
+    group = next((name for name, theirs in groups.items() if theirs == fingerprint), None)
     if group is None:
         raise FeatxError(f"{cache} holds no embeddings of {model_file} (fingerprint {fingerprint}); it has "
-                         + ", ".join(f"{g.model} ({g.attrs.get('fingerprint')})" for g in groups)
+                         + ", ".join(f"{name} ({theirs})" for name, theirs in groups.items())
                          + ": pass the model the cache was made with as --model")
     engine = load_model(model_file, device=device, engine="onnx")
     results, queries = [], []

@@ -110,6 +110,12 @@ def list_models(path: str | os.PathLike) -> list[str]:
         return _model_groups(f)
 
 
+def model_fingerprints(path: str | os.PathLike) -> dict[str, str]:
+    """Each model group's fingerprint, from the attributes alone: no row is read."""
+    with _open_h5(Path(path), "r") as f:
+        return {model: str(_attrs_of(f[model])["fingerprint"]) for model in _model_groups(f)}
+
+
 def _model_groups(f) -> list[str]:
     return sorted(k for k in f if "fingerprint" in f[k].attrs)
 
