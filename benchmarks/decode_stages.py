@@ -2,7 +2,8 @@
 
     python benchmarks/decode_stages.py --device cuda [--n-jpegs 8000] [--batch-size 256] [--out DIR]
 
-Measures, in one run: the per-image header check (featx's JPEG marker scan against a PIL open);
+Measures, in one run: the folder walk (stat alone, and with the hashing that finds identical files);
+the per-image header check (featx's JPEG marker scan against a PIL open);
 file reads + header checks (threads); the batched JPEG decode alone (nvJPEG on CUDA, libjpeg-turbo
 on the CPU) through TorchCodec and torchvision at several batch sizes, and TorchCodec from 1, 2 and 4
 threads at once (torchvision's lock makes threads pointless there); resize + crop alone; the whole
@@ -21,6 +22,7 @@ import io
 import multiprocessing
 import os
 import time
+from collections import Counter
 
 
 def _rate(n: int, fn, sync=lambda: None) -> float:
@@ -40,19 +42,22 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
+    import numpy as np
     import torch
     from PIL import Image
 
     from featx.backbones import load_backbone
     from featx.bench import bench_workspace, machine_description, write_record
-    from featx.data import FileEntry, load_batch, read_image_file
+    from featx.data import FileEntry, class_names_of, load_batch, read_image_file, walk_images
     from featx.gpudecode import GpuDecoder, _read, available_jpeg_libraries, nvjpeg_pixels
-    from featx.pipeline import _gpu_decode_ahead, default_workers
+    from featx.pipeline import PendingFiles, RunStats, _gpu_decode_ahead, default_workers
+    from featx.runtime import read_model_info
+    from featx.store import EmbeddingStore
 
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = load_backbone("efficientnet_lite0", weights=None).preprocess
-    _, _, root = bench_workspace("featx-decode-bench-", args.n_jpegs)
+    tmp, model_file, root = bench_workspace("featx-decode-bench-", args.n_jpegs)
     paths = sorted(str(p) for p in root.rglob("*.jpg"))
     n, bs = len(paths), args.batch_size
     batches = [paths[i:i + bs] for i in range(0, n, bs)]
@@ -70,6 +75,29 @@ def main() -> None:
 
     for name, check in (("marker_scan", lambda b: nvjpeg_pixels(b, 10**9)), ("pil_open", pil_check)):
         rec[f"header_check_{name}_us_per_image"] = 1e6 / _rate(n, lambda: [check(b) for b in raw])
+
+    # the walk that hands files on, on a fresh cache: os.scandir + stat alone, and featx's PendingFiles,
+    # which also hashes (in threads) each file whose size another file of the run shares, so that each
+    # content is embedded once; on GPU runs it shares the engine threads, so it must stay far ahead
+    sizes = Counter(os.path.getsize(p) for p in paths)
+    rec["walk_files_sharing_a_size"] = sum(c for c in sizes.values() if c > 1) / n
+    rec["walk_stat_only_per_s"] = _rate(n, lambda: sum(1 for _ in walk_images(root)))
+    info = read_model_info(model_file)
+
+    def walk_rate(cache: str, stored_sizes: bool) -> float:
+        """Files/s of PendingFiles on a fresh cache; with ``stored_sizes``, on a cache holding a row of
+        each file's size and other bytes (adding to a large cache): every file hashed, none matched."""
+        with EmbeddingStore(tmp / cache, "walk", info=info) as store:
+            if stored_sizes:
+                store.append([f"old/{i}" for i in range(n)], np.zeros((n, info.embed_dim), np.float32), [-1] * n,
+                             [os.path.getsize(p) for p in paths], [0] * n, digests=["0" * 64] * n)
+            done, label_of = store.done(), store.label_index(class_names_of(root))
+            t0 = time.perf_counter()
+            handed_on = sum(1 for _ in PendingFiles(root, store, RunStats("", ""), set(), done, {}, label_of=label_of))
+            return handed_on / (time.perf_counter() - t0)
+
+    rec["walk_pending_files_per_s"] = walk_rate("walk-fresh.h5", False)
+    rec["walk_pending_files_every_file_hashed_per_s"] = walk_rate("walk-hashed.h5", True)
 
     threads = cf.ThreadPoolExecutor(min(32, cores * 2))
     rec["read_hash_and_header_check_per_s"] = _rate(n, lambda: list(threads.map(_read, paths, [10**9] * n)))

@@ -159,8 +159,8 @@ class RunStats:
     n_failed: int = 0
     n_failed_before: int = 0  # failures recorded by an earlier run, file unchanged: not retried
     n_pruned: int = 0
-    # new paths whose bytes the cache had embedded under another path (moved, renamed, copied): their
-    # embeddings were reused, not recomputed
+    # new paths whose bytes the cache had embedded under another path (moved, renamed, copied), or that
+    # another file of this run has (duplicates): their embeddings were reused, not recomputed
     n_moved: int = 0
     seconds: float = 0.0
     load_seconds: float = 0.0  # model export/load/compile before the first image
@@ -309,8 +309,8 @@ def embed_folder(
         total = _count_candidates(root) if progress else None
         bar = _progress_bar(total, progress)
 
-        pending = pending_files(root, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1),
-                                label_of=label_of)
+        pending = PendingFiles(root, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1),
+                               label_of=label_of)
 
         recovered: set[str] = set()
         batches = _chunks(pending, batch_size)
@@ -364,6 +364,7 @@ def embed_folder(
                 if cpu_pool is not None:
                     cpu_pool.shutdown(wait=False, cancel_futures=True)
                 stats.seconds = time.perf_counter() - start
+        pending.store_copies()
         stats.backoffs = [limit for e in encoders for limit in e.backoffs]
         deleted = (set(done) | set(failed_before)) - seen
         stats.deleted = sorted(deleted & set(done))
@@ -491,105 +492,235 @@ class _Batch(list):
         self.decoded = decoded
 
 
-def pending_files(root, store, stats: RunStats, seen: set[str], done: dict, failed_before: dict,
-                  on_skip=lambda: None, label_of: dict[str, int] | None = None) -> Iterator[FileEntry]:
+class PendingFiles:
     """Files under ``root`` that need embedding: new, or changed since their row or failure was stored.
 
-    Counts cached and earlier-failed files in ``stats``, records new walk failures (unreadable
-    folders, symlink loops) in the store, and adds every key seen to ``seen`` (for deletions).
-    With ``label_of``, a file whose bytes the cache already embedded is not decoded again
-    (``_StoredContent``): a new path (renamed, moved into another class folder, copied) gets the stored
-    row's embedding under its new key and label; a stored path whose mtime changed but whose bytes did
-    not (a copied or synced folder) only has its mtime updated, and counts as cached.
-    Shared by the single-machine and the Ray paths, so both skip exactly the same files.
+    Iterating walks the folder once. It counts cached and earlier-failed files in ``stats``, records new
+    walk failures (unreadable folders, symlink loops) in the store, and adds every key seen to ``seen``
+    (for deletions). A file whose bytes (SHA-256) are already embedded is not decoded again:
+
+    - a new path whose bytes a stored row embedded (renamed, moved into another class folder, copied,
+      whatever its mtime) gets that row's embedding under its new key and label, written as the walk goes;
+    - a stored path whose mtime changed but whose bytes did not (a copied or synced folder) only has its
+      mtime updated, and counts as cached;
+    - a new path with the bytes of a file this run embeds (the same photo in two albums, a folder copied
+      inside the root) is embedded once: ``store_copies()``, called once the run's embeddings are
+      stored, gives it that file's row. Killed before that, the next run finds the row by its digest.
+
+    Both count in ``stats.n_moved``. Only a file whose size equals that of a file with a known digest (a
+    stored row's or another file's of this run) is hashed, in threads, a window ahead of the caller, so an
+    ordinary new file is read once. Shared by the single-machine and the Ray paths, so both skip exactly
+    the same files.
     """
-    root = Path(root)
-    stored = _StoredContent(root, store, done) if label_of is not None else None
-    reused: list[tuple[FileEntry, int]] = []  # (new path, stored row whose embedding it takes)
-    touched: list[tuple[int, int]] = []  # (stored row, new mtime_ns)
-    for item in walk_images(root):
-        seen.add(item.key)
+
+    def __init__(self, root, store, stats: RunStats, seen: set[str], done: dict, failed_before: dict, *,
+                 label_of: dict[str, int], on_skip=lambda: None):
+        self.root, self.store, self.stats, self.seen = Path(root), store, stats, seen
+        self.done, self.failed_before, self.label_of, self.on_skip = done, failed_before, label_of, on_skip
+        self._stored = _StoredContent(self.root, store, done)
+        self._this_run: dict[int, list[_Candidate]] = {}  # by size: files of this run that needed embedding
+        self._reused: list[tuple[FileEntry, int, str]] = []  # (new path, row whose embedding it takes, digest)
+        self._touched: list[tuple[int, int]] = []  # (stored row, new mtime_ns)
+        self._copies: list[tuple[FileEntry, str, str]] = []  # (new path, key of the file embedded with its bytes, digest)
+        self._hashing: cf.ThreadPoolExecutor | None = None
+
+    def __iter__(self) -> Iterator[FileEntry]:
+        window: deque[_Candidate] = deque()
+        # hashlib releases the GIL: threads hash at the disk's pace while the caller decodes and embeds
+        self._hashing = cf.ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="featx-hash")
+        try:
+            for item in walk_images(self.root):
+                candidate = self._candidate(item)
+                if candidate is not None:
+                    window.append(candidate)
+                while window and (len(window) > _HASH_WINDOW or window[0].digest is None or window[0].digest.done()):
+                    if self._needs_embedding(candidate := window.popleft()):
+                        yield candidate.item
+            while window:
+                if self._needs_embedding(candidate := window.popleft()):
+                    yield candidate.item
+        finally:
+            self._hashing.shutdown(wait=False, cancel_futures=True)
+        _store_touched(self.store, self._touched)
+        _store_reused(self.store, self._reused, self.label_of)
+
+    def _candidate(self, item) -> _Candidate | None:
+        """None when the walk settles it (cached, failed before, a walk failure); else what to decide it by."""
+        stats = self.stats
+        self.seen.add(item.key)
         if isinstance(item, WalkFailure):
-            if item.key in failed_before:
+            if item.key in self.failed_before:
                 stats.n_failed_before += 1
-                continue
+                return None
             stats.failures.append((item.key, item.reason))
             stats.n_failed += 1
-            store.add_failures([item.key], [item.reason], [0], [0])
-            continue
-        row = done.get(item.key)
+            self.store.add_failures([item.key], [item.reason], [0], [0])
+            return None
+        row = self.done.get(item.key)
         if row is not None and row[1:] == (item.size, item.mtime_ns):
             stats.n_cached += 1
-            on_skip()
-            continue
-        before = failed_before.get(item.key)
+            self.on_skip()
+            return None
+        before = self.failed_before.get(item.key)
         if before is not None and before[1:] == (item.size, item.mtime_ns):
             stats.n_failed_before += 1
-            on_skip()
-            continue
-        if stored is not None:
-            if row is not None and row[1] == item.size and stored.unchanged(item, row[0]):
-                touched.append((row[0], item.mtime_ns))
+            self.on_skip()
+            return None
+        candidate = _Candidate(item, row[0] if row is not None else None)
+        if row is not None:  # same path, new mtime: unchanged when its size and bytes are
+            if row[1] == item.size and self._stored.digest(row[0]):
+                candidate.digest = self._hash(item.path)
+        elif self._stored.has_size(item.size):
+            candidate.digest = self._hash(item.path)
+        same_size = self._this_run.setdefault(item.size, [])
+        if same_size:
+            for other in same_size:
+                if other.digest is None:
+                    other.digest = self._hash(other.item.path)
+            if candidate.digest is None:
+                candidate.digest = self._hash(item.path)
+        same_size.append(candidate)
+        return candidate
+
+    def _hash(self, path: str) -> cf.Future:
+        return self._hashing.submit(_file_digest_or_none, path)
+
+    def _needs_embedding(self, candidate: _Candidate) -> bool:
+        """Settle a file the walk could not: False when its bytes are embedded already (or will be, in this run)."""
+        item, stats = candidate.item, self.stats
+        digest = candidate.digest.result() if candidate.digest is not None else None
+        if candidate.row is not None:
+            if digest is not None and digest == self._stored.digest(candidate.row):
+                self._touched.append((candidate.row, item.mtime_ns))
                 stats.n_cached += 1
-                on_skip()
-                if len(touched) >= 256:
-                    _store_touched(store, touched)
-                continue
-            old = stored.row_with_content_of(item) if row is None else None
-            if old is not None:
-                reused.append((item, old))
+                self.on_skip()
+                if len(self._touched) >= 256:
+                    _store_touched(self.store, self._touched)
+                return False
+        else:
+            row = self._stored.row_of(digest) if digest is not None else self._stored.legacy_row_of(item)
+            if row is not None:
+                self._reused.append((item, row, digest or ""))
                 stats.n_moved += 1
-                on_skip()
-                if len(reused) >= 256:
-                    _store_reused(store, reused, label_of, stored)
-                continue
-        yield item
-    _store_touched(store, touched)
-    _store_reused(store, reused, label_of, stored)
+                self.on_skip()
+                if len(self._reused) >= 256:
+                    _store_reused(self.store, self._reused, self.label_of)
+                return False
+            if digest is not None:
+                for other in self._this_run[item.size]:
+                    if other is candidate:
+                        break
+                    if other.embedded and other.digest.result() == digest:
+                        self._copies.append((item, other.item.key, digest))
+                        stats.n_moved += 1
+                        self.on_skip()
+                        return False
+        candidate.embedded = True
+        return True
+
+    def store_copies(self) -> None:
+        """Give each file that had the bytes of another file of this run that file's row, or its failure.
+
+        Called once the run's embeddings are stored. A copy whose original did not reach the store
+        with those bytes (changed in the meantime) is left out; the next run embeds it.
+        """
+        if not self._copies:
+            return
+        rows, digests, stats = self.store.done(), self.store.digests(), self.stats
+        failed_now = dict(stats.failures)
+        bad = []
+        for item, original, digest in self._copies:
+            row = rows.get(original)
+            if row is not None and digests[row[0]] == digest.encode("ascii"):
+                self._reused.append((item, row[0], digest))
+            elif original in failed_now:  # the same bytes fail the same way
+                bad.append((item, failed_now[original]))
+                stats.n_moved -= 1
+            else:
+                stats.n_moved -= 1
+        _store_reused(self.store, self._reused, self.label_of)
+        if bad:
+            self.store.add_failures([e.key for e, _ in bad], [r for _, r in bad], [e.size for e, _ in bad],
+                                    [e.mtime_ns for e, _ in bad])
+            stats.failures += [(e.key, r) for e, r in bad]
+            stats.n_failed += len(bad)
+        self._copies.clear()
+
+
+_HASH_WINDOW = 256  # files the walk may run ahead of its caller while their digests are computed
+
+
+@dataclass(eq=False)
+class _Candidate:
+    """A file the walk could not settle by its key, size and mtime."""
+
+    item: FileEntry
+    row: int | None  # its stored row, when its path is stored (and changed since)
+    digest: cf.Future | None = None  # of its SHA-256 hex (None: unreadable); None: not hashed
+    embedded: bool = False  # handed on to be embedded in this run
 
 
 class _StoredContent:
-    """The cache's rows looked up by the content of the files they embedded, for ``pending_files``.
+    """The cache's rows looked up by the content of the files they embedded, for ``PendingFiles``.
 
-    A new path is compared only with stored rows of its size and mtime (to the nanosecond: a rename
-    or move keeps it, as ``cp -p`` and rsync do), so an ordinary new file is never read twice; when one
-    matches, the file is hashed and its SHA-256 must equal the row's: same bytes, same embedding, so a
-    copy whose original is still there is reused too, and a different file that happens to share size
-    and mtime (extracted from a zip with 2-second times, say) is not. Rows stored before featx kept
-    digests fall back to the file name: same name, size and mtime, and the stored file gone.
-    Both tables are built on first need: a run that meets only cached files reads no digest.
+    A new path is hashed only when a stored row with a digest has its size; same SHA-256, same bytes,
+    same embedding, so a renamed copy whose original is still there is reused too, and a different
+    file that happens to share size and mtime (extracted from a zip with 2-second times, say) is not.
+    Rows stored before featx kept digests fall back to the file name: same name, size and mtime, and
+    the stored file gone. The tables are built on first need: a run that meets only cached files
+    reads no digest.
     """
 
     def __init__(self, root: Path, store, done: dict):
         self.root, self.store, self.done = root, store, done
-        self._digests: list[str] | None = None  # by row; "" for rows stored before digests were kept
-        self._by_identity: dict[tuple[int, int], list[str]] | None = None
+        self._digests: np.ndarray | None = None  # S64 by row; b"" for rows stored before digests were kept
+        self._by_digest: tuple[np.ndarray, np.ndarray] | None = None  # (sorted digests, their rows)
+        self._sizes: np.ndarray | None = None  # sorted distinct sizes of rows with a digest
+        self._by_identity: dict[tuple[int, int], list[str]] | None = None  # rows without one
 
     def digest(self, row: int) -> str:
         if self._digests is None:
-            self._digests = self.store.digests()
-        return self._digests[row]
+            # the rows of ``done``, not those this run appends meanwhile
+            self._digests = self.store.digests()[:max((r for r, _, _ in self.done.values()), default=-1) + 1]
+        return self._digests[row].decode("ascii")
 
-    def unchanged(self, item: FileEntry, row: int) -> bool:
-        """Whether a stored path, its mtime changed, still holds the bytes that were embedded."""
-        digest = self.digest(row)
-        return bool(digest) and _file_digest_or_none(item.path) == digest
-
-    def row_with_content_of(self, item: FileEntry) -> int | None:
-        """The stored row that embedded this new path's bytes, or None."""
-        if self._by_identity is None:
-            self._by_identity = {}
-            for key, (_, size, mtime) in self.done.items():
+    def _index(self) -> None:
+        if self.done:
+            self.digest(0)
+        digests = self._digests if self._digests is not None else np.zeros(0, "S64")
+        known = np.flatnonzero(digests != b"")
+        order = np.argsort(digests[known], kind="stable")
+        self._by_digest = digests[known][order], known[order]
+        sizes = np.zeros(len(digests), np.int64)
+        self._by_identity = {}
+        for key, (row, size, mtime) in self.done.items():
+            sizes[row] = size
+            if not digests[row]:
                 self._by_identity.setdefault((size, mtime), []).append(key)
-        digest = None
+        self._sizes = np.unique(sizes[known])
+
+    def has_size(self, size: int) -> bool:
+        """Whether a stored row with a digest has this size (then a new file of it is worth hashing)."""
+        if self._sizes is None:
+            self._index()
+        i = np.searchsorted(self._sizes, size)
+        return bool(i < len(self._sizes) and self._sizes[i] == size)
+
+    def row_of(self, digest: str) -> int | None:
+        """A stored row that embedded these bytes, or None."""
+        if self._by_digest is None:
+            self._index()
+        digests, rows = self._by_digest
+        i = np.searchsorted(digests, digest.encode("ascii"))
+        return int(rows[i]) if i < len(digests) and digests[i] == digest.encode("ascii") else None
+
+    def legacy_row_of(self, item: FileEntry) -> int | None:
+        """A row without a digest for a moved file: same name, size and mtime, its stored path gone."""
+        if self._by_identity is None:
+            self._index()
         for key in self._by_identity.get((item.size, item.mtime_ns), ()):
-            row = self.done[key][0]
-            if self.digest(row):
-                digest = digest or _file_digest_or_none(item.path) or "unreadable"
-                if digest == self.digest(row):
-                    return row
-            elif key.rsplit("/", 1)[-1] == item.key.rsplit("/", 1)[-1] and not os.path.lexists(self.root / key):
-                return row
+            if key.rsplit("/", 1)[-1] == item.key.rsplit("/", 1)[-1] and not os.path.lexists(self.root / key):
+                return self.done[key][0]
         return None
 
 
@@ -608,18 +739,18 @@ def _store_touched(store, touched: list) -> None:
         touched.clear()
 
 
-def _store_reused(store, reused: list, label_of, stored: _StoredContent) -> None:
+def _store_reused(store, reused: list, label_of) -> None:
     """Append rows for new paths whose bytes were embedded before: the stored embeddings under the new
-    keys and labels, with the new files' identities."""
+    keys and labels, with the new files' identities. ``reused``: (FileEntry, row, digest)."""
     if not reused:
         return
-    rows, back = np.unique([row for _, row in reused], return_inverse=True)  # h5py reads rows in increasing order
+    rows, back = np.unique([row for _, row, _ in reused], return_inverse=True)  # h5py reads rows in increasing order
     embeddings = store.group["embeddings"][rows][back]
-    entries = [e for e, _ in reused]
+    entries = [e for e, _, _ in reused]
     store.append([e.key for e in entries], embeddings,
                  [label_of[e.label] if e.label is not None else -1 for e in entries],
                  [e.size for e in entries], [e.mtime_ns for e in entries],
-                 digests=[stored.digest(row) for _, row in reused])
+                 digests=[digest for _, _, digest in reused])
     reused.clear()
 
 

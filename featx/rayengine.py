@@ -22,7 +22,7 @@ from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, class_names_of, load_batch
 from .errors import FeatxError
 from .export import ensure_model_file
-from .pipeline import RunStats, pending_files
+from .pipeline import PendingFiles, RunStats
 from .runtime import read_model_info
 from .store import EmbeddingStore
 
@@ -137,7 +137,8 @@ def embed_folder_ray(
         label_of = store.label_index(class_names_of(root))
         done, failed_before = store.done(), store.failed()
         items, seen = [], set()
-        for item in pending_files(root, store, stats, seen, done, failed_before, label_of=label_of):
+        pending = PendingFiles(root, store, stats, seen, done, failed_before, label_of=label_of)
+        for item in pending:
             if item.key in done:
                 raise FeatxError(f"{item.key} changed since it was embedded; the ray engine only adds new files "
                                  "(run featx embed without --engine ray to update changed files)")
@@ -164,6 +165,7 @@ def embed_folder_ray(
             stats.n_embedded += n
             stats.failures += failures
         stats.failures += recovered_failures
+        pending.store_copies()
         stats.n_failed = len(stats.failures)  # walk failures, recovered shards' and this run's
         stats.deleted = sorted(set(done) - seen)
     stats.seconds = time.perf_counter() - start

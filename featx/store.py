@@ -409,10 +409,9 @@ class EmbeddingStore:
         sizes, mtimes = g["file_size"][:n], g["file_mtime_ns"][:n]
         return {k: (i, int(s), int(m)) for i, (k, s, m) in enumerate(zip(keys, sizes, mtimes))}
 
-    def digests(self) -> list[str]:
-        """The content digest (SHA-256 hex) of every committed row, by row; "" where it is not known."""
-        n = int(self.group.attrs["n_rows"])
-        return [d.decode("ascii") for d in self.group[_DIGESTS][:n]]
+    def digests(self) -> np.ndarray:
+        """S64 (n_rows,): the content digest (SHA-256 as ASCII hex) of every committed row; b"" where it is not known."""
+        return self.group[_DIGESTS][:int(self.group.attrs["n_rows"])]
 
     def failed(self) -> dict[str, tuple[str, int, int]]:
         """key -> (reason, file size, mtime_ns) of recorded failures; the last record of a key wins."""

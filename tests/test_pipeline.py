@@ -156,6 +156,53 @@ def test_a_copied_folder_with_new_mtimes_is_recognised_by_content_not_embedded_a
     assert (again.n_embedded, again.n_cached) == (0, 60)
 
 
+def test_identical_files_in_one_run_are_embedded_once(small_digits, tmp_path, lite0_onnx, photos_dir):
+    """Photo collections hold the same file in several places (an album and its year folder, a folder
+    copied inside the root): each distinct content is decoded and embedded once, every path gets its
+    row, under its own class; a copy of a file that fails fails with it."""
+    import shutil
+
+    keys = sorted(str(p.relative_to(small_digits)) for p in small_digits.rglob("*.png"))
+    shutil.copy(small_digits / keys[0], small_digits / keys[0].replace(".png", " (1).png"))  # same batch of 8
+    shutil.copytree(small_digits / "9", small_digits / "0" / "nines")  # later batches, another class
+    shutil.copy(small_digits / keys[5], small_digits / "loose.png")  # unlabelled, directly under the root
+    (small_digits / "2" / "broken.png").write_bytes((photos_dir / "coffee.png").read_bytes()[:300])
+    shutil.copy(small_digits / "2" / "broken.png", small_digits / "3" / "broken.png")
+    n_nines = sum(k.startswith("9/") for k in keys)
+    out = tmp_path / "c.h5"
+    stats = embed(small_digits, out, lite0_onnx)
+    assert (stats.n_embedded, stats.n_moved, stats.n_failed) == (60, n_nines + 2, 2)
+    assert "moved, renamed or copied (embeddings reused)" in stats.summary()
+    data = featx.load_embeddings(out)
+    assert len(data.keys) == 60 + n_nines + 2 == len(set(data.keys))
+    copies = {keys[0].replace(".png", " (1).png"): keys[0], "loose.png": keys[5]}
+    copies |= {"0/nines/" + k.split("/")[1]: k for k in keys if k.startswith("9/")}
+    for copy, original in copies.items():
+        a, b = data.keys.index(copy), data.keys.index(original)
+        assert np.array_equal(data.embeddings[a], data.embeddings[b]) and data.digests[a] == data.digests[b]
+    assert data.class_names[data.labels[data.keys.index("0/nines/" + keys[-1].split("/")[1])]] == "0"
+    assert data.labels[data.keys.index("loose.png")] == -1
+    assert data.failures["3/broken.png"] == data.failures["2/broken.png"] != ""
+    again = embed(small_digits, out, lite0_onnx)
+    assert (again.n_embedded, again.n_cached, again.n_moved, again.n_failed_before) == (0, 60 + n_nines + 2, 0, 2)
+
+
+def test_a_copy_with_a_new_name_and_mtime_takes_the_stored_row(small_digits, tmp_path, lite0_onnx):
+    """A file copied without keeping its mtime and renamed (across disks, from a phone) is the same
+    picture: recognised by its bytes, not embedded again."""
+    import shutil
+
+    out = tmp_path / "c.h5"
+    embed(small_digits, out, lite0_onnx)
+    first = featx.load_embeddings(out)
+    copy = shutil.copy(small_digits / first.keys[3], small_digits / "5" / "IMG_0001.png")  # a new mtime
+    os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))
+    stats = embed(small_digits, out, lite0_onnx)
+    assert (stats.n_embedded, stats.n_moved, stats.n_cached) == (0, 1, 60)
+    after = featx.load_embeddings(out)
+    assert np.array_equal(after.embeddings[after.keys.index("5/IMG_0001.png")], first.embeddings[3])
+
+
 def test_a_cache_from_before_digests_gains_the_column_and_still_recognises_moves(small_digits, tmp_path, lite0_onnx):
     """A cache written before featx kept digests: its rows' content is unknown, so a moved file is
     recognised by name, size and mtime with its old path gone, as then; new rows get their digests."""

@@ -36,13 +36,16 @@ def assert_same_cache(a_path, b_path):
 @pytest.mark.slow
 def test_ray_engine_gives_the_single_machine_cache(local_cluster, small_digits, tmp_path, lite0_onnx):
     (small_digits / "2" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
+    (small_digits / "7" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")  # copies: embedded once, fail once
+    (small_digits / "7" / "copy.png").write_bytes(next((small_digits / "1").iterdir()).read_bytes())
     ray_stats = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray",
                                    batch_size=8, workers=2)
     one = featx.embed_folder(small_digits, tmp_path / "one.h5", model=lite0_onnx, batch_size=8, workers=0)
-    assert (ray_stats.n_embedded, ray_stats.n_failed) == (one.n_embedded, one.n_failed) == (60, 1)
+    assert (ray_stats.n_embedded, ray_stats.n_failed, ray_stats.n_moved) == \
+        (one.n_embedded, one.n_failed, one.n_moved) == (60, 2, 1)
     assert_same_cache(tmp_path / "ray.h5", tmp_path / "one.h5")
     again = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray")
-    assert (again.n_embedded, again.n_cached, again.n_failed_before) == (0, 60, 1)
+    assert (again.n_embedded, again.n_cached, again.n_failed_before) == (0, 61, 2)
     assert not list((tmp_path / "ray.h5.shards" / "efficientnet_lite0").iterdir())
 
 
