@@ -402,7 +402,7 @@ class HeadReport:
     files: list[str] = field(default_factory=list)
     micro_f1: float | None = None  # multi-label only; accuracy is then the exact-match ratio
     balanced_accuracy: float | None = None  # single-label: the mean of the per-class recalls
-    n_copies: int = 0  # rows left out: the same bytes as another row of the same class (featx.store.find_copies)
+    n_copies: int = 0  # rows left out: the same bytes as another row of the same class or labels (find_copies)
 
     def text(self) -> str:
         micro = f", micro-F1 {self.micro_f1:.4f}" if self.micro_f1 is not None else ""
@@ -569,7 +569,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     from sklearn.metrics import classification_report, f1_score, multilabel_confusion_matrix
     from sklearn.model_selection import train_test_split
 
-    from .store import load_embeddings
+    from .store import find_copies, load_embeddings
 
     data = load_embeddings(cache, model)
     wanted = read_labels_csv(labels_csv)
@@ -580,6 +580,14 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     if missing:  # a typo, or a folder not embedded yet: those rows would silently not count
         _logger.warning("%d keys of %s are not in %s (e.g. %s): embed their folder, or check the paths "
                         "(relative to the embedded folder, '/'-separated)", len(missing), labels_csv, cache, missing[0])
+    # a label set plays the part of a class: the same bytes with the same labels count once
+    label_sets = [frozenset(wanted[data.keys[i]]) for i in rows]
+    set_ids = {labels: j for j, labels in enumerate(dict.fromkeys(label_sets))}
+    copies = find_copies([data.keys[i] for i in rows], [set_ids[s] for s in label_sets],
+                         [data.digests[i] for i in rows])
+    for line in copies.lines(str(cache), labels_csv=str(labels_csv)):
+        _logger.warning("%s", line)
+    rows = [rows[j] for j in copies.keep]
     names = sorted({label for i in rows for label in wanted[data.keys[i]]})
     column = {n: j for j, n in enumerate(names)}
     Y = np.zeros((len(rows), len(names)), dtype=int)
@@ -602,7 +610,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
         micro_f1=float(f1_score(Y_test, predicted, average="micro", zero_division=0)),
         fit_seconds=fit_seconds,
         per_class=classification_report(Y_test, predicted, target_names=names, digits=3, zero_division=0),
-        confusion=multilabel_confusion_matrix(Y_test, predicted), classes=names,
+        confusion=multilabel_confusion_matrix(Y_test, predicted), classes=names, n_copies=copies.n_copies,
     )
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),

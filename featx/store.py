@@ -218,18 +218,23 @@ class Copies:
     n_copies: int  # rows left out of ``keep``
     across_classes: list[tuple[str, str]]  # (key, key) pairs of the same bytes under two classes
 
-    def lines(self, cache: str) -> list[str]:
-        """What to tell a user: nothing when there are no copies."""
+    def lines(self, cache: str, labels_csv: str | None = None) -> list[str]:
+        """What to tell a user: nothing when there are no copies. With ``labels_csv``, the classes
+        compared were the label sets that file gives (a multi-label head)."""
         out = []
         if self.n_copies:
             out.append(f"{self.n_copies:,} row{'s are' if self.n_copies > 1 else ' is'} a copy of another row's file "
-                       "(same SHA-256 and class): counted once in training and evaluation")
+                       f"(same SHA-256 and {'labels' if labels_csv else 'class'}): counted once in training and "
+                       "evaluation")
         if self.across_classes:
             a, b = self.across_classes[0]
             n = len(self.across_classes)
-            out.append(f"{n:,} file{'s' if n > 1 else ''} stored under two classes with the same bytes, e.g. {a} and "
-                       f"{b}: moved to another class folder since? `featx embed FOLDER -o {cache} --prune` drops "
-                       "the rows of paths that are gone")
+            files = f"{n:,} file{'s' if n > 1 else ''}"
+            out.append(f"{files} with the same bytes have other labels in {labels_csv}, e.g. {a} and {b}: the head "
+                       "is taught both" if labels_csv else
+                       f"{files} stored under two classes with the same bytes, e.g. {a} and {b}: moved to another "
+                       f"class folder since? `featx embed FOLDER -o {cache} --prune` drops the rows of paths that "
+                       "are gone")
         return out
 
 

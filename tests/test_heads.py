@@ -264,6 +264,31 @@ def test_copies_count_once_and_a_file_moved_between_classes_without_prune_is_nam
     assert featx.summarize_cache(cache)[0].copies.across_classes == []
 
 
+def test_multilabel_copies_count_once_and_conflicting_labels_are_named(small_digits, lite0_onnx, tmp_path, caplog):
+    """Multi-label heads take their classes from a CSV: the same bytes with the same labels count once,
+    the same bytes with other labels (a tagging slip) are named with the CSV."""
+    import shutil
+
+    fives = sorted((small_digits / "5").iterdir())
+    for i, photo in enumerate(fives[:3]):
+        shutil.copy(photo, photo.with_name(f"copy-{i}.png"))
+    three = sorted((small_digits / "3").iterdir())[0]
+    shutil.copy(three, small_digits / "8" / "a three.png")  # same bytes, filed and tagged as an 8
+    cache = tmp_path / "c.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    with open(tmp_path / "labels.csv", "w") as f:
+        for key in featx.load_embeddings(cache).keys:
+            d = int(key.split("/")[0])
+            f.write(f"{key},{'even' if d % 2 == 0 else 'odd'}{';big' if d >= 5 else ''}\n")
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        report = featx.train_head(cache, tmp_path / "h.safetensors", head="logreg", epochs=50,
+                                  labels_csv=tmp_path / "labels.csv")
+    assert report.n_copies == 3 and report.n_train + report.n_test == 60 + 1
+    assert "3 copies of other images left out" in report.text()
+    assert "3 rows are a copy of another row's file (same SHA-256 and labels)" in caplog.text
+    assert f"other labels in {tmp_path / 'labels.csv'}, e.g. 3/{three.name} and 8/a three.png" in caplog.text
+
+
 @pytest.mark.parametrize("make", [lambda cw: LogRegHead(C=1.0, class_weight=cw),
                                   lambda cw: MLPHead(hidden=(256,), max_epochs=100, class_weight=cw)],
                          ids=["logreg", "mlp"])
