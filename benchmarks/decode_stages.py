@@ -77,7 +77,7 @@ def main() -> None:
         rec[f"header_check_{name}_us_per_image"] = 1e6 / _rate(n, lambda: [check(b) for b in raw])
 
     # the walk that hands files on, on a fresh cache: os.scandir + stat alone, and featx's PendingFiles,
-    # which also hashes (in threads) each file whose size another file of the run shares, so that each
+    # which also hashes each file whose size another file of the run shares (or a stored row's), so that each
     # content is embedded once; on GPU runs it shares the engine threads, so it must stay far ahead
     sizes = Counter(os.path.getsize(p) for p in paths)
     rec["walk_files_sharing_a_size"] = sum(c for c in sizes.values() if c > 1) / n

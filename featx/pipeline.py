@@ -508,9 +508,10 @@ class PendingFiles:
       stored, gives it that file's row. Killed before that, the next run finds the row by its digest.
 
     Both count in ``stats.n_moved``. Only a file whose size equals that of a file with a known digest (a
-    stored row's or another file's of this run) is hashed, in threads, a window ahead of the caller, so an
-    ordinary new file is read once. Shared by the single-machine and the Ray paths, so both skip exactly
-    the same files.
+    stored row's, or another file's of this run) is hashed before it is decoded, so an ordinary new file
+    is read once. Hashing happens here, in the walk: a thread pool measured slower on 60 kB JPEGs (its
+    per-file overhead exceeds the hash). Shared by the single-machine and the Ray paths, so both skip
+    exactly the same files.
     """
 
     def __init__(self, root, store, stats: RunStats, seen: set[str], done: dict, failed_before: dict, *,
@@ -518,104 +519,83 @@ class PendingFiles:
         self.root, self.store, self.stats, self.seen = Path(root), store, stats, seen
         self.done, self.failed_before, self.label_of, self.on_skip = done, failed_before, label_of, on_skip
         self._stored = _StoredContent(self.root, store, done)
-        self._this_run: dict[int, list[_Candidate]] = {}  # by size: files of this run that needed embedding
+        # by size, the files handed on to be embedded: the key of the first one while it is the only one
+        # and was not hashed; None once every one handed on of that size has its digest in _handed_on
+        self._unhashed_of_size: dict[int, str | None] = {}
+        self._handed_on: dict[str, str] = {}  # digest -> key of the file handed on with those bytes
         self._reused: list[tuple[FileEntry, int, str]] = []  # (new path, row whose embedding it takes, digest)
         self._touched: list[tuple[int, int]] = []  # (stored row, new mtime_ns)
-        self._copies: list[tuple[FileEntry, str, str]] = []  # (new path, key of the file embedded with its bytes, digest)
-        self._hashing: cf.ThreadPoolExecutor | None = None
+        self._copies: list[tuple[FileEntry, str, str]] = []  # (new path, key handed on with its bytes, digest)
 
     def __iter__(self) -> Iterator[FileEntry]:
-        window: deque[_Candidate] = deque()
-        # hashlib releases the GIL: threads hash at the disk's pace while the caller decodes and embeds
-        self._hashing = cf.ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="featx-hash")
-        try:
-            for item in walk_images(self.root):
-                candidate = self._candidate(item)
-                if candidate is not None:
-                    window.append(candidate)
-                while window and (len(window) > _HASH_WINDOW or window[0].digest is None or window[0].digest.done()):
-                    if self._needs_embedding(candidate := window.popleft()):
-                        yield candidate.item
-            while window:
-                if self._needs_embedding(candidate := window.popleft()):
-                    yield candidate.item
-        finally:
-            self._hashing.shutdown(wait=False, cancel_futures=True)
+        for item in walk_images(self.root):
+            if self._needs_embedding(item):
+                yield item
         _store_touched(self.store, self._touched)
         _store_reused(self.store, self._reused, self.label_of)
 
-    def _candidate(self, item) -> _Candidate | None:
-        """None when the walk settles it (cached, failed before, a walk failure); else what to decide it by."""
+    def _needs_embedding(self, item) -> bool:
         stats = self.stats
         self.seen.add(item.key)
         if isinstance(item, WalkFailure):
             if item.key in self.failed_before:
                 stats.n_failed_before += 1
-                return None
+                return False
             stats.failures.append((item.key, item.reason))
             stats.n_failed += 1
             self.store.add_failures([item.key], [item.reason], [0], [0])
-            return None
+            return False
         row = self.done.get(item.key)
         if row is not None and row[1:] == (item.size, item.mtime_ns):
             stats.n_cached += 1
             self.on_skip()
-            return None
+            return False
         before = self.failed_before.get(item.key)
         if before is not None and before[1:] == (item.size, item.mtime_ns):
             stats.n_failed_before += 1
             self.on_skip()
-            return None
-        candidate = _Candidate(item, row[0] if row is not None else None)
+            return False
+        digest = None
         if row is not None:  # same path, new mtime: unchanged when its size and bytes are
             if row[1] == item.size and self._stored.digest(row[0]):
-                candidate.digest = self._hash(item.path)
-        elif self._stored.has_size(item.size):
-            candidate.digest = self._hash(item.path)
-        same_size = self._this_run.setdefault(item.size, [])
-        if same_size:
-            for other in same_size:
-                if other.digest is None:
-                    other.digest = self._hash(other.item.path)
-            if candidate.digest is None:
-                candidate.digest = self._hash(item.path)
-        same_size.append(candidate)
-        return candidate
-
-    def _hash(self, path: str) -> cf.Future:
-        return self._hashing.submit(_file_digest_or_none, path)
-
-    def _needs_embedding(self, candidate: _Candidate) -> bool:
-        """Settle a file the walk could not: False when its bytes are embedded already (or will be, in this run)."""
-        item, stats = candidate.item, self.stats
-        digest = candidate.digest.result() if candidate.digest is not None else None
-        if candidate.row is not None:
-            if digest is not None and digest == self._stored.digest(candidate.row):
-                self._touched.append((candidate.row, item.mtime_ns))
-                stats.n_cached += 1
-                self.on_skip()
-                if len(self._touched) >= 256:
-                    _store_touched(self.store, self._touched)
-                return False
+                digest = _file_digest_or_none(item.path)
+                if digest is not None and digest == self._stored.digest(row[0]):
+                    self._touched.append((row[0], item.mtime_ns))
+                    stats.n_cached += 1
+                    self.on_skip()
+                    if len(self._touched) >= 256:
+                        _store_touched(self.store, self._touched)
+                    return False
         else:
-            row = self._stored.row_of(digest) if digest is not None else self._stored.legacy_row_of(item)
-            if row is not None:
-                self._reused.append((item, row, digest or ""))
+            if self._stored.has_size(item.size):
+                digest = _file_digest_or_none(item.path)
+            stored_row = self._stored.row_of(digest) if digest is not None else self._stored.legacy_row_of(item)
+            if stored_row is not None:
+                self._reused.append((item, stored_row, digest or ""))
                 stats.n_moved += 1
                 self.on_skip()
                 if len(self._reused) >= 256:
                     _store_reused(self.store, self._reused, self.label_of)
                 return False
-            if digest is not None:
-                for other in self._this_run[item.size]:
-                    if other is candidate:
-                        break
-                    if other.embedded and other.digest.result() == digest:
-                        self._copies.append((item, other.item.key, digest))
-                        stats.n_moved += 1
-                        self.on_skip()
-                        return False
-        candidate.embedded = True
+        if item.size in self._unhashed_of_size:  # another file of this size is on its way: compare bytes
+            first = self._unhashed_of_size[item.size]
+            if first is not None:
+                first_digest = _file_digest_or_none(os.path.join(self.root, first))
+                if first_digest is not None:
+                    self._handed_on.setdefault(first_digest, first)
+                self._unhashed_of_size[item.size] = None
+            digest = digest or _file_digest_or_none(item.path)
+            original = self._handed_on.get(digest) if digest is not None else None
+            if original is not None and row is None:
+                self._copies.append((item, original, digest))
+                stats.n_moved += 1
+                self.on_skip()
+                return False
+        if digest is not None:
+            self._handed_on.setdefault(digest, item.key)
+            self._unhashed_of_size.setdefault(item.size, None)
+        else:
+            self._unhashed_of_size.setdefault(item.size, item.key)
         return True
 
     def store_copies(self) -> None:
@@ -645,19 +625,6 @@ class PendingFiles:
             stats.failures += [(e.key, r) for e, r in bad]
             stats.n_failed += len(bad)
         self._copies.clear()
-
-
-_HASH_WINDOW = 256  # files the walk may run ahead of its caller while their digests are computed
-
-
-@dataclass(eq=False)
-class _Candidate:
-    """A file the walk could not settle by its key, size and mtime."""
-
-    item: FileEntry
-    row: int | None  # its stored row, when its path is stored (and changed since)
-    digest: cf.Future | None = None  # of its SHA-256 hex (None: unreadable); None: not hashed
-    embedded: bool = False  # handed on to be embedded in this run
 
 
 class _StoredContent:

@@ -36,6 +36,60 @@ def test_empty_and_text_files_named_jpg(tmp_path, content, reason):
         decode_image(path)
 
 
+def _serve_through_a_pipe(path, chunks, *, hold_open=False):
+    """A FIFO at ``path`` whose writer sends ``chunks`` one by one (a file still growing: its stat says
+    size 0), then closes, or with ``hold_open`` keeps it open until the returned event is set."""
+    import threading
+
+    os.mkfifo(path)
+    release = threading.Event()
+
+    def write():
+        with open(path, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                f.flush()
+            if hold_open:
+                release.wait(30)
+
+    threading.Thread(target=write, daemon=True).start()
+    return release
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_file_longer_than_its_stat_said_is_read_whole(tmp_path, coffee):
+    """The decoder sizes its buffer from the stat; bytes that arrive past it (a file still being
+    written) are read too, not cut off into a 'truncated' failure, and the digest covers them all."""
+    from featx.data import content_digest, read_image_file
+
+    buf = io.BytesIO()
+    coffee.save(buf, "PNG")
+    data = buf.getvalue()
+    _serve_through_a_pipe(tmp_path / "growing.png", [data[:20], data[20:5000], data[5000:]])
+    got = read_image_file(tmp_path / "growing.png")
+    assert bytes(got) == data and content_digest(got) == content_digest(data)
+    np.testing.assert_array_equal(np.asarray(decode_image(bytes(got))), np.asarray(coffee))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_non_image_is_refused_from_its_first_bytes_without_reading_on(tmp_path):
+    """A stray video or archive named .jpg is refused from its first 32 bytes: the rest (gigabytes,
+    maybe) is never read. The pipe's writer holds it open after those bytes, so reading on would hang."""
+    import concurrent.futures as cf
+
+    from featx.data import read_image_file
+
+    release = _serve_through_a_pipe(tmp_path / "movie.jpg", [b"\x00\x00\x00\x18ftypmp42" + bytes(20)],
+                                    hold_open=True)
+    with cf.ThreadPoolExecutor(1) as pool:
+        attempt = pool.submit(read_image_file, tmp_path / "movie.jpg")
+        try:
+            with pytest.raises(ImageError, match="not an image"):
+                attempt.result(timeout=20)
+        finally:
+            release.set()
+
+
 def test_pixel_limit_refuses_decompression_bombs(tmp_path):
     path = tmp_path / "big.png"
     Image.new("L", (4000, 3000)).save(path)  # a few kB on disk, 12 Mpx decoded
