@@ -365,6 +365,7 @@ def embed_folder(
                     cpu_pool.shutdown(wait=False, cancel_futures=True)
                 stats.seconds = time.perf_counter() - start
         pending.store_copies()
+        recovered |= pending.recovered
         stats.backoffs = [limit for e in encoders for limit in e.backoffs]
         deleted = (set(done) | set(failed_before)) - seen
         stats.deleted = sorted(deleted & set(done))
@@ -526,6 +527,7 @@ class PendingFiles:
         self._reused: list[tuple[FileEntry, int, str]] = []  # (new path, row whose embedding it takes, digest)
         self._touched: list[tuple[int, int]] = []  # (stored row, new mtime_ns)
         self._copies: list[tuple[FileEntry, str, str]] = []  # (new path, key handed on with its bytes, digest)
+        self.recovered: set[str] = set()  # keys with a failure on record that took a row (their old failure is stale)
 
     def __iter__(self) -> Iterator[FileEntry]:
         for item in walk_images(self.root):
@@ -572,6 +574,8 @@ class PendingFiles:
             stored_row = self._stored.row_of(digest) if digest is not None else self._stored.legacy_row_of(item)
             if stored_row is not None:
                 self._reused.append((item, stored_row, digest or ""))
+                if item.key in self.failed_before:
+                    self.recovered.add(item.key)
                 stats.n_moved += 1
                 self.on_skip()
                 if len(self._reused) >= 256:
@@ -613,6 +617,8 @@ class PendingFiles:
             row = rows.get(original)
             if row is not None and digests[row[0]] == digest.encode("ascii"):
                 self._reused.append((item, row[0], digest))
+                if item.key in self.failed_before:
+                    self.recovered.add(item.key)
             elif original in failed_now:  # the same bytes fail the same way
                 bad.append((item, failed_now[original]))
                 stats.n_moved -= 1

@@ -166,6 +166,11 @@ def embed_folder_ray(
             stats.failures += failures
         stats.failures += recovered_failures
         pending.store_copies()
+        # files that failed before and have a row now: their old failure records go
+        fixed = pending.recovered | ({item["key"] for item in items if item["key"] in failed_before}
+                                     - {key for key, _ in stats.failures})
+        if fixed:
+            store.rewrite_without(fixed, failures=True)
         stats.n_failed = len(stats.failures)  # walk failures, recovered shards' and this run's
         stats.deleted = sorted(set(done) - seen)
     stats.seconds = time.perf_counter() - start

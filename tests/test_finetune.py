@@ -75,6 +75,35 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
 
 
 @pytest.mark.slow
+def test_ctrl_c_names_the_checkpoint_and_resume_goes_on_from_it(small_digits, tmp_path):
+    """A long fine-tune stopped with Ctrl-C: one line says where the best epoch so far is and how to go
+    on; that file is a whole checkpoint (written by rename), and --resume continues after its epoch."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from featx.finetune import _read_checkpoint
+
+    ckpt = tmp_path / "ft.safetensors"
+    cmd = [sys.executable, "-m", "featx", "-q", "finetune", str(small_digits), "-o", str(ckpt), "--unfreeze", "1",
+           "--epochs", "200", "--patience", "200", "--input-size", "64", "--batch-size", "16", "--no-hflip"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:  # the first epoch saved
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert f"featx: interrupted; the best epoch so far is in {ckpt}, the same command with --resume" in err
+    saved = int(_read_checkpoint(ckpt)[1]["epoch"])
+    assert 1 <= saved < 200
+    resumed = featx.fine_tune(small_digits, ckpt, unfreeze=1, epochs=saved + 1, input_size=64, hflip=False,
+                              batch_size=16, resume=True)
+    assert [h.epoch for h in resumed.history][-2:] == [saved, saved + 1]
+
+
+@pytest.mark.slow
 def test_advise_tells_digits_from_natural_photos(digits_dir, tmp_path, lite0_onnx):
     from featx.samples import write_jpeg_folder
 

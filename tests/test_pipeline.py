@@ -241,6 +241,13 @@ def test_bad_files_are_recorded_and_not_retried_until_changed(small_digits, tmp_
     assert fixed.n_embedded == 1
     data = featx.load_embeddings(out)
     assert "1/empty.png" in data.keys and set(data.failures) == {"0/broken.jpg"}
+    # a download that failed half-way, finished since: its bytes are another stored file's, so it takes
+    # that row, and is no longer listed as failed
+    (small_digits / "0" / "broken.jpg").write_bytes((small_digits / data.keys[0]).read_bytes())
+    reused = embed(small_digits, out, lite0_onnx)
+    assert (reused.n_moved, reused.n_embedded) == (1, 0)
+    data = featx.load_embeddings(out)
+    assert "0/broken.jpg" in data.keys and data.failures == {}
 
 
 def test_info_says_what_a_cache_holds_and_why_files_failed(small_digits, tmp_path, lite0_onnx, capsys):

@@ -46,6 +46,14 @@ def test_ray_engine_gives_the_single_machine_cache(local_cluster, small_digits, 
     assert_same_cache(tmp_path / "ray.h5", tmp_path / "one.h5")
     again = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray")
     assert (again.n_embedded, again.n_cached, again.n_failed_before) == (0, 61, 2)
+    from PIL import Image
+
+    digit = next((small_digits / "4").iterdir())
+    Image.open(digit).convert("RGB").save(small_digits / "2" / "broken.jpg", "JPEG")  # fixed: new content
+    (small_digits / "7" / "broken.jpg").write_bytes(digit.read_bytes())  # fixed: a stored file's bytes
+    fixed = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray")
+    assert (fixed.n_embedded, fixed.n_moved, fixed.n_failed) == (1, 1, 0)
+    assert featx.load_failures(tmp_path / "ray.h5") == {}  # no stale failure records for files that have rows
     assert not list((tmp_path / "ray.h5.shards" / "efficientnet_lite0").iterdir())
 
 
