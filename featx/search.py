@@ -7,6 +7,7 @@ of millions of rows is searched in bounded memory. Exact search: one matrix prod
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 from collections.abc import Sequence
@@ -21,16 +22,20 @@ _logger = logging.getLogger(__name__)
 
 @dataclass
 class SimilarImages:
-    """The cached images closest to one query: ``matches`` as (key, cosine similarity), best first."""
+    """The cached images closest to one query: ``matches`` as (key, cosine similarity), best first, one
+    per content: other cached paths of a match's bytes (the same photo in two folders) are its ``copies``."""
 
     query: str
     matches: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None  # the query could not be read
+    copies: dict[str, list[str]] = field(default_factory=dict)  # match key -> other keys with the same bytes
 
     def text(self) -> str:
         if self.error:
             return f"{self.query}  FAILED: {self.error}"
-        return "\n".join([self.query] + [f"  {similarity:.3f}  {key}" for key, similarity in self.matches])
+        return "\n".join([self.query] + [
+            f"  {similarity:.3f}  {key}" + (f"  (same file: {', '.join(self.copies[key])})" if key in self.copies else "")
+            for key, similarity in self.matches])
 
 
 def find_similar(
@@ -78,19 +83,43 @@ def find_similar(
     if not searched:
         return results
     Q = unit_rows(np.stack(queries))  # (n_queries, D)
-    best_sim = np.full((len(Q), 0), -np.inf, dtype=np.float32)
-    best_key = np.empty((len(Q), 0), dtype=object)
-    for keys, embeddings in iter_embeddings(cache, group, rows_per_chunk=rows_per_chunk):
-        embeddings = unit_rows(embeddings)
-        # the chunk's similarities beside the best so far; keep the k highest of each row
-        sims = np.concatenate([best_sim, Q @ embeddings.T], axis=1)
-        names = np.concatenate([best_key, np.broadcast_to(np.array(keys, dtype=object), (len(Q), len(keys)))],
-                               axis=1)
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        best_sim, best_key = np.take_along_axis(sims, top, axis=1), np.take_along_axis(names, top, axis=1)
-    for result, sims, keys in zip(searched, best_sim, best_key):
-        result.matches = [(str(key), float(s)) for key, s in zip(keys, sims)]
+    kept: list[list[tuple[float, str, bytes]]] = [[] for _ in range(len(Q))]  # per query, best first
+    for keys, embeddings, digests in iter_embeddings(cache, group, rows_per_chunk=rows_per_chunk, with_digests=True):
+        for i, sims in enumerate(Q @ unit_rows(embeddings).T):
+            # the chunk's rows best first beside those kept so far (earlier rows first among equals)
+            chunk = ((float(sims[j]), keys[j], bytes(digests[j])) for j in np.argsort(-sims, kind="stable"))
+            kept[i] = _top_contents(heapq.merge(kept[i], chunk, key=lambda row: -row[0]), k)
+    for result, rows in zip(searched, kept):
+        first: dict[bytes | str, str] = {}  # content -> key of its best-ranked row
+        for similarity, key, digest in rows:
+            content = digest or key
+            if content in first:
+                result.copies.setdefault(first[content], []).append(key)
+            else:
+                first[content] = key
+                result.matches.append((key, similarity))
     return results
+
+
+def _top_contents(rows, k: int) -> list[tuple[float, str, bytes]]:
+    """Of (similarity, key, digest) rows given best first, those of the ``k`` most similar contents: every
+    row of a chosen digest is kept (copies embed the same bytes, so they tie with their original);
+    rows without a digest (b"") each count as their own content."""
+    chosen: set = set()
+    out: list[tuple[float, str, bytes]] = []
+    floor = -np.inf
+    for row in rows:
+        similarity, key, digest = row
+        content = digest or key
+        if content in chosen:
+            out.append(row)
+        elif len(chosen) < k:
+            chosen.add(content)
+            out.append(row)
+            floor = similarity
+        elif similarity < floor - 1e-5:  # below the k-th content: no copy of a chosen one can follow
+            break
+    return out
 
 
 def unit_rows(X: np.ndarray) -> np.ndarray:

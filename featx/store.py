@@ -182,17 +182,22 @@ def _digests_of(columns: dict, pick, n: int) -> list[str]:
     return [d.decode("ascii") for d in columns[_DIGESTS][pick]]
 
 
-def iter_embeddings(path: str | os.PathLike, model: str | None = None, *,
-                    rows_per_chunk: int = 16384) -> Iterator[tuple[list[str], np.ndarray]]:
+def iter_embeddings(path: str | os.PathLike, model: str | None = None, *, rows_per_chunk: int = 16384,
+                    with_digests: bool = False) -> Iterator[tuple]:
     """(keys, float32 embeddings) of a model's committed rows, ``rows_per_chunk`` at a time: a cache of
-    millions of rows is read in bounded memory (:func:`load_embeddings` holds every row at once)."""
+    millions of rows is read in bounded memory (:func:`load_embeddings` holds every row at once).
+    ``with_digests``: (keys, embeddings, S64 content digests, b"" where unknown)."""
     path = Path(path)
     with _open_h5(path, "r") as f:
         g = f[_pick_model(f, path, model)]
         columns, n = _committed_columns(g)
         for start in range(0, n, rows_per_chunk):
             stop = min(n, start + rows_per_chunk)
-            yield _decode(columns["keys"][start:stop]), columns["embeddings"][start:stop].astype(np.float32)
+            chunk = _decode(columns["keys"][start:stop]), columns["embeddings"][start:stop].astype(np.float32)
+            if with_digests:
+                chunk += (columns[_DIGESTS][start:stop] if _DIGESTS in columns
+                          else np.zeros(stop - start, dtype=_DIGEST_DTYPE),)
+            yield chunk
 
 
 def load_labels(path: str | os.PathLike, model: str | None = None) -> np.ndarray:

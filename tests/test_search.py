@@ -51,3 +51,23 @@ def test_a_cache_of_another_model_is_refused_with_its_fingerprints(digits_cache,
     mine = featx.read_model_info(lite0_onnx).fingerprint
     with pytest.raises(featx.FeatxError, match=f"holds no embeddings of .*{mine}.*0123456789abcdef.*--model"):
         featx.find_similar([photos_dir / "coffee.png"], other, model=lite0_onnx)
+
+
+def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digits, lite0_onnx, tmp_path):
+    """The same photo in three folders is one match (its other paths named beside it), so the k matches
+    are k different pictures."""
+    seven = sorted((small_digits / "7").iterdir())[0]
+    for folder in ("1", "4"):
+        shutil.copy(seven, small_digits / folder / f"copy of {seven.name}")
+    cache = tmp_path / "c.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    (result,) = featx.find_similar([seven], cache, k=4, model=lite0_onnx, rows_per_chunk=16)
+    paths = {f"7/{seven.name}", f"1/copy of {seven.name}", f"4/copy of {seven.name}"}
+    top, similarity = result.matches[0]
+    assert top in paths and similarity > 0.999 and set(result.copies[top]) == paths - {top}
+    data = featx.load_embeddings(cache)
+    digests = [data.digests[data.keys.index(key)] for key, _ in result.matches]
+    assert len(result.matches) == 4 == len(set(digests)) and not paths & {key for key, _ in result.matches[1:]}
+    assert f"(same file: {', '.join(result.copies[top])})" in result.text().splitlines()[1]
+    whole = featx.find_similar([seven], cache, k=4, model=lite0_onnx)[0]  # one chunk: the same answer
+    assert (whole.matches, whole.copies) == (result.matches, result.copies)
