@@ -237,9 +237,9 @@ class Copies:
             files = f"{n:,} file{'s' if n > 1 else ''}"
             out.append(f"{files} with the same bytes have other labels in {labels_csv}, e.g. {a} and {b}: the head "
                        "is taught both" if labels_csv else
-                       f"{files} stored under two classes with the same bytes, e.g. {a} and {b}: moved to another "
-                       f"class folder since? `featx embed FOLDER -o {cache} --prune` drops the rows of paths that "
-                       "are gone")
+                       f"{files} stored under two classes with the same bytes, e.g. {a} and {b}: the same photo "
+                       f"filed twice, or moved to another class folder since (`featx embed FOLDER -o {cache} --prune` "
+                       "drops the rows of paths that are gone)")
         return out
 
 
