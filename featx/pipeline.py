@@ -309,11 +309,12 @@ def embed_folder(
         total = _count_candidates(root) if progress else None
         bar = _progress_bar(total, progress)
 
+        store_lock = threading.Lock()  # the walk's thread and the writer below both write the store
         pending = PendingFiles(root, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1),
-                               label_of=label_of)
+                               label_of=label_of, store_lock=store_lock)
 
         recovered: set[str] = set()
-        batches = _chunks(pending, batch_size)
+        batches = _walk_ahead(_chunks(pending, batch_size))
         cpu_pool = None
         if gpu_decode:  # each GPU decodes the batches its engine takes; one pool of CPU decoders helps them all
             from .gpudecode import jpeg_library
@@ -329,41 +330,45 @@ def embed_folder(
             source = _decode_ahead(batches, info.preprocess, workers, max_pixels)
             stages = [_decoded_upstream] * len(encoders)
         stats.load_seconds = time.perf_counter() - start
-        with _EngineThreads(source, stages, encoders) as results:
-            try:
-                for batch, decoded, emb in results:
-                    ok = [batch[i] for i in decoded.ok]
-                    with results.store_lock:  # the walk, in an engine thread, records walk failures too
-                        if ok:
-                            labels = [label_of[e.label] if e.label is not None else -1 for e in ok]
-                            new = [i for i, e in enumerate(ok) if e.key not in done]
-                            changed = [i for i, e in enumerate(ok) if e.key in done]
-                            digests = decoded.digests
-                            store.append([ok[i].key for i in new], emb[new], [labels[i] for i in new],
-                                         [ok[i].size for i in new], [ok[i].mtime_ns for i in new],
-                                         digests=[digests[i] for i in new])
-                            if changed:
-                                store.replace([done[ok[i].key][0] for i in changed], emb[changed],
-                                              [labels[i] for i in changed], [ok[i].size for i in changed],
-                                              [ok[i].mtime_ns for i in changed], digests=[digests[i] for i in changed])
-                            recovered.update(e.key for e in ok if e.key in failed_before)
-                            stats.n_embedded += len(ok)
-                        if decoded.failed:
-                            bad = [(batch[i], reason) for i, reason in decoded.failed]
-                            store.add_failures([e.key for e, _ in bad], [r for _, r in bad],
-                                               [e.size for e, _ in bad], [e.mtime_ns for e, _ in bad])
-                            stats.failures += [(e.key, r) for e, r in bad]
-                            stats.n_failed += len(bad)
-                            for e, r in bad:
-                                _logger.warning("skipped %s: %s", e.key, r)
-                    stats.decoded_by[decoded.decoded_by] = stats.decoded_by.get(decoded.decoded_by, 0) + len(batch)
-                    bar.update(len(batch))
-                    bar.set_postfix(failed=stats.n_failed, refresh=False)
-            finally:
-                bar.close()
-                if cpu_pool is not None:
-                    cpu_pool.shutdown(wait=False, cancel_futures=True)
-                stats.seconds = time.perf_counter() - start
+        try:
+            with _EngineThreads(source, stages, encoders, store_lock) as results:
+                try:
+                    for batch, decoded, emb in results:
+                        ok = [batch[i] for i in decoded.ok]
+                        with store_lock:
+                            if ok:
+                                labels = [label_of[e.label] if e.label is not None else -1 for e in ok]
+                                new = [i for i, e in enumerate(ok) if e.key not in done]
+                                changed = [i for i, e in enumerate(ok) if e.key in done]
+                                digests = decoded.digests
+                                store.append([ok[i].key for i in new], emb[new], [labels[i] for i in new],
+                                             [ok[i].size for i in new], [ok[i].mtime_ns for i in new],
+                                             digests=[digests[i] for i in new])
+                                if changed:
+                                    store.replace([done[ok[i].key][0] for i in changed], emb[changed],
+                                                  [labels[i] for i in changed], [ok[i].size for i in changed],
+                                                  [ok[i].mtime_ns for i in changed],
+                                                  digests=[digests[i] for i in changed])
+                                recovered.update(e.key for e in ok if e.key in failed_before)
+                                stats.n_embedded += len(ok)
+                            if decoded.failed:
+                                bad = [(batch[i], reason) for i, reason in decoded.failed]
+                                store.add_failures([e.key for e, _ in bad], [r for _, r in bad],
+                                                   [e.size for e, _ in bad], [e.mtime_ns for e, _ in bad])
+                                stats.failures += [(e.key, r) for e, r in bad]
+                                stats.n_failed += len(bad)
+                                for e, r in bad:
+                                    _logger.warning("skipped %s: %s", e.key, r)
+                        stats.decoded_by[decoded.decoded_by] = stats.decoded_by.get(decoded.decoded_by, 0) + len(batch)
+                        bar.update(len(batch))
+                        bar.set_postfix(failed=stats.n_failed, refresh=False)
+                finally:
+                    bar.close()
+                    if cpu_pool is not None:
+                        cpu_pool.shutdown(wait=False, cancel_futures=True)
+                    stats.seconds = time.perf_counter() - start
+        finally:
+            batches.close()  # its thread stops once the engine threads have
         pending.store_copies()
         recovered |= pending.recovered
         stats.backoffs = [limit for e in encoders for limit in e.backoffs]
@@ -391,12 +396,14 @@ class _EngineThreads:
     hands them back; iteration yields (batch, DecodedBatch, embeddings) in the source's order.
 
     The engines run while the caller writes the previous batches to the store, so GPU work, host
-    copies and HDF5 writes overlap. ``store_lock`` guards the store: the source (the folder walk)
-    runs in whichever engine thread pulls next and records walk failures there.
+    copies and HDF5 writes overlap. The source runs in whichever engine thread pulls next (one at a
+    time); ``store_lock`` is held while the threads stop, as the walk feeding the source writes the store
+    under it too.
     """
 
-    def __init__(self, source, stages, encoders: list[BackoffEncoder], depth: int = 2):
-        self.store_lock = threading.Lock()
+    def __init__(self, source, stages, encoders: list[BackoffEncoder], store_lock: threading.Lock, depth: int = 2):
+        self.store_lock = store_lock
+        self._source_lock = threading.Lock()
         self._source = source
         self._numbered = self._number(source)
         self._results: queue.Queue = queue.Queue(maxsize=depth * len(encoders))
@@ -414,9 +421,9 @@ class _EngineThreads:
                 yield _Batch(item, seq=seq)
 
     def _pull(self):
-        """The shared source, one batch at a time under the store lock, until stopped."""
+        """The shared source, one batch at a time, until stopped."""
         while not self._stop.is_set():
-            with self.store_lock:
+            with self._source_lock:
                 item = next(self._numbered, None)
             if item is None:
                 return
@@ -471,7 +478,7 @@ class _EngineThreads:
                     self._results.get(timeout=0.1)
                 except queue.Empty:
                     pass
-        with self.store_lock:
+        with self._source_lock:
             self._numbered.close()
             if hasattr(self._source, "close"):
                 self._source.close()
@@ -516,10 +523,12 @@ class PendingFiles:
     """
 
     def __init__(self, root, store, stats: RunStats, seen: set[str], done: dict, failed_before: dict, *,
-                 label_of: dict[str, int], on_skip=lambda: None):
+                 label_of: dict[str, int], on_skip=lambda: None, store_lock: threading.Lock | None = None):
         self.root, self.store, self.stats, self.seen = Path(root), store, stats, seen
         self.done, self.failed_before, self.label_of, self.on_skip = done, failed_before, label_of, on_skip
-        self._stored = _StoredContent(self.root, store, done)
+        # held for every store access: the walk may run in a thread of its own beside the store's writer
+        self.store_lock = store_lock or threading.Lock()
+        self._stored = _StoredContent(self.root, store, done, self.store_lock)
         # by size, the files handed on to be embedded: the key of the first one while it is the only one
         # and was not hashed; None once every one handed on of that size has its digest in _handed_on
         self._unhashed_of_size: dict[int, str | None] = {}
@@ -533,8 +542,9 @@ class PendingFiles:
         for item in walk_images(self.root):
             if self._needs_embedding(item):
                 yield item
-        _store_touched(self.store, self._touched)
-        _store_reused(self.store, self._reused, self.label_of)
+        with self.store_lock:
+            _store_touched(self.store, self._touched)
+            _store_reused(self.store, self._reused, self.label_of)
 
     def _needs_embedding(self, item) -> bool:
         stats = self.stats
@@ -543,9 +553,10 @@ class PendingFiles:
             if item.key in self.failed_before:
                 stats.n_failed_before += 1
                 return False
-            stats.failures.append((item.key, item.reason))
-            stats.n_failed += 1
-            self.store.add_failures([item.key], [item.reason], [0], [0])
+            with self.store_lock:  # the store's writer counts decode failures under it
+                stats.failures.append((item.key, item.reason))
+                stats.n_failed += 1
+                self.store.add_failures([item.key], [item.reason], [0], [0])
             return False
         row = self.done.get(item.key)
         if row is not None and row[1:] == (item.size, item.mtime_ns):
@@ -566,7 +577,8 @@ class PendingFiles:
                     stats.n_cached += 1
                     self.on_skip()
                     if len(self._touched) >= 256:
-                        _store_touched(self.store, self._touched)
+                        with self.store_lock:
+                            _store_touched(self.store, self._touched)
                     return False
         else:
             if self._stored.has_size(item.size):
@@ -579,7 +591,8 @@ class PendingFiles:
                 stats.n_moved += 1
                 self.on_skip()
                 if len(self._reused) >= 256:
-                    _store_reused(self.store, self._reused, self.label_of)
+                    with self.store_lock:
+                        _store_reused(self.store, self._reused, self.label_of)
                 return False
         if item.size in self._unhashed_of_size:  # another file of this size is on its way: compare bytes
             first = self._unhashed_of_size[item.size]
@@ -644,8 +657,8 @@ class _StoredContent:
     reads no digest.
     """
 
-    def __init__(self, root: Path, store, done: dict):
-        self.root, self.store, self.done = root, store, done
+    def __init__(self, root: Path, store, done: dict, store_lock: threading.Lock):
+        self.root, self.store, self.done, self.store_lock = root, store, done, store_lock
         self._digests: np.ndarray | None = None  # S64 by row; b"" for rows stored before digests were kept
         self._by_digest: tuple[np.ndarray, np.ndarray] | None = None  # (sorted digests, their rows)
         self._sizes: np.ndarray | None = None  # sorted distinct sizes of rows with a digest
@@ -654,7 +667,9 @@ class _StoredContent:
     def digest(self, row: int) -> str:
         if self._digests is None:
             # the rows of ``done``, not those this run appends meanwhile
-            self._digests = self.store.digests()[:max((r for r, _, _ in self.done.values()), default=-1) + 1]
+            with self.store_lock:
+                digests = self.store.digests()
+            self._digests = digests[:max((r for r, _, _ in self.done.values()), default=-1) + 1]
         return self._digests[row].decode("ascii")
 
     def _index(self) -> None:
@@ -747,6 +762,44 @@ def _progress_bar(total: int | None, show: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1)
+
+
+def _walk_ahead(batches: Iterator[list[FileEntry]], depth: int = 8) -> Iterator[list[FileEntry]]:
+    """``batches`` produced in a thread of their own, up to ``depth`` ahead: the folder walk (stat, and
+    the hashing that finds files embedded already) then overlaps decoding and the engines instead of
+    running between their steps. An error in the walk (a store write refused) is raised here."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def walk() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(e)
+
+    thread = threading.Thread(target=walk, daemon=True, name="featx-walk")
+    thread.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _chunks(items: Iterator[FileEntry], size: int) -> Iterator[list[FileEntry]]:

@@ -465,3 +465,26 @@ def test_prune_cut_short_by_a_kill_is_finished_or_undone_on_the_next_open(small_
         assert len(store.done()) == len(before.keys)
     with h5py.File(out, "r") as f:
         assert "_rewrite" not in f["efficientnet_lite0"]
+
+
+def test_the_walks_thread_hands_on_its_error_and_stops_with_the_run():
+    """The folder walk runs in a thread ahead of the decoders: an error there (a store write refused)
+    reaches the run as itself, after the batches before it; a run that stops early stops the walk."""
+    import threading
+
+    from featx.pipeline import _walk_ahead
+
+    def walk():
+        yield ["a"]
+        yield ["b"]
+        raise OSError(28, "No space left on device")
+
+    got = []
+    with pytest.raises(OSError, match="No space left"):
+        for batch in _walk_ahead(walk()):
+            got.append(batch)
+    assert got == [["a"], ["b"]]
+    endless = _walk_ahead(iter(lambda: ["x"], None))
+    assert next(endless) == ["x"]
+    endless.close()
+    assert not [t for t in threading.enumerate() if t.name == "featx-walk"]
