@@ -159,9 +159,10 @@ class RunStats:
     n_failed: int = 0
     n_failed_before: int = 0  # failures recorded by an earlier run, file unchanged: not retried
     n_pruned: int = 0
-    # new paths whose bytes the cache had embedded under another path (moved, renamed, copied), or that
-    # another file of this run has (duplicates): their embeddings were reused, not recomputed
+    # new paths whose bytes the cache had embedded under another path (moved, renamed, copied): their
+    # embeddings were reused, not recomputed
     n_moved: int = 0
+    n_duplicates: int = 0  # files with the bytes of another file of this run: embedded once, row shared
     seconds: float = 0.0
     load_seconds: float = 0.0  # model export/load/compile before the first image
     engine: str = ""  # the engine(s) that ran, with their devices
@@ -190,6 +191,7 @@ class RunStats:
         return (
             f"{self.n_embedded} embedded, {self.n_cached} already cached, {self.n_failed} failed"
             + (f", {self.n_moved} moved, renamed or copied (embeddings reused)" if self.n_moved else "")
+            + (f", {self.n_duplicates} identical to another file (embedded once)" if self.n_duplicates else "")
             + (f" ({self.n_failed_before} failed before, unchanged)" if self.n_failed_before else "")
             + (f", {self.n_deleted} deleted from the folder" + (f" ({self.n_pruned} pruned)" if self.n_pruned else
                " (--prune removes them)") if self.n_deleted else "")
@@ -208,7 +210,7 @@ class RunStats:
     def found_nothing(self) -> bool:
         """The walk found no image file at all: a wrong folder, most likely."""
         return not (self.n_embedded or self.n_cached or self.n_failed or self.n_failed_before or self.n_deleted
-                    or self.n_moved)
+                    or self.n_moved or self.n_duplicates)
 
 
 def default_workers(*, gpu_decode: bool = False) -> int:
@@ -515,7 +517,7 @@ class PendingFiles:
       inside the root) is embedded once: ``store_copies()``, called once the run's embeddings are
       stored, gives it that file's row. Killed before that, the next run finds the row by its digest.
 
-    Both count in ``stats.n_moved``. Only a file whose size equals that of a file with a known digest (a
+    They count in ``stats.n_moved`` and ``stats.n_duplicates``. Only a file whose size equals that of a file with a known digest (a
     stored row's, or another file's of this run) is hashed before it is decoded, so an ordinary new file
     is read once. Hashing happens here, in the walk: a thread pool measured slower on 60 kB JPEGs (its
     per-file overhead exceeds the hash). Shared by the single-machine and the Ray paths, so both skip
@@ -605,7 +607,7 @@ class PendingFiles:
             original = self._handed_on.get(digest) if digest is not None else None
             if original is not None and row is None:
                 self._copies.append((item, original, digest))
-                stats.n_moved += 1
+                stats.n_duplicates += 1
                 self.on_skip()
                 return False
         if digest is not None:
@@ -634,9 +636,9 @@ class PendingFiles:
                     self.recovered.add(item.key)
             elif original in failed_now:  # the same bytes fail the same way
                 bad.append((item, failed_now[original]))
-                stats.n_moved -= 1
+                stats.n_duplicates -= 1
             else:
-                stats.n_moved -= 1
+                stats.n_duplicates -= 1
         _store_reused(self.store, self._reused, self.label_of)
         if bad:
             self.store.add_failures([e.key for e, _ in bad], [r for _, r in bad], [e.size for e, _ in bad],

@@ -171,8 +171,8 @@ def test_identical_files_in_one_run_are_embedded_once(small_digits, tmp_path, li
     n_nines = sum(k.startswith("9/") for k in keys)
     out = tmp_path / "c.h5"
     stats = embed(small_digits, out, lite0_onnx)
-    assert (stats.n_embedded, stats.n_moved, stats.n_failed) == (60, n_nines + 2, 2)
-    assert "moved, renamed or copied (embeddings reused)" in stats.summary()
+    assert (stats.n_embedded, stats.n_duplicates, stats.n_moved, stats.n_failed) == (60, n_nines + 2, 0, 2)
+    assert f"{n_nines + 2} identical to another file (embedded once)" in stats.summary()
     data = featx.load_embeddings(out)
     assert len(data.keys) == 60 + n_nines + 2 == len(set(data.keys))
     copies = {keys[0].replace(".png", " (1).png"): keys[0], "loose.png": keys[5]}
@@ -184,7 +184,7 @@ def test_identical_files_in_one_run_are_embedded_once(small_digits, tmp_path, li
     assert data.labels[data.keys.index("loose.png")] == -1
     assert data.failures["3/broken.png"] == data.failures["2/broken.png"] != ""
     again = embed(small_digits, out, lite0_onnx)
-    assert (again.n_embedded, again.n_cached, again.n_moved, again.n_failed_before) == (0, 60 + n_nines + 2, 0, 2)
+    assert (again.n_embedded, again.n_cached, again.n_duplicates, again.n_failed_before) == (0, 60 + n_nines + 2, 0, 2)
 
 
 def test_a_copy_with_a_new_name_and_mtime_takes_the_stored_row(small_digits, tmp_path, lite0_onnx):

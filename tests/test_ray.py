@@ -41,8 +41,8 @@ def test_ray_engine_gives_the_single_machine_cache(local_cluster, small_digits, 
     ray_stats = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray",
                                    batch_size=8, workers=2)
     one = featx.embed_folder(small_digits, tmp_path / "one.h5", model=lite0_onnx, batch_size=8, workers=0)
-    assert (ray_stats.n_embedded, ray_stats.n_failed, ray_stats.n_moved) == \
-        (one.n_embedded, one.n_failed, one.n_moved) == (60, 2, 1)
+    assert (ray_stats.n_embedded, ray_stats.n_failed, ray_stats.n_duplicates) == \
+        (one.n_embedded, one.n_failed, one.n_duplicates) == (60, 2, 1)
     assert_same_cache(tmp_path / "ray.h5", tmp_path / "one.h5")
     again = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray")
     assert (again.n_embedded, again.n_cached, again.n_failed_before) == (0, 61, 2)
