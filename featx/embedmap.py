@@ -32,13 +32,16 @@ class EmbeddingMap:
     n_total: int  # rows in the cache; the map shows a stratified sample of them
     neighbour_agreement: float | None  # share whose nearest neighbour has the same class (labelled rows)
     chance_agreement: float | None  # the same for labels drawn at random with the class shares
+    n_copies: int = 0  # sampled rows left out: the same bytes and class as another (find_copies)
 
     def text(self) -> str:
         return f"{self.what()} -> {self.png}" + (f"\n{self.agreement()}" if self.agreement() else "")
 
     def what(self) -> str:
-        shown = (f"{len(self.keys):,} of {self.n_total:,}" if len(self.keys) < self.n_total else f"{self.n_total:,}")
-        return f"{self.method} map of {shown} embeddings"
+        sampled = len(self.keys) + self.n_copies
+        shown = f"{sampled:,} of {self.n_total:,}" if sampled < self.n_total else f"{self.n_total:,}"
+        copies = f" ({self.n_copies:,} cop{'ies' if self.n_copies > 1 else 'y'} of other images left out)"
+        return f"{self.method} map of {shown} embeddings" + (copies if self.n_copies else "")
 
     def agreement(self) -> str:
         if self.neighbour_agreement is None:
@@ -69,7 +72,7 @@ def plot_embeddings(
 
     from .errors import FeatxError
     from .search import unit_rows
-    from .store import load_embeddings, load_labels
+    from .store import find_copies, load_embeddings, load_labels
 
     if method not in ("tsne", "pca"):
         raise FeatxError(f"method {method!r}: expected tsne or pca")
@@ -78,7 +81,11 @@ def plot_embeddings(
     if n_total < 3:
         raise FeatxError(f"{cache}: {n_total} embeddings; a map needs at least 3")
     data = load_embeddings(cache, model, rows=_stratified_sample(all_labels, max_points, seed))
-    X, labels, keys = data.embeddings, data.labels, data.keys
+    # a copy (same bytes, same class) would be its twin's nearest neighbour and lift the agreement
+    copies = find_copies(data.keys, data.labels, data.digests)
+    X, labels, keys = data.embeddings[copies.keep], data.labels[copies.keep], [data.keys[i] for i in copies.keep]
+    if len(X) < 3:
+        raise FeatxError(f"{cache}: {len(X)} distinct images ({copies.n_copies} copies left out); a map needs at least 3")
     X = unit_rows(X)  # neighbours by cosine, as featx similar finds them
     agreement, chance = _neighbour_agreement(X, labels)
     if method == "pca":
@@ -91,7 +98,7 @@ def plot_embeddings(
                       random_state=seed).fit_transform(reduced)
     output = Path(output) if output else Path(cache).with_suffix(".map.png")
     result = EmbeddingMap(output, "t-SNE" if method == "tsne" else "PCA", keys, points.astype(np.float32),
-                          labels, data.class_names, n_total, agreement, chance)
+                          labels, data.class_names, n_total, agreement, chance, copies.n_copies)
     _draw(result, title=f"{data.model}: {result.what()}")
     return result
 

@@ -47,3 +47,20 @@ def test_unlabelled_cache_is_drawn_without_a_class_figure(small_digits, tmp_path
         featx.load_embeddings(tmp_path / "c.h5", rows=[5, 3])
     with pytest.raises(featx.FeatxError, match="expected tsne or pca"):
         featx.plot_embeddings(tmp_path / "c.h5", tmp_path / "x.png", method="umap")
+
+
+def test_copies_in_a_class_do_not_lift_the_neighbour_figure(small_digits, tmp_path, lite0_onnx):
+    """The same photo twice in a class would be its own nearest neighbour: copies count once, so the
+    figure is the one the folder gives without them."""
+    import shutil
+
+    cache = tmp_path / "c.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    before = featx.plot_embeddings(cache, tmp_path / "before.png", method="pca")
+    for path in sorted(small_digits.rglob("*.png")):  # every photo exported twice into its own class
+        shutil.copy(path, path.with_name("copy-" + path.name))
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    after = featx.plot_embeddings(cache, tmp_path / "after.png", method="pca")
+    assert (after.n_total, len(after.keys), after.n_copies) == (120, 60, 60)
+    assert after.neighbour_agreement == before.neighbour_agreement < 1.0
+    assert "PCA map of 120 embeddings (60 copies of other images left out)" in after.text()
