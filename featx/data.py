@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import stat
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -196,6 +197,32 @@ def file_digest(path: str | os.PathLike) -> str:
         for block in iter(functools.partial(f.read, 1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def digests_of_look_alikes(paths: Sequence[str | os.PathLike], sizes: Sequence[int] | None = None) -> list[str]:
+    """``file_digest`` of each file whose size another of ``paths`` shares, "" for the rest (and for files
+    that cannot be read): all :func:`featx.store.find_copies` needs to find identical files, reading
+    only those that could be one. ``sizes``: the files' sizes when the caller has them (a walk's)."""
+    if sizes is None:
+        sizes = [_size_or_none(p) for p in paths]
+    counts = Counter(sizes)
+    out = []
+    for path, size in zip(paths, sizes):
+        digest = ""
+        if size is not None and counts[size] > 1:
+            try:
+                digest = file_digest(path)
+            except OSError:
+                pass
+        out.append(digest)
+    return out
+
+
+def _size_or_none(path) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
 
 
 def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int = DEFAULT_MAX_PIXELS,

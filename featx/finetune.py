@@ -132,6 +132,18 @@ class FinetuneResult:
     trainable: list[str] = field(default_factory=list)
     curves: str = ""  # PNG of loss and accuracy per epoch, redrawn after each epoch
     skipped: dict[str, str] = field(default_factory=dict)  # files that could not be decoded -> why
+    n_copies: int = 0  # files left out: the same bytes and class as another file of the folder
+
+
+def without_copies(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], int]:
+    """(path, class) samples less those with the bytes and class of an earlier one, and how many went:
+    a copy adds no information, and one on each side of a split scores what it trained on."""
+    from .data import digests_of_look_alikes
+    from .store import find_copies
+
+    paths = [path for path, _ in samples]
+    copies = find_copies(paths, [target for _, target in samples], digests_of_look_alikes(paths))
+    return [samples[i] for i in copies.keep], copies.n_copies
 
 
 def split_indices(targets: Sequence, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,8 +227,12 @@ def fine_tune(
     except FileNotFoundError as e:  # no class folder, or class folders without images
         raise FeatxError(f"{root}: fine-tuning needs images in class subfolders ({e})") from None
     class_names = dataset.classes
+    samples, n_copies = without_copies(dataset.samples)
+    if n_copies:
+        log(f"{n_copies} cop{'ies' if n_copies > 1 else 'y'} of other images left out (same bytes and class): "
+            "one on each side of the split would be validated on what it trained on")
     # before the backbone loads: a folder that cannot be split is reported at once
-    train_idx, val_idx = split_indices([class_names[t] for t in dataset.targets], val_fraction, seed)
+    train_idx, val_idx = split_indices([class_names[t] for _, t in samples], val_fraction, seed)
     backbone = load_backbone(model, weights=weights)
     features = backbone.features
     if unfreeze == "auto":
@@ -248,8 +264,8 @@ def fine_tune(
     ])
     val_tf = T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size),
                         T.Lambda(lambda im: im.convert("RGB")), *normalise])
-    train_set = _FolderImages([dataset.samples[i] for i in train_idx], train_tf)
-    val_set = _FolderImages([dataset.samples[i] for i in val_idx], val_tf)
+    train_set = _FolderImages([samples[i] for i in train_idx], train_tf)
+    val_set = _FolderImages([samples[i] for i in val_idx], val_tf)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          collate_fn=_collate_decoded)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size * 2, num_workers=workers,
@@ -268,7 +284,7 @@ def fine_tune(
     use_amp = device == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     result = FinetuneResult(str(output), class_names, best[1], best[0], history=history, frozen=frozen,
-                            trainable=trainable, curves=str(output.with_suffix(".curves.png")))
+                            trainable=trainable, curves=str(output.with_suffix(".curves.png")), n_copies=n_copies)
     skipped = result.skipped
     waited = 0
     for epoch in range(start_epoch + 1, epochs + 1):
@@ -492,13 +508,17 @@ class Advice:
     probe_folds: int = 3
     probe_note: str = ""  # why the probe did not run
     skipped: dict[str, str] = field(default_factory=dict)  # sampled files that could not be decoded -> why
+    n_copies: int = 0  # files not counted: the same bytes and class as another
 
     def text(self) -> str:
         probe = (f"({self.probe_folds}-fold CV on the sample): accuracy {self.probe_accuracy:.3f}"
                  if self.probe_accuracy == self.probe_accuracy else f": not run ({self.probe_note})")
         skipped = (f"\n{len(self.skipped)} sampled file{'s' if len(self.skipped) > 1 else ''} skipped (cannot be decoded), e.g. "
                    f"{next(iter(self.skipped))}: {next(iter(self.skipped.values()))}" if self.skipped else "")
-        return (f"{self.n_images} images in {self.n_classes} classes ({self.images_per_class:.0f} per class: {self.size})\n"
+        copies = (f", {self.n_copies} cop{'ies' if self.n_copies > 1 else 'y'} of other images left out"
+                  if self.n_copies else "")
+        return (f"{self.n_images} images in {self.n_classes} classes ({self.images_per_class:.0f} per class: {self.size})"
+                f"{copies}\n"
                 f"ImageNet classifier's mean top-1 confidence on a sample: {self.imagenet_confidence:.3f} "
                 f"(< {SIMILARITY_CONFIDENCE} counts as different from ImageNet: {self.similarity})\n"
                 f"linear probe on frozen embeddings {probe}{skipped}\n"
@@ -522,6 +542,10 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
 
     entries = [e for e in walk_images(root) if isinstance(e, FileEntry) and e.label is not None]
     classes = class_names_of(root)
+    # a copy counts once: in the probe's folds it would be scored on what it trained on
+    distinct, n_copies = without_copies([(e.path, classes.index(e.label)) for e in entries])
+    kept = {path for path, _ in distinct}
+    entries = [e for e in entries if e.path in kept]
     if len(classes) < 2 or not entries:
         raise FeatxError(f"{root}: advise needs images in at least two class folders")
     # the same share of every class (all of a small one), so a class of a few images is in the sample
@@ -568,4 +592,4 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
         ("large", "different"): ("fine-tune everything: the data can support it and differs from ImageNet", "all"),
     }[(size, similarity)]
     return Advice(len(entries), len(classes), per_class, confidence, probe, size, similarity, recommendation,
-                  unfreeze, probe_folds=folds, probe_note=note, skipped=skipped)
+                  unfreeze, probe_folds=folds, probe_note=note, skipped=skipped, n_copies=n_copies)

@@ -135,9 +135,14 @@ def test_finetune_starts_from_a_trained_head(small_digits, tmp_path, lite0_onnx)
 
 
 def test_finetune_refuses_folders_it_cannot_split_before_loading_the_model(small_digits, tmp_path, capsys):
-    """The split is checked before the backbone loads (a model that does not exist is never reached)."""
+    """The split is checked before the backbone loads (a model that does not exist is never reached);
+    copies (same bytes and class) are left out first, so they count once."""
+    import shutil
+
     from featx.errors import FeatxError
 
+    for i, photo in enumerate(sorted((small_digits / "5").iterdir())[:3]):
+        shutil.copy(photo, photo.with_name(f"copy-{i}.png"))
     with pytest.raises(FeatxError, match="--val-fraction 0.9 holds out 54 of 60 images for validation"):
         featx.fine_tune(small_digits, tmp_path / "ft.safetensors", val_fraction=0.9, model="no_such_model")
     from featx.cli import main
@@ -159,9 +164,13 @@ def test_advise_skips_bad_files_and_says_why_the_probe_did_not_run(small_digits,
     (small_digits / "0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     for extra in sorted((small_digits / "4").iterdir())[1:]:
         extra.unlink()
+    import shutil
+
+    shutil.copy(next((small_digits / "4").iterdir()), small_digits / "4" / "the same four.png")  # counts once
     advice = featx.advise(small_digits, model=lite0_onnx)  # the sample takes every image of these 60
     assert list(advice.skipped) == ["0/broken.jpg"] and "1 sampled file skipped" in advice.text()
     assert advice.probe_accuracy != advice.probe_accuracy and "class '4' has a single usable image" in advice.text()
+    assert advice.n_copies == 1 and "1 copy of other images left out" in advice.text()
     assert "nan" not in advice.text() and advice.recommendation
     (small_digits / "4").rename(small_digits.parent / "4")  # the rest: every class has 2+ images in the sample
     advice = featx.advise(small_digits, model=lite0_onnx, sample=18)  # 2 of each of the 9 classes
