@@ -312,7 +312,13 @@ def embed_folder(
         bar = _progress_bar(total, progress)
 
         store_lock = threading.Lock()  # the walk's thread and the writer below both write the store
-        pending = PendingFiles(root, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1),
+        bar_lock = threading.Lock()  # and both move the progress bar
+
+        def skipped() -> None:
+            with bar_lock:
+                bar.update(1)
+
+        pending = PendingFiles(root, store, stats, seen, done, failed_before, on_skip=skipped,
                                label_of=label_of, store_lock=store_lock)
 
         recovered: set[str] = set()
@@ -362,8 +368,9 @@ def embed_folder(
                                 for e, r in bad:
                                     _logger.warning("skipped %s: %s", e.key, r)
                         stats.decoded_by[decoded.decoded_by] = stats.decoded_by.get(decoded.decoded_by, 0) + len(batch)
-                        bar.update(len(batch))
-                        bar.set_postfix(failed=stats.n_failed, refresh=False)
+                        with bar_lock:
+                            bar.update(len(batch))
+                            bar.set_postfix(failed=stats.n_failed, refresh=False)
                 finally:
                     bar.close()
                     if cpu_pool is not None:
