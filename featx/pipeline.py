@@ -195,8 +195,9 @@ class RunStats:
             + (f" ({self.n_failed_before} failed before, unchanged)" if self.n_failed_before else "")
             + (f", {self.n_deleted} deleted from the folder" + (f" ({self.n_pruned} pruned)" if self.n_pruned else
                " (--prune removes them)") if self.n_deleted else "")
-            + f" in {self.seconds:.1f} s ({self.load_seconds:.1f} s loading the model), "
-            f"{self.steady_images_per_second:.1f} images/s -> {self.out} [{self.model}"
+            + f" in {self.seconds:.1f} s ({self.load_seconds:.1f} s loading the model)"
+            + (f", {self.steady_images_per_second:.1f} images/s" if self.n_embedded else "")
+            + f" -> {self.out} [{self.model}"
             + (f", {self.engine}" if self.engine else "") + "]"
             + (f"; out of memory: batch size lowered to {self.backoffs[-1]}" if self.backoffs else "")
             + ("; decoded: " + ", ".join(f"{n} by {f'nvJPEG ({self.jpeg_library})' if k == 'gpu' else 'CPU workers'}"
