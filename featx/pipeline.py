@@ -525,11 +525,11 @@ class PendingFiles:
       inside the root) is embedded once: ``store_copies()``, called once the run's embeddings are
       stored, gives it that file's row. Killed before that, the next run finds the row by its digest.
 
-    They count in ``stats.n_moved`` and ``stats.n_duplicates``. Only a file whose size equals that of a file with a known digest (a
-    stored row's, or another file's of this run) is hashed before it is decoded, so an ordinary new file
-    is read once. Hashing happens here, in the walk: a thread pool measured slower on 60 kB JPEGs (its
-    per-file overhead exceeds the hash). Shared by the single-machine and the Ray paths, so both skip
-    exactly the same files.
+    They count in ``stats.n_moved`` and ``stats.n_duplicates``. Only a file whose size equals that of a
+    file with a known digest (a stored row's, or another file's of this run) is hashed before it is
+    decoded, so an ordinary new file is read once. Hashing happens here, in the walk: a thread pool
+    measured slower on 60 kB JPEGs (its per-file overhead exceeds the hash). Shared by the single-machine
+    and the Ray paths, so both skip exactly the same files.
     """
 
     def __init__(self, root, store, stats: RunStats, seen: set[str], done: dict, failed_before: dict, *,
