@@ -82,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5)
     _add_device(p)
 
-    p = sub.add_parser("embed", help="embed an image folder into an HDF5 cache (resumable, incremental)")
-    p.add_argument("root")
+    p = sub.add_parser("embed", help="embed an image folder into an HDF5 cache (resumable, incremental)",
+                       description="Embed every image under ROOT into the cache. A re-run embeds only what is new: "
+                       "files already cached (same path, size and mtime, or the same bytes: moved, renamed or "
+                       "copied) take their stored rows, and files with the same bytes in one run are embedded "
+                       "once. Killed at any point, the same command resumes.")
+    p.add_argument("root", help="image folder; first-level subfolders are the classes")
     p.add_argument("--out", "-o", required=True, help="HDF5 cache file")
     _add_model(p)
     p.add_argument("--batch-size", type=_batch_size, default=32,
