@@ -340,7 +340,7 @@ def embed_folder(
             stages = [_decoded_upstream] * len(encoders)
         stats.load_seconds = time.perf_counter() - start
         try:
-            with _EngineThreads(source, stages, encoders, store_lock) as results:
+            with _EngineThreads(source, stages, encoders) as results:
                 try:
                     for batch, decoded, emb in results:
                         ok = [batch[i] for i in decoded.ok]
@@ -406,13 +406,11 @@ class _EngineThreads:
     hands them back; iteration yields (batch, DecodedBatch, embeddings) in the source's order.
 
     The engines run while the caller writes the previous batches to the store, so GPU work, host
-    copies and HDF5 writes overlap. The source runs in whichever engine thread pulls next (one at a
-    time); ``store_lock`` is held while the threads stop, as the walk feeding the source writes the store
-    under it too.
+    copies and HDF5 writes overlap. The source runs in whichever engine thread pulls next, one at a
+    time; it does not touch the store (the walk feeding it writes under the caller's store lock).
     """
 
-    def __init__(self, source, stages, encoders: list[BackoffEncoder], store_lock: threading.Lock, depth: int = 2):
-        self.store_lock = store_lock
+    def __init__(self, source, stages, encoders: list[BackoffEncoder], depth: int = 2):
         self._source_lock = threading.Lock()
         self._source = source
         self._numbered = self._number(source)
