@@ -199,12 +199,11 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def digests_of_look_alikes(paths: Sequence[str | os.PathLike], sizes: Sequence[int] | None = None) -> list[str]:
+def digests_of_look_alikes(paths: Sequence[str | os.PathLike]) -> list[str]:
     """``file_digest`` of each file whose size another of ``paths`` shares, "" for the rest (and for files
     that cannot be read): all :func:`featx.store.find_copies` needs to find identical files, reading
-    only those that could be one. ``sizes``: the files' sizes when the caller has them (a walk's)."""
-    if sizes is None:
-        sizes = [_size_or_none(p) for p in paths]
+    only those that could be one."""
+    sizes = [_size_or_none(p) for p in paths]
     counts = Counter(sizes)
     out = []
     for path, size in zip(paths, sizes):
