@@ -44,6 +44,7 @@ def test_rerun_embeds_only_new_and_changed_and_reports_deleted(small_digits, tmp
     first = featx.load_embeddings(out)
     again = embed(small_digits, out, lite0_onnx)
     assert (again.n_embedded, again.n_cached) == (0, 60)
+    assert "images/s" not in again.summary()  # nothing embedded: no rate of 0.0 to read
 
     import shutil
     shutil.copy(photos_dir / "coffee.png", small_digits / "3" / "new.png")
