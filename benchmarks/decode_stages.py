@@ -78,7 +78,7 @@ def main() -> None:
 
     # the walk that hands files on, on a fresh cache: os.scandir + stat alone, and featx's PendingFiles,
     # which also hashes each file whose size another file of the run shares (or a stored row's), so that each
-    # content is embedded once; on GPU runs it shares the engine threads, so it must stay far ahead
+    # content is embedded once; it runs in one thread (pipeline._walk_ahead), so it must stay far ahead
     sizes = Counter(os.path.getsize(p) for p in paths)
     rec["walk_files_sharing_a_size"] = sum(c for c in sizes.values() if c > 1) / n
     rec["walk_stat_only_per_s"] = _rate(n, lambda: sum(1 for _ in walk_images(root)))
