@@ -3,9 +3,10 @@
 The listing and the skip logic are the single-machine path's (data.walk_images, the store's done
 keys). Decoding runs ``data.load_batch`` in Ray tasks, so bad files fail the same way; each actor
 holds one onnxruntime session (on a GPU with ``num_gpus_per_worker``) and writes each batch it embeds
-as a shard file, its ``.done`` marker written last. The driver then stitches finished shards into the
-HDF5 store through ``EmbeddingStore.append``, which commits per batch; a shard is deleted only after
-its rows are committed, and rows already in the store are skipped, so a killed run resumes.
+as a shard file, written under a ``.part`` name and renamed when complete. The driver then stitches
+finished shards into the HDF5 store through ``EmbeddingStore.append``, which commits per batch; a shard
+is deleted only after its rows are committed, and rows already in the store are skipped, so a killed
+run resumes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,7 @@ def _decode(batch: dict, *, cfg, max_pixels: int) -> dict:
 
 
 class _Embedder:
-    """Ray actor: one onnxruntime session; each batch becomes a shard file, then its done marker."""
+    """Ray actor: one onnxruntime session; each batch becomes a shard file, renamed into place when complete."""
 
     def __init__(self, model_file: str, device: str, shard_dir: str):
         from .runtime import OnnxEngine
@@ -58,41 +60,49 @@ class _Embedder:
         emb = self.engine.encode(batch["image"][ok]).embedding if ok.any() else np.zeros((0, self.engine.info.embed_dim))
         # named by the batch's first position in the walk: stitching in name order keeps the walk's order
         name = f"{int(batch['order'][0]):012d}-{uuid.uuid4().hex[:8]}"
-        path = self.shard_dir / f"{name}.npz"
-        with open(path, "wb") as f:
-            np.savez(f, ok=ok, embedding=emb.astype(np.float32), key=np.asarray(batch["key"], dtype=object),
+        part = self.shard_dir / f"{name}.part"
+        with open(part, "wb") as f:  # str arrays of fixed width: the shard loads without pickle
+            np.savez(f, ok=ok, embedding=emb.astype(np.float32), key=np.asarray(batch["key"], dtype=str),
                      label=batch["label"], size=batch["size"], mtime=batch["mtime"],
-                     error=np.asarray(batch["error"], dtype=object), digest=np.asarray(batch["digest"], dtype=object))
+                     error=np.asarray(batch["error"], dtype=str), digest=np.asarray(batch["digest"], dtype=str))
             f.flush()
             os.fsync(f.fileno())
-        (self.shard_dir / f"{name}.done").touch()  # written last: the shard is complete
+        # Renamed only when complete, so a .npz is never half written. An actor outlives its killed driver
+        # by seconds: the next run's stitch then deletes its .part, and this rename fails in a dead job.
+        os.replace(part, self.shard_dir / f"{name}.npz")
         return {"shard": np.array([name]), "n": np.array([len(ok)])}
 
 
 def stitch_shards(shard_dir: Path, store: EmbeddingStore) -> tuple[int, list[tuple[str, str]]]:
     """Commit every finished shard into the store (skipping keys already there), then delete it."""
-    markers = sorted(shard_dir.glob("*.done"))
-    done = store.done() if markers else {}  # the done keys are read only when there is something to stitch
+    shards = sorted(shard_dir.glob("*.npz"))
+    done = store.done() if shards else {}  # the done keys are read only when there is something to stitch
     embedded, failures = 0, []
-    for marker in markers:
-        shard = marker.with_suffix(".npz")
-        with np.load(shard, allow_pickle=True) as z:  # our own shard files: keys and reasons are str objects
-            ok, keys, errors = z["ok"], [str(k) for k in z["key"]], [str(e) for e in z["error"]]
-            rows = [i for i in np.flatnonzero(ok) if keys[i] not in done]
-            emb_row = {i: r for r, i in enumerate(np.flatnonzero(ok))}
-            store.append([keys[i] for i in rows], z["embedding"][[emb_row[i] for i in rows]],
-                         z["label"][rows], z["size"][rows], z["mtime"][rows],
-                         digests=[str(z["digest"][i]) for i in rows] if "digest" in z else None)
-            bad = [i for i in np.flatnonzero(~ok)]
-            store.add_failures([keys[i] for i in bad], [errors[i] for i in bad], z["size"][bad], z["mtime"][bad])
+    for shard in shards:
+        try:
+            with np.load(shard) as z:
+                ok, keys, errors = z["ok"], z["key"].tolist(), z["error"].tolist()
+                embedding, label, size, mtime, digest = (z[k] for k in ("embedding", "label", "size", "mtime",
+                                                                        "digest"))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            # not ours or from an older featx (pickled keys): its files are not in the store, so are redone
+            _logger.warning("shard %s unreadable (%s), deleted: its files are not in the cache, so the next run "
+                            "embeds them", shard.name, e)
+            shard.unlink()
+            continue
+        rows = [i for i in np.flatnonzero(ok) if keys[i] not in done]
+        emb_row = {i: r for r, i in enumerate(np.flatnonzero(ok))}
+        store.append([keys[i] for i in rows], embedding[[emb_row[i] for i in rows]], label[rows], size[rows],
+                     mtime[rows], digests=[digest[i] for i in rows])
+        bad = [i for i in np.flatnonzero(~ok)]
+        store.add_failures([keys[i] for i in bad], [errors[i] for i in bad], size[bad], mtime[bad])
         for i in rows:
             done[keys[i]] = (0, 0, 0)
         embedded += len(rows)
         failures += [(keys[i], errors[i]) for i in bad]
         shard.unlink()
-        marker.unlink()
-    for partial in shard_dir.glob("*.npz"):  # a shard without its marker was cut short: its files are redone
-        partial.unlink()
+    for leftover in [*shard_dir.glob("*.part"), *shard_dir.glob("*.done")]:  # cut short; markers of older featx
+        leftover.unlink(missing_ok=True)
     return embedded, failures
 
 
