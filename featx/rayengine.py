@@ -94,7 +94,7 @@ def stitch_shards(shard_dir: Path, store: EmbeddingStore) -> tuple[int, list[tup
         emb_row = {i: r for r, i in enumerate(np.flatnonzero(ok))}
         store.append([keys[i] for i in rows], embedding[[emb_row[i] for i in rows]], label[rows], size[rows],
                      mtime[rows], digests=[digest[i] for i in rows])
-        bad = [i for i in np.flatnonzero(~ok)]
+        bad = [i for i in np.flatnonzero(~ok) if keys[i] not in done]  # a late shard of a killed run: fixed since
         store.add_failures([keys[i] for i in bad], [errors[i] for i in bad], size[bad], mtime[bad])
         for i in rows:
             done[keys[i]] = (0, 0, 0)
