@@ -341,8 +341,12 @@ def failure_reason(error: Exception) -> str:
     return str(error) if isinstance(error, ImageError) else f"unexpected {type(error).__name__}: {error}"
 
 
-def load_batch(paths: Sequence[str], cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedBatch:
-    """Decode and preprocess ``paths``; a bad file becomes a (position, reason) row, never an exception."""
+def load_batch(paths: Sequence[str], cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+               with_digests: bool = True) -> DecodedBatch:
+    """Decode and preprocess ``paths``; a bad file becomes a (position, reason) row, never an exception.
+
+    ``with_digests=False`` leaves ``digests`` empty, for callers that store nothing (classify, predict).
+    """
     h, w = cfg.input_size
     images = np.empty((len(paths), h, w, 3), dtype=np.uint8)
     ok: list[int] = []
@@ -352,7 +356,8 @@ def load_batch(paths: Sequence[str], cfg: PreprocessConfig, max_pixels: int = DE
         try:
             data = read_image_file(path)  # read once: decoded and hashed from memory
             images[len(ok)] = load_image(data, cfg, max_pixels=max_pixels)
-            digests.append(content_digest(data))
+            if with_digests:
+                digests.append(content_digest(data))
             ok.append(i)
         except Exception as e:
             failed.append((i, failure_reason(e)))

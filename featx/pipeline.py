@@ -109,7 +109,7 @@ def encode_files(engine, paths: Sequence[str], *, batch_size: int = 32, progress
     try:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            decoded = load_batch(chunk, engine.info.preprocess)
+            decoded = load_batch(chunk, engine.info.preprocess, with_digests=False)  # nothing is stored
             rows: list = [(None, None, None)] * len(chunk)
             for k, reason in decoded.failed:
                 rows[k] = (None, None, reason)
