@@ -136,6 +136,22 @@ def test_several_engines_fill_one_store_like_one(small_digits, tmp_path, lite0_o
     again = featx.embed_folder(small_digits, tmp_path / "two.h5", model=lite0_onnx, engine="onnx", workers=1,
                                devices=["cpu", "cpu"])
     assert (again.n_embedded, again.n_cached, again.n_failed_before) == (0, 60, 1)
+    # the walk (its own thread, reading the store for moved files) runs while both engines append:
+    # a renamed file, copies of a file in this run, and new files give the cache one engine gives
+    from featx.samples import write_digits_folder
+
+    ones = sorted((small_digits / "1").iterdir())
+    ones[0].rename(small_digits / "1" / "renamed.png")
+    more = sorted(write_digits_folder(tmp_path / "more", size=40, limit=24).rglob("*.png"))  # new bytes
+    for n in range(3):
+        (small_digits / "5" / f"copy{n}.png").write_bytes(more[0].read_bytes())
+    for path in more:
+        path.rename(small_digits / path.parent.name / f"more-{path.name}")
+    runs = [featx.embed_folder(small_digits, tmp_path / name, model=lite0_onnx, engine="onnx", batch_size=4,
+                               workers=1, devices=devices) for name, devices in (("one.h5", None),
+                                                                                 ("two.h5", ["cpu", "cpu"]))]
+    assert [(r.n_embedded, r.n_moved, r.n_duplicates, r.n_cached) for r in runs] == [(24, 1, 3, 59)] * 2
+    _same_cache(tmp_path / "one.h5", tmp_path / "two.h5")
 
 
 def test_auto_batch_size_on_cpu_is_32_with_room(lite0_onnx):
