@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -49,17 +48,17 @@ def _decode(batch: dict, *, cfg, max_pixels: int) -> dict:
 class _Embedder:
     """Ray actor: one onnxruntime session; each batch becomes a shard file, renamed into place when complete."""
 
-    def __init__(self, model_file: str, device: str, shard_dir: str):
+    def __init__(self, model_file: str, device: str, shard_dir: str, run: str):
         from .runtime import OnnxEngine
 
         self.engine = OnnxEngine(model_file, device=device)
-        self.shard_dir = Path(shard_dir)
+        self.shard_dir, self.run = Path(shard_dir), run
 
     def __call__(self, batch: dict) -> dict:
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         emb = self.engine.encode(batch["image"][ok]).embedding if ok.any() else np.zeros((0, self.engine.info.embed_dim))
-        # named by the batch's first position in the walk: stitching in name order keeps the walk's order
-        name = f"{int(batch['order'][0]):012d}-{uuid.uuid4().hex[:8]}"
+        # named by the run, then the batch's first position in its walk: name order is walk order
+        name = f"{self.run}-{int(batch['order'][0]):012d}"
         part = self.shard_dir / f"{name}.part"
         with open(part, "wb") as f:  # str arrays of fixed width: the shard loads without pickle
             np.savez(f, ok=ok, embedding=emb.astype(np.float32), key=np.asarray(batch["key"], dtype=str),
@@ -73,9 +72,14 @@ class _Embedder:
         return {"shard": np.array([name]), "n": np.array([len(ok)])}
 
 
-def stitch_shards(shard_dir: Path, store: EmbeddingStore) -> tuple[int, list[tuple[str, str]]]:
-    """Commit every finished shard into the store (skipping keys already there), then delete it."""
-    shards = sorted(shard_dir.glob("*.npz"))
+def stitch_shards(shard_dir: Path, store: EmbeddingStore, run: str | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """Commit every finished shard into the store (skipping keys already there), then delete it.
+
+    Shards go in name order (older runs first, each in walk order); ``run``'s own go first, so that a
+    killed run's shard written late (its actors outlive their driver by seconds) does not take rows
+    ahead of this run's walk order: its files are this run's too, and are skipped as stored.
+    """
+    shards = sorted(shard_dir.glob("*.npz"), key=lambda shard: (not (run and shard.name.startswith(run)), shard.name))
     done = store.done() if shards else {}  # the done keys are read only when there is something to stitch
     embedded, failures = 0, []
     for shard in shards:
@@ -138,6 +142,7 @@ def embed_folder_ray(
     model_file = ensure_model_file(model, weights=weights, models_dir=models_dir)
     info = read_model_info(model_file)
     group = Path(model_file).stem
+    run = f"{time.time_ns():020d}"  # shard names sort by run
     stats = RunStats(out=str(out), model=group)
     shard_dir = Path(f"{out}.shards") / group
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -168,10 +173,10 @@ def embed_folder_ray(
                                 num_gpus=num_gpus_per_worker,
                                 fn_constructor_kwargs={"model_file": str(Path(model_file).resolve()),
                                                        "device": "cuda" if num_gpus_per_worker else "cpu",
-                                                       "shard_dir": str(shard_dir.resolve())})
+                                                       "shard_dir": str(shard_dir.resolve()), "run": run})
             for _ in ds.iter_batches(batch_size=None):
                 pass
-            n, failures = stitch_shards(shard_dir, store)
+            n, failures = stitch_shards(shard_dir, store, run)
             stats.n_embedded += n
             stats.failures += failures
         stats.failures += recovered_failures

@@ -90,3 +90,31 @@ def test_ray_run_drops_shards_a_dead_run_left_unfinished(local_cluster, small_di
     assert "000000000008-0b0b0b0b.npz unreadable" in caplog.text
     assert (stats.n_embedded, stats.n_failed) == (60, 0)
     assert not list(shards.iterdir())
+
+
+def test_a_killed_runs_late_shard_does_not_break_walk_order(small_digits, tmp_path, lite0_onnx):
+    """An actor of a killed run may finish its batch after the next run started: that shard's files are
+    the next run's too, and the store keeps the next run's walk order."""
+    from featx.data import walk_images
+    from featx.rayengine import _decode, _Embedder, stitch_shards
+    from featx.runtime import read_model_info
+    from featx.store import EmbeddingStore
+
+    info = read_model_info(lite0_onnx)
+    entries = list(walk_images(small_digits))[:4]
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+
+    def write_shard(run, first):
+        batch = {"order": np.arange(first, first + 2), "path": np.array([e.path for e in entries[first:first + 2]]),
+                 "key": np.array([e.key for e in entries[first:first + 2]]), "label": np.zeros(2, dtype=int),
+                 "size": np.zeros(2, dtype=np.int64), "mtime": np.zeros(2, dtype=np.int64)}
+        _Embedder(str(lite0_onnx), "cpu", str(shard_dir), run)(_decode(batch, cfg=info.preprocess, max_pixels=10**8))
+
+    write_shard("0002", 0)
+    write_shard("0002", 2)
+    write_shard("0001", 2)  # the killed run's, named as an older run's
+    with EmbeddingStore(tmp_path / "c.h5", "efficientnet_lite0", info=info) as store:
+        assert stitch_shards(shard_dir, store, run="0002") == (4, [])
+    assert featx.load_embeddings(tmp_path / "c.h5").keys == [e.key for e in entries]
+    assert not list(shard_dir.iterdir())
