@@ -56,7 +56,8 @@ class _Embedder:
 
     def __call__(self, batch: dict) -> dict:
         ok = np.array([not e for e in batch["error"]], dtype=bool)
-        emb = self.engine.encode(batch["image"][ok]).embedding if ok.any() else np.zeros((0, self.engine.info.embed_dim))
+        dim = self.engine.info.embed_dim
+        emb = self.engine.encode(batch["image"][ok]).embedding if ok.any() else np.zeros((0, dim))
         # named by the run, then the batch's first position in its walk: name order is walk order
         name = f"{self.run}-{int(batch['order'][0]):012d}"
         part = self.shard_dir / f"{name}.part"
@@ -73,11 +74,12 @@ class _Embedder:
 
 
 def stitch_shards(shard_dir: Path, store: EmbeddingStore, run: str | None = None) -> tuple[int, list[tuple[str, str]]]:
-    """Commit every finished shard into the store (skipping keys already there), then delete it.
+    """Commit every finished shard into the store, then delete it: new files are appended, files changed
+    since their row was stored replace it in place, and rows of the very same file version are skipped.
 
     Shards go in name order (older runs first, each in walk order); ``run``'s own go first, so that a
     killed run's shard written late (its actors outlive their driver by seconds) does not take rows
-    ahead of this run's walk order: its files are this run's too, and are skipped as stored.
+    ahead of this run's walk order: its files are this run's too, and it adds only what is not stored.
     """
     shards = sorted(shard_dir.glob("*.npz"), key=lambda shard: (not (run and shard.name.startswith(run)), shard.name))
     done = store.done() if shards else {}  # the done keys are read only when there is something to stitch
@@ -94,15 +96,31 @@ def stitch_shards(shard_dir: Path, store: EmbeddingStore, run: str | None = None
                             "embeds them", shard.name, e)
             shard.unlink()
             continue
-        rows = [i for i in np.flatnonzero(ok) if keys[i] not in done]
+        # A run's own shards, and a killed run's at the start of the next (in run order; the walk then
+        # checks each file again), may rewrite a stored key. A late shard found after this run's own is
+        # older than what they stored, so it only adds keys.
+        may_replace = run is None or shard.name.startswith(run)
+
+        def stored_as_is(i: int) -> bool:
+            row = done.get(keys[i])
+            return row is not None and (not may_replace or row[1:] == (int(size[i]), int(mtime[i])))
+
         emb_row = {i: r for r, i in enumerate(np.flatnonzero(ok))}
-        store.append([keys[i] for i in rows], embedding[[emb_row[i] for i in rows]], label[rows], size[rows],
-                     mtime[rows], digests=[digest[i] for i in rows])
-        bad = [i for i in np.flatnonzero(~ok) if keys[i] not in done]  # a late shard of a killed run: fixed since
+        new = [i for i in np.flatnonzero(ok) if keys[i] not in done]
+        changed = [i for i in np.flatnonzero(ok) if keys[i] in done and not stored_as_is(i)]
+        first_row = int(store.group.attrs["n_rows"])  # where append puts the new rows
+        store.append([keys[i] for i in new], embedding[[emb_row[i] for i in new]], label[new], size[new], mtime[new],
+                     digests=[digest[i] for i in new])
+        if changed:
+            store.replace([done[keys[i]][0] for i in changed], embedding[[emb_row[i] for i in changed]],
+                          label[changed], size[changed], mtime[changed], digests=[digest[i] for i in changed])
+        bad = [i for i in np.flatnonzero(~ok) if not stored_as_is(i)]
         store.add_failures([keys[i] for i in bad], [errors[i] for i in bad], size[bad], mtime[bad])
-        for i in rows:
-            done[keys[i]] = (0, 0, 0)
-        embedded += len(rows)
+        for j, i in enumerate(new):
+            done[keys[i]] = (first_row + j, int(size[i]), int(mtime[i]))
+        for i in changed:
+            done[keys[i]] = (done[keys[i]][0], int(size[i]), int(mtime[i]))
+        embedded += len(new) + len(changed)
         failures += [(keys[i], errors[i]) for i in bad]
         shard.unlink()
     for leftover in [*shard_dir.glob("*.part"), *shard_dir.glob("*.done")]:  # cut short; markers of older featx
@@ -153,10 +171,7 @@ def embed_folder_ray(
         done, failed_before = store.done(), store.failed()
         items, seen = [], set()
         pending = PendingFiles(root, store, stats, seen, done, failed_before, label_of=label_of)
-        for item in pending:
-            if item.key in done:
-                raise FeatxError(f"{item.key} changed since it was embedded; the ray engine only adds new files "
-                                 "(run featx embed without --engine ray to update changed files)")
+        for item in pending:  # new files, and changed ones: their rows are replaced when stitched
             items.append({"order": len(items), "path": item.path, "key": item.key, "size": item.size,
                           "mtime": item.mtime_ns, "label": label_of[item.label] if item.label is not None else -1})
         stats.load_seconds = time.perf_counter() - start

@@ -56,6 +56,12 @@ def test_ray_engine_gives_the_single_machine_cache(local_cluster, small_digits, 
     assert (fixed.n_embedded, fixed.n_moved, fixed.n_failed) == (1, 1, 0)
     assert featx.load_failures(tmp_path / "ray.h5") == {}  # no stale failure records for files that have rows
     assert not list((tmp_path / "ray.h5.shards" / "efficientnet_lite0").iterdir())
+    edited = next((small_digits / "5").iterdir())
+    Image.open(edited).rotate(90).save(edited)  # an edited photo: its row is replaced, not added to
+    featx.embed_folder(small_digits, tmp_path / "one.h5", model=lite0_onnx, batch_size=8, workers=0)
+    changed = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray")
+    assert (changed.n_embedded, changed.n_cached) == (1, 62)
+    assert_same_cache(tmp_path / "ray.h5", tmp_path / "one.h5")
 
 
 @pytest.mark.slow
@@ -94,7 +100,7 @@ def test_ray_run_drops_shards_a_dead_run_left_unfinished(local_cluster, small_di
 
 def test_a_killed_runs_late_shard_does_not_break_walk_order(small_digits, tmp_path, lite0_onnx):
     """An actor of a killed run may finish its batch after the next run started: that shard's files are
-    the next run's too, and the store keeps the next run's walk order."""
+    the next run's too, and the store keeps the next run's walk order and rows."""
     from featx.data import walk_images
     from featx.rayengine import _decode, _Embedder, stitch_shards
     from featx.runtime import read_model_info
@@ -105,16 +111,17 @@ def test_a_killed_runs_late_shard_does_not_break_walk_order(small_digits, tmp_pa
     shard_dir = tmp_path / "shards"
     shard_dir.mkdir()
 
-    def write_shard(run, first):
+    def write_shard(run, first, mtime=0):
         batch = {"order": np.arange(first, first + 2), "path": np.array([e.path for e in entries[first:first + 2]]),
                  "key": np.array([e.key for e in entries[first:first + 2]]), "label": np.zeros(2, dtype=int),
-                 "size": np.zeros(2, dtype=np.int64), "mtime": np.zeros(2, dtype=np.int64)}
+                 "size": np.zeros(2, dtype=np.int64), "mtime": np.full(2, mtime, dtype=np.int64)}
         _Embedder(str(lite0_onnx), "cpu", str(shard_dir), run)(_decode(batch, cfg=info.preprocess, max_pixels=10**8))
 
     write_shard("0002", 0)
     write_shard("0002", 2)
-    write_shard("0001", 2)  # the killed run's, named as an older run's
+    write_shard("0001", 2, mtime=1)  # the killed run's, named as an older run's: a version of the files before
     with EmbeddingStore(tmp_path / "c.h5", "efficientnet_lite0", info=info) as store:
         assert stitch_shards(shard_dir, store, run="0002") == (4, [])
+        assert {mtime for _, _, mtime in store.done().values()} == {0}  # this run's rows, not replaced by it
     assert featx.load_embeddings(tmp_path / "c.h5").keys == [e.key for e in entries]
     assert not list(shard_dir.iterdir())
