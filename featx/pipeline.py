@@ -274,9 +274,17 @@ def embed_folder(
     if engine == "ray":
         from .rayengine import embed_folder_ray
 
+        # said rather than silently ignored: the cache would not be what was asked for
+        asked = {"half": half, "compile": compile, "devices": devices, "decode gpu": decode == "gpu",
+                 "batch size auto": batch_size == "auto"}
+        unsupported = [name for name, given in asked.items() if given]
+        if unsupported:
+            raise FeatxError(f"the ray engine does not take {', '.join(unsupported)} (its actors run the fp32 ONNX "
+                             "model on the CPU, or CUDA with --num-gpus-per-worker); drop them or embed without "
+                             "--engine ray")
         return embed_folder_ray(root, out, model=model, weights=weights, batch_size=batch_size, workers=workers,
                                 address=address, num_gpus_per_worker=num_gpus_per_worker, max_pixels=max_pixels,
-                                models_dir=models_dir)
+                                models_dir=models_dir, prune=prune)
     start = time.perf_counter()
     model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
     workers_given, workers = workers, default_workers() if workers is None else workers

@@ -140,10 +140,12 @@ def embed_folder_ray(
     num_gpus_per_worker: float = 0.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     models_dir: str | os.PathLike | None = None,
+    prune: bool = False,
 ) -> RunStats:
     """The same result as :func:`featx.embed_folder`, computed on a Ray cluster.
 
     Args:
+        prune: remove rows of files no longer under ``root``.
         address: a Ray cluster ("auto", "ray://host:10001"); None starts a local one.
         workers: embedding actors (default: one per GPU with GPUs, else 1).
         num_gpus_per_worker: GPUs each actor holds (its onnxruntime session then runs on CUDA).
@@ -199,9 +201,12 @@ def embed_folder_ray(
         # files that failed before and have a row now: their old failure records go
         fixed = pending.recovered | ({item["key"] for item in items if item["key"] in failed_before}
                                      - {key for key, _ in stats.failures})
-        if fixed:
-            store.rewrite_without(fixed, failures=True)
+        deleted = (set(done) | set(failed_before)) - seen
+        if fixed or (prune and deleted):
+            store.rewrite_without(fixed | (deleted if prune else set()), failures=True)
+        if prune and deleted:
+            stats.n_pruned = store.rewrite_without(deleted)
         stats.n_failed = len(stats.failures)  # walk failures, recovered shards' and this run's
-        stats.deleted = sorted(set(done) - seen)
+        stats.deleted = sorted(deleted & set(done))
     stats.seconds = time.perf_counter() - start
     return stats

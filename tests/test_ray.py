@@ -62,6 +62,20 @@ def test_ray_engine_gives_the_single_machine_cache(local_cluster, small_digits, 
     changed = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray")
     assert (changed.n_embedded, changed.n_cached) == (1, 62)
     assert_same_cache(tmp_path / "ray.h5", tmp_path / "one.h5")
+    edited.unlink()
+    kept = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray")
+    assert (kept.n_embedded, kept.deleted, len(featx.load_embeddings(tmp_path / "ray.h5").keys)) == \
+        (0, [f"5/{edited.name}"], 63)  # told, not removed
+    pruned = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray", prune=True)
+    featx.embed_folder(small_digits, tmp_path / "one.h5", model=lite0_onnx, workers=0, prune=True)
+    assert pruned.n_pruned == 1
+    assert_same_cache(tmp_path / "ray.h5", tmp_path / "one.h5")
+
+
+def test_ray_engine_refuses_options_it_would_ignore(small_digits, tmp_path, lite0_onnx):
+    with pytest.raises(featx.FeatxError, match="the ray engine does not take half, devices"):
+        featx.embed_folder(small_digits, tmp_path / "c.h5", model=lite0_onnx, engine="ray", half=True,
+                           devices=["cpu", "cpu"])
 
 
 @pytest.mark.slow
