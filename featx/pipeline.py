@@ -276,7 +276,8 @@ def embed_folder(
 
         # said rather than silently ignored: the cache would not be what was asked for
         asked = {"half": half, "compile": compile, "devices": devices, "decode gpu": decode == "gpu",
-                 "batch size auto": batch_size == "auto"}
+                 "batch size auto": batch_size == "auto",
+                 f"device {device}": device not in ("auto", "cpu")}
         unsupported = [name for name, given in asked.items() if given]
         if unsupported:
             raise FeatxError(f"the ray engine does not take {', '.join(unsupported)} (its actors run the fp32 ONNX "

@@ -73,9 +73,10 @@ def test_ray_engine_gives_the_single_machine_cache(local_cluster, small_digits, 
 
 
 def test_ray_engine_refuses_options_it_would_ignore(small_digits, tmp_path, lite0_onnx):
-    with pytest.raises(featx.FeatxError, match="the ray engine does not take half, devices"):
+    with pytest.raises(featx.FeatxError, match="the ray engine does not take half, devices, device cuda .*"
+                                               "--num-gpus-per-worker"):
         featx.embed_folder(small_digits, tmp_path / "c.h5", model=lite0_onnx, engine="ray", half=True,
-                           devices=["cpu", "cpu"])
+                           devices=["cpu", "cpu"], device="cuda")
 
 
 @pytest.mark.slow
