@@ -4,9 +4,9 @@ The listing and the skip logic are the single-machine path's (data.walk_images, 
 keys). Decoding runs ``data.load_batch`` in Ray tasks, so bad files fail the same way; each actor
 holds one onnxruntime session (on a GPU with ``num_gpus_per_worker``) and writes each batch it embeds
 as a shard file, written under a ``.part`` name and renamed when complete. The driver then stitches
-finished shards into the HDF5 store through ``EmbeddingStore.append``, which commits per batch; a shard
-is deleted only after its rows are committed, and rows already in the store are skipped, so a killed
-run resumes.
+finished shards into the HDF5 store through ``EmbeddingStore.append`` (``replace`` for changed files),
+which commits per batch; a shard is deleted only after its rows are committed, and rows of a file
+version already in the store are skipped, so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -145,10 +145,10 @@ def embed_folder_ray(
     """The same result as :func:`featx.embed_folder`, computed on a Ray cluster.
 
     Args:
-        prune: remove rows of files no longer under ``root``.
         address: a Ray cluster ("auto", "ray://host:10001"); None starts a local one.
         workers: embedding actors (default: one per GPU with GPUs, else 1).
         num_gpus_per_worker: GPUs each actor holds (its onnxruntime session then runs on CUDA).
+        prune: remove rows of files no longer under ``root``.
     Shards go to ``OUT.shards/<model>/``, which must be on storage the workers and the driver share.
     """
     try:
