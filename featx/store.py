@@ -71,10 +71,14 @@ def check_store_path(path: str | os.PathLike) -> None:
 def _open_h5(path: Path, mode: str):
     import h5py
 
+    # a reader has no --out to change: it can only wait for the writer (HDF5 without SWMR cannot share)
+    locked = (f"{path} is being written by a featx run (file is locked); read it when that run has finished"
+              if mode == "r" else
+              f"{path} is being written by another featx run (file is locked); wait for it or use another --out")
     try:
         return h5py.File(path, mode, locking=True)
     except BlockingIOError:
-        raise StoreError(f"{path} is being written by another featx run (file is locked); wait for it or use another --out") from None
+        raise StoreError(locked) from None
     except FileNotFoundError:
         if mode != "r":
             check_store_path(path)
@@ -84,7 +88,7 @@ def _open_h5(path: Path, mode: str):
     except OSError as e:
         text = str(e)
         if "lock" in text.lower():
-            raise StoreError(f"{path} is being written by another featx run (file is locked); wait for it or use another --out") from None
+            raise StoreError(locked) from None
         check_store_path(path)
         raise StoreError(f"{path} cannot be opened as HDF5 ({text.splitlines()[0] if text else type(e).__name__})") from None
 
