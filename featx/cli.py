@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from . import __version__
@@ -201,25 +204,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: a batch scheduler's time limit, ``kill``, a container stopped. It ends a run as Ctrl-C
+    does (the store closed, the message saying how to resume) instead of killing it mid-write."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _redeliver_lost_interrupt(unraisable) -> None:
+    """Ctrl-C or SIGTERM raised where Python cannot pass it on (a weakref callback or ``__del__``, which
+    progress bars and torch run often) is printed as ignored and lost, and the run goes on: seen on
+    finetune, which trained to its last epoch. The signal is sent again, from another thread a moment
+    later: raised here, its handler would run inside this hook and be lost the same way."""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        again = signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT
+        threading.Timer(0.01, os.kill, (os.getpid(), again)).start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from .errors import FeatxError
 
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        signal.signal(signal.SIGTERM, _terminate)
+        sys.unraisablehook = _redeliver_lost_interrupt
     try:
         return _run(args)
     except FeatxError as e:
         print(f"featx: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.command == "embed" or (args.command == "predict" and args.cache):
             how = "; committed batches are kept, run the same command again to resume"
         elif args.command == "finetune":
             how = f"; the best epoch so far is in {args.output}, the same command with --resume continues from it"
         else:
             how = ""
-        print(f"featx: interrupted{how}", file=sys.stderr)
-        return 130
+        terminated = isinstance(e, Terminated)
+        print(f"featx: {'terminated' if terminated else 'interrupted'}{how}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
 def _run(args: argparse.Namespace) -> int:

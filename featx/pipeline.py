@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from collections import deque
@@ -340,7 +341,7 @@ def embed_folder(
             source = batches
             stats.jpeg_library = jpeg_library()
             if workers > 0:
-                cpu_pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+                cpu_pool = decode_pool(workers)
             stages = [functools.partial(_gpu_decode_ahead, cfg=info.preprocess, device=e.engine.device,
                                         max_pixels=max_pixels, cpu_pool=cpu_pool, cpu_workers=workers)
                       for e in encoders]
@@ -895,16 +896,25 @@ def _merge_chunks(parts: list) -> DecodedBatch:
     return DecodedBatch(np.concatenate([p.images for p in parts]), ok, failed, digests=digests)
 
 
+def decode_pool(workers: int) -> cf.ProcessPoolExecutor:
+    """Decode processes. Spawned, not forked: the parent holds onnxruntime/torch threads that a fork
+    would copy mid-flight. They ignore SIGINT: Ctrl-C in a terminal reaches the whole process group,
+    the parent handles it and stops them, and each would print a traceback of its own otherwise."""
+    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _decode_ahead(batches: Iterator[list[FileEntry]], cfg, workers: int, max_pixels: int):
     """Yield (batch, DecodedBatch) in order, decoding up to 2*workers batches ahead in worker processes."""
     if workers <= 0:
         for batch in batches:
             yield batch, load_batch([e.path for e in batch], cfg, max_pixels)
         return
-    # spawn, not fork: the parent holds onnxruntime/torch threads that a fork would copy mid-flight
-    context = multiprocessing.get_context("spawn")
     window: deque = deque()
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with decode_pool(workers) as pool:
         try:
             for batch in batches:
                 window.append((batch, pool.submit(load_batch, [e.path for e in batch], cfg, max_pixels)))

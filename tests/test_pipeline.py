@@ -376,11 +376,18 @@ def test_non_utf8_file_name_keeps_its_identity_in_the_cache(small_digits, tmp_pa
     assert embed(small_digits, out, lite0_onnx).n_cached == 61
 
 
-def test_ctrl_c_exits_cleanly_and_keeps_committed_batches(digits_dir, tmp_path, lite0_onnx):
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_exits_cleanly_and_keeps_committed_batches(digits_dir, tmp_path, lite0_onnx, sig, code,
+                                                                      word):
+    """Ctrl-C in a terminal, or SIGTERM from a scheduler's time limit or `kill`, reaches the whole process
+    group (decode workers too): one line saying how to resume, the committed batches kept."""
     out = tmp_path / "c.h5"
-    cmd = [sys.executable, "-m", "featx", "-q", "embed", str(digits_dir), "-o", str(out),
+    cmd = [sys.executable, "-m", "featx", "embed", str(digits_dir), "-o", str(out),
            "--model", str(lite0_onnx), "--batch-size", "16", "--workers", "1", "--engine", "onnx"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # as a user runs it: progress bar on
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=env)
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until at least one batch is committed
         time.sleep(0.5)
@@ -390,9 +397,10 @@ def test_ctrl_c_exits_cleanly_and_keeps_committed_batches(digits_dir, tmp_path, 
                     break
         except (OSError, KeyError):
             pass
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "run the same command again to resume" in err and "Traceback" not in err
+    assert proc.returncode == code and f"featx: {word}; committed batches are kept, run the same command again " \
+        "to resume" in err and "Traceback" not in err and "ignored" not in err, err
     data = featx.load_embeddings(out)
     assert 0 < len(data.keys) < 1797 and len(set(data.keys)) == len(data.keys)
 
