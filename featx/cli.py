@@ -209,8 +209,22 @@ class Terminated(KeyboardInterrupt):
     does (the store closed, the message saying how to resume) instead of killing it mid-write."""
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated()
+_signals = 0  # Ctrl-C/SIGTERM received since the last one raised (or since a lost one was sent again)
+
+
+def _stop(signum, frame) -> None:
+    """The first signal raises; a second does not, since raised inside the clean-up (engine threads being
+    joined, worker pools shut down) it left onnxruntime threads running at exit, and the process aborted
+    ("terminate called without an active exception", 3 of 6 double Ctrl-Cs); a third quits at once, as
+    a SIGKILL would (committed work is kept either way)."""
+    global _signals
+    _signals += 1
+    if _signals == 1:
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    if _signals == 2:
+        print("featx: stopping; once more quits at once", file=sys.stderr)
+    else:
+        os._exit(128 + signum)
 
 
 def _redeliver_lost_interrupt(unraisable) -> None:
@@ -218,11 +232,25 @@ def _redeliver_lost_interrupt(unraisable) -> None:
     progress bars and torch run often) is printed as ignored and lost, and the run goes on: seen on
     finetune, which trained to its last epoch. The signal is sent again, from another thread a moment
     later: raised here, its handler would run inside this hook and be lost the same way."""
+    global _signals
     if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
         again = signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT
+        _signals = 0  # it never reached the run: the next one raises
         threading.Timer(0.01, os.kill, (os.getpid(), again)).start()
     else:
         sys.__unraisablehook__(unraisable)
+
+
+def program() -> int:
+    """The ``featx`` program (console script, ``python -m featx``): :func:`main` with the process's signal
+    handling, which main alone leaves as it is (a test or a notebook calling it keeps its own)."""
+    # a signal the shell set to be ignored (a background job's SIGINT, nohup) stays ignored
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _stop)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _stop)
+    sys.unraisablehook = _redeliver_lost_interrupt
+    return main()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -230,9 +258,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from .errors import FeatxError
 
-    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-        signal.signal(signal.SIGTERM, _terminate)
-        sys.unraisablehook = _redeliver_lost_interrupt
     try:
         return _run(args)
     except FeatxError as e:

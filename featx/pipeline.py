@@ -898,13 +898,26 @@ def _merge_chunks(parts: list) -> DecodedBatch:
 
 def decode_pool(workers: int) -> cf.ProcessPoolExecutor:
     """Decode processes. Spawned, not forked: the parent holds onnxruntime/torch threads that a fork
-    would copy mid-flight. They ignore SIGINT: Ctrl-C in a terminal reaches the whole process group,
-    the parent handles it and stops them, and each would print a traceback of its own otherwise."""
-    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+    would copy mid-flight. See ``_decode_worker_start`` for how they stop."""
+    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=_decode_worker_start)
 
 
-def _ignore_sigint() -> None:
+def _decode_worker_start() -> None:
+    """A decode worker ignores SIGINT: Ctrl-C in a terminal reaches the whole process group, the parent
+    handles it and stops the pool, and each worker would print a traceback of its own otherwise. It
+    exits when its parent is gone: killed (SIGKILL, the OOM killer), the parent cannot stop it, and a
+    worker waiting for its next batch never learns (it holds its task queue's write end itself), so
+    orphans lived on with their memory (found: workers of the suite's SIGKILL tests, an hour later)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def exit_when_orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_when_orphaned, daemon=True, name="featx-orphan-watch").start()
 
 
 def _decode_ahead(batches: Iterator[list[FileEntry]], cfg, workers: int, max_pixels: int):
