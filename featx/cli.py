@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from . import __version__
 
@@ -52,6 +52,10 @@ def _add_device(p: argparse.ArgumentParser, *, engine: bool = False) -> None:
         p.add_argument("--num-gpus-per-worker", type=float, default=0.0, help="ray: GPUs per embedding actor")
 
 
+def _add_strict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strict", action="store_true", help="exit 1 when any image failed, also one found in a folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featx",
@@ -84,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--top", type=int, default=5)
     _add_device(p)
+    _add_strict(p)
 
     p = sub.add_parser("embed", help="embed an image folder into an HDF5 cache (resumable, incremental)",
                        description="Embed every image under ROOT into the cache. A re-run embeds only what is new: "
@@ -103,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated devices, one engine each, one store (default: every GPU, else the CPU)")
     p.add_argument("--half", action="store_true", help="fp16 model and float16 storage")
     p.add_argument("--prune", action="store_true", help="remove files no longer in the folder from the cache")
-    p.add_argument("--strict", action="store_true", help="exit non-zero when any image failed")
+    _add_strict(p)
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)")
     p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
                    help="gpu: nvJPEG decode and resize on the GPU (auto: whenever the torch engine runs on CUDA)")
@@ -130,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5, help="matches per query (default 5)")
     _add_model(p)
     _add_device(p)
+    _add_strict(p)
 
     p = sub.add_parser("train-head", help="fit a classifier head on cached embeddings")
     p.add_argument("cache")
@@ -162,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="CSV file (key, top classes, probabilities)")
     p.add_argument("--cache", default=None, help="embedding cache to reuse for a folder")
     _add_device(p)
+    _add_strict(p)
 
     p = sub.add_parser("finetune", help="fine-tune the top blocks on class folders (torch), save a checkpoint")
     p.add_argument("root")
@@ -307,7 +314,7 @@ def _run(args: argparse.Namespace) -> int:
                                  progress=not args.quiet)
         for r in results:
             print(r.line())
-        return 0
+        return _failures_exit(args.images, [r.path for r in results if r.error], args.strict)
 
     if args.command == "embed":
         from .data import DEFAULT_MAX_PIXELS
@@ -348,10 +355,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "similar":
-        for result in featx.find_similar(args.images, args.cache, k=args.k, model=args.model, weights=args.weights,
-                                         device=args.device):
+        results = featx.find_similar(args.images, args.cache, k=args.k, model=args.model, weights=args.weights,
+                                     device=args.device)
+        for result in results:
             print(result.text())
-        return 0
+        return _failures_exit(args.images, [r.query for r in results if r.error], args.strict)
 
     if args.command == "export-classifier":
         out = featx.export_classifier(args.model, args.head, args.output, weights=args.weights)
@@ -361,13 +369,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "predict":
         common = dict(head=args.head, model=args.model, weights=args.weights, top=args.top, cache=args.cache,
                       device=args.device, progress=not args.quiet)
+        failed: list[str] = []
+        rows = _noting_failures(featx.iter_predictions(args.inputs, **common), failed)
         if args.output is None:
-            for row in featx.iter_predictions(args.inputs, **common):
+            for row in rows:
                 print(row.line(), flush=True)
         else:
-            n = featx.write_predictions(featx.iter_predictions(args.inputs, **common), args.output, top=args.top)
+            n = featx.write_predictions(rows, args.output, top=args.top)
             print(f"{n} rows -> {args.output}")
-        return 0
+        return _failures_exit(args.inputs, failed, args.strict)
 
     if args.command == "finetune":
         unfreeze = args.unfreeze if args.unfreeze in ("all", "auto") else int(args.unfreeze)
@@ -396,6 +406,27 @@ def _run(args: argparse.Namespace) -> int:
         print(result.table())
         return 0
     raise AssertionError(args.command)
+
+
+def _failures_exit(inputs: Sequence[str], failed: Sequence[str], strict: bool) -> int:
+    """The exit status of a command that printed a row per image: 1 when a file named on the command line
+    could not be read (missing, not an image), as `cat` would; a bad file found in a folder is a row like
+    any other (embed records it too), unless --strict. One line on stderr says how many failed."""
+    named = {str(item) for item in inputs if not os.path.isdir(item)}
+    named_failed = sum(path in named for path in failed)
+    if not named_failed and not (strict and failed):
+        return 0
+    print(f"featx: {len(failed)} image(s) could not be read" + (f", {named_failed} of them named" if named_failed else "")
+          + " (their rows say why)", file=sys.stderr)
+    return 1
+
+
+def _noting_failures(rows: Iterable, failed: list[str]) -> Iterator:
+    """``rows`` as they come, the key of each failed one appended to ``failed``."""
+    for row in rows:
+        if row.error:
+            failed.append(row.key)
+        yield row
 
 
 if __name__ == "__main__":

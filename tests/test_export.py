@@ -47,6 +47,27 @@ def test_classify_takes_a_folder_and_reports_bad_files_without_stopping(lite0_on
     assert "palace" in [name for name, _ in china.top] and china.error is None
     assert coffee.top[0][0] in ("espresso", "cup", "coffee mug")
 
+
+def test_cli_classify_exits_1_for_a_named_file_it_cannot_read(lite0_onnx, photos_dir, tmp_path, capsys):
+    """`featx classify` prints every row; a file named on the command line that is missing or not an image
+    makes the exit status 1 (as `cat` would), a bad file met inside a folder only with --strict."""
+    from featx.cli import main
+
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    args = ["-q", "classify", "--model", str(lite0_onnx), "--top", "1"]
+    assert main(args + [str(tmp_path / "notes.jpg"), str(photos_dir / "coffee.png")]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].startswith(f"{tmp_path / 'notes.jpg'}  FAILED: not an image")
+    assert out.splitlines()[1].startswith(f"{photos_dir / 'coffee.png'}  espresso")
+    assert err.strip() == "featx: 1 image(s) could not be read, 1 of them named (their rows say why)"
+    assert main(args + [str(photos_dir / "coffee.png"), str(tmp_path / "missing.jpg")]) == 1
+    assert "no such file" in capsys.readouterr().out
+    assert main(args + [str(tmp_path)]) == 0  # notes.jpg found in a folder: a FAILED row, exit 0
+    assert "FAILED: not an image" in capsys.readouterr().out
+    assert main(args + [str(tmp_path), "--strict"]) == 1
+    assert main(args + [str(photos_dir / "coffee.png")]) == 0
+
+
 def test_runtime_preprocessing_matches_timm_reference_transform(lite0_backbone, photos_dir):
     """Our PIL resize+crop, normalised in the graph, equals timm's own eval transform."""
     import timm.data

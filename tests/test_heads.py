@@ -106,6 +106,15 @@ def test_predict_leaves_out_deleted_files_and_a_stopped_run_keeps_its_rows(
     assert capsys.readouterr().out.strip() == f"5 rows -> {tmp_path / 'cli.csv'}"
     with open(tmp_path / "cli.csv") as f:
         assert [r["key"] for r in csv.DictReader(f)] == [str(p) for p in files[:5]]
+    # a named file that is gone: its row says so, the others are written, and the exit status is 1
+    missing = str(tmp_path / "gone.png")
+    assert main(["-q", "predict", missing, *map(str, files[:2]), "--head", str(head), "--model", str(lite0_onnx),
+                 "-o", str(tmp_path / "cli.csv")]) == 1
+    with open(tmp_path / "cli.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["key"] for r in table] == [missing, *map(str, files[:2])] and "no such file" in table[0]["error"]
+    assert all(r["class_1"] for r in table[1:])
+    assert capsys.readouterr().err.strip() == "featx: 1 image(s) could not be read, 1 of them named (their rows say why)"
 
 
 def test_head_refuses_another_backbone(tmp_path, lite0_onnx):
