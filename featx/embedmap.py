@@ -141,13 +141,15 @@ def _draw(result: EmbeddingMap, *, title: str) -> None:
     cmap = plt.get_cmap("tab10" if len(present) <= 10 else "tab20")
     fig, ax = plt.subplots(figsize=(8, 7), layout="constrained")
     unlabelled = result.labels < 0
+    # dots of 6 pt² keep 2,000 points apart; a few dozen would be specks
+    size = float(np.clip(12000 / max(len(result.points), 1), 6, 40))
     if unlabelled.any():
-        ax.scatter(*result.points[unlabelled].T, s=6, c="0.7", label="(no class)", linewidths=0)
+        ax.scatter(*result.points[unlabelled].T, s=size, c="0.7", label="(no class)", linewidths=0)
     for i, c in enumerate(present):
         mine = result.labels == c
-        ax.scatter(*result.points[mine].T, s=6, color=cmap(i % cmap.N), label=result.class_names[c], linewidths=0)
+        ax.scatter(*result.points[mine].T, s=size, color=cmap(i % cmap.N), label=result.class_names[c], linewidths=0)
     if len(present) <= 30:
-        ax.legend(markerscale=3, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        ax.legend(markerscale=np.sqrt(54 / size), fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     if len(present) > cmap.N:
         _logger.info("%d classes share %d colours on the map", len(present), cmap.N)
     ax.set_xticks([])
