@@ -90,15 +90,29 @@ def _open_heif_with_pillow() -> None:
     pillow_heif.register_heif_opener()
 
 
+# Folders that hold nobody's photos but sit among them: what NAS boxes (Synology's thumbnails and recycle
+# bin), zip tools on macOS and Windows drives leave there. Names with a leading dot are passed over too:
+# .thumbnails, .Trash-1000, and macOS's AppleDouble files "._IMG_0001.jpg", which carry the photo's
+# extension but no image (on a drive copied from a Mac there is one beside every photo).
+SYSTEM_FOLDERS = frozenset({"__MACOSX", "@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information"})
+
+
+def is_passed_over(name: str) -> bool:
+    """Whether the walk leaves out a file or folder of this name: hidden, or a system folder."""
+    return name.startswith(".") or name in SYSTEM_FOLDERS
+
+
 def walk_images(root: str | os.PathLike) -> Iterator[FileEntry | WalkFailure]:
     """Every image file under ``root``, recursively, in a stable sorted order.
 
     Streamed: only the listing of the folders on the current path is held. Files with an image
     extension are listed; files without an extension are listed when their content is an image.
+    Hidden names and system folders (:func:`is_passed_over`) are left out, and how many is logged.
     Symlinked folders are followed once; a loop is reported as a :class:`WalkFailure`.
     """
     root = os.fspath(root)
     seen_dirs: set[tuple[int, int]] = set()
+    passed_over: list[str] = []
 
     def walk(folder: str, rel: str, label: str | None) -> Iterator[FileEntry | WalkFailure]:
         try:
@@ -123,10 +137,14 @@ def walk_images(root: str | os.PathLike) -> Iterator[FileEntry | WalkFailure]:
                 is_dir = entry.is_dir()  # follows symlinks
             except OSError:
                 is_dir = False
+            ext = os.path.splitext(entry.name)[1].lower()
+            if is_passed_over(entry.name):
+                if is_dir or ext in IMAGE_EXTENSIONS:  # .DS_Store and the like are no news
+                    passed_over.append(key + "/" * is_dir)
+                continue
             if is_dir:
                 yield from walk(entry.path, key, label if rel else entry.name)
                 continue
-            ext = os.path.splitext(entry.name)[1].lower()
             if ext not in IMAGE_EXTENSIONS and (ext or not _content_is_image(entry.path)):
                 continue
             try:
@@ -139,12 +157,17 @@ def walk_images(root: str | os.PathLike) -> Iterator[FileEntry | WalkFailure]:
             yield FileEntry(key, entry.path, label, st.st_size, st.st_mtime_ns)
 
     yield from walk(root, "", None)
+    if passed_over:
+        examples = ", ".join(passed_over[:3]) + (f" and {len(passed_over) - 3} more" if len(passed_over) > 3 else "")
+        _logger.info("left out %d hidden or system file(s) and folder(s) under %s: %s", len(passed_over), root,
+                     examples)
 
 
 def class_names_of(root: str | os.PathLike) -> list[str]:
-    """First-level subfolders of ``root``, sorted: the classes, as Keras and torchvision's ImageFolder see them."""
+    """First-level subfolders of ``root``, sorted: the classes, as Keras and torchvision's ImageFolder see
+    them, less hidden and system folders (the walk leaves them out)."""
     with os.scandir(root) as it:
-        return sorted((e.name for e in it if e.is_dir()), key=os.fsencode)
+        return sorted((e.name for e in it if e.is_dir() and not is_passed_over(e.name)), key=os.fsencode)
 
 
 def _content_is_image(path: str) -> bool:

@@ -331,6 +331,30 @@ def test_a_folder_without_images_says_so(small_digits, tmp_path, lite0_onnx):
     assert not full.found_nothing and "no image files" not in full.summary()
 
 
+def test_thumbnails_appledouble_files_and_system_folders_are_left_out(small_digits, tmp_path, lite0_onnx, caplog):
+    """What sits among photos copied from a Mac, a NAS or a zip file is not embedded, failed, or a class:
+    macOS's "._" AppleDouble file beside each photo (an image extension, no image), Synology's @eaDir
+    thumbnails, a hidden .thumbnails folder, __MACOSX, a .Trash folder at the top. The log says so once."""
+    import logging
+    import shutil
+
+    photos = sorted(small_digits.rglob("*.png"))
+    for photo in photos[:20]:  # 82-byte AppleDouble header: magic 0x00051607, version 2, "Mac OS X"
+        (photo.parent / f"._{photo.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(58))
+    for litter in ("3/@eaDir/x.png", "3/.thumbnails/normal/x.png", "__MACOSX/3/y.png", ".Trash-1000/files/z.png"):
+        (small_digits / litter).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photos[0], small_digits / litter)  # real images: left out for where they are, not what
+    with caplog.at_level(logging.INFO, logger="featx.data"):
+        stats = embed(small_digits, tmp_path / "c.h5", lite0_onnx)
+    assert (stats.n_embedded, stats.n_failed) == (60, 0)
+    data = featx.load_embeddings(tmp_path / "c.h5")
+    assert data.class_names == [str(d) for d in range(10)]
+    assert sorted(data.keys) == sorted(p.relative_to(small_digits).as_posix() for p in photos)
+    said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("left out 24 hidden or system file(s) and folder(s) under ")
+    assert said[0].endswith(": .Trash-1000/, 0/._" + photos[0].name + ", 0/._" + photos[1].name + " and 21 more")
+
+
 def test_strict_exit_code(small_digits, tmp_path, lite0_onnx):
     (small_digits / "0" / "broken.png").write_bytes(b"not a png")
     base = [sys.executable, "-m", "featx", "-q", "embed", str(small_digits), "--model", str(lite0_onnx), "--workers", "0"]
