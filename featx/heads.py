@@ -943,6 +943,9 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False) -> st
     from .store import summarize_cache
 
     path = Path(path)
+    if path.is_dir():
+        raise FeatxError(f"{path} is a folder: featx info reads a cache (.h5), a model (.onnx) or a head "
+                         f"(.safetensors); `featx embed {path} -o CACHE.h5` makes a cache of it")
     try:
         with open(path, "rb") as f:
             magic = f.read(len(_HDF5_SIGNATURE))
@@ -950,6 +953,8 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False) -> st
         raise FeatxError(f"{path}: cannot read ({e.strerror or e})") from None
     if magic == _HDF5_SIGNATURE:
         summaries = summarize_cache(path)
+        if not summaries:
+            return f"{path}: an HDF5 file without featx embeddings (featx embed FOLDER -o {path} adds them)"
         return "\n".join([f"{path}: embedding cache, {len(summaries)} model(s)"]
                          + [s.text(list_failures=list_failures) for s in summaries])
     if path.suffix == ".onnx":

@@ -66,6 +66,8 @@ def find_similar(
     if k < 1:
         raise FeatxError(f"k={k}: ask for at least one match")
     groups = model_fingerprints(cache)  # a missing or unreadable cache is refused before the model loads
+    if not groups:
+        raise FeatxError(f"{cache} holds no featx embeddings to search (make them with: featx embed FOLDER -o {cache})")
     model_file = ensure_model_file(model, weights=weights)
     fingerprint = read_model_info(model_file).fingerprint
     group = next((name for name, theirs in groups.items() if theirs == fingerprint), None)

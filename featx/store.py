@@ -127,9 +127,11 @@ def _model_groups(f) -> list[str]:
 def _pick_model(f, path: Path, model: str | None) -> str:
     """The group to read: ``model``, or the file's only one."""
     models = _model_groups(f)
+    if not models:
+        raise StoreError(f"{path} holds no featx embeddings (make them with: featx embed FOLDER -o {path})")
     if model is None:
         if len(models) != 1:
-            raise StoreError(f"{path} holds {len(models)} models {models}; name one with --model")
+            raise StoreError(f"{path} holds {len(models)} models ({', '.join(models)}); name one with --model")
         model = models[0]
     if model not in models:
         raise StoreError(f"{path} has no embeddings for model {model!r}; it has {models}")

@@ -278,6 +278,18 @@ def test_info_says_what_a_cache_holds_and_why_files_failed(small_digits, tmp_pat
     assert "efficientnet_lite0, 1280-d embedding, logits for 1000 classes" in capsys.readouterr().out
     assert main(["info", str(small_digits / "loose.png")]) == 2
     assert "not a featx file" in capsys.readouterr().err
+    assert main(["info", str(small_digits)]) == 2
+    assert f"{small_digits} is a folder: featx info reads a cache" in capsys.readouterr().err
+    # an HDF5 file of something else: said plainly by info, and refused in one line by what reads a cache
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = [1, 2]
+    assert main(["info", str(tmp_path / "other.h5")]) == 0
+    assert "an HDF5 file without featx embeddings" in capsys.readouterr().out
+    for command in (["train-head", str(tmp_path / "other.h5"), "-o", str(tmp_path / "h.safetensors")],
+                    ["similar", str(small_digits / "loose.png"), "--cache", str(tmp_path / "other.h5"),
+                     "--model", str(lite0_onnx)]):
+        assert main(["-q", *command]) == 2
+        assert f"{tmp_path / 'other.h5'} holds no featx embeddings" in capsys.readouterr().err
 
 
 def test_other_model_with_same_name_is_refused(small_digits, tmp_path, lite0_onnx, lite0_backbone):
