@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Embed every image under ROOT into the cache. A re-run embeds only what is new: "
                        "files already cached (same path, size and mtime, or the same bytes: moved, renamed or "
                        "copied) take their stored rows, and files with the same bytes in one run are embedded "
-                       "once. Killed at any point, the same command resumes.")
+                       "once. Hidden files and folders and system folders (@eaDir, __MACOSX, $RECYCLE.BIN, ...) are left out. "
+                       "Killed at any point, the same command resumes.")
     p.add_argument("root", help="image folder; first-level subfolders are the classes")
     p.add_argument("--out", "-o", required=True, help="HDF5 cache file")
     _add_model(p)
