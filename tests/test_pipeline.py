@@ -396,6 +396,30 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+def test_decode_workers_leave_ctrl_c_and_sigterm_to_the_parent():
+    """Ctrl-C and a scheduler's SIGTERM reach the decode workers too (one process group). A worker killed
+    by SIGTERM while it sent a decoded batch back left the pool waiting for the rest of it forever, and
+    `featx embed` hung (1 SIGTERM in about 15); the workers ignore both and the parent stops the pool."""
+    from featx.pipeline import decode_pool
+
+    before = set(_decode_workers_of(os.getpid()))
+    pool = decode_pool(1)
+    try:
+        worker = pool.submit(os.getpid).result(timeout=120)
+        assert worker in set(_decode_workers_of(os.getpid())) - before
+        os.kill(worker, signal.SIGINT)
+        os.kill(worker, signal.SIGTERM)
+        time.sleep(0.5)
+        assert _alive(worker) and pool.submit(os.getpid).result(timeout=30) == worker
+    finally:
+        pool.shutdown(wait=True)  # the parent's way of stopping it
+    deadline = time.time() + 10
+    while time.time() < deadline and _alive(worker):
+        time.sleep(0.1)
+    assert not _alive(worker)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
 def test_sigkill_then_resume_equals_an_uninterrupted_run(digits_dir, tmp_path, lite0_onnx, digits_cache):
