@@ -7,10 +7,9 @@ the per-image header check (featx's JPEG marker scan against a PIL open);
 file reads + header checks (threads); the batched JPEG decode alone (nvJPEG on CUDA, libjpeg-turbo
 on the CPU) through TorchCodec and torchvision at several batch sizes, and TorchCodec from 1, 2 and 4
 threads at once (torchvision's lock makes threads pointless there); resize + crop alone; the whole
-GpuDecoder with each library; PIL decode + resize in 1, half and all-but-one worker processes (the
-CPU path); and the
-pipeline's decode stage with nvJPEG alone and with CPU workers taking a share of the batches. The
-model is not run, so these are the ceilings the end-to-end figure in `featx bench` works under.
+GpuDecoder with each library; PIL decode + resize in 1, half and all-but-one worker processes and
+threads (the CPU path decodes in threads); and the pipeline's decode stage with nvJPEG alone and
+with CPU workers taking a share of the batches. The model is not run, so these are the ceilings the end-to-end figure in `featx bench` works under.
 ``--device cpu`` runs the same steps with the CPU decoder, to check the script without a GPU.
 """
 
@@ -132,6 +131,11 @@ def main() -> None:
         with cf.ProcessPoolExecutor(workers, mp_context=context) as pool:
             chunk = max(1, bs // 4)
             rec[f"cpu_pil_{workers}_workers_per_s"] = _rate(n, lambda: list(pool.map(
+                load_batch, [paths[i:i + chunk] for i in range(0, n, chunk)], [cfg] * (-(-n // chunk)))))
+        # the same in threads, as `featx embed` decodes on the CPU path (Pillow releases the GIL in decode
+        # and resize); whether they keep up with processes at many cores decides the GPU path's CPU share
+        with cf.ThreadPoolExecutor(workers) as pool:
+            rec[f"cpu_pil_{workers}_threads_per_s"] = _rate(n, lambda: list(pool.map(
                 load_batch, [paths[i:i + chunk] for i in range(0, n, chunk)], [cfg] * (-(-n // chunk)))))
 
     entries = [[FileEntry(key=p, path=p, label=None, size=0, mtime_ns=0) for p in b] for b in batches]

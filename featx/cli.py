@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_batch_size, default=32,
                    help="images per engine call, or auto: from free memory (default 32); halved on out-of-memory")
     p.add_argument("--workers", type=int, default=None,
-                   help="decode processes (default: cores - 1; with GPU decode they take a share of the "
-                        "batches beside nvJPEG, default half the cores, 0 = nvJPEG only)")
+                   help="decode threads (default: cores - 1; 0 = in the engine's thread); with GPU decode, "
+                        "processes that take a share of the batches beside nvJPEG (default half the cores, "
+                        "0 = nvJPEG only)")
     _add_device(p, engine=True)
     p.add_argument("--devices", default=None,
                    help="comma-separated devices, one engine each, one store (default: every GPU, else the CPU)")

@@ -42,7 +42,8 @@ def test_decode_stages_script_records_every_stage_on_the_cpu(tmp_path):
     record = json.loads((tmp_path / "decode_stages-cpu.json").read_text())
     rates = {k: v for k, v in record.items() if k.endswith("_per_s")}
     assert {"torchcodec_decode_jpeg_batch16_per_s", "torchvision_decode_jpeg_batch16_per_s", "resize_crop_per_s",
-            "decode_stage_0_cpu_workers_per_s", "decode_stage_1_cpu_workers_per_s"} <= set(rates)
+            "cpu_pil_1_workers_per_s", "cpu_pil_1_threads_per_s", "decode_stage_0_cpu_workers_per_s",
+            "decode_stage_1_cpu_workers_per_s"} <= set(rates)
     assert all(v > 0 for v in rates.values())
     assert record["header_check_marker_scan_us_per_image"] > 0 and record["jpeg_libraries"][0] == "torchcodec"
     assert (tmp_path / "decode_stages-cpu.png").stat().st_size > 10_000
