@@ -31,6 +31,7 @@ _API = {
     "read_model_info": "runtime",
     "BackoffEncoder": "runtime",
     "auto_batch_size": "runtime",
+    "default_batch_size": "runtime",
     # which engine engine="auto" takes
     "calibrate": "calibration",
     "Calibration": "calibration",
@@ -105,7 +106,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .errors import *  # noqa: F403
     from .export import ModelInfo, ensure_model_file, export_onnx
     from .calibration import Calibration, calibrate
-    from .runtime import BackoffEncoder, Encoded, OnnxEngine, TorchEngine, auto_batch_size, load_model, read_model_info
+    from .runtime import (BackoffEncoder, Encoded, OnnxEngine, TorchEngine, auto_batch_size, default_batch_size,
+                          load_model, read_model_info)
     from .data import decode_image, load_image, preprocess_image, walk_images
     from .pipeline import RunStats, classify, embed_folder, embed_images
     from .store import (CacheSummary, Embeddings, iter_embeddings, load_embeddings, load_failures, load_labels,

@@ -391,7 +391,9 @@ def _timm_backbone(name: str, weights: str | None, *, model=None, source: str | 
         name=name,
         features=model,
         classifier=classifier,
-        embed_dim=model.num_features,
+        # the pre-logits width: MobileNetV3/V4, LCNet, GhostNet... widen num_features (960) in a conv
+        # head (1280) that forward_head keeps; head_hidden_size says so (timm >= 1.0)
+        embed_dim=getattr(model, "head_hidden_size", None) or model.num_features,
         preprocess=_timm_preprocess(model),
         class_names=_imagenet_class_names(n_classes) if classifier is not None else None,
         weights=str(source),

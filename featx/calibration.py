@@ -229,11 +229,16 @@ def choose_engine(path: str | os.PathLike, *, device: str, batch_size: int, forc
     return best[0], calibration
 
 
-def calibrate(path: str | os.PathLike, *, device: str = "auto", batch_size: int = 32, force: bool = False,
+def calibrate(path: str | os.PathLike, *, device: str = "auto", batch_size: int | None = None, force: bool = False,
               threads: int | None = None, spin: bool = True) -> Calibration:
     """Measure (or read from the cache) which engine ``engine="auto"`` takes; see the module doc.
+    ``batch_size``: the device's default, as ``featx embed`` runs it, unless given.
 
     Example:
         >>> print(calibrate("models/efficientnet_lite0.onnx", device="cpu").text())
     """
-    return choose_engine(path, device=device, batch_size=batch_size, force=force, threads=threads, spin=spin)[1]
+    from .runtime import default_batch_size, resolve_device
+
+    device = resolve_device(device)
+    return choose_engine(path, device=device, batch_size=batch_size or default_batch_size(device), force=force,
+                         threads=threads, spin=spin)[1]

@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="image folder; first-level subfolders are the classes")
     p.add_argument("--out", "-o", required=True, help="HDF5 cache file")
     _add_model(p)
-    p.add_argument("--batch-size", type=_batch_size, default=32,
-                   help="images per engine call, or auto: from free memory (default 32); halved on out-of-memory")
+    p.add_argument("--batch-size", type=_batch_size, default=None,
+                   help="images per engine call (default 8 on the CPU, where larger batches run slower, 32 on a "
+                        "GPU), or auto: from free memory; halved on out-of-memory")
     p.add_argument("--workers", type=int, default=None,
                    help="decode threads (default: cores - 1; 0 = in the engine's thread); with GPU decode, "
                         "processes that take a share of the batches beside nvJPEG (default half the cores, "
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="measure which engine --engine auto takes for a model on this device")
     _add_model(p)
     _add_device(p)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="default: embed's (8 on the CPU, 32 on a GPU)")
     p.add_argument("--force", action="store_true", help="measure again even when a cached result exists")
 
     p = sub.add_parser("map", help="draw cached embeddings on a plane, coloured by class (PNG)")

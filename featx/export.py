@@ -175,6 +175,12 @@ def export_onnx(
     model = embedding_model(backbone, half=half)
     h, w = backbone.preprocess.input_size
     example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
+    with torch.no_grad():
+        produced = model(example)
+    width = (produced[0] if isinstance(produced, tuple) else produced).shape[-1]
+    if width != info.embed_dim:  # the store sizes its rows by embed_dim: it would fail at the first batch
+        raise ExportCheckError(f"{backbone.name}: the backbone gives {width}-d embeddings but declares "
+                               f"embed_dim={info.embed_dim}")
     outputs = ["embedding", "logits"] if info.has_logits else ["embedding"]
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)

@@ -700,14 +700,14 @@ def iter_predictions(
 
     One folder alone is embedded through the cache first (``cache``, else a temporary one), then its
     rows are read back a chunk at a time, files gone from the folder left out; files and several inputs
-    are decoded and encoded ``batch_size`` at a time (default: embed's for a folder, 32 for files). The
+    are decoded and encoded ``batch_size`` at a time (default: the device's, ``default_batch_size``). The
     head runs once per chunk or batch.
     """
     import tempfile
 
     from .export import ensure_model_file
     from .pipeline import embed_folder, encode_files, expand_inputs
-    from .runtime import load_model, read_model_info
+    from .runtime import default_batch_size, load_model, read_model_info
     from .store import iter_embeddings, load_failures
 
     loaded = load_head(head)
@@ -742,7 +742,7 @@ def iter_predictions(
                         sorted((os.path.join(folder, k), r) for k, r in failures.items()) if os.path.lexists(path))
         return
     engine = load_model(model_file, device=device, engine="onnx")
-    batch_size = batch_size or 32
+    batch_size = batch_size or default_batch_size(engine.device)
     batch: list[tuple[str, np.ndarray | None, str | None]] = []
     for path, embedding, _, error in encode_files(engine, expand_inputs(inputs), batch_size=batch_size,
                                                   progress=progress):
@@ -829,7 +829,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         >>> clf = make_pipeline(ImageEmbedder("efficientnet_lite0"), LogisticRegression()).fit(paths, labels)
     """
 
-    def __init__(self, model: str = DEFAULT_BACKBONE, weights: str | None = None, batch_size: int = 32,
+    def __init__(self, model: str = DEFAULT_BACKBONE, weights: str | None = None, batch_size: int | None = None,
                  device: str = "auto"):
         self.model = model
         self.weights = weights

@@ -30,7 +30,8 @@ from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry,
     file_digest, load_batch, load_image, walk_images
 from .errors import FeatxError, ModelFileError
 from .export import ensure_model_file
-from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, is_cuda, load_model, \
+from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
+    is_cuda, load_model, \
     resolve_device
 from .store import EmbeddingStore, check_store_path
 
@@ -62,7 +63,7 @@ def classify(
     weights: str | None = None,
     top: int = 5,
     device: Device = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool = False,
 ) -> list[Classification]:
     """ImageNet classes of image files, and of every image under the folders among them (in walk order).
@@ -102,10 +103,12 @@ def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
     return paths
 
 
-def encode_files(engine, paths: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> Iterator:
+def encode_files(engine, paths: Sequence[str], *, batch_size: int | None = None, progress: bool = False) -> Iterator:
     """(path, embedding, logits or None, None) for each path in order, or (path, None, None, why it
     failed): decoded and encoded in batches with a loaded engine; a bad file is never raised. Only a
-    batch is held at a time, so a folder of any size runs in bounded memory."""
+    batch is held at a time, so a folder of any size runs in bounded memory. ``batch_size``: the
+    device's default (``default_batch_size``) unless given."""
+    batch_size = batch_size or default_batch_size(engine.device)
     bar = _progress_bar(len(paths), progress)
     try:
         for start in range(0, len(paths), batch_size):
@@ -130,7 +133,7 @@ def embed_images(
     *,
     model: str | os.PathLike = DEFAULT_BACKBONE,
     weights: str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: Device = "auto",
     engine: EngineName = "onnx",
 ) -> np.ndarray:
@@ -139,6 +142,7 @@ def embed_images(
 
     runner = load_model(ensure_model_file(model, weights=weights), device=device, engine=engine)
     cfg = runner.info.preprocess
+    batch_size = batch_size or default_batch_size(runner.device)
     out = np.empty((len(images), runner.info.embed_dim), dtype=np.float32)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
@@ -229,7 +233,7 @@ def embed_folder(
     *,
     model: str | os.PathLike = DEFAULT_BACKBONE,
     weights: str | None = None,
-    batch_size: int | Literal["auto"] = 32,
+    batch_size: int | Literal["auto"] | None = None,
     workers: int | None = None,
     device: Device = "auto",
     engine: EngineName = "auto",
@@ -257,8 +261,9 @@ def embed_folder(
         decode: "gpu" decodes JPEGs with nvJPEG and resizes on the GPU (the torch engine on CUDA);
             "auto" does so whenever that engine runs.
         compile: torch engine only: torch.compile it (True or a mode name).
-        batch_size: images per engine call, or "auto": from free memory (featx.runtime.auto_batch_size).
-            Out of memory, it halves and the same images are retried.
+        batch_size: images per engine call (default: 8 on the CPU, 32 on a GPU: ``default_batch_size``),
+            or "auto": from free memory (featx.runtime.auto_batch_size). Out of memory, it halves and
+            the same images are retried.
         devices: one engine per entry ("cpu", "cuda:0", "cuda:1", ...), sharing the folder and the store;
             default: every visible GPU, else the CPU.
         engine: "auto" measures the engines once per model and device (featx.calibration) and takes the
@@ -296,7 +301,8 @@ def embed_folder(
     # several engines on the CPU split its cores between them
     threads = max(1, (os.cpu_count() or 2) // n_cpu) if n_cpu > 1 else None
     auto_batch = batch_size == "auto"
-    first_batch = (256 if is_cuda(devices[0]) else 32) if auto_batch else int(batch_size)
+    batch_size = batch_size or default_batch_size(devices[0])
+    first_batch = (256 if is_cuda(devices[0]) else batch_size) if auto_batch else int(batch_size)
     runners = [load_model(model_file, device=d, engine=engine, compile=compile, spin=workers == 0, threads=threads,
                           batch_size=first_batch) for d in devices]
     if auto_batch:

@@ -203,6 +203,10 @@ class OnnxEngine:
             raise ModelFileError(f"{self.path}: not a valid ONNX model ({_first_line(e)})") from None
         self.info = _info_from_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
         self.outputs = [o.name for o in self.session.get_outputs()]
+        width = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "embedding"), None)
+        if isinstance(width, int) and width != self.info.embed_dim:  # files exported before timm's conv-head widths were read right
+            raise ModelFileError(f"{self.path}: its embedding output is {width}-d but its featx metadata says "
+                                 f"{self.info.embed_dim}-d; delete the file and export it again")
         started = self.session.get_providers()
         if is_cuda(self.device) and "CUDAExecutionProvider" not in started:
             raise ModelFileError(f"{self.path}: onnxruntime could not start its CUDA provider on this machine")
@@ -387,18 +391,33 @@ def _oom_reason(error: BaseException) -> str:
     return found.group(1) if found else _first_line(error)[:160]
 
 
+CPU_BATCH_SIZE = 8
+GPU_BATCH_SIZE = 32
+
+
+def default_batch_size(device: Device | None) -> int:
+    """Images per engine call when none is asked for: 8 on the CPU, 32 on a GPU (``"auto"`` sizes a
+    GPU's batch from its free memory).
+
+    A CPU is busy inside each layer already at a few images, and past them the activations outgrow
+    its caches. `featx embed` at batch 8 against 32 (2-core Xeon, ``python benchmarks/batch_sizes.py``,
+    results in benchmarks/results/cpu): Lite0 125 vs 101 images/s, MobileNetV3 193 vs 182, ResNet-50
+    35.0 vs 31.7; batch 4 was no faster end to end."""
+    return GPU_BATCH_SIZE if is_cuda(resolve_device(device)) else CPU_BATCH_SIZE
+
+
 def auto_batch_size(engine: Engine, *, cap: int | None = None, memory_fraction: float = 0.6) -> int:
     """The batch size to run ``engine`` at, from its measured memory per image and the free memory.
 
     On CUDA: a probe at two batch sizes measures bytes per image (torch's peak-allocation counter
     for the torch engine, the driver's free memory for onnxruntime); the largest power of two
-    that fits ``memory_fraction`` of the free memory, at most ``cap`` (1024). On CPU: 32, past
-    which measured throughput stops growing (benchmarks/), unless free memory says less; the
-    ``BackoffEncoder`` handles what a probe misjudges.
+    that fits ``memory_fraction`` of the free memory, at most ``cap`` (1024). On CPU:
+    ``CPU_BATCH_SIZE`` (throughput falls past it, see ``default_batch_size``), unless free memory
+    says less; the ``BackoffEncoder`` handles what a probe misjudges.
     """
     h, w = engine.info.preprocess.input_size
     if not is_cuda(engine.device):
-        cap = cap or 32
+        cap = cap or CPU_BATCH_SIZE
         per_image = 4 * 3 * h * w * 64  # float activations of a few wide layers: a generous CPU bound
         return max(1, min(cap, _floor_pow2(memory_fraction * _free_host_memory() / per_image)))
     import torch
@@ -477,7 +496,7 @@ def load_model(
     threads: int | None = None,
     compile: bool | str = False,
     spin: bool = True,
-    batch_size: int = 32,
+    batch_size: int | None = None,
 ) -> Engine:
     """Open an exported featx model file with the chosen engine.
 
@@ -491,7 +510,8 @@ def load_model(
     if engine in (None, "auto"):
         from .calibration import choose_engine
 
-        chosen, calibration = choose_engine(path, device=device, batch_size=batch_size, threads=threads, spin=spin)
+        chosen, calibration = choose_engine(path, device=device, batch_size=batch_size or default_batch_size(device),
+                                            threads=threads, spin=spin)
         _logger.info("%s", calibration.summary())
         chosen.calibration = calibration
         return chosen

@@ -46,7 +46,7 @@ def find_similar(
     model: str | os.PathLike = DEFAULT_BACKBONE,
     weights: str | None = None,
     device: str = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     rows_per_chunk: int = 16384,
 ) -> list[SimilarImages]:
     """For each image file (and every image under each folder), the ``k`` most similar cached images.

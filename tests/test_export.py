@@ -130,6 +130,27 @@ def test_onnx_file_not_from_featx_is_refused(tmp_path):
         featx.load_model(path)
 
 
+def test_file_whose_embedding_width_disagrees_with_its_metadata_is_refused(tmp_path, lite0_onnx):
+    """An older export of timm's MobileNetV3 declared 960-d for its 1280-d output: refused with what to do,
+    not a broadcast error from the store at the first batch."""
+    proto = onnx.load(str(lite0_onnx))
+    entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    entry.value = json.dumps({**json.loads(entry.value), "embed_dim": 960})
+    path = tmp_path / "declares-960.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(ModelFileError, match="embedding output is 1280-d but its featx metadata says 960-d; delete"):
+        featx.load_model(path, device="cpu")
+
+
+def test_backbone_declaring_the_wrong_width_is_not_exported(tmp_path, lite0_backbone):
+    import dataclasses
+
+    wrong = dataclasses.replace(lite0_backbone, embed_dim=960)
+    with pytest.raises(ExportCheckError, match="gives 1280-d embeddings but declares embed_dim=960"):
+        featx.export_onnx(wrong, tmp_path / "wrong.onnx")
+    assert not list(tmp_path.iterdir())  # nothing half-written left behind
+
+
 def test_cli_export_of_a_checkpoint_is_the_file_its_name_and_weights_find_later(tmp_path, monkeypatch, capsys):
     import torchvision
 
@@ -172,9 +193,11 @@ TORCHVISION_NAMES = ["resnet50", "resnet101", "vgg16", "vgg19", "inception_v3", 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TORCHVISION_NAMES + ["xception"])
+@pytest.mark.parametrize("name", TORCHVISION_NAMES + ["xception", "mobilenetv3_large_100"])
 def test_export_every_listed_architecture(name, tmp_path):
-    """Random weights; the file's preprocessing must be what the weights' own metadata says."""
+    """Random weights; the file's preprocessing must be what the weights' own metadata says, and its
+    embeddings as wide as it declares (timm's MobileNetV3 declared 960 for its 1280-d output, and its
+    first batch failed in the store)."""
     bb = featx.load_backbone(name, weights="none")
     info = featx.export_onnx(bb, tmp_path / f"{name}.onnx")
     if name in TORCHVISION_NAMES:

@@ -1,0 +1,72 @@
+"""Which batch size to run on the CPU: onnxruntime alone and `featx embed` end to end, at each size, in one run.
+
+    python benchmarks/batch_sizes.py [--model efficientnet_lite0] [--weights none] [--sizes 4,8,16,32,64]
+                                     [--n-jpegs 400] [--repeats 3] [--out benchmarks/results/cpu]
+
+The default batch size on the CPU comes from here. Larger batches do not help a CPU the way they help
+a GPU: the cores are kept busy inside each layer already, and past a few images the activations
+outgrow the caches. The end-to-end runs alternate between sizes (``--repeats`` rounds), so a slow
+moment of the machine does not land on one size; each figure is the median of its rounds. Timing does
+not depend on the weights' values: ``--weights none`` times architectures whose weights are not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--weights", default=None, help="as featx embed's --weights (none: random, for timing)")
+    parser.add_argument("--sizes", default="4,8,16,32,64")
+    parser.add_argument("--n-jpegs", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/cpu")
+    args = parser.parse_args()
+
+    import featx
+    from featx.bench import machine_description, write_record
+    from featx.samples import write_jpeg_folder
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="featx-batch-sizes-"))
+    model_file = featx.ensure_model_file(args.model, weights=args.weights, models_dir=tmp / "models")
+    root = write_jpeg_folder(tmp / "jpegs", args.n_jpegs)
+    record = {"machine": machine_description(), "model": args.model, "n_jpegs": args.n_jpegs,
+              "default_batch_size_cpu": featx.default_batch_size("cpu")}
+
+    record.update(_model_only_rates(model_file, sizes, args.repeats))  # its session gone before the runs below
+
+    rounds = {bs: [] for bs in sizes}
+    for r in range(args.repeats):
+        for bs in sizes:
+            stats = featx.embed_folder(root, tmp / f"b{bs}-{r}.h5", model=model_file, batch_size=bs, device="cpu",
+                                       engine="onnx")
+            rounds[bs].append(stats.n_embedded / stats.seconds)
+    for bs in sizes:
+        record[f"featx_embed_batch{bs}_per_s"] = statistics.median(rounds[bs])
+    name = "batch_sizes-" + args.model + ("" if args.weights is None else f"-weights-{args.weights}")
+    write_record(record, args.out, name, plot_rates=True)
+
+
+def _model_only_rates(model_file, sizes: list[int], repeats: int) -> dict[str, float]:
+    import featx
+    from featx.bench import time_throughput
+    from featx.export import check_images
+
+    engine = featx.load_model(model_file, device="cpu", engine="onnx")
+    photos = check_images(engine.info.preprocess)  # real photos, preprocessed as embed does
+    rates = {}
+    for bs in sizes:
+        batch = photos[[i % len(photos) for i in range(bs)]]
+        rates[f"model_only_batch{bs}_per_s"] = time_throughput(lambda: engine.encode(batch), bs, repeats=repeats,
+                                                                min_seconds=2.0)[0]
+    return rates
+
+
+if __name__ == "__main__":
+    main()
