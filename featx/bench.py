@@ -152,13 +152,17 @@ def bench_models(
     out_dir: str | os.PathLike | None = "benchmarks/results",
     models_dir: str | os.PathLike | None = None,
 ) -> BenchResult:
-    """Measure featx against plain PyTorch; write JSON and a PNG chart to ``out_dir``."""
+    """Measure featx against plain PyTorch; write JSON and a PNG chart to ``out_dir``.
+
+    The model alone at each of ``batch_sizes``; end to end (``featx embed`` against a DataLoader) at the
+    device's default batch size when it is among them (what users run: 8 on the CPU), else the largest.
+    """
     import torch
 
     from .backbones import load_backbone
     from .export import check_images, ensure_model_file
     from .errors import ModelFileError
-    from .runtime import OnnxEngine, TorchEngine, read_model_info, resolve_device
+    from .runtime import OnnxEngine, TorchEngine, default_batch_size, read_model_info, resolve_device
 
     device = resolve_device(device)
     backbone = load_backbone(model, weights=weights)
@@ -236,7 +240,8 @@ def bench_models(
 
     if end_to_end:
         first_mode = modes[0] if modes else False
-        _bench_end_to_end(result, backbone, model_file, images, n_images, max(batch_sizes), device, workers,
+        e2e_batch = default_batch_size(device) if default_batch_size(device) in batch_sizes else max(batch_sizes)
+        _bench_end_to_end(result, backbone, model_file, images, n_images, e2e_batch, device, workers,
                           True if first_mode == "default" else first_mode)
     _ratios(result)
     if out_dir:
@@ -331,8 +336,7 @@ def _ratios(result: BenchResult) -> None:
     if featx_e2e and plain:
         a = max(featx_e2e)
         result.ratios["end-to-end featx embed / plain PyTorch pipeline"] = a / plain[0]
-        model_best = max((t.images_per_second for t in featx_rows
-                          if t.batch_size == max(x.batch_size for x in model_rows)), default=0)
+        model_best = max((t.images_per_second for t in featx_rows if t.batch_size == e2e[0].batch_size), default=0)
         if model_best:
             result.ratios["end-to-end featx embed / featx model-only (same batch)"] = a / model_best
 
