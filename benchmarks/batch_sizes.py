@@ -6,7 +6,8 @@
 The default batch size on the CPU comes from here. Larger batches do not help a CPU the way they help
 a GPU: the cores are kept busy inside each layer already, and past a few images the activations
 outgrow the caches. The end-to-end runs alternate between sizes (``--repeats`` rounds), so a slow
-moment of the machine does not land on one size; each figure is the median of its rounds. Timing does
+moment of the machine does not land on one size; each figure is the median of its rounds. The peak
+memory of a whole `featx embed` process at each size is taken from one more run per size. Timing does
 not depend on the weights' values: ``--weights none`` times architectures whose weights are not here.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,6 +52,10 @@ def main() -> None:
             rounds[bs].append(stats.n_embedded / stats.seconds)
     for bs in sizes:
         record[f"featx_embed_batch{bs}_per_s"] = statistics.median(rounds[bs])
+    for bs in sizes:
+        record[f"featx_embed_batch{bs}_peak_rss_mb"] = _peak_rss_mb(
+            [sys.executable, "-m", "featx", "-q", "embed", str(root), "-o", str(tmp / f"rss{bs}.h5"),
+             "--model", str(model_file), "--batch-size", str(bs), "--device", "cpu", "--engine", "onnx"])
     name = "batch_sizes-" + args.model + ("" if args.weights is None else f"-weights-{args.weights}")
     write_record(record, args.out, name, plot_rates=True)
 
@@ -67,6 +74,17 @@ def _model_only_rates(model_file, sizes: list[int], repeats: int) -> dict[str, f
                                                                 min_seconds=2.0)[0]
     return rates
 
+
+def _peak_rss_mb(cmd: list[str]) -> float:
+    """Peak resident memory of the process ``cmd`` runs. Started from a small Python of its own: a child
+    begins with its parent's peak (fork copies it), and this script's parent holds torch and a session."""
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True); "
+             "sys.stderr.write(r.stderr.decode()[-500:]); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    run = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed: {run.stderr}")
+    return int(run.stdout.split()[-1]) / 1024  # KiB on Linux
 
 if __name__ == "__main__":
     main()

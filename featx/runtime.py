@@ -401,8 +401,8 @@ def default_batch_size(device: Device | None) -> int:
 
     A CPU is busy inside each layer already at a few images, and past them the activations outgrow
     its caches. `featx embed` at batch 8 against 32 (2-core Xeon, ``python benchmarks/batch_sizes.py``,
-    results in benchmarks/results/cpu): Lite0 125 vs 101 images/s, MobileNetV3 193 vs 182, ResNet-50
-    35.0 vs 31.7; batch 4 was no faster end to end."""
+    results in benchmarks/results/cpu): Lite0 120.4 vs 96.2 images/s, peak memory 283 vs 843 MB;
+    MobileNetV3 193 vs 182 images/s; ResNet-50 35.0 vs 31.7. Batch 4 was no faster end to end."""
     return GPU_BATCH_SIZE if is_cuda(resolve_device(device)) else CPU_BATCH_SIZE
 
 
