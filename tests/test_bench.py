@@ -51,3 +51,22 @@ def test_decode_stages_script_records_every_stage_on_the_cpu(tmp_path):
     assert all(v > 0 for v in rates.values())
     assert record["header_check_marker_scan_us_per_image"] > 0 and record["jpeg_libraries"][0] == "torchcodec"
     assert (tmp_path / "decode_stages-cpu.png").stat().st_size > 10_000
+
+
+def test_batch_sizes_script_records_rates_and_memory_at_each_size(tmp_path):
+    """Where the CPU's default batch size comes from: the script must keep running (tiny sizes here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "batch_sizes.py"
+    run = subprocess.run([sys.executable, str(script), "--sizes", "2,4", "--n-jpegs", "8", "--repeats", "1",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((tmp_path / "batch_sizes-efficientnet_lite0.json").read_text())
+    assert record["default_batch_size_cpu"] == featx.default_batch_size("cpu")
+    for bs in (2, 4):
+        assert record[f"model_only_batch{bs}_per_s"] > 0 and record[f"featx_embed_batch{bs}_per_s"] > 0
+        # the embed process alone (about 200 MB here), not its parent's 2.5 GB peak that a fork carries over
+        assert 50 < record[f"featx_embed_batch{bs}_peak_rss_mb"] < 1500
+    assert (tmp_path / "batch_sizes-efficientnet_lite0.png").stat().st_size > 10_000
