@@ -467,11 +467,6 @@ class _EngineThreads:
                 decoded = dataclasses.replace(decoded, images=None)
                 batch.decoded = None
                 self._results.put((batch.seq, batch, decoded, emb))
-        except cf.process.BrokenProcessPool:  # a traceback of the pool's insides says less than this
-            self._results.put((-1, FeatxError(
-                "a decode worker process died (killed by the system: out of memory?); the batches committed so "
-                "far are kept: run the same command again to resume"),
-                None, None))
         except BaseException as e:  # handed to the caller, which raises it
             self._results.put((-1, e, None, None))
         finally:
@@ -891,6 +886,9 @@ def _gpu_decode_ahead(batches: Iterator[list[FileEntry]], cfg, device: str, max_
                 yield take(on_gpu)
         while on_gpu or on_cpu:
             yield take(on_gpu if on_gpu and (not on_cpu or on_gpu[0][1].done()) else on_cpu)
+    except cf.process.BrokenProcessPool:  # a traceback of the pool's insides says less than this
+        raise FeatxError("a decode worker process died (killed by the system: out of memory?); the batches "
+                         "committed so far are kept: run the same command again to resume") from None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         decoder.close()

@@ -177,6 +177,30 @@ def test_decode_stage_shares_batches_with_cpu_workers_and_loses_none(tmp_path, c
             assert np.abs(decoded.images.numpy().astype(np.float32) - reference.images).mean() < 1.0
 
 
+def test_a_killed_cpu_decode_worker_ends_the_decode_stage_with_one_line(tmp_path, coffee, lite0_backbone):
+    """The OOM killer may take one of the decode processes beside nvJPEG: the run ends with a FeatxError saying
+    so and how to resume, not the process pool's traceback."""
+    import os
+    import signal
+    import time
+
+    from featx.errors import FeatxError
+    from featx.pipeline import _gpu_decode_ahead, decode_pool
+
+    jpegs, _ = _mixed_folder(tmp_path, coffee, 24)
+    entries = [FileEntry(key=p, path=p, label=None, size=0, mtime_ns=0) for p in jpegs]
+    batches = [entries[i:i + 4] for i in range(0, len(entries), 4)]
+    pool = decode_pool(1)
+    try:
+        os.kill(pool.submit(os.getpid).result(timeout=120), signal.SIGKILL)
+        time.sleep(1.0)  # the pool's manager thread notices
+        with pytest.raises(FeatxError, match="^a decode worker process died .* run the same command again to resume$"):
+            list(_gpu_decode_ahead(iter(batches), lite0_backbone.preprocess, device="cpu", max_pixels=10**8, depth=1,
+                                   cpu_pool=pool, cpu_workers=1))
+    finally:
+        pool.shutdown(wait=False)
+
+
 def test_camera_photos_decode_in_bounded_calls_with_the_same_pixels(tmp_path, lite0_backbone):
     """A batch of camera-sized photos is split into nvJPEG calls of bounded size (a whole batch at once
     would not fit a consumer GPU's memory) and comes out as it would from one call."""
