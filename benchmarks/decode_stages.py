@@ -9,7 +9,8 @@ on the CPU) through TorchCodec and torchvision at several batch sizes, and Torch
 threads at once (torchvision's lock makes threads pointless there); resize + crop alone; the whole
 GpuDecoder with each library; PIL decode + resize in 1, half and all-but-one worker processes and
 threads (the CPU path decodes in threads); and the pipeline's decode stage with nvJPEG alone and
-with CPU workers taking a share of the batches. The model is not run, so these are the ceilings the end-to-end figure in `featx bench` works under.
+with CPU workers taking a share of the batches. The model is not run, so these are the ceilings the
+end-to-end figure in `featx bench` works under.
 ``--device cpu`` runs the same steps with the CPU decoder, to check the script without a GPU.
 """
 

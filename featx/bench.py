@@ -240,7 +240,8 @@ def bench_models(
 
     if end_to_end:
         first_mode = modes[0] if modes else False
-        e2e_batch = default_batch_size(device) if default_batch_size(device) in batch_sizes else max(batch_sizes)
+        embed_default = default_batch_size(device)
+        e2e_batch = embed_default if embed_default in batch_sizes else max(batch_sizes)
         _bench_end_to_end(result, backbone, model_file, images, n_images, e2e_batch, device, workers,
                           True if first_mode == "default" else first_mode)
     _ratios(result)

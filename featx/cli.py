@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Embed every image under ROOT into the cache. A re-run embeds only what is new: "
                        "files already cached (same path, size and mtime, or the same bytes: moved, renamed or "
                        "copied) take their stored rows, and files with the same bytes in one run are embedded "
-                       "once. Hidden files and folders and system folders (@eaDir, __MACOSX, $RECYCLE.BIN, ...) are left out. "
+                       "once. Hidden files and folders and system folders (@eaDir, __MACOSX, $RECYCLE.BIN, ...) "
+                       "are left out. "
                        "Killed at any point, the same command resumes.")
     p.add_argument("root", help="image folder; first-level subfolders are the classes")
     p.add_argument("--out", "-o", required=True, help="HDF5 cache file")
@@ -419,8 +420,8 @@ def _failures_exit(inputs: Sequence[str], failed: Sequence[str], strict: bool) -
     named_failed = sum(path in named for path in failed)
     if not named_failed and not (strict and failed):
         return 0
-    print(f"featx: {len(failed)} image(s) could not be read" + (f", {named_failed} of them named" if named_failed else "")
-          + " (their rows say why)", file=sys.stderr)
+    of_them = f", {named_failed} of them named" if named_failed else ""
+    print(f"featx: {len(failed)} image(s) could not be read{of_them} (their rows say why)", file=sys.stderr)
     return 1
 
 

@@ -149,7 +149,8 @@ def _draw(result: EmbeddingMap, *, title: str) -> None:
         mine = result.labels == c
         ax.scatter(*result.points[mine].T, s=size, color=cmap(i % cmap.N), label=result.class_names[c], linewidths=0)
     if len(present) <= 30:
-        ax.legend(markerscale=np.sqrt(54 / size), fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        ax.legend(markerscale=np.sqrt(54 / size), fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5),
+                  frameon=False)
     if len(present) > cmap.N:
         _logger.info("%d classes share %d colours on the map", len(present), cmap.N)
     ax.set_xticks([])

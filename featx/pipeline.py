@@ -31,8 +31,7 @@ from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry,
 from .errors import FeatxError, ModelFileError
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
-    is_cuda, load_model, \
-    resolve_device
+    is_cuda, load_model, resolve_device
 from .store import EmbeddingStore, check_store_path
 
 _logger = logging.getLogger(__name__)
@@ -937,10 +936,10 @@ def _decode_worker_start() -> None:
 def _decode_ahead(batches: Iterator[list[FileEntry]], cfg, workers: int, max_pixels: int):
     """Yield (batch, DecodedBatch) in order, decoding up to 2*workers batches ahead in worker threads.
 
-    Threads, not processes: Pillow lets go of the GIL while it decodes and resizes, so two threads
-    decode 500x375 JPEGs as fast as two processes on 2 cores (618-683 vs 629 images/s), and `featx
-    embed` ran 100-104 images/s against 94-98 with processes, same run, 800 JPEGs (no pickling of
-    each batch's pixels through a pipe). And nothing of multiprocessing's to go wrong: a worker
+    Threads, not processes: Pillow lets go of the GIL while it decodes and resizes, so a thread keeps
+    up with a process (346 vs 326 images/s of 500x375 JPEGs, 2-core Xeon, ``python
+    benchmarks/decode_stages.py --device cpu --n-jpegs 512 --batch-size 64``), and no batch's pixels
+    are pickled through a pipe. And nothing of multiprocessing's to go wrong: a worker
     killed mid-way through sending a batch back hung the run, a script calling ``embed_folder``
     without an ``if __name__ == "__main__"`` guard failed in the spawned workers, a SIGKILLed run
     left orphans. The GPU path's CPU share stays in processes (``decode_pool``): at its rates the

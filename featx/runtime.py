@@ -204,7 +204,8 @@ class OnnxEngine:
         self.info = _info_from_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
         self.outputs = [o.name for o in self.session.get_outputs()]
         width = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "embedding"), None)
-        if isinstance(width, int) and width != self.info.embed_dim:  # files exported before timm's conv-head widths were read right
+        # files exported before timm's conv-head widths (MobileNetV3: 1280, not 960) were read right
+        if isinstance(width, int) and width != self.info.embed_dim:
             raise ModelFileError(f"{self.path}: its embedding output is {width}-d but its featx metadata says "
                                  f"{self.info.embed_dim}-d; delete the file and export it again")
         started = self.session.get_providers()
