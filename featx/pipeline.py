@@ -170,6 +170,7 @@ class RunStats:
     seconds: float = 0.0
     load_seconds: float = 0.0  # model export/load/compile before the first image
     engine: str = ""  # the engine(s) that ran, with their devices
+    batch_size: int = 0  # images per engine call it started at (the device's default unless asked)
     backoffs: list[int] = field(default_factory=list)  # batch sizes lowered to after out-of-memory
     decoded_by: dict[str, int] = field(default_factory=dict)  # files per decoder: "gpu" (nvJPEG), "cpu"
     jpeg_library: str = ""  # what called nvJPEG (torchcodec, torchvision), with GPU decode
@@ -202,7 +203,8 @@ class RunStats:
             + f" in {self.seconds:.1f} s ({self.load_seconds:.1f} s loading the model)"
             + (f", {self.steady_images_per_second:.1f} images/s" if self.n_embedded else "")
             + f" -> {self.out} [{self.model}"
-            + (f", {self.engine}" if self.engine else "") + "]"
+            + (f", {self.engine}" if self.engine else "") + (f", batch {self.batch_size}" if self.batch_size else "")
+            + "]"
             + (f"; out of memory: batch size lowered to {self.backoffs[-1]}" if self.backoffs else "")
             + ("; decoded: " + ", ".join(f"{n} by {f'nvJPEG ({self.jpeg_library})' if k == 'gpu' else 'CPU workers'}"
                                          for k, n in sorted(self.decoded_by.items(), reverse=True))
@@ -318,7 +320,8 @@ def embed_folder(
     if gpu_decode and workers_given is None:
         workers = default_workers(gpu_decode=True)
     group = Path(model_file).stem
-    stats = RunStats(out=str(out), model=group, engine=", ".join(f"{r.name} ({r.device})" for r in runners))
+    stats = RunStats(out=str(out), model=group, engine=", ".join(f"{r.name} ({r.device})" for r in runners),
+                     batch_size=batch_size)
 
     with EmbeddingStore(out, group, info=info, half=half) as store:
         label_of = store.label_index(class_names_of(root))

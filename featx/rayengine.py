@@ -166,7 +166,7 @@ def embed_folder_ray(
     info = read_model_info(model_file)
     group = Path(model_file).stem
     run = f"{time.time_ns():020d}"  # shard names sort by run
-    stats = RunStats(out=str(out), model=group)
+    stats = RunStats(out=str(out), model=group, batch_size=batch_size)
     shard_dir = Path(f"{out}.shards") / group
     shard_dir.mkdir(parents=True, exist_ok=True)
 

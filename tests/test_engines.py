@@ -176,7 +176,7 @@ def test_cli_calibrate_devices_and_auto_batch(small_digits, tmp_path, lite0_onnx
                                     "--devices", "cpu,cpu", "--batch-size", "auto", "--workers", "0",
                                     "--engine", "onnx"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "60 embedded" in r.stdout and "onnx (cpu), onnx (cpu)" in r.stdout
+    assert "60 embedded" in r.stdout and "onnx (cpu), onnx (cpu), batch 8]" in r.stdout  # auto on the CPU: 8
     assert len(featx.load_embeddings(out).keys) == 60
 
     r = subprocess.run(featx_cli + ["embed", str(small_digits), "-o", str(out), "--device", "gpu0"],

@@ -262,7 +262,9 @@ def test_info_says_what_a_cache_holds_and_why_files_failed(small_digits, tmp_pat
     out = tmp_path / "c.h5"
     assert main(["-q", "embed", str(small_digits), "-o", str(out), "--model", str(lite0_onnx), "--engine", "onnx",
                  "--workers", "0"]) == 0
-    assert f"the failed files and why: featx info {out} --failures" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"the failed files and why: featx info {out} --failures" in said
+    assert "onnx (cpu), batch 8]" in said  # the CPU's default batch size, and the summary says which ran
     [summary] = featx.summarize_cache(out)
     counts = {d: len(os.listdir(small_digits / d)) for d in "0123456789"}
     counts["0"] -= 1  # broken.jpg
