@@ -422,6 +422,19 @@ def test_decode_workers_leave_ctrl_c_and_sigterm_to_the_parent():
     assert not _alive(worker)
 
 
+def test_a_script_without_a_main_guard_embeds_with_decode_workers(small_digits, tmp_path, lite0_onnx):
+    """CPU decode runs in threads: a notebook-style script calling embed_folder at its top level works (with
+    spawned decode processes it failed as each worker imported the script again)."""
+    script = tmp_path / "plain_script.py"
+    script.write_text("import featx\n"
+                      f"stats = featx.embed_folder({str(small_digits)!r}, {str(tmp_path / 'c.h5')!r}, "
+                      f"model={str(lite0_onnx)!r}, engine='onnx', device='cpu', workers=1)\n"
+                      "print(stats.n_embedded)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "60"
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
 def test_decode_workers_exit_when_their_parent_is_sigkilled(tmp_path):
     """The OOM killer takes the parent of the GPU path's decode processes: they must not live on holding
