@@ -65,14 +65,16 @@ def small_files(root: Path, n: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n-jpegs", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: embed's own on the CPU")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
     import featx
     from featx.bench import bench_workspace, machine_description, write_record
     from featx.pipeline import default_workers
+    from featx.runtime import default_batch_size
 
+    args.batch_size = args.batch_size or default_batch_size("cpu")
     tmp, model_file, root = bench_workspace("featx-embed-bench-", args.n_jpegs)
     results: dict = {"machine": machine_description(), "model": model_file.stem, "batch_size": args.batch_size,
                      "n_jpegs": args.n_jpegs, "workers": default_workers()}

@@ -104,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per engine call (default 8 on the CPU, where larger batches run slower, 32 on a "
                         "GPU), or auto: from free memory; halved on out-of-memory")
     p.add_argument("--workers", type=int, default=None,
-                   help="decode threads (default: cores - 1; 0 = in the engine's thread); with GPU decode, "
-                        "processes that take a share of the batches beside nvJPEG (default half the cores, "
-                        "0 = nvJPEG only)")
+                   help="decode threads (default: one per core, up to 16; 0 = in the engine's thread); "
+                        "with GPU decode, processes that take a share of the batches beside nvJPEG "
+                        "(default half the cores, 0 = nvJPEG only)")
     _add_device(p, engine=True)
     p.add_argument("--devices", default=None,
                    help="comma-separated devices, one engine each, one store (default: every GPU, else the CPU)")

@@ -557,7 +557,7 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
     picked = [members[i] for members in by_class.values()
               for i in sorted(rng.choice(len(members), min(share, len(members)), replace=False))]
     model_file = ensure_model_file(model, weights=weights)
-    engine = load_model(model_file, device=device, engine="onnx")
+    engine = load_model(model_file, device=device, engine="onnx", spin=False)
 
     confidences, embeddings, labels, skipped = [], [], [], {}
     for entry, (_, embedding, logits, error) in zip(picked, encode_files(engine, [e.path for e in picked])):

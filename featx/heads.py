@@ -741,7 +741,7 @@ def iter_predictions(
             yield from (PredictionRow(path, [], reason) for path, reason in
                         sorted((os.path.join(folder, k), r) for k, r in failures.items()) if os.path.lexists(path))
         return
-    engine = load_model(model_file, device=device, engine="onnx")
+    engine = load_model(model_file, device=device, engine="onnx", spin=False)
     batch_size = batch_size or default_batch_size(engine.device)
     batch: list[tuple[str, np.ndarray | None, str | None]] = []
     for path, embedding, _, error in encode_files(engine, expand_inputs(inputs), batch_size=batch_size,

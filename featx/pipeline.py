@@ -72,7 +72,7 @@ def classify(
         >>> classify(["coffee.png"])[0].top[0]
         ('espresso', 0.95...)
     """
-    engine = load_model(ensure_model_file(model, weights=weights), device=device, engine="onnx")
+    engine = load_model(ensure_model_file(model, weights=weights), device=device, engine="onnx", spin=False)
     info = engine.info
     if not info.has_logits:
         raise ModelFileError(f"{engine.path}: this model has no ImageNet classifier (no logits output)")
@@ -102,17 +102,19 @@ def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
     return paths
 
 
-def encode_files(engine, paths: Sequence[str], *, batch_size: int | None = None, progress: bool = False) -> Iterator:
+def encode_files(engine, paths: Sequence[str], *, batch_size: int | None = None, progress: bool = False,
+                 workers: int | None = None) -> Iterator:
     """(path, embedding, logits or None, None) for each path in order, or (path, None, None, why it
-    failed): decoded and encoded in batches with a loaded engine; a bad file is never raised. Only a
-    batch is held at a time, so a folder of any size runs in bounded memory. ``batch_size``: the
-    device's default (``default_batch_size``) unless given."""
+    failed): decoded and encoded in batches with a loaded engine; a bad file is never raised. Batches
+    are decoded ahead in ``workers`` threads (``default_workers()`` unless given) while the engine runs;
+    only a few batches are held at a time, so a folder of any size runs in bounded memory.
+    ``batch_size``: the device's default (``default_batch_size``) unless given."""
     batch_size = batch_size or default_batch_size(engine.device)
+    workers = default_workers() if workers is None else workers
+    chunks = (paths[start:start + batch_size] for start in range(0, len(paths), batch_size))
     bar = _progress_bar(len(paths), progress)
-    try:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            decoded = load_batch(chunk, engine.info.preprocess, with_digests=False)  # nothing is stored
+    try:  # nothing is stored: no digests
+        for chunk, decoded in _decode_ahead(chunks, engine.info.preprocess, workers, with_digests=False):
             rows: list = [(None, None, None)] * len(chunk)
             for k, reason in decoded.failed:
                 rows[k] = (None, None, reason)
@@ -135,20 +137,24 @@ def embed_images(
     batch_size: int | None = None,
     device: Device = "auto",
     engine: EngineName = "onnx",
+    workers: int | None = None,
 ) -> np.ndarray:
-    """Embeddings of image files or RGB arrays, in memory. Returns float32 (n, embed_dim); raises on a bad file."""
+    """Embeddings of image files or RGB arrays, in memory. Returns float32 (n, embed_dim); raises on a bad file.
+    ``workers``: decode threads running ahead of the model (``default_workers()`` unless given)."""
     from .data import preprocess_image
 
-    runner = load_model(ensure_model_file(model, weights=weights), device=device, engine=engine)
+    workers = default_workers() if workers is None else workers
+    runner = load_model(ensure_model_file(model, weights=weights), device=device, engine=engine, spin=workers == 0)
     cfg = runner.info.preprocess
     batch_size = batch_size or default_batch_size(runner.device)
     out = np.empty((len(images), runner.info.embed_dim), dtype=np.float32)
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        batch = np.stack([
-            preprocess_image(img, cfg) if isinstance(img, np.ndarray) else load_image(img, cfg) for img in chunk
-        ])
-        out[start:start + len(chunk)] = runner.encode(batch).embedding
+
+    def decode(start: int) -> np.ndarray:
+        return np.stack([preprocess_image(img, cfg) if isinstance(img, np.ndarray) else load_image(img, cfg)
+                         for img in images[start:start + batch_size]])
+
+    for start, batch in _ahead(iter(range(0, len(images), batch_size)), decode, workers):
+        out[start:start + len(batch)] = runner.encode(batch).embedding
     return out
 
 
@@ -221,11 +227,18 @@ class RunStats:
 
 
 def default_workers(*, gpu_decode: bool = False) -> int:
-    """Decode processes when the caller names none: all cores but one; with GPU decode half of
-    those, the other half left to what feeds the GPU (file reads, nvJPEG's host side, the engine
-    threads, the store writes; not yet measured against other splits)."""
-    cpu_decoders = max(1, min(16, (os.cpu_count() or 2) - 1))
-    return cpu_decoders // 2 if gpu_decode else cpu_decoders
+    """Decode workers when the caller names none (at most 16).
+
+    CPU decode: a thread per core. They share the cores with onnxruntime's threads, and a thread
+    with nothing to decode waits: on small JPEGs the model sets the pace whatever their number,
+    while camera photos are decode-bound and take every core (2-core Xeon, ``python
+    benchmarks/decode_threads.py``: 12-megapixel JPEGs embedded at 35.3 images/s with 2 threads
+    against 21.3 with 1; 500x375 JPEGs at 147.2 against 150.3).
+    GPU decode: processes beside nvJPEG, half of all cores but one, the other half left to what
+    feeds the GPU (file reads, nvJPEG's host side, the engine threads, the store writes; not yet
+    measured against other splits)."""
+    cores = os.cpu_count() or 2
+    return max(1, min(16, cores - 1)) // 2 if gpu_decode else max(1, min(16, cores))
 
 
 def embed_folder(
@@ -253,7 +266,7 @@ def embed_folder(
 
     Args:
         model: a backbone name (exported to ``models_dir`` on first use) or an exported .onnx file.
-        workers: decode threads running ahead of the model (default: cores - 1); 0 decodes in the
+        workers: decode threads running ahead of the model (default: one per core, up to 16); 0 decodes in the
             engine's thread. With GPU decode, processes that decode a share of the batches beside
             nvJPEG (default: half the cores); 0 leaves every batch to the GPU.
         half: fp16 model and float16 storage (a separate group, ``NAME-fp16``).
@@ -936,8 +949,20 @@ def _decode_worker_start() -> None:
     threading.Thread(target=exit_when_orphaned, daemon=True, name="featx-orphan-watch").start()
 
 
-def _decode_ahead(batches: Iterator[list[FileEntry]], cfg, workers: int, max_pixels: int):
-    """Yield (batch, DecodedBatch) in order, decoding up to 2*workers batches ahead in worker threads.
+def _decode_ahead(batches: Iterator[list], cfg, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                  with_digests: bool = True) -> Iterator[tuple[list, DecodedBatch]]:
+    """Yield (batch, DecodedBatch) in order, decoding up to 2*workers batches ahead in worker threads
+    (``_ahead``). A batch is a list of FileEntry or of paths."""
+    def decode(batch: list) -> DecodedBatch:
+        paths = [e.path if isinstance(e, FileEntry) else e for e in batch]
+        return load_batch(paths, cfg, max_pixels, with_digests=with_digests)
+
+    return _ahead(batches, decode, workers)
+
+
+def _ahead(items: Iterator, work, workers: int) -> Iterator[tuple]:
+    """Yield (item, work(item)) in the order of ``items``, up to 2*workers items worked on ahead in
+    threads (0: in the caller's thread). An exception of ``work`` is raised where its item is yielded.
 
     Threads, not processes: Pillow lets go of the GIL while it decodes and resizes, so a thread keeps
     up with a process (346 vs 326 images/s of 500x375 JPEGs, 2-core Xeon, ``python
@@ -948,19 +973,19 @@ def _decode_ahead(batches: Iterator[list[FileEntry]], cfg, workers: int, max_pix
     left orphans. The GPU path's CPU share stays in processes (``decode_pool``): at its rates the
     Python part of each decode would compete for the GIL (not measured)."""
     if workers <= 0:
-        for batch in batches:
-            yield batch, load_batch([e.path for e in batch], cfg, max_pixels)
+        for item in items:
+            yield item, work(item)
         return
     window: deque = deque()
     pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="featx-decode")
     try:
-        for batch in batches:
-            window.append((batch, pool.submit(load_batch, [e.path for e in batch], cfg, max_pixels)))
+        for item in items:
+            window.append((item, pool.submit(work, item)))
             if len(window) >= 2 * workers:
-                b, fut = window.popleft()
-                yield b, fut.result()
+                item, fut = window.popleft()
+                yield item, fut.result()
         while window:
-            b, fut = window.popleft()
-            yield b, fut.result()
+            item, fut = window.popleft()
+            yield item, fut.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

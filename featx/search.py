@@ -75,7 +75,7 @@ def find_similar(
         raise FeatxError(f"{cache} holds no embeddings of {model_file} (fingerprint {fingerprint}); it has "
                          + ", ".join(f"{name} ({theirs})" for name, theirs in groups.items())
                          + ": pass the model the cache was made with as --model")
-    engine = load_model(model_file, device=device, engine="onnx")
+    engine = load_model(model_file, device=device, engine="onnx", spin=False)
     results, queries = [], []
     for path, embedding, _, error in encode_files(engine, expand_inputs(images), batch_size=batch_size):
         results.append(SimilarImages(path, error=error))

@@ -39,6 +39,34 @@ def test_embeds_a_labelled_folder_readable_with_plain_h5py(small_digits, tmp_pat
     assert np.abs(data.embeddings[:5] - ref).max() < 1e-4
 
 
+def test_files_decoded_ahead_in_threads_come_back_in_order_with_their_failures(lite0_onnx, photos_dir, tmp_path):
+    """classify, predict, similar and advise decode the next batches in threads while the model runs: each
+    file gets the row that decoding in the engine's own thread gives it, in the order given, a bad file's
+    reason at its place; embed_images, which raises on a bad file, raises its one line."""
+    from featx.errors import ImageError
+    from featx.pipeline import encode_files
+
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((photos_dir / "china.jpg").read_bytes()[:300])
+    photos = [str(p) for p in sorted(photos_dir.iterdir())] * 2
+    paths = photos[:5] + [str(truncated)] + photos[5:] + [str(tmp_path / "missing.jpg")]
+    engine = featx.load_model(lite0_onnx, device="cpu", engine="onnx")
+    inline = list(encode_files(engine, paths, batch_size=2, workers=0))
+    ahead = list(encode_files(engine, paths, batch_size=2, workers=3))  # up to 6 batches of 2 in flight
+    assert [row[0] for row in ahead] == paths
+    assert [row[3] for row in ahead] == [row[3] for row in inline]
+    assert ahead[5][3].startswith("cannot decode") and ahead[-1][3].startswith("no such file")
+    assert sum(row[3] is None for row in ahead) == len(photos)
+    for (_, emb, logits, error), (_, emb0, logits0, _) in zip(ahead, inline):
+        if error is None:
+            assert np.abs(emb - emb0).max() < 1e-5 and np.abs(logits - logits0).max() < 1e-4
+
+    one_by_one = featx.embed_images(photos, model=lite0_onnx, batch_size=2, workers=0)
+    assert np.abs(featx.embed_images(photos, model=lite0_onnx, batch_size=2, workers=2) - one_by_one).max() < 1e-5
+    with pytest.raises(ImageError, match="^cannot decode"):
+        featx.embed_images(paths[:-1], model=lite0_onnx, batch_size=2, workers=2)
+
+
 def test_rerun_embeds_only_new_and_changed_and_reports_deleted(small_digits, tmp_path, lite0_onnx, photos_dir):
     out = tmp_path / "c.h5"
     embed(small_digits, out, lite0_onnx)
