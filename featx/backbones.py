@@ -356,6 +356,65 @@ def _timm_preprocess(model) -> PreprocessConfig:
     )
 
 
+def _timm_classifier(model):
+    """Take ``model``'s classifier out of it (``reset_classifier(0)``: the model then outputs the pooled
+    embedding) and return it as a module from that embedding to the logits, or None.
+
+    Most timm heads are one Linear. A 1x1 convolution on the pooled map (DLA) becomes the Linear it
+    is; two heads whose logits are averaged at inference (LeViT, EfficientFormer: a distillation head
+    beside the class head) are kept together. Those are checked against the whole model on an input
+    and dropped when they disagree: distilled DeiT's heads read two tokens, not the embedding they
+    average, so it gets embeddings and no logits."""
+    import copy
+
+    import timm.data
+    import torch
+
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear):
+        model.reset_classifier(0)
+        return copy.deepcopy(head)
+    classifier = None
+    if isinstance(head, torch.nn.Conv2d) and head.kernel_size == (1, 1) and head.groups == 1:
+        classifier = torch.nn.Linear(head.in_channels, head.out_channels, bias=head.bias is not None)
+        with torch.no_grad():
+            classifier.weight.copy_(head.weight.flatten(1))
+            if head.bias is not None:
+                classifier.bias.copy_(head.bias)
+    elif isinstance(head, tuple) and len(head) == 2 and all(isinstance(h, torch.nn.Module) for h in head):
+        classifier = _averaged_heads(*copy.deepcopy(head))
+    model.eval()
+    x = torch.randn(2, *timm.data.resolve_data_config({}, model=model)["input_size"],
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(x) if classifier is not None else None
+        model.reset_classifier(0)
+        if classifier is None:
+            return None
+        got = classifier.eval()(model(x))
+    if got.shape != logits.shape or (got - logits).abs().max() > 1e-4 * logits.abs().max():
+        _logger.info("%s: its classifier does not read the pooled embedding alone; no logits exported",
+                     type(model).__name__)
+        return None
+    return classifier
+
+
+def _averaged_heads(head, head_dist):
+    import torch
+
+    class AveragedHeads(torch.nn.Module):
+        """A distilled timm model's logits at inference: the mean of its class and distillation heads."""
+
+        def __init__(self):
+            super().__init__()
+            self.head, self.head_dist = head, head_dist
+
+        def forward(self, x):
+            return (self.head(x) + self.head_dist(x)) / 2
+
+    return AveragedHeads()
+
+
 def _imagenet_class_names(num_classes: int) -> list[str] | None:
     if num_classes != 1000:
         return None
@@ -366,7 +425,6 @@ def _imagenet_class_names(num_classes: int) -> list[str] | None:
 
 def _timm_backbone(name: str, weights: str | None, *, model=None, source: str | None = None) -> Backbone:
     import timm
-    import torch
 
     if model is None:
         source = _resolve_weights(weights, "pretrained")
@@ -378,15 +436,8 @@ def _timm_backbone(name: str, weights: str | None, *, model=None, source: str | 
             raise
         if source not in ("pretrained", "none"):
             apply_state_dict(model, load_state_dict_file(source), source=source)
-    classifier = None
-    if model.num_classes:
-        import copy
-
-        classifier = copy.deepcopy(model.get_classifier())
-        if not isinstance(classifier, torch.nn.Linear):
-            classifier = None  # e.g. conv heads: embeddings still work, logits are not exported
     n_classes = model.num_classes
-    model.reset_classifier(0)
+    classifier = _timm_classifier(model) if n_classes else None  # reset_classifier(0) leaves the embedding
     return Backbone(
         name=name,
         features=model,

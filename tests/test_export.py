@@ -193,6 +193,44 @@ TORCHVISION_NAMES = ["resnet50", "resnet101", "vgg16", "vgg19", "inception_v3", 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name, has_logits", [("levit_128", True), ("dla34", True),
+                                              ("deit_tiny_distilled_patch16_224", False)])
+def test_timm_heads_that_are_not_one_linear_give_the_models_own_logits(name, has_logits, photos_dir, tmp_path):
+    """LeViT averages a class head and a distillation head, DLA's classifier is a 1x1 convolution: the
+    exported logits are the whole timm model's on real photos, so `featx classify` works with them.
+    Distilled DeiT's heads read two tokens, not the embedding: embeddings only, and classify says so."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from featx.data import load_image
+    from featx.errors import ModelFileError
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
+    path = tmp_path / f"{name}.onnx"
+    info = featx.export_onnx(featx.load_backbone(name, weights=str(tmp_path / "weights.safetensors")), path)
+    assert info.has_logits == has_logits
+    files = sorted(photos_dir.iterdir())
+    images = np.stack([load_image(f, info.preprocess) for f in files])
+    out = featx.load_model(path, device="cpu").encode(images)
+    assert out.embedding.shape == (len(files), info.embed_dim)
+    if not has_logits:
+        assert out.logits is None
+        with pytest.raises(ModelFileError, match="no ImageNet classifier"):
+            featx.classify(files[:1], model=path)
+        return
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(info.preprocess.mean)[:, None, None]) \
+        / torch.tensor(info.preprocess.std)[:, None, None]
+    with torch.no_grad():
+        reference = model(x).numpy()
+    assert np.abs(out.logits - reference).max() < 1e-3 * np.abs(reference).max()
+    assert [row.top[0][0] for row in featx.classify(files, model=path)] == \
+        [info.class_names[i] for i in reference.argmax(1)]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TORCHVISION_NAMES + ["xception", "mobilenetv3_large_100"])
 def test_export_every_listed_architecture(name, tmp_path):
     """Random weights; the file's preprocessing must be what the weights' own metadata says, and its
