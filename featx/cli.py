@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per engine call (default 8 on the CPU, where larger batches run slower, 32 on a "
                         "GPU), or auto: from free memory; halved on out-of-memory")
     p.add_argument("--workers", type=int, default=None,
-                   help="decode threads (default: one per core, up to 16; 0 = in the engine's thread); "
+                   help="decode threads (default: cores - 1, and the engine's thread whenever it would wait; "
+                        "0 = only it); "
                         "with GPU decode, processes that take a share of the batches beside nvJPEG "
                         "(default half the cores, 0 = nvJPEG only)")
     _add_device(p, engine=True)

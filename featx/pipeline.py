@@ -227,18 +227,17 @@ class RunStats:
 
 
 def default_workers(*, gpu_decode: bool = False) -> int:
-    """Decode workers when the caller names none (at most 16).
+    """Decode workers when the caller names none: all cores but one (at most 16).
 
-    CPU decode: a thread per core. They share the cores with onnxruntime's threads, and a thread
-    with nothing to decode waits: on small JPEGs the model sets the pace whatever their number,
-    while camera photos are decode-bound and take every core (2-core Xeon, ``python
-    benchmarks/decode_threads.py``: 12-megapixel JPEGs embedded at 35.3 images/s with 2 threads
-    against 21.3 with 1; 500x375 JPEGs at 147.2 against 150.3).
-    GPU decode: processes beside nvJPEG, half of all cores but one, the other half left to what
-    feeds the GPU (file reads, nvJPEG's host side, the engine threads, the store writes; not yet
-    measured against other splits)."""
-    cores = os.cpu_count() or 2
-    return max(1, min(16, cores - 1)) // 2 if gpu_decode else max(1, min(16, cores))
+    CPU decode: threads. The thread that takes the decoded batches (the engine's) decodes one itself
+    whenever it would otherwise wait (``_ahead``), so when decoding is the bottleneck (camera photos)
+    every core decodes, and when the model is (small JPEGs) one thread fewer competes with
+    onnxruntime's. ``python benchmarks/decode_threads.py`` (2-core Xeon) gives the figures.
+    GPU decode: processes beside nvJPEG, half of those, the other half left to what feeds the GPU
+    (file reads, nvJPEG's host side, the engine threads, the store writes; not yet measured against
+    other splits)."""
+    cpu_decoders = max(1, min(16, (os.cpu_count() or 2) - 1))
+    return cpu_decoders // 2 if gpu_decode else cpu_decoders
 
 
 def embed_folder(
@@ -266,7 +265,7 @@ def embed_folder(
 
     Args:
         model: a backbone name (exported to ``models_dir`` on first use) or an exported .onnx file.
-        workers: decode threads running ahead of the model (default: one per core, up to 16); 0 decodes in the
+        workers: decode threads running ahead of the model (default: cores - 1); 0 decodes in the
             engine's thread. With GPU decode, processes that decode a share of the batches beside
             nvJPEG (default: half the cores); 0 leaves every batch to the GPU.
         half: fp16 model and float16 storage (a separate group, ``NAME-fp16``).
@@ -963,6 +962,8 @@ def _decode_ahead(batches: Iterator[list], cfg, workers: int, max_pixels: int = 
 def _ahead(items: Iterator, work, workers: int) -> Iterator[tuple]:
     """Yield (item, work(item)) in the order of ``items``, up to 2*workers items worked on ahead in
     threads (0: in the caller's thread). An exception of ``work`` is raised where its item is yielded.
+    Where the next result is not ready, the caller works on an item no thread has started rather than
+    wait: when decoding is the bottleneck its core decodes too, when the model is it rarely waits.
 
     Threads, not processes: Pillow lets go of the GIL while it decodes and resizes, so a thread keeps
     up with a process (346 vs 326 images/s of 500x375 JPEGs, 2-core Xeon, ``python
@@ -978,14 +979,34 @@ def _ahead(items: Iterator, work, workers: int) -> Iterator[tuple]:
         return
     window: deque = deque()
     pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="featx-decode")
+
+    def take() -> tuple:
+        item, fut = window.popleft()
+        if not fut.done():  # the caller would wait: it works on an item no thread has started instead
+            if fut.cancel():  # the one it needs
+                return item, work(item)
+            for k, (later_item, later) in enumerate(window):
+                if later.cancel():
+                    window[k] = (later_item, _run_now(work, later_item))
+                    break
+        return item, fut.result()
+
     try:
         for item in items:
             window.append((item, pool.submit(work, item)))
             if len(window) >= 2 * workers:
-                item, fut = window.popleft()
-                yield item, fut.result()
+                yield take()
         while window:
-            item, fut = window.popleft()
-            yield item, fut.result()
+            yield take()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_now(work, item) -> cf.Future:
+    """work(item) in this thread, as a finished Future: its exception is raised where its result is read."""
+    fut: cf.Future = cf.Future()
+    try:
+        fut.set_result(work(item))
+    except Exception as e:
+        fut.set_exception(e)
+    return fut

@@ -67,6 +67,35 @@ def test_files_decoded_ahead_in_threads_come_back_in_order_with_their_failures(l
         featx.embed_images(paths[:-1], model=lite0_onnx, batch_size=2, workers=2)
 
 
+def test_the_thread_waiting_for_decoded_batches_decodes_one_itself(photos_dir):
+    """When decoding is slower than the model, the engine's thread does not sit waiting for the decode
+    threads: it decodes a batch nobody has started, so every core decodes. Results keep their order, and a
+    batch that fails where it was stolen fails where it is taken, not earlier."""
+    import threading
+
+    from featx.backbones import PreprocessConfig
+    from featx.data import load_batch
+    from featx.pipeline import _ahead
+
+    cfg = PreprocessConfig((224, 224), 256, (0.5,) * 3, (0.5,) * 3, "bicubic")  # the default model's
+    photos = [str(p) for p in sorted(photos_dir.iterdir())]
+    batches = [photos[i:] + photos[:i] for i in range(6)]
+
+    def work(batch):
+        if batch is batches[4]:
+            raise ValueError("batch 4")
+        return threading.current_thread().name, load_batch(batch, cfg).images
+
+    taken = []
+    with pytest.raises(ValueError, match="batch 4"):
+        for batch, (thread, images) in _ahead(iter(batches), work, workers=1):
+            taken.append((batch, thread))
+            assert np.array_equal(images, load_batch(batch, cfg).images)
+    assert [b for b, _ in taken] == batches[:4]
+    threads = {t for _, t in taken}
+    assert threading.current_thread().name in threads and any(t.startswith("featx-decode") for t in threads)
+
+
 def test_rerun_embeds_only_new_and_changed_and_reports_deleted(small_digits, tmp_path, lite0_onnx, photos_dir):
     out = tmp_path / "c.h5"
     embed(small_digits, out, lite0_onnx)
