@@ -113,8 +113,11 @@ def encode_files(engine, paths: Sequence[str], *, batch_size: int | None = None,
     workers = default_workers() if workers is None else workers
     chunks = (paths[start:start + batch_size] for start in range(0, len(paths), batch_size))
     bar = _progress_bar(len(paths), progress)
-    try:  # nothing is stored: no digests
-        for chunk, decoded in _decode_ahead(chunks, engine.info.preprocess, workers, with_digests=False):
+    def decode(chunk: list[str]) -> DecodedBatch:
+        return load_batch(chunk, engine.info.preprocess, with_digests=False)  # nothing is stored
+
+    try:
+        for chunk, decoded in _ahead(chunks, decode, workers):
             rows: list = [(None, None, None)] * len(chunk)
             for k, reason in decoded.failed:
                 rows[k] = (None, None, reason)
@@ -366,7 +369,8 @@ def embed_folder(
                                         max_pixels=max_pixels, cpu_pool=cpu_pool, cpu_workers=workers)
                       for e in encoders]
         else:  # one pool of decode threads feeds every engine
-            source = _decode_ahead(batches, info.preprocess, workers, max_pixels)
+            source = _ahead(batches, lambda batch: load_batch([e.path for e in batch], info.preprocess, max_pixels),
+                            workers)
             stages = [_decoded_upstream] * len(encoders)
         stats.load_seconds = time.perf_counter() - start
         try:
@@ -946,17 +950,6 @@ def _decode_worker_start() -> None:
         os._exit(0)
 
     threading.Thread(target=exit_when_orphaned, daemon=True, name="featx-orphan-watch").start()
-
-
-def _decode_ahead(batches: Iterator[list], cfg, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS, *,
-                  with_digests: bool = True) -> Iterator[tuple[list, DecodedBatch]]:
-    """Yield (batch, DecodedBatch) in order, decoding up to 2*workers batches ahead in worker threads
-    (``_ahead``). A batch is a list of FileEntry or of paths."""
-    def decode(batch: list) -> DecodedBatch:
-        paths = [e.path if isinstance(e, FileEntry) else e for e in batch]
-        return load_batch(paths, cfg, max_pixels, with_digests=with_digests)
-
-    return _ahead(batches, decode, workers)
 
 
 def _ahead(items: Iterator, work, workers: int) -> Iterator[tuple]:
