@@ -383,14 +383,15 @@ def _timm_classifier(model):
                 classifier.bias.copy_(head.bias)
     elif isinstance(head, tuple) and len(head) == 2 and all(isinstance(h, torch.nn.Module) for h in head):
         classifier = _averaged_heads(*copy.deepcopy(head))
+    if classifier is None:
+        model.reset_classifier(0)
+        return None
     model.eval()
     x = torch.randn(2, *timm.data.resolve_data_config({}, model=model)["input_size"],
                     generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = model(x) if classifier is not None else None
+        logits = model(x)
         model.reset_classifier(0)
-        if classifier is None:
-            return None
         got = classifier.eval()(model(x))
     if got.shape != logits.shape or (got - logits).abs().max() > 1e-4 * logits.abs().max():
         _logger.info("%s: its classifier does not read the pooled embedding alone; no logits exported",
