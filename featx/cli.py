@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 from . import __version__
@@ -268,10 +269,17 @@ def program() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from PIL.Image import DecompressionBombWarning
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from .errors import FeatxError
 
+    # --max-pixels is the limit featx applies; Pillow's own warning from 89 million pixels on is noise
+    warnings.filterwarnings("ignore", category=DecompressionBombWarning)
     try:
-        return _run(args)
+        # a line logged while a progress bar is drawn gets a line of its own, above the bar
+        with logging_redirect_tqdm():
+            return _run(args)
     except FeatxError as e:
         print(f"featx: error: {e}", file=sys.stderr)
         return 2

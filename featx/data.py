@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import stat
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -271,7 +272,7 @@ def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int
             if fmt == "heif":
                 _open_heif_with_pillow()
             f.seek(0)
-            with Image.open(f) as img:
+            with _open_image(f) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageError(f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} (--max-pixels)")
@@ -281,12 +282,31 @@ def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int
                 return _to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
+    except Image.DecompressionBombError as e:  # a GIF frame larger than its canvas, checked as it loads
         raise ImageError(f"decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         # PIL names the file object it was given ("<_io.BufferedReader name='...'>"): the row has the path
         text = [re.sub(r"\s*<_io\.\w+[^>]*>", "", line) for line in str(e).strip().splitlines()]
         raise ImageError(f"cannot decode: {text[0] if text and text[0] else type(e).__name__}") from None
+
+
+# Pillow's own decompression-bomb refusal is lifted, under this lock, for an image over twice
+# Image.MAX_IMAGE_PIXELS (179 million): featx's max_pixels is the limit that applies, checked
+# before anything is decoded, and a user may raise it for panoramas.
+_PILLOW_LIMIT_LIFTED = threading.Lock()
+
+
+def _open_image(f: io.BytesIO) -> Image.Image:
+    try:
+        return Image.open(f)
+    except Image.DecompressionBombError:
+        f.seek(0)
+        with _PILLOW_LIMIT_LIFTED:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                return Image.open(f)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

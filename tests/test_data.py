@@ -98,6 +98,24 @@ def test_pixel_limit_refuses_decompression_bombs(tmp_path):
     assert decode_image(path).size == (4000, 3000)
 
 
+def test_max_pixels_is_the_limit_even_above_pillows_own(tmp_path, coffee):
+    """Pillow refuses any image over 179 million pixels by itself; a user who raises --max-pixels for a
+    panorama gets it embedded, and one under the default limit is refused in featx's words."""
+    from featx.data import load_image
+
+    pano = coffee.convert("L").resize((15000, 12000), Image.NEAREST)  # 180 million pixels
+    pano.save(tmp_path / "pano.jpg", quality=50)
+    coffee.convert("L").resize((1500, 1200)).save(tmp_path / "small.jpg", quality=50)
+    cfg = PreprocessConfig((224, 224), 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+
+    big = load_image(tmp_path / "pano.jpg", cfg, max_pixels=200_000_000)
+    assert np.abs(big.astype(int) - load_image(tmp_path / "small.jpg", cfg)).mean() < 2  # the same picture
+    with pytest.raises(ImageError, match=r"^15000x12000 = 180,000,000 pixels is over the limit of 100,000,000 "
+                                         r"\(--max-pixels\)$"):
+        load_image(tmp_path / "pano.jpg", cfg)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's limit is back for everyone else
+
+
 def test_alpha_is_composited_onto_white(tmp_path):
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
     rgba.save(tmp_path / "a.png")
@@ -264,3 +282,19 @@ def test_heic_without_pillow_heif_is_a_recorded_failure_that_says_what_to_instal
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ("[1] [(0, 'HEIC/HEIF photo, and pillow-heif is not installed "
                                   "(pip install pillow-heif)')]")
+
+
+def test_a_skipped_file_is_logged_on_its_own_line_above_the_progress_bar(small_digits, lite0_onnx, tmp_path):
+    import subprocess
+    import sys
+
+    (small_digits / "3" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    run = subprocess.run([sys.executable, "-m", "featx", "embed", str(small_digits), "-o", str(tmp_path / "c.h5"),
+                          "--model", str(lite0_onnx), "--engine", "onnx", "--workers", "0"],
+                         capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"})  # the bar on
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "img/s" in run.stderr  # the bar was drawn
+    # a terminal shows what follows the last carriage return of each line
+    shown = [line.split("\r")[-1] for line in run.stderr.split("\n")]
+    assert any(line.startswith("skipped 3/cut.png: cannot decode") for line in shown), run.stderr[-2000:]
