@@ -36,6 +36,7 @@ _API = {
     "calibrate": "calibration",
     "Calibration": "calibration",
     # data
+    "as_rgb": "data",
     "decode_image": "data",
     "load_image": "data",
     "preprocess_image": "data",
@@ -108,7 +109,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .calibration import Calibration, calibrate
     from .runtime import (BackoffEncoder, Encoded, OnnxEngine, TorchEngine, auto_batch_size, default_batch_size,
                           load_model, read_model_info)
-    from .data import decode_image, load_image, preprocess_image, walk_images
+    from .data import as_rgb, decode_image, load_image, preprocess_image, walk_images
     from .pipeline import RunStats, classify, embed_folder, embed_images
     from .store import (CacheSummary, Embeddings, iter_embeddings, load_embeddings, load_failures, load_labels,
                         summarize_cache)

@@ -326,15 +326,55 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def as_rgb(img: Image.Image | np.ndarray) -> Image.Image:
+    """A picture already in memory as :func:`decode_image` leaves a file: upright RGB, alpha composited
+    onto white. A PIL image has its EXIF orientation applied (``Image.open`` does not). An array is
+    (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), channels last: uint8; 16-bit (scaled to 8 bits); other
+    integers in 0..255; float in 0..1 (scikit-image's and torchvision's convention).
+
+    Raises:
+        ImageError: an array of another shape, type or range, saying which.
+    """
+    if isinstance(img, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(img))
+    a = np.asarray(img)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    described = f"shape {a.shape}, {a.dtype}"
+    if a.size == 0 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ImageError(f"an image array is (H, W), (H, W, 3) or (H, W, 4), channels last; got {described}")
+    if a.dtype == np.uint16:
+        a = np.rint(a / 257.0).astype(np.uint8)
+    elif a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        lo, hi = float(np.min(a)), float(np.max(a))
+        if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+            raise ImageError(f"an image array holds numbers; got {described}")
+        if np.issubdtype(a.dtype, np.floating):
+            if not (0.0 <= lo and hi <= 1.0):  # NaN fails too
+                raise ImageError(f"a float image array is read as 0..1; this one ({described}) spans {lo:g}..{hi:g}: "
+                                 f"divide by 255, or pass uint8")
+            a = np.rint(a * 255.0).astype(np.uint8)
+        elif 0 <= lo and hi <= 255:
+            a = a.astype(np.uint8)
+        else:
+            raise ImageError(f"an integer image array is read as 0..255 (uint16 as 0..65535); this one ({described}) "
+                             f"spans {lo:g}..{hi:g}")
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(a)))
+
+
 def preprocess_image(img: Image.Image | np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """Resize the shorter side to ``cfg.resize_size``, centre-crop to ``cfg.input_size``.
 
     Matches torchvision's Resize + CenterCrop on PIL images pixel for pixel, so the exported
-    model (which normalises inside its graph) sees what the torch reference sees.
-    Returns uint8 (H, W, 3).
+    model (which normalises inside its graph) sees what the torch reference sees. An array, or a
+    PIL image that is not RGB, is converted first (:func:`as_rgb`). Returns uint8 (H, W, 3).
     """
     if isinstance(img, np.ndarray):
-        img = Image.fromarray(img).convert("RGB")
+        img = as_rgb(img)
+    elif img.mode != "RGB":
+        img = _to_rgb(img)
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = cfg.resize_size, int(cfg.resize_size * long / short)

@@ -821,7 +821,8 @@ def write_predictions(rows: Iterable[PredictionRow], path: str | os.PathLike, *,
 
 
 class ImageEmbedder(TransformerMixin, BaseEstimator):
-    """scikit-learn transformer: image paths or uint8 RGB arrays in, float32 (n, embed_dim) embeddings out.
+    """scikit-learn transformer: image paths, PIL images or arrays in (as :func:`featx.embed_images` takes
+    them), float32 (n, embed_dim) embeddings out.
 
     Example:
         >>> from sklearn.pipeline import make_pipeline
@@ -846,8 +847,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         from .pipeline import embed_images
 
         check_is_fitted(self, "model_file_")
-        items = list(X) if not isinstance(X, np.ndarray) or X.ndim != 4 else list(X)
-        return embed_images(items, model=self.model_file_, batch_size=self.batch_size, device=self.device)
+        return embed_images(list(X), model=self.model_file_, batch_size=self.batch_size, device=self.device)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

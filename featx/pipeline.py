@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry, WalkFailure, class_names_of, \
@@ -133,7 +134,7 @@ def encode_files(engine, paths: Sequence[str], *, batch_size: int | None = None,
 
 
 def embed_images(
-    images: Sequence[str | os.PathLike | np.ndarray],
+    images: Sequence[str | os.PathLike | bytes | np.ndarray | Image.Image],
     *,
     model: str | os.PathLike = DEFAULT_BACKBONE,
     weights: str | None = None,
@@ -142,9 +143,11 @@ def embed_images(
     engine: EngineName = "onnx",
     workers: int | None = None,
 ) -> np.ndarray:
-    """Embeddings of image files or RGB arrays, in memory. Returns float32 (n, embed_dim); raises on a bad file.
+    """Embeddings of images, in memory: files (paths, or their bytes), PIL images or arrays (uint8 RGB;
+    see :func:`featx.data.as_rgb` for the others), each made the same picture as its file would be.
+    Returns float32 (n, embed_dim); raises ImageError on a bad file or array.
     ``workers``: decode threads running ahead of the model (``default_workers()`` unless given)."""
-    from .data import preprocess_image
+    from .data import as_rgb, preprocess_image
 
     workers = default_workers() if workers is None else workers
     runner = load_model(ensure_model_file(model, weights=weights), device=device, engine=engine, spin=workers == 0)
@@ -153,8 +156,8 @@ def embed_images(
     out = np.empty((len(images), runner.info.embed_dim), dtype=np.float32)
 
     def decode(start: int) -> np.ndarray:
-        return np.stack([preprocess_image(img, cfg) if isinstance(img, np.ndarray) else load_image(img, cfg)
-                         for img in images[start:start + batch_size]])
+        return np.stack([load_image(img, cfg) if isinstance(img, (str, os.PathLike, bytes, bytearray))
+                         else preprocess_image(as_rgb(img), cfg) for img in images[start:start + batch_size]])
 
     for start, batch in _ahead(iter(range(0, len(images), batch_size)), decode, workers):
         out[start:start + len(batch)] = runner.encode(batch).embedding

@@ -67,6 +67,48 @@ def test_files_decoded_ahead_in_threads_come_back_in_order_with_their_failures(l
         featx.embed_images(paths[:-1], model=lite0_onnx, batch_size=2, workers=2)
 
 
+def test_pictures_in_memory_embed_as_their_files_do(lite0_onnx, photos_dir, tmp_path):
+    """A notebook has PIL images (torchvision and Hugging Face datasets give them), scikit-image's float
+    arrays or a phone photo's bytes: each embeds as the file it came from, EXIF rotation included; an
+    array featx cannot read as a picture is refused in one line that says why, not turned black."""
+    from PIL import Image, ImageOps
+
+    from featx.errors import ImageError
+
+    coffee = Image.open(photos_dir / "coffee.png").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: viewers rotate the stored pixels 90 degrees clockwise
+    coffee.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    grey = coffee.convert("L")
+    grey.save(tmp_path / "grey.png")
+    files = [photos_dir / "coffee.png", tmp_path / "turned.jpg", tmp_path / "grey.png"]
+    from_files = featx.embed_images(files, model=lite0_onnx)
+
+    in_memory = [
+        coffee,                                             # a PIL image
+        Image.open(tmp_path / "turned.jpg"),                # opened, not yet rotated by anyone
+        (tmp_path / "turned.jpg").read_bytes(),             # the file's bytes
+        np.asarray(grey, dtype=np.float64) / 255.0,         # scikit-image's float greyscale in 0..1
+        np.asarray(coffee.convert("RGBA")),                 # an RGBA array, fully opaque
+        np.asarray(grey).astype(np.uint16) * 257,           # 16-bit greyscale
+    ]
+    got = featx.embed_images(in_memory, model=lite0_onnx)
+    expected = from_files[[0, 1, 1, 2, 0, 2]]
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() > 0.9999, cosine
+    upright = featx.embed_images([ImageOps.exif_transpose(Image.open(tmp_path / "turned.jpg"))], model=lite0_onnx)
+    assert np.abs(upright - from_files[1]).max() < 1e-4  # rotated once, not twice
+
+    refused = {
+        "channels last; got shape (3, 400, 600)": np.zeros((3, 400, 600), np.float32),  # a torch tensor's layout
+        "spans 0..255: divide by 255": np.asarray(coffee, dtype=np.float32),
+        "integer image array is read as 0..255 .* int64": np.asarray(coffee, dtype=np.int64) * 4,
+    }
+    for reason, array in refused.items():
+        with pytest.raises(ImageError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+            featx.embed_images([array], model=lite0_onnx)
+
+
 def test_the_thread_waiting_for_decoded_batches_decodes_one_itself(photos_dir):
     """When decoding is slower than the model, the engine's thread does not sit waiting for the decode
     threads: it decodes a batch nobody has started, so every core decodes. Results keep their order, and a
