@@ -91,7 +91,7 @@ def main() -> None:
     rerun = featx.embed_folder(root, tmp / "cache.h5", model=model_file, device="cpu")
     results["rerun_files_per_s"] = rerun.n_cached / (rerun.seconds - rerun.load_seconds)
     copied = shutil.copytree(root, tmp / "copied", copy_function=shutil.copy)  # cp -r: new mtimes, same bytes
-    again = featx.embed_folder(copied, tmp / "cache.h5", model=model_file, device="cpu")
+    again = featx.embed_folder(copied, tmp / "cache.h5", model=model_file, device="cpu", new_folder=True)
     assert again.n_cached == args.n_jpegs and again.n_embedded == 0, again.summary()
     results["copied_folder_rerun_files_per_s"] = again.n_cached / (again.seconds - again.load_seconds)
     # a photo manager's rename: new names, same bytes and mtimes (the copy's, which the cache now holds)

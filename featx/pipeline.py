@@ -266,6 +266,7 @@ def embed_folder(
     address: str | None = None,
     num_gpus_per_worker: float = 0.0,
     devices: Sequence[str] | None = None,
+    new_folder: bool = False,
 ) -> RunStats:
     """Embed every image under ``root`` into the HDF5 cache ``out``; only new or changed files are decoded.
 
@@ -276,6 +277,9 @@ def embed_folder(
             nvJPEG (default: half the cores); 0 leaves every batch to the GPU.
         half: fp16 model and float16 storage (a separate group, ``NAME-fp16``).
         prune: remove rows of files no longer under ``root``.
+        new_folder: ``out`` was made from another folder that is still there, and ``root`` now stands
+            for it (a copy); otherwise such a cache is refused (StoreError): keys are paths relative to
+            the folder, so two folders' files at the same path would take each other's rows.
         progress: show a tqdm bar (images, images/s, ETA).
         decode: "gpu" decodes JPEGs with nvJPEG and resizes on the GPU (the torch engine on CUDA);
             "auto" does so whenever that engine runs.
@@ -310,7 +314,7 @@ def embed_folder(
                              "--engine ray")
         return embed_folder_ray(root, out, model=model, weights=weights, batch_size=batch_size, workers=workers,
                                 address=address, num_gpus_per_worker=num_gpus_per_worker, max_pixels=max_pixels,
-                                models_dir=models_dir, prune=prune)
+                                models_dir=models_dir, prune=prune, new_folder=new_folder)
     start = time.perf_counter()
     model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
     workers_given, workers = workers, default_workers() if workers is None else workers
@@ -341,7 +345,7 @@ def embed_folder(
     stats = RunStats(out=str(out), model=group, engine=", ".join(f"{r.name} ({r.device})" for r in runners),
                      batch_size=batch_size)
 
-    with EmbeddingStore(out, group, info=info, half=half) as store:
+    with EmbeddingStore(out, group, info=info, half=half, folder=root, new_folder=new_folder) as store:
         label_of = store.label_index(class_names_of(root))
         done, failed_before = store.done(), store.failed()
         seen: set[str] = set()

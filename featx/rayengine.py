@@ -141,6 +141,7 @@ def embed_folder_ray(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     models_dir: str | os.PathLike | None = None,
     prune: bool = False,
+    new_folder: bool = False,
 ) -> RunStats:
     """The same result as :func:`featx.embed_folder`, computed on a Ray cluster.
 
@@ -149,6 +150,7 @@ def embed_folder_ray(
         workers: embedding actors (default: one per GPU with GPUs, else 1).
         num_gpus_per_worker: GPUs each actor holds (its onnxruntime session then runs on CUDA).
         prune: remove rows of files no longer under ``root``.
+        new_folder: as for :func:`featx.embed_folder`.
     Shards go to ``OUT.shards/<model>/``, which must be on storage the workers and the driver share.
     """
     try:
@@ -170,7 +172,7 @@ def embed_folder_ray(
     shard_dir = Path(f"{out}.shards") / group
     shard_dir.mkdir(parents=True, exist_ok=True)
 
-    with EmbeddingStore(out, group, info=info) as store:
+    with EmbeddingStore(out, group, info=info, folder=root, new_folder=new_folder) as store:
         stats.n_embedded, recovered_failures = stitch_shards(shard_dir, store)  # a killed run's finished shards
         label_of = store.label_index(class_names_of(root))
         done, failed_before = store.done(), store.failed()

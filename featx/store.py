@@ -3,7 +3,8 @@
 Layout (readable with plain h5py)::
 
     /<model>/                     attrs: fingerprint, backbone, embed_dim, precision, preprocess (JSON),
-                                         featx_version, created, n_rows (rows committed)
+                                         featx_version, created, n_rows (rows committed), folder (the
+                                         folder embedded, absolute; bytes as the file system names it)
         embeddings     (n, D) float32 or float16, chunked, resizable
         keys           (n,)   UTF-8 path relative to the folder ('/'-separated)
         labels         (n,)   int32 index into class_names, -1 when unlabelled
@@ -147,7 +148,7 @@ def _failures_of(g) -> dict[str, str]:
 
 
 def _attrs_of(g) -> dict:
-    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
+    return {k: (v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
 
 
 def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labelled_only: bool = False,
@@ -295,6 +296,8 @@ class CacheSummary:
         lines = [f"{self.model}: {self.rows:,} embeddings, {self.embed_dim}-d {self.dtype}, "
                  f"backbone {self.attrs.get('backbone')}, created {self.attrs.get('created')} "
                  f"(featx {self.attrs.get('featx_version')}), fingerprint {self.attrs.get('fingerprint')}"]
+        if "folder" in self.attrs:
+            lines.append(f"  folder {self.attrs['folder']}")
         if self.class_counts:
             lines.append(f"  {len(self.class_counts)} classes: "
                          + ", ".join(f"{name} ({n:,})" for name, n in self.class_counts.items()))
@@ -341,7 +344,11 @@ def summarize_cache(path: str | os.PathLike) -> list[CacheSummary]:
 class EmbeddingStore:
     """Writer for one model's group. Use as a context manager; see the module docstring for the layout."""
 
-    def __init__(self, path: str | os.PathLike, model: str, *, info, half: bool = False):
+    def __init__(self, path: str | os.PathLike, model: str, *, info, half: bool = False,
+                 folder: str | os.PathLike | None = None, new_folder: bool = False):
+        """``folder``: the folder this run embeds. Keys are paths relative to it, so a cache follows one
+        folder: another one is refused while the first is still there (a file at the same path in both
+        would take the other's row), unless ``new_folder`` (a copy that now stands for it)."""
         self.path = Path(path)
         self.model = model
         self.info = info
@@ -349,6 +356,8 @@ class EmbeddingStore:
         self.file = _open_h5(self.path, "a")
         try:
             self._open_group()
+            if folder is not None:
+                self._follow_folder(folder, new_folder)
         except BaseException:
             self.file.close()
             raise
@@ -403,6 +412,25 @@ class EmbeddingStore:
             f.flush()
         self.group = g
         self.class_names = _decode(g["class_names"][:])
+
+    def _follow_folder(self, folder: str | os.PathLike, new_folder: bool) -> None:
+        here = os.path.realpath(folder)
+        stored = self.group.attrs.get("folder")
+        if stored is not None:
+            stored = os.fsdecode(bytes(stored))
+            if stored == here or (os.path.isdir(stored) and os.path.samefile(stored, here)):
+                return
+            if os.path.isdir(stored) and not new_folder:
+                raise StoreError(
+                    f"{self.path} holds the embeddings of {stored} ({self.model}), keyed by paths relative to "
+                    f"it: the files of {here} would take the rows of its files at the same paths. Use another "
+                    f"cache for {here}, or `featx embed {here} -o {self.path} --new-folder` if it now stands for "
+                    f"{stored} (a copy: rows are reused by content)")
+            _logger.info("%s was made from %s%s: it follows %s from now on", self.path, stored,
+                         "" if os.path.isdir(stored) else ", which is gone", here)
+        with self._writing():  # bytes, as the file system names it (a name need not be UTF-8)
+            self.group.attrs["folder"] = np.bytes_(os.fsencode(here))
+            self.file.flush()
 
     def _create_digests(self, group, n: int) -> None:
         with self._writing():

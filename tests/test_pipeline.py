@@ -245,7 +245,7 @@ def test_a_copied_folder_with_new_mtimes_is_recognised_by_content_not_embedded_a
     # same size, other bytes (another digit, padded): an edit in place
     (copy / edited).write_bytes((copy / other).read_bytes() + bytes(sizes[edited] - sizes[other]))
     assert (copy / first.keys[1]).stat().st_mtime_ns != (small_digits / first.keys[1]).stat().st_mtime_ns
-    stats = embed(copy, out, lite0_onnx)
+    stats = embed(copy, out, lite0_onnx, new_folder=True)  # the copy now stands for the folder, still there
     assert (stats.n_embedded, stats.n_cached, stats.n_moved) == (1, 59, 0)
     after = featx.load_embeddings(out)
     assert np.abs(after.embeddings[after.keys.index(edited)] - first.embeddings[first.keys.index(other)]).max() < 1e-4
@@ -255,6 +255,43 @@ def test_a_copied_folder_with_new_mtimes_is_recognised_by_content_not_embedded_a
     assert all(mtimes[k] == (copy / k).stat().st_mtime_ns for k in first.keys)  # next run skips them unread
     again = embed(copy, out, lite0_onnx)
     assert (again.n_embedded, again.n_cached) == (0, 60)
+
+
+def test_a_cache_follows_one_folder_and_refuses_another(small_digits, tmp_path, lite0_onnx, photos_dir):
+    """Keys are paths relative to the folder: embedding a second folder into a cache (or predicting it
+    through the training cache) would replace rows of the first folder's files at the same paths, and
+    file its classes among the training rows. It is refused, the cache untouched; a folder that moved
+    (the old path gone) is followed, and a copy standing for a folder still there needs new_folder."""
+    import shutil
+
+    from PIL import Image
+
+    out = tmp_path / "c.h5"
+    embed(small_digits, out, lite0_onnx)
+    first = featx.load_embeddings(out)
+    other = tmp_path / "other"
+    (other / first.keys[20]).parent.mkdir(parents=True)
+    Image.open(photos_dir / "coffee.png").convert("RGB").save(other / first.keys[20])  # a digit's path, a photo
+    head = tmp_path / "head.safetensors"
+    featx.train_head(out, head, head="logreg", C=1.0)
+
+    for attempt in (lambda: embed(other, out, lite0_onnx),
+                    lambda: featx.predict([other], head=head, cache=out, model=lite0_onnx)):
+        with pytest.raises(StoreError, match=f"holds the embeddings of {small_digits}.* --new-folder"):
+            attempt()
+    after = featx.load_embeddings(out)
+    assert after.keys == first.keys and np.array_equal(after.embeddings, first.embeddings)
+    assert featx.summarize_cache(out)[0].attrs["folder"] == str(small_digits)
+
+    moved = small_digits.rename(tmp_path / "moved")
+    stats = embed(moved, out, lite0_onnx)
+    assert (stats.n_embedded, stats.n_cached) == (0, 60)
+    copy = shutil.copytree(moved, tmp_path / "copy")
+    with pytest.raises(StoreError, match="holds the embeddings of .*moved"):
+        embed(copy, out, lite0_onnx)
+    stats = embed(copy, out, lite0_onnx, new_folder=True)
+    assert (stats.n_embedded, stats.n_cached) == (0, 60)
+    assert featx.summarize_cache(out)[0].attrs["folder"] == str(copy)
 
 
 def test_identical_files_in_one_run_are_embedded_once(small_digits, tmp_path, lite0_onnx, photos_dir):
