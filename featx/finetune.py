@@ -133,6 +133,8 @@ class FinetuneResult:
     curves: str = ""  # PNG of loss and accuracy per epoch, redrawn after each epoch
     skipped: dict[str, str] = field(default_factory=dict)  # files that could not be decoded -> why
     n_copies: int = 0  # files left out: the same bytes and class as another file of the folder
+    n_train: int = 0  # files in the training split (the folder's images, as embed walks it, less copies)
+    n_val: int = 0  # and in the validation split
 
 
 def without_copies(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], int]:
@@ -211,23 +213,26 @@ def fine_tune(
         resume: continue from ``output`` if it exists (weights and epoch count).
     """
     import torch
-    import torchvision
     from torchvision import transforms as T
 
     from .backbones import load_backbone
-    from .data import IMAGE_EXTENSIONS
+    from .data import FileEntry, class_names_of, walk_images
     from .runtime import resolve_device
 
     torch.manual_seed(seed)
     device = resolve_device(device)
-    try:
-        # the files embed reads (HEIC and AVIF too), by extension as torchvision lists them
-        dataset = torchvision.datasets.ImageFolder(
-            str(root), is_valid_file=lambda p: os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
-    except FileNotFoundError as e:  # no class folder, or class folders without images
-        raise FeatxError(f"{root}: fine-tuning needs images in class subfolders ({e})") from None
-    class_names = dataset.classes
-    samples, n_copies = without_copies(dataset.samples)
+    # the files embed reads, through its walk (not torchvision's ImageFolder, which followed a symlink
+    # loop until the OS refused and took Synology's @eaDir thumbnails as more photos of a class)
+    if not os.path.isdir(root):
+        raise FeatxError(f"{root} is not a folder")
+    class_names = class_names_of(root)
+    entries = [e for e in walk_images(root) if isinstance(e, FileEntry) and e.label is not None]
+    empty = sorted(set(class_names) - {e.label for e in entries}, key=os.fsencode)
+    if not class_names or empty:
+        raise FeatxError(f"{root}: fine-tuning needs images in class subfolders"
+                         + (f"; none in {', '.join(empty)}" if empty else ""))
+    index = {name: i for i, name in enumerate(class_names)}
+    samples, n_copies = without_copies([(e.path, index[e.label]) for e in entries])
     if n_copies:
         log(f"{n_copies} cop{'ies' if n_copies > 1 else 'y'} of other images left out (same bytes and class): "
             "one on each side of the split would be validated on what it trained on")
@@ -284,7 +289,8 @@ def fine_tune(
     use_amp = device == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     result = FinetuneResult(str(output), class_names, best[1], best[0], history=history, frozen=frozen,
-                            trainable=trainable, curves=str(output.with_suffix(".curves.png")), n_copies=n_copies)
+                            trainable=trainable, curves=str(output.with_suffix(".curves.png")), n_copies=n_copies,
+                            n_train=len(train_idx), n_val=len(val_idx))
     skipped = result.skipped
     waited = 0
     for epoch in range(start_epoch + 1, epochs + 1):

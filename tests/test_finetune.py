@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import featx
 from featx.finetune import model_blocks
@@ -44,9 +45,20 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
     ckpt = tmp_path / "ft.safetensors"
     (small_digits / "0" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")  # a corrupt photo costs itself
     (small_digits / "1" / "empty.png").write_bytes(b"")
+    # what embed leaves out stays out of training too: a NAS's thumbnails of a photo (other bytes, the
+    # same picture: one in each split would be validated on what it trained on), a hidden folder, and a
+    # symlink loop (torchvision's ImageFolder walked it until the OS refused, every class filed under 3)
+    thumbs = small_digits / "2" / "@eaDir" / "0003.png"
+    thumbs.mkdir(parents=True)
+    Image.open(next((small_digits / "2").glob("*.png"))).resize((96, 96)).convert("RGB").save(
+        thumbs / "SYNOFILE_THUMB_M.jpg")
+    (small_digits / ".thumbnails").mkdir()
+    Image.new("RGB", (64, 64)).save(small_digits / ".thumbnails" / "x.png")
+    (small_digits / "3" / "loop").symlink_to("..")
     lines = []
     result = featx.fine_tune(small_digits, ckpt, unfreeze=2, epochs=2, input_size=64, hflip=False,
                             batch_size=16, patience=5, log=lines.append)
+    assert result.n_train + result.n_val == 62 and result.n_copies == 0  # 60 digits and the 2 bad files
     assert result.trainable == ["blocks.6", "conv_head+bn2"]
     assert sorted(Path(p).name for p in result.skipped) == ["empty.png", "zz_broken.jpg"]
     assert lines[0].startswith("skipped 2 files that cannot be decoded")
