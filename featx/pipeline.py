@@ -28,7 +28,7 @@ from PIL import Image
 
 from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry, WalkFailure, class_names_of, \
-    file_digest, load_batch, load_image, walk_images
+    file_digest, is_passed_over, load_batch, load_image, walk_images
 from .errors import FeatxError, ModelFileError
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
@@ -792,10 +792,22 @@ def _store_reused(store, reused: list, label_of) -> None:
 
 
 def _count_candidates(root: Path) -> int:
-    """Image files under root by extension only (no stat, no reads): the progress bar's total."""
-    n = 0
-    for _dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
-        n += sum(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in filenames)
+    """Image files under root by extension only (no file stat, no reads): the progress bar's total.
+    The walk's folders: hidden and system ones left out (a NAS's @eaDir holds three thumbnails a photo),
+    symlinked ones followed once."""
+    n, seen = 0, set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames.clear()
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = [d for d in dirnames if not is_passed_over(d)]
+        n += sum(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not is_passed_over(f) for f in filenames)
     return n
 
 

@@ -284,17 +284,25 @@ def test_heic_without_pillow_heif_is_a_recorded_failure_that_says_what_to_instal
                                   "(pip install pillow-heif)')]")
 
 
-def test_a_skipped_file_is_logged_on_its_own_line_above_the_progress_bar(small_digits, lite0_onnx, tmp_path):
+def test_the_progress_bar_counts_the_files_walked_and_a_skipped_one_is_logged_above_it(small_digits, lite0_onnx,
+                                                                                        tmp_path):
     import subprocess
     import sys
 
     (small_digits / "3" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    # left out of the walk, so out of the bar's total too: a NAS's thumbnails, macOS's AppleDouble file
+    thumbs = small_digits / "4" / "@eaDir" / "0004.png"
+    thumbs.mkdir(parents=True)
+    for size in ("S", "M", "XL"):
+        Image.new("RGB", (64, 64)).save(thumbs / f"SYNOFILE_THUMB_{size}.jpg")
+    (small_digits / "4" / "._0004.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))
+    (small_digits / "5" / "again").symlink_to("..")  # a loop: walked once
     run = subprocess.run([sys.executable, "-m", "featx", "embed", str(small_digits), "-o", str(tmp_path / "c.h5"),
                           "--model", str(lite0_onnx), "--engine", "onnx", "--workers", "0"],
                          capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"})  # the bar on
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "img/s" in run.stderr  # the bar was drawn
+    assert "61/61 [" in run.stderr and "/65 [" not in run.stderr  # 60 digits and the bad file
     # a terminal shows what follows the last carriage return of each line
     shown = [line.split("\r")[-1] for line in run.stderr.split("\n")]
     assert any(line.startswith("skipped 3/cut.png: cannot decode") for line in shown), run.stderr[-2000:]
