@@ -45,9 +45,13 @@ class ModelInfo:
     weights_sha256: str
     precision: str  # "fp32" or "fp16" (compute precision inside the graph; outputs are float32)
     featx_version: str
+    # the output that scores class_names: "logits" (a backbone's classifier), or "probabilities" in a
+    # file from export_classifier, whose class_names are then its head's (metadata featx_classes)
+    class_scores: str = "logits"
 
     @property
     def has_logits(self) -> bool:
+        """Whether the file scores classes (class_names), through logits or probabilities."""
         return self.class_names is not None
 
     @property
@@ -60,8 +64,13 @@ class ModelInfo:
 
     def summary(self) -> str:
         """One line: backbone, embedding size, logits, input size, precision, fingerprint."""
-        return (f"{self.backbone}, {self.embed_dim}-d embedding"
-                f"{', logits for %d classes' % len(self.class_names) if self.has_logits else ''}, "
+        classes = ""
+        if self.class_scores == "probabilities":
+            named = ", ".join(self.class_names[:10]) + (", …" if len(self.class_names) > 10 else "")
+            classes = f", a classifier: probabilities for {len(self.class_names)} classes ({named})"
+        elif self.has_logits:
+            classes = f", logits for {len(self.class_names)} classes"
+        return (f"{self.backbone}, {self.embed_dim}-d embedding{classes}, "
                 f"input {self.preprocess.input_size[0]}x{self.preprocess.input_size[1]}, {self.precision}, "
                 f"fingerprint {self.fingerprint}")
 

@@ -572,7 +572,7 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
             continue
         embeddings.append(embedding)
         labels.append(entry.label)
-        if logits is not None:
+        if logits is not None and engine.info.class_scores == "logits":  # ImageNet's, not a classifier file's
             confidences.append(softmax(logits[None]).max())
     if not embeddings:
         raise FeatxError(f"{root}: none of the {len(picked)} sampled images could be decoded")

@@ -66,7 +66,8 @@ def classify(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> list[Classification]:
-    """ImageNet classes of image files, and of every image under the folders among them (in walk order).
+    """The model's classes (ImageNet's, or an ``export_classifier`` file's own) of image files, and of
+    every image under the folders among them (in walk order).
     A bad image is a Classification with ``error``, never an exception: the others are still classified.
 
     Example:
@@ -83,9 +84,15 @@ def classify(
         if error:
             results.append(Classification(path, [], error))
         else:
-            p = softmax(logits[None])[0]
+            p = class_probabilities(info, logits[None])[0]
             results.append(Classification(path, [(info.class_names[j], float(p[j])) for j in np.argsort(-p)[:top]]))
     return results
+
+
+def class_probabilities(info, scores: np.ndarray) -> np.ndarray:
+    """(n, n_classes) probabilities from a model's class scores: softmax of logits; a classifier file's
+    probabilities as they are (a multi-label head's do not sum to 1)."""
+    return scores if info.class_scores == "probabilities" else softmax(scores)
 
 
 def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:

@@ -11,6 +11,8 @@ onnxruntime's CUDA kernels). The model's config is always read back from the fil
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -42,7 +44,8 @@ class Engine(Protocol):
 
 @dataclass
 class Encoded:
-    """``embedding`` float32 (n, embed_dim); ``logits`` float32 (n, n_classes) or None."""
+    """``embedding`` float32 (n, embed_dim); ``logits`` float32 (n, n_classes) or None: the class scores,
+    which for a classifier file (``info.class_scores == "probabilities"``) are its probabilities."""
 
     embedding: np.ndarray
     logits: np.ndarray | None = None
@@ -134,7 +137,11 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
     if METADATA_KEY not in meta:
         raise ModelFileError(f"{path}: not exported by featx (no '{METADATA_KEY}' metadata); make one with `featx export`")
     try:
-        return ModelInfo.from_json(meta[METADATA_KEY])
+        info = ModelInfo.from_json(meta[METADATA_KEY])
+        if "featx_classes" in meta:  # export_classifier's file: the backbone's metadata, its head's classes
+            info = dataclasses.replace(info, class_names=[str(c) for c in json.loads(meta["featx_classes"])],
+                                       class_scores="probabilities")
+        return info
     except (ValueError, KeyError, TypeError) as e:
         raise ModelFileError(f"{path}: featx metadata is unreadable ({_first_line(e)})") from None
 
@@ -226,7 +233,7 @@ class OnnxEngine:
         """``images`` uint8 (n, H, W, 3) RGB, preprocessed as ``self.info.preprocess`` says."""
         result = self.session.run(self.outputs, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)})
         named = dict(zip(self.outputs, result))
-        return Encoded(named["embedding"], named.get("logits"))
+        return Encoded(named["embedding"], named.get(self.info.class_scores))
 
 
 class TorchEngine:
@@ -313,6 +320,8 @@ class TorchEngine:
 
         x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
         emb, logits = self.forward(x)
+        if self.info.class_scores != "logits":  # a classifier file: torch rebuilds its backbone, not its head
+            logits = None
         return Encoded(emb.float().cpu().numpy(), None if logits is None else logits.float().cpu().numpy())
 
 

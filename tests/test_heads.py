@@ -176,6 +176,11 @@ def test_merged_onnx_classifier_gives_featx_probabilities(kind, digits_cache, di
     expected = load_head(head).head.predict_proba(featx.embed_images(files, model=lite0_onnx))
     assert classes == [str(d) for d in range(10)]
     assert np.abs(probs - expected).max() < 1e-4
+    # featx reads its own classifier file: classify gives the head's classes, info names them
+    rows = featx.classify(files, model=merged, top=2)
+    assert [r.top[0][0] for r in rows] == [classes[i] for i in probs.argmax(1)]
+    assert all(abs(r.top[0][1] - p.max()) < 1e-4 for r, p in zip(rows, probs))
+    assert "a classifier: probabilities for 10 classes (0, 1, 2, " in featx.describe_file(merged)
 
 
 @pytest.mark.slow
