@@ -286,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FeatxError as e:
         print(f"featx: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left early (featx classify … | head): its rows were printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush would fail again
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt as e:
         if args.command == "embed" or (args.command == "predict" and args.cache):
             how = "; committed batches are kept, run the same command again to resume"

@@ -68,6 +68,24 @@ def test_cli_classify_exits_1_for_a_named_file_it_cannot_read(lite0_onnx, photos
     assert main(args + [str(photos_dir / "coffee.png")]) == 0
 
 
+def test_cli_output_piped_into_head_ends_quietly(lite0_onnx, photos_dir):
+    """`featx classify … | head -1`: the reader leaves early; featx stops without a traceback, with the
+    status of a command SIGPIPE ended (141), as `cat` and `yes` do."""
+    import signal
+    import subprocess
+    import sys
+
+    # --top 1000: each row is some 25 kB, so the rows overflow the pipe and a write meets the closed end
+    proc = subprocess.Popen([sys.executable, "-m", "featx", "-q", "classify", "--model", str(lite0_onnx),
+                             "--top", "1000", str(photos_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, err
+    assert first.startswith(str(photos_dir)) and "Traceback" not in err and err == ""
+
+
 def test_runtime_preprocessing_matches_timm_reference_transform(lite0_backbone, photos_dir):
     """Our PIL resize+crop, normalised in the graph, equals timm's own eval transform."""
     import timm.data
