@@ -552,15 +552,23 @@ def train_head(
 
 
 def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
-    """``key,labels`` rows (labels separated by ';'; a header row whose first cell is 'key' is skipped)."""
+    """``key,labels`` rows (labels separated by ';'; a header row whose first cell is 'key' is skipped).
+
+    Read as a spreadsheet saves it too: a UTF-8 byte-order mark, ';' between the columns (Excel where the
+    decimal mark is a comma: the first cell is the key, the rest labels), Windows' '\\' in the keys, and
+    spaces around cells.
+    """
     import csv
 
     out: dict[str, list[str]] = {}
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         for row in csv.reader(f):
-            if not row or row[0] == "key":
+            if len(row) == 1:  # no comma in the row: ';' separates the columns, or there are no labels
+                row = row[0].split(";")
+            key = row[0].strip().replace("\\", "/") if row else ""
+            if not key or key == "key":
                 continue
-            out[row[0]] = [x.strip() for x in ";".join(row[1:]).split(";") if x.strip()]
+            out[key] = [x.strip() for x in ";".join(row[1:]).split(";") if x.strip()]
     return out
 
 

@@ -332,3 +332,19 @@ def test_train_head_balanced_is_saved_and_reported(digits_cache, tmp_path, capsy
                  "--balanced"]) == 0
     assert load_head(tmp_path / "cli.safetensors").head.class_weight == "balanced"
     assert "balanced accuracy" in capsys.readouterr().out
+
+
+def test_labels_csv_saved_by_a_spreadsheet_reads_as_the_plain_one(tmp_path):
+    """Excel writes a byte-order mark and CRLF, separates columns with ';' where the decimal mark is a
+    comma, and a Windows user's keys carry backslashes: the labels read are those of the plain file."""
+    from featx.heads import read_labels_csv
+
+    plain = "key,labels\ncats/a.jpg,indoor;sleeping\ncats/b.jpg,outdoor\ndogs/c d.jpg,\n"
+    (tmp_path / "plain.csv").write_text(plain, encoding="utf-8")
+    (tmp_path / "excel.csv").write_bytes(("\ufeffkey;labels\r\ncats\\a.jpg;indoor;sleeping\r\n"
+                                          " cats\\b.jpg ; outdoor\r\ndogs\\c d.jpg;\r\n").encode("utf-8"))
+    (tmp_path / "excel-comma.csv").write_bytes(("\ufeffkey,labels\r\ncats\\a.jpg,indoor;sleeping\r\n"
+                                                "cats/b.jpg,outdoor\r\ndogs/c d.jpg\r\n").encode("utf-8"))
+    expected = {"cats/a.jpg": ["indoor", "sleeping"], "cats/b.jpg": ["outdoor"], "dogs/c d.jpg": []}
+    for name in ("plain.csv", "excel.csv", "excel-comma.csv"):
+        assert read_labels_csv(tmp_path / name) == expected, name
