@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +188,7 @@ def _load_backbone(name: str, weights: str | None) -> Backbone:
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors, or from a torch file without executing any code in it."""
+    import argparse
     import pickle
 
     import torch
@@ -202,12 +204,23 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    with open(path, "rb") as f:
+        head = f.read(16)
+    # a torch.save file is a zip archive, or (before torch 1.6) a pickle, whose first byte is 0x80
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise WeightsError(f"{path}: not a torch checkpoint (it starts with {head!r}); --weights takes a state "
+                           f"dict saved by torch.save (.pth/.pt) or a .safetensors file")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # training scripts (timm's train.py among them) keep their argparse arguments in the checkpoint:
+        # a bag of plain values, built without running code; anything else that is not a tensor is refused
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(e))
+        holds = f"an object of {blocked.group(1)}, " if blocked else "pickled objects "
         raise WeightsError(
-            f"{path}: refused, the checkpoint holds pickled objects that would run code "
-            f"({_first_line(e)}); save a plain state dict (tensors only) or .safetensors"
+            f"{path}: refused, the checkpoint holds {holds}which loading would run code to build; "
+            f"save a plain state dict (tensors only) or .safetensors"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None

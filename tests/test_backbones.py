@@ -98,11 +98,34 @@ class Payload:
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"conv1.weight": torch.zeros(1), "x": Payload()}, path)
-    with pytest.raises(WeightsError, match="refused.*pickled"):
+    with pytest.raises(WeightsError, match="refused, the checkpoint holds an object of posix.system, which loading "
+                                          "would run code"):
         load_state_dict_file(path)
     import os
 
     assert not os.path.exists("/tmp/featx-pwned")
+
+
+def test_a_training_scripts_checkpoint_loads_and_a_file_that_is_none_is_named(tmp_path):
+    """timm's train.py saves epoch, arch, optimizer state and its argparse arguments beside the state
+    dict: the weights load from it (no code runs to build a Namespace). A file that is not a checkpoint
+    at all (a download that saved an HTML page) says so, not that it would run code."""
+    import argparse
+
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    torch.save({"epoch": 12, "arch": "resnet18", "state_dict": model.state_dict(),
+                "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
+                "args": argparse.Namespace(model="resnet18", lr=0.1, epochs=12, amp=True), "version": 2},
+               tmp_path / "checkpoint-12.pth.tar")
+    trained = featx.load_backbone("resnet18", weights=tmp_path / "checkpoint-12.pth.tar")
+    assert trained.weights_sha256() == featx.load_backbone("resnet18", weights=tmp_path / "plain.pth").weights_sha256()
+
+    (tmp_path / "resnet18.pth").write_text("<!DOCTYPE html><html>Sign in to download</html>")
+    with pytest.raises(WeightsError, match=r"not a torch checkpoint \(it starts with b'<!DOCTYPE html><'\)"):
+        load_state_dict_file(tmp_path / "resnet18.pth")
 
 
 def test_state_dict_that_does_not_fit_names_the_keys(tmp_path):
