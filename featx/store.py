@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +71,13 @@ def check_store_path(path: str | os.PathLike) -> None:
         raise StoreError(f"cannot create {path}: folder {path.parent} does not exist")
 
 
-def _open_h5(path: Path, mode: str):
+# errno values HDF5 reports when the file system has no locks at all (an NFS mount without its lock
+# service: ENOLCK; sshfs and some FUSE and SMB mounts: ENOSYS, EOPNOTSUPP), as against a lock held
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP}
+_unlocked_warned: set[str] = set()
+
+
+def _open_h5(path: Path, mode: str, *, locking: bool = True):
     import h5py
 
     # a reader has no --out to change: it can only wait for the writer (HDF5 without SWMR cannot share)
@@ -77,7 +85,7 @@ def _open_h5(path: Path, mode: str):
               if mode == "r" else
               f"{path} is being written by another featx run (file is locked); wait for it or use another --out")
     try:
-        return h5py.File(path, mode, locking=True)
+        return h5py.File(path, mode, locking=locking)
     except BlockingIOError:
         raise StoreError(locked) from None
     except FileNotFoundError:
@@ -88,6 +96,13 @@ def _open_h5(path: Path, mode: str):
         raise StoreError(f"{path} cannot be opened: permission denied") from None
     except OSError as e:
         text = str(e)
+        refused = re.search(r"unable to lock file, errno = (\d+)", text)
+        if locking and refused and int(refused.group(1)) in _NO_LOCKS:
+            if str(path) not in _unlocked_warned:  # read and written several times a run: said once
+                _unlocked_warned.add(str(path))
+                _logger.warning("%s: its file system does not lock files (%s); opened without a lock, so nothing "
+                                "stops two featx runs writing it at once", path, os.strerror(int(refused.group(1))))
+            return _open_h5(path, mode, locking=False)
         if "lock" in text.lower():
             raise StoreError(locked) from None
         check_store_path(path)

@@ -703,6 +703,31 @@ def test_disk_full_is_one_line_and_the_next_run_resumes(digits_dir, tmp_path, li
     assert np.abs(resumed.embeddings - whole.embeddings).max() < 1e-4
 
 
+def test_a_cache_on_a_file_system_without_locks_is_written_with_one_warning(small_digits, tmp_path, lite0_onnx):
+    """An NFS mount without its lock service refuses every lock (ENOLCK): HDF5 then cannot open any
+    file. featx said the cache was being written by another run, and nothing could use it; it now
+    opens it unlocked and says so once. The refusal is the C library's, through a preloaded flock."""
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the flock that a lockless file system gives")
+    (tmp_path / "nolock.c").write_text("#include <errno.h>\n"
+                                       "int flock(int fd, int op) { (void)fd; (void)op; errno = ENOLCK; return -1; }\n")
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "nolock.so"), str(tmp_path / "nolock.c")],
+                   check=True)
+    env = {**os.environ, "LD_PRELOAD": str(tmp_path / "nolock.so")}
+    out = tmp_path / "nfs.h5"
+    cmd = [sys.executable, "-m", "featx", "-q", "embed", str(small_digits), "-o", str(out), "--model",
+           str(lite0_onnx), "--engine", "onnx", "--workers", "0"]
+    for expected in ("60 embedded, 0 already cached", "0 embedded, 60 already cached"):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0 and expected in r.stdout, r.stderr[-2000:]
+        assert r.stderr.count("its file system does not lock files (No locks available)") == 1, r.stderr
+    embed(small_digits, tmp_path / "locked.h5", lite0_onnx)
+    assert featx.load_embeddings(out).keys == featx.load_embeddings(tmp_path / "locked.h5").keys
+
+
 def test_prune_cut_short_by_a_kill_is_finished_or_undone_on_the_next_open(small_digits, tmp_path, lite0_onnx):
     """The two states a kill can leave in the middle of --prune, made with the store's own steps."""
     from featx.store import EmbeddingStore
