@@ -42,6 +42,13 @@ def _batch_size(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"expected a positive number or auto, got {text!r}")
 
 
+def _batch_sizes(text: str) -> list[int]:
+    sizes = [part.strip() for part in text.split(",")]
+    if not all(size.isdigit() and int(size) > 0 for size in sizes):
+        raise argparse.ArgumentTypeError(f"expected positive numbers separated by commas, got {text!r}")
+    return [int(size) for size in sizes]
+
+
 def _add_device(p: argparse.ArgumentParser, *, engine: bool = False) -> None:
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     if engine:
@@ -204,13 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput against plain PyTorch in the same run")
     _add_model(p)
     _add_device(p)
-    p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--half", action="store_true")
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 8, 32],
+                   help="comma-separated batch sizes of the model-only timings (default 1,8,32)")
+    p.add_argument("--half", action="store_true",
+                   help="time featx's onnxruntime engine on the fp16 export (fp16 inside the graph)")
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    help="also time torch.compile; optional comma-separated modes (default, reduce-overhead, ...)")
     p.add_argument("--images", default=None, help="JPEG folder for the end-to-end comparison (generated if absent)")
-    p.add_argument("--n-images", type=int, default=512, help="images to generate for end-to-end")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--n-images", type=int, default=512, help="images to generate for end-to-end (default 512)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions after warm-up, median taken (default 5)")
     p.add_argument("--int8", action="store_true", help="also time onnxruntime int8 (dynamic quantization), CPU")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
     # -q after the command too (`featx embed photos -o c.h5 -q`); SUPPRESS keeps a -q given before it
@@ -420,7 +429,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "bench":
         result = featx.bench_models(
             model=args.model, weights=args.weights, device=args.device,
-            batch_sizes=[int(b) for b in args.batch_sizes.split(",")], half=args.half, compile=args.compile.split(",") if args.compile else False,
+            batch_sizes=args.batch_sizes, half=args.half, compile=args.compile.split(",") if args.compile else False,
             images=args.images, n_images=args.n_images, repeats=args.repeats, int8=args.int8, out_dir=args.out,
         )
         print(result.table())
