@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -40,6 +41,28 @@ def _batch_size(text: str) -> int | str:
     if text.isdigit() and int(text) > 0:
         return int(text)
     raise argparse.ArgumentTypeError(f"expected a positive number or auto, got {text!r}")
+
+
+def _count(least: int):
+    """An argparse type: a whole number of at least ``least`` (--top 0 printed empty rows, --top -2 all
+    classes but two)."""
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"\d+", text.strip()) or int(text) < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {least}, got {text!r}")
+        return int(text)
+
+    parse.__name__ = "number"  # what argparse names in its error
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -94,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="top ImageNet classes of image files and folders")
     p.add_argument("images", nargs="+", help="image files or folders (every image under them)")
     _add_model(p)
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=_count(1), default=5)
     _add_device(p)
     _add_strict(p)
 
@@ -111,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_batch_size, default=None,
                    help="images per engine call (default 8 on the CPU, where larger batches run slower, 32 on a "
                         "GPU), or auto: from free memory; halved on out-of-memory")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=_count(0), default=None,
                    help="decode threads (default: cores - 1, and the engine's thread whenever it would wait; "
                         "0 = only it); "
                         "with GPU decode, processes that take a share of the batches beside nvJPEG "
@@ -125,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cache was made from another folder, still there, and ROOT now stands for it (a copy: "
                         "rows are reused by content); without it such a cache is refused")
     _add_strict(p)
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)")
+    p.add_argument("--max-pixels", type=_count(1), default=None, help="refuse larger images (decompression bombs)")
     p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
                    help="gpu: nvJPEG decode and resize on the GPU (auto: whenever the torch engine runs on CUDA)")
     p.add_argument("--compile", nargs="?", const="default", default=None,
@@ -134,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="measure which engine --engine auto takes for a model on this device")
     _add_model(p)
     _add_device(p)
-    p.add_argument("--batch-size", type=int, default=None, help="default: embed's (8 on the CPU, 32 on a GPU)")
+    p.add_argument("--batch-size", type=_count(1), default=None, help="default: embed's (8 on the CPU, 32 on a GPU)")
     p.add_argument("--force", action="store_true", help="measure again even when a cached result exists")
 
     p = sub.add_parser("map", help="draw cached embeddings on a plane, coloured by class (PNG)")
@@ -143,12 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=None, help="model group in the cache (needed when it holds several)")
     p.add_argument("--method", choices=["tsne", "pca"], default="tsne",
                    help="tsne: neighbourhoods kept (a few seconds per thousand points); pca: instant")
-    p.add_argument("--max-points", type=int, default=3000, help="a larger cache is sampled, each class in its share")
+    p.add_argument("--max-points", type=_count(3), default=3000, help="a larger cache is sampled, each class in its share")
 
     p = sub.add_parser("similar", help="the cached images most similar to query images (cosine of embeddings)")
     p.add_argument("images", nargs="+", help="query image files or folders")
     p.add_argument("--cache", required=True, help="embedding cache to search (.h5)")
-    p.add_argument("-k", type=int, default=5, help="matches per query (default 5)")
+    p.add_argument("-k", type=_count(1), default=5, help="matches per query (default 5)")
     _add_model(p)
     _add_device(p)
     _add_strict(p)
@@ -158,12 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=None, help="model group in the cache (needed when it holds several)")
     p.add_argument("--head", choices=["logreg", "mlp"], default="logreg")
     p.add_argument("-o", "--output", required=True, help="head file (.safetensors)")
-    p.add_argument("--test-size", type=float, default=0.2)
-    p.add_argument("--cv", type=int, default=None, help="K-fold cross-validation instead of one split")
+    p.add_argument("--test-size", type=_fraction, default=0.2, help="share of each class held out (default 0.2)")
+    p.add_argument("--cv", type=_count(2), default=None, help="K-fold cross-validation instead of one split")
     p.add_argument("--C", type=float, default=None, help="logreg inverse regularisation (default: by cross-validation)")
     p.add_argument("--hidden", default="1024", help="mlp hidden sizes, comma-separated")
     p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--epochs", type=_count(1), default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", default=None, help="confusion-matrix PNG (default: next to the head file)")
     p.add_argument("--labels", default=None,
@@ -180,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files or folders (one folder alone is embedded through --cache)")
     p.add_argument("--head", required=True)
     _add_model(p)
-    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--top", type=_count(1), default=3)
     p.add_argument("-o", "--output", default=None, help="CSV file (key, top classes, probabilities)")
     p.add_argument("--cache", default=None, help="embedding cache to reuse for a folder")
     _add_device(p)
@@ -191,14 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--head", default=None, help="trained head to start the classifier from")
     p.add_argument("--unfreeze", default="2", help="top blocks to train: N, all, or auto (featx advise)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=_count(1), default=10)
     p.add_argument("--lr", type=float, default=1e-3, help="head learning rate; the backbone gets a tenth")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--input-size", type=int, default=None, help="train at this size (small images train faster)")
+    p.add_argument("--batch-size", type=_count(1), default=32)
+    p.add_argument("--input-size", type=_count(16), default=None, help="train at this size (small images train faster)")
     p.add_argument("--no-hflip", action="store_true", help="no horizontal flips (digits, text)")
     p.add_argument("--vflip", action="store_true")
-    p.add_argument("--patience", type=int, default=3)
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out for validation")
+    p.add_argument("--patience", type=_count(1), default=3)
+    p.add_argument("--val-fraction", type=_fraction, default=0.2, help="share of each class held out for validation")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint at -o")
     p.add_argument("-o", "--output", required=True, help="checkpoint (.safetensors)")
     _add_device(p)
@@ -218,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    help="also time torch.compile; optional comma-separated modes (default, reduce-overhead, ...)")
     p.add_argument("--images", default=None, help="JPEG folder for the end-to-end comparison (generated if absent)")
-    p.add_argument("--n-images", type=int, default=512, help="images to generate for end-to-end (default 512)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions after warm-up, median taken (default 5)")
+    p.add_argument("--n-images", type=_count(1), default=512, help="images to generate for end-to-end (default 512)")
+    p.add_argument("--repeats", type=_count(1), default=5, help="timed repetitions after warm-up, median taken (default 5)")
     p.add_argument("--int8", action="store_true", help="also time onnxruntime int8 (dynamic quantization), CPU")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
     # -q after the command too (`featx embed photos -o c.h5 -q`); SUPPRESS keeps a -q given before it

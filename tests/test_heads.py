@@ -348,3 +348,20 @@ def test_labels_csv_saved_by_a_spreadsheet_reads_as_the_plain_one(tmp_path):
     expected = {"cats/a.jpg": ["indoor", "sleeping"], "cats/b.jpg": ["outdoor"], "dogs/c d.jpg": []}
     for name in ("plain.csv", "excel.csv", "excel-comma.csv"):
         assert read_labels_csv(tmp_path / name) == expected, name
+
+
+def test_numbers_that_make_no_sense_are_refused_as_the_command_is_read(capsys):
+    """--top 0 printed empty rows and --top -2 every class but two; --workers -1 and a held-out share
+    of 1.5 ran on: each is refused by the parser with the option's name, before any model loads."""
+    from featx.cli import main
+
+    for args, said in [(["classify", "x.jpg", "--top", "0"], "argument --top: expected a whole number of at least 1"),
+                       (["classify", "x.jpg", "--top", "-2"], "argument --top: expected a whole number of at least 1"),
+                       (["embed", "photos", "-o", "c.h5", "--workers", "-1"], "argument --workers: expected a whole"),
+                       (["train-head", "c.h5", "-o", "h.safetensors", "--test-size", "1.5"],
+                        "argument --test-size: expected a fraction between 0 and 1, got '1.5'"),
+                       (["similar", "x.jpg", "--cache", "c.h5", "-k", "two"], "argument -k: expected a whole number"),
+                       (["bench", "--batch-sizes", "1,x"], "argument --batch-sizes: expected positive numbers")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2 and said in capsys.readouterr().err, args
