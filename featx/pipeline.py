@@ -432,12 +432,22 @@ def embed_folder(
         stats.backoffs = [limit for e in encoders for limit in e.backoffs]
         deleted = (set(done) | set(failed_before)) - seen
         stats.deleted = sorted(deleted & set(done))
+        check_prune(root, out, prune, seen, stats.deleted)
         if recovered or (prune and deleted):
             store.rewrite_without(recovered | (deleted if prune else set()), failures=True)
         if prune and deleted:
             stats.n_pruned = store.rewrite_without(deleted)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def check_prune(root, out, prune: bool, seen: set[str], deleted: list[str]) -> None:
+    """--prune on a folder with no file left drops every row: far more often a drive not mounted (its
+    mount point is an empty folder) or a sync not started than a collection deleted. Refused."""
+    if prune and deleted and not seen:
+        raise FeatxError(f"{root} has no images now, and --prune would remove all {len(deleted):,} rows of {out}: "
+                         f"a drive not mounted, or a sync not finished? Nothing was removed (delete {out} to start "
+                         f"over)")
 
 
 def default_devices(device: Device) -> list[str]:

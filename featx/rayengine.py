@@ -23,7 +23,7 @@ from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, class_names_of, load_batch
 from .errors import FeatxError
 from .export import ensure_model_file
-from .pipeline import PendingFiles, RunStats
+from .pipeline import PendingFiles, RunStats, check_prune
 from .runtime import read_model_info
 from .store import EmbeddingStore
 
@@ -207,6 +207,7 @@ def embed_folder_ray(
         fixed = pending.recovered | ({item["key"] for item in items if item["key"] in failed_before}
                                      - {key for key, _ in stats.failures})
         deleted = (set(done) | set(failed_before)) - seen
+        check_prune(root, out, prune, seen, sorted(deleted & set(done)))
         if fixed or (prune and deleted):
             store.rewrite_without(fixed | (deleted if prune else set()), failures=True)
         if prune and deleted:

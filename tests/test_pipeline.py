@@ -728,6 +728,27 @@ def test_a_cache_on_a_file_system_without_locks_is_written_with_one_warning(smal
     assert featx.load_embeddings(out).keys == featx.load_embeddings(tmp_path / "locked.h5").keys
 
 
+def test_prune_of_a_folder_left_empty_removes_nothing(small_digits, tmp_path, lite0_onnx):
+    """A nightly `featx embed /mnt/nas/photos -o cache.h5 --prune` while the NAS is not mounted sees an
+    empty folder: it used to drop every row. It is refused and the cache kept; a folder that lost some
+    files is still pruned."""
+    out = tmp_path / "c.h5"
+    embed(small_digits, out, lite0_onnx)
+    away = tmp_path / "away"
+    small_digits.rename(away)
+    small_digits.mkdir()  # the mount point, with nothing mounted on it
+    with pytest.raises(featx.FeatxError, match=f"{small_digits} has no images now, and --prune would remove all 60 "
+                                               "rows .* Nothing was removed"):
+        embed(small_digits, out, lite0_onnx, prune=True)
+    assert len(featx.load_embeddings(out).keys) == 60
+    small_digits.rmdir()
+    away.rename(small_digits)
+    for path in sorted((small_digits / "7").iterdir()):
+        path.unlink()
+    stats = embed(small_digits, out, lite0_onnx, prune=True)
+    assert stats.n_pruned == 6 and len(featx.load_embeddings(out).keys) == 54
+
+
 def test_prune_cut_short_by_a_kill_is_finished_or_undone_on_the_next_open(small_digits, tmp_path, lite0_onnx):
     """The two states a kill can leave in the middle of --prune, made with the store's own steps."""
     from featx.store import EmbeddingStore
