@@ -105,8 +105,9 @@ def test_ctrl_c_or_sigterm_names_the_checkpoint_and_resume_goes_on_from_it(small
     cmd = [sys.executable, "-m", "featx", "finetune", str(small_digits), "-o", str(ckpt), "--unfreeze", "1",
            "--epochs", "200", "--patience", "200", "--input-size", "64", "--batch-size", "16", "--no-hflip"]
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # as a user runs it: progress bars on
+    # as in a terminal: a suite started in the background (`pytest &`) has SIGINT ignored, which children inherit
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=env)
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:  # the first epoch saved
         time.sleep(0.2)

@@ -647,8 +647,9 @@ def test_ctrl_c_or_sigterm_exits_cleanly_and_keeps_committed_batches(digits_dir,
     cmd = [sys.executable, "-m", "featx", "embed", str(digits_dir), "-o", str(out),
            "--model", str(lite0_onnx), "--batch-size", "16", "--workers", "1", "--engine", "onnx"]
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # as a user runs it: progress bar on
+    # as in a terminal: a suite started in the background (`pytest &`) has SIGINT ignored, which children inherit
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=env)
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until at least one batch is committed
         time.sleep(0.5)
