@@ -356,17 +356,9 @@ def embed_folder(
         label_of = store.label_index(class_names_of(root))
         done, failed_before = store.done(), store.failed()
         seen: set[str] = set()
-        total = _count_candidates(root) if progress else None
-        bar = _progress_bar(total, progress)
-
+        bar = _FolderProgress(root, progress)
         store_lock = threading.Lock()  # the walk's thread and the writer below both write the store
-        bar_lock = threading.Lock()  # and both move the progress bar
-
-        def skipped() -> None:
-            with bar_lock:
-                bar.update(1)
-
-        pending = PendingFiles(root, store, stats, seen, done, failed_before, on_skip=skipped,
+        pending = PendingFiles(root, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1),
                                label_of=label_of, store_lock=store_lock)
 
         recovered: set[str] = set()
@@ -417,9 +409,7 @@ def embed_folder(
                                 for e, r in bad:
                                     _logger.warning("skipped %s: %s", e.key, r)
                         stats.decoded_by[decoded.decoded_by] = stats.decoded_by.get(decoded.decoded_by, 0) + len(batch)
-                        with bar_lock:
-                            bar.update(len(batch))
-                            bar.set_postfix(failed=stats.n_failed, refresh=False)
+                        bar.update(len(batch), failed=stats.n_failed)
                 finally:
                     bar.close()
                     if cpu_pool is not None:
@@ -808,12 +798,14 @@ def _store_reused(store, reused: list, label_of) -> None:
     reused.clear()
 
 
-def _count_candidates(root: Path) -> int:
+def _count_candidates(root: Path, stop: threading.Event | None = None) -> int | None:
     """Image files under root by extension only (no file stat, no reads): the progress bar's total.
     The walk's folders: hidden and system ones left out (a NAS's @eaDir holds three thumbnails a photo),
-    symlinked ones followed once."""
+    symlinked ones followed once. None when ``stop`` is set before the count is done."""
     n, seen = 0, set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        if stop is not None and stop.is_set():
+            return None
         try:
             st = os.stat(dirpath)
         except OSError:
@@ -832,6 +824,39 @@ class _NoBar:
     def update(self, n: int = 1) -> None: ...
     def set_postfix(self, **kw) -> None: ...
     def close(self) -> None: ...
+
+
+class _FolderProgress:
+    """embed_folder's bar, moved by the walk's thread (files cached or skipped) and by the writer. Its
+    total is counted in a thread of its own: listing a large tree on a network share takes minutes, and
+    the run no longer waits for it to start. A run done before the count takes what it did as its total."""
+
+    def __init__(self, root: Path, show: bool):
+        self.bar = _progress_bar(None, show)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        if show:
+            threading.Thread(target=self._count, args=(root,), name="featx-count", daemon=True).start()
+
+    def _count(self, root: Path) -> None:
+        total = _count_candidates(root, self.stop)
+        with self.lock:
+            if total is not None and not self.stop.is_set():
+                self.bar.total = total
+                self.bar.refresh()
+
+    def update(self, n: int, *, failed: int | None = None) -> None:
+        with self.lock:
+            self.bar.update(n)
+            if failed is not None:
+                self.bar.set_postfix(failed=failed, refresh=False)
+
+    def close(self) -> None:
+        with self.lock:
+            self.stop.set()
+            if getattr(self.bar, "total", 0) is None:
+                self.bar.total = self.bar.n
+            self.bar.close()
 
 
 def _progress_bar(total: int | None, show: bool):
