@@ -15,11 +15,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from . import __version__
 
 
-def _add_model(p: argparse.ArgumentParser, *, weights: bool = True) -> None:
+def _add_model(p: argparse.ArgumentParser, *, weights: bool = True, made_with: str | None = None) -> None:
+    """``made_with``: the file (a head, a cache) whose own model is the default, found without --model."""
     from .backbones import DEFAULT_BACKBONE
 
-    p.add_argument("--model", "-m", default=DEFAULT_BACKBONE,
-                   help=f"backbone name or exported .onnx file (default {DEFAULT_BACKBONE})")
+    p.add_argument("--model", "-m", default=None if made_with else DEFAULT_BACKBONE,
+                   help=f"backbone name or exported .onnx file (default: the one {made_with} was made with, when "
+                        f"its file is still there, else {DEFAULT_BACKBONE})" if made_with else
+                        f"backbone name or exported .onnx file (default {DEFAULT_BACKBONE})")
     if weights:
         p.add_argument("--weights", default=None,
                        help="pretrained | none | bundled | PATH to a state dict (.pth/.pt/.safetensors)")
@@ -172,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="query image files or folders")
     p.add_argument("--cache", required=True, help="embedding cache to search (.h5)")
     p.add_argument("-k", type=_count(1), default=5, help="matches per query (default 5)")
-    _add_model(p)
+    _add_model(p, made_with="the cache")
     _add_device(p)
     _add_strict(p)
 
@@ -196,13 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-classifier", help="backbone + head merged into one ONNX file (images -> probabilities)")
     p.add_argument("--head", required=True)
-    _add_model(p)
+    _add_model(p, made_with="the head's embeddings")
     p.add_argument("-o", "--output", required=True)
 
     p = sub.add_parser("predict", help="classify images or a folder with a trained head")
     p.add_argument("inputs", nargs="+", help="image files or folders (one folder alone is embedded through --cache)")
     p.add_argument("--head", required=True)
-    _add_model(p)
+    _add_model(p, made_with="the head's embeddings")
     p.add_argument("--top", type=_count(1), default=3)
     p.add_argument("-o", "--output", default=None, help="CSV file (key, top classes, probabilities)")
     p.add_argument("--cache", default=None, help="embedding cache to reuse for a folder")

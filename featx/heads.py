@@ -301,8 +301,10 @@ def best_thresholds(truth: np.ndarray, probs: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- save / load
 
 
-def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbone: str, model: str) -> Path:
-    """Write a fitted head as .safetensors: arrays plus a JSON header; no pickle."""
+def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbone: str, model: str,
+              model_file: str | None = None) -> Path:
+    """Write a fitted head as .safetensors: arrays plus a JSON header; no pickle. ``model_file``: the
+    .onnx that made the embeddings, where predict and export-classifier look first without --model."""
     from safetensors.numpy import save_file
 
     check_is_fitted(head)
@@ -320,6 +322,7 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
         "fingerprint": fingerprint,
         "backbone": backbone,
         "model": model,
+        "model_file": model_file,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -334,6 +337,7 @@ class LoadedHead:
     fingerprint: str
     backbone: str
     model: str
+    model_file: str | None = None  # the .onnx that made the embeddings (heads since its recording)
 
     def summary(self) -> str:
         """One line: kind, classes, and the embeddings it was trained on."""
@@ -379,7 +383,19 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     head.multilabel_ = bool(header.get("multilabel", False))
     if head.multilabel_:
         head.thresholds_ = arrays["thresholds"]
-    return LoadedHead(head, header["fingerprint"], header["backbone"], header["model"])
+    return LoadedHead(head, header["fingerprint"], header["backbone"], header["model"], header.get("model_file"))
+
+
+def head_model_file(loaded: LoadedHead, model: str | os.PathLike | None = None, weights: str | None = None) -> Path:
+    """The model file a head runs on: ``model`` as given; else the one its embeddings came from (the
+    path recorded in the head, or the models folder's file of its group name, with its fingerprint),
+    so a head trained on ResNet-50 embeddings needs no --model; else the default backbone."""
+    from .export import ensure_model_file
+    from .runtime import model_file_for
+
+    if model is None and weights is None:
+        model = model_file_for(loaded.model, loaded.fingerprint, loaded.model_file)
+    return ensure_model_file(model or DEFAULT_BACKBONE, weights=weights)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -544,7 +560,7 @@ def train_head(
         estimator.fit(X, y)
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
-              model=data.model)
+              model=data.model, model_file=data.attrs.get("model_file"))
     png = Path(report_png) if report_png else output.with_suffix(".confusion.png")
     plot_confusion(report.confusion, classes, png, title=f"{head} on {data.model}: accuracy {report.accuracy:.3f}")
     report.files = [str(output), str(png)]
@@ -622,7 +638,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     )
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
-              model=data.model)
+              model=data.model, model_file=data.attrs.get("model_file"))
     png = Path(report_png) if report_png else output.with_suffix(".f1.png")
     _plot_label_f1(f1_score(Y_test, predicted, average=None, zero_division=0), names, png,
                    title=f"{head} multi-label on {data.model}: micro-F1 {report.micro_f1:.3f}")
@@ -696,7 +712,7 @@ def iter_predictions(
     inputs: Sequence[str | os.PathLike],
     *,
     head: str | os.PathLike,
-    model: str | os.PathLike = DEFAULT_BACKBONE,
+    model: str | os.PathLike | None = None,
     weights: str | None = None,
     top: int = 3,
     cache: str | os.PathLike | None = None,
@@ -709,17 +725,17 @@ def iter_predictions(
     One folder alone is embedded through the cache first (``cache``, else a temporary one), then its
     rows are read back a chunk at a time, files gone from the folder left out; files and several inputs
     are decoded and encoded ``batch_size`` at a time (default: the device's, ``default_batch_size``). The
-    head runs once per chunk or batch.
+    head runs once per chunk or batch. ``model``: by default the one the head's embeddings came from
+    (:func:`head_model_file`).
     """
     import tempfile
 
-    from .export import ensure_model_file
     from .pipeline import embed_folder, encode_files, expand_inputs
     from .runtime import default_batch_size, load_model, read_model_info
     from .store import iter_embeddings, load_failures
 
     loaded = load_head(head)
-    model_file = ensure_model_file(model, weights=weights)
+    model_file = head_model_file(loaded, model, weights)
     info = read_model_info(model_file)
     loaded.check_model(info.fingerprint, f"model {model_file}")
     classes = [str(c) for c in loaded.head.classes_]
@@ -773,7 +789,7 @@ def predict(
     inputs: Sequence[str | os.PathLike],
     *,
     head: str | os.PathLike,
-    model: str | os.PathLike = DEFAULT_BACKBONE,
+    model: str | os.PathLike | None = None,
     weights: str | None = None,
     top: int = 3,
     output: str | os.PathLike | None = None,
@@ -868,7 +884,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
 
 
 def export_classifier(
-    model: str | os.PathLike,
+    model: str | os.PathLike | None,
     head: str | os.PathLike,
     output: str | os.PathLike,
     *,
@@ -878,15 +894,14 @@ def export_classifier(
 
     The head's standardisation and layers are appended to the backbone's graph after its
     ``embedding`` output; class names go into the metadata (``featx_classes``), next to the
-    backbone's preprocessing (``featx``).
+    backbone's preprocessing (``featx``). ``model`` None: the one the head's embeddings came from
+    (:func:`head_model_file`).
     """
     import onnx
     from onnx import TensorProto, compose, helper, numpy_helper
 
-    from .export import ensure_model_file
-
     loaded = load_head(head)
-    model_file = ensure_model_file(model, weights=weights)
+    model_file = head_model_file(loaded, model, weights)
     backbone = onnx.load(str(model_file))
     from .runtime import read_model_info
 

@@ -352,7 +352,8 @@ def embed_folder(
     stats = RunStats(out=str(out), model=group, engine=", ".join(f"{r.name} ({r.device})" for r in runners),
                      batch_size=batch_size)
 
-    with EmbeddingStore(out, group, info=info, half=half, folder=root, new_folder=new_folder) as store:
+    with EmbeddingStore(out, group, info=info, half=half, folder=root, new_folder=new_folder,
+                        model_file=model_file) as store:
         label_of = store.label_index(class_names_of(root))
         done, failed_before = store.done(), store.failed()
         seen: set[str] = set()

@@ -172,7 +172,7 @@ def embed_folder_ray(
     shard_dir = Path(f"{out}.shards") / group
     shard_dir.mkdir(parents=True, exist_ok=True)
 
-    with EmbeddingStore(out, group, info=info, folder=root, new_folder=new_folder) as store:
+    with EmbeddingStore(out, group, info=info, folder=root, new_folder=new_folder, model_file=model_file) as store:
         stats.n_embedded, recovered_failures = stitch_shards(shard_dir, store)  # a killed run's finished shards
         label_of = store.label_index(class_names_of(root))
         done, failed_before = store.done(), store.failed()

@@ -126,6 +126,22 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
     return _info_from_metadata(path, meta)
 
 
+def model_file_for(model: str, fingerprint: str, recorded: str | None = None) -> Path | None:
+    """The exported file a cache group or head was made with, found without --model: the path recorded
+    when it was made, else the models folder's file of its name (``model``, the group's); only a file
+    with that fingerprint. None when neither is there."""
+    from .export import default_models_dir
+
+    for candidate in (recorded, default_models_dir() / f"{model}.onnx"):
+        if candidate and Path(candidate).is_file():
+            try:
+                if read_model_info(candidate).fingerprint == fingerprint:
+                    return Path(candidate)
+            except ModelFileError:
+                continue
+    return None
+
+
 def _existing(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():

@@ -43,7 +43,7 @@ def find_similar(
     cache: str | os.PathLike,
     *,
     k: int = 5,
-    model: str | os.PathLike = DEFAULT_BACKBONE,
+    model: str | os.PathLike | None = None,
     weights: str | None = None,
     device: str = "auto",
     batch_size: int | None = None,
@@ -54,21 +54,26 @@ def find_similar(
     Args:
         cache: an embedding cache made by :func:`featx.embed_folder`; of its model groups, the one whose
             fingerprint is ``model``'s is searched.
-        model: the backbone name or .onnx file the cache was embedded with (default Lite0).
+        model: the backbone name or .onnx file the cache was embedded with; by default the cache's own
+            (recorded when it was embedded, or the models folder's file of its group name) when it holds
+            one model, else Lite0.
     A query that cannot be read is a result with ``error``; the others are still searched.
     """
     from .errors import FeatxError
     from .export import ensure_model_file
     from .pipeline import encode_files, expand_inputs
-    from .runtime import load_model, read_model_info
-    from .store import iter_embeddings, model_fingerprints
+    from .runtime import load_model, model_file_for, read_model_info
+    from .store import iter_embeddings, model_fingerprints, recorded_model_files
 
     if k < 1:
         raise FeatxError(f"k={k}: ask for at least one match")
     groups = model_fingerprints(cache)  # a missing or unreadable cache is refused before the model loads
     if not groups:
         raise FeatxError(f"{cache} holds no featx embeddings to search (make them with: featx embed FOLDER -o {cache})")
-    model_file = ensure_model_file(model, weights=weights)
+    if model is None and weights is None and len(groups) == 1:
+        [(name, theirs)] = groups.items()
+        model = model_file_for(name, theirs, recorded_model_files(cache)[name])
+    model_file = ensure_model_file(model or DEFAULT_BACKBONE, weights=weights)
     fingerprint = read_model_info(model_file).fingerprint
     group = next((name for name, theirs in groups.items() if theirs == fingerprint), None)
     if group is None:

@@ -4,7 +4,8 @@ Layout (readable with plain h5py)::
 
     /<model>/                     attrs: fingerprint, backbone, embed_dim, precision, preprocess (JSON),
                                          featx_version, created, n_rows (rows committed), folder (the
-                                         folder embedded, absolute; bytes as the file system names it)
+                                         folder embedded) and model_file (the .onnx that embedded it):
+                                         absolute paths, bytes as the file system names them
         embeddings     (n, D) float32 or float16, chunked, resizable
         keys           (n,)   UTF-8 path relative to the folder ('/'-separated)
         labels         (n,)   int32 index into class_names, -1 when unlabelled
@@ -134,6 +135,12 @@ def model_fingerprints(path: str | os.PathLike) -> dict[str, str]:
     """Each model group's fingerprint, from the attributes alone: no row is read."""
     with _open_h5(Path(path), "r") as f:
         return {model: str(_attrs_of(f[model])["fingerprint"]) for model in _model_groups(f)}
+
+
+def recorded_model_files(path: str | os.PathLike) -> dict[str, str | None]:
+    """Each model group's model_file attribute (the .onnx that embedded it; None in older caches)."""
+    with _open_h5(Path(path), "r") as f:
+        return {model: _attrs_of(f[model]).get("model_file") for model in _model_groups(f)}
 
 
 def _model_groups(f) -> list[str]:
@@ -360,10 +367,13 @@ class EmbeddingStore:
     """Writer for one model's group. Use as a context manager; see the module docstring for the layout."""
 
     def __init__(self, path: str | os.PathLike, model: str, *, info, half: bool = False,
-                 folder: str | os.PathLike | None = None, new_folder: bool = False):
+                 folder: str | os.PathLike | None = None, new_folder: bool = False,
+                 model_file: str | os.PathLike | None = None):
         """``folder``: the folder this run embeds. Keys are paths relative to it, so a cache follows one
         folder: another one is refused while the first is still there (a file at the same path in both
-        would take the other's row), unless ``new_folder`` (a copy that now stands for it)."""
+        would take the other's row), unless ``new_folder`` (a copy that now stands for it).
+        ``model_file``: the exported file that embeds, recorded so that ``similar`` and the heads trained
+        here find it without --model."""
         self.path = Path(path)
         self.model = model
         self.info = info
@@ -373,6 +383,8 @@ class EmbeddingStore:
             self._open_group()
             if folder is not None:
                 self._follow_folder(folder, new_folder)
+            if model_file is not None:
+                self._set_path_attr("model_file", model_file)
         except BaseException:
             self.file.close()
             raise
@@ -443,9 +455,15 @@ class EmbeddingStore:
                     f"{stored} (a copy: rows are reused by content)")
             _logger.info("%s was made from %s%s: it follows %s from now on", self.path, stored,
                          "" if os.path.isdir(stored) else ", which is gone", here)
-        with self._writing():  # bytes, as the file system names it (a name need not be UTF-8)
-            self.group.attrs["folder"] = np.bytes_(os.fsencode(here))
-            self.file.flush()
+        self._set_path_attr("folder", here)
+
+    def _set_path_attr(self, name: str, path: str | os.PathLike) -> None:
+        """An absolute path as an attribute: bytes, as the file system names it (a name need not be UTF-8)."""
+        value = np.bytes_(os.fsencode(os.path.abspath(path)))
+        if self.group.attrs.get(name) != value:
+            with self._writing():
+                self.group.attrs[name] = value
+                self.file.flush()
 
     def _create_digests(self, group, n: int) -> None:
         with self._writing():

@@ -71,3 +71,27 @@ def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digit
     assert f"(same file: {', '.join(result.copies[top])})" in result.text().splitlines()[1]
     whole = featx.find_similar([seven], cache, k=4, model=lite0_onnx)[0]  # one chunk: the same answer
     assert (whole.matches, whole.copies) == (result.matches, result.copies)
+
+
+def test_a_cache_and_its_heads_find_the_model_they_were_made_with(small_digits, tmp_path, photos_dir):
+    """Embedded with another backbone than the default (here random-weight MobileNetV3, exported to a
+    folder of the user's), similar, predict and export-classifier take that model without --model: the
+    cache records its file and the head carries it on. Given --model, a mismatch is still refused."""
+    from featx.cli import main
+
+    model = featx.ensure_model_file("mobilenetv3_small_050", weights="none", models_dir=tmp_path / "mine")
+    cache, head = tmp_path / "c.h5", tmp_path / "h.safetensors"
+    featx.embed_folder(small_digits, cache, model=model, workers=0)
+    featx.train_head(cache, head, head="logreg", C=1.0)
+    queries = sorted((small_digits / "4").iterdir())[:2]
+
+    found = featx.find_similar(queries, cache, k=1)
+    assert [r.matches[0][0] for r in found] == [f"4/{q.name}" for q in queries]  # each finds itself
+    rows = featx.predict(queries, head=head)
+    expected = featx.predict(queries, head=head, model=model)
+    assert [r.top for r in rows] == [r.top for r in expected] and all(r.error is None for r in rows)
+    assert main(["-q", "export-classifier", "--head", str(head), "-o", str(tmp_path / "clf.onnx")]) == 0
+    assert featx.read_model_info(tmp_path / "clf.onnx").backbone == "mobilenetv3_small_050"
+    other = featx.ensure_model_file("test_efficientnet", weights="none", models_dir=tmp_path / "mine")
+    with pytest.raises(featx.HeadMismatchError):
+        featx.predict(queries, head=head, model=other)
