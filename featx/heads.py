@@ -734,6 +734,8 @@ def iter_predictions(
     from .runtime import default_batch_size, load_model, read_model_info
     from .store import iter_embeddings, load_failures
 
+    if top < 1:
+        raise FeatxError(f"top={top}: ask for at least one class")
     loaded = load_head(head)
     model_file = head_model_file(loaded, model, weights)
     info = read_model_info(model_file)

@@ -74,6 +74,8 @@ def classify(
         >>> classify(["coffee.png"])[0].top[0]
         ('espresso', 0.95...)
     """
+    if top < 1:
+        raise FeatxError(f"top={top}: ask for at least one class")
     engine = load_model(ensure_model_file(model, weights=weights), device=device, engine="onnx", spin=False)
     info = engine.info
     if not info.has_logits:

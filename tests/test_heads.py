@@ -365,3 +365,5 @@ def test_numbers_that_make_no_sense_are_refused_as_the_command_is_read(capsys):
         with pytest.raises(SystemExit) as exit_:
             main(args)
         assert exit_.value.code == 2 and said in capsys.readouterr().err, args
+    with pytest.raises(featx.FeatxError, match="top=0: ask for at least one class"):  # the API says it too
+        featx.classify(["x.jpg"], top=0)
