@@ -364,12 +364,17 @@ def as_rgb(img: Image.Image | np.ndarray) -> Image.Image:
     return _to_rgb(Image.fromarray(np.ascontiguousarray(a)))
 
 
-def preprocess_image(img: Image.Image | np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+def preprocess_image(img: Image.Image | np.ndarray, cfg: PreprocessConfig, *,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Resize the shorter side to ``cfg.resize_size``, centre-crop to ``cfg.input_size``.
 
     Matches torchvision's Resize + CenterCrop on PIL images pixel for pixel, so the exported
     model (which normalises inside its graph) sees what the torch reference sees. An array, or a
     PIL image that is not RGB, is converted first (:func:`as_rgb`). Returns uint8 (H, W, 3).
+
+    Raises:
+        ImageError: when the resized picture would be over ``max_pixels``: a strip of a few pixels'
+            height (60000x3, 180,000 pixels) becomes 256x5,120,000, which took 17 s and 5.5 GB.
     """
     if isinstance(img, np.ndarray):
         img = as_rgb(img)
@@ -379,6 +384,9 @@ def preprocess_image(img: Image.Image | np.ndarray, cfg: PreprocessConfig) -> np
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = cfg.resize_size, int(cfg.resize_size * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if new_w * new_h > max_pixels:
+        raise ImageError(f"{w}x{h} resized to {new_w}x{new_h} (its short side to {cfg.resize_size}) = "
+                         f"{new_w * new_h:,} pixels is over the limit of {max_pixels:,} (--max-pixels)")
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), _INTERPOLATION[cfg.interpolation])
     ch, cw = cfg.input_size
@@ -399,7 +407,8 @@ def load_image(path: str | os.PathLike | bytes | bytearray, cfg: PreprocessConfi
     resize target on its shorter side, so the antialiased resize still does the final filtering; the
     decode costs a fraction of a full one (benchmarks/large_photos.py measures time and agreement).
     """
-    return preprocess_image(decode_image(path, max_pixels=max_pixels, min_size=_decode_floor(cfg)), cfg)
+    return preprocess_image(decode_image(path, max_pixels=max_pixels, min_size=_decode_floor(cfg)), cfg,
+                            max_pixels=max_pixels)
 
 
 def _decode_floor(cfg: PreprocessConfig) -> int:

@@ -131,8 +131,9 @@ def nvjpeg_pixels(data, max_pixels: int, *, rotates: bool = False) -> int:
                 return 0
             height, width, components = (segment[1] << 8) | segment[2], (segment[3] << 8) | segment[4], segment[5]
             upright = orientation == 1 or (rotates and 1 <= orientation <= 8)
+            # a strip (aspect over 64:1) is resized to gigapixels on its short side: the CPU path refuses it
             if not ((components == 1 or (components == 3 and not adobe_rgb)) and upright
-                    and 0 < width * height <= max_pixels):
+                    and 0 < width * height <= max_pixels and max(width, height) <= 64 * min(width, height)):
                 return 0
             pixels = width * height
         elif marker == 0xDA:  # the first scan: the rest is compressed data up to the end-of-image marker,

@@ -116,6 +116,25 @@ def test_max_pixels_is_the_limit_even_above_pillows_own(tmp_path, coffee):
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's limit is back for everyone else
 
 
+def test_a_strip_that_resizing_would_blow_up_is_refused_at_once(tmp_path, coffee):
+    """60000x3 is 180,000 pixels, far under any limit, but its short side resized to 256 made a
+    256x5,120,000 picture: 17 s and 5.5 GB for one file, and a few in the decode threads at once ended
+    the run out of memory, at the same file on every resume. Refused in one line; a tall photo is not."""
+    import time
+
+    from featx.data import load_image
+
+    cfg = PreprocessConfig((224, 224), 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    coffee.resize((60000, 3)).save(tmp_path / "strip.png")
+    start = time.perf_counter()
+    with pytest.raises(ImageError, match=r"^60000x3 resized to 5120000x256 .* = 1,310,720,000 pixels is over the "
+                                         r"limit of 100,000,000 \(--max-pixels\)$"):
+        load_image(tmp_path / "strip.png", cfg)
+    assert time.perf_counter() - start < 2
+    coffee.resize((300, 4000)).save(tmp_path / "tall.png")  # a long screenshot: 256x3413 after resizing
+    assert load_image(tmp_path / "tall.png", cfg).shape == (224, 224, 3)
+
+
 def test_alpha_is_composited_onto_white(tmp_path):
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
     rgba.save(tmp_path / "a.png")

@@ -61,6 +61,9 @@ def test_only_files_nvjpeg_decodes_as_they_are_go_to_it(coffee):
     rotated[0x0112] = 9
     assert not nvjpeg_pixels(_jpeg(coffee, exif=rotated.tobytes()), 10**8, rotates=True)
     assert not nvjpeg_pixels(cases["CMYK"][0], 10**8, rotates=True)
+    # a strip would be resized to gigapixels on the GPU: the CPU path refuses it with its reason
+    assert not nvjpeg_pixels(_jpeg(coffee.resize((6500, 100))), 10**8)
+    assert nvjpeg_pixels(_jpeg(coffee.resize((6400, 100))), 10**8) == 640_000
 
 
 def _mixed_folder(tmp_path, coffee, n_jpegs: int):
