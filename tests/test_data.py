@@ -118,8 +118,8 @@ def test_max_pixels_is_the_limit_even_above_pillows_own(tmp_path, coffee):
 
 def test_a_strip_that_resizing_would_blow_up_is_refused_at_once(tmp_path, coffee):
     """60000x3 is 180,000 pixels, far under any limit, but its short side resized to 256 made a
-    256x5,120,000 picture: 17 s and 5.5 GB for one file, and a few in the decode threads at once ended
-    the run out of memory, at the same file on every resume. Refused in one line; a tall photo is not."""
+    256x5,120,000 picture: 17 s and 5.5 GB for one file (a 200000x2 strip would want some 20 GB, and
+    end the run out of memory at the same file on every resume). Refused in one line; a tall photo is not."""
     import time
 
     from featx.data import load_image
