@@ -25,7 +25,8 @@ from .errors import ImageError
 
 _logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+# .jfif and .jpe: JPEGs as Windows and browsers save them ("Save image as" in Chrome on Windows)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                               ".heic", ".heif", ".avif"})
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs (--max-pixels)
 _INTERPOLATION = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}

@@ -197,6 +197,7 @@ def test_walk_is_sorted_labelled_and_survives_loops_and_odd_names(tmp_path, coff
     coffee.save(tmp_path / "b" / "2.png")
     coffee.save(tmp_path / "a" / "sub" / "1.png")
     coffee.save(tmp_path / "top.png")
+    coffee.save(tmp_path / "b" / "saved from chrome.jfif", format="JPEG")  # Windows' name for a JPEG
     (tmp_path / "notes.txt").write_text("not an image")
     coffee.save(tmp_path / "a" / "noext", format="PNG")
     os.symlink(tmp_path / "a", tmp_path / "a" / "sub" / "loop")
@@ -206,8 +207,9 @@ def test_walk_is_sorted_labelled_and_survives_loops_and_odd_names(tmp_path, coff
     items = list(walk_images(tmp_path))
     entries = [i for i in items if not isinstance(i, WalkFailure)]
     loops = [i for i in items if isinstance(i, WalkFailure)]
-    assert [e.key for e in entries] == ["a/noext", "a/sub/1.png", "b/2.png", "b/caf\udce9.png", "top.png"]
-    assert [e.label for e in entries] == ["a", "a", "b", "b", None]
+    assert [e.key for e in entries] == ["a/noext", "a/sub/1.png", "b/2.png", "b/caf\udce9.png",
+                                        "b/saved from chrome.jfif", "top.png"]
+    assert [e.label for e in entries] == ["a", "a", "b", "b", "b", None]
     assert len(loops) == 1 and "symlink loop" in loops[0].reason
     assert decode_image(entries[3].path).size == coffee.size
 
