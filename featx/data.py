@@ -104,8 +104,11 @@ def is_passed_over(name: str) -> bool:
     return name.startswith(".") or name in SYSTEM_FOLDERS
 
 
-def walk_images(root: str | os.PathLike) -> Iterator[FileEntry | WalkFailure]:
+def walk_images(root: str | os.PathLike, subfolder: str = "") -> Iterator[FileEntry | WalkFailure]:
     """Every image file under ``root``, recursively, in a stable sorted order.
+
+    ``subfolder`` ('/'-separated, relative to ``root``) walks that part of the tree alone, with the keys
+    and labels the whole walk would give its files (the label is its first folder).
 
     Streamed: only the listing of the folders on the current path is held. Files with an image
     extension are listed; files without an extension are listed when their content is an image.
@@ -158,7 +161,10 @@ def walk_images(root: str | os.PathLike) -> Iterator[FileEntry | WalkFailure]:
                 continue
             yield FileEntry(key, entry.path, label, st.st_size, st.st_mtime_ns)
 
-    yield from walk(root, "", None)
+    if subfolder:
+        yield from walk(os.path.join(root, *subfolder.split("/")), subfolder, subfolder.split("/")[0])
+    else:
+        yield from walk(root, "", None)
     if passed_over:
         examples = ", ".join(passed_over[:3]) + (f" and {len(passed_over) - 3} more" if len(passed_over) > 3 else "")
         _logger.info("left out %d hidden or system file(s) and folder(s) under %s: %s", len(passed_over), root,

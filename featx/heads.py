@@ -756,16 +756,21 @@ def iter_predictions(
             stats = embed_folder(folder, out, model=model_file, device=device, progress=progress,
                                  **({"batch_size": batch_size} if batch_size else {}))
             group, gone = Path(model_file).stem, set(stats.deleted)
+            # the cache's keys are relative to the folder it follows; this folder may be a part of it
+            prefix = stats.subfolder + "/" if stats.subfolder else ""
+
+            def named(key: str) -> str | None:  # a row names the file as given; None: not under this folder
+                return os.path.join(folder, key[len(prefix):]) if key.startswith(prefix) else None
+
             for keys, embeddings in iter_embeddings(out, group):
-                if gone:
-                    keep = [i for i, k in enumerate(keys) if k not in gone]
-                    keys, embeddings = [keys[i] for i in keep], embeddings[keep]
-                if keys:  # the cache's keys are relative to the folder; a row names the file as given
-                    yield from rows_of([os.path.join(folder, k) for k in keys], embeddings)
+                keep = [i for i, k in enumerate(keys) if k not in gone and k.startswith(prefix)]
+                if keep:
+                    yield from rows_of([named(keys[i]) for i in keep], embeddings[keep])
             failures = load_failures(out, group)
             # failures are few: whether each file is still there is asked of the folder itself
             yield from (PredictionRow(path, [], reason) for path, reason in
-                        sorted((os.path.join(folder, k), r) for k, r in failures.items()) if os.path.lexists(path))
+                        sorted((named(k), r) for k, r in failures.items() if k.startswith(prefix))
+                        if os.path.lexists(path))
         return
     engine = load_model(model_file, device=device, engine="onnx", spin=False)
     batch_size = batch_size or default_batch_size(engine.device)

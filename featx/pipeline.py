@@ -197,6 +197,8 @@ class RunStats:
     jpeg_library: str = ""  # what called nvJPEG (torchcodec, torchvision), with GPU decode
     failures: list[tuple[str, str]] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)  # stored keys whose file is gone (kept unless pruned)
+    folder: str = ""  # the folder the cache follows: its keys are paths relative to it
+    subfolder: str = ""  # the part of it this run embedded, '/'-separated ("": all of it)
 
     @property
     def n_deleted(self) -> int:
@@ -223,7 +225,8 @@ class RunStats:
                " (--prune removes them)") if self.n_deleted else "")
             + f" in {self.seconds:.1f} s ({self.load_seconds:.1f} s loading the model)"
             + (f", {self.steady_images_per_second:.1f} images/s" if self.n_embedded else "")
-            + f" -> {self.out} [{self.model}"
+            + f" -> {self.out}" + (f" (as {self.subfolder}/ of {self.folder})" if self.subfolder else "")
+            + f" [{self.model}"
             + (f", {self.engine}" if self.engine else "") + (f", batch {self.batch_size}" if self.batch_size else "")
             + "]"
             + (f"; out of memory: batch size lowered to {self.backoffs[-1]}" if self.backoffs else "")
@@ -356,13 +359,14 @@ def embed_folder(
 
     with EmbeddingStore(out, group, info=info, half=half, folder=root, new_folder=new_folder,
                         model_file=model_file) as store:
-        label_of = store.label_index(class_names_of(root))
+        stats.folder, stats.subfolder = store.folder, store.subfolder
+        label_of = store.label_index(classes_walked(store.folder, store.subfolder))
         done, failed_before = store.done(), store.failed()
         seen: set[str] = set()
         bar = _FolderProgress(root, progress)
         store_lock = threading.Lock()  # the walk's thread and the writer below both write the store
-        pending = PendingFiles(root, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1),
-                               label_of=label_of, store_lock=store_lock)
+        pending = PendingFiles(store.folder, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1),
+                               label_of=label_of, store_lock=store_lock, subfolder=store.subfolder)
 
         recovered: set[str] = set()
         batches = _walk_ahead(_chunks(pending, batch_size))
@@ -423,7 +427,7 @@ def embed_folder(
         pending.store_copies()
         recovered |= pending.recovered
         stats.backoffs = [limit for e in encoders for limit in e.backoffs]
-        deleted = (set(done) | set(failed_before)) - seen
+        deleted = pending.gone()
         stats.deleted = sorted(deleted & set(done))
         check_prune(root, out, prune, seen, stats.deleted)
         if recovered or (prune and deleted):
@@ -432,6 +436,11 @@ def embed_folder(
             stats.n_pruned = store.rewrite_without(deleted)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def classes_walked(folder: str | os.PathLike, subfolder: str = "") -> list[str]:
+    """The classes a walk of ``folder`` (or of its ``subfolder`` alone) can give its files."""
+    return [subfolder.split("/")[0]] if subfolder else class_names_of(folder)
 
 
 def check_prune(root, out, prune: bool, seen: set[str], deleted: list[str]) -> None:
@@ -582,8 +591,10 @@ class PendingFiles:
     """
 
     def __init__(self, root, store, stats: RunStats, seen: set[str], done: dict, failed_before: dict, *,
-                 label_of: dict[str, int], on_skip=lambda: None, store_lock: threading.Lock | None = None):
+                 label_of: dict[str, int], on_skip=lambda: None, store_lock: threading.Lock | None = None,
+                 subfolder: str = ""):
         self.root, self.store, self.stats, self.seen = Path(root), store, stats, seen
+        self.subfolder = subfolder  # the part of root walked ('/'-separated), "" for all of it
         self.done, self.failed_before, self.label_of, self.on_skip = done, failed_before, label_of, on_skip
         # held for every store access: the walk may run in a thread of its own beside the store's writer
         self.store_lock = store_lock or threading.Lock()
@@ -598,7 +609,7 @@ class PendingFiles:
         self.recovered: set[str] = set()  # keys with a failure on record that took a row (their old failure is stale)
 
     def __iter__(self) -> Iterator[FileEntry]:
-        for item in walk_images(self.root):
+        for item in walk_images(self.root, self.subfolder):
             if self._needs_embedding(item):
                 yield item
         with self.store_lock:
@@ -673,6 +684,14 @@ class PendingFiles:
         else:
             self._unhashed_of_size.setdefault(item.size, item.key)
         return True
+
+    def gone(self) -> set[str]:
+        """Stored keys (rows and failures) that the walk, once done, did not meet: their files are gone. A
+        walk of a subfolder answers for the keys under it alone."""
+        gone = (set(self.done) | set(self.failed_before)) - self.seen
+        if self.subfolder:
+            gone = {k for k in gone if k.startswith(self.subfolder + "/") or k == self.subfolder}
+        return gone
 
     def store_copies(self) -> None:
         """Give each file that had the bytes of another file of this run that file's row, or its failure.

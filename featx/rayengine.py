@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE
-from .data import DEFAULT_MAX_PIXELS, class_names_of, load_batch
+from .data import DEFAULT_MAX_PIXELS, load_batch
 from .errors import FeatxError
 from .export import ensure_model_file
-from .pipeline import PendingFiles, RunStats, check_prune
+from .pipeline import PendingFiles, RunStats, check_prune, classes_walked
 from .runtime import read_model_info
 from .store import EmbeddingStore
 
@@ -174,10 +174,12 @@ def embed_folder_ray(
 
     with EmbeddingStore(out, group, info=info, folder=root, new_folder=new_folder, model_file=model_file) as store:
         stats.n_embedded, recovered_failures = stitch_shards(shard_dir, store)  # a killed run's finished shards
-        label_of = store.label_index(class_names_of(root))
+        stats.folder, stats.subfolder = store.folder, store.subfolder
+        label_of = store.label_index(classes_walked(store.folder, store.subfolder))
         done, failed_before = store.done(), store.failed()
         items, seen = [], set()
-        pending = PendingFiles(root, store, stats, seen, done, failed_before, label_of=label_of)
+        pending = PendingFiles(store.folder, store, stats, seen, done, failed_before, label_of=label_of,
+                               subfolder=store.subfolder)
         for item in pending:  # new files, and changed ones: their rows are replaced when stitched
             items.append({"order": len(items), "path": item.path, "key": item.key, "size": item.size,
                           "mtime": item.mtime_ns, "label": label_of[item.label] if item.label is not None else -1})
@@ -206,7 +208,7 @@ def embed_folder_ray(
         # files that failed before and have a row now: their old failure records go
         fixed = pending.recovered | ({item["key"] for item in items if item["key"] in failed_before}
                                      - {key for key, _ in stats.failures})
-        deleted = (set(done) | set(failed_before)) - seen
+        deleted = pending.gone()
         check_prune(root, out, prune, seen, sorted(deleted & set(done)))
         if fixed or (prune and deleted):
             store.rewrite_without(fixed | (deleted if prune else set()), failures=True)

@@ -371,13 +371,16 @@ class EmbeddingStore:
                  model_file: str | os.PathLike | None = None):
         """``folder``: the folder this run embeds. Keys are paths relative to it, so a cache follows one
         folder: another one is refused while the first is still there (a file at the same path in both
-        would take the other's row), unless ``new_folder`` (a copy that now stands for it).
+        would take the other's row), unless ``new_folder`` (a copy that now stands for it). A folder
+        inside the one followed is a part of it: ``self.folder`` is the one followed, and
+        ``self.subfolder`` the part's path in it ('/'-separated; "" for the whole).
         ``model_file``: the exported file that embeds, recorded so that ``similar`` and the heads trained
         here find it without --model."""
         self.path = Path(path)
         self.model = model
         self.info = info
         self.half = half
+        self.folder, self.subfolder = (os.path.realpath(folder) if folder is not None else None), ""
         self.file = _open_h5(self.path, "a")
         try:
             self._open_group()
@@ -446,6 +449,12 @@ class EmbeddingStore:
         if stored is not None:
             stored = os.fsdecode(bytes(stored))
             if stored == here or (os.path.isdir(stored) and os.path.samefile(stored, here)):
+                self.folder = stored
+                return
+            if os.path.isdir(stored) and not new_folder and os.path.commonpath([stored, here]) == stored:
+                # a part of the folder (one class, this month's photos): its files under the keys and classes
+                # the whole folder gives them
+                self.folder, self.subfolder = stored, Path(os.path.relpath(here, stored)).as_posix()
                 return
             if os.path.isdir(stored) and not new_folder:
                 raise StoreError(

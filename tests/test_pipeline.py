@@ -294,6 +294,45 @@ def test_a_cache_follows_one_folder_and_refuses_another(small_digits, tmp_path, 
     assert featx.summarize_cache(out)[0].attrs["folder"] == str(copy)
 
 
+def test_a_part_of_the_folder_embeds_and_predicts_through_its_cache(small_digits, tmp_path, lite0_onnx, photos_dir):
+    """This month's photos, or one class, embedded or predicted through the cache of the whole folder: its
+    files take the keys and classes the whole folder gives them, the other rows stay as they are (a
+    file gone elsewhere is neither counted nor pruned), and predict gives rows for the part alone."""
+    import shutil
+
+    out = tmp_path / "c.h5"
+    embed(small_digits, out, lite0_onnx)
+    first = featx.load_embeddings(out)
+    part = small_digits / "3"
+    in_part = sorted(k for k in first.keys if k.startswith("3/"))
+    (part / "extra").mkdir()
+    shutil.copy(photos_dir / "coffee.png", part / "extra" / "coffee.png")
+    (part / in_part[0].split("/")[-1]).unlink()
+    gone_elsewhere = next(k for k in first.keys if k.startswith("5/"))
+    (small_digits / gone_elsewhere).unlink()
+
+    stats = embed(part, out, lite0_onnx, prune=True)
+    assert (stats.n_embedded, stats.n_cached, stats.n_pruned) == (1, len(in_part) - 1, 1)
+    assert (stats.subfolder, stats.deleted) == ("3", [in_part[0]])
+    assert "(as 3/ of " in stats.summary()
+    after = featx.load_embeddings(out)
+    row = after.keys.index("3/extra/coffee.png")
+    assert after.class_names[after.labels[row]] == "3"
+    assert gone_elsewhere in after.keys and in_part[0] not in after.keys
+    assert len(after.keys) == len(first.keys)  # one in, one pruned
+    assert featx.summarize_cache(out)[0].attrs["folder"] == str(small_digits)
+
+    head = tmp_path / "head.safetensors"
+    featx.train_head(out, head, head="logreg", C=1.0)
+    rows = featx.predict([part], head=head, cache=out, model=lite0_onnx)
+    assert sorted(r.key for r in rows) == sorted(
+        str(part / k.removeprefix("3/")) for k in [*in_part[1:], "3/extra/coffee.png"])
+    coffee = next(r for r in rows if r.key.endswith("coffee.png"))
+    alone = featx.predict([part / "extra" / "coffee.png"], head=head, model=lite0_onnx)[0]
+    assert coffee.top[0][0] == alone.top[0][0] and abs(coffee.top[0][1] - alone.top[0][1]) < 1e-4
+    assert len(featx.load_embeddings(out).keys) == len(after.keys)
+
+
 def test_identical_files_in_one_run_are_embedded_once(small_digits, tmp_path, lite0_onnx, photos_dir):
     """Photo collections hold the same file in several places (an album and its year folder, a folder
     copied inside the root): each distinct content is decoded and embedded once, every path gets its
