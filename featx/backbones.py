@@ -115,7 +115,8 @@ def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]
 
 
 def list_backbones(source: Literal["all", "featx", "torchvision", "timm"] = "all") -> list[str]:
-    """Names that :func:`load_backbone` accepts."""
+    """Names that :func:`load_backbone` accepts, each naming the model it loads: a timm model whose
+    name featx or torchvision also has (resnet50, efficientnet_lite0) is listed as ``timm/NAME``."""
     names: list[str] = []
     if source in ("all", "featx"):
         names += sorted(_REGISTRY)
@@ -124,7 +125,8 @@ def list_backbones(source: Literal["all", "featx", "torchvision", "timm"] = "all
     if source in ("all", "timm"):
         import timm
 
-        names += timm.list_models()
+        taken = set(_REGISTRY) | set(_torchvision_names())
+        names += [f"timm/{name}" if name in taken else name for name in timm.list_models()]
     return names
 
 

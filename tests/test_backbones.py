@@ -55,6 +55,20 @@ def test_unknown_name_is_refused_with_the_closest_names(tmp_path, caplog):
     assert "exporting" not in caplog.text and not list(tmp_path.iterdir())
 
 
+def test_each_listed_name_loads_the_model_it_lists():
+    """torchvision and timm both have resnet18 (different modules, different weights): `resnet18` loads
+    torchvision's, so timm's is listed as `timm/resnet18`, a name that loads it. Every name is listed once."""
+    names = featx.list_backbones()
+    assert len(names) == len(set(names))
+    assert {"resnet18", "timm/resnet18", "efficientnet_lite0", "timm/efficientnet_lite0"} <= set(names)
+    assert "timm/xception65" not in names and "xception65" in names  # timm's alone: its plain name
+    assert set(featx.list_backbones("timm")) & {"resnet18", "efficientnet_lite0"} == set()
+    for name, library in (("resnet18", "torchvision"), ("timm/resnet18", "timm")):
+        backbone = featx.load_backbone(name, weights="none")
+        assert {type(m).__module__.split(".")[0] for m in backbone.features.modules()} & {"torchvision", "timm"} \
+            == {library}
+
+
 def test_registering_a_name_twice_is_an_error():
     with pytest.raises(ValueError, match="already registered"):
         register_backbone("efficientnet_lite0")(lambda weights: None)
