@@ -203,12 +203,23 @@ def read_image_file(path: str | os.PathLike) -> bytearray:
             del data[len(head) + f.readinto(memoryview(data)[len(head):]):]
             rest = f.read()  # grown since the stat
     except FileNotFoundError:
-        raise ImageError("no such file (deleted or moved before it could be read)") from None
+        raise ImageError(_missing(path)) from None
     except PermissionError:
         raise ImageError("permission denied") from None
     except OSError as e:
         raise ImageError(f"cannot read: {e.strerror or e}") from None
     return data + rest if rest else data
+
+
+def _missing(path: str | os.PathLike) -> str:
+    """Why a path is no file: a URL, a folder that is not there, or a file gone (since the walk listed it)."""
+    text = os.fsdecode(path)
+    if "://" in text:
+        return "no such file: a URL? featx reads local files (download it first)"
+    folder = os.path.dirname(text) or "."
+    if not os.path.isdir(folder):
+        return f"no such file: folder {folder} does not exist"
+    return "no such file (deleted or moved before it could be read, or a typo in its name)"
 
 
 def _not_an_image(head: bytes) -> str:

@@ -39,11 +39,15 @@ def test_classify_takes_a_folder_and_reports_bad_files_without_stopping(lite0_on
     shutil.copy(photos_dir / "coffee.png", tmp_path / "b" / "coffee.png")
     shutil.copy(photos_dir / "china.jpg", tmp_path / "china.jpg")
     (tmp_path / "a_broken.jpg").write_bytes((photos_dir / "china.jpg").read_bytes()[:300])
-    rows = featx.classify([tmp_path, tmp_path / "missing.jpg"], model=lite0_onnx, top=3, batch_size=2)
-    assert [Path(r.path).name for r in rows] == ["a_broken.jpg", "coffee.png", "china.jpg", "missing.jpg"]  # b/ < c
-    broken, coffee, china, missing = rows
+    url, no_folder = "https://example.com/coffee.jpg", tmp_path / "no_such_folder" / "x.jpg"
+    rows = featx.classify([tmp_path, tmp_path / "missing.jpg", url, no_folder], model=lite0_onnx, top=3, batch_size=2)
+    assert [Path(r.path).name for r in rows] == ["a_broken.jpg", "coffee.png", "china.jpg", "missing.jpg",
+                                                  "coffee.jpg", "x.jpg"]  # b/ < c
+    broken, coffee, china, missing, from_url, in_no_folder = rows
     assert broken.top == [] and broken.error and broken.line().endswith("FAILED: " + broken.error)
     assert missing.error and "no such file" in missing.error
+    assert from_url.error == "no such file: a URL? featx reads local files (download it first)"
+    assert in_no_folder.error == f"no such file: folder {no_folder.parent} does not exist"
     assert "palace" in [name for name, _ in china.top] and china.error is None
     assert coffee.top[0][0] in ("espresso", "cup", "coffee mug")
 
