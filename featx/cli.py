@@ -91,6 +91,8 @@ def _add_strict(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import DEFAULT_MAX_PIXELS
+
     parser = argparse.ArgumentParser(
         prog="featx",
         description="Pretrained backbones as ONNX: classify photos, embed image folders into an HDF5 cache, "
@@ -114,13 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", help="fp16 inside the graph (input uint8, outputs float32)")
 
     p = sub.add_parser("info", help="what a cache (.h5), model (.onnx) or head file holds")
-    p.add_argument("path")
+    p.add_argument("path", help="a cache (.h5), an exported model (.onnx) or a head (.safetensors)")
     p.add_argument("--failures", action="store_true", help="cache: every failed file with its reason")
 
     p = sub.add_parser("classify", help="top ImageNet classes of image files and folders")
     p.add_argument("images", nargs="+", help="image files or folders (every image under them)")
     _add_model(p)
-    p.add_argument("--top", type=_count(1), default=5)
+    p.add_argument("--top", type=_count(1), default=5, help="classes per image (default 5)")
     _add_device(p)
     _add_strict(p)
 
@@ -151,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cache was made from another folder, still there, and ROOT now stands for it (a copy: "
                         "rows are reused by content); without it such a cache is refused")
     _add_strict(p)
-    p.add_argument("--max-pixels", type=_count(1), default=None, help="refuse larger images (decompression bombs)")
+    p.add_argument("--max-pixels", type=_count(1), default=None,
+                   help=f"refuse larger images, as decoded or as resized (decompression bombs; default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
                    help="gpu: nvJPEG decode and resize on the GPU (auto: whenever the torch engine runs on CUDA)")
     p.add_argument("--compile", nargs="?", const="default", default=None,
@@ -164,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="measure again even when a cached result exists")
 
     p = sub.add_parser("map", help="draw cached embeddings on a plane, coloured by class (PNG)")
-    p.add_argument("cache")
+    p.add_argument("cache", help="embedding cache (.h5)")
     p.add_argument("-o", "--output", default=None, help="PNG (default: next to the cache, CACHE.map.png)")
     p.add_argument("--model", "-m", default=None, help="model group in the cache (needed when it holds several)")
     p.add_argument("--method", choices=["tsne", "pca"], default="tsne",
@@ -180,17 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strict(p)
 
     p = sub.add_parser("train-head", help="fit a classifier head on cached embeddings")
-    p.add_argument("cache")
+    p.add_argument("cache", help="embedding cache (.h5) of a folder with class subfolders")
     p.add_argument("--model", "-m", default=None, help="model group in the cache (needed when it holds several)")
-    p.add_argument("--head", choices=["logreg", "mlp"], default="logreg")
+    p.add_argument("--head", choices=["logreg", "mlp"], default="logreg",
+                   help="logreg: scikit-learn logistic regression (default); mlp: a small MLP in torch")
     p.add_argument("-o", "--output", required=True, help="head file (.safetensors)")
     p.add_argument("--test-size", type=_fraction, default=0.2, help="share of each class held out (default 0.2)")
     p.add_argument("--cv", type=_count(2), default=None, help="K-fold cross-validation instead of one split")
     p.add_argument("--C", type=float, default=None, help="logreg inverse regularisation (default: by cross-validation)")
     p.add_argument("--hidden", default="1024", help="mlp hidden sizes, comma-separated")
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--epochs", type=_count(1), default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=0.5, help="mlp dropout (default 0.5)")
+    p.add_argument("--epochs", type=_count(1), default=200, help="mlp epochs at most (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="split and initialisation seed (default 0)")
     p.add_argument("--report", default=None, help="confusion-matrix PNG (default: next to the head file)")
     p.add_argument("--labels", default=None,
                    help="multi-label: CSV of key,label1;label2 (sigmoid outputs, per-label thresholds)")
@@ -198,39 +202,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weigh every class equally, however many images it has (classes of very different sizes)")
 
     p = sub.add_parser("export-classifier", help="backbone + head merged into one ONNX file (images -> probabilities)")
-    p.add_argument("--head", required=True)
+    p.add_argument("--head", required=True, help="head file from train-head (.safetensors)")
     _add_model(p, made_with="the head's embeddings")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="classifier file (.onnx)")
 
     p = sub.add_parser("predict", help="classify images or a folder with a trained head")
     p.add_argument("inputs", nargs="+", help="image files or folders (one folder alone is embedded through --cache)")
-    p.add_argument("--head", required=True)
+    p.add_argument("--head", required=True, help="head file from train-head (.safetensors)")
     _add_model(p, made_with="the head's embeddings")
-    p.add_argument("--top", type=_count(1), default=3)
+    p.add_argument("--top", type=_count(1), default=3, help="classes per image (default 3)")
     p.add_argument("-o", "--output", default=None, help="CSV file (key, top classes, probabilities)")
     p.add_argument("--cache", default=None, help="embedding cache to reuse for a folder")
     _add_device(p)
     _add_strict(p)
 
     p = sub.add_parser("finetune", help="fine-tune the top blocks on class folders (torch), save a checkpoint")
-    p.add_argument("root")
+    p.add_argument("root", help="image folder; first-level subfolders are the classes")
     _add_model(p)
     p.add_argument("--head", default=None, help="trained head to start the classifier from")
-    p.add_argument("--unfreeze", default="2", help="top blocks to train: N, all, or auto (featx advise)")
-    p.add_argument("--epochs", type=_count(1), default=10)
-    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate; the backbone gets a tenth")
-    p.add_argument("--batch-size", type=_count(1), default=32)
+    p.add_argument("--unfreeze", default="2", help="top blocks to train: N, all, or auto (featx advise); default 2")
+    p.add_argument("--epochs", type=_count(1), default=10, help="at most (default 10; see --patience)")
+    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (default 0.001); the backbone gets a tenth")
+    p.add_argument("--batch-size", type=_count(1), default=32, help="default 32")
     p.add_argument("--input-size", type=_count(16), default=None, help="train at this size (small images train faster)")
     p.add_argument("--no-hflip", action="store_true", help="no horizontal flips (digits, text)")
-    p.add_argument("--vflip", action="store_true")
-    p.add_argument("--patience", type=_count(1), default=3)
+    p.add_argument("--vflip", action="store_true", help="vertical flips too (aerial, microscope images)")
+    p.add_argument("--patience", type=_count(1), default=3,
+                   help="stop after this many epochs without a better validation loss (default 3)")
     p.add_argument("--val-fraction", type=_fraction, default=0.2, help="share of each class held out for validation")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint at -o")
     p.add_argument("-o", "--output", required=True, help="checkpoint (.safetensors)")
     _add_device(p)
 
     p = sub.add_parser("advise", help="which of the four transfer-learning cases a labelled folder is")
-    p.add_argument("root")
+    p.add_argument("root", help="image folder; first-level subfolders are the classes")
     _add_model(p)
     _add_device(p)
 
