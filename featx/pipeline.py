@@ -429,7 +429,7 @@ def embed_folder(
         stats.backoffs = [limit for e in encoders for limit in e.backoffs]
         deleted = pending.gone()
         stats.deleted = sorted(deleted & set(done))
-        check_prune(root, out, prune, seen, stats.deleted)
+        check_prune(root, out, prune, seen, stats.deleted, store.subfolder)
         if recovered or (prune and deleted):
             store.rewrite_without(recovered | (deleted if prune else set()), failures=True)
         if prune and deleted:
@@ -443,13 +443,13 @@ def classes_walked(folder: str | os.PathLike, subfolder: str = "") -> list[str]:
     return [subfolder.split("/")[0]] if subfolder else class_names_of(folder)
 
 
-def check_prune(root, out, prune: bool, seen: set[str], deleted: list[str]) -> None:
+def check_prune(root, out, prune: bool, seen: set[str], deleted: list[str], subfolder: str = "") -> None:
     """--prune on a folder with no file left drops every row: far more often a drive not mounted (its
     mount point is an empty folder) or a sync not started than a collection deleted. Refused."""
     if prune and deleted and not seen:
-        raise FeatxError(f"{root} has no images now, and --prune would remove all {len(deleted):,} rows of {out}: "
-                         f"a drive not mounted, or a sync not finished? Nothing was removed (delete {out} to start "
-                         f"over)")
+        raise FeatxError(f"{root} has no images now, and --prune would remove all {len(deleted):,} of its rows from "
+                         f"{out}: a drive not mounted, or a sync not finished? Nothing was removed"
+                         + ("" if subfolder else f" (delete {out} to start over)"))
 
 
 def default_devices(device: Device) -> list[str]:

@@ -209,7 +209,7 @@ def embed_folder_ray(
         fixed = pending.recovered | ({item["key"] for item in items if item["key"] in failed_before}
                                      - {key for key, _ in stats.failures})
         deleted = pending.gone()
-        check_prune(root, out, prune, seen, sorted(deleted & set(done)))
+        check_prune(root, out, prune, seen, sorted(deleted & set(done)), store.subfolder)
         if fixed or (prune and deleted):
             store.rewrite_without(fixed | (deleted if prune else set()), failures=True)
         if prune and deleted:

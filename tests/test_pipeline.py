@@ -778,7 +778,7 @@ def test_prune_of_a_folder_left_empty_removes_nothing(small_digits, tmp_path, li
     small_digits.rename(away)
     small_digits.mkdir()  # the mount point, with nothing mounted on it
     with pytest.raises(featx.FeatxError, match=f"{small_digits} has no images now, and --prune would remove all 60 "
-                                               "rows .* Nothing was removed"):
+                                               "of its rows .* Nothing was removed"):
         embed(small_digits, out, lite0_onnx, prune=True)
     assert len(featx.load_embeddings(out).keys) == 60
     small_digits.rmdir()
