@@ -29,7 +29,7 @@ from PIL import Image
 from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry, WalkFailure, class_names_of, \
     file_digest, is_passed_over, load_batch, load_image, walk_images
-from .errors import FeatxError, ModelFileError
+from .errors import FeatxError, ImageError, ModelFileError
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
     is_cuda, load_model, resolve_device
@@ -164,9 +164,18 @@ def embed_images(
     batch_size = batch_size or default_batch_size(runner.device)
     out = np.empty((len(images), runner.info.embed_dim), dtype=np.float32)
 
+    def prepared(i: int) -> np.ndarray:
+        img = images[i]
+        try:
+            if isinstance(img, (str, os.PathLike, bytes, bytearray)):
+                return load_image(img, cfg)
+            return preprocess_image(as_rgb(img), cfg)
+        except ImageError as e:  # which one of the images: its path, else its place in the list
+            name = os.fspath(img) if isinstance(img, (str, os.PathLike)) else f"images[{i}] ({type(img).__name__})"
+            raise ImageError(f"{name}: {e}") from None
+
     def decode(start: int) -> np.ndarray:
-        return np.stack([load_image(img, cfg) if isinstance(img, (str, os.PathLike, bytes, bytearray))
-                         else preprocess_image(as_rgb(img), cfg) for img in images[start:start + batch_size]])
+        return np.stack([prepared(i) for i in range(start, min(start + batch_size, len(images)))])
 
     for start, batch in _ahead(iter(range(0, len(images), batch_size)), decode, workers):
         out[start:start + len(batch)] = runner.encode(batch).embedding
