@@ -57,13 +57,15 @@ def find_similar(
         model: the backbone name or .onnx file the cache was embedded with; by default the cache's own
             (recorded when it was embedded, or the models folder's file of its group name) when it holds
             one model, else Lite0.
-    A query that cannot be read is a result with ``error``; the others are still searched.
+    A query that cannot be read is a result with ``error``; the others are still searched. A query from
+    the folder the cache follows is not its own match (other files with its bytes are), and when it is
+    unchanged since it was embedded its stored embedding serves.
     """
     from .errors import FeatxError
     from .export import ensure_model_file
     from .pipeline import encode_files, expand_inputs
     from .runtime import load_model, model_file_for, read_model_info
-    from .store import iter_embeddings, model_fingerprints, recorded_model_files
+    from .store import iter_embeddings, model_fingerprints, recorded_model_files, stored_rows_of
 
     if k < 1:
         raise FeatxError(f"k={k}: ask for at least one match")
@@ -80,22 +82,38 @@ def find_similar(
         raise FeatxError(f"{cache} holds no embeddings of {model_file} (fingerprint {fingerprint}); it has "
                          + ", ".join(f"{name} ({theirs})" for name, theirs in groups.items())
                          + ": pass the model the cache was made with as --model")
-    engine = load_model(model_file, device=device, engine="onnx", spin=False)
-    results, queries = [], []
-    for path, embedding, _, error in encode_files(engine, expand_inputs(images), batch_size=batch_size):
+    paths = expand_inputs(images)
+    # a query from the cache's own folder: its row is left out of its matches (it would come first, at
+    # 1.000), and when the file is unchanged its stored embedding serves, without decoding it again
+    own_rows, stored = stored_rows_of(cache, group, paths)
+    to_encode = [path for i, path in enumerate(paths) if i not in stored]
+    encoded = iter(encode_files(load_model(model_file, device=device, engine="onnx", spin=False), to_encode,
+                                batch_size=batch_size) if to_encode else ())
+    results, queries, skipped_rows = [], [], []
+    for i, path in enumerate(paths):
+        if i in stored:
+            embedding, error = stored[i], None
+        else:
+            _, embedding, _, error = next(encoded)
         results.append(SimilarImages(path, error=error))
         if error is None:
             queries.append(embedding)
+            skipped_rows.append(own_rows.get(i, -1))
     searched = [r for r in results if r.error is None]
     if not searched:
         return results
     Q = unit_rows(np.stack(queries))  # (n_queries, D)
     kept: list[list[tuple[float, str, bytes]]] = [[] for _ in range(len(Q))]  # per query, best first
+    start = 0  # the chunk's first row
     for keys, embeddings, digests in iter_embeddings(cache, group, rows_per_chunk=rows_per_chunk, with_digests=True):
         for i, sims in enumerate(Q @ unit_rows(embeddings).T):
+            if start <= skipped_rows[i] < start + len(keys):
+                sims[skipped_rows[i] - start] = -np.inf
             # the chunk's rows best first beside those kept so far (earlier rows first among equals)
-            chunk = ((float(sims[j]), keys[j], bytes(digests[j])) for j in np.argsort(-sims, kind="stable"))
+            chunk = ((float(sims[j]), keys[j], bytes(digests[j])) for j in np.argsort(-sims, kind="stable")
+                     if sims[j] > -np.inf)
             kept[i] = _top_contents(heapq.merge(kept[i], chunk, key=lambda row: -row[0]), k)
+        start += len(keys)
     for result, rows in zip(searched, kept):
         first: dict[bytes | str, str] = {}  # content -> key of its best-ranked row
         for similarity, key, digest in rows:

@@ -30,7 +30,7 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,6 +227,51 @@ def iter_embeddings(path: str | os.PathLike, model: str | None = None, *, rows_p
                 chunk += (columns[_DIGESTS][start:stop] if _DIGESTS in columns
                           else np.zeros(stop - start, dtype=_DIGEST_DTYPE),)
             yield chunk
+
+
+def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[str | os.PathLike]
+                   ) -> tuple[dict[int, int], dict[int, np.ndarray]]:
+    """Which of ``files`` the cache holds, by their place in ``files``: the row of each file under the
+    folder the cache follows that has one, and the stored float32 embedding of those whose row embeds the
+    file as it is now (same size and mtime: what a re-run of embed would skip)."""
+    path = Path(path)
+    with _open_h5(path, "r") as f:
+        g = f[_pick_model(f, path, model)]
+        folder = _attrs_of(g).get("folder")
+        wanted: dict[str, list[int]] = {}
+        for i, file in enumerate(files):
+            key = _key_under(folder, file) if folder else None
+            if key is not None:
+                wanted.setdefault(key, []).append(i)
+        if not wanted:
+            return {}, {}
+        columns, n = _committed_columns(g)
+        rows: dict[int, int] = {}
+        for row, key in enumerate(_decode(columns["keys"][:n])):
+            for i in wanted.get(key, ()):
+                rows[i] = row
+        current = {}
+        for i, row in rows.items():
+            try:
+                st = os.stat(files[i])
+            except OSError:
+                continue
+            if (int(columns["file_size"][row]), int(columns["file_mtime_ns"][row])) == (st.st_size, st.st_mtime_ns):
+                current[i] = row
+        read = sorted(set(current.values()))  # h5py reads increasing rows
+        stored = dict(zip(read, columns["embeddings"][read].astype(np.float32))) if read else {}
+        return rows, {i: stored[row] for i, row in current.items()}
+
+
+def _key_under(folder: str, file: str | os.PathLike) -> str | None:
+    """``file``'s key in a cache of ``folder`` (its path relative to it, '/'-separated), or None outside
+    it. The walk keys a file by the names it went through (a symlinked class folder by the link's
+    name), so the path as given is tried first, then with its folder resolved (a link to the whole)."""
+    file = os.path.abspath(file)
+    for candidate in (file, os.path.join(os.path.realpath(os.path.dirname(file)), os.path.basename(file))):
+        if os.path.commonpath([folder, candidate]) == folder and candidate != folder:
+            return Path(os.path.relpath(candidate, folder)).as_posix()
+    return None
 
 
 def load_labels(path: str | os.PathLike, model: str | None = None) -> np.ndarray:

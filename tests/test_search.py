@@ -61,8 +61,9 @@ def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digit
         shutil.copy(seven, small_digits / folder / f"copy of {seven.name}")
     cache = tmp_path / "c.h5"
     featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
-    (result,) = featx.find_similar([seven], cache, k=4, model=lite0_onnx, rows_per_chunk=16)
     paths = {f"7/{seven.name}", f"1/copy of {seven.name}", f"4/copy of {seven.name}"}
+    seven = shutil.copy(seven, tmp_path / "query.png")  # from outside the folder: every cached path matches
+    (result,) = featx.find_similar([seven], cache, k=4, model=lite0_onnx, rows_per_chunk=16)
     top, similarity = result.matches[0]
     assert top in paths and similarity > 0.999 and set(result.copies[top]) == paths - {top}
     data = featx.load_embeddings(cache)
@@ -71,6 +72,39 @@ def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digit
     assert f"(same file: {', '.join(result.copies[top])})" in result.text().splitlines()[1]
     whole = featx.find_similar([seven], cache, k=4, model=lite0_onnx)[0]  # one chunk: the same answer
     assert (whole.matches, whole.copies) == (result.matches, result.copies)
+
+
+def test_a_query_from_the_cached_folder_is_not_its_own_match_and_is_not_decoded_again(small_digits, lite0_onnx,
+                                                                                       tmp_path):
+    """"More like this one" from the collection itself: its own row would come first at 1.000, so it is
+    left out, while a copy of it elsewhere in the folder is still a match (named as the same picture).
+    An unchanged file's stored embedding serves: here a file made unreadable with its size and mtime kept
+    is still searched (as embed would skip it), while a changed one is decoded again and fails."""
+    import os
+
+    nine = sorted((small_digits / "9").iterdir())
+    shutil.copy(nine[0], small_digits / "2" / "copy.png")
+    cache = tmp_path / "c.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    outside = shutil.copy(nine[0], tmp_path / "query.png")
+    mine, copy, from_outside = featx.find_similar([nine[0], small_digits / "2" / "copy.png", outside], cache, k=3,
+                                                  model=lite0_onnx, rows_per_chunk=16)
+    assert mine.matches[0][0] == "2/copy.png" and mine.matches[0][1] > 0.999 and not mine.copies
+    assert copy.matches[0][0] == f"9/{nine[0].name}" and copy.matches[0][1] > 0.999
+    assert f"9/{nine[0].name}" not in {key for key, _ in mine.matches}
+    assert {from_outside.matches[0][0], *from_outside.copies[from_outside.matches[0][0]]} == {
+        f"9/{nine[0].name}", "2/copy.png"}
+    # with the default chunk size, the same answers
+    whole = featx.find_similar([nine[0]], cache, k=3, model=lite0_onnx)[0]
+    assert [key for key, _ in whole.matches] == [key for key, _ in mine.matches]
+
+    stat = nine[1].stat()
+    nine[1].write_bytes(b"\0" * stat.st_size)  # unreadable now, but size and mtime as embedded
+    os.utime(nine[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    nine[2].write_bytes(b"\0" * nine[2].stat().st_size)  # changed: its mtime moved on
+    kept, changed = featx.find_similar([nine[1], nine[2]], cache, k=2, model=lite0_onnx)
+    assert kept.error is None and len(kept.matches) == 2 and f"9/{nine[1].name}" not in dict(kept.matches)
+    assert changed.error and "not an image" in changed.error
 
 
 def test_a_cache_and_its_heads_find_the_model_they_were_made_with(small_digits, tmp_path, photos_dir):
@@ -85,8 +119,8 @@ def test_a_cache_and_its_heads_find_the_model_they_were_made_with(small_digits, 
     featx.train_head(cache, head, head="logreg", C=1.0)
     queries = sorted((small_digits / "4").iterdir())[:2]
 
-    found = featx.find_similar(queries, cache, k=1)
-    assert [r.matches[0][0] for r in found] == [f"4/{q.name}" for q in queries]  # each finds itself
+    found = featx.find_similar([shutil.copy(q, tmp_path / q.name) for q in queries], cache, k=1)
+    assert [r.matches[0][0] for r in found] == [f"4/{q.name}" for q in queries]  # each finds its original
     rows = featx.predict(queries, head=head)
     expected = featx.predict(queries, head=head, model=model)
     assert [r.top for r in rows] == [r.top for r in expected] and all(r.error is None for r in rows)
