@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="pretrained | none | bundled | PATH to a state dict")
     p.add_argument("--half", action="store_true", help="fp16 inside the graph (input uint8, outputs float32)")
 
-    p = sub.add_parser("info", help="what a cache (.h5), model (.onnx) or head file holds")
-    p.add_argument("path", help="a cache (.h5), an exported model (.onnx) or a head (.safetensors)")
+    p = sub.add_parser("info", help="what a cache (.h5), model (.onnx), head or fine-tuning checkpoint holds")
+    p.add_argument("path", help="a cache (.h5), an exported model (.onnx), or a head or checkpoint (.safetensors)")
     p.add_argument("--failures", action="store_true", help="cache: every failed file with its reason")
 
     p = sub.add_parser("classify", help="top ImageNet classes of image files and folders")

@@ -327,7 +327,7 @@ def fine_tune(
             # the history up to this epoch goes with the weights: a resume continues from here
             _write_checkpoint(output, features, classifier, model=backbone.name, class_names=class_names,
                               input_size=[size, size], resize_size=resize,
-                              epoch=epoch, val_loss=val_loss, val_accuracy=val_acc,
+                              epoch=epoch, val_loss=val_loss, val_accuracy=val_acc, trained_blocks=trainable,
                               history=[asdict(e) for e in result.history])
         else:
             waited += 1
@@ -462,6 +462,25 @@ def _classifier_from_state(state: dict, meta: dict):
         linear.load_state_dict({"weight": w, "bias": b})
         modules.append(linear)
     return torch.nn.Sequential(*modules)
+
+
+def describe_checkpoint(path: str | os.PathLike) -> str:
+    """One line from a fine-tuning checkpoint's metadata (no tensor is read): the model, its classes, the
+    size it trained at, the blocks trained and its best epoch, and how to export it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("featx", "{}"))
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise FeatxError(f"{path}: not a featx fine-tuning checkpoint")
+    classes = meta.get("class_names", [])
+    blocks = meta.get("trained_blocks")
+    return (f"fine-tuned {meta.get('model')} for {len(classes)} classes ({', '.join(map(str, classes))}), "
+            + (f"input {'x'.join(map(str, meta['input_size']))}, " if "input_size" in meta else "")
+            + (f"blocks trained: {', '.join(blocks) or 'classifier only'}, " if blocks is not None else "")
+            + f"best at epoch {meta.get('epoch')} (val_accuracy {meta.get('val_accuracy', float('nan')):.4f}, "
+            f"val_loss {meta.get('val_loss', float('nan')):.4f}); "
+            f"`featx export {meta.get('model')} --weights {path}` makes it a model")
 
 
 def is_finetune_checkpoint(path: str | os.PathLike) -> bool:

@@ -990,5 +990,10 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False) -> st
     if path.suffix == ".onnx":
         return f"{path}: {read_model_info(path).summary()}"
     if path.suffix == ".safetensors":
+        from .finetune import describe_checkpoint, is_finetune_checkpoint
+
+        if is_finetune_checkpoint(path):
+            return f"{path}: {describe_checkpoint(path)}"
         return f"{path}: {load_head(path).summary()}"
-    raise FeatxError(f"{path}: not a featx file (an embedding cache .h5, a model .onnx or a head .safetensors)")
+    raise FeatxError(f"{path}: not a featx file (an embedding cache .h5, a model .onnx, or a head or fine-tuning "
+                     f"checkpoint .safetensors)")

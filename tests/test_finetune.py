@@ -70,6 +70,12 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
     assert frozen_keys and all(torch.equal(before[k], after[k]) for k in frozen_keys)  # BN statistics too
     assert all(not torch.equal(before[k], after[k]) for k in moved_keys)
     assert tuned.class_names == [str(d) for d in range(10)] and tuned.classifier.out_features == 10
+    best = min(result.history, key=lambda h: h.val_loss)
+    assert featx.describe_file(ckpt) == (  # `featx info ft.safetensors`: what it is, how to use it
+        f"{ckpt}: fine-tuned efficientnet_lite0 for 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), input 64x64, "
+        f"blocks trained: blocks.6, conv_head+bn2, best at epoch {best.epoch} (val_accuracy "
+        f"{best.val_accuracy:.4f}, val_loss {best.val_loss:.4f}); `featx export efficientnet_lite0 --weights "
+        f"{ckpt}` makes it a model")
 
     onnx_path = tmp_path / "ft.onnx"
     info = featx.export_onnx(tuned, onnx_path)  # raises unless onnxruntime agrees with the tuned torch model
