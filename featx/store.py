@@ -501,6 +501,11 @@ class EmbeddingStore:
                 # the whole folder gives them
                 self.folder, self.subfolder = stored, Path(os.path.relpath(here, stored)).as_posix()
                 return
+            if os.path.isdir(stored) and not new_folder and os.path.commonpath([stored, here]) == here:
+                raise StoreError(
+                    f"{self.path} holds the embeddings of {stored} ({self.model}), which is inside {here}: its keys "
+                    f"are paths relative to {stored}. `featx embed {here} -o {self.path} --new-folder --prune` "
+                    f"makes it the cache of {here} (its rows reused by content, not decoded again)")
             if os.path.isdir(stored) and not new_folder:
                 raise StoreError(
                     f"{self.path} holds the embeddings of {stored} ({self.model}), keyed by paths relative to "

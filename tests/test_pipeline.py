@@ -333,6 +333,16 @@ def test_a_part_of_the_folder_embeds_and_predicts_through_its_cache(small_digits
     assert coffee.top[0][0] == alone.top[0][0] and abs(coffee.top[0][1] - alone.top[0][1]) < 1e-4
     assert len(featx.load_embeddings(out).keys) == len(after.keys)
 
+    # the other way round: a cache of the part, then the whole folder is named (its keys would all change)
+    of_part = tmp_path / "part.h5"
+    embed(part, of_part, lite0_onnx)
+    with pytest.raises(StoreError, match=f"inside {small_digits}: .*`featx embed {small_digits} -o {of_part} "
+                                         "--new-folder --prune`"):
+        embed(small_digits, of_part, lite0_onnx)
+    stats = embed(small_digits, of_part, lite0_onnx, new_folder=True, prune=True)  # as the message says
+    assert stats.n_moved == stats.n_pruned == len(in_part)  # none decoded again
+    assert set(featx.load_embeddings(of_part).keys) == set(featx.load_embeddings(out).keys) - {gone_elsewhere}
+
 
 def test_identical_files_in_one_run_are_embedded_once(small_digits, tmp_path, lite0_onnx, photos_dir):
     """Photo collections hold the same file in several places (an album and its year folder, a folder
