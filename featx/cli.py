@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, made_with="the head's embeddings")
     p.add_argument("--top", type=_count(1), default=3, help="classes per image (default 3)")
     p.add_argument("-o", "--output", default=None, help="CSV file (key, top classes, probabilities)")
-    p.add_argument("--cache", default=None, help="embedding cache to reuse for a folder")
+    p.add_argument("--cache", default=None,
+                   help="embedding cache: one folder is embedded through it; files it holds, unchanged, take their "
+                        "stored embeddings")
     _add_device(p)
     _add_strict(p)
 

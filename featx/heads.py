@@ -730,9 +730,9 @@ def iter_predictions(
     """
     import tempfile
 
-    from .pipeline import embed_folder, encode_files, expand_inputs
+    from .pipeline import embed_folder, encode_files, encode_files_through_cache, expand_inputs
     from .runtime import default_batch_size, load_model, read_model_info
-    from .store import iter_embeddings, load_failures
+    from .store import iter_embeddings, load_failures, model_fingerprints
 
     if top < 1:
         raise FeatxError(f"top={top}: ask for at least one class")
@@ -772,11 +772,21 @@ def iter_predictions(
                         sorted((named(k), r) for k, r in failures.items() if k.startswith(prefix))
                         if os.path.lexists(path))
         return
-    engine = load_model(model_file, device=device, engine="onnx", spin=False)
-    batch_size = batch_size or default_batch_size(engine.device)
+    def engine():
+        return load_model(model_file, device=device, engine="onnx", spin=False)
+
+    batch_size = batch_size or default_batch_size(device)
+    paths = expand_inputs(inputs)
+    group = Path(model_file).stem
+    if cache is not None and Path(cache).exists() and model_fingerprints(cache).get(group) == info.fingerprint:
+        # files the cache holds, unchanged since embedded, take their stored embeddings
+        encoded = ((path, emb, error) for path, emb, error, _ in
+                   encode_files_through_cache(engine, paths, cache, group, batch_size=batch_size, progress=progress))
+    else:
+        encoded = ((path, emb, error) for path, emb, _, error in
+                   encode_files(engine(), paths, batch_size=batch_size, progress=progress))
     batch: list[tuple[str, np.ndarray | None, str | None]] = []
-    for path, embedding, _, error in encode_files(engine, expand_inputs(inputs), batch_size=batch_size,
-                                                  progress=progress):
+    for path, embedding, error in encoded:
         batch.append((path, embedding, error))
         if len(batch) == batch_size:
             yield from _batch_rows(batch, rows_of)

@@ -112,6 +112,28 @@ def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
     return paths
 
 
+def encode_files_through_cache(load_engine, paths: Sequence[str], cache, group: str, *,
+                                batch_size: int | None = None, progress: bool = False) -> Iterator:
+    """(path, embedding, why it failed, its row in the cache or -1) for each path in order, as
+    :func:`encode_files` gives them, but a file under the folder ``cache`` follows whose ``group`` row is
+    current (same size and mtime, as embed would skip it) takes its stored embedding: not decoded, and
+    ``load_engine()`` is called only if some file needs encoding. Nothing is written to the cache."""
+    from .store import stored_rows_of
+
+    own_rows, stored = stored_rows_of(cache, group, paths)
+    to_encode = [path for i, path in enumerate(paths) if i not in stored]
+    encoded = iter(encode_files(load_engine(), to_encode, batch_size=batch_size, progress=progress)
+                   if to_encode else ())
+    for i, path in enumerate(paths):
+        if i in stored:
+            yield path, stored[i], None, own_rows[i]
+        else:
+            _, embedding, _, error = next(encoded)
+            yield path, embedding, error, own_rows.get(i, -1)
+    for _ in encoded:  # nothing is left: this ends it, so that its progress bar shows the last batch and closes
+        pass
+
+
 def encode_files(engine, paths: Sequence[str], *, batch_size: int | None = None, progress: bool = False,
                  workers: int | None = None) -> Iterator:
     """(path, embedding, logits or None, None) for each path in order, or (path, None, None, why it

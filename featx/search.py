@@ -63,9 +63,9 @@ def find_similar(
     """
     from .errors import FeatxError
     from .export import ensure_model_file
-    from .pipeline import encode_files, expand_inputs
+    from .pipeline import encode_files_through_cache, expand_inputs
     from .runtime import load_model, model_file_for, read_model_info
-    from .store import iter_embeddings, model_fingerprints, recorded_model_files, stored_rows_of
+    from .store import iter_embeddings, model_fingerprints, recorded_model_files
 
     if k < 1:
         raise FeatxError(f"k={k}: ask for at least one match")
@@ -82,23 +82,16 @@ def find_similar(
         raise FeatxError(f"{cache} holds no embeddings of {model_file} (fingerprint {fingerprint}); it has "
                          + ", ".join(f"{name} ({theirs})" for name, theirs in groups.items())
                          + ": pass the model the cache was made with as --model")
-    paths = expand_inputs(images)
     # a query from the cache's own folder: its row is left out of its matches (it would come first, at
     # 1.000), and when the file is unchanged its stored embedding serves, without decoding it again
-    own_rows, stored = stored_rows_of(cache, group, paths)
-    to_encode = [path for i, path in enumerate(paths) if i not in stored]
-    encoded = iter(encode_files(load_model(model_file, device=device, engine="onnx", spin=False), to_encode,
-                                batch_size=batch_size) if to_encode else ())
     results, queries, skipped_rows = [], [], []
-    for i, path in enumerate(paths):
-        if i in stored:
-            embedding, error = stored[i], None
-        else:
-            _, embedding, _, error = next(encoded)
+    for path, embedding, error, own_row in encode_files_through_cache(
+            lambda: load_model(model_file, device=device, engine="onnx", spin=False), expand_inputs(images), cache,
+            group, batch_size=batch_size):
         results.append(SimilarImages(path, error=error))
         if error is None:
             queries.append(embedding)
-            skipped_rows.append(own_rows.get(i, -1))
+            skipped_rows.append(own_row)
     searched = [r for r in results if r.error is None]
     if not searched:
         return results

@@ -332,6 +332,17 @@ def test_a_part_of_the_folder_embeds_and_predicts_through_its_cache(small_digits
     alone = featx.predict([part / "extra" / "coffee.png"], head=head, model=lite0_onnx)[0]
     assert coffee.top[0][0] == alone.top[0][0] and abs(coffee.top[0][1] - alone.top[0][1]) < 1e-4
     assert len(featx.load_embeddings(out).keys) == len(after.keys)
+    # files named one by one take their stored rows while unchanged (as embed would skip them): here one
+    # made unreadable with its size and mtime kept is still predicted, and only without the cache fails
+    named = part / in_part[1].removeprefix("3/")
+    stat, original = named.stat(), named.read_bytes()
+    named.write_bytes(b"\0" * stat.st_size)
+    os.utime(named, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    through_cache = featx.predict([named, part / "extra" / "coffee.png"], head=head, cache=out, model=lite0_onnx)
+    assert [r.error for r in through_cache] == [None, None]
+    assert through_cache[0].top == next(r.top for r in rows if r.key == str(named))
+    assert "not an image" in featx.predict([named], head=head, model=lite0_onnx)[0].error
+    named.write_bytes(original)
 
     # the other way round: a cache of the part, then the whole folder is named (its keys would all change)
     of_part = tmp_path / "part.h5"
