@@ -33,7 +33,7 @@ from .errors import FeatxError, ImageError, ModelFileError
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
     is_cuda, load_model, resolve_device
-from .store import EmbeddingStore, check_store_path
+from .store import EmbeddingStore, check_store_path, stored_rows_of
 
 _logger = logging.getLogger(__name__)
 
@@ -118,8 +118,6 @@ def encode_files_through_cache(load_engine, paths: Sequence[str], cache, group: 
     :func:`encode_files` gives them, but a file under the folder ``cache`` follows whose ``group`` row is
     current (same size and mtime, as embed would skip it) takes its stored embedding: not decoded, and
     ``load_engine()`` is called only if some file needs encoding. Nothing is written to the cache."""
-    from .store import stored_rows_of
-
     own_rows, stored = stored_rows_of(cache, group, paths)
     to_encode = [path for i, path in enumerate(paths) if i not in stored]
     encoded = iter(encode_files(load_engine(), to_encode, batch_size=batch_size, progress=progress)

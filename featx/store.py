@@ -246,21 +246,26 @@ def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[s
         if not wanted:
             return {}, {}
         columns, n = _committed_columns(g)
-        rows: dict[int, int] = {}
-        for row, key in enumerate(_decode(columns["keys"][:n])):
-            for i in wanted.get(key, ()):
-                rows[i] = row
+        by_key = _rows_by_key(columns, n)
+        rows = {i: by_key[key] for key, places in wanted.items() if key in by_key for i in places}
         current = {}
-        for i, row in rows.items():
+        for i, (row, size, mtime_ns) in rows.items():
             try:
                 st = os.stat(files[i])
             except OSError:
                 continue
-            if (int(columns["file_size"][row]), int(columns["file_mtime_ns"][row])) == (st.st_size, st.st_mtime_ns):
+            if (size, mtime_ns) == (st.st_size, st.st_mtime_ns):
                 current[i] = row
         read = sorted(set(current.values()))  # h5py reads increasing rows
         stored = dict(zip(read, columns["embeddings"][read].astype(np.float32))) if read else {}
-        return rows, {i: stored[row] for i, row in current.items()}
+        return {i: row for i, (row, _, _) in rows.items()}, {i: stored[row] for i, row in current.items()}
+
+
+def _rows_by_key(columns, n: int) -> dict[str, tuple[int, int, int]]:
+    """key -> (row, file size, mtime_ns) of the first ``n`` rows of a group's columns."""
+    keys = _decode(columns["keys"][:n])
+    sizes, mtimes = columns["file_size"][:n], columns["file_mtime_ns"][:n]
+    return {k: (i, int(s), int(m)) for i, (k, s, m) in enumerate(zip(keys, sizes, mtimes))}
 
 
 def _key_under(folder: str, file: str | os.PathLike) -> str | None:
@@ -496,17 +501,18 @@ class EmbeddingStore:
             if stored == here or (os.path.isdir(stored) and os.path.samefile(stored, here)):
                 self.folder = stored
                 return
-            if os.path.isdir(stored) and not new_folder and os.path.commonpath([stored, here]) == stored:
-                # a part of the folder (one class, this month's photos): its files under the keys and classes
-                # the whole folder gives them
-                self.folder, self.subfolder = stored, Path(os.path.relpath(here, stored)).as_posix()
-                return
-            if os.path.isdir(stored) and not new_folder and os.path.commonpath([stored, here]) == here:
-                raise StoreError(
-                    f"{self.path} holds the embeddings of {stored} ({self.model}), which is inside {here}: its keys "
-                    f"are paths relative to {stored}. `featx embed {here} -o {self.path} --new-folder --prune` "
-                    f"makes it the cache of {here} (its rows reused by content, not decoded again)")
             if os.path.isdir(stored) and not new_folder:
+                common = os.path.commonpath([stored, here])
+                # a part of the folder (one class, new photos of one): its files take the keys and classes
+                # the whole folder gives them
+                if common == stored:
+                    self.folder, self.subfolder = stored, Path(os.path.relpath(here, stored)).as_posix()
+                    return
+                if common == here:
+                    raise StoreError(
+                        f"{self.path} holds the embeddings of {stored} ({self.model}), which is inside {here}: its "
+                        f"keys are paths relative to {stored}. `featx embed {here} -o {self.path} --new-folder "
+                        f"--prune` makes it the cache of {here} (its rows reused by content, not decoded again)")
                 raise StoreError(
                     f"{self.path} holds the embeddings of {stored} ({self.model}), keyed by paths relative to "
                     f"it: the files of {here} would take the rows of its files at the same paths. Use another "
@@ -540,10 +546,7 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ reading state
     def done(self) -> dict[str, tuple[int, int, int]]:
         """key -> (row, file size, mtime_ns) for every committed row."""
-        g, n = self.group, int(self.group.attrs["n_rows"])
-        keys = _decode(g["keys"][:n])
-        sizes, mtimes = g["file_size"][:n], g["file_mtime_ns"][:n]
-        return {k: (i, int(s), int(m)) for i, (k, s, m) in enumerate(zip(keys, sizes, mtimes))}
+        return _rows_by_key(self.group, int(self.group.attrs["n_rows"]))
 
     def digests(self) -> np.ndarray:
         """S64 (n_rows,): the content digest (SHA-256 as ASCII hex) of every committed row; b"" where it is not known."""
