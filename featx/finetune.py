@@ -467,10 +467,7 @@ def _classifier_from_state(state: dict, meta: dict):
 def describe_checkpoint(path: str | os.PathLike) -> str:
     """One line from a fine-tuning checkpoint's metadata (no tensor is read): the model, its classes, the
     size it trained at, the blocks trained and its best epoch, and how to export it."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("featx", "{}"))
+    meta = _checkpoint_meta(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise FeatxError(f"{path}: not a featx fine-tuning checkpoint")
     classes = meta.get("class_names", [])
@@ -487,12 +484,17 @@ def is_finetune_checkpoint(path: str | os.PathLike) -> bool:
     if not str(path).endswith(".safetensors"):
         return False
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("featx", "{}")).get("format") == CHECKPOINT_FORMAT
+        return _checkpoint_meta(path).get("format") == CHECKPOINT_FORMAT
     except Exception:
         return False
+
+
+def _checkpoint_meta(path: str | os.PathLike) -> dict:
+    """A safetensors file's featx metadata (its header alone: no tensor is read); {} without any."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("featx", "{}"))
 
 
 def load_finetuned(backbone, path: str | os.PathLike):

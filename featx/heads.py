@@ -759,8 +759,8 @@ def iter_predictions(
             # the cache's keys are relative to the folder it follows; this folder may be a part of it
             prefix = stats.subfolder + "/" if stats.subfolder else ""
 
-            def named(key: str) -> str | None:  # a row names the file as given; None: not under this folder
-                return os.path.join(folder, key[len(prefix):]) if key.startswith(prefix) else None
+            def named(key: str) -> str:  # a row names the file as given (keys under the prefix only)
+                return os.path.join(folder, key[len(prefix):])
 
             for keys, embeddings in iter_embeddings(out, group):
                 keep = [i for i, k in enumerate(keys) if k not in gone and k.startswith(prefix)]
