@@ -344,6 +344,15 @@ def test_a_part_of_the_folder_embeds_and_predicts_through_its_cache(small_digits
     assert "not an image" in featx.predict([named], head=head, model=lite0_onnx)[0].error
     named.write_bytes(original)
 
+    # a part emptied (its drive not mounted, say): --prune is refused there as for the whole folder, and
+    # without advice to delete the cache, which holds the rest of the folder
+    part.rename(tmp_path / "away")
+    part.mkdir()
+    with pytest.raises(featx.FeatxError, match=r"3 has no images now, .* Nothing was removed$"):
+        embed(part, out, lite0_onnx, prune=True)
+    shutil.rmtree(part)
+    (tmp_path / "away").rename(part)
+
     # the other way round: a cache of the part, then the whole folder is named (its keys would all change)
     of_part = tmp_path / "part.h5"
     embed(part, of_part, lite0_onnx)
