@@ -201,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balanced", action="store_true",
                    help="weigh every class equally, however many images it has (classes of very different sizes)")
 
+    p = sub.add_parser("evaluate", help="score a trained head on labelled images kept apart from its training")
+    p.add_argument("data", help="embedding cache (.h5) of a folder with class subfolders named as the head's "
+                                "classes, or the folder itself (embedded into --cache first)")
+    p.add_argument("--head", required=True, help="head file from train-head (.safetensors)")
+    p.add_argument("--cache", default=None, help="a folder's embeddings go here (made, or brought up to date, first)")
+    p.add_argument("--model", "-m", default=None,
+                   help="model group in the cache (default: the one with the head's fingerprint)")
+    p.add_argument("--labels", default=None, help="multi-label heads: CSV of key,label1;label2")
+    p.add_argument("--report", default=None,
+                   help="confusion-matrix PNG (default: next to the head file, HEAD.DATA.confusion.png)")
+    p.add_argument("--mistakes", default=None,
+                   help="CSV of every misclassified image (key, class, predicted, probability), most confident first")
+    _add_device(p)
+
     p = sub.add_parser("export-classifier", help="backbone + head merged into one ONNX file (images -> probabilities)")
     p.add_argument("--head", required=True, help="head file from train-head (.safetensors)")
     _add_model(p, made_with="the head's embeddings")
@@ -332,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush would fail again
         return 128 + signal.SIGPIPE
     except KeyboardInterrupt as e:
-        if args.command == "embed" or (args.command == "predict" and args.cache):
+        if args.command == "embed" or (args.command in ("predict", "evaluate") and args.cache):
             how = "; committed batches are kept, run the same command again to resume"
         elif args.command == "finetune":
             how = f"; the best epoch so far is in {args.output}, the same command with --resume continues from it"
@@ -409,6 +423,12 @@ def _run(args: argparse.Namespace) -> int:
             class_weight="balanced" if args.balanced else None,
         )
         print(report.text())
+        return 0
+
+    if args.command == "evaluate":
+        print(featx.evaluate_head(args.data, args.head, cache=args.cache, model=args.model, labels_csv=args.labels,
+                                  report_png=args.report, mistakes_csv=args.mistakes, device=args.device,
+                                  progress=not args.quiet).text())
         return 0
 
     if args.command == "map":

@@ -302,9 +302,10 @@ def best_thresholds(truth: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbone: str, model: str,
-              model_file: str | None = None) -> Path:
+              model_file: str | None = None, cache: str | None = None) -> Path:
     """Write a fitted head as .safetensors: arrays plus a JSON header; no pickle. ``model_file``: the
-    .onnx that made the embeddings, where predict and export-classifier look first without --model."""
+    .onnx that made the embeddings, where predict and export-classifier look first without --model.
+    ``cache``: the cache it was trained from, where evaluate_head looks for images the head has seen."""
     from safetensors.numpy import save_file
 
     check_is_fitted(head)
@@ -323,6 +324,7 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
         "backbone": backbone,
         "model": model,
         "model_file": model_file,
+        "cache": cache,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -338,13 +340,15 @@ class LoadedHead:
     backbone: str
     model: str
     model_file: str | None = None  # the .onnx that made the embeddings (heads since its recording)
+    cache: str | None = None  # the cache it was trained from (heads since its recording)
 
     def summary(self) -> str:
         """One line: kind, classes, and the embeddings it was trained on."""
         kind = "multi-label " if getattr(self.head, "multilabel_", False) else ""
         classes = self.head.classes_
         return (f"{kind}{type(self.head).__name__} for {len(classes)} classes ({', '.join(str(c) for c in classes)}), "
-                f"on {self.model} embeddings (fingerprint {self.fingerprint})")
+                f"on {self.model} embeddings (fingerprint {self.fingerprint})"
+                + (f", trained from {self.cache}" if self.cache else ""))
 
     def check_model(self, fingerprint: str, where: str) -> None:
         if fingerprint != self.fingerprint:
@@ -383,7 +387,8 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     head.multilabel_ = bool(header.get("multilabel", False))
     if head.multilabel_:
         head.thresholds_ = arrays["thresholds"]
-    return LoadedHead(head, header["fingerprint"], header["backbone"], header["model"], header.get("model_file"))
+    return LoadedHead(head, header["fingerprint"], header["backbone"], header["model"], header.get("model_file"),
+                      header.get("cache"))
 
 
 def head_model_file(loaded: LoadedHead, model: str | os.PathLike | None = None, weights: str | None = None) -> Path:
@@ -403,31 +408,38 @@ def head_model_file(loaded: LoadedHead, model: str | os.PathLike | None = None, 
 
 @dataclass
 class HeadReport:
-    """What ``train_head`` measured on held-out data."""
+    """What ``train_head`` measured on held-out data, or ``evaluate_head`` on a labelled cache."""
 
     head: str
-    n_train: int
     n_test: int
     accuracy: float
     macro_f1: float
-    fit_seconds: float
     per_class: str  # scikit-learn's classification report
     confusion: np.ndarray
     classes: list[str]
+    n_train: int = 0
+    fit_seconds: float = 0.0
     cv_accuracy: list[float] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     micro_f1: float | None = None  # multi-label only; accuracy is then the exact-match ratio
     balanced_accuracy: float | None = None  # single-label: the mean of the per-class recalls
     n_copies: int = 0  # rows left out: the same bytes as another row of the same class or labels (find_copies)
+    evaluated_on: str | None = None  # evaluate_head: the cache scored (the head was trained elsewhere)
+    # evaluate_head, single-label: (key, true class, predicted class, its probability), most confident first
+    mistakes: list[tuple[str, str, str, float]] = field(default_factory=list)
 
-    def text(self) -> str:
+    def text(self, *, mistakes_shown: int = 10) -> str:
         micro = f", micro-F1 {self.micro_f1:.4f}" if self.micro_f1 is not None else ""
         balanced = f", balanced accuracy {self.balanced_accuracy:.4f}" if self.balanced_accuracy is not None else ""
-        copies = (f"; {self.n_copies} cop{'ies' if self.n_copies > 1 else 'y'} of other images left out"
+        copies = (f"{self.n_copies} cop{'ies' if self.n_copies > 1 else 'y'} of other images left out"
                   if self.n_copies else "")
-        lines = [f"{self.head}: {'exact-match ' if self.micro_f1 is not None else ''}accuracy {self.accuracy:.4f}"
-                 f"{balanced}, macro-F1 {self.macro_f1:.4f}{micro} on {self.n_test} held-out "
-                 f"images (trained on {self.n_train} in {self.fit_seconds:.2f} s{copies})"]
+        scores = (f"{self.head}: {'exact-match ' if self.micro_f1 is not None else ''}accuracy {self.accuracy:.4f}"
+                  f"{balanced}, macro-F1 {self.macro_f1:.4f}{micro}")
+        if self.evaluated_on is not None:
+            lines = [f"{scores} on {self.n_test} images of {self.evaluated_on}{f' ({copies})' if copies else ''}"]
+        else:
+            lines = [f"{scores} on {self.n_test} held-out images (trained on {self.n_train} in "
+                     f"{self.fit_seconds:.2f} s{f'; {copies}' if copies else ''})"]
         if self.cv_accuracy:
             lines.append(f"{len(self.cv_accuracy)}-fold cross-validation accuracy: "
                          f"{np.mean(self.cv_accuracy):.4f} ± {np.std(self.cv_accuracy):.4f}")
@@ -435,8 +447,43 @@ class HeadReport:
         if self.micro_f1 is None:
             lines += ["confusion matrix (rows: true, columns: predicted):",
                       np.array2string(self.confusion, max_line_width=200)]
+        if self.mistakes:
+            shown = self.mistakes[:mistakes_shown]
+            lines.append(f"{len(self.mistakes)} misclassified, the most confident first:")
+            lines += [f"  {key}  {true} -> {predicted} {p:.1%}" for key, true, predicted, p in shown]
+            if len(self.mistakes) > len(shown):
+                lines.append(f"  … {len(self.mistakes) - len(shown)} more (--mistakes CSV lists them all)")
         lines += [f"-> {f}" for f in self.files]
         return "\n".join(lines)
+
+
+def _single_label_report(head: str, truth: np.ndarray, predicted: np.ndarray, classes: list[str],
+                         **fields) -> HeadReport:
+    """Scores of class-name predictions against class names; the confusion matrix over ``classes``."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, f1_score
+
+    with warnings.catch_warnings():  # a class predicted but absent from the truth (a part of a folder) is no news
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = float(balanced_accuracy_score(truth, predicted))
+    return HeadReport(
+        head=head, n_test=len(truth), accuracy=float(np.mean(predicted == truth)), balanced_accuracy=balanced,
+        macro_f1=float(f1_score(truth, predicted, average="macro", zero_division=0)),
+        per_class=classification_report(truth, predicted, digits=3, zero_division=0),
+        confusion=confusion_matrix(truth, predicted, labels=classes), classes=classes, **fields)
+
+
+def _multilabel_report(head: str, truth: np.ndarray, predicted: np.ndarray, names: list[str], **fields) -> HeadReport:
+    """Scores of (n, labels) 0/1 predictions: exact-match ratio, macro and micro F1, per-label report."""
+    from sklearn.metrics import classification_report, f1_score, multilabel_confusion_matrix
+
+    return HeadReport(
+        head=f"{head} (multi-label)", n_test=len(truth), accuracy=float(np.mean((predicted == truth).all(axis=1))),
+        macro_f1=float(f1_score(truth, predicted, average="macro", zero_division=0)),
+        micro_f1=float(f1_score(truth, predicted, average="micro", zero_division=0)),
+        per_class=classification_report(truth, predicted, target_names=names, digits=3, zero_division=0),
+        confusion=multilabel_confusion_matrix(truth, predicted), classes=names, **fields)
 
 
 def make_head(kind: str, *, C=None, hidden=(1024,), dropout=0.5, epochs=200, seed=0, class_weight=None) -> _Head:
@@ -506,7 +553,6 @@ def train_head(
         return _train_multilabel(cache, output, labels_csv, model=model, head=head, test_size=test_size,
                                  hidden=hidden, dropout=dropout, epochs=epochs, seed=seed, report_png=report_png,
                                  class_weight=class_weight)
-    from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, f1_score
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     from .store import find_copies, load_embeddings
@@ -541,26 +587,16 @@ def train_head(
     t0 = time.perf_counter()
     estimator.fit(X_train, y_train)
     fit_seconds = time.perf_counter() - t0
-    predicted = estimator.predict(X_test)
     classes = [str(c) for c in estimator.classes_]
-    report = HeadReport(
-        head=head, n_train=len(y_train), n_test=len(y_test),
-        accuracy=float(np.mean(predicted == y_test)),
-        balanced_accuracy=float(balanced_accuracy_score(y_test, predicted)),
-        macro_f1=float(f1_score(y_test, predicted, average="macro")),
-        fit_seconds=fit_seconds,
-        per_class=classification_report(y_test, predicted, digits=3, zero_division=0),
-        confusion=confusion_matrix(y_test, predicted, labels=estimator.classes_),
-        classes=classes,
-        n_copies=copies.n_copies,
-    )
+    report = _single_label_report(head, y_test, estimator.predict(X_test), classes, n_train=len(y_train),
+                                  fit_seconds=fit_seconds, n_copies=copies.n_copies)
     if cv:
         folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
         report.cv_accuracy = [float(a) for a in cross_val_score(estimator, X, y, cv=folds)]
         estimator.fit(X, y)
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
-              model=data.model, model_file=data.attrs.get("model_file"))
+              model=data.model, model_file=data.attrs.get("model_file"), cache=os.path.abspath(cache))
     png = Path(report_png) if report_png else output.with_suffix(".confusion.png")
     plot_confusion(report.confusion, classes, png, title=f"{head} on {data.model}: accuracy {report.accuracy:.3f}")
     report.files = [str(output), str(png)]
@@ -588,36 +624,53 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
     return out
 
 
-def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidden, dropout, epochs, seed,
-                      report_png, class_weight) -> HeadReport:
-    from sklearn.metrics import classification_report, f1_score, multilabel_confusion_matrix
-    from sklearn.model_selection import train_test_split
+def _rows_labelled_by_csv(data, rows: Iterable[int], wanted: dict[str, list[str]], cache,
+                          labels_csv) -> tuple[list[int], int]:
+    """Those of ``rows`` whose keys the labels CSV names, less copies (a label set plays the part of a
+    class: the same bytes with the same labels count once), and how many copies; keys of the CSV not
+    among them are warned of."""
+    from .store import find_copies
 
-    from .store import find_copies, load_embeddings
-
-    data = load_embeddings(cache, model)
-    wanted = read_labels_csv(labels_csv)
-    rows = [i for i, k in enumerate(data.keys) if k in wanted]
+    rows = list(rows)
+    keys = {data.keys[i] for i in rows}
+    rows = [i for i in rows if data.keys[i] in wanted]
     if not rows:
         raise FeatxError(f"no key of {labels_csv} is in {cache} ({data.model}); keys are paths relative to the folder")
-    missing = sorted(set(wanted) - set(data.keys))
+    missing = sorted(set(wanted) - keys)
     if missing:  # a typo, or a folder not embedded yet: those rows would silently not count
         _logger.warning("%d keys of %s are not in %s (e.g. %s): embed their folder, or check the paths "
                         "(relative to the embedded folder, '/'-separated)", len(missing), labels_csv, cache, missing[0])
-    # a label set plays the part of a class: the same bytes with the same labels count once
     label_sets = [frozenset(wanted[data.keys[i]]) for i in rows]
     set_ids = {labels: j for j, labels in enumerate(dict.fromkeys(label_sets))}
     copies = find_copies([data.keys[i] for i in rows], [set_ids[s] for s in label_sets],
                          [data.digests[i] for i in rows])
     for line in copies.lines(str(cache), labels_csv=str(labels_csv)):
         _logger.warning("%s", line)
-    rows = [rows[j] for j in copies.keep]
-    names = sorted({label for i in rows for label in wanted[data.keys[i]]})
+    return [rows[j] for j in copies.keep], copies.n_copies
+
+
+def _label_matrix(label_lists: Iterable[list[str]], names: list[str]) -> np.ndarray:
+    """(n, len(names)) 0/1: row r has a 1 in each column its labels name (labels not in ``names`` ignored)."""
     column = {n: j for j, n in enumerate(names)}
-    Y = np.zeros((len(rows), len(names)), dtype=int)
-    for r, i in enumerate(rows):
-        for label in wanted[data.keys[i]]:
-            Y[r, column[label]] = 1
+    label_lists = list(label_lists)
+    Y = np.zeros((len(label_lists), len(names)), dtype=int)
+    for r, labels in enumerate(label_lists):
+        Y[r, [column[label] for label in labels if label in column]] = 1
+    return Y
+
+
+def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidden, dropout, epochs, seed,
+                      report_png, class_weight) -> HeadReport:
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import train_test_split
+
+    from .store import load_embeddings
+
+    data = load_embeddings(cache, model)
+    wanted = read_labels_csv(labels_csv)
+    rows, n_copies = _rows_labelled_by_csv(data, range(len(data.keys)), wanted, cache, labels_csv)
+    names = sorted({label for i in rows for label in wanted[data.keys[i]]})
+    Y = _label_matrix((wanted[data.keys[i]] for i in rows), names)
     X = data.embeddings[rows]
     X_train, X_test, Y_train, Y_test = train_test_split(X, Y, test_size=test_size, random_state=seed)
     estimator = MLPHead(hidden=tuple(hidden) if head == "mlp" else (), dropout=dropout, max_epochs=epochs,
@@ -627,18 +680,11 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     fit_seconds = time.perf_counter() - t0
     estimator.classes_ = np.array(names)
     predicted = estimator.predict(X_test)
-    report = HeadReport(
-        head=f"{head} (multi-label)", n_train=len(X_train), n_test=len(X_test),
-        accuracy=float(np.mean((predicted == Y_test).all(axis=1))),
-        macro_f1=float(f1_score(Y_test, predicted, average="macro", zero_division=0)),
-        micro_f1=float(f1_score(Y_test, predicted, average="micro", zero_division=0)),
-        fit_seconds=fit_seconds,
-        per_class=classification_report(Y_test, predicted, target_names=names, digits=3, zero_division=0),
-        confusion=multilabel_confusion_matrix(Y_test, predicted), classes=names, n_copies=copies.n_copies,
-    )
+    report = _multilabel_report(head, Y_test, predicted, names, n_train=len(X_train), fit_seconds=fit_seconds,
+                                n_copies=n_copies)
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
-              model=data.model, model_file=data.attrs.get("model_file"))
+              model=data.model, model_file=data.attrs.get("model_file"), cache=os.path.abspath(cache))
     png = Path(report_png) if report_png else output.with_suffix(".f1.png")
     _plot_label_f1(f1_score(Y_test, predicted, average=None, zero_division=0), names, png,
                    title=f"{head} multi-label on {data.model}: micro-F1 {report.micro_f1:.3f}")
@@ -856,6 +902,181 @@ def write_predictions(rows: Iterable[PredictionRow], path: str | os.PathLike, *,
             if n % 256 == 0:
                 f.flush()
     return n
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_head(
+    data: str | os.PathLike,
+    head: str | os.PathLike,
+    *,
+    cache: str | os.PathLike | None = None,
+    model: str | None = None,
+    labels_csv: str | os.PathLike | None = None,
+    report_png: str | os.PathLike | None = None,
+    mistakes_csv: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: bool = False,
+) -> HeadReport:
+    """Score a trained head on labelled images kept apart from its training: a test folder, new photos
+    sorted by hand.
+
+    ``data``: a cache of a folder whose class subfolders are named as the head's classes, or the folder
+    itself, embedded first into ``cache`` with the head's own model (a re-run embeds only what is new;
+    a part of the cache's folder is scored alone). ``model``: the cache's model group, by default the one
+    with the head's fingerprint. ``labels_csv``: a multi-label head's labels (``key,label1;label2``).
+    Left out, each counted in a warning: images of classes the head does not know, copies (the same bytes
+    and class), and images whose bytes are in the cache the head was trained from (it may have trained on
+    them: the score would flatter it). Saves the confusion matrix (per-label F1 for a multi-label head)
+    as ``report_png``, by default beside the head (HEAD.DATA.confusion.png); ``mistakes_csv``: every
+    misclassified image, the most confident mistake first.
+    """
+    from .store import find_copies, load_embeddings, model_fingerprints
+
+    loaded = load_head(head)
+    multilabel = bool(getattr(loaded.head, "multilabel_", False))
+    if multilabel and labels_csv is None:
+        raise FeatxError(f"{head} is a multi-label head: give the images' labels with --labels CSV (key,label1;label2)")
+    if labels_csv is not None and not multilabel:
+        raise FeatxError(f"{head} is a single-label head: its classes are the folder's first-level subfolders, "
+                         "not a labels CSV")
+    source, part = Path(data), None
+    if source.is_dir():
+        if cache is None:
+            raise FeatxError(f"{source} is a folder: give --cache CACHE.h5 for its embeddings (made, or brought up to "
+                             "date, first), or give a cache of it")
+        source, model, part = Path(cache), *_embed_for_head(loaded, source, cache, device=device, progress=progress)
+    elif model is None:
+        groups = model_fingerprints(source)
+        matching = [g for g, fp in groups.items() if fp == loaded.fingerprint]
+        if not matching:
+            held = ", ".join(f"{g} (fingerprint {fp})" for g, fp in groups.items()) or "no embeddings"
+            raise HeadMismatchError(f"head was trained on {loaded.model} embeddings (fingerprint {loaded.fingerprint}); "
+                                    f"{source} holds {held}: `featx evaluate FOLDER --head {head} --cache {source}` "
+                                    "embeds a folder with the head's model")
+        model = loaded.model if loaded.model in matching else matching[0]
+    embeddings = load_embeddings(source, model)
+    loaded.check_model(embeddings.fingerprint, f"{source} ({embeddings.model})")
+    rows = [i for i, key in enumerate(embeddings.keys) if part is None or part(key)]
+    classes = [str(c) for c in loaded.head.classes_]
+    if multilabel:
+        wanted = read_labels_csv(labels_csv)
+        rows, n_copies = _rows_labelled_by_csv(embeddings, rows, wanted, source, labels_csv)
+        unknown = sorted({label for i in rows for label in wanted[embeddings.keys[i]]} - set(classes))
+        if unknown:
+            _logger.warning("%d label(s) of %s are not the head's, left out of the scores: %s", len(unknown),
+                            labels_csv, ", ".join(unknown[:10]))
+    else:
+        rows, n_copies = _rows_of_known_classes(embeddings, rows, classes, source), 0
+        copies = find_copies([embeddings.keys[i] for i in rows], embeddings.labels[rows],
+                             [embeddings.digests[i] for i in rows])
+        for line in copies.lines(str(source)):
+            _logger.warning("%s", line)
+        rows, n_copies = [rows[j] for j in copies.keep], copies.n_copies
+    rows = _rows_not_trained_on(loaded, embeddings, rows, source)
+    probs = loaded.head.predict_proba(embeddings.embeddings[rows])
+    keys = [embeddings.keys[i] for i in rows]
+    where = str(data) if part is not None else source.name
+    png = Path(report_png) if report_png else Path(head).with_name(
+        f"{Path(head).stem}.{source.stem}.{'f1' if multilabel else 'confusion'}.png")
+    if multilabel:
+        from sklearn.metrics import f1_score
+
+        truth = _label_matrix((wanted[k] for k in keys), classes)
+        predicted = (probs >= loaded.head.thresholds_).astype(int)
+        report = _multilabel_report(Path(head).name, truth, predicted, classes, n_copies=n_copies, evaluated_on=where)
+        _plot_label_f1(f1_score(truth, predicted, average=None, zero_division=0), classes, png,
+                       title=f"{Path(head).name} on {where}: micro-F1 {report.micro_f1:.3f}")
+    else:
+        truth = np.array([embeddings.class_names[embeddings.labels[i]] for i in rows], dtype=object).astype(str)
+        best = probs.argmax(axis=1)
+        predicted = np.array(classes, dtype=object)[best].astype(str)
+        wrong = np.flatnonzero(predicted != truth)
+        mistakes = sorted(((keys[i], str(truth[i]), str(predicted[i]), float(probs[i, best[i]])) for i in wrong),
+                          key=lambda m: -m[3])
+        report = _single_label_report(Path(head).name, truth, predicted, classes, n_copies=n_copies,
+                                      evaluated_on=where, mistakes=mistakes)
+        plot_confusion(report.confusion, classes, png, title=f"{Path(head).name} on {where}: "
+                                                             f"accuracy {report.accuracy:.3f}")
+        if mistakes_csv is not None:
+            report.files.append(str(_write_mistakes(mistakes, mistakes_csv)))
+    report.files.insert(0, str(png))
+    return report
+
+
+def _embed_for_head(loaded: LoadedHead, folder: Path, cache, *, device: str, progress: bool):
+    """Embed ``folder`` into ``cache`` with the model the head was trained on; the cache's group, and
+    which of its keys are the folder's files (all but rows of files gone, or those of the part)."""
+    from .pipeline import embed_folder
+    from .runtime import read_model_info
+
+    model_file = head_model_file(loaded)
+    loaded.check_model(read_model_info(model_file).fingerprint, f"model {model_file}")
+    stats = embed_folder(folder, cache, model=model_file, device=device, progress=progress)
+    _logger.info("%s", stats.summary())
+    prefix, gone = (stats.subfolder + "/" if stats.subfolder else ""), set(stats.deleted)
+    return Path(model_file).stem, lambda key: key.startswith(prefix) and key not in gone
+
+
+def _rows_of_known_classes(embeddings, rows: list[int], classes: list[str], source: Path) -> list[int]:
+    """The labelled rows whose class the head has; the others are counted in the log."""
+    from collections import Counter
+
+    names = embeddings.class_names
+    unlabelled = sum(1 for i in rows if embeddings.labels[i] < 0)
+    if unlabelled:
+        _logger.warning("%d image(s) directly under the folder have no class: left out", unlabelled)
+    labelled = [i for i in rows if embeddings.labels[i] >= 0]
+    unknown = Counter(names[embeddings.labels[i]] for i in labelled if names[embeddings.labels[i]] not in classes)
+    if unknown:
+        _logger.warning("%d image(s) of classes the head was not trained on are left out: %s", sum(unknown.values()),
+                        ", ".join(f"'{c}' ({n})" for c, n in unknown.most_common(10)))
+    known = [i for i in labelled if names[embeddings.labels[i]] in classes]
+    if not known:
+        found = ", ".join(f"'{c}'" for c in sorted(set(names[embeddings.labels[i]] for i in labelled))[:10])
+        raise FeatxError(f"{source} has no image of a class the head knows ({', '.join(classes[:10])}); "
+                         f"its classes are {found or 'none: no class subfolders'}")
+    return known
+
+
+def _rows_not_trained_on(loaded: LoadedHead, embeddings, rows: list[int], source: Path) -> list[int]:
+    """``rows`` less those whose bytes are in the cache the head was trained from: the head may have
+    trained on them (the same photo in train/ and test/), and they would flatter its score."""
+    from .store import load_digests
+
+    if not loaded.cache or not os.path.isfile(loaded.cache):
+        return rows
+    try:
+        trained_keys, trained_digests = load_digests(loaded.cache, loaded.model)
+    except FeatxError as e:  # replaced or locked since: nothing to compare with
+        _logger.info("cannot compare with the cache the head was trained from (%s)", e)
+        return rows
+    seen = {d.decode("ascii"): key for d, key in zip(trained_digests, trained_keys) if d}
+    kept = [i for i in rows if embeddings.digests[i] not in seen]
+    if len(kept) == len(rows):
+        return rows
+    example = next(i for i in rows if embeddings.digests[i] in seen)
+    if not kept:
+        same = (f"{source} is the cache the head was trained from" if os.path.samefile(source, loaded.cache) else
+                f"{source} holds only images of {loaded.cache}, the cache the head was trained from")
+        raise FeatxError(f"{same}: train-head's report scores the images it held out; evaluate images kept apart")
+    _logger.warning("%d of %d images have the same bytes as images of %s, the cache the head was trained from "
+                    "(e.g. %s and %s): left out, since the head may have trained on them", len(rows) - len(kept),
+                    len(rows), loaded.cache, embeddings.keys[example], seen[embeddings.digests[example]])
+    return kept
+
+
+def _write_mistakes(mistakes: list[tuple[str, str, str, float]], path: str | os.PathLike) -> Path:
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "class", "predicted", "probability"])
+        writer.writerows((key, true, predicted, f"{p:.6f}") for key, true, predicted, p in mistakes)
+    return path
 
 
 # ---------------------------------------------------------------------------------------- sklearn transformer

@@ -287,6 +287,15 @@ def load_labels(path: str | os.PathLike, model: str | None = None) -> np.ndarray
         return columns["labels"][:n].astype(np.int32)
 
 
+def load_digests(path: str | os.PathLike, model: str | None = None) -> tuple[list[str], np.ndarray]:
+    """Keys and SHA-256 digests (S64 hex, b"" where unknown) of every committed row, without the embeddings."""
+    path = Path(path)
+    with _open_h5(path, "r") as f:
+        columns, n = _committed_columns(f[_pick_model(f, path, model)])
+        digests = columns[_DIGESTS][:n] if _DIGESTS in columns else np.zeros(n, dtype=_DIGEST_DTYPE)
+        return _decode(columns["keys"][:n]), digests
+
+
 def load_failures(path: str | os.PathLike, model: str | None = None) -> dict[str, str]:
     """key -> reason for each file a model's runs skipped (not retried until the file changes)."""
     path = Path(path)

@@ -367,3 +367,115 @@ def test_numbers_that_make_no_sense_are_refused_as_the_command_is_read(capsys):
         assert exit_.value.code == 2 and said in capsys.readouterr().err, args
     with pytest.raises(featx.FeatxError, match="top=0: ask for at least one class"):  # the API says it too
         featx.classify(["x.jpg"], top=0)
+
+
+def _multilabel_tags(key: str) -> list[str]:
+    """Labels a person could give a digit (its first-level folder): even/odd, 'big' (5-9), 'loop'."""
+    d = int(key.split("/")[0])
+    return ["even" if d % 2 == 0 else "odd"] + (["big"] if d >= 5 else []) + (["loop"] if d in (0, 6, 8, 9) else [])
+
+
+@pytest.mark.slow
+def test_evaluate_scores_a_test_folder_as_predict_classifies_it_and_lists_its_mistakes(
+        digits_dir, lite0_onnx, tmp_path, capsys):
+    """A head trained on 500 digits, scored on 150 others kept apart, five of whose 3s were filed under 8 by
+    mistake: the score is what predict's top class gives, and every mistake is listed, most confident first."""
+    import shutil
+    from pathlib import Path
+
+    from PIL import Image
+
+    from featx.cli import main
+
+    def copy(numbers, to):
+        for path in sorted(digits_dir.rglob("*.png")):
+            if int(path.stem) in numbers:
+                (to / path.parent.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, to / path.parent.name / path.name)
+        return to
+
+    train, test = copy(range(500), tmp_path / "train"), copy(range(1400, 1550), tmp_path / "test")
+    featx.embed_folder(train, tmp_path / "train.h5", model=lite0_onnx)
+    head = tmp_path / "head.safetensors"
+    featx.train_head(tmp_path / "train.h5", head, C=1.0)
+    misfiled = sorted((test / "3").iterdir())[:5]
+    for path in misfiled:
+        path.rename(test / "8" / path.name)
+    mistakes = tmp_path / "mistakes.csv"
+    assert main(["evaluate", str(test), "--head", str(head), "--cache", str(tmp_path / "test.h5"),
+                 "--mistakes", str(mistakes), "-q"]) == 0
+    printed = capsys.readouterr().out
+
+    rows = featx.predict([test], head=head, model=lite0_onnx)
+    wrong = {Path(r.key).relative_to(test).as_posix(): (Path(r.key).parent.name, *r.top[0])
+             for r in rows if r.top[0][0] != Path(r.key).parent.name}
+    assert len(rows) == 150 and 5 <= len(wrong) <= 30
+    assert f"accuracy {1 - len(wrong) / 150:.4f}" in printed and "on 150 images of" in printed
+    with open(mistakes) as f:
+        listed = list(csv.DictReader(f))
+    assert {r["key"]: (r["class"], r["predicted"]) for r in listed} == {k: (t, c) for k, (t, c, _) in wrong.items()}
+    assert all(abs(float(r["probability"]) - wrong[r["key"]][2]) < 1e-4 for r in listed)
+    confidence = [float(r["probability"]) for r in listed]
+    assert confidence == sorted(confidence, reverse=True)
+    assert all(wrong[f"8/{p.name}"][:2] == ("8", "3") for p in misfiled)
+    top = max(listed[:10], key=lambda r: float(r["probability"]))
+    assert f"{top['key']}  {top['class']} -> {top['predicted']}" in printed.split("most confident first:")[1]
+    png = tmp_path / "head.test.confusion.png"
+    assert Image.open(png).format == "PNG" and str(png) in printed
+
+
+@pytest.mark.slow
+def test_evaluate_leaves_out_what_the_head_trained_on_classes_it_lacks_and_scores_a_part_alone(
+        digits_cache, digits_dir, tmp_path, caplog):
+    import shutil
+
+    from featx.errors import FeatxError
+    from featx.samples import write_digits_folder
+
+    head = tmp_path / "head.safetensors"
+    featx.train_head(digits_cache, head, C=1.0)
+    test = write_digits_folder(tmp_path / "test", size=40, limit=60)
+    threes = len(list((test / "3").iterdir()))
+    trained_on = sorted((digits_dir / "3").iterdir())[0]
+    shutil.copy(trained_on, test / "3" / "from_training.png")  # the same photo in train/ and test/
+    (test / "cats").mkdir()
+    shutil.copy(test / "1" / sorted(p.name for p in (test / "1").iterdir())[0], test / "cats" / "x.png")
+    shutil.copy(test / "cats" / "x.png", test / "loose.png")
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        report = featx.evaluate_head(test, head, cache=tmp_path / "test.h5")
+    assert report.n_test == 60 and report.confusion.sum() == 60
+    assert "1 image(s) directly under the folder have no class" in caplog.text
+    assert "'cats' (1)" in caplog.text
+    assert f"3/from_training.png and 3/{trained_on.name}" in caplog.text
+    # a part of the cache's folder: its files alone, under the class the whole folder gives them
+    part = featx.evaluate_head(test / "3", head, cache=tmp_path / "test.h5")
+    assert part.n_test == threes and part.confusion.sum(axis=1)[3] == threes
+    with pytest.raises(FeatxError, match="is the cache the head was trained from"):
+        featx.evaluate_head(digits_cache, head)
+
+
+@pytest.mark.slow
+def test_evaluate_a_multilabel_head_with_the_test_folders_labels(digits_cache, lite0_onnx, tmp_path):
+    from featx.errors import FeatxError
+    from featx.samples import write_digits_folder
+
+    data = featx.load_embeddings(digits_cache)
+    with open(tmp_path / "train.csv", "w") as f:
+        f.writelines(f"{key},{';'.join(_multilabel_tags(key))}\n" for key in data.keys)
+    tags = tmp_path / "tags.safetensors"
+    featx.train_head(digits_cache, tags, head="logreg", labels_csv=tmp_path / "train.csv")
+    test = write_digits_folder(tmp_path / "test", size=40, limit=100)
+    keys = sorted(p.relative_to(test).as_posix() for p in test.rglob("*.png"))
+    with open(tmp_path / "test.csv", "w") as f:
+        f.writelines(f"{key},{';'.join(_multilabel_tags(key))}\n" for key in keys)
+    with pytest.raises(FeatxError, match="multi-label head: give the images' labels"):
+        featx.evaluate_head(test, tags, cache=tmp_path / "test.h5")
+    report = featx.evaluate_head(test, tags, cache=tmp_path / "test.h5", labels_csv=tmp_path / "test.csv")
+    rows = featx.predict([test / key for key in keys], head=tags, model=lite0_onnx)
+    exact = np.mean([set(r.labels) == set(_multilabel_tags(key)) for r, key in zip(rows, keys)])
+    assert report.n_test == 100 and report.micro_f1 > 0.8 and report.accuracy == pytest.approx(exact)
+    assert (tmp_path / "tags.test.f1.png").exists()
+    single = tmp_path / "single.safetensors"
+    featx.train_head(digits_cache, single, C=1.0)
+    with pytest.raises(FeatxError, match="single-label head"):
+        featx.evaluate_head(tmp_path / "test.h5", single, labels_csv=tmp_path / "test.csv")
