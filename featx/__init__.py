@@ -64,6 +64,7 @@ _API = {
     "load_head": "heads",
     "train_head": "heads",
     "evaluate_head": "heads",
+    "evaluate_classifier": "heads",
     "HeadReport": "heads",
     "predict": "heads",
     "iter_predictions": "heads",
@@ -115,9 +116,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .pipeline import RunStats, classify, embed_folder, embed_images
     from .store import (CacheSummary, Embeddings, iter_embeddings, load_embeddings, load_failures, load_labels,
                         summarize_cache)
-    from .heads import (HeadReport, ImageEmbedder, LogRegHead, MLPHead, NotFittedError, evaluate_head,
-                        export_classifier, iter_predictions, load_head, predict, save_head, train_head,
-                        write_predictions, describe_file)
+    from .heads import (HeadReport, ImageEmbedder, LogRegHead, MLPHead, NotFittedError, evaluate_classifier,
+                        evaluate_head, export_classifier, iter_predictions, load_head, predict, save_head,
+                        train_head, write_predictions, describe_file)
     from .finetune import advise, fine_tune, model_blocks
     from .bench import bench_models
     from .embedmap import EmbeddingMap, plot_embeddings

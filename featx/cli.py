@@ -201,16 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balanced", action="store_true",
                    help="weigh every class equally, however many images it has (classes of very different sizes)")
 
-    p = sub.add_parser("evaluate", help="score a trained head on labelled images kept apart from its training")
-    p.add_argument("data", help="embedding cache (.h5) of a folder with class subfolders named as the head's "
-                                "classes, or the folder itself (embedded into --cache first)")
-    p.add_argument("--head", required=True, help="head file from train-head (.safetensors)")
-    p.add_argument("--cache", default=None, help="a folder's embeddings go here (made, or brought up to date, first)")
+    p = sub.add_parser("evaluate", help="score a head, or a model with its own classes, on labelled images kept "
+                                        "apart from its training")
+    p.add_argument("data", help="a folder whose class subfolders are named as the classes (with --head: embedded "
+                                "into --cache first), or with --head an embedding cache (.h5) of one")
+    p.add_argument("--head", default=None, help="head file from train-head (.safetensors); without it, --model "
+                                                "is scored: a fine-tuned export, a classifier from export-classifier")
     p.add_argument("--model", "-m", default=None,
-                   help="model group in the cache (default: the one with the head's fingerprint)")
+                   help="without --head, the model scored (backbone name for ImageNet classes, or .onnx file); with "
+                        "--head, the one that embeds the folder (default: the head's own)")
+    p.add_argument("--weights", default=None, help="pretrained | none | bundled | PATH to a state dict")
+    p.add_argument("--cache", default=None, help="with --head, a folder's embeddings go here (made, or brought up to "
+                                                 "date, first)")
     p.add_argument("--labels", default=None, help="multi-label heads: CSV of key,label1;label2")
     p.add_argument("--report", default=None,
-                   help="confusion-matrix PNG (default: next to the head file, HEAD.DATA.confusion.png)")
+                   help="confusion-matrix PNG (default: beside the head or model file, NAME.DATA.confusion.png)")
     p.add_argument("--mistakes", default=None,
                    help="CSV of every misclassified image (key, class, predicted, probability), most confident first")
     _add_device(p)
@@ -426,9 +431,19 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "evaluate":
-        print(featx.evaluate_head(args.data, args.head, cache=args.cache, model=args.model, labels_csv=args.labels,
-                                  report_png=args.report, mistakes_csv=args.mistakes, device=args.device,
-                                  progress=not args.quiet).text())
+        common = dict(weights=args.weights, report_png=args.report, mistakes_csv=args.mistakes, device=args.device,
+                      progress=not args.quiet)
+        if args.head is not None:
+            report = featx.evaluate_head(args.data, args.head, cache=args.cache, model=args.model,
+                                         labels_csv=args.labels, **common)
+        elif args.model is not None:
+            report = featx.evaluate_classifier(args.data, args.model, **common)
+        else:
+            from .errors import FeatxError
+
+            raise FeatxError("evaluate scores a head (--head HEAD.safetensors) or a model that classifies by itself "
+                             "(--model FILE.onnx): name one")
+        print(report.text())
         return 0
 
     if args.command == "map":

@@ -48,6 +48,7 @@ class ModelInfo:
     # the output that scores class_names: "logits" (a backbone's classifier), or "probabilities" in a
     # file from export_classifier, whose class_names are then its head's (metadata featx_classes)
     class_scores: str = "logits"
+    multilabel: bool = False  # an export_classifier file of a multi-label head: sigmoid probabilities
 
     @property
     def has_logits(self) -> bool:

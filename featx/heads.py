@@ -445,7 +445,7 @@ class HeadReport:
                          f"{np.mean(self.cv_accuracy):.4f} ± {np.std(self.cv_accuracy):.4f}")
         lines.append(self.per_class.rstrip())
         if self.micro_f1 is None:
-            lines += ["confusion matrix (rows: true, columns: predicted):",
+            lines += ["confusion matrix (rows: true, columns: predicted; classes in the order above):",
                       np.array2string(self.confusion, max_line_width=200)]
         if self.mistakes:
             shown = self.mistakes[:mistakes_shown]
@@ -912,7 +912,8 @@ def evaluate_head(
     head: str | os.PathLike,
     *,
     cache: str | os.PathLike | None = None,
-    model: str | None = None,
+    model: str | os.PathLike | None = None,
+    weights: str | None = None,
     labels_csv: str | os.PathLike | None = None,
     report_png: str | os.PathLike | None = None,
     mistakes_csv: str | os.PathLike | None = None,
@@ -922,10 +923,10 @@ def evaluate_head(
     """Score a trained head on labelled images kept apart from its training: a test folder, new photos
     sorted by hand.
 
-    ``data``: a cache of a folder whose class subfolders are named as the head's classes, or the folder
-    itself, embedded first into ``cache`` with the head's own model (a re-run embeds only what is new;
-    a part of the cache's folder is scored alone). ``model``: the cache's model group, by default the one
-    with the head's fingerprint. ``labels_csv``: a multi-label head's labels (``key,label1;label2``).
+    ``data``: a cache of a folder whose class subfolders are named as the head's classes (its model group
+    is the one with the head's fingerprint), or the folder itself, embedded first into ``cache`` with
+    ``model`` (by default the head's own, :func:`head_model_file`; a re-run embeds only what is new; a part
+    of the cache's folder is scored alone). ``labels_csv``: a multi-label head's labels (``key,a;b``).
     Left out, each counted in a warning: images of classes the head does not know, copies (the same bytes
     and class), and images whose bytes are in the cache the head was trained from (it may have trained on
     them: the score would flatter it). Saves the confusion matrix (per-label F1 for a multi-label head)
@@ -946,8 +947,9 @@ def evaluate_head(
         if cache is None:
             raise FeatxError(f"{source} is a folder: give --cache CACHE.h5 for its embeddings (made, or brought up to "
                              "date, first), or give a cache of it")
-        source, model, part = Path(cache), *_embed_for_head(loaded, source, cache, device=device, progress=progress)
-    elif model is None:
+        source, group, part = Path(cache), *_embed_for_head(loaded, source, cache, model, weights, device=device,
+                                                             progress=progress)
+    else:
         groups = model_fingerprints(source)
         matching = [g for g, fp in groups.items() if fp == loaded.fingerprint]
         if not matching:
@@ -955,9 +957,8 @@ def evaluate_head(
             raise HeadMismatchError(f"head was trained on {loaded.model} embeddings (fingerprint {loaded.fingerprint}); "
                                     f"{source} holds {held}: `featx evaluate FOLDER --head {head} --cache {source}` "
                                     "embeds a folder with the head's model")
-        model = loaded.model if loaded.model in matching else matching[0]
-    embeddings = load_embeddings(source, model)
-    loaded.check_model(embeddings.fingerprint, f"{source} ({embeddings.model})")
+        group = loaded.model if loaded.model in matching else matching[0]
+    embeddings = load_embeddings(source, group)
     rows = [i for i, key in enumerate(embeddings.keys) if part is None or part(key)]
     classes = [str(c) for c in loaded.head.classes_]
     if multilabel:
@@ -968,7 +969,9 @@ def evaluate_head(
             _logger.warning("%d label(s) of %s are not the head's, left out of the scores: %s", len(unknown),
                             labels_csv, ", ".join(unknown[:10]))
     else:
-        rows, n_copies = _rows_of_known_classes(embeddings, rows, classes, source), 0
+        names = embeddings.class_names
+        truth = [names[embeddings.labels[i]] if embeddings.labels[i] >= 0 else None for i in rows]
+        rows = [rows[j] for j in _rows_of_known_classes(truth, classes, source, of="the head")]
         copies = find_copies([embeddings.keys[i] for i in rows], embeddings.labels[rows],
                              [embeddings.digests[i] for i in rows])
         for line in copies.lines(str(source)):
@@ -980,38 +983,93 @@ def evaluate_head(
     where = str(data) if part is not None else source.name
     png = Path(report_png) if report_png else Path(head).with_name(
         f"{Path(head).stem}.{source.stem}.{'f1' if multilabel else 'confusion'}.png")
-    if multilabel:
-        from sklearn.metrics import f1_score
-
-        truth = _label_matrix((wanted[k] for k in keys), classes)
-        predicted = (probs >= loaded.head.thresholds_).astype(int)
-        report = _multilabel_report(Path(head).name, truth, predicted, classes, n_copies=n_copies, evaluated_on=where)
-        _plot_label_f1(f1_score(truth, predicted, average=None, zero_division=0), classes, png,
-                       title=f"{Path(head).name} on {where}: micro-F1 {report.micro_f1:.3f}")
-    else:
-        truth = np.array([embeddings.class_names[embeddings.labels[i]] for i in rows], dtype=object).astype(str)
+    if not multilabel:
         best = probs.argmax(axis=1)
-        predicted = np.array(classes, dtype=object)[best].astype(str)
-        wrong = np.flatnonzero(predicted != truth)
-        mistakes = sorted(((keys[i], str(truth[i]), str(predicted[i]), float(probs[i, best[i]])) for i in wrong),
-                          key=lambda m: -m[3])
-        report = _single_label_report(Path(head).name, truth, predicted, classes, n_copies=n_copies,
-                                      evaluated_on=where, mistakes=mistakes)
-        plot_confusion(report.confusion, classes, png, title=f"{Path(head).name} on {where}: "
-                                                             f"accuracy {report.accuracy:.3f}")
-        if mistakes_csv is not None:
-            report.files.append(str(_write_mistakes(mistakes, mistakes_csv)))
+        return _score_classes(Path(head).name, keys, [embeddings.class_names[embeddings.labels[i]] for i in rows],
+                              [classes[j] for j in best], probs[np.arange(len(rows)), best], where=where, png=png, mistakes_csv=mistakes_csv, n_copies=n_copies)
+    from sklearn.metrics import f1_score
+
+    truth = _label_matrix((wanted[k] for k in keys), classes)
+    predicted = (probs >= loaded.head.thresholds_).astype(int)
+    report = _multilabel_report(Path(head).name, truth, predicted, classes, n_copies=n_copies, evaluated_on=where)
+    _plot_label_f1(f1_score(truth, predicted, average=None, zero_division=0), classes, png,
+                   title=f"{Path(head).name} on {where}: micro-F1 {report.micro_f1:.3f}")
     report.files.insert(0, str(png))
     return report
 
 
-def _embed_for_head(loaded: LoadedHead, folder: Path, cache, *, device: str, progress: bool):
-    """Embed ``folder`` into ``cache`` with the model the head was trained on; the cache's group, and
-    which of its keys are the folder's files (all but rows of files gone, or those of the part)."""
+def evaluate_classifier(
+    folder: str | os.PathLike,
+    model: str | os.PathLike,
+    *,
+    weights: str | None = None,
+    report_png: str | os.PathLike | None = None,
+    mistakes_csv: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: bool = False,
+) -> HeadReport:
+    """Score a model that classifies by itself on a folder whose class subfolders are named as its classes:
+    a fine-tuned export (``featx export NAME --weights ft.safetensors``), an :func:`export_classifier`
+    file, or a backbone on folders named by ImageNet classes. The same report as :func:`evaluate_head`
+    (images of classes the model lacks, and images directly under the folder, left out and counted),
+    so a frozen head and a fine-tuned model are compared on one test folder. Nothing is cached.
+    """
+    from .export import ensure_model_file
+    from .pipeline import classify
+    from .runtime import read_model_info
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FeatxError(f"{folder} is not a folder: a model is scored on a folder with class subfolders "
+                         "(a cache holds embeddings, which a head scores: give --head)")
+    model_file = ensure_model_file(model, weights=weights)
+    info = read_model_info(model_file)
+    if not info.has_logits:
+        raise FeatxError(f"{model_file} classifies nothing (no logits): train a head on its embeddings and give --head")
+    if info.multilabel:
+        raise FeatxError(f"{model_file} is a multi-label classifier: evaluate its head with --head and --labels")
+    classified = classify([folder], model=model_file, top=1, device=device, progress=progress)
+    failed = [c for c in classified if c.error]
+    if failed:
+        _logger.warning("%d image(s) could not be read, left out (e.g. %s: %s)", len(failed), failed[0].path,
+                        failed[0].error)
+    rows = [c for c in classified if not c.error]
+    keys = [Path(os.path.relpath(c.path, folder)).as_posix() for c in rows]
+    truth = [key.split("/")[0] if "/" in key else None for key in keys]
+    rows = [rows[j] for j in _rows_of_known_classes(truth, info.class_names, folder, of="the model")]
+    keys = [Path(os.path.relpath(c.path, folder)).as_posix() for c in rows]
+    # beside a model file named; in the working folder for a backbone name (not in the models folder)
+    beside = Path(model_file) if Path(model).suffix == ".onnx" else Path(Path(model_file).name)
+    png = Path(report_png) if report_png else beside.with_name(f"{beside.stem}.{folder.name}.confusion.png")
+    return _score_classes(Path(model_file).name, keys, [key.split("/")[0] for key in keys],
+                          [c.top[0][0] for c in rows], [c.top[0][1] for c in rows], where=str(folder), png=png, mistakes_csv=mistakes_csv)
+
+
+def _score_classes(name: str, keys: list[str], truth: list[str], predicted: list[str], confidence,
+                   *, where: str, png: Path, mistakes_csv, n_copies: int = 0) -> HeadReport:
+    """The report on one class per image: scores, the confusion matrix over the classes met (a model of
+    1,000 classes is drawn on those the folder has or it predicted, in name order), its PNG, and the mistakes, the most
+    confident first (all of them in ``mistakes_csv``)."""
+    shown = sorted(set(truth) | set(predicted))  # the order of scikit-learn's report, printed above the matrix
+    truth, predicted = np.array(truth, dtype=object).astype(str), np.array(predicted, dtype=object).astype(str)
+    mistakes = sorted(((keys[i], str(truth[i]), str(predicted[i]), float(confidence[i]))
+                       for i in np.flatnonzero(predicted != truth)), key=lambda m: -m[3])
+    report = _single_label_report(name, truth, predicted, shown, n_copies=n_copies, evaluated_on=where,
+                                  mistakes=mistakes)
+    plot_confusion(report.confusion, shown, png, title=f"{name} on {where}: accuracy {report.accuracy:.3f}")
+    report.files.append(str(png))
+    if mistakes_csv is not None:
+        report.files.append(str(_write_mistakes(mistakes, mistakes_csv)))
+    return report
+
+
+def _embed_for_head(loaded: LoadedHead, folder: Path, cache, model, weights, *, device: str, progress: bool):
+    """Embed ``folder`` into ``cache`` with ``model`` (by default the one the head was trained on); the
+    cache's group, and which of its keys are the folder's files (all but rows of files gone, or the part's)."""
     from .pipeline import embed_folder
     from .runtime import read_model_info
 
-    model_file = head_model_file(loaded)
+    model_file = head_model_file(loaded, model, weights)
     loaded.check_model(read_model_info(model_file).fingerprint, f"model {model_file}")
     stats = embed_folder(folder, cache, model=model_file, device=device, progress=progress)
     _logger.info("%s", stats.summary())
@@ -1019,25 +1077,25 @@ def _embed_for_head(loaded: LoadedHead, folder: Path, cache, *, device: str, pro
     return Path(model_file).stem, lambda key: key.startswith(prefix) and key not in gone
 
 
-def _rows_of_known_classes(embeddings, rows: list[int], classes: list[str], source: Path) -> list[int]:
-    """The labelled rows whose class the head has; the others are counted in the log."""
+def _rows_of_known_classes(truth: list[str | None], classes: list[str], source: Path, *, of: str) -> list[int]:
+    """Positions of ``truth`` (each image's class; None directly under the folder) whose class is one of
+    ``classes``; the others are counted in the log."""
     from collections import Counter
 
-    names = embeddings.class_names
-    unlabelled = sum(1 for i in rows if embeddings.labels[i] < 0)
+    known = set(classes)
+    unlabelled = sum(1 for t in truth if t is None)
     if unlabelled:
         _logger.warning("%d image(s) directly under the folder have no class: left out", unlabelled)
-    labelled = [i for i in rows if embeddings.labels[i] >= 0]
-    unknown = Counter(names[embeddings.labels[i]] for i in labelled if names[embeddings.labels[i]] not in classes)
+    unknown = Counter(t for t in truth if t is not None and t not in known)
     if unknown:
-        _logger.warning("%d image(s) of classes the head was not trained on are left out: %s", sum(unknown.values()),
+        _logger.warning("%d image(s) of classes %s was not trained on are left out: %s", sum(unknown.values()), of,
                         ", ".join(f"'{c}' ({n})" for c, n in unknown.most_common(10)))
-    known = [i for i in labelled if names[embeddings.labels[i]] in classes]
-    if not known:
-        found = ", ".join(f"'{c}'" for c in sorted(set(names[embeddings.labels[i]] for i in labelled))[:10])
-        raise FeatxError(f"{source} has no image of a class the head knows ({', '.join(classes[:10])}); "
-                         f"its classes are {found or 'none: no class subfolders'}")
-    return known
+    rows = [i for i, t in enumerate(truth) if t in known]
+    if not rows:
+        found = ", ".join(f"'{c}'" for c in sorted(unknown)[:10])
+        raise FeatxError(f"{source} has no image of a class {of} knows ({', '.join(classes[:10])}"
+                         f"{', …' if len(classes) > 10 else ''}); its classes are {found or 'none: no class subfolders'}")
+    return rows
 
 
 def _rows_not_trained_on(loaded: LoadedHead, embeddings, rows: list[int], source: Path) -> list[int]:
@@ -1181,6 +1239,9 @@ def export_classifier(
     merged.metadata_props.extend(backbone.metadata_props)
     entry = merged.metadata_props.add()
     entry.key, entry.value = "featx_classes", json.dumps([str(c) for c in h.classes_])
+    if getattr(h, "multilabel_", False):  # its probabilities are per label, not one class's share
+        entry = merged.metadata_props.add()
+        entry.key, entry.value = "featx_multilabel", "1"
     onnx.checker.check_model(merged)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

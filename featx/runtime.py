@@ -156,7 +156,7 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
         info = ModelInfo.from_json(meta[METADATA_KEY])
         if "featx_classes" in meta:  # export_classifier's file: the backbone's metadata, its head's classes
             info = dataclasses.replace(info, class_names=[str(c) for c in json.loads(meta["featx_classes"])],
-                                       class_scores="probabilities")
+                                       class_scores="probabilities", multilabel=meta.get("featx_multilabel") == "1")
         return info
     except (ValueError, KeyError, TypeError) as e:
         raise ModelFileError(f"{path}: featx metadata is unreadable ({_first_line(e)})") from None

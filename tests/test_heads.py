@@ -422,6 +422,12 @@ def test_evaluate_scores_a_test_folder_as_predict_classifies_it_and_lists_its_mi
     assert f"{top['key']}  {top['class']} -> {top['predicted']}" in printed.split("most confident first:")[1]
     png = tmp_path / "head.test.confusion.png"
     assert Image.open(png).format == "PNG" and str(png) in printed
+    # the head merged with its backbone into one classifier file is scored as the head is
+    classifier = featx.export_classifier(lite0_onnx, head, tmp_path / "classifier.onnx")
+    merged = featx.evaluate_classifier(test, classifier)
+    assert merged.accuracy == pytest.approx(1 - len(wrong) / 150) and merged.n_test == 150
+    assert [(k, t, p) for k, t, p, _ in merged.mistakes] == [(r["key"], r["class"], r["predicted"]) for r in listed]
+    assert (tmp_path / "classifier.test.confusion.png").exists()
 
 
 @pytest.mark.slow
@@ -449,7 +455,7 @@ def test_evaluate_leaves_out_what_the_head_trained_on_classes_it_lacks_and_score
     assert f"3/from_training.png and 3/{trained_on.name}" in caplog.text
     # a part of the cache's folder: its files alone, under the class the whole folder gives them
     part = featx.evaluate_head(test / "3", head, cache=tmp_path / "test.h5")
-    assert part.n_test == threes and part.confusion.sum(axis=1)[3] == threes
+    assert part.n_test == threes and part.confusion.sum(axis=1)[part.classes.index("3")] == threes
     with pytest.raises(FeatxError, match="is the cache the head was trained from"):
         featx.evaluate_head(digits_cache, head)
 
@@ -479,3 +485,39 @@ def test_evaluate_a_multilabel_head_with_the_test_folders_labels(digits_cache, l
     featx.train_head(digits_cache, single, C=1.0)
     with pytest.raises(FeatxError, match="single-label head"):
         featx.evaluate_head(tmp_path / "test.h5", single, labels_csv=tmp_path / "test.csv")
+    # its merged classifier gives probabilities per label: one class per image would misread them
+    merged = featx.export_classifier(lite0_onnx, tags, tmp_path / "tags.onnx")
+    with pytest.raises(FeatxError, match="multi-label classifier"):
+        featx.evaluate_classifier(test, merged)
+
+
+def test_evaluate_an_imagenet_model_on_folders_named_by_its_classes(photos_dir, lite0_onnx, tmp_path, monkeypatch,
+                                                                    capsys, caplog):
+    """The bundled photos filed under ImageNet class names, one of them under the wrong one; a folder whose
+    name is no ImageNet class is left out, and the plot goes to the working folder, not the models folder."""
+    import shutil
+
+    from featx.cli import main
+
+    test = tmp_path / "test"
+    for cls, photo in [("espresso", "coffee.png"), ("palace", "china.jpg"), ("cup", "coffee.png"),
+                       ("my cats", "chelsea.png")]:
+        (test / cls).mkdir(parents=True)
+        shutil.copy(photos_dir / photo, test / cls / photo)
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "test"]) == 2
+    assert "--head HEAD.safetensors) or a model" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        assert main(["evaluate", "test", "--model", str(lite0_onnx), "--report", "imagenet.png", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy 0.6667" in printed and "on 3 images of test" in printed
+    assert "1 misclassified" in printed and "cup/coffee.png  cup -> espresso" in printed
+    assert "'my cats' (1)" in caplog.text
+    assert (tmp_path / "imagenet.png").exists()
+    report = featx.evaluate_classifier(test, lite0_onnx)
+    assert report.classes == ["cup", "espresso", "palace"] and report.confusion.tolist() == [[0, 1, 0], [0, 1, 0],
+                                                                                                [0, 0, 1]]
+    assert (lite0_onnx.parent / "efficientnet_lite0.test.confusion.png").exists()
+    monkeypatch.setenv("FEATX_MODELS", str(lite0_onnx.parent))  # a name: the models folder's file
+    assert featx.evaluate_classifier(test, "efficientnet_lite0").accuracy == report.accuracy
+    assert (tmp_path / "efficientnet_lite0.test.confusion.png").exists()
