@@ -29,12 +29,20 @@ class SimilarImages:
     matches: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None  # the query could not be read
     copies: dict[str, list[str]] = field(default_factory=dict)  # match key -> other keys with the same bytes
+    folder: str | None = None  # the folder the cache follows: the keys are paths relative to it
 
     def text(self) -> str:
+        """The query, then a line per match: its similarity and its file's path (the cache's folder
+        joined to its key, to open it), with the copies' paths beside it."""
         if self.error:
             return f"{self.query}  FAILED: {self.error}"
+
+        def path(key: str) -> str:
+            return os.path.join(self.folder, key) if self.folder else key
+
         return "\n".join([self.query] + [
-            f"  {similarity:.3f}  {key}" + (f"  (same file: {', '.join(self.copies[key])})" if key in self.copies else "")
+            f"  {similarity:.3f}  {path(key)}"
+            + (f"  (same file: {', '.join(map(path, self.copies[key]))})" if key in self.copies else "")
             for key, similarity in self.matches])
 
 
@@ -65,7 +73,7 @@ def find_similar(
     from .export import ensure_model_file
     from .pipeline import encode_files_through_cache, expand_inputs
     from .runtime import load_model, model_file_for, read_model_info
-    from .store import iter_embeddings, model_fingerprints, recorded_model_files
+    from .store import iter_embeddings, model_fingerprints, recorded_paths
 
     if k < 1:
         raise FeatxError(f"k={k}: ask for at least one match")
@@ -74,7 +82,7 @@ def find_similar(
         raise FeatxError(f"{cache} holds no featx embeddings to search (make them with: featx embed FOLDER -o {cache})")
     if model is None and weights is None and len(groups) == 1:
         [(name, theirs)] = groups.items()
-        model = model_file_for(name, theirs, recorded_model_files(cache)[name])
+        model = model_file_for(name, theirs, recorded_paths(cache, "model_file")[name])
     model_file = ensure_model_file(model or DEFAULT_BACKBONE, weights=weights)
     fingerprint = read_model_info(model_file).fingerprint
     group = next((name for name, theirs in groups.items() if theirs == fingerprint), None)
@@ -85,10 +93,11 @@ def find_similar(
     # a query from the cache's own folder: its row is left out of its matches (it would come first, at
     # 1.000), and when the file is unchanged its stored embedding serves, without decoding it again
     results, queries, skipped_rows = [], [], []
+    folder = recorded_paths(cache, "folder")[group]
     for path, embedding, error, own_row in encode_files_through_cache(
             lambda: load_model(model_file, device=device, engine="onnx", spin=False), expand_inputs(images), cache,
             group, batch_size=batch_size):
-        results.append(SimilarImages(path, error=error))
+        results.append(SimilarImages(path, error=error, folder=folder))
         if error is None:
             queries.append(embedding)
             skipped_rows.append(own_row)

@@ -137,10 +137,11 @@ def model_fingerprints(path: str | os.PathLike) -> dict[str, str]:
         return {model: str(_attrs_of(f[model])["fingerprint"]) for model in _model_groups(f)}
 
 
-def recorded_model_files(path: str | os.PathLike) -> dict[str, str | None]:
-    """Each model group's model_file attribute (the .onnx that embedded it; None in older caches)."""
+def recorded_paths(path: str | os.PathLike, name: str) -> dict[str, str | None]:
+    """Each model group's path attribute ``name``: ``model_file`` (the .onnx that embedded it) or ``folder``
+    (the folder it follows); None in caches made before it was recorded."""
     with _open_h5(Path(path), "r") as f:
-        return {model: _attrs_of(f[model]).get("model_file") for model in _model_groups(f)}
+        return {model: _attrs_of(f[model]).get(name) for model in _model_groups(f)}
 
 
 def _model_groups(f) -> list[str]:

@@ -1,5 +1,6 @@
 """Similar-image search on a real cache: the same digit drawn at another size finds itself and its class."""
 
+import os
 import shutil
 
 import h5py
@@ -11,7 +12,8 @@ from featx.samples import write_digits_folder
 
 
 @pytest.mark.slow
-def test_a_redrawn_digit_finds_itself_first_and_its_class_around_it(digits_cache, lite0_onnx, tmp_path, capsys):
+def test_a_redrawn_digit_finds_itself_first_and_its_class_around_it(digits_cache, digits_dir, lite0_onnx, tmp_path,
+                                                                   capsys):
     # the first 30 digits again, drawn at 48 pixels instead of the cache's 32: other files, same pictures
     queries = write_digits_folder(tmp_path / "queries", size=48, limit=30)
     (queries / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
@@ -37,6 +39,7 @@ def test_a_redrawn_digit_finds_itself_first_and_its_class_around_it(digits_cache
                  "--model", str(lite0_onnx)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(queries / "3" / "0003.png") and len(lines) == 3 * len(list((queries / "3").iterdir()))
+    assert lines[1].endswith(f"  {digits_dir.resolve() / '3' / '0003.png'}")
 
 
 def test_a_cache_of_another_model_is_refused_with_its_fingerprints(digits_cache, lite0_onnx, tmp_path, photos_dir):
@@ -69,7 +72,12 @@ def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digit
     data = featx.load_embeddings(cache)
     digests = [data.digests[data.keys.index(key)] for key, _ in result.matches]
     assert len(result.matches) == 4 == len(set(digests)) and not paths & {key for key, _ in result.matches[1:]}
-    assert f"(same file: {', '.join(result.copies[top])})" in result.text().splitlines()[1]
+    # printed as paths to open: the cache's folder joined to the keys
+    folder = os.path.realpath(small_digits)
+    line = result.text().splitlines()[1]
+    assert line.startswith(f"  {similarity:.3f}  {os.path.join(folder, top)}  (same file: ")
+    assert f"(same file: {', '.join(os.path.join(folder, k) for k in result.copies[top])})" in line
+    assert all(os.path.isfile(os.path.join(folder, key)) for key, _ in result.matches)
     whole = featx.find_similar([seven], cache, k=4, model=lite0_onnx)[0]  # one chunk: the same answer
     assert (whole.matches, whole.copies) == (result.matches, result.copies)
 
