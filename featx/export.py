@@ -68,7 +68,9 @@ class ModelInfo:
         classes = ""
         if self.class_scores == "probabilities":
             named = ", ".join(self.class_names[:10]) + (", …" if len(self.class_names) > 10 else "")
-            classes = f", a classifier: probabilities for {len(self.class_names)} classes ({named})"
+            kind = "a multi-label classifier: probabilities for each of" if self.multilabel else \
+                "a classifier: probabilities for"
+            classes = f", {kind} {len(self.class_names)} {'labels' if self.multilabel else 'classes'} ({named})"
         elif self.has_logits:
             classes = f", logits for {len(self.class_names)} classes"
         return (f"{self.backbone}, {self.embed_dim}-d embedding{classes}, "

@@ -1019,6 +1019,8 @@ def evaluate_classifier(
     from .runtime import read_model_info
 
     folder = Path(folder)
+    if not folder.exists():
+        raise FeatxError(f"folder {str(folder)!r} does not exist")
     if not folder.is_dir():
         raise FeatxError(f"{folder} is not a folder: a model is scored on a folder with class subfolders "
                          "(a cache holds embeddings, which a head scores: give --head)")

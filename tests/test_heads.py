@@ -487,6 +487,8 @@ def test_evaluate_a_multilabel_head_with_the_test_folders_labels(digits_cache, l
         featx.evaluate_head(tmp_path / "test.h5", single, labels_csv=tmp_path / "test.csv")
     # its merged classifier gives probabilities per label: one class per image would misread them
     merged = featx.export_classifier(lite0_onnx, tags, tmp_path / "tags.onnx")
+    assert "multi-label classifier: probabilities for each of 4 labels (big, even, loop, odd)" in \
+        featx.describe_file(merged)
     with pytest.raises(FeatxError, match="multi-label classifier"):
         featx.evaluate_classifier(test, merged)
 
