@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-label: CSV of key,label1;label2 (sigmoid outputs, per-label thresholds)")
     p.add_argument("--balanced", action="store_true",
                    help="weigh every class equally, however many images it has (classes of very different sizes)")
+    p.add_argument("--mistakes", default=None,
+                   help="CSV of every held-out image predicted wrong (with --cv: of every image, out of fold), "
+                        "most confident first: files filed under the wrong class are among them")
 
     p = sub.add_parser("evaluate", help="score a head, or a model with its own classes, on labelled images kept "
                                         "apart from its training")
@@ -425,7 +428,7 @@ def _run(args: argparse.Namespace) -> int:
             args.cache, args.output, model=args.model, head=args.head, test_size=args.test_size, cv=args.cv,
             C=args.C, hidden=tuple(int(h) for h in args.hidden.split(",") if h), dropout=args.dropout,
             epochs=args.epochs, seed=args.seed, report_png=args.report, labels_csv=args.labels,
-            class_weight="balanced" if args.balanced else None,
+            class_weight="balanced" if args.balanced else None, mistakes_csv=args.mistakes,
         )
         print(report.text())
         return 0

@@ -427,6 +427,7 @@ class HeadReport:
     evaluated_on: str | None = None  # evaluate_head: the cache scored (the head was trained elsewhere)
     # evaluate_head, single-label: (key, true class, predicted class, its probability), most confident first
     mistakes: list[tuple[str, str, str, float]] = field(default_factory=list)
+    mistakes_of: str = ""  # which images the mistakes are of, when not those scored above
 
     def text(self, *, mistakes_shown: int = 10) -> str:
         micro = f", micro-F1 {self.micro_f1:.4f}" if self.micro_f1 is not None else ""
@@ -449,7 +450,8 @@ class HeadReport:
                       np.array2string(self.confusion, max_line_width=200)]
         if self.mistakes:
             shown = self.mistakes[:mistakes_shown]
-            lines.append(f"{len(self.mistakes)} misclassified, the most confident first:")
+            of = f" ({self.mistakes_of})" if self.mistakes_of else ""
+            lines.append(f"{len(self.mistakes)} misclassified{of}, the most confident first:")
             lines += [f"  {key}  {true} -> {predicted} {p:.1%}" for key, true, predicted, p in shown]
             if len(self.mistakes) > len(shown):
                 lines.append(f"  … {len(self.mistakes) - len(shown)} more (--mistakes CSV lists them all)")
@@ -539,21 +541,29 @@ def train_head(
     report_png: str | os.PathLike | None = None,
     labels_csv: str | os.PathLike | None = None,
     class_weight: str | None = None,
+    mistakes_csv: str | os.PathLike | None = None,
 ) -> HeadReport:
     """Fit a head on a cache's labelled embeddings, report on a stratified held-out split, save it.
 
-    With ``cv``, also K-fold cross-validated accuracy, and the saved head is refit on all data.
+    The report lists the held-out images it got wrong, the most confident first (files filed under the
+    wrong class are among them); ``mistakes_csv`` writes them all. With ``cv``, also K-fold cross-validated accuracy,
+    the mistakes are those of every image, each scored by the fold that left it out, and the saved head
+    is refit on all data.
     ``class_weight="balanced"``: every class counts as much as any other in training, for folders whose
     classes have very different numbers of images (the small ones are otherwise rarely predicted).
     With ``labels_csv`` (rows ``key,label1;label2``), a multi-label head: sigmoid outputs, BCE,
     per-label thresholds; ``logreg`` is then the linear case (no hidden layer). Only keys in the
     CSV are used.
     """
+    if labels_csv is not None and mistakes_csv is not None:
+        raise FeatxError("--mistakes lists images given one wrong class; a multi-label head's report has "
+                         "the F1 of each label instead")
     if labels_csv is not None:
         return _train_multilabel(cache, output, labels_csv, model=model, head=head, test_size=test_size,
                                  hidden=hidden, dropout=dropout, epochs=epochs, seed=seed, report_png=report_png,
                                  class_weight=class_weight)
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold
 
     from .store import find_copies, load_embeddings
 
@@ -588,11 +598,21 @@ def train_head(
     estimator.fit(X_train, y_train)
     fit_seconds = time.perf_counter() - t0
     classes = [str(c) for c in estimator.classes_]
-    report = _single_label_report(head, y_test, estimator.predict(X_test), classes, n_train=len(y_train),
-                                  fit_seconds=fit_seconds, n_copies=copies.n_copies)
+    keys = np.array(data.keys, dtype=object)[copies.keep]
+    probs = estimator.predict_proba(X_test)
+    predicted = np.array(classes, dtype=object)[probs.argmax(axis=1)].astype(str)
+    report = _single_label_report(head, y_test, predicted, classes, n_train=len(y_train), fit_seconds=fit_seconds,
+                                  n_copies=copies.n_copies, mistakes=_mistakes(keys[test], y_test, predicted, probs.max(axis=1)))
     if cv:
-        folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
-        report.cv_accuracy = [float(a) for a in cross_val_score(estimator, X, y, cv=folds)]
+        # every image scored by the fold that left it out: a wrongly filed image anywhere in the folder shows
+        out_of_fold = np.zeros((len(y), len(classes)))
+        for fold_train, fold_test in StratifiedKFold(cv, shuffle=True, random_state=seed).split(X, y):
+            out_of_fold[fold_test] = clone(estimator).fit(X[fold_train], y[fold_train]).predict_proba(X[fold_test])
+            report.cv_accuracy.append(float(np.mean(
+                np.array(classes)[out_of_fold[fold_test].argmax(axis=1)] == y[fold_test])))
+        predicted = np.array(classes, dtype=object)[out_of_fold.argmax(axis=1)].astype(str)
+        report.mistakes = _mistakes(keys, y, predicted, out_of_fold.max(axis=1))
+        report.mistakes_of = f"of all {len(y)} images, each scored by the fold that left it out"
         estimator.fit(X, y)
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
@@ -600,7 +620,18 @@ def train_head(
     png = Path(report_png) if report_png else output.with_suffix(".confusion.png")
     plot_confusion(report.confusion, classes, png, title=f"{head} on {data.model}: accuracy {report.accuracy:.3f}")
     report.files = [str(output), str(png)]
+    if mistakes_csv is not None:
+        report.files.append(str(_write_mistakes(report.mistakes, mistakes_csv)))
     return report
+
+
+def _mistakes(keys, truth: np.ndarray, predicted: np.ndarray, confidence) -> list[tuple[str, str, str, float]]:
+    """(key, class, predicted class, its probability) of each image predicted wrong, the most confident
+    first: a file filed under the wrong class is among them. ``confidence``: (n,) the predicted
+    class's probability."""
+    wrong = np.flatnonzero(predicted != truth)
+    return sorted(((str(keys[i]), str(truth[i]), str(predicted[i]), float(confidence[i])) for i in wrong),
+                  key=lambda m: -m[3])
 
 
 def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -1054,8 +1085,7 @@ def _score_classes(name: str, keys: list[str], truth: list[str], predicted: list
     confident first (all of them in ``mistakes_csv``)."""
     shown = sorted(set(truth) | set(predicted))  # the order of scikit-learn's report, printed above the matrix
     truth, predicted = np.array(truth, dtype=object).astype(str), np.array(predicted, dtype=object).astype(str)
-    mistakes = sorted(((keys[i], str(truth[i]), str(predicted[i]), float(confidence[i]))
-                       for i in np.flatnonzero(predicted != truth)), key=lambda m: -m[3])
+    mistakes = _mistakes(keys, truth, predicted, confidence)
     report = _single_label_report(name, truth, predicted, shown, n_copies=n_copies, evaluated_on=where,
                                   mistakes=mistakes)
     plot_confusion(report.confusion, shown, png, title=f"{name} on {where}: accuracy {report.accuracy:.3f}")

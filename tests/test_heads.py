@@ -523,3 +523,45 @@ def test_evaluate_an_imagenet_model_on_folders_named_by_its_classes(photos_dir, 
     monkeypatch.setenv("FEATX_MODELS", str(lite0_onnx.parent))  # a name: the models folder's file
     assert featx.evaluate_classifier(test, "efficientnet_lite0").accuracy == report.accuracy
     assert (tmp_path / "efficientnet_lite0.test.confusion.png").exists()
+
+
+@pytest.mark.slow
+def test_train_head_lists_its_mistakes_and_with_cv_finds_every_misfiled_file(digits_cache, digits_dir, lite0_onnx,
+                                                                             tmp_path, capsys):
+    """Five 3s filed under 8 in a copy of the digits (its rows taken from the cache by content, nothing
+    decoded): with --cv each image is scored by the fold that left it out, so all five are listed."""
+    import shutil
+
+    from featx.cli import main
+
+    noisy = tmp_path / "noisy"
+    shutil.copytree(digits_dir, noisy)
+    misfiled = sorted((noisy / "3").iterdir())[:5]
+    for path in misfiled:
+        path.rename(noisy / "8" / path.name)
+    cache = tmp_path / "noisy.h5"
+    shutil.copy(digits_cache, cache)
+    stats = featx.embed_folder(noisy, cache, model=lite0_onnx, new_folder=True, prune=True)
+    assert stats.n_embedded == 0
+    mistakes = tmp_path / "mistakes.csv"
+    assert main(["-q", "train-head", str(cache), "-o", str(tmp_path / "h.safetensors"), "--C", "1", "--cv", "3",
+                 "--mistakes", str(mistakes)]) == 0
+    printed = capsys.readouterr().out
+    with open(mistakes) as f:
+        listed = list(csv.DictReader(f))
+    assert {f"8/{p.name}" for p in misfiled} <= {r["key"] for r in listed if (r["class"], r["predicted"]) == ("8", "3")}
+    confidence = [float(r["probability"]) for r in listed]
+    assert confidence == sorted(confidence, reverse=True)
+    cv_accuracy = float(printed.split("3-fold cross-validation accuracy: ")[1].split()[0])
+    assert 1 - len(listed) / 1797 == pytest.approx(cv_accuracy, abs=0.002)  # the folds' mistakes, all of them
+    assert f"{len(listed)} misclassified (of all 1797 images, each scored by the fold that left it out)" in printed
+    # without --cv: the held-out images' mistakes
+    report = featx.train_head(cache, tmp_path / "h2.safetensors", C=1.0)
+    assert len(report.mistakes) == round((1 - report.accuracy) * report.n_test)
+    data, saved = featx.load_embeddings(cache), load_head(tmp_path / "h2.safetensors").head
+    rows = [data.keys.index(key) for key, *_ in report.mistakes]
+    assert list(saved.predict(data.embeddings[rows])) == [predicted for _, _, predicted, _ in report.mistakes]
+    assert all(data.class_names[data.labels[i]] == true != predicted
+               for i, (_, true, predicted, _) in zip(rows, report.mistakes))
+    with pytest.raises(featx.FeatxError, match="multi-label"):
+        featx.train_head(cache, tmp_path / "h3.safetensors", labels_csv=mistakes, mistakes_csv=tmp_path / "m.csv")
