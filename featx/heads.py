@@ -27,6 +27,8 @@ from .errors import FeatxError, HeadMismatchError
 
 _logger = logging.getLogger(__name__)
 HEAD_FORMAT = "featx-head/1"
+_NO_MULTILABEL_MISTAKES = ("--mistakes lists images given one wrong class; a multi-label head's report has the F1 of "
+                           "each label instead")
 
 
 class NotFittedError(FeatxError, _SklearnNotFittedError):
@@ -546,9 +548,9 @@ def train_head(
     """Fit a head on a cache's labelled embeddings, report on a stratified held-out split, save it.
 
     The report lists the held-out images it got wrong, the most confident first (files filed under the
-    wrong class are among them); ``mistakes_csv`` writes them all. With ``cv``, also K-fold cross-validated accuracy,
-    the mistakes are those of every image, each scored by the fold that left it out, and the saved head
-    is refit on all data.
+    wrong class are among them); ``mistakes_csv`` writes them all. With ``cv``, also K-fold
+    cross-validated accuracy, the mistakes are those of every image, each scored by the fold that left it
+    out, and the saved head is refit on all data.
     ``class_weight="balanced"``: every class counts as much as any other in training, for folders whose
     classes have very different numbers of images (the small ones are otherwise rarely predicted).
     With ``labels_csv`` (rows ``key,label1;label2``), a multi-label head: sigmoid outputs, BCE,
@@ -556,8 +558,7 @@ def train_head(
     CSV are used.
     """
     if labels_csv is not None and mistakes_csv is not None:
-        raise FeatxError("--mistakes lists images given one wrong class; a multi-label head's report has "
-                         "the F1 of each label instead")
+        raise FeatxError(_NO_MULTILABEL_MISTAKES)
     if labels_csv is not None:
         return _train_multilabel(cache, output, labels_csv, model=model, head=head, test_size=test_size,
                                  hidden=hidden, dropout=dropout, epochs=epochs, seed=seed, report_png=report_png,
@@ -602,7 +603,8 @@ def train_head(
     probs = estimator.predict_proba(X_test)
     predicted = np.array(classes, dtype=object)[probs.argmax(axis=1)].astype(str)
     report = _single_label_report(head, y_test, predicted, classes, n_train=len(y_train), fit_seconds=fit_seconds,
-                                  n_copies=copies.n_copies, mistakes=_mistakes(keys[test], y_test, predicted, probs.max(axis=1)))
+                                  n_copies=copies.n_copies,
+                                  mistakes=_mistakes(keys[test], y_test, predicted, probs.max(axis=1)))
     if cv:
         # every image scored by the fold that left it out: a wrongly filed image anywhere in the folder shows
         out_of_fold = np.zeros((len(y), len(classes)))
@@ -973,6 +975,8 @@ def evaluate_head(
     if labels_csv is not None and not multilabel:
         raise FeatxError(f"{head} is a single-label head: its classes are the folder's first-level subfolders, "
                          "not a labels CSV")
+    if multilabel and mistakes_csv is not None:
+        raise FeatxError(_NO_MULTILABEL_MISTAKES)
     source, part = Path(data), None
     if source.is_dir():
         if cache is None:
@@ -985,9 +989,9 @@ def evaluate_head(
         matching = [g for g, fp in groups.items() if fp == loaded.fingerprint]
         if not matching:
             held = ", ".join(f"{g} (fingerprint {fp})" for g, fp in groups.items()) or "no embeddings"
-            raise HeadMismatchError(f"head was trained on {loaded.model} embeddings (fingerprint {loaded.fingerprint}); "
-                                    f"{source} holds {held}: `featx evaluate FOLDER --head {head} --cache {source}` "
-                                    "embeds a folder with the head's model")
+            raise HeadMismatchError(f"head was trained on {loaded.model} embeddings (fingerprint "
+                                    f"{loaded.fingerprint}); {source} holds {held}: `featx evaluate FOLDER --head "
+                                    f"{head} --cache {source}` embeds a folder with the head's model")
         group = loaded.model if loaded.model in matching else matching[0]
     embeddings = load_embeddings(source, group)
     rows = [i for i, key in enumerate(embeddings.keys) if part is None or part(key)]
@@ -1017,7 +1021,8 @@ def evaluate_head(
     if not multilabel:
         best = probs.argmax(axis=1)
         return _score_classes(Path(head).name, keys, [embeddings.class_names[embeddings.labels[i]] for i in rows],
-                              [classes[j] for j in best], probs[np.arange(len(rows)), best], where=where, png=png, mistakes_csv=mistakes_csv, n_copies=n_copies)
+                              [classes[j] for j in best], probs[np.arange(len(rows)), best], where=where, png=png,
+                              mistakes_csv=mistakes_csv, n_copies=n_copies)
     from sklearn.metrics import f1_score
 
     truth = _label_matrix((wanted[k] for k in keys), classes)
@@ -1075,14 +1080,15 @@ def evaluate_classifier(
     beside = Path(model_file) if Path(model).suffix == ".onnx" else Path(Path(model_file).name)
     png = Path(report_png) if report_png else beside.with_name(f"{beside.stem}.{folder.name}.confusion.png")
     return _score_classes(Path(model_file).name, keys, [key.split("/")[0] for key in keys],
-                          [c.top[0][0] for c in rows], [c.top[0][1] for c in rows], where=str(folder), png=png, mistakes_csv=mistakes_csv)
+                          [c.top[0][0] for c in rows], [c.top[0][1] for c in rows], where=str(folder), png=png,
+                          mistakes_csv=mistakes_csv)
 
 
 def _score_classes(name: str, keys: list[str], truth: list[str], predicted: list[str], confidence,
                    *, where: str, png: Path, mistakes_csv, n_copies: int = 0) -> HeadReport:
     """The report on one class per image: scores, the confusion matrix over the classes met (a model of
-    1,000 classes is drawn on those the folder has or it predicted, in name order), its PNG, and the mistakes, the most
-    confident first (all of them in ``mistakes_csv``)."""
+    1,000 classes is drawn on those the folder has or it predicted, in name order), its PNG, and the
+    mistakes, the most confident first (all of them in ``mistakes_csv``)."""
     shown = sorted(set(truth) | set(predicted))  # the order of scikit-learn's report, printed above the matrix
     truth, predicted = np.array(truth, dtype=object).astype(str), np.array(predicted, dtype=object).astype(str)
     mistakes = _mistakes(keys, truth, predicted, confidence)
@@ -1126,7 +1132,8 @@ def _rows_of_known_classes(truth: list[str | None], classes: list[str], source: 
     if not rows:
         found = ", ".join(f"'{c}'" for c in sorted(unknown)[:10])
         raise FeatxError(f"{source} has no image of a class {of} knows ({', '.join(classes[:10])}"
-                         f"{', …' if len(classes) > 10 else ''}); its classes are {found or 'none: no class subfolders'}")
+                         f"{', …' if len(classes) > 10 else ''}); its classes are "
+                         f"{found or 'none: no class subfolders'}")
     return rows
 
 
