@@ -9,7 +9,8 @@ _logger = logging.getLogger(__name__)
 
 
 def run_demo(folder: str | Path = "demo", *, device: str = "auto", progress: bool = True) -> dict:
-    """Classify sample photos, embed the digits folder into a cache, train a head, plot its confusion matrix.
+    """Classify sample photos, embed the digits folder into a cache, train a head, plot its confusion matrix,
+    list the held-out digits it got wrong.
 
     Everything is written under ``folder``; a second run reuses the cache (only new images are embedded).
     Returns the figures it printed.
@@ -36,6 +37,7 @@ def run_demo(folder: str | Path = "demo", *, device: str = "auto", progress: boo
     print(f"   {stats.summary()}")
 
     print("3. Logistic-regression head on the cached embeddings, held-out stratified 20%:")
-    report = train_head(cache, folder / "digits-logreg.safetensors", head="logreg")
+    report = train_head(cache, folder / "digits-logreg.safetensors", head="logreg",
+                        mistakes_csv=folder / "digits-mistakes.csv")
     print("   " + report.text().replace("\n", "\n   "))
     return {"accuracy": report.accuracy, "embedded": stats.n_embedded, "cached": stats.n_cached, "files": report.files}

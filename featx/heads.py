@@ -456,7 +456,9 @@ class HeadReport:
             lines.append(f"{len(self.mistakes)} misclassified{of}, the most confident first:")
             lines += [f"  {key}  {true} -> {predicted} {p:.1%}" for key, true, predicted, p in shown]
             if len(self.mistakes) > len(shown):
-                lines.append(f"  … {len(self.mistakes) - len(shown)} more (--mistakes CSV lists them all)")
+                written = any(f.endswith(".csv") for f in self.files)
+                lines.append(f"  … {len(self.mistakes) - len(shown)} more "
+                             f"({'all in the CSV below' if written else '--mistakes CSV lists them all'})")
         lines += [f"-> {f}" for f in self.files]
         return "\n".join(lines)
 
