@@ -43,6 +43,7 @@ _API = {
     "walk_images": "data",
     # classification, embedding and the cache
     "classify": "pipeline",
+    "iter_classify": "pipeline",
     "embed_folder": "pipeline",
     "embed_images": "pipeline",
     "RunStats": "pipeline",
@@ -68,7 +69,7 @@ _API = {
     "HeadReport": "heads",
     "predict": "heads",
     "iter_predictions": "heads",
-    "write_predictions": "heads",
+    "write_predictions": "pipeline",
     "describe_file": "heads",
     "export_classifier": "heads",
     "save_head": "heads",
@@ -113,12 +114,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .runtime import (BackoffEncoder, Encoded, OnnxEngine, TorchEngine, auto_batch_size, default_batch_size,
                           load_model, read_model_info)
     from .data import as_rgb, decode_image, load_image, preprocess_image, walk_images
-    from .pipeline import RunStats, classify, embed_folder, embed_images
+    from .pipeline import RunStats, classify, embed_folder, embed_images, iter_classify, write_predictions
     from .store import (CacheSummary, Embeddings, iter_embeddings, load_embeddings, load_failures, load_labels,
                         summarize_cache)
     from .heads import (HeadReport, ImageEmbedder, LogRegHead, MLPHead, NotFittedError, evaluate_classifier,
                         evaluate_head, export_classifier, iter_predictions, load_head, predict, save_head,
-                        train_head, write_predictions, describe_file)
+                        train_head, describe_file)
     from .finetune import advise, fine_tune, model_blocks
     from .bench import bench_models
     from .embedmap import EmbeddingMap, plot_embeddings

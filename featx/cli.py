@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders (every image under them)")
     _add_model(p)
     p.add_argument("--top", type=_count(1), default=5, help="classes per image (default 5)")
+    p.add_argument("-o", "--output", default=None,
+                   help="CSV file (key, top classes, probabilities, error), written as rows come; default: print")
     _add_device(p)
     _add_strict(p)
 
@@ -393,11 +395,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "classify":
-        results = featx.classify(args.images, model=args.model, weights=args.weights, top=args.top, device=args.device,
-                                 progress=not args.quiet)
-        for r in results:
-            print(r.line())
-        return _failures_exit(args.images, [r.path for r in results if r.error], args.strict)
+        failed: list[str] = []
+        rows = _noting_failures(featx.iter_classify(args.images, model=args.model, weights=args.weights, top=args.top,
+                                                    device=args.device, progress=not args.quiet), failed)
+        _print_or_write(rows, args.output, args.top)
+        return _failures_exit(args.images, failed, args.strict)
 
     if args.command == "embed":
         from .data import DEFAULT_MAX_PIXELS
@@ -470,13 +472,7 @@ def _run(args: argparse.Namespace) -> int:
         common = dict(head=args.head, model=args.model, weights=args.weights, top=args.top, cache=args.cache,
                       device=args.device, progress=not args.quiet)
         failed: list[str] = []
-        rows = _noting_failures(featx.iter_predictions(args.inputs, **common), failed)
-        if args.output is None:
-            for row in rows:
-                print(row.line(), flush=True)
-        else:
-            n = featx.write_predictions(rows, args.output, top=args.top)
-            print(f"{n} rows -> {args.output}")
+        _print_or_write(_noting_failures(featx.iter_predictions(args.inputs, **common), failed), args.output, args.top)
         return _failures_exit(args.inputs, failed, args.strict)
 
     if args.command == "finetune":
@@ -519,6 +515,18 @@ def _failures_exit(inputs: Sequence[str], failed: Sequence[str], strict: bool) -
     of_them = f", {named_failed} of them named" if named_failed else ""
     print(f"featx: {len(failed)} image(s) could not be read{of_them} (their rows say why)", file=sys.stderr)
     return 1
+
+
+def _print_or_write(rows: Iterable, output: str | None, top: int) -> None:
+    """Rows printed a line each as they come, or written to the CSV ``output``."""
+    import featx
+
+    if output is None:
+        for row in rows:
+            print(row.line(), flush=True)
+    else:
+        n = featx.write_predictions(rows, output, top=top)
+        print(f"{n} rows -> {output}")
 
 
 def _noting_failures(rows: Iterable, failed: list[str]) -> Iterator:

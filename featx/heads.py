@@ -902,6 +902,8 @@ def predict(
     are made (a run stopped part-way keeps the rows written). ``progress`` shows a bar (images,
     images/s, ETA). For a folder too large to hold its rows in memory, use :func:`iter_predictions`.
     """
+    from .pipeline import write_predictions
+
     rows = iter_predictions(inputs, head=head, model=model, weights=weights, top=top, cache=cache, device=device,
                             progress=progress)
     if not output:
@@ -909,34 +911,6 @@ def predict(
     kept: list[PredictionRow] = []
     write_predictions((kept.append(row) or row for row in rows), output, top=top)
     return kept
-
-
-def write_predictions(rows: Iterable[PredictionRow], path: str | os.PathLike, *, top: int = 3) -> int:
-    """Write prediction rows to a CSV as they come (flushed every 256 rows, so a run stopped part-way
-    keeps what it wrote); returns how many. Columns: key, class_i/probability_i for i in 1..top,
-    labels (multi-label heads, ';'-joined), error (a file that could not be read)."""
-    import csv
-    import itertools
-
-    rows = iter(rows)
-    # the first row is made before the file is opened: a run refused at its start (a head of another
-    # model, a missing folder) leaves an earlier CSV at this path as it was
-    first = list(itertools.islice(rows, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        writer = csv.writer(f)
-        header = ["key"] + [c for i in range(1, top + 1) for c in (f"class_{i}", f"probability_{i}")]
-        writer.writerow(header + ["labels", "error"])
-        for row in itertools.chain(first, rows):
-            cells = [c for name, p in row.top for c in (name, f"{p:.6f}")]
-            cells += [""] * (2 * top - len(cells))
-            writer.writerow([row.key, *cells, ";".join(row.labels or []), row.error or ""])
-            n += 1
-            if n % 256 == 0:
-                f.flush()
-    return n
 
 
 # ---------------------------------------------------------------------------------------- evaluation

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -50,6 +50,11 @@ class Classification:
     top: list[tuple[str, float]]  # (class name, probability), most probable first; empty when it failed
     error: str | None = None  # why the image could not be classified
 
+    @property
+    def key(self) -> str:
+        """The row's name in a CSV (:func:`write_predictions`): the path as given."""
+        return self.path
+
     def line(self) -> str:
         if self.error:
             return f"{self.path}  FAILED: {self.error}"
@@ -65,30 +70,82 @@ def classify(
     device: Device = "auto",
     batch_size: int | None = None,
     progress: bool = False,
+    output: str | os.PathLike | None = None,
 ) -> list[Classification]:
     """The model's classes (ImageNet's, or an ``export_classifier`` file's own) of image files, and of
     every image under the folders among them (in walk order).
     A bad image is a Classification with ``error``, never an exception: the others are still classified.
+    With ``output``, rows go to a CSV as they are made (the columns of :func:`write_predictions`; a run
+    stopped part-way keeps the rows written). For a folder too large to hold its rows, use
+    :func:`iter_classify`.
 
     Example:
         >>> classify(["coffee.png"])[0].top[0]
         ('espresso', 0.95...)
     """
+    rows = iter_classify(images, model=model, weights=weights, top=top, device=device, batch_size=batch_size,
+                         progress=progress)
+    if not output:
+        return list(rows)
+    kept: list[Classification] = []
+    write_predictions((kept.append(row) or row for row in rows), output, top=top)
+    return kept
+
+
+def iter_classify(
+    images: Sequence[str | os.PathLike],
+    *,
+    model: str | os.PathLike = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    top: int = 5,
+    device: Device = "auto",
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Iterator[Classification]:
+    """:func:`classify`'s rows one at a time, as each batch is classified: a folder of any size runs in
+    bounded memory, and its first rows come while the rest is decoded."""
     if top < 1:
         raise FeatxError(f"top={top}: ask for at least one class")
     engine = load_model(ensure_model_file(model, weights=weights), device=device, engine="onnx", spin=False)
     info = engine.info
     if not info.has_logits:
         raise ModelFileError(f"{engine.path}: this model has no ImageNet classifier (no logits output)")
-    results = []
     for path, _, logits, error in encode_files(engine, expand_inputs(images), batch_size=batch_size,
                                                progress=progress):
         if error:
-            results.append(Classification(path, [], error))
+            yield Classification(path, [], error)
         else:
             p = class_probabilities(info, logits[None])[0]
-            results.append(Classification(path, [(info.class_names[j], float(p[j])) for j in np.argsort(-p)[:top]]))
-    return results
+            yield Classification(path, [(info.class_names[j], float(p[j])) for j in np.argsort(-p)[:top]])
+
+
+def write_predictions(rows: Iterable, path: str | os.PathLike, *, top: int = 3) -> int:
+    """Write classification or prediction rows (``key``, ``top``, ``error``, and a multi-label head's
+    ``labels``) to a CSV as they come (flushed every 256 rows, so a run stopped part-way
+    keeps what it wrote); returns how many. Columns: key, class_i/probability_i for i in 1..top,
+    labels (multi-label heads, ';'-joined), error (a file that could not be read)."""
+    import csv
+    import itertools
+
+    rows = iter(rows)
+    # the first row is made before the file is opened: a run refused at its start (a head of another
+    # model, a missing folder) leaves an earlier CSV at this path as it was
+    first = list(itertools.islice(rows, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        header = ["key"] + [c for i in range(1, top + 1) for c in (f"class_{i}", f"probability_{i}")]
+        writer.writerow(header + ["labels", "error"])
+        for row in itertools.chain(first, rows):
+            cells = [c for name, p in row.top for c in (name, f"{p:.6f}")]
+            cells += [""] * (2 * top - len(cells))
+            writer.writerow([row.key, *cells, ";".join(getattr(row, "labels", None) or []), row.error or ""])
+            n += 1
+            if n % 256 == 0:
+                f.flush()
+    return n
 
 
 def class_probabilities(info, scores: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,33 @@ def test_cli_classify_exits_1_for_a_named_file_it_cannot_read(lite0_onnx, photos
     assert "FAILED: not an image" in capsys.readouterr().out
     assert main(args + [str(tmp_path), "--strict"]) == 1
     assert main(args + [str(photos_dir / "coffee.png")]) == 0
+
+
+def test_cli_classify_writes_its_rows_to_a_csv(lite0_onnx, photos_dir, tmp_path, capsys):
+    """`featx classify photos/ -o classes.csv`: predict's columns, a row per image in walk order, a bad
+    file's row with its reason, the probabilities classify gives."""
+    import csv
+
+    from featx.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("coffee.png", "china.jpg"):
+        shutil.copy(photos_dir / name, folder / name)
+    (folder / "broken.jpg").write_bytes((photos_dir / "china.jpg").read_bytes()[:300])
+    out = tmp_path / "classes.csv"
+    assert main(["-q", "classify", "--model", str(lite0_onnx), "--top", "2", str(folder), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"3 rows -> {out}"
+    with open(out, newline="") as f:
+        table = list(csv.DictReader(f))
+    expected = featx.classify([folder], model=lite0_onnx, top=2)
+    assert [r["key"] for r in table] == [r.path for r in expected] == [str(folder / n) for n in
+                                                                         ("broken.jpg", "china.jpg", "coffee.png")]
+    assert table[0]["error"] == expected[0].error and table[0]["class_1"] == ""
+    for row, r in zip(table[1:], expected[1:]):
+        assert [row[f"class_{i}"] for i in (1, 2)] == [name for name, _ in r.top]
+        assert [float(row[f"probability_{i}"]) for i in (1, 2)] == pytest.approx([p for _, p in r.top], abs=1e-6)
+    assert table[2]["class_1"] == "espresso" and table[1]["error"] == ""
 
 
 def test_cli_output_piped_into_head_ends_quietly(lite0_onnx, photos_dir):
