@@ -358,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         if args.command == "embed" or (args.command in ("predict", "evaluate") and args.cache):
             how = "; committed batches are kept, run the same command again to resume"
+        elif args.command in ("classify", "predict") and args.output:
+            how = f"; the rows done so far are in {args.output}"
         elif args.command == "finetune":
             how = f"; the best epoch so far is in {args.output}, the same command with --resume continues from it"
         else:

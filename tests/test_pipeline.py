@@ -739,6 +739,28 @@ def test_ctrl_c_or_sigterm_exits_cleanly_and_keeps_committed_batches(digits_dir,
     assert 0 < len(data.keys) < 1797 and len(set(data.keys)) == len(data.keys)
 
 
+def test_ctrl_c_during_classify_to_a_csv_keeps_the_rows_written(digits_dir, tmp_path, lite0_onnx):
+    """`featx classify big_folder/ -o classes.csv` stopped with Ctrl-C: the rows classified so far are in
+    the CSV, whole, and the line says so."""
+    import csv
+
+    out = tmp_path / "classes.csv"
+    cmd = [sys.executable, "-m", "featx", "-q", "classify", str(digits_dir), "-o", str(out), "--model",
+           str(lite0_onnx), "--top", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 60
+    while time.time() < deadline and (not out.exists() or out.stat().st_size < 2000):  # rows flushed
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and f"featx: interrupted; the rows done so far are in {out}" in err, err
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert 0 < len(rows) < 1797 and len({r["key"] for r in rows}) == len(rows)
+    assert all(r["class_1"] and float(r["probability_1"]) > 0 for r in rows)
+
+
 @pytest.mark.slow
 def test_disk_full_is_one_line_and_the_next_run_resumes(digits_dir, tmp_path, lite0_onnx):
     """The OS refuses writes past a size (RLIMIT_FSIZE: what a full disk looks like to the process):
