@@ -902,15 +902,10 @@ def predict(
     are made (a run stopped part-way keeps the rows written). ``progress`` shows a bar (images,
     images/s, ETA). For a folder too large to hold its rows in memory, use :func:`iter_predictions`.
     """
-    from .pipeline import write_predictions
+    from .pipeline import collect_rows
 
-    rows = iter_predictions(inputs, head=head, model=model, weights=weights, top=top, cache=cache, device=device,
-                            progress=progress)
-    if not output:
-        return list(rows)
-    kept: list[PredictionRow] = []
-    write_predictions((kept.append(row) or row for row in rows), output, top=top)
-    return kept
+    return collect_rows(iter_predictions(inputs, head=head, model=model, weights=weights, top=top, cache=cache,
+                                         device=device, progress=progress), output, top=top)
 
 
 # ---------------------------------------------------------------------------------------- evaluation

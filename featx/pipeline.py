@@ -83,11 +83,15 @@ def classify(
         >>> classify(["coffee.png"])[0].top[0]
         ('espresso', 0.95...)
     """
-    rows = iter_classify(images, model=model, weights=weights, top=top, device=device, batch_size=batch_size,
-                         progress=progress)
+    return collect_rows(iter_classify(images, model=model, weights=weights, top=top, device=device,
+                                      batch_size=batch_size, progress=progress), output, top=top)
+
+
+def collect_rows(rows: Iterable, output: str | os.PathLike | None, *, top: int) -> list:
+    """Every row of ``rows`` in a list; with ``output``, each also written to that CSV as it comes."""
     if not output:
         return list(rows)
-    kept: list[Classification] = []
+    kept: list = []
     write_predictions((kept.append(row) or row for row in rows), output, top=top)
     return kept
 
