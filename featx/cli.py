@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a head, or a model with its own classes, on labelled images kept "
                                         "apart from its training")
     p.add_argument("data", help="a folder whose class subfolders are named as the classes (with --head: embedded "
-                                "into --cache first), or with --head an embedding cache (.h5) of one")
+                                "first), or with --head an embedding cache (.h5) of one")
     p.add_argument("--head", default=None, help="head file from train-head (.safetensors); without it, --model "
                                                 "is scored: a fine-tuned export, a classifier from export-classifier")
     p.add_argument("--model", "-m", default=None,
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--head, the one that embeds the folder (default: the head's own)")
     p.add_argument("--weights", default=None, help="pretrained | none | bundled | PATH to a state dict")
     p.add_argument("--cache", default=None, help="with --head, a folder's embeddings go here (made, or brought up to "
-                                                 "date, first)")
+                                                 "date, first; default: a temporary cache)")
     p.add_argument("--labels", default=None, help="multi-label heads: CSV of key,label1;label2")
     p.add_argument("--report", default=None,
                    help="confusion-matrix PNG (default: beside the head or model file, NAME.DATA.confusion.png)")

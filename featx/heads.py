@@ -928,15 +928,17 @@ def evaluate_head(
     sorted by hand.
 
     ``data``: a cache of a folder whose class subfolders are named as the head's classes (its model group
-    is the one with the head's fingerprint), or the folder itself, embedded first into ``cache`` with
-    ``model`` (by default the head's own, :func:`head_model_file`; a re-run embeds only what is new; a part
-    of the cache's folder is scored alone). ``labels_csv``: a multi-label head's labels (``key,a;b``).
+    is the one with the head's fingerprint), or the folder itself, embedded first with ``model`` (by
+    default the head's own, :func:`head_model_file`) into ``cache`` (a re-run embeds only what is new; a
+    part of the cache's folder is scored alone), else into a temporary one. ``labels_csv``: a multi-label head's labels (``key,a;b``).
     Left out, each counted in a warning: images of classes the head does not know, copies (the same bytes
     and class), and images whose bytes are in the cache the head was trained from (it may have trained on
     them: the score would flatter it). Saves the confusion matrix (per-label F1 for a multi-label head)
     as ``report_png``, by default beside the head (HEAD.DATA.confusion.png); ``mistakes_csv``: every
     misclassified image, the most confident mistake first.
     """
+    import tempfile
+
     from .store import find_copies, load_embeddings, model_fingerprints
 
     loaded = load_head(head)
@@ -950,11 +952,10 @@ def evaluate_head(
         raise FeatxError(_NO_MULTILABEL_MISTAKES)
     source, part = Path(data), None
     if source.is_dir():
-        if cache is None:
-            raise FeatxError(f"{source} is a folder: give --cache CACHE.h5 for its embeddings (made, or brought up to "
-                             "date, first), or give a cache of it")
-        source, group, part = Path(cache), *_embed_for_head(loaded, source, cache, model, weights, device=device,
-                                                             progress=progress)
+        with tempfile.TemporaryDirectory() as tmp:  # without a cache, the folder's embeddings are not kept
+            source = Path(cache) if cache is not None else Path(tmp) / f"{source.name}.h5"
+            group, part = _embed_for_head(loaded, Path(data), source, model, weights, device=device, progress=progress)
+            embeddings = load_embeddings(source, group)
     else:
         groups = model_fingerprints(source)
         matching = [g for g, fp in groups.items() if fp == loaded.fingerprint]
@@ -964,12 +965,12 @@ def evaluate_head(
                                     f"{loaded.fingerprint}); {source} holds {held}: `featx evaluate FOLDER --head "
                                     f"{head} --cache {source}` embeds a folder with the head's model")
         group = loaded.model if loaded.model in matching else matching[0]
-    embeddings = load_embeddings(source, group)
+        embeddings = load_embeddings(source, group)
     rows = [i for i, key in enumerate(embeddings.keys) if part is None or part(key)]
     classes = [str(c) for c in loaded.head.classes_]
     if multilabel:
         wanted = read_labels_csv(labels_csv)
-        rows, n_copies = _rows_labelled_by_csv(embeddings, rows, wanted, source, labels_csv)
+        rows, n_copies = _rows_labelled_by_csv(embeddings, rows, wanted, data, labels_csv)
         unknown = sorted({label for i in rows for label in wanted[embeddings.keys[i]]} - set(classes))
         if unknown:
             _logger.warning("%d label(s) of %s are not the head's, left out of the scores: %s", len(unknown),
@@ -977,18 +978,19 @@ def evaluate_head(
     else:
         names = embeddings.class_names
         truth = [names[embeddings.labels[i]] if embeddings.labels[i] >= 0 else None for i in rows]
-        rows = [rows[j] for j in _rows_of_known_classes(truth, classes, source, of="the head")]
+        rows = [rows[j] for j in _rows_of_known_classes(truth, classes, Path(data), of="the head")]
         copies = find_copies([embeddings.keys[i] for i in rows], embeddings.labels[rows],
                              [embeddings.digests[i] for i in rows])
-        for line in copies.lines(str(source)):
+        # a temporary cache is named by its folder: its path would be gone before the line is read
+        for line in copies.lines(str(data) if part is not None and cache is None else str(source)):
             _logger.warning("%s", line)
         rows, n_copies = [rows[j] for j in copies.keep], copies.n_copies
-    rows = _rows_not_trained_on(loaded, embeddings, rows, source)
+    rows = _rows_not_trained_on(loaded, embeddings, rows, Path(data))
     probs = loaded.head.predict_proba(embeddings.embeddings[rows])
     keys = [embeddings.keys[i] for i in rows]
     where = str(data) if part is not None else source.name
     png = Path(report_png) if report_png else Path(head).with_name(
-        f"{Path(head).stem}.{source.stem}.{'f1' if multilabel else 'confusion'}.png")
+        f"{Path(head).stem}.{Path(data).name if part else source.stem}.{'f1' if multilabel else 'confusion'}.png")
     if not multilabel:
         best = probs.argmax(axis=1)
         return _score_classes(Path(head).name, keys, [embeddings.class_names[embeddings.labels[i]] for i in rows],

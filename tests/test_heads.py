@@ -476,7 +476,8 @@ def test_evaluate_a_multilabel_head_with_the_test_folders_labels(digits_cache, l
         f.writelines(f"{key},{';'.join(_multilabel_tags(key))}\n" for key in keys)
     with pytest.raises(FeatxError, match="multi-label head: give the images' labels"):
         featx.evaluate_head(test, tags, cache=tmp_path / "test.h5")
-    report = featx.evaluate_head(test, tags, cache=tmp_path / "test.h5", labels_csv=tmp_path / "test.csv")
+    report = featx.evaluate_head(test, tags, labels_csv=tmp_path / "test.csv")  # no cache: a temporary one
+    assert not list(test.parent.glob("*.h5")) and (tmp_path / "tags.test.f1.png").exists()
     rows = featx.predict([test / key for key in keys], head=tags, model=lite0_onnx)
     exact = np.mean([set(r.labels) == set(_multilabel_tags(key)) for r, key in zip(rows, keys)])
     assert report.n_test == 100 and report.micro_f1 > 0.8 and report.accuracy == pytest.approx(exact)
