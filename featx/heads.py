@@ -1046,15 +1046,29 @@ def evaluate_classifier(
                         failed[0].error)
     rows = [c for c in classified if not c.error]
     keys = [Path(os.path.relpath(c.path, folder)).as_posix() for c in rows]
-    truth = [key.split("/")[0] if "/" in key else None for key in keys]
-    rows = [rows[j] for j in _rows_of_known_classes(truth, info.class_names, folder, of="the model")]
-    keys = [Path(os.path.relpath(c.path, folder)).as_posix() for c in rows]
+    truth = _wordnet_folders_named([key.split("/")[0] if "/" in key else None for key in keys], info.class_names)
+    known = _rows_of_known_classes(truth, info.class_names, folder, of="the model")
     # beside a model file named; in the working folder for a backbone name (not in the models folder)
     beside = Path(model_file) if Path(model).suffix == ".onnx" else Path(Path(model_file).name)
     png = Path(report_png) if report_png else beside.with_name(f"{beside.stem}.{folder.name}.confusion.png")
-    return _score_classes(Path(model_file).name, keys, [key.split("/")[0] for key in keys],
-                          [c.top[0][0] for c in rows], [c.top[0][1] for c in rows], where=str(folder), png=png,
-                          mistakes_csv=mistakes_csv)
+    return _score_classes(Path(model_file).name, [keys[i] for i in known], [truth[i] for i in known],
+                          [rows[i].top[0][0] for i in known], [rows[i].top[0][1] for i in known], where=str(folder),
+                          png=png, mistakes_csv=mistakes_csv)
+
+
+def _wordnet_folders_named(truth: list[str | None], class_names: list[str]) -> list[str | None]:
+    """ImageNet's own folders are named by WordNet ID (``n07920052/``, ILSVRC's train and val layout): for
+    a model of ImageNet's 1,000 classes, such a folder is read as the class at that ID's place in the
+    standard order (timm's ImageNet synset list), ``espresso``; a class the model itself names so stays."""
+    import re
+
+    own = set(class_names)
+    if len(class_names) != 1000 or not any(t and t not in own and re.fullmatch(r"n\d{8}", t) for t in truth):
+        return truth
+    from timm.data import ImageNetInfo
+
+    place = {wnid: i for i, wnid in enumerate(ImageNetInfo().label_names())}
+    return [class_names[place[t]] if t in place and t not in own else t for t in truth]
 
 
 def _score_classes(name: str, keys: list[str], truth: list[str], predicted: list[str], confidence,

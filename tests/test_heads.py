@@ -496,15 +496,16 @@ def test_evaluate_a_multilabel_head_with_the_test_folders_labels(digits_cache, l
 
 def test_evaluate_an_imagenet_model_on_folders_named_by_its_classes(photos_dir, lite0_onnx, tmp_path, monkeypatch,
                                                                     capsys, caplog):
-    """The bundled photos filed under ImageNet class names, one of them under the wrong one; a folder whose
-    name is no ImageNet class is left out, and the plot goes to the working folder, not the models folder."""
+    """The bundled photos filed under ImageNet class names (or ImageNet's WordNet IDs), one of them under the
+    wrong one; a folder whose name is no ImageNet class is left out, and the plot goes to the working folder,
+    not the models folder."""
     import shutil
 
     from featx.cli import main
 
     test = tmp_path / "test"
-    for cls, photo in [("espresso", "coffee.png"), ("palace", "china.jpg"), ("cup", "coffee.png"),
-                       ("my cats", "chelsea.png")]:
+    for cls, photo in [("espresso", "coffee.png"), ("n03877845", "china.jpg"), ("cup", "coffee.png"),
+                       ("my cats", "chelsea.png")]:  # n03877845: ImageNet's own folder name for 'palace'
         (test / cls).mkdir(parents=True)
         shutil.copy(photos_dir / photo, test / cls / photo)
     monkeypatch.chdir(tmp_path)
