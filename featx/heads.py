@@ -430,6 +430,7 @@ class HeadReport:
     # evaluate_head, single-label: (key, true class, predicted class, its probability), most confident first
     mistakes: list[tuple[str, str, str, float]] = field(default_factory=list)
     mistakes_of: str = ""  # which images the mistakes are of, when not those scored above
+    mistakes_file: str | None = None  # the CSV write_mistakes wrote them to
 
     def text(self, *, mistakes_shown: int = 10) -> str:
         micro = f", micro-F1 {self.micro_f1:.4f}" if self.micro_f1 is not None else ""
@@ -456,11 +457,25 @@ class HeadReport:
             lines.append(f"{len(self.mistakes)} misclassified{of}, the most confident first:")
             lines += [f"  {key}  {true} -> {predicted} {p:.1%}" for key, true, predicted, p in shown]
             if len(self.mistakes) > len(shown):
-                written = any(f.endswith(".csv") for f in self.files)
-                lines.append(f"  … {len(self.mistakes) - len(shown)} more "
-                             f"({'all in the CSV below' if written else '--mistakes CSV lists them all'})")
+                where = f"all in {self.mistakes_file}" if self.mistakes_file else "--mistakes CSV lists them all"
+                lines.append(f"  … {len(self.mistakes) - len(shown)} more ({where})")
         lines += [f"-> {f}" for f in self.files]
         return "\n".join(lines)
+
+    def write_mistakes(self, path: str | os.PathLike) -> Path:
+        """Every mistake to a CSV (key, class, predicted, probability), the most confident first; the file
+        is then listed with the report's others."""
+        import csv
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.writer(f)
+            writer.writerow(["key", "class", "predicted", "probability"])
+            writer.writerows((key, true, predicted, f"{p:.6f}") for key, true, predicted, p in self.mistakes)
+        self.mistakes_file = str(path)
+        self.files.append(str(path))
+        return path
 
 
 def _single_label_report(head: str, truth: np.ndarray, predicted: np.ndarray, classes: list[str],
@@ -625,7 +640,7 @@ def train_head(
     plot_confusion(report.confusion, classes, png, title=f"{head} on {data.model}: accuracy {report.accuracy:.3f}")
     report.files = [str(output), str(png)]
     if mistakes_csv is not None:
-        report.files.append(str(_write_mistakes(report.mistakes, mistakes_csv)))
+        report.write_mistakes(mistakes_csv)
     return report
 
 
@@ -930,7 +945,8 @@ def evaluate_head(
     ``data``: a cache of a folder whose class subfolders are named as the head's classes (its model group
     is the one with the head's fingerprint), or the folder itself, embedded first with ``model`` (by
     default the head's own, :func:`head_model_file`) into ``cache`` (a re-run embeds only what is new; a
-    part of the cache's folder is scored alone), else into a temporary one. ``labels_csv``: a multi-label head's labels (``key,a;b``).
+    part of the cache's folder is scored alone), else into a temporary one. ``labels_csv``: a multi-label
+    head's labels (``key,a;b``).
     Left out, each counted in a warning: images of classes the head does not know, copies (the same bytes
     and class), and images whose bytes are in the cache the head was trained from (it may have trained on
     them: the score would flatter it). Saves the confusion matrix (per-label F1 for a multi-label head)
@@ -989,8 +1005,9 @@ def evaluate_head(
     probs = loaded.head.predict_proba(embeddings.embeddings[rows])
     keys = [embeddings.keys[i] for i in rows]
     where = str(data) if part is not None else source.name
+    data_name = Path(data).name if part is not None else source.stem
     png = Path(report_png) if report_png else Path(head).with_name(
-        f"{Path(head).stem}.{Path(data).name if part else source.stem}.{'f1' if multilabel else 'confusion'}.png")
+        f"{Path(head).stem}.{data_name}.{'f1' if multilabel else 'confusion'}.png")
     if not multilabel:
         best = probs.argmax(axis=1)
         return _score_classes(Path(head).name, keys, [embeddings.class_names[embeddings.labels[i]] for i in rows],
@@ -1084,7 +1101,7 @@ def _score_classes(name: str, keys: list[str], truth: list[str], predicted: list
     plot_confusion(report.confusion, shown, png, title=f"{name} on {where}: accuracy {report.accuracy:.3f}")
     report.files.append(str(png))
     if mistakes_csv is not None:
-        report.files.append(str(_write_mistakes(mistakes, mistakes_csv)))
+        report.write_mistakes(mistakes_csv)
     return report
 
 
@@ -1149,18 +1166,6 @@ def _rows_not_trained_on(loaded: LoadedHead, embeddings, rows: list[int], source
                     "(e.g. %s and %s): left out, since the head may have trained on them", len(rows) - len(kept),
                     len(rows), loaded.cache, embeddings.keys[example], seen[embeddings.digests[example]])
     return kept
-
-
-def _write_mistakes(mistakes: list[tuple[str, str, str, float]], path: str | os.PathLike) -> Path:
-    import csv
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        writer = csv.writer(f)
-        writer.writerow(["key", "class", "predicted", "probability"])
-        writer.writerows((key, true, predicted, f"{p:.6f}") for key, true, predicted, p in mistakes)
-    return path
 
 
 # ---------------------------------------------------------------------------------------- sklearn transformer
