@@ -983,6 +983,11 @@ def evaluate_head(
         group = loaded.model if loaded.model in matching else matching[0]
         embeddings = load_embeddings(source, group)
     rows = [i for i, key in enumerate(embeddings.keys) if part is None or part(key)]
+    failed = sorted(key for key in embeddings.failures if part is None or part(key))
+    if failed:  # recorded in the cache when embedded: not scored, but not passed over in silence
+        kept = f"; `featx info {source} --failures` lists them" if part is None or cache is not None else ""
+        _logger.warning("%d image(s) could not be read, left out (e.g. %s: %s)%s", len(failed), failed[0],
+                        embeddings.failures[failed[0]], kept)
     classes = [str(c) for c in loaded.head.classes_]
     if multilabel:
         wanted = read_labels_csv(labels_csv)
@@ -1133,6 +1138,8 @@ def _rows_of_known_classes(truth: list[str | None], classes: list[str], source: 
         _logger.warning("%d image(s) of classes %s was not trained on are left out: %s", sum(unknown.values()), of,
                         ", ".join(f"'{c}' ({n})" for c, n in unknown.most_common(10)))
     rows = [i for i, t in enumerate(truth) if t in known]
+    if not truth:
+        raise FeatxError(f"{source} has no image to score (none found, or none could be read)")
     if not rows:
         found = ", ".join(f"'{c}'" for c in sorted(unknown)[:10])
         raise FeatxError(f"{source} has no image of a class {of} knows ({', '.join(classes[:10])}"

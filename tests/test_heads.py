@@ -447,9 +447,11 @@ def test_evaluate_leaves_out_what_the_head_trained_on_classes_it_lacks_and_score
     (test / "cats").mkdir()
     shutil.copy(test / "1" / sorted(p.name for p in (test / "1").iterdir())[0], test / "cats" / "x.png")
     shutil.copy(test / "cats" / "x.png", test / "loose.png")
+    (test / "7" / "cut_short.png").write_bytes((test / "loose.png").read_bytes()[:60])  # a corrupt file
     with caplog.at_level(logging.WARNING, logger="featx.heads"):
         report = featx.evaluate_head(test, head, cache=tmp_path / "test.h5")
     assert report.n_test == 60 and report.confusion.sum() == 60
+    assert "1 image(s) could not be read, left out (e.g. 7/cut_short.png: " in caplog.text
     assert "1 image(s) directly under the folder have no class" in caplog.text
     assert "'cats' (1)" in caplog.text
     assert f"3/from_training.png and 3/{trained_on.name}" in caplog.text
@@ -458,6 +460,9 @@ def test_evaluate_leaves_out_what_the_head_trained_on_classes_it_lacks_and_score
     assert part.n_test == threes and part.confusion.sum(axis=1)[part.classes.index("3")] == threes
     with pytest.raises(FeatxError, match="is the cache the head was trained from"):
         featx.evaluate_head(digits_cache, head)
+    (tmp_path / "empty" / "3").mkdir(parents=True)
+    with pytest.raises(FeatxError, match="has no image to score"):
+        featx.evaluate_head(tmp_path / "empty", head)
 
 
 @pytest.mark.slow
