@@ -259,6 +259,53 @@ def digests_of_look_alikes(paths: Sequence[str | os.PathLike]) -> list[str]:
     return out
 
 
+# Bits in which two perceptual hashes may differ and still be one picture. Resized (to a quarter) and
+# re-encoded (JPEG quality 40) copies of real photos come within 4 of 64 at the model's input; distinct
+# photos differ in 20 or more, and a crop of 5 % already in 6 to 26 (tests/test_data.py, and
+# benchmarks/near_copies.py on the digits).
+NEAR_COPY_BITS = 4
+_GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as PIL's convert("L")
+
+
+def perceptual_hashes(images) -> np.ndarray:
+    """The pHash of each image, what ``imagehash.phash`` computes: luma averaged down to 32x32, its 8x8
+    lowest DCT-II frequencies, each bit set where a coefficient exceeds their median. A resized or
+    re-encoded copy of a photo keeps its hash to within :data:`NEAR_COPY_BITS` bits; the cache stores
+    it so that train-head and evaluate keep such copies out of each other's way.
+
+    ``images``: uint8 (n, H, W, 3), the model's input (numpy, or a torch tensor where the GPU decoded
+    it: the reduction runs there, and 64 coefficients an image come back). Returns uint64 (n,).
+    Written here rather than taken from imagehash, which hashes one PIL image at a time on the CPU:
+    the area average and the DCT are two matrix products on a whole batch (0.05 ms an image).
+    """
+    n, h, w, _ = images.shape
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    rows, cols = _pooled_dct(h), _pooled_dct(w).T
+    if isinstance(images, np.ndarray):  # 16 images at a time: a batch of 128 in float32 would take 77 MB more
+        coefficients = np.concatenate([rows @ (images[i:i + 16] @ _GRAY) @ cols for i in range(0, n, 16)])
+    else:  # a torch tensor: reduced where it lies
+        import torch
+
+        as_tensor = functools.partial(torch.as_tensor, device=images.device)
+        coefficients = (as_tensor(rows) @ (images.float() @ as_tensor(_GRAY)) @ as_tensor(cols)).cpu().numpy()
+    coefficients = coefficients.reshape(n, 64)
+    bits = coefficients > np.median(coefficients, axis=1, keepdims=True)
+    return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
+
+
+@functools.lru_cache(maxsize=8)
+def _pooled_dct(size: int) -> np.ndarray:
+    """float32 (8, size): ``size`` samples averaged into 32 equal bins (each sample weighted by its
+    overlap), then the 8 lowest DCT-II frequencies of those 32."""
+    edges = np.linspace(0, size, 33)
+    left, right = edges[:-1, None], edges[1:, None]
+    pixel = np.arange(size)[None, :]
+    overlap = np.clip(np.minimum(right, pixel + 1) - np.maximum(left, pixel), 0, None) / (right - left)
+    frequency, x = np.arange(8)[:, None], np.arange(32)[None, :]
+    return (np.cos(np.pi * frequency * (2 * x + 1) / 64) @ overlap).astype(np.float32)
+
+
 def _size_or_none(path) -> int | None:
     try:
         return os.path.getsize(path)
@@ -443,6 +490,7 @@ class DecodedBatch:
     failed: list[tuple[int, str]]  # (position in the input, reason)
     decoded_by: str = "cpu"  # "gpu": nvJPEG (featx.gpudecode); only counted, in RunStats.decoded_by
     digests: list[str] = field(default_factory=list)  # content_digest of each ``ok`` file's bytes, in order
+    phashes: np.ndarray | None = None  # uint64 (n_ok,): perceptual_hashes of ``images``, where they are stored
 
 
 def failure_reason(error: Exception) -> str:
@@ -455,7 +503,8 @@ def load_batch(paths: Sequence[str], cfg: PreprocessConfig, max_pixels: int = DE
                with_digests: bool = True) -> DecodedBatch:
     """Decode and preprocess ``paths``; a bad file becomes a (position, reason) row, never an exception.
 
-    ``with_digests=False`` leaves ``digests`` empty, for callers that store nothing (classify, predict).
+    ``with_digests=False`` leaves ``digests`` empty and ``phashes`` None, for callers that store nothing
+    (classify, predict).
     """
     h, w = cfg.input_size
     images = np.empty((len(paths), h, w, 3), dtype=np.uint8)
@@ -471,4 +520,5 @@ def load_batch(paths: Sequence[str], cfg: PreprocessConfig, max_pixels: int = DE
             ok.append(i)
         except Exception as e:
             failed.append((i, failure_reason(e)))
-    return DecodedBatch(images[: len(ok)], ok, failed, digests=digests)
+    images = images[: len(ok)]
+    return DecodedBatch(images, ok, failed, digests=digests, phashes=perceptual_hashes(images) if with_digests else None)

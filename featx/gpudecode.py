@@ -27,7 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from .backbones import PreprocessConfig
-from .data import DEFAULT_MAX_PIXELS, DecodedBatch, content_digest, failure_reason, load_image, read_image_file
+from .data import (DEFAULT_MAX_PIXELS, DecodedBatch, content_digest, failure_reason, load_image, perceptual_hashes,
+                   read_image_file)
 from .errors import ImageError
 
 _logger = logging.getLogger(__name__)
@@ -240,7 +241,8 @@ class GpuDecoder:
             done.update(cpu_rows)
         ok = sorted(done)
         images = out if len(ok) == len(paths) else out[torch.tensor(ok, dtype=torch.long, device=self.device)]
-        return DecodedBatch(images, ok, sorted(failed), decoded_by="gpu", digests=[read[i][2] for i in ok])
+        return DecodedBatch(images, ok, sorted(failed), decoded_by="gpu", digests=[read[i][2] for i in ok],
+                            phashes=perceptual_hashes(images))
 
     def to_device(self, images: np.ndarray):
         """uint8 (n, H, W, 3) decoded on the host -> the same on ``device``, copied from pinned memory on

@@ -426,6 +426,7 @@ class HeadReport:
     micro_f1: float | None = None  # multi-label only; accuracy is then the exact-match ratio
     balanced_accuracy: float | None = None  # single-label: the mean of the per-class recalls
     n_copies: int = 0  # rows left out: the same bytes as another row of the same class or labels (find_copies)
+    n_near_copies: int = 0  # train_head: images with a near copy (resized, re-encoded), kept on its side of the split
     evaluated_on: str | None = None  # evaluate_head: the cache scored (the head was trained elsewhere)
     # evaluate_head, single-label: (key, true class, predicted class, its probability), most confident first
     mistakes: list[tuple[str, str, str, float]] = field(default_factory=list)
@@ -435,8 +436,10 @@ class HeadReport:
     def text(self, *, mistakes_shown: int = 10) -> str:
         micro = f", micro-F1 {self.micro_f1:.4f}" if self.micro_f1 is not None else ""
         balanced = f", balanced accuracy {self.balanced_accuracy:.4f}" if self.balanced_accuracy is not None else ""
-        copies = (f"{self.n_copies} cop{'ies' if self.n_copies > 1 else 'y'} of other images left out"
-                  if self.n_copies else "")
+        copies = "; ".join(
+            ([f"{self.n_copies} cop{'ies' if self.n_copies > 1 else 'y'} of other images left out"] if self.n_copies
+             else []) + ([f"{self.n_near_copies} near copies kept on the side of their picture"]
+                         if self.n_near_copies else []))
         scores = (f"{self.head}: {'exact-match ' if self.micro_f1 is not None else ''}accuracy {self.accuracy:.4f}"
                   f"{balanced}, macro-F1 {self.macro_f1:.4f}{micro}")
         if self.evaluated_on is not None:
@@ -516,14 +519,20 @@ def make_head(kind: str, *, C=None, hidden=(1024,), dropout=0.5, epochs=200, see
     raise ValueError(f"head must be logreg or mlp, got {kind!r}")
 
 
-def stratified_split(labels: Sequence, fraction: float, seed: int, *, held_out: str = "test",
-                     option: str = "--test-size") -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: Sequence, fraction: float, seed: int, *, groups: np.ndarray | None = None,
+                     held_out: str = "test", option: str = "--test-size") -> tuple[np.ndarray, np.ndarray]:
     """Seeded, stratified (train, held-out) positions of ``labels``; a FeatxError saying what to change
     when the classes cannot be split: fewer than two classes, a class with one image (nothing to hold
-    out), or a held-out share smaller than the number of classes (scikit-learn's errors name none of it)."""
+    out), or a held-out share smaller than the number of classes (scikit-learn's errors name none of it).
+    ``groups`` (int per position, :func:`featx.store.near_copy_groups`): positions of one group go to the
+    same side (split as one image, of its first position's class), so no held-out image is a resized
+    copy of one trained on."""
     from sklearn.model_selection import train_test_split
 
-    names, counts = np.unique(np.asarray(labels).astype(str), return_counts=True)
+    labels = np.asarray(labels).astype(str)
+    units = np.arange(len(labels)) if groups is None else np.unique(groups, return_index=True)[1]
+    image = "image" if groups is None or len(units) == len(labels) else "picture (near copies counted as one)"
+    names, counts = np.unique(labels[units], return_counts=True)
     if len(names) < 2:
         found = f"one class ('{names[0]}', {counts[0]} images)" if len(names) else "no labelled image"
         raise FeatxError(f"a classifier needs images of at least two classes, found {found}: "
@@ -531,17 +540,40 @@ def stratified_split(labels: Sequence, fraction: float, seed: int, *, held_out: 
     single = names[counts < 2]
     if len(single):
         listed = ", ".join(f"'{n}'" for n in single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
-        raise FeatxError(f"{len(single)} class(es) have a single image, so none can be held out for {held_out}: "
+        raise FeatxError(f"{len(single)} class(es) have a single {image}, so none can be held out for {held_out}: "
                          f"{listed}; add images or move them out of the class folders")
     n = int(counts.sum())
     n_held = int(np.ceil(fraction * n)) if fraction < 1 else int(fraction)
     if not (len(names) <= n_held <= n - len(names)):
-        raise FeatxError(f"{option} {fraction:g} holds out {n_held} of {n} images for {held_out}, but each of the "
-                         f"{len(names)} classes needs one there and one to train on: "
+        raise FeatxError(f"{option} {fraction:g} holds out {n_held} of {n} {image.split(' ')[0]}s for {held_out}, "
+                         f"but each of the {len(names)} classes needs one there and one to train on: "
                          f"use {option} between {len(names) / n:.2g} and {1 - len(names) / n:.2g}, or add images")
-    positions = np.arange(n)
-    train, rest = train_test_split(positions, test_size=fraction, stratify=np.asarray(labels), random_state=seed)
-    return train, rest
+    train, rest = train_test_split(units, test_size=fraction, stratify=labels[units], random_state=seed)
+    if groups is None:
+        return train, rest
+    return _with_near_copies(groups, train), _with_near_copies(groups, rest)
+
+
+def _with_near_copies(groups: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``positions`` (one per group) and every other position of their groups, increasing."""
+    return np.flatnonzero(np.isin(groups, groups[positions]))
+
+
+def _near_copy_groups(phashes: np.ndarray, cache) -> tuple[np.ndarray | None, int]:
+    """(group per row, rows in a group of near copies) for a split that keeps each group on one side;
+    (None, 0) when no row has a near copy. Says how many there are."""
+    from .data import NEAR_COPY_BITS
+    from .store import near_copy_groups
+
+    groups = near_copy_groups(phashes)
+    sizes = np.bincount(groups)
+    n_near = int((sizes[groups] > 1).sum())
+    if not n_near:
+        return None, 0
+    _logger.info("%d images of %s are near copies of another (the same picture resized or re-encoded: perceptual "
+                 "hashes within %d of 64 bits), %d pictures in all: each picture's copies are kept on one side "
+                 "of the split", n_near, cache, NEAR_COPY_BITS, int((sizes > 1).sum()))
+    return groups, n_near
 
 
 def train_head(
@@ -581,7 +613,7 @@ def train_head(
                                  hidden=hidden, dropout=dropout, epochs=epochs, seed=seed, report_png=report_png,
                                  class_weight=class_weight)
     from sklearn.base import clone
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     from .store import find_copies, load_embeddings
 
@@ -593,8 +625,9 @@ def train_head(
         _logger.warning("%s", line)
     y = np.array(data.class_names, dtype=object)[data.labels[copies.keep]].astype(str)
     X = data.embeddings[copies.keep]
+    groups, n_near = _near_copy_groups(data.phashes[copies.keep], cache)
     try:
-        train, test = stratified_split(y, test_size, seed)
+        train, test = stratified_split(y, test_size, seed, groups=groups)
     except FeatxError as e:
         raise FeatxError(f"{cache} ({data.model}): {e}") from None
     names, counts = np.unique(y, return_counts=True)
@@ -620,12 +653,14 @@ def train_head(
     probs = estimator.predict_proba(X_test)
     predicted = np.array(classes, dtype=object)[probs.argmax(axis=1)].astype(str)
     report = _single_label_report(head, y_test, predicted, classes, n_train=len(y_train), fit_seconds=fit_seconds,
-                                  n_copies=copies.n_copies,
+                                  n_copies=copies.n_copies, n_near_copies=n_near,
                                   mistakes=_mistakes(keys[test], y_test, predicted, probs.max(axis=1)))
     if cv:
         # every image scored by the fold that left it out: a wrongly filed image anywhere in the folder shows
         out_of_fold = np.zeros((len(y), len(classes)))
-        for fold_train, fold_test in StratifiedKFold(cv, shuffle=True, random_state=seed).split(X, y):
+        folds = (StratifiedKFold(cv, shuffle=True, random_state=seed) if groups is None else
+                 StratifiedGroupKFold(cv, shuffle=True, random_state=seed))
+        for fold_train, fold_test in folds.split(X, y, groups):
             out_of_fold[fold_test] = clone(estimator).fit(X[fold_train], y[fold_train]).predict_proba(X[fold_test])
             report.cv_accuracy.append(float(np.mean(
                 np.array(classes)[out_of_fold[fold_test].argmax(axis=1)] == y[fold_test])))
@@ -722,7 +757,12 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     names = sorted({label for i in rows for label in wanted[data.keys[i]]})
     Y = _label_matrix((wanted[data.keys[i]] for i in rows), names)
     X = data.embeddings[rows]
-    X_train, X_test, Y_train, Y_test = train_test_split(X, Y, test_size=test_size, random_state=seed)
+    groups, n_near = _near_copy_groups(data.phashes[rows], cache)
+    units = np.arange(len(rows)) if groups is None else np.unique(groups, return_index=True)[1]
+    train, test = train_test_split(units, test_size=test_size, random_state=seed)
+    if groups is not None:
+        train, test = _with_near_copies(groups, train), _with_near_copies(groups, test)
+    X_train, X_test, Y_train, Y_test = X[train], X[test], Y[train], Y[test]
     estimator = MLPHead(hidden=tuple(hidden) if head == "mlp" else (), dropout=dropout, max_epochs=epochs,
                         random_state=seed, class_weight=class_weight)
     t0 = time.perf_counter()
@@ -731,7 +771,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     estimator.classes_ = np.array(names)
     predicted = estimator.predict(X_test)
     report = _multilabel_report(head, Y_test, predicted, names, n_train=len(X_train), fit_seconds=fit_seconds,
-                                n_copies=n_copies)
+                                n_copies=n_copies, n_near_copies=n_near)
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
               model=data.model, model_file=data.attrs.get("model_file"), cache=os.path.abspath(cache))
@@ -1149,29 +1189,36 @@ def _rows_of_known_classes(truth: list[str | None], classes: list[str], source: 
 
 
 def _rows_not_trained_on(loaded: LoadedHead, embeddings, rows: list[int], source: Path) -> list[int]:
-    """``rows`` less those whose bytes are in the cache the head was trained from: the head may have
-    trained on them (the same photo in train/ and test/), and they would flatter its score."""
-    from .store import load_digests
+    """``rows`` less those whose picture is in the cache the head was trained from: the same bytes, or a
+    near copy (resized, re-encoded: :func:`featx.store.near_copy_pairs`). The head may have trained on
+    them (the same photo in train/ and test/), and they would flatter its score."""
+    from .data import NEAR_COPY_BITS
+    from .store import load_digests, near_copy_pairs
 
     if not loaded.cache or not os.path.isfile(loaded.cache):
         return rows
     try:
-        trained_keys, trained_digests = load_digests(loaded.cache, loaded.model)
+        trained_keys, trained_digests, trained_phashes = load_digests(loaded.cache, loaded.model)
     except FeatxError as e:  # replaced or locked since: nothing to compare with
         _logger.info("cannot compare with the cache the head was trained from (%s)", e)
         return rows
     seen = {d.decode("ascii"): key for d, key in zip(trained_digests, trained_keys) if d}
-    kept = [i for i in rows if embeddings.digests[i] not in seen]
-    if len(kept) == len(rows):
-        return rows
-    example = next(i for i in rows if embeddings.digests[i] in seen)
+    same_bytes = {i: seen[embeddings.digests[i]] for i in rows if embeddings.digests[i] in seen}
+    pairs = near_copy_pairs(embeddings.phashes[rows], trained_phashes)
+    near = {rows[i]: trained_keys[j] for i, j in pairs if rows[i] not in same_bytes}
+    kept = [i for i in rows if i not in same_bytes and i not in near]
     if not kept:
         same = (f"{source} is the cache the head was trained from" if os.path.samefile(source, loaded.cache) else
-                f"{source} holds only images of {loaded.cache}, the cache the head was trained from")
+                f"{source} holds only pictures of {loaded.cache}, the cache the head was trained from")
         raise FeatxError(f"{same}: train-head's report scores the images it held out; evaluate images kept apart")
-    _logger.warning("%d of %d images have the same bytes as images of %s, the cache the head was trained from "
-                    "(e.g. %s and %s): left out, since the head may have trained on them", len(rows) - len(kept),
-                    len(rows), loaded.cache, embeddings.keys[example], seen[embeddings.digests[example]])
+    for found, what in ((same_bytes, "have the same bytes as images"),
+                        (near, f"are near copies (resized or re-encoded: perceptual hashes within {NEAR_COPY_BITS} "
+                               "of 64 bits) of images")):
+        if found:
+            example = next(iter(found))
+            _logger.warning("%d of %d images %s of %s, the cache the head was trained from (e.g. %s and %s): left "
+                            "out, since the head may have trained on them", len(found), len(rows), what, loaded.cache,
+                            embeddings.keys[example], found[example])
     return kept
 
 

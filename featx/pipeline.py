@@ -486,15 +486,15 @@ def embed_folder(
                                 labels = [label_of[e.label] if e.label is not None else -1 for e in ok]
                                 new = [i for i, e in enumerate(ok) if e.key not in done]
                                 changed = [i for i, e in enumerate(ok) if e.key in done]
-                                digests = decoded.digests
+                                digests, phashes = decoded.digests, decoded.phashes
                                 store.append([ok[i].key for i in new], emb[new], [labels[i] for i in new],
                                              [ok[i].size for i in new], [ok[i].mtime_ns for i in new],
-                                             digests=[digests[i] for i in new])
+                                             digests=[digests[i] for i in new], phashes=phashes[new])
                                 if changed:
                                     store.replace([done[ok[i].key][0] for i in changed], emb[changed],
                                                   [labels[i] for i in changed], [ok[i].size for i in changed],
                                                   [ok[i].mtime_ns for i in changed],
-                                                  digests=[digests[i] for i in changed])
+                                                  digests=[digests[i] for i in changed], phashes=phashes[changed])
                                 recovered.update(e.key for e in ok if e.key in failed_before)
                                 stats.n_embedded += len(ok)
                             if decoded.failed:
@@ -906,7 +906,7 @@ def _store_reused(store, reused: list, label_of) -> None:
     store.append([e.key for e in entries], embeddings,
                  [label_of[e.label] if e.label is not None else -1 for e in entries],
                  [e.size for e in entries], [e.mtime_ns for e in entries],
-                 digests=[digest for _, _, digest in reused])
+                 digests=[digest for _, _, digest in reused], phashes=store.phashes(rows)[back])
     reused.clear()
 
 
@@ -1093,7 +1093,8 @@ def _merge_chunks(parts: list) -> DecodedBatch:
         failed += [(offset + i, reason) for i, reason in part.failed]
         digests += part.digests
         offset += len(part.ok) + len(part.failed)
-    return DecodedBatch(np.concatenate([p.images for p in parts]), ok, failed, digests=digests)
+    return DecodedBatch(np.concatenate([p.images for p in parts]), ok, failed, digests=digests,
+                        phashes=np.concatenate([p.phashes for p in parts]))
 
 
 def decode_pool(workers: int) -> cf.ProcessPoolExecutor:

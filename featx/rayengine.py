@@ -41,8 +41,10 @@ def _decode(batch: dict, *, cfg, max_pixels: int) -> dict:
         errors[i] = reason
     digests = np.array([""] * len(batch["path"]), dtype=object)
     digests[decoded.ok] = decoded.digests
+    phashes = np.zeros(len(batch["path"]), dtype=np.uint64)
+    phashes[decoded.ok] = decoded.phashes
     return {**{k: batch[k] for k in ("order", "key", "label", "size", "mtime")}, "image": images, "error": errors,
-            "digest": digests}
+            "digest": digests, "phash": phashes}
 
 
 class _Embedder:
@@ -64,7 +66,8 @@ class _Embedder:
         with open(part, "wb") as f:  # str arrays of fixed width: the shard loads without pickle
             np.savez(f, ok=ok, embedding=emb.astype(np.float32), key=np.asarray(batch["key"], dtype=str),
                      label=batch["label"], size=batch["size"], mtime=batch["mtime"],
-                     error=np.asarray(batch["error"], dtype=str), digest=np.asarray(batch["digest"], dtype=str))
+                     error=np.asarray(batch["error"], dtype=str), digest=np.asarray(batch["digest"], dtype=str),
+                     phash=batch["phash"])
             f.flush()
             os.fsync(f.fileno())
         # Renamed only when complete, so a .npz is never half written. An actor outlives its killed driver
@@ -88,8 +91,8 @@ def stitch_shards(shard_dir: Path, store: EmbeddingStore, run: str | None = None
         try:
             with np.load(shard) as z:
                 ok, keys, errors = z["ok"], z["key"].tolist(), z["error"].tolist()
-                embedding, label, size, mtime, digest = (z[k] for k in ("embedding", "label", "size", "mtime",
-                                                                        "digest"))
+                embedding, label, size, mtime, digest, phash = (z[k] for k in ("embedding", "label", "size", "mtime",
+                                                                               "digest", "phash"))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             # not ours or from an older featx (pickled keys): its files are not in the store, so are redone
             _logger.warning("shard %s unreadable (%s), deleted: its files are not in the cache, so the next run "
@@ -110,10 +113,11 @@ def stitch_shards(shard_dir: Path, store: EmbeddingStore, run: str | None = None
         changed = [i for i in np.flatnonzero(ok) if keys[i] in done and not stored_as_is(i)]
         first_row = int(store.group.attrs["n_rows"])  # where append puts the new rows
         store.append([keys[i] for i in new], embedding[[emb_row[i] for i in new]], label[new], size[new], mtime[new],
-                     digests=[digest[i] for i in new])
+                     digests=[digest[i] for i in new], phashes=phash[new])
         if changed:
             store.replace([done[keys[i]][0] for i in changed], embedding[[emb_row[i] for i in changed]],
-                          label[changed], size[changed], mtime[changed], digests=[digest[i] for i in changed])
+                          label[changed], size[changed], mtime[changed], digests=[digest[i] for i in changed],
+                          phashes=phash[changed])
         bad = [i for i in np.flatnonzero(~ok) if not stored_as_is(i)]
         store.add_failures([keys[i] for i in bad], [errors[i] for i in bad], size[bad], mtime[bad])
         for j, i in enumerate(new):

@@ -14,6 +14,9 @@ Layout (readable with plain h5py)::
         file_sha256    (n,)   64-byte ASCII: SHA-256 hex of the bytes embedded (as sha256sum prints it);
                               renamed, moved and copied files are recognised by it. A cache made before
                               the column existed gets it on its next write, b"" for its old rows
+        image_phash    (n,)   uint64 perceptual hash of the model's input (featx.data.perceptual_hashes):
+                              resized and re-encoded copies of a photo are found by it. 0 where not
+                              known (rows from before the column, as for file_sha256) or flat
         class_names    (k,)   UTF-8
         failures/      keys, reasons, file_size, file_mtime_ns (same meaning), attr n_rows
 
@@ -123,6 +126,7 @@ class Embeddings:
     attrs: dict = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     digests: list[str] = field(default_factory=list)  # SHA-256 hex of each row's file bytes; "" where unknown
+    phashes: np.ndarray | None = None  # uint64 (n,) perceptual hash of each row's image; 0 where unknown
 
 
 def list_models(path: str | os.PathLike) -> list[str]:
@@ -196,13 +200,14 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
         keys = _decode(columns["keys"][pick])
         labels = columns["labels"][pick].astype(np.int32)
         digests = _digests_of(columns, pick, len(keys))
+        phashes = _phashes_of(columns, pick, len(keys))
         classes = _decode(g["class_names"][:])
         failures, attrs = _failures_of(g), _attrs_of(g)
     if labelled_only:
         keep = labels >= 0
-        emb, labels = emb[keep], labels[keep]
+        emb, labels, phashes = emb[keep], labels[keep], phashes[keep]
         keys, digests = [k for k, ok in zip(keys, keep) if ok], [d for d, ok in zip(digests, keep) if ok]
-    return Embeddings(emb, keys, labels, classes, model, str(attrs["fingerprint"]), attrs, failures, digests)
+    return Embeddings(emb, keys, labels, classes, model, str(attrs["fingerprint"]), attrs, failures, digests, phashes)
 
 
 def _digests_of(columns: dict, pick, n: int) -> list[str]:
@@ -210,6 +215,11 @@ def _digests_of(columns: dict, pick, n: int) -> list[str]:
     if _DIGESTS not in columns:
         return [""] * n
     return [d.decode("ascii") for d in columns[_DIGESTS][pick]]
+
+
+def _phashes_of(columns: dict, pick, n: int) -> np.ndarray:
+    """uint64 (n,): the rows' perceptual hashes; 0 for each row of a cache made before the column existed."""
+    return columns[_PHASHES][pick].astype(np.uint64) if _PHASHES in columns else np.zeros(n, dtype=np.uint64)
 
 
 def iter_embeddings(path: str | os.PathLike, model: str | None = None, *, rows_per_chunk: int = 16384,
@@ -288,13 +298,14 @@ def load_labels(path: str | os.PathLike, model: str | None = None) -> np.ndarray
         return columns["labels"][:n].astype(np.int32)
 
 
-def load_digests(path: str | os.PathLike, model: str | None = None) -> tuple[list[str], np.ndarray]:
-    """Keys and SHA-256 digests (S64 hex, b"" where unknown) of every committed row, without the embeddings."""
+def load_digests(path: str | os.PathLike, model: str | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Keys, SHA-256 digests (S64 hex, b"" where unknown) and perceptual hashes (uint64, 0 where unknown)
+    of every committed row, without the embeddings."""
     path = Path(path)
     with _open_h5(path, "r") as f:
         columns, n = _committed_columns(f[_pick_model(f, path, model)])
         digests = columns[_DIGESTS][:n] if _DIGESTS in columns else np.zeros(n, dtype=_DIGEST_DTYPE)
-        return _decode(columns["keys"][:n]), digests
+        return _decode(columns["keys"][:n]), digests, _phashes_of(columns, slice(0, n), n)
 
 
 def load_failures(path: str | os.PathLike, model: str | None = None) -> dict[str, str]:
@@ -357,6 +368,71 @@ def find_copies(keys, labels, digests) -> Copies:
     return Copies(np.flatnonzero(keep), int((~keep).sum()), across)
 
 
+def near_copy_pairs(phashes: np.ndarray, others: np.ndarray | None = None, *,
+                    within: int | None = None) -> np.ndarray:
+    """int64 (m, 2): pairs (i, j) of images within ``within`` bits of each other by their perceptual
+    hashes (by default :data:`featx.data.NEAR_COPY_BITS`): the same picture resized or re-encoded.
+    ``phashes``, ``others``: uint64 (n,), (k,), 0 where not known (never matched). Without ``others``,
+    the pairs within ``phashes`` (i < j); with it, i in ``phashes`` and j in ``others``.
+
+    Not every pair is compared: the 64 bits are cut into ``within + 1`` bands, and two hashes that
+    differ in at most ``within`` bits agree on at least one band whole, so only hashes sharing a band
+    are compared (multi-index hashing; Norouzi et al., 2012).
+    """
+    from .data import NEAR_COPY_BITS
+
+    within = NEAR_COPY_BITS if within is None else within
+    a = np.asarray(phashes, dtype=np.uint64)
+    b = a if others is None else np.asarray(others, dtype=np.uint64)
+    found = [np.zeros((0, 2), dtype=np.int64)]
+    known_a, known_b = np.flatnonzero(a != 0), np.flatnonzero(b != 0)
+    for start, stop in zip(*_bands(within + 1)):
+        mask = np.uint64((1 << (stop - start)) - 1)
+        band_a = (a[known_a] >> np.uint64(start)) & mask
+        band_b = (b[known_b] >> np.uint64(start)) & mask
+        order = np.argsort(band_b, kind="stable")
+        left = np.searchsorted(band_b[order], band_a, side="left")
+        count = np.searchsorted(band_b[order], band_a, side="right") - left
+        for rows in _bounded_chunks(count, 1 << 22):  # candidate pairs held at once: memory stays bounded
+            i = np.repeat(rows, count[rows])
+            offsets = np.arange(len(i)) - np.repeat(np.cumsum(count[rows]) - count[rows], count[rows])
+            j = order[np.repeat(left[rows], count[rows]) + offsets]
+            pairs = np.stack([known_a[i], known_b[j]], axis=1)
+            if others is None:
+                pairs = pairs[pairs[:, 0] < pairs[:, 1]]
+            close = np.bitwise_count(a[pairs[:, 0]] ^ b[pairs[:, 1]]) <= within
+            found.append(pairs[close])
+    return np.unique(np.concatenate(found), axis=0)
+
+
+def _bands(n: int) -> tuple[list[int], list[int]]:
+    """(starts, stops) of ``n`` bit ranges that cover 64 bits as evenly as they can."""
+    edges = [round(64 * k / n) for k in range(n + 1)]
+    return edges[:-1], edges[1:]
+
+
+def _bounded_chunks(count: np.ndarray, limit: int) -> Iterator[np.ndarray]:
+    """Positions of ``count`` in consecutive runs whose counts sum to about ``limit`` (one position at least)."""
+    ends = np.cumsum(count)
+    start = 0
+    while start < len(count):
+        stop = max(start + 1, int(np.searchsorted(ends, ends[start] - count[start] + limit, side="right")))
+        yield np.arange(start, stop)
+        start = stop
+
+
+def near_copy_groups(phashes: np.ndarray) -> np.ndarray:
+    """int64 (n,): a group number for each image, shared by near copies (:func:`near_copy_pairs`), and by
+    near copies of near copies; an image without any is a group of its own."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(phashes)
+    pairs = near_copy_pairs(phashes)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
 @dataclass
 class CacheSummary:
     """One model group of a cache, without reading its embeddings: what :func:`summarize_cache` returns."""
@@ -371,6 +447,9 @@ class CacheSummary:
     attrs: dict
     copies: Copies | None = None  # rows of labelled files whose bytes another row embedded
     path: str = ""
+    near_copies: int = 0  # labelled rows (less copies) with a near copy among them (near_copy_groups)
+    pictures: int = 0  # the groups those near copies make
+    unhashed: int = 0  # rows without a perceptual hash (embedded before featx kept them)
 
     def text(self, *, list_failures: bool = False) -> str:
         from collections import Counter
@@ -387,6 +466,13 @@ class CacheSummary:
             lines.append(f"  {self.unlabelled:,} without a class (directly under the folder)")
         if self.copies is not None:
             lines += [f"  {line}" for line in self.copies.lines(self.path)]
+        if self.near_copies:
+            lines.append(f"  {self.near_copies:,} images are near copies of another (the same picture resized or "
+                         f"re-encoded), {self.pictures:,} pictures in all: train-head keeps each picture's copies on "
+                         "one side of its split")
+        if self.unhashed:
+            lines.append(f"  {self.unhashed:,} rows have no perceptual hash (embedded by a featx from before it kept "
+                         "them, or a flat image): their near copies are not found")
         if self.failures:
             n = len(self.failures)
             lines.append(f"  {n:,} file{'s' if n > 1 else ''} failed (skipped until {'they change' if n > 1 else 'it changes'}):")
@@ -399,9 +485,9 @@ class CacheSummary:
 
 
 def summarize_cache(path: str | os.PathLike) -> list[CacheSummary]:
-    """Every model group of a cache: rows, classes with their counts, failures, copies among the
-    labelled files. Reads labels, digests and failures (keys only where one file sits under two
-    classes), so it is quick on a cache of millions of rows."""
+    """Every model group of a cache: rows, classes with their counts, failures, copies and near copies
+    among the labelled files. Reads labels, digests, perceptual hashes and failures (keys only where one
+    file sits under two classes), so it is quick on a cache of millions of rows."""
     out = []
     with _open_h5(Path(path), "r") as f:
         for model in _model_groups(f):
@@ -416,10 +502,15 @@ def summarize_cache(path: str | os.PathLike) -> list[CacheSummary]:
             if copies.across_classes:  # positions -> keys, read only now
                 keys = _decode(columns["keys"][:n])
                 copies.across_classes = [(keys[a], keys[b]) for a, b in copies.across_classes]
+            phashes = _phashes_of(columns, slice(0, n), n)
+            groups = near_copy_groups(phashes[labelled[copies.keep]])
+            sizes = np.bincount(groups)
             emb = columns["embeddings"]
             out.append(CacheSummary(model, n, int(emb.shape[1]), str(emb.dtype),
                                     {c: int(k) for c, k in zip(classes, counts) if k}, int((labels < 0).sum()),
-                                    _failures_of(g), _attrs_of(g), copies, str(path)))
+                                    _failures_of(g), _attrs_of(g), copies, str(path),
+                                    near_copies=int((sizes[groups] > 1).sum()), pictures=int((sizes > 1).sum()),
+                                    unhashed=int((phashes == 0).sum())))
     return out
 
 
@@ -473,8 +564,9 @@ class EmbeddingStore:
             for group in (g, g["failures"]):
                 self._recover_rewrite(group)
                 self._truncate_uncommitted(group)
-            if _DIGESTS not in g:  # a cache from before digests were kept: its rows' content is unknown ("")
-                self._create_digests(g, int(g.attrs["n_rows"]))
+            for column in (_DIGESTS, _PHASHES):  # a cache from before they were kept: unknown for its rows
+                if column not in g:
+                    self._create_column(g, column, int(g.attrs["n_rows"]))
         else:
             g = f.create_group(self.model)
             d = self.info.embed_dim
@@ -486,7 +578,8 @@ class EmbeddingStore:
                 group.create_dataset("file_mtime_ns", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int64)
                 group.attrs["n_rows"] = 0
             g.create_dataset("labels", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int32)
-            self._create_digests(g, 0)
+            for column in (_DIGESTS, _PHASHES):
+                self._create_column(g, column, 0)
             g["failures"].create_dataset("reasons", (0,), maxshape=(None,), chunks=(1024,), dtype=_str_dtype())
             g.create_dataset("class_names", (0,), maxshape=(None,), dtype=_str_dtype())
             g.attrs.update(
@@ -540,9 +633,10 @@ class EmbeddingStore:
                 self.group.attrs[name] = value
                 self.file.flush()
 
-    def _create_digests(self, group, n: int) -> None:
+    def _create_column(self, group, name: str, n: int) -> None:
+        """An identity column of ``n`` rows, each "not known" (b"", 0)."""
         with self._writing():
-            group.create_dataset(_DIGESTS, (n,), maxshape=(None,), chunks=(1024,), dtype=_DIGEST_DTYPE)
+            group.create_dataset(name, (n,), maxshape=(None,), chunks=(1024,), dtype=_COLUMN_DTYPES[name])
             self.file.flush()
 
     @staticmethod
@@ -561,6 +655,10 @@ class EmbeddingStore:
     def digests(self) -> np.ndarray:
         """S64 (n_rows,): the content digest (SHA-256 as ASCII hex) of every committed row; b"" where it is not known."""
         return self.group[_DIGESTS][:int(self.group.attrs["n_rows"])]
+
+    def phashes(self, rows: np.ndarray) -> np.ndarray:
+        """uint64: the perceptual hashes of committed ``rows`` (increasing), 0 where not known."""
+        return self.group[_PHASHES][rows]
 
     def failed(self) -> dict[str, tuple[str, int, int]]:
         """key -> (reason, file size, mtime_ns) of recorded failures; the last record of a key wins."""
@@ -585,9 +683,10 @@ class EmbeddingStore:
         return {n: i for i, n in enumerate(self.class_names)}
 
     def append(self, keys: list[str], embeddings: np.ndarray, labels, sizes, mtimes,
-               digests: list[str] | None = None) -> None:
+               digests: list[str] | None = None, phashes: np.ndarray | None = None) -> None:
         """Commit one batch: float32 (k, D) embeddings with their keys, labels and file identities
-        (size, mtime_ns, and the SHA-256 hex of the bytes embedded; None: not known)."""
+        (size, mtime_ns, the SHA-256 hex of the bytes embedded, and the uint64 perceptual hash of the
+        image; None: not known)."""
         if not keys:
             return
         g = self.group
@@ -599,11 +698,12 @@ class EmbeddingStore:
             "file_size": np.asarray(sizes, dtype=np.int64),
             "file_mtime_ns": np.asarray(mtimes, dtype=np.int64),
             _DIGESTS: _digest_column(digests, k),
+            _PHASHES: _phash_column(phashes, k),
         }
         self._commit(g, n, k, columns)
 
     def replace(self, rows: list[int], embeddings: np.ndarray, labels, sizes, mtimes,
-                digests: list[str] | None = None) -> None:
+                digests: list[str] | None = None, phashes: np.ndarray | None = None) -> None:
         """Overwrite rows of changed files in place; identity is written last, so a kill re-embeds them."""
         order = np.argsort(rows)
         idx = np.asarray(rows)[order]
@@ -613,6 +713,7 @@ class EmbeddingStore:
             g["labels"][idx] = np.asarray(labels, dtype=np.int32)[order]
             self.file.flush()
             g[_DIGESTS][idx] = _digest_column(digests, len(rows))[order]
+            g[_PHASHES][idx] = _phash_column(phashes, len(rows))[order]
             g["file_size"][idx] = np.asarray(sizes, dtype=np.int64)[order]
             g["file_mtime_ns"][idx] = np.asarray(mtimes, dtype=np.int64)[order]
             self.file.flush()
@@ -760,8 +861,16 @@ _DIGESTS = "file_sha256"
 _DIGEST_DTYPE = "S64"  # fixed-length ASCII: a SHA-256 in hex
 
 
+_PHASHES = "image_phash"
+_COLUMN_DTYPES = {_DIGESTS: _DIGEST_DTYPE, _PHASHES: np.uint64}
+
+
 def _digest_column(digests: list[str] | None, k: int) -> np.ndarray:
     return np.asarray(digests if digests is not None else [""] * k, dtype=_DIGEST_DTYPE)
+
+
+def _phash_column(phashes: np.ndarray | None, k: int) -> np.ndarray:
+    return np.asarray(phashes, dtype=np.uint64) if phashes is not None else np.zeros(k, dtype=np.uint64)
 
 
 _STAGING = "_rewrite"  # group of compacted copies during a prune

@@ -327,3 +327,41 @@ def test_the_progress_bar_counts_the_files_walked_and_a_skipped_one_is_logged_ab
     # a terminal shows what follows the last carriage return of each line
     shown = [line.split("\r")[-1] for line in run.stderr.split("\n")]
     assert any(line.startswith("skipped 3/cut.png: cannot decode") for line in shown), run.stderr[-2000:]
+
+
+def test_a_resized_or_reencoded_photo_keeps_its_perceptual_hash_and_another_photo_does_not(tmp_path, photos_dir,
+                                                                                           lite0_onnx):
+    """The hash the cache keeps of each image, at the model's own input: a photo saved again at half or a
+    quarter of its size, or as a JPEG of quality 40, is found as a near copy; the other sample photos
+    are not (they differ in far more bits), and a torch tensor (a GPU-decoded batch) hashes as numpy."""
+    import torch
+
+    from featx.data import NEAR_COPY_BITS, perceptual_hashes
+    from featx.runtime import read_model_info
+    from featx.store import near_copy_pairs
+
+    cfg = read_model_info(lite0_onnx).preprocess
+    originals = sorted(photos_dir.iterdir())
+    copies = []
+    for path in originals:
+        img = Image.open(path).convert("RGB")
+        for scale in (2, 4):
+            copies.append(tmp_path / f"{path.stem}-1of{scale}.png")
+            img.resize((img.width // scale, img.height // scale), Image.LANCZOS).save(copies[-1])
+        copies.append(tmp_path / f"{path.stem}-q40.jpg")
+        img.save(copies[-1], quality=40)
+    decoded = load_batch([str(p) for p in originals + copies], cfg)
+    assert decoded.ok == list(range(len(originals) + len(copies)))
+    hashes = decoded.phashes
+    assert np.array_equal(perceptual_hashes(torch.from_numpy(decoded.images)), hashes)
+    n = len(originals)
+    bits = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    of = np.repeat(np.arange(n), 3)  # the original of each copy
+    assert (bits[n + np.arange(len(copies)), of] <= NEAR_COPY_BITS).all(), bits[n:, :n]
+    apart = bits[:n, :n][~np.eye(n, dtype=bool)]
+    assert apart.min() > 3 * NEAR_COPY_BITS, bits[:n, :n]
+    pictures = np.concatenate([np.arange(n), of])
+    found = near_copy_pairs(hashes)
+    assert {tuple(p) for p in found} == {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
+                                         if pictures[i] == pictures[j]}
+    assert load_batch([str(originals[0])], cfg, with_digests=False).phashes is None  # classify stores nothing

@@ -196,10 +196,12 @@ def test_moved_renamed_and_copied_files_keep_their_embeddings_and_take_their_new
         assert np.array_equal(after.embeddings[after.keys.index(new)], first.embeddings[first.keys.index(old)])
     assert after.class_names[after.labels[after.keys.index("three/from7/" + sevens[0].split("/")[1])]] == "three"
     assert after.labels[after.keys.index("copy_of_a_seven.png")] == -1
-    with h5py.File(out, "r") as f:  # the reused rows carry the digest of their bytes too
+    with h5py.File(out, "r") as f:  # the reused rows carry the digest of their bytes and their image's hash too
         g = f["efficientnet_lite0"]
         digests = dict(zip(g["keys"].asstr()[:], g["file_sha256"][:].astype(str)))
+        phashes = dict(zip(g["keys"].asstr()[:], g["image_phash"][:]))
     assert all(digests[new] == digests[old] != "" for new, old in reused.items())
+    assert all(phashes[new] == phashes[old] != 0 for new, old in reused.items())
     assert embed(small_digits, out, lite0_onnx).n_moved == 0  # now cached under the new paths
     pruned = embed(small_digits, out, lite0_onnx, prune=True)
     final = featx.load_embeddings(out)
@@ -419,8 +421,9 @@ def test_a_cache_from_before_digests_gains_the_column_and_still_recognises_moves
     out = tmp_path / "c.h5"
     embed(small_digits, out, lite0_onnx)
     with h5py.File(out, "r+") as f:
-        del f["efficientnet_lite0/file_sha256"]
+        del f["efficientnet_lite0/file_sha256"], f["efficientnet_lite0/image_phash"]
     first = featx.load_embeddings(out)
+    assert not first.phashes.any()  # read as not known
     (small_digits / "3").rename(small_digits / "three")
     shutil.copy2(small_digits / first.keys[0], small_digits / "copy.png")  # unknown content: embedded anew
     stats = embed(small_digits, out, lite0_onnx)
@@ -429,7 +432,9 @@ def test_a_cache_from_before_digests_gains_the_column_and_still_recognises_moves
     with h5py.File(out, "r") as f:
         g = f["efficientnet_lite0"]
         digests = dict(zip(g["keys"].asstr()[:], g["file_sha256"][:].astype(str)))
+        phashes = dict(zip(g["keys"].asstr()[:], g["image_phash"][:]))
     assert digests[first.keys[0]] == "" and len(digests["copy.png"]) == 64
+    assert phashes[first.keys[0]] == 0 and phashes["copy.png"] != 0
     assert len(digests) == 60 + n_threes + 1  # the threes' old rows stay until --prune
 
 
