@@ -122,8 +122,11 @@ class LogRegHead(_Head):
         self.random_state = random_state
         self.class_weight = class_weight
 
-    def fit(self, X, y) -> LogRegHead:
+    def fit(self, X, y, groups=None) -> LogRegHead:
+        """``groups``: int per row, shared by near copies (:func:`featx.store.near_copy_groups`): C is then
+        chosen with each group in one fold, so a copy's twin does not vouch for a weak regularisation."""
         from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+        from sklearn.model_selection import StratifiedGroupKFold
 
         Xs, y_idx = self._prepare_fit(X, y)
         if len(self.classes_) == 1:
@@ -134,6 +137,8 @@ class LogRegHead(_Head):
             import warnings
 
             folds = int(min(self.cv, counts.min()))
+            if groups is not None:
+                folds = list(StratifiedGroupKFold(folds).split(Xs, y_idx, groups))
             with warnings.catch_warnings():  # scikit-learn 1.9's notices of future defaults; ours are explicit
                 warnings.simplefilter("ignore", FutureWarning)
                 scoring = "balanced_accuracy" if self.class_weight == "balanced" else "accuracy"
@@ -188,9 +193,10 @@ class MLPHead(_Head):
         self.device = device
         self.class_weight = class_weight
 
-    def fit(self, X, y) -> MLPHead:
+    def fit(self, X, y, groups=None) -> MLPHead:
         """``y``: class labels, or a (n, n_labels) 0/1 matrix for multi-label (sigmoid outputs, BCE loss,
-        a threshold per label chosen for the best F1 on the validation split)."""
+        a threshold per label chosen for the best F1 on the validation split). ``groups``: int per row,
+        shared by near copies (:func:`featx.store.near_copy_groups`), kept on one side of that split."""
         import torch
 
         from sklearn.utils.multiclass import type_of_target
@@ -202,7 +208,7 @@ class MLPHead(_Head):
             return self
         device = "cuda" if self.device == "auto" and torch.cuda.is_available() else (
             "cpu" if self.device == "auto" else self.device)
-        train, val = self._split(y_idx)
+        train, val = self._split(y_idx, groups)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0 if self.random_state is None else self.random_state)
             net = self._network(Xs.shape[1], len(self.classes_)).to(device)
@@ -268,20 +274,23 @@ class MLPHead(_Head):
         layers.append(torch.nn.Linear(width, n_out))
         return torch.nn.Sequential(*layers)
 
-    def _split(self, y_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _split(self, y_idx: np.ndarray, groups=None) -> tuple[np.ndarray, np.ndarray]:
         from sklearn.model_selection import train_test_split
 
+        everything = np.arange(len(y_idx))
+        units = everything if groups is None else np.unique(groups, return_index=True)[1]  # a row per group
+        n_val = int(round(len(units) * self.validation_fraction))
         if y_idx.ndim == 2:  # multi-label: a seeded random split (no stratification over label sets)
-            n_val = int(round(len(y_idx) * self.validation_fraction))
             if n_val < 2:
-                return np.arange(len(y_idx)), np.array([], dtype=int)
-            return tuple(train_test_split(np.arange(len(y_idx)), test_size=n_val, random_state=self.random_state))
-        n, k = len(y_idx), int(y_idx.max()) + 1
-        n_val = int(round(n * self.validation_fraction))
-        everything = np.arange(n)
-        if n_val < k or np.bincount(y_idx).min() < 2:
-            return everything, np.array([], dtype=int)  # too small to hold out: train on all, watch train loss
-        train, val = train_test_split(everything, test_size=n_val, stratify=y_idx, random_state=self.random_state)
+                return everything, np.array([], dtype=int)
+            train, val = train_test_split(units, test_size=n_val, random_state=self.random_state)
+        else:
+            if n_val < int(y_idx.max()) + 1 or np.bincount(y_idx[units]).min() < 2:
+                return everything, np.array([], dtype=int)  # too small to hold out: train on all, watch train loss
+            train, val = train_test_split(units, test_size=n_val, stratify=y_idx[units],
+                                          random_state=self.random_state)
+        if groups is not None:
+            train, val = _with_near_copies(groups, train), _with_near_copies(groups, val)
         return train, val
 
 
@@ -646,7 +655,7 @@ def train_head(
         _logger.info("fitting %d embeddings; C is chosen by %d-fold cross-validation over 7 values "
                      "(--C VALUE skips it)", len(y_train), estimator.cv)
     t0 = time.perf_counter()
-    estimator.fit(X_train, y_train)
+    estimator.fit(X_train, y_train, groups=None if groups is None else groups[train])
     fit_seconds = time.perf_counter() - t0
     classes = [str(c) for c in estimator.classes_]
     keys = np.array(data.keys, dtype=object)[copies.keep]
@@ -661,13 +670,15 @@ def train_head(
         folds = (StratifiedKFold(cv, shuffle=True, random_state=seed) if groups is None else
                  StratifiedGroupKFold(cv, shuffle=True, random_state=seed))
         for fold_train, fold_test in folds.split(X, y, groups):
-            out_of_fold[fold_test] = clone(estimator).fit(X[fold_train], y[fold_train]).predict_proba(X[fold_test])
+            fold = clone(estimator).fit(X[fold_train], y[fold_train],
+                                        groups=None if groups is None else groups[fold_train])
+            out_of_fold[fold_test] = fold.predict_proba(X[fold_test])
             report.cv_accuracy.append(float(np.mean(
                 np.array(classes)[out_of_fold[fold_test].argmax(axis=1)] == y[fold_test])))
         predicted = np.array(classes, dtype=object)[out_of_fold.argmax(axis=1)].astype(str)
         report.mistakes = _mistakes(keys, y, predicted, out_of_fold.max(axis=1))
         report.mistakes_of = f"of all {len(y)} images, each scored by the fold that left it out"
-        estimator.fit(X, y)
+        estimator.fit(X, y, groups=groups)
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
               model=data.model, model_file=data.attrs.get("model_file"), cache=os.path.abspath(cache))
@@ -766,7 +777,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     estimator = MLPHead(hidden=tuple(hidden) if head == "mlp" else (), dropout=dropout, max_epochs=epochs,
                         random_state=seed, class_weight=class_weight)
     t0 = time.perf_counter()
-    estimator.fit(X_train, Y_train)
+    estimator.fit(X_train, Y_train, groups=None if groups is None else groups[train])
     fit_seconds = time.perf_counter() - t0
     estimator.classes_ = np.array(names)
     predicted = estimator.predict(X_test)
