@@ -579,9 +579,9 @@ def _near_copy_groups(phashes: np.ndarray, cache) -> tuple[np.ndarray | None, in
     n_near = int((sizes[groups] > 1).sum())
     if not n_near:
         return None, 0
-    _logger.info("%d images of %s are near copies of another (the same picture resized or re-encoded: perceptual "
-                 "hashes within %d of 64 bits), %d pictures in all: each picture's copies are kept on one side "
-                 "of the split", n_near, cache, NEAR_COPY_BITS, int((sizes > 1).sum()))
+    _logger.info("%d images of %s are near copies of another (perceptual hashes within %d of 64 bits: the same "
+                 "picture resized or re-encoded, or as alike), %d pictures in all: each picture's copies are kept "
+                 "on one side of the split", n_near, cache, NEAR_COPY_BITS, int((sizes > 1).sum()))
     return groups, n_near
 
 

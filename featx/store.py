@@ -468,8 +468,8 @@ class CacheSummary:
             lines += [f"  {line}" for line in self.copies.lines(self.path)]
         if self.near_copies:
             lines.append(f"  {self.near_copies:,} images are near copies of another (the same picture resized or "
-                         f"re-encoded), {self.pictures:,} pictures in all: train-head keeps each picture's copies on "
-                         "one side of its split")
+                         f"re-encoded, or as alike), {self.pictures:,} pictures in all: train-head keeps each "
+                         "picture's copies on one side of its split")
         if self.unhashed:
             lines.append(f"  {self.unhashed:,} rows have no perceptual hash (embedded by a featx from before it kept "
                          "them, or a flat image): their near copies are not found")

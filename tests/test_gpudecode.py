@@ -118,6 +118,10 @@ def test_decoder_matches_the_cpu_path_and_records_what_it_cannot_decode(tmp_path
     assert "no such file" in dict(failed)[paths.index(odd[-1])]
     # what the cache records of each file embedded: the SHA-256 of its bytes, from the bytes already read
     assert decoded.digests == reference.digests == [hashlib.sha256(open(paths[i], "rb").read()).hexdigest() for i in ok]
+    # and each image's perceptual hash, reduced where the decoder's tensor lies: the CPU path's, to near-copy bits
+    from featx.data import NEAR_COPY_BITS
+
+    assert (np.bitwise_count(decoded.phashes ^ reference.phashes) <= NEAR_COPY_BITS).all()
     got = images.numpy().astype(np.float32)
     assert got.shape == (len(ok), *cfg.input_size, 3)
     assert np.abs(got - reference.images).mean() < 1.0  # libjpeg-turbo either way; torch resizes, PIL resizes

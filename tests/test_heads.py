@@ -272,7 +272,7 @@ def test_resized_copies_stay_on_one_side_of_the_split_so_random_labels_score_as_
         report = featx.train_head(cache, tmp_path / "h.safetensors", C=100.0, cv=5)
     assert report.n_copies == 0 and report.n_near_copies >= 590 and report.n_test + report.n_train == 600
     assert f"{report.n_near_copies} near copies kept on the side of their picture" in report.text()
-    assert "near copies of another (the same picture resized or re-encoded" in caplog.text
+    assert "near copies of another (perceptual hashes within 4 of 64 bits: the same picture resized" in caplog.text
     assert 0.35 < report.accuracy < 0.65 and 0.35 < np.mean(report.cv_accuracy) < 0.65
     summary = featx.summarize_cache(cache)[0]  # what featx info says
     assert (summary.near_copies, summary.unhashed) == (report.n_near_copies, 0)
