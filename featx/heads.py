@@ -278,7 +278,7 @@ class MLPHead(_Head):
         from sklearn.model_selection import train_test_split
 
         everything = np.arange(len(y_idx))
-        units = everything if groups is None else np.unique(groups, return_index=True)[1]  # a row per group
+        units = _one_per_group(groups, len(y_idx))
         n_val = int(round(len(units) * self.validation_fraction))
         if y_idx.ndim == 2:  # multi-label: a seeded random split (no stratification over label sets)
             if n_val < 2:
@@ -539,7 +539,7 @@ def stratified_split(labels: Sequence, fraction: float, seed: int, *, groups: np
     from sklearn.model_selection import train_test_split
 
     labels = np.asarray(labels).astype(str)
-    units = np.arange(len(labels)) if groups is None else np.unique(groups, return_index=True)[1]
+    units = _one_per_group(groups, len(labels))
     image = "image" if groups is None or len(units) == len(labels) else "picture (near copies counted as one)"
     names, counts = np.unique(labels[units], return_counts=True)
     if len(names) < 2:
@@ -563,6 +563,11 @@ def stratified_split(labels: Sequence, fraction: float, seed: int, *, groups: np
     return _with_near_copies(groups, train), _with_near_copies(groups, rest)
 
 
+def _one_per_group(groups: np.ndarray | None, n: int) -> np.ndarray:
+    """The positions a split draws from: all ``n``, or with ``groups`` the first of each group."""
+    return np.arange(n) if groups is None else np.unique(groups, return_index=True)[1]
+
+
 def _with_near_copies(groups: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """``positions`` (one per group) and every other position of their groups, increasing."""
     return np.flatnonzero(np.isin(groups, groups[positions]))
@@ -572,16 +577,15 @@ def _near_copy_groups(phashes: np.ndarray, cache) -> tuple[np.ndarray | None, in
     """(group per row, rows in a group of near copies) for a split that keeps each group on one side;
     (None, 0) when no row has a near copy. Says how many there are."""
     from .data import NEAR_COPY_BITS
-    from .store import near_copy_groups
+    from .store import near_copy_counts, near_copy_groups
 
     groups = near_copy_groups(phashes)
-    sizes = np.bincount(groups)
-    n_near = int((sizes[groups] > 1).sum())
+    n_near, n_pictures = near_copy_counts(groups)
     if not n_near:
         return None, 0
     _logger.info("%d images of %s are near copies of another (perceptual hashes within %d of 64 bits: the same "
                  "picture resized or re-encoded, or as alike), %d pictures in all: each picture's copies are kept "
-                 "on one side of the split", n_near, cache, NEAR_COPY_BITS, int((sizes > 1).sum()))
+                 "on one side of the split", n_near, cache, NEAR_COPY_BITS, n_pictures)
     return groups, n_near
 
 
@@ -769,7 +773,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     Y = _label_matrix((wanted[data.keys[i]] for i in rows), names)
     X = data.embeddings[rows]
     groups, n_near = _near_copy_groups(data.phashes[rows], cache)
-    units = np.arange(len(rows)) if groups is None else np.unique(groups, return_index=True)[1]
+    units = _one_per_group(groups, len(rows))
     train, test = train_test_split(units, test_size=test_size, random_state=seed)
     if groups is not None:
         train, test = _with_near_copies(groups, train), _with_near_copies(groups, test)

@@ -368,20 +368,19 @@ def find_copies(keys, labels, digests) -> Copies:
     return Copies(np.flatnonzero(keep), int((~keep).sum()), across)
 
 
-def near_copy_pairs(phashes: np.ndarray, others: np.ndarray | None = None, *,
-                    within: int | None = None) -> np.ndarray:
-    """int64 (m, 2): pairs (i, j) of images within ``within`` bits of each other by their perceptual
-    hashes (by default :data:`featx.data.NEAR_COPY_BITS`): the same picture resized or re-encoded.
+def near_copy_pairs(phashes: np.ndarray, others: np.ndarray | None = None) -> np.ndarray:
+    """int64 (m, 2): pairs (i, j) of images within :data:`featx.data.NEAR_COPY_BITS` bits of each other by
+    their perceptual hashes: the same picture resized or re-encoded.
     ``phashes``, ``others``: uint64 (n,), (k,), 0 where not known (never matched). Without ``others``,
     the pairs within ``phashes`` (i < j); with it, i in ``phashes`` and j in ``others``.
 
-    Not every pair is compared: the 64 bits are cut into ``within + 1`` bands, and two hashes that
-    differ in at most ``within`` bits agree on at least one band whole, so only hashes sharing a band
+    Not every pair is compared: the 64 bits are cut into ``NEAR_COPY_BITS + 1`` bands, and two hashes
+    that differ in at most ``NEAR_COPY_BITS`` bits agree on at least one band whole, so only hashes sharing a band
     are compared (multi-index hashing; Norouzi et al., 2012).
     """
     from .data import NEAR_COPY_BITS
 
-    within = NEAR_COPY_BITS if within is None else within
+    within = NEAR_COPY_BITS
     a = np.asarray(phashes, dtype=np.uint64)
     b = a if others is None else np.asarray(others, dtype=np.uint64)
     found = [np.zeros((0, 2), dtype=np.int64)]
@@ -419,6 +418,12 @@ def _bounded_chunks(count: np.ndarray, limit: int) -> Iterator[np.ndarray]:
         stop = max(start + 1, int(np.searchsorted(ends, ends[start] - count[start] + limit, side="right")))
         yield np.arange(start, stop)
         start = stop
+
+
+def near_copy_counts(groups: np.ndarray) -> tuple[int, int]:
+    """(images with a near copy, pictures they make) of :func:`near_copy_groups`' numbers."""
+    sizes = np.bincount(groups)
+    return int((sizes[groups] > 1).sum()), int((sizes > 1).sum())
 
 
 def near_copy_groups(phashes: np.ndarray) -> np.ndarray:
@@ -504,12 +509,12 @@ def summarize_cache(path: str | os.PathLike) -> list[CacheSummary]:
                 copies.across_classes = [(keys[a], keys[b]) for a, b in copies.across_classes]
             phashes = _phashes_of(columns, slice(0, n), n)
             groups = near_copy_groups(phashes[labelled[copies.keep]])
-            sizes = np.bincount(groups)
+            near_copies, pictures = near_copy_counts(groups)
             emb = columns["embeddings"]
             out.append(CacheSummary(model, n, int(emb.shape[1]), str(emb.dtype),
                                     {c: int(k) for c, k in zip(classes, counts) if k}, int((labels < 0).sum()),
                                     _failures_of(g), _attrs_of(g), copies, str(path),
-                                    near_copies=int((sizes[groups] > 1).sum()), pictures=int((sizes > 1).sum()),
+                                    near_copies=near_copies, pictures=pictures,
                                     unhashed=int((phashes == 0).sum())))
     return out
 
