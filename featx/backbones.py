@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+
 from .errors import UnknownBackboneError, WeightsError
 
 if TYPE_CHECKING:  # torch is imported inside functions: importing featx must stay light
@@ -74,6 +76,9 @@ class Backbone:
     preprocess: PreprocessConfig
     class_names: list[str] | None
     weights: str  # where the weights came from: "pretrained", "bundled", "none" or a file path
+    # a fine-tuning checkpoint's: uint64 perceptual hashes of the pictures it was tuned on (the export
+    # keeps them, and evaluate leaves those pictures out of a test folder)
+    trained_phashes: np.ndarray | None = None
 
     def weights_sha256(self) -> str:
         """Hash of every parameter and buffer (names, shapes, bytes): the identity of these weights."""

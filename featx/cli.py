@@ -483,7 +483,7 @@ def _run(args: argparse.Namespace) -> int:
             args.root, args.output, model=args.model, weights=args.weights, head=args.head, unfreeze=unfreeze,
             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, input_size=args.input_size,
             hflip=not args.no_hflip, vflip=args.vflip, patience=args.patience, val_fraction=args.val_fraction,
-            resume=args.resume, device=args.device,
+            resume=args.resume, device=args.device, progress=not args.quiet,
         )
         print(f"best val_accuracy {result.best_val_accuracy:.4f} (val_loss {result.best_val_loss:.4f}) -> "
               f"{result.checkpoint}; trained blocks: {', '.join(result.trainable) or 'classifier only'}\n"

@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +49,9 @@ class ModelInfo:
     # file from export_classifier, whose class_names are then its head's (metadata featx_classes)
     class_scores: str = "logits"
     multilabel: bool = False  # an export_classifier file of a multi-label head: sigmoid probabilities
+    # uint64 perceptual hashes of the pictures its classifier was trained on (a fine-tuned export, an
+    # export_classifier file), metadata featx_trained_phashes: evaluate leaves their copies out
+    trained_phashes: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def has_logits(self) -> bool:
@@ -73,9 +76,11 @@ class ModelInfo:
             classes = f", {kind} {len(self.class_names)} {'labels' if self.multilabel else 'classes'} ({named})"
         elif self.has_logits:
             classes = f", logits for {len(self.class_names)} classes"
+        trained = (f", knows the {len(self.trained_phashes):,} pictures it was trained on (evaluate leaves them out)"
+                   if self.trained_phashes is not None else "")
         return (f"{self.backbone}, {self.embed_dim}-d embedding{classes}, "
                 f"input {self.preprocess.input_size[0]}x{self.preprocess.input_size[1]}, {self.precision}, "
-                f"fingerprint {self.fingerprint}")
+                f"fingerprint {self.fingerprint}{trained}")
 
     def to_json(self) -> str:
         return json.dumps(
@@ -117,6 +122,7 @@ class ModelInfo:
             weights_sha256=backbone.weights_sha256(),
             precision="fp16" if half else "fp32",
             featx_version=__version__,
+            trained_phashes=backbone.trained_phashes,
         )
 
 
@@ -161,6 +167,22 @@ def check_images(preprocess: PreprocessConfig) -> np.ndarray:
     from .samples import sample_photos
 
     return np.stack([preprocess_image(img, preprocess) for img in sample_photos().values()])
+
+
+TRAINED_PHASHES_KEY = "featx_trained_phashes"
+
+
+def encode_phashes(phashes: np.ndarray) -> str:
+    """uint64 (n,) as metadata text: base64 of their little-endian bytes (11 characters a picture)."""
+    import base64
+
+    return base64.b64encode(np.asarray(phashes, dtype="<u8").tobytes()).decode("ascii")
+
+
+def decode_phashes(text: str) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(text, validate=True), dtype="<u8").astype(np.uint64)
 
 
 def export_onnx(
@@ -216,6 +238,9 @@ def export_onnx(
         proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, info.to_json()
+        if info.trained_phashes is not None:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = TRAINED_PHASHES_KEY, encode_phashes(info.trained_phashes)
         proto.producer_name = "featx"
         onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp))

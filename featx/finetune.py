@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -133,8 +134,10 @@ class FinetuneResult:
     curves: str = ""  # PNG of loss and accuracy per epoch, redrawn after each epoch
     skipped: dict[str, str] = field(default_factory=dict)  # files that could not be decoded -> why
     n_copies: int = 0  # files left out: the same bytes and class as another file of the folder
+    n_near_copies: int = 0  # files in a group of near copies (perceptual hash), each group on one side of the split
     n_train: int = 0  # files in the training split (the folder's images, as embed walks it, less copies)
     n_val: int = 0  # and in the validation split
+    val_files: list[str] = field(default_factory=list)  # the validation split's files; the others trained
 
 
 def without_copies(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], int]:
@@ -148,11 +151,14 @@ def without_copies(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, 
     return [samples[i] for i in copies.keep], copies.n_copies
 
 
-def split_indices(targets: Sequence, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded train/validation split of a folder's samples (the same one heads use)."""
+def split_indices(targets: Sequence, val_fraction: float, seed: int, *,
+                  groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded train/validation split of a folder's samples (the same one heads use); each
+    group of ``groups`` (near copies) on one side."""
     from .heads import stratified_split
 
-    return stratified_split(targets, val_fraction, seed, held_out="validation", option="--val-fraction")
+    return stratified_split(targets, val_fraction, seed, groups=groups, held_out="validation",
+                            option="--val-fraction")
 
 
 def head_from_file(path: str | os.PathLike, embed_dim: int, class_names: list[str]):
@@ -203,6 +209,7 @@ def fine_tune(
     device: str = "auto",
     resume: bool = False,
     log=print,
+    progress: bool = False,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on the class folders under ``root``; the best epoch (lowest val_loss) is saved.
 
@@ -211,12 +218,15 @@ def fine_tune(
         unfreeze: how many top blocks train, "all", or "auto" (what :func:`advise` recommends).
         input_size: train and validate at this size instead of the model's (small images train faster).
         resume: continue from ``output`` if it exists (weights and epoch count).
+        progress: a progress bar while the folder is hashed for near copies (decoded once before training).
     """
     import torch
     from torchvision import transforms as T
 
     from .backbones import load_backbone
     from .data import FileEntry, class_names_of, walk_images
+    from .heads import near_copy_split_groups
+    from .pipeline import perceptual_hashes_of_files
     from .runtime import resolve_device
 
     torch.manual_seed(seed)
@@ -237,8 +247,21 @@ def fine_tune(
         log(f"{n_copies} cop{'ies' if n_copies > 1 else 'y'} of other images left out (same bytes and class): "
             "one on each side of the split would be validated on what it trained on")
     # before the backbone loads: a folder that cannot be split is reported at once
-    train_idx, val_idx = split_indices([class_names[t] for _, t in samples], val_fraction, seed)
+    targets = [class_names[t] for _, t in samples]
+    train_idx, val_idx = split_indices(targets, val_fraction, seed)
     backbone = load_backbone(model, weights=weights)
+    p = backbone.preprocess
+    size = input_size or p.input_size[0]
+    resize = int(round(size * p.resize_size / p.input_size[0]))
+    # the same picture resized or re-encoded (a photo and its export, a NAS thumbnail kept as a photo) has
+    # other bytes: each picture's copies go to one side of the split, or the best epoch is chosen on
+    # pictures that trained. Hashed at the size the export will run at, as evaluate hashes a test folder
+    # to leave out the pictures this model trained on (the checkpoint keeps the hashes).
+    phashes = perceptual_hashes_of_files([path for path, _ in samples],
+                                         replace(p, input_size=(size, size), resize_size=resize), progress=progress)
+    groups, n_near = near_copy_split_groups(phashes, root, say=log)
+    if groups is not None:
+        train_idx, val_idx = split_indices(targets, val_fraction, seed, groups=groups)
     features = backbone.features
     if unfreeze == "auto":
         unfreeze = advise(root, model=model, weights=weights, device=device).unfreeze
@@ -256,9 +279,6 @@ def fine_tune(
         history = [EpochLog(**e) for e in meta.get("history", [])]
         log(f"resuming from {output} after epoch {start_epoch}")
 
-    p = backbone.preprocess
-    size = input_size or p.input_size[0]
-    resize = int(round(size * p.resize_size / p.input_size[0]))
     interp = getattr(T.InterpolationMode, p.interpolation.upper())
     normalise = [T.ToTensor(), T.Normalize(p.mean, p.std)]
     train_tf = T.Compose([
@@ -283,14 +303,17 @@ def fine_tune(
     optimizer = torch.optim.AdamW([g for g in params if g["params"]], weight_decay=1e-4)
     # cosine decay over the planned epochs: large steps first, settling at the end
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs), last_epoch=-1)
-    for _ in range(start_epoch):
-        schedule.step()
+    with warnings.catch_warnings():  # a resume moves the schedule on before any optimizer step, on purpose
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        for _ in range(start_epoch):
+            schedule.step()
     loss_fn = torch.nn.CrossEntropyLoss()
     use_amp = device == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     result = FinetuneResult(str(output), class_names, best[1], best[0], history=history, frozen=frozen,
                             trainable=trainable, curves=str(output.with_suffix(".curves.png")), n_copies=n_copies,
-                            n_train=len(train_idx), n_val=len(val_idx))
+                            n_near_copies=n_near, n_train=len(train_idx), n_val=len(val_idx),
+                            val_files=[samples[i][0] for i in val_idx])
     skipped = result.skipped
     waited = 0
     for epoch in range(start_epoch + 1, epochs + 1):
@@ -327,7 +350,8 @@ def fine_tune(
             # the history up to this epoch goes with the weights: a resume continues from here
             _write_checkpoint(output, features, classifier, model=backbone.name, class_names=class_names,
                               input_size=[size, size], resize_size=resize,
-                              epoch=epoch, val_loss=val_loss, val_accuracy=val_acc, trained_blocks=trainable,
+                              trained_phashes=phashes, epoch=epoch, val_loss=val_loss, val_accuracy=val_acc,
+                              trained_blocks=trainable,
                               history=[asdict(e) for e in result.history])
         else:
             waited += 1
@@ -421,15 +445,23 @@ def evaluate(features, classifier, loader, device: str, skipped: dict | None = N
     return loss_sum / total, correct / total
 
 
-def _write_checkpoint(path: Path, features, classifier, **meta) -> None:
+def _write_checkpoint(path: Path, features, classifier, *, trained_phashes: np.ndarray, **meta) -> None:
+    """``trained_phashes``: uint64 perceptual hashes of the folder's images (0: not decoded), kept so that
+    the export can tell evaluate which pictures it must not be scored on."""
+    import torch
     from safetensors.torch import save_file
 
     state = {f"features.{k}": v.detach().cpu().contiguous() for k, v in features.state_dict().items()}
     state.update({f"classifier.{k}": v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()})
+    known = np.unique(trained_phashes[trained_phashes != 0])
+    state[_TRAINED_PHASHES] = torch.from_numpy(known.view(np.int64))  # safetensors' torch side has no uint64
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     save_file(state, str(tmp), metadata={"featx": json.dumps({"format": CHECKPOINT_FORMAT, **meta})})
     os.replace(tmp, path)
+
+
+_TRAINED_PHASHES = "featx.trained_phashes"
 
 
 def _read_checkpoint(path: Path) -> tuple[dict, dict]:
@@ -512,6 +544,8 @@ def load_finetuned(backbone, path: str | os.PathLike):
         # since a convnet tuned on 64-pixel digits does not recognise them at 224
         backbone.preprocess = replace(backbone.preprocess, input_size=tuple(meta["input_size"]),
                                       resize_size=int(meta["resize_size"]))
+    if _TRAINED_PHASHES in state:
+        backbone.trained_phashes = state[_TRAINED_PHASHES].numpy().view(np.uint64)
     backbone.weights = str(path)
     return backbone
 
@@ -536,9 +570,11 @@ class Advice:
     probe_note: str = ""  # why the probe did not run
     skipped: dict[str, str] = field(default_factory=dict)  # sampled files that could not be decoded -> why
     n_copies: int = 0  # files not counted: the same bytes and class as another
+    n_near_copies: int = 0  # sampled images with a near copy in the sample, each picture's in one of the probe's folds
 
     def text(self) -> str:
-        probe = (f"({self.probe_folds}-fold CV on the sample): accuracy {self.probe_accuracy:.3f}"
+        kept = f", {self.n_near_copies} near copies, each picture's in one fold" if self.n_near_copies else ""
+        probe = (f"({self.probe_folds}-fold CV on the sample{kept}): accuracy {self.probe_accuracy:.3f}"
                  if self.probe_accuracy == self.probe_accuracy else f": not run ({self.probe_note})")
         skipped = (f"\n{len(self.skipped)} sampled file{'s' if len(self.skipped) > 1 else ''} skipped (cannot be decoded), e.g. "
                    f"{next(iter(self.skipped))}: {next(iter(self.skipped.values()))}" if self.skipped else "")
@@ -560,11 +596,12 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
            sample: int = 300, device: str = "auto", seed: int = 0) -> Advice:
     """Place a labelled folder among the four transfer-learning cases (small/large x similar/different)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
 
     from .data import FileEntry, class_names_of, walk_images
     from .export import ensure_model_file
-    from .pipeline import encode_files, softmax
+    from .heads import near_copy_split_groups
+    from .pipeline import encode_files, perceptual_hashes_of_files, softmax
     from .runtime import load_model
 
     entries = [e for e in walk_images(root) if isinstance(e, FileEntry) and e.label is not None]
@@ -586,27 +623,34 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
     model_file = ensure_model_file(model, weights=weights)
     engine = load_model(model_file, device=device, engine="onnx", spin=False)
 
-    confidences, embeddings, labels, skipped = [], [], [], {}
+    confidences, embeddings, labels, paths, skipped = [], [], [], [], {}
     for entry, (_, embedding, logits, error) in zip(picked, encode_files(engine, [e.path for e in picked])):
         if error:  # a bad file is left out of the sample, as embed leaves it out of the cache
             skipped[entry.key] = error
             continue
         embeddings.append(embedding)
         labels.append(entry.label)
+        paths.append(entry.path)
         if logits is not None and engine.info.class_scores == "logits":  # ImageNet's, not a classifier file's
             confidences.append(softmax(logits[None]).max())
     if not embeddings:
         raise FeatxError(f"{root}: none of the {len(picked)} sampled images could be decoded")
     X, y = np.stack(embeddings), np.array(labels)
-    names, counts = np.unique(y, return_counts=True)
+    # a picture's near copies go to one fold, or the probe scores pictures it trained on
+    groups, n_near = near_copy_split_groups(perceptual_hashes_of_files(paths, engine.info.preprocess), root,
+                                            say=lambda line: None)
+    one_per_picture = np.arange(len(y)) if groups is None else np.unique(groups, return_index=True)[1]
+    names, counts = np.unique(y[one_per_picture], return_counts=True)
     folds, probe, note = int(min(3, counts.min())), float("nan"), ""
     if len(names) < 2:
         note = "one class left in the sample"
     elif folds < 2:
-        note = f"class '{names[counts.argmin()]}' has a single usable image"
+        note = f"class '{names[counts.argmin()]}' has a single usable {'image' if groups is None else 'picture'}"
     else:
-        folds_split = StratifiedKFold(folds, shuffle=True, random_state=seed)
-        probe = float(np.mean(cross_val_score(LogisticRegression(max_iter=2000), X, y, cv=folds_split)))
+        folds_split = (StratifiedKFold(folds, shuffle=True, random_state=seed) if groups is None
+                       else StratifiedGroupKFold(folds, shuffle=True, random_state=seed))
+        probe = float(np.mean(cross_val_score(LogisticRegression(max_iter=2000), X, y, groups=groups,
+                                              cv=folds_split)))
     confidence = float(np.mean(confidences)) if confidences else float("nan")
     per_class = len(entries) / len(classes)
     size = "large" if per_class >= LARGE_PER_CLASS else "small"
@@ -619,4 +663,5 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
         ("large", "different"): ("fine-tune everything: the data can support it and differs from ImageNet", "all"),
     }[(size, similarity)]
     return Advice(len(entries), len(classes), per_class, confidence, probe, size, similarity, recommendation,
-                  unfreeze, probe_folds=folds, probe_note=note, skipped=skipped, n_copies=n_copies)
+                  unfreeze, probe_folds=folds, probe_note=note, skipped=skipped, n_copies=n_copies,
+                  n_near_copies=n_near)

@@ -573,9 +573,10 @@ def _with_near_copies(groups: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.isin(groups, groups[positions]))
 
 
-def _near_copy_groups(phashes: np.ndarray, cache) -> tuple[np.ndarray | None, int]:
+def near_copy_split_groups(phashes: np.ndarray, where, *, say=None) -> tuple[np.ndarray | None, int]:
     """(group per row, rows in a group of near copies) for a split that keeps each group on one side;
-    (None, 0) when no row has a near copy. Says how many there are."""
+    (None, 0) when no row has a near copy. Says how many there are, through ``say`` (a callable taking
+    the line; logged at INFO unless given)."""
     from .data import NEAR_COPY_BITS
     from .store import near_copy_counts, near_copy_groups
 
@@ -583,9 +584,10 @@ def _near_copy_groups(phashes: np.ndarray, cache) -> tuple[np.ndarray | None, in
     n_near, n_pictures = near_copy_counts(groups)
     if not n_near:
         return None, 0
-    _logger.info("%d images of %s are near copies of another (perceptual hashes within %d of 64 bits: the same "
-                 "picture resized or re-encoded, or as alike), %d pictures in all: each picture's copies are kept "
-                 "on one side of the split", n_near, cache, NEAR_COPY_BITS, n_pictures)
+    (say or _logger.info)(
+        f"{n_near} images of {where} are near copies of another (perceptual hashes within {NEAR_COPY_BITS} of "
+        f"64 bits: the same picture resized or re-encoded, or as alike), {n_pictures} pictures in all: each "
+        "picture's copies are kept on one side of the split")
     return groups, n_near
 
 
@@ -638,7 +640,7 @@ def train_head(
         _logger.warning("%s", line)
     y = np.array(data.class_names, dtype=object)[data.labels[copies.keep]].astype(str)
     X = data.embeddings[copies.keep]
-    groups, n_near = _near_copy_groups(data.phashes[copies.keep], cache)
+    groups, n_near = near_copy_split_groups(data.phashes[copies.keep], cache)
     try:
         train, test = stratified_split(y, test_size, seed, groups=groups)
     except FeatxError as e:
@@ -772,7 +774,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     names = sorted({label for i in rows for label in wanted[data.keys[i]]})
     Y = _label_matrix((wanted[data.keys[i]] for i in rows), names)
     X = data.embeddings[rows]
-    groups, n_near = _near_copy_groups(data.phashes[rows], cache)
+    groups, n_near = near_copy_split_groups(data.phashes[rows], cache)
     units = _one_per_group(groups, len(rows))
     train, test = train_test_split(units, test_size=test_size, random_state=seed)
     if groups is not None:
@@ -1122,6 +1124,8 @@ def evaluate_classifier(
         _logger.warning("%d image(s) could not be read, left out (e.g. %s: %s)", len(failed), failed[0].path,
                         failed[0].error)
     rows = [c for c in classified if not c.error]
+    if info.trained_phashes is not None:
+        rows = _classified_not_trained_on(rows, info, model_file, folder, progress=progress)
     keys = [Path(os.path.relpath(c.path, folder)).as_posix() for c in rows]
     truth = _wordnet_folders_named([key.split("/")[0] if "/" in key else None for key in keys], info.class_names)
     known = _rows_of_known_classes(truth, info.class_names, folder, of="the model")
@@ -1131,6 +1135,28 @@ def evaluate_classifier(
     return _score_classes(Path(model_file).name, [keys[i] for i in known], [truth[i] for i in known],
                           [rows[i].top[0][0] for i in known], [rows[i].top[0][1] for i in known], where=str(folder),
                           png=png, mistakes_csv=mistakes_csv)
+
+
+def _classified_not_trained_on(rows: list, info, model_file, folder: Path, *, progress: bool) -> list:
+    """``rows`` (Classifications) less the pictures the model's classifier was trained on, as its file
+    knows them (``info.trained_phashes``): the same picture, resized or re-encoded, would flatter its score.
+    Their hashes are taken by decoding the files once more (``classify`` keeps none)."""
+    from .data import NEAR_COPY_BITS
+    from .pipeline import perceptual_hashes_of_files
+    from .store import near_copy_pairs
+
+    hashes = perceptual_hashes_of_files([c.path for c in rows], info.preprocess, progress=progress)
+    trained = set(near_copy_pairs(hashes, info.trained_phashes)[:, 0].tolist())
+    if not trained:
+        return rows
+    kept = [c for i, c in enumerate(rows) if i not in trained]
+    if not kept:
+        raise FeatxError(f"{folder} holds only pictures {model_file} was trained on (its validation split's too): "
+                         "evaluate images kept apart")
+    _logger.warning("%d of %d images of %s are pictures %s was trained on (the same, resized or re-encoded: "
+                    "perceptual hashes within %d of 64 bits; e.g. %s): left out, since they would flatter its score",
+                    len(trained), len(rows), folder, Path(model_file).name, NEAR_COPY_BITS, rows[min(trained)].path)
+    return kept
 
 
 def _wordnet_folders_named(truth: list[str | None], class_names: list[str]) -> list[str | None]:
@@ -1296,6 +1322,8 @@ def export_classifier(
     import onnx
     from onnx import TensorProto, compose, helper, numpy_helper
 
+    from .export import TRAINED_PHASHES_KEY, encode_phashes
+
     loaded = load_head(head)
     model_file = head_model_file(loaded, model, weights)
     backbone = onnx.load(str(model_file))
@@ -1336,7 +1364,11 @@ def export_classifier(
     for node in merged.graph.node:
         node.output[:] = ["probabilities" if o == "head/probabilities" else o for o in node.output]
     del merged.metadata_props[:]
-    merged.metadata_props.extend(backbone.metadata_props)
+    merged.metadata_props.extend(p for p in backbone.metadata_props if p.key != TRAINED_PHASHES_KEY)
+    trained = _pictures_trained_on(loaded, read_model_info(model_file).trained_phashes)
+    if trained is not None:  # evaluate leaves them out of a test folder, as it does for the head itself
+        entry = merged.metadata_props.add()
+        entry.key, entry.value = TRAINED_PHASHES_KEY, encode_phashes(trained)
     entry = merged.metadata_props.add()
     entry.key, entry.value = "featx_classes", json.dumps([str(c) for c in h.classes_])
     if getattr(h, "multilabel_", False):  # its probabilities are per label, not one class's share
@@ -1349,6 +1381,27 @@ def export_classifier(
     onnx.save(merged, str(tmp))
     os.replace(tmp, output)
     return output
+
+
+def _pictures_trained_on(loaded: LoadedHead, backbone_trained: np.ndarray | None) -> np.ndarray | None:
+    """uint64 perceptual hashes of every picture behind a classifier file: the head's training cache (its
+    held-out rows too, as evaluate --head leaves out the whole cache) and, for a fine-tuned backbone, the
+    pictures it was tuned on. None when neither is known (the cache moved: said)."""
+    from .store import load_digests
+
+    known = [] if backbone_trained is None else [backbone_trained]
+    if loaded.cache and os.path.isfile(loaded.cache):
+        try:
+            known.append(load_digests(loaded.cache, loaded.model)[2])
+        except FeatxError as e:
+            _logger.info("the head's training cache cannot be read (%s): its pictures are not kept in the file", e)
+    else:
+        _logger.info("the head's training cache %s is not there: evaluate cannot leave its pictures out of a "
+                     "test folder", loaded.cache)
+    if not known:
+        return None
+    hashes = np.concatenate(known)
+    return np.unique(hashes[hashes != 0])
 
 
 # ---------------------------------------------------------------------------------------- any featx file

@@ -28,7 +28,7 @@ from PIL import Image
 
 from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry, WalkFailure, class_names_of, \
-    file_digest, is_passed_over, load_batch, load_image, walk_images
+    file_digest, is_passed_over, load_batch, load_image, perceptual_hashes, walk_images
 from .errors import FeatxError, ImageError, ModelFileError
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
@@ -221,6 +221,27 @@ def encode_files(engine, paths: Sequence[str], *, batch_size: int | None = None,
             bar.update(len(chunk))
     finally:
         bar.close()
+
+
+def perceptual_hashes_of_files(paths: Sequence[str], cfg, *, progress: bool = False, workers: int | None = None,
+                               batch_size: int = 32) -> np.ndarray:
+    """uint64 (n,): each file's perceptual hash at the model's input (``cfg``), as the cache keeps it; 0 for
+    a file that cannot be decoded (never a near copy). For callers that read a folder, not a cache:
+    fine_tune's split, advise's probe. Decoded in ``workers`` threads (``default_workers()`` unless given)."""
+    hashes = np.zeros(len(paths), dtype=np.uint64)
+    workers = default_workers() if workers is None else workers
+    bar = _progress_bar(len(paths), progress, desc="hashing for near copies")
+
+    def decode(start: int) -> DecodedBatch:
+        return load_batch(paths[start:start + batch_size], cfg, with_digests=False)
+
+    try:
+        for start, decoded in _ahead(iter(range(0, len(paths), batch_size)), decode, workers):
+            hashes[start + np.asarray(decoded.ok, dtype=np.int64)] = perceptual_hashes(decoded.images)
+            bar.update(len(decoded.ok) + len(decoded.failed))
+    finally:
+        bar.close()
+    return hashes
 
 
 def embed_images(
@@ -971,12 +992,12 @@ class _FolderProgress:
             self.bar.close()
 
 
-def _progress_bar(total: int | None, show: bool):
+def _progress_bar(total: int | None, show: bool, desc: str | None = None):
     if not show:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1, desc=desc)
 
 
 def _walk_ahead(batches: Iterator[list[FileEntry]], depth: int = 8) -> Iterator[list[FileEntry]]:

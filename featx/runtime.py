@@ -22,7 +22,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from .errors import ModelFileError, WeightsError
-from .export import INPUT_NAME, METADATA_KEY, ModelInfo
+from .export import INPUT_NAME, METADATA_KEY, TRAINED_PHASHES_KEY, ModelInfo, decode_phashes
 
 _logger = logging.getLogger(__name__)
 
@@ -157,6 +157,8 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
         if "featx_classes" in meta:  # export_classifier's file: the backbone's metadata, its head's classes
             info = dataclasses.replace(info, class_names=[str(c) for c in json.loads(meta["featx_classes"])],
                                        class_scores="probabilities", multilabel=meta.get("featx_multilabel") == "1")
+        if TRAINED_PHASHES_KEY in meta:
+            info = dataclasses.replace(info, trained_phashes=decode_phashes(meta[TRAINED_PHASHES_KEY]))
         return info
     except (ValueError, KeyError, TypeError) as e:
         raise ModelFileError(f"{path}: featx metadata is unreadable ({_first_line(e)})") from None

@@ -201,3 +201,69 @@ def test_advise_skips_bad_files_and_says_why_the_probe_did_not_run(small_digits,
     (small_digits / "4").rename(small_digits.parent / "4")  # the rest: every class has 2+ images in the sample
     advice = featx.advise(small_digits, model=lite0_onnx, sample=18)  # 2 of each of the 9 classes
     assert advice.probe_accuracy > 0.3 and advice.probe_folds == 2 and "(2-fold CV on the sample)" in advice.text()
+
+
+def test_finetune_keeps_a_pictures_resized_copies_on_one_side_of_its_split(small_digits, tmp_path):
+    """A photo and its export at another size and quality have other bytes: one in each split would be
+    validated on what it trained on. Each picture's copies go to one side, and the log says how many."""
+    originals = [sorted((small_digits / str(d)).iterdir())[k] for d in range(10) for k in (0, 1)]
+    for photo in originals:
+        Image.open(photo).convert("RGB").resize((48, 48), Image.BICUBIC).save(
+            photo.with_name(f"{photo.stem} export.jpg"), quality=70)
+    lines = []
+    result = featx.fine_tune(small_digits, tmp_path / "ft.safetensors", unfreeze=0, epochs=1, input_size=32,
+                             hflip=False, batch_size=32, log=lines.append)
+    validated = {Path(p).name for p in result.val_files}
+    assert result.n_train + result.n_val == 80 and len(validated) == result.n_val and 12 <= result.n_val <= 24
+    assert result.n_near_copies >= 40 and any(f"{result.n_near_copies} images of {small_digits} are near copies"
+                                              in line for line in lines)
+    together = [(p.name in validated) == (f"{p.stem} export.jpg" in validated) for p in originals]
+    assert all(together) and sum(p.name in validated for p in originals) >= 2  # some pairs validate, whole
+
+
+def test_advise_keeps_near_copies_in_one_fold_of_its_probe(small_digits, lite0_onnx):
+    for photo in sorted(small_digits.glob("*/*.png"))[::3]:
+        Image.open(photo).convert("RGB").resize((40, 40)).save(photo.with_name(f"{photo.stem} small.jpg"))
+    advice = featx.advise(small_digits, model=lite0_onnx)
+    assert advice.n_near_copies >= 40 and f"{advice.n_near_copies} near copies, each picture's in one fold" in advice.text()
+    assert 0.3 < advice.probe_accuracy < 1
+
+
+def test_a_fine_tuned_export_is_not_scored_on_the_pictures_it_was_tuned_on(small_digits, tmp_path, caplog):
+    """evaluate on a test folder holding some of the tuning folder's pictures (saved again at another size)
+    leaves them out: the export keeps the perceptual hashes of what it was tuned on."""
+    import logging
+
+    import onnx
+
+    from featx.errors import ModelFileError
+    from featx.samples import write_digits_folder
+
+    ckpt = tmp_path / "ft.safetensors"
+    featx.fine_tune(small_digits, ckpt, unfreeze=0, epochs=1, input_size=32, hflip=False, log=lambda line: None)
+    model = tmp_path / "ft.onnx"
+    featx.export_onnx(featx.load_backbone("efficientnet_lite0", weights=ckpt), model)
+    info = featx.read_model_info(model)
+    assert 50 <= len(info.trained_phashes) <= 60 and "pictures it was trained on" in info.summary()
+
+    test = tmp_path / "test"  # 20 digits it never saw, and 10 of its own at 48 px as JPEG
+    for path in write_digits_folder(tmp_path / "more", size=32, limit=80).rglob("*.png"):
+        if int(path.stem) < 60:  # the tuning folder's
+            continue
+        (test / path.parent.name).mkdir(parents=True, exist_ok=True)
+        path.rename(test / path.parent.name / path.name)
+    tuned = sorted(small_digits.rglob("*.png"))[::6]
+    for path in tuned:
+        (test / path.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.open(path).convert("RGB").resize((48, 48)).save(test / path.parent.name / f"{path.stem}.jpg", quality=80)
+    with caplog.at_level(logging.WARNING, logger="featx"):
+        report = featx.evaluate_classifier(test, model)
+    assert 18 <= report.n_test <= 20 and not any(key.endswith(".jpg") for key, *_ in report.mistakes)
+    left_out = 30 - report.n_test
+    assert f"{left_out} of 30 images of {test} are pictures ft.onnx was trained on" in caplog.text
+
+    proto = onnx.load(str(model))  # a damaged list is a damaged file, refused with its reason
+    next(p for p in proto.metadata_props if p.key == "featx_trained_phashes").value = "not base64!"
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    with pytest.raises(ModelFileError, match="bad.onnx: featx metadata is unreadable"):
+        featx.read_model_info(tmp_path / "bad.onnx")
