@@ -76,8 +76,8 @@ class ModelInfo:
             classes = f", {kind} {len(self.class_names)} {'labels' if self.multilabel else 'classes'} ({named})"
         elif self.has_logits:
             classes = f", logits for {len(self.class_names)} classes"
-        trained = (f", knows the {len(self.trained_phashes):,} pictures it was trained on (evaluate leaves them out)"
-                   if self.trained_phashes is not None else "")
+        trained = "" if self.trained_phashes is None else (
+            f", knows the {len(self.trained_phashes):,} pictures it was trained and validated on (evaluate leaves them out)")
         return (f"{self.backbone}, {self.embed_dim}-d embedding{classes}, "
                 f"input {self.preprocess.input_size[0]}x{self.preprocess.input_size[1]}, {self.precision}, "
                 f"fingerprint {self.fingerprint}{trained}")

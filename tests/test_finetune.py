@@ -244,7 +244,8 @@ def test_a_fine_tuned_export_is_not_scored_on_the_pictures_it_was_tuned_on(small
     model = tmp_path / "ft.onnx"
     featx.export_onnx(featx.load_backbone("efficientnet_lite0", weights=ckpt), model)
     info = featx.read_model_info(model)
-    assert 50 <= len(info.trained_phashes) <= 60 and "pictures it was trained on" in info.summary()
+    known = len(info.trained_phashes)
+    assert 50 <= known <= 60 and f"knows the {known} pictures it was trained and validated on" in info.summary()
 
     test = tmp_path / "test"  # 20 digits it never saw, and 10 of its own at 48 px as JPEG
     for path in write_digits_folder(tmp_path / "more", size=32, limit=80).rglob("*.png"):
