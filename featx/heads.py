@@ -49,20 +49,26 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 class _Head(ClassifierMixin, BaseEstimator):
     """Shared prediction: ``layers_`` is [(W, b), ...] applied to standardised inputs, ReLU between."""
 
-    def _prepare_fit(self, X, y, *, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def _prepare_fit(self, X, y, *, multilabel: bool = False, dtype=None) -> tuple[np.ndarray, np.ndarray]:
         """Validate, learn classes_ and the standardisation; returns standardised X and class indices
-        (or, multi-label, the (n, n_labels) indicator matrix as float32)."""
-        X, y = validate_data(self, X, y, dtype=np.float64, multi_output=multilabel)
+        (or, multi-label, the (n, n_labels) indicator matrix as float32).
+
+        float32 embeddings stay float32 (standardised into one new array): in float64, and copied again
+        to standardise, a cache's embeddings took six times their size while fitting (measured on
+        100,000 x 1,280), and a million rows did not fit in 24 GiB."""
+        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], multi_output=multilabel)
         check_classification_targets(y)
         self.multilabel_ = multilabel
         if multilabel:
             self.classes_, y_idx = np.arange(y.shape[1]), np.asarray(y, dtype=np.float32)
         else:
             self.classes_, y_idx = np.unique(y, return_inverse=True)
-        self.mean_ = X.mean(axis=0)
-        scale = X.std(axis=0)
+        self.mean_ = X.mean(axis=0).astype(np.float64)
+        scale = X.std(axis=0).astype(np.float64)
         self.scale_ = np.where(scale > 1e-12, scale, 1.0)
-        Xs = (X - self.mean_) / self.scale_
+        dtype = dtype or X.dtype
+        Xs = X - self.mean_.astype(dtype)  # one new array, in ``dtype`` (float64 where a fit would copy it so)
+        Xs /= self.scale_.astype(dtype)
         if len(self.classes_) == 1:  # one class seen: always predict it (one logit, probability 1)
             self.layers_ = [(np.zeros((1, Xs.shape[1])), np.zeros(1))]
         return Xs, y_idx
@@ -77,13 +83,16 @@ class _Head(ClassifierMixin, BaseEstimator):
             check_is_fitted(self)
         except Exception as e:
             raise NotFittedError(str(e)) from None
-        X = validate_data(self, X, reset=False, dtype=np.float64)
-        h = (X - self.mean_) / self.scale_
-        for i, (W, b) in enumerate(self.layers_):
-            h = h @ W.T + b
-            if i < len(self.layers_) - 1:
-                h = np.maximum(h, 0)
-        return h
+        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        logits = np.empty((len(X), self.layers_[-1][0].shape[0]))
+        for start in range(0, len(X), 8192):  # in float64 a slice at a time: a whole cache would double in size
+            h = (X[start:start + 8192] - self.mean_) / self.scale_
+            for i, (W, b) in enumerate(self.layers_):
+                h = h @ W.T + b
+                if i < len(self.layers_) - 1:
+                    h = np.maximum(h, 0)
+            logits[start:start + 8192] = h
+        return logits
 
     def predict_proba(self, X) -> np.ndarray:
         """float (n, n_classes) probabilities, columns in the order of ``classes_``
@@ -128,7 +137,8 @@ class LogRegHead(_Head):
         from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
         from sklearn.model_selection import StratifiedGroupKFold
 
-        Xs, y_idx = self._prepare_fit(X, y)
+        # LogisticRegressionCV fits in float64 whatever it is given; LogisticRegression keeps float32
+        Xs, y_idx = self._prepare_fit(X, y, dtype=np.float64 if self.C is None else None)
         if len(self.classes_) == 1:
             self.C_, self.n_iter_ = self.C, 1
             return self
@@ -151,7 +161,7 @@ class LogRegHead(_Head):
             model = LogisticRegression(C=self.C_, max_iter=self.max_iter, class_weight=self.class_weight,
                                        random_state=self.random_state).fit(Xs, y_idx)
         self.n_iter_ = int(np.max(model.n_iter_))
-        coef, intercept = model.coef_, model.intercept_
+        coef, intercept = model.coef_.astype(np.float64), model.intercept_.astype(np.float64)
         if coef.shape[0] == 1:  # binary: sigmoid(z) == softmax([-z/2, z/2])
             coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
         self.layers_ = [(coef, intercept)]
@@ -203,7 +213,7 @@ class MLPHead(_Head):
 
         multilabel = type_of_target(y) == "multilabel-indicator"
         Xs, y_idx = self._prepare_fit(X, y, multilabel=multilabel)
-        Xs = Xs.astype(np.float32)
+        Xs = Xs.astype(np.float32, copy=False)
         if len(self.classes_) == 1:
             return self
         device = "cuda" if self.device == "auto" and torch.cuda.is_available() else (
