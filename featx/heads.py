@@ -53,9 +53,9 @@ class _Head(ClassifierMixin, BaseEstimator):
         """Validate, learn classes_ and the standardisation; returns standardised X and class indices
         (or, multi-label, the (n, n_labels) indicator matrix as float32).
 
-        float32 embeddings stay float32 (standardised into one new array): in float64, and copied again
-        to standardise, a cache's embeddings took six times their size while fitting (measured on
-        100,000 x 1,280), and a million rows did not fit in 24 GiB."""
+        float32 embeddings stay float32 (standardised into one new array, in ``dtype`` if given): in
+        float64, and copied again to standardise, a cache's embeddings took six times their size more
+        while fitting (``python benchmarks/head_memory.py``, 100,000 x 1,280)."""
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], multi_output=multilabel)
         check_classification_targets(y)
         self.multilabel_ = multilabel
