@@ -649,7 +649,9 @@ def train_head(
     for line in copies.lines(str(cache)):
         _logger.warning("%s", line)
     y = np.array(data.class_names, dtype=object)[data.labels[copies.keep]].astype(str)
-    X = data.embeddings[copies.keep]
+    # the cache's matrix itself where no row is left out: a copy of a million rows is 5 GB more
+    everything = np.array_equal(copies.keep, np.arange(len(data.keys)))
+    X = data.embeddings if everything else data.embeddings[copies.keep]
     groups, n_near = near_copy_split_groups(data.phashes[copies.keep], cache)
     try:
         train, test = stratified_split(y, test_size, seed, groups=groups)
