@@ -57,7 +57,7 @@ def main() -> None:
         engine = featx.load_model(model_file, device="cpu", engine="onnx", spin=workers == 0)
         paths = [str(p) for p in sorted(folder.rglob("*.jpg"))]
         t0 = time.perf_counter()
-        n = sum(1 for *_, error in encode_files(engine, paths, workers=workers) if error is None)
+        n = sum(1 for _, _, _, error, _ in encode_files(engine, paths, workers=workers) if error is None)
         return n / (time.perf_counter() - t0)
 
     runs = {}

@@ -600,8 +600,8 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
 
     from .data import FileEntry, class_names_of, walk_images
     from .export import ensure_model_file
-    from .heads import near_copy_split_groups
-    from .pipeline import encode_files, perceptual_hashes_of_files, softmax
+    from .heads import near_copy_split_groups, one_per_group
+    from .pipeline import encode_files, softmax
     from .runtime import load_model
 
     entries = [e for e in walk_images(root) if isinstance(e, FileEntry) and e.label is not None]
@@ -623,24 +623,23 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
     model_file = ensure_model_file(model, weights=weights)
     engine = load_model(model_file, device=device, engine="onnx", spin=False)
 
-    confidences, embeddings, labels, paths, skipped = [], [], [], [], {}
-    for entry, (_, embedding, logits, error) in zip(picked, encode_files(engine, [e.path for e in picked])):
+    confidences, embeddings, labels, phashes, skipped = [], [], [], [], {}
+    for entry, (_, embedding, logits, error, phash) in zip(
+            picked, encode_files(engine, [e.path for e in picked], with_phashes=True)):
         if error:  # a bad file is left out of the sample, as embed leaves it out of the cache
             skipped[entry.key] = error
             continue
         embeddings.append(embedding)
         labels.append(entry.label)
-        paths.append(entry.path)
+        phashes.append(phash)
         if logits is not None and engine.info.class_scores == "logits":  # ImageNet's, not a classifier file's
             confidences.append(softmax(logits[None]).max())
     if not embeddings:
         raise FeatxError(f"{root}: none of the {len(picked)} sampled images could be decoded")
     X, y = np.stack(embeddings), np.array(labels)
     # a picture's near copies go to one fold, or the probe scores pictures it trained on
-    groups, n_near = near_copy_split_groups(perceptual_hashes_of_files(paths, engine.info.preprocess), root,
-                                            say=lambda line: None)
-    one_per_picture = np.arange(len(y)) if groups is None else np.unique(groups, return_index=True)[1]
-    names, counts = np.unique(y[one_per_picture], return_counts=True)
+    groups, n_near = near_copy_split_groups(np.array(phashes, dtype=np.uint64), root, say=lambda line: None)
+    names, counts = np.unique(y[one_per_group(groups, len(y))], return_counts=True)
     folds, probe, note = int(min(3, counts.min())), float("nan"), ""
     if len(names) < 2:
         note = "one class left in the sample"

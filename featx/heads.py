@@ -288,7 +288,7 @@ class MLPHead(_Head):
         from sklearn.model_selection import train_test_split
 
         everything = np.arange(len(y_idx))
-        units = _one_per_group(groups, len(y_idx))
+        units = one_per_group(groups, len(y_idx))
         n_val = int(round(len(units) * self.validation_fraction))
         if y_idx.ndim == 2:  # multi-label: a seeded random split (no stratification over label sets)
             if n_val < 2:
@@ -549,7 +549,7 @@ def stratified_split(labels: Sequence, fraction: float, seed: int, *, groups: np
     from sklearn.model_selection import train_test_split
 
     labels = np.asarray(labels).astype(str)
-    units = _one_per_group(groups, len(labels))
+    units = one_per_group(groups, len(labels))
     image = "image" if groups is None or len(units) == len(labels) else "picture (near copies counted as one)"
     names, counts = np.unique(labels[units], return_counts=True)
     if len(names) < 2:
@@ -573,7 +573,7 @@ def stratified_split(labels: Sequence, fraction: float, seed: int, *, groups: np
     return _with_near_copies(groups, train), _with_near_copies(groups, rest)
 
 
-def _one_per_group(groups: np.ndarray | None, n: int) -> np.ndarray:
+def one_per_group(groups: np.ndarray | None, n: int) -> np.ndarray:
     """The positions a split draws from: all ``n``, or with ``groups`` the first of each group."""
     return np.arange(n) if groups is None else np.unique(groups, return_index=True)[1]
 
@@ -787,7 +787,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     Y = _label_matrix((wanted[data.keys[i]] for i in rows), names)
     X = data.embeddings[rows]
     groups, n_near = near_copy_split_groups(data.phashes[rows], cache)
-    units = _one_per_group(groups, len(rows))
+    units = one_per_group(groups, len(rows))
     train, test = train_test_split(units, test_size=test_size, random_state=seed)
     if groups is not None:
         train, test = _with_near_copies(groups, train), _with_near_copies(groups, test)
@@ -948,7 +948,7 @@ def iter_predictions(
         encoded = ((path, emb, error) for path, emb, error, _ in
                    encode_files_through_cache(engine, paths, cache, group, batch_size=batch_size, progress=progress))
     else:
-        encoded = ((path, emb, error) for path, emb, _, error in
+        encoded = ((path, emb, error) for path, emb, _, error, _ in
                    encode_files(engine(), paths, batch_size=batch_size, progress=progress))
     batch: list[tuple[str, np.ndarray | None, str | None]] = []
     for path, embedding, error in encoded:
@@ -1115,7 +1115,7 @@ def evaluate_classifier(
     so a frozen head and a fine-tuned model are compared on one test folder. Nothing is cached.
     """
     from .export import ensure_model_file
-    from .pipeline import classify
+    from .pipeline import iter_classify
     from .runtime import read_model_info
 
     folder = Path(folder)
@@ -1130,14 +1130,16 @@ def evaluate_classifier(
         raise FeatxError(f"{model_file} classifies nothing (no logits): train a head on its embeddings and give --head")
     if info.multilabel:
         raise FeatxError(f"{model_file} is a multi-label classifier: evaluate its head with --head and --labels")
-    classified = classify([folder], model=model_file, top=1, device=device, progress=progress)
+    # each image's perceptual hash taken as it is decoded, where the model knows pictures it trained on
+    classified = list(iter_classify([folder], model=model_file, top=1, device=device, progress=progress,
+                                    with_phashes=info.trained_phashes is not None))
     failed = [c for c in classified if c.error]
     if failed:
         _logger.warning("%d image(s) could not be read, left out (e.g. %s: %s)", len(failed), failed[0].path,
                         failed[0].error)
     rows = [c for c in classified if not c.error]
     if info.trained_phashes is not None:
-        rows = _classified_not_trained_on(rows, info, model_file, folder, progress=progress)
+        rows = _classified_not_trained_on(rows, info, model_file, folder)
     keys = [Path(os.path.relpath(c.path, folder)).as_posix() for c in rows]
     truth = _wordnet_folders_named([key.split("/")[0] if "/" in key else None for key in keys], info.class_names)
     known = _rows_of_known_classes(truth, info.class_names, folder, of="the model")
@@ -1149,15 +1151,14 @@ def evaluate_classifier(
                           png=png, mistakes_csv=mistakes_csv)
 
 
-def _classified_not_trained_on(rows: list, info, model_file, folder: Path, *, progress: bool) -> list:
-    """``rows`` (Classifications) less the pictures the model's classifier was trained on, as its file
-    knows them (``info.trained_phashes``): the same picture, resized or re-encoded, would flatter its score.
-    Their hashes are taken by decoding the files once more (``classify`` keeps none)."""
+def _classified_not_trained_on(rows: list, info, model_file, folder: Path) -> list:
+    """``rows`` (Classifications with their ``phash``) less the pictures the model's classifier was trained
+    on, as its file knows them (``info.trained_phashes``): the same picture, resized or re-encoded, would
+    flatter its score."""
     from .data import NEAR_COPY_BITS
-    from .pipeline import perceptual_hashes_of_files
     from .store import near_copy_pairs
 
-    hashes = perceptual_hashes_of_files([c.path for c in rows], info.preprocess, progress=progress)
+    hashes = np.array([c.phash for c in rows], dtype=np.uint64)
     trained = set(near_copy_pairs(hashes, info.trained_phashes)[:, 0].tolist())
     if not trained:
         return rows
@@ -1341,7 +1342,8 @@ def export_classifier(
     backbone = onnx.load(str(model_file))
     from .runtime import read_model_info
 
-    loaded.check_model(read_model_info(model_file).fingerprint, f"model {model_file}")
+    backbone_info = read_model_info(model_file)
+    loaded.check_model(backbone_info.fingerprint, f"model {model_file}")
     h = loaded.head
     inits = [numpy_helper.from_array(h.mean_.astype(np.float32), "mean"),
              numpy_helper.from_array(h.scale_.astype(np.float32), "scale")]
@@ -1377,7 +1379,7 @@ def export_classifier(
         node.output[:] = ["probabilities" if o == "head/probabilities" else o for o in node.output]
     del merged.metadata_props[:]
     merged.metadata_props.extend(p for p in backbone.metadata_props if p.key != TRAINED_PHASHES_KEY)
-    trained = _pictures_trained_on(loaded, read_model_info(model_file).trained_phashes)
+    trained = _pictures_trained_on(loaded, backbone_info.trained_phashes)
     if trained is not None:  # evaluate leaves them out of a test folder, as it does for the head itself
         entry = merged.metadata_props.add()
         entry.key, entry.value = TRAINED_PHASHES_KEY, encode_phashes(trained)

@@ -49,6 +49,7 @@ class Classification:
     path: str
     top: list[tuple[str, float]]  # (class name, probability), most probable first; empty when it failed
     error: str | None = None  # why the image could not be classified
+    phash: int = 0  # its perceptual hash, where iter_classify was asked for it (0: not taken)
 
     @property
     def key(self) -> str:
@@ -105,22 +106,25 @@ def iter_classify(
     device: Device = "auto",
     batch_size: int | None = None,
     progress: bool = False,
+    with_phashes: bool = False,
 ) -> Iterator[Classification]:
     """:func:`classify`'s rows one at a time, as each batch is classified: a folder of any size runs in
-    bounded memory, and its first rows come while the rest is decoded."""
+    bounded memory, and its first rows come while the rest is decoded. ``with_phashes``: each row's
+    ``phash`` is the image's perceptual hash (for evaluate, which leaves out pictures a model trained on)."""
     if top < 1:
         raise FeatxError(f"top={top}: ask for at least one class")
     engine = load_model(ensure_model_file(model, weights=weights), device=device, engine="onnx", spin=False)
     info = engine.info
     if not info.has_logits:
         raise ModelFileError(f"{engine.path}: this model has no ImageNet classifier (no logits output)")
-    for path, _, logits, error in encode_files(engine, expand_inputs(images), batch_size=batch_size,
-                                               progress=progress):
+    for path, _, logits, error, phash in encode_files(engine, expand_inputs(images), batch_size=batch_size,
+                                                      progress=progress, with_phashes=with_phashes):
         if error:
             yield Classification(path, [], error)
         else:
             p = class_probabilities(info, logits[None])[0]
-            yield Classification(path, [(info.class_names[j], float(p[j])) for j in np.argsort(-p)[:top]])
+            yield Classification(path, [(info.class_names[j], float(p[j])) for j in np.argsort(-p)[:top]],
+                                 phash=phash)
 
 
 def write_predictions(rows: Iterable, path: str | os.PathLike, *, top: int = 3) -> int:
@@ -187,35 +191,41 @@ def encode_files_through_cache(load_engine, paths: Sequence[str], cache, group: 
         if i in stored:
             yield path, stored[i], None, own_rows[i]
         else:
-            _, embedding, _, error = next(encoded)
+            _, embedding, _, error, _ = next(encoded)
             yield path, embedding, error, own_rows.get(i, -1)
     for _ in encoded:  # nothing is left: this ends it, so that its progress bar shows the last batch and closes
         pass
 
 
 def encode_files(engine, paths: Sequence[str], *, batch_size: int | None = None, progress: bool = False,
-                 workers: int | None = None) -> Iterator:
-    """(path, embedding, logits or None, None) for each path in order, or (path, None, None, why it
-    failed): decoded and encoded in batches with a loaded engine; a bad file is never raised. Batches
+                 workers: int | None = None, with_phashes: bool = False) -> Iterator:
+    """(path, embedding, logits or None, None, phash) for each path in order, or (path, None, None, why it
+    failed, 0): decoded and encoded in batches with a loaded engine; a bad file is never raised. Batches
     are decoded ahead in ``workers`` threads (``default_workers()`` unless given) while the engine runs;
     only a few batches are held at a time, so a folder of any size runs in bounded memory.
-    ``batch_size``: the device's default (``default_batch_size``) unless given."""
+    ``batch_size``: the device's default (``default_batch_size``) unless given. ``phash``: the image's
+    perceptual hash with ``with_phashes`` (taken in the decode thread, from the pixels the model gets),
+    else 0."""
     batch_size = batch_size or default_batch_size(engine.device)
     workers = default_workers() if workers is None else workers
     chunks = (paths[start:start + batch_size] for start in range(0, len(paths), batch_size))
     bar = _progress_bar(len(paths), progress)
     def decode(chunk: list[str]) -> DecodedBatch:
-        return load_batch(chunk, engine.info.preprocess, with_digests=False)  # nothing is stored
+        decoded = load_batch(chunk, engine.info.preprocess, with_digests=False)  # nothing is stored
+        if with_phashes:
+            decoded.phashes = perceptual_hashes(decoded.images)
+        return decoded
 
     try:
         for chunk, decoded in _ahead(chunks, decode, workers):
-            rows: list = [(None, None, None)] * len(chunk)
+            rows: list = [(None, None, None, 0)] * len(chunk)
             for k, reason in decoded.failed:
-                rows[k] = (None, None, reason)
+                rows[k] = (None, None, reason, 0)
             if decoded.ok:
                 out = engine.encode(decoded.images)
                 for j, k in enumerate(decoded.ok):
-                    rows[k] = (out.embedding[j], None if out.logits is None else out.logits[j], None)
+                    rows[k] = (out.embedding[j], None if out.logits is None else out.logits[j], None,
+                               int(decoded.phashes[j]) if with_phashes else 0)
             for path, row in zip(chunk, rows):
                 yield (path, *row)
             bar.update(len(chunk))
@@ -226,8 +236,8 @@ def encode_files(engine, paths: Sequence[str], *, batch_size: int | None = None,
 def perceptual_hashes_of_files(paths: Sequence[str], cfg, *, progress: bool = False, workers: int | None = None,
                                batch_size: int = 32) -> np.ndarray:
     """uint64 (n,): each file's perceptual hash at the model's input (``cfg``), as the cache keeps it; 0 for
-    a file that cannot be decoded (never a near copy). For callers that read a folder, not a cache:
-    fine_tune's split, advise's probe. Decoded in ``workers`` threads (``default_workers()`` unless given)."""
+    a file that cannot be decoded (never a near copy). For fine_tune's split, which needs every file's
+    hash before anything trains. Decoded in ``workers`` threads (``default_workers()`` unless given)."""
     hashes = np.zeros(len(paths), dtype=np.uint64)
     workers = default_workers() if workers is None else workers
     bar = _progress_bar(len(paths), progress, desc="hashing for near copies")

@@ -57,7 +57,7 @@ def test_files_decoded_ahead_in_threads_come_back_in_order_with_their_failures(l
     assert [row[3] for row in ahead] == [row[3] for row in inline]
     assert ahead[5][3].startswith("cannot decode") and ahead[-1][3].startswith("no such file")
     assert sum(row[3] is None for row in ahead) == len(photos)
-    for (_, emb, logits, error), (_, emb0, logits0, _) in zip(ahead, inline):
+    for (_, emb, logits, error, _), (_, emb0, logits0, _, _) in zip(ahead, inline):
         if error is None:
             assert np.abs(emb - emb0).max() < 1e-5 and np.abs(logits - logits0).max() < 1e-4
 
