@@ -41,6 +41,26 @@ def test_heads_on_digits_beat_chance_by_far(kind, digits_cache, tmp_path):
     assert np.mean(loaded.head.predict(data.embeddings) == np.array(data.class_names)[data.labels]) > 0.85
 
 
+def test_fitting_a_head_on_a_cache_takes_little_more_memory_than_its_embeddings(digits_cache):
+    """The cache's float32 embeddings are standardised into one new float32 array; before, they were
+    converted to float64 and copied again (6x their size more: a large cache did not fit in memory).
+    With C chosen by cross-validation, scikit-learn's float64 copy is the only one more."""
+    import tracemalloc
+
+    data = featx.load_embeddings(digits_cache)
+    X = np.tile(data.embeddings, (4, 1))  # 7,188 real embeddings, 37 MB
+    y = np.tile(np.array(data.class_names)[data.labels], 4)
+    for head, bound in ((LogRegHead(C=1.0), 1.6), (LogRegHead(cv=2), 4.5)):
+        tracemalloc.start()
+        try:
+            head.fit(X, y)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < bound * X.nbytes, (head, peak / X.nbytes)
+        assert np.mean(head.predict(X) == y) > 0.95
+
+
 @pytest.mark.slow
 def test_predict_folder_to_csv_and_files(digits_cache, digits_dir, lite0_onnx, tmp_path):
     head = tmp_path / "h.safetensors"
