@@ -239,19 +239,51 @@ def perceptual_hashes_of_files(paths: Sequence[str], cfg, *, progress: bool = Fa
     a file that cannot be decoded (never a near copy). For fine_tune's split, which needs every file's
     hash before anything trains. Decoded in ``workers`` threads (``default_workers()`` unless given)."""
     hashes = np.zeros(len(paths), dtype=np.uint64)
+    for positions, batch_hashes in _hashes_by_batch(paths, cfg, progress=progress, desc="hashing for near copies",
+                                                    workers=workers, batch_size=batch_size):
+        hashes[positions] = batch_hashes
+    return hashes
+
+
+def _hashes_by_batch(paths: Sequence[str], cfg, *, progress: bool, desc: str, workers: int | None = None,
+                     batch_size: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions in ``paths``, their uint64 perceptual hashes) for each batch of files that decoded, in order."""
     workers = default_workers() if workers is None else workers
-    bar = _progress_bar(len(paths), progress, desc="hashing for near copies")
+    bar = _progress_bar(len(paths), progress, desc=desc)
 
     def decode(start: int) -> DecodedBatch:
         return load_batch(paths[start:start + batch_size], cfg, with_digests=False)
 
     try:
         for start, decoded in _ahead(iter(range(0, len(paths), batch_size)), decode, workers):
-            hashes[start + np.asarray(decoded.ok, dtype=np.int64)] = perceptual_hashes(decoded.images)
+            yield start + np.asarray(decoded.ok, dtype=np.int64), perceptual_hashes(decoded.images)
             bar.update(len(decoded.ok) + len(decoded.failed))
     finally:
         bar.close()
-    return hashes
+
+
+def hash_unhashed_rows(store: EmbeddingStore, seen: set[str], cfg, stats: RunStats, *, workers: int | None = None,
+                       progress: bool = False) -> None:
+    """Give a perceptual hash to each row of a file the walk met that has none: rows embedded by a featx
+    from before the cache kept hashes, and rows moved onto such a row. Their files are decoded once more,
+    not embedded (the walk has just found them unchanged), so that train-head, evaluate and similar find
+    their near copies without the folder being embedded again. Each batch is written as it is hashed: a
+    killed run keeps what it did. A black image hashes to 0 as well and is hashed again each run (0.05 ms)."""
+    rows_by_key = store.done()
+    rows = np.array(sorted(rows_by_key[key][0] for key in seen if key in rows_by_key), dtype=np.int64)
+    if not len(rows):
+        return
+    rows = rows[store.phashes()[rows] == 0]
+    if not len(rows):
+        return
+    key_of_row = {row: key for key, (row, _, _) in rows_by_key.items()}
+    paths = [os.path.join(store.folder, key_of_row[row]) for row in rows]
+    _logger.info("%d rows have no perceptual hash (embedded before featx kept them): hashing their files",
+                 len(rows))
+    for positions, hashes in _hashes_by_batch(paths, cfg, progress=progress, workers=workers,
+                                              desc="hashing older rows for near copies"):
+        store.set_phashes(rows[positions], hashes)
+        stats.n_hashed += int(np.count_nonzero(hashes))
 
 
 def embed_images(
@@ -309,6 +341,7 @@ class RunStats:
     # embeddings were reused, not recomputed
     n_moved: int = 0
     n_duplicates: int = 0  # files with the bytes of another file of this run: embedded once, row shared
+    n_hashed: int = 0  # rows from before the cache kept perceptual hashes, given theirs this run
     seconds: float = 0.0
     load_seconds: float = 0.0  # model export/load/compile before the first image
     engine: str = ""  # the engine(s) that ran, with their devices
@@ -342,6 +375,7 @@ class RunStats:
             + (f", {self.n_moved} moved, renamed or copied (embeddings reused)" if self.n_moved else "")
             + (f", {self.n_duplicates} identical to another file (embedded once)" if self.n_duplicates else "")
             + (f" ({self.n_failed_before} failed before, unchanged)" if self.n_failed_before else "")
+            + (f", {self.n_hashed} older rows given a perceptual hash" if self.n_hashed else "")
             + (f", {self.n_deleted} deleted from the folder" + (f" ({self.n_pruned} pruned)" if self.n_pruned else
                " (--prune removes them)") if self.n_deleted else "")
             + f" in {self.seconds:.1f} s ({self.load_seconds:.1f} s loading the model)"
@@ -546,6 +580,8 @@ def embed_folder(
         finally:
             batches.close()  # its thread stops once the engine threads have
         pending.store_copies()
+        hash_unhashed_rows(store, seen, info.preprocess, stats, workers=workers if not gpu_decode else None,
+                           progress=progress)
         recovered |= pending.recovered
         stats.backoffs = [limit for e in encoders for limit in e.backoffs]
         deleted = pending.gone()

@@ -23,7 +23,7 @@ from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, load_batch
 from .errors import FeatxError
 from .export import ensure_model_file
-from .pipeline import PendingFiles, RunStats, check_prune, classes_walked
+from .pipeline import PendingFiles, RunStats, check_prune, classes_walked, hash_unhashed_rows
 from .runtime import read_model_info
 from .store import EmbeddingStore
 
@@ -209,6 +209,7 @@ def embed_folder_ray(
             stats.failures += failures
         stats.failures += recovered_failures
         pending.store_copies()
+        hash_unhashed_rows(store, seen, info.preprocess, stats)
         # files that failed before and have a row now: their old failure records go
         fixed = pending.recovered | ({item["key"] for item in items if item["key"] in failed_before}
                                      - {key for key, _ in stats.failures})

@@ -16,7 +16,8 @@ Layout (readable with plain h5py)::
                               the column existed gets it on its next write, b"" for its old rows
         image_phash    (n,)   uint64 perceptual hash of the model's input (featx.data.perceptual_hashes):
                               resized and re-encoded copies of a photo are found by it. 0 where not
-                              known (rows from before the column, as for file_sha256) or flat
+                              known (rows from before the column, as for file_sha256, until the next
+                              embed of the folder hashes them; or a black image)
         class_names    (k,)   UTF-8
         failures/      keys, reasons, file_size, file_mtime_ns (same meaning), attr n_rows
 
@@ -477,7 +478,8 @@ class CacheSummary:
                          "picture's copies on one side of its split")
         if self.unhashed:
             lines.append(f"  {self.unhashed:,} rows have no perceptual hash (embedded by a featx from before it kept "
-                         "them, or a flat image): their near copies are not found")
+                         "them, or a black image): their near copies are not found until `featx embed` runs on the "
+                         "folder again, which hashes them")
         if self.failures:
             n = len(self.failures)
             lines.append(f"  {n:,} file{'s' if n > 1 else ''} failed (skipped until {'they change' if n > 1 else 'it changes'}):")
@@ -661,8 +663,10 @@ class EmbeddingStore:
         """S64 (n_rows,): the content digest (SHA-256 as ASCII hex) of every committed row; b"" where it is not known."""
         return self.group[_DIGESTS][:int(self.group.attrs["n_rows"])]
 
-    def phashes(self, rows: np.ndarray) -> np.ndarray:
-        """uint64: the perceptual hashes of committed ``rows`` (increasing), 0 where not known."""
+    def phashes(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """uint64: the perceptual hashes of committed ``rows`` (increasing; default: all), 0 where not known."""
+        if rows is None:
+            return self.group[_PHASHES][:int(self.group.attrs["n_rows"])]
         return self.group[_PHASHES][rows]
 
     def failed(self) -> dict[str, tuple[str, int, int]]:
@@ -721,6 +725,13 @@ class EmbeddingStore:
             g[_PHASHES][idx] = _phash_column(phashes, len(rows))[order]
             g["file_size"][idx] = np.asarray(sizes, dtype=np.int64)[order]
             g["file_mtime_ns"][idx] = np.asarray(mtimes, dtype=np.int64)[order]
+            self.file.flush()
+
+    def set_phashes(self, rows: np.ndarray, phashes: np.ndarray) -> None:
+        """Perceptual hashes for committed ``rows`` that had none (their files decoded again, unchanged)."""
+        order = np.argsort(rows)
+        with self._writing():
+            self.group[_PHASHES][np.asarray(rows)[order]] = np.asarray(phashes, dtype=np.uint64)[order]
             self.file.flush()
 
     def touch(self, rows: list[int], mtimes) -> None:

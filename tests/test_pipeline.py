@@ -414,14 +414,18 @@ def test_a_copy_with_a_new_name_and_mtime_takes_the_stored_row(small_digits, tmp
 
 
 def test_a_cache_from_before_digests_gains_the_column_and_still_recognises_moves(small_digits, tmp_path, lite0_onnx):
-    """A cache written before featx kept digests: its rows' content is unknown, so a moved file is
-    recognised by name, size and mtime with its old path gone, as then; new rows get their digests."""
+    """A cache written before featx kept digests and perceptual hashes: its rows' content is unknown, so a
+    moved file is recognised by name, size and mtime with its old path gone, as then; new rows get their
+    digests. The next run hashes the rows whose files are still there (decoded, not embedded again), so
+    near copies are found in old caches too."""
     import shutil
 
     out = tmp_path / "c.h5"
     embed(small_digits, out, lite0_onnx)
     with h5py.File(out, "r+") as f:
-        del f["efficientnet_lite0/file_sha256"], f["efficientnet_lite0/image_phash"]
+        g = f["efficientnet_lite0"]
+        hashed_when_embedded = dict(zip(g["keys"].asstr()[:], g["image_phash"][:]))
+        del g["file_sha256"], g["image_phash"]
     first = featx.load_embeddings(out)
     assert not first.phashes.any()  # read as not known
     (small_digits / "3").rename(small_digits / "three")
@@ -429,13 +433,23 @@ def test_a_cache_from_before_digests_gains_the_column_and_still_recognises_moves
     stats = embed(small_digits, out, lite0_onnx)
     n_threes = sum(k.startswith("3/") for k in first.keys)
     assert (stats.n_moved, stats.n_embedded, stats.n_cached) == (n_threes, 1, 60 - n_threes)
+    assert stats.n_hashed == 60 and "60 older rows given a perceptual hash" in stats.summary()
     with h5py.File(out, "r") as f:
         g = f["efficientnet_lite0"]
         digests = dict(zip(g["keys"].asstr()[:], g["file_sha256"][:].astype(str)))
         phashes = dict(zip(g["keys"].asstr()[:], g["image_phash"][:]))
     assert digests[first.keys[0]] == "" and len(digests["copy.png"]) == 64
-    assert phashes[first.keys[0]] == 0 and phashes["copy.png"] != 0
     assert len(digests) == 60 + n_threes + 1  # the threes' old rows stay until --prune
+    # each row whose file is there has the hash it was given when embedded; the threes' old rows are gone
+    # from the folder and stay unknown
+    for key, phash in phashes.items():
+        if key.startswith("3/"):
+            assert phash == 0
+        elif key.startswith("three/"):
+            assert phash == hashed_when_embedded["3/" + key.removeprefix("three/")]
+        else:
+            assert phash == hashed_when_embedded[key if key != "copy.png" else first.keys[0]], key
+    assert embed(small_digits, out, lite0_onnx).n_hashed == 0  # once
 
 
 def test_bad_files_are_recorded_and_not_retried_until_changed(small_digits, tmp_path, lite0_onnx, photos_dir):
