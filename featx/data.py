@@ -104,6 +104,12 @@ def is_passed_over(name: str) -> bool:
     return name.startswith(".") or name in SYSTEM_FOLDERS
 
 
+def walk_sort_key(key: str) -> list[bytes]:
+    """What sorts cache keys ('/'-separated paths under the walked folder) in the order
+    :func:`walk_images` meets their files: each folder's entries by the bytes of their names."""
+    return [os.fsencode(part) for part in key.split("/")]
+
+
 def walk_images(root: str | os.PathLike, subfolder: str = "") -> Iterator[FileEntry | WalkFailure]:
     """Every image file under ``root``, recursively, in a stable sorted order.
 

@@ -895,6 +895,7 @@ def iter_predictions(
     """
     import tempfile
 
+    from .data import walk_sort_key
     from .pipeline import embed_folder, encode_files, encode_files_through_cache, expand_inputs
     from .runtime import default_batch_size, load_model, read_model_info
     from .store import iter_embeddings, load_failures, model_fingerprints
@@ -927,15 +928,18 @@ def iter_predictions(
             def named(key: str) -> str:  # a row names the file as given (keys under the prefix only)
                 return os.path.join(folder, key[len(prefix):])
 
-            for keys, embeddings in iter_embeddings(out, group):
-                keep = [i for i, k in enumerate(keys) if k not in gone and k.startswith(prefix)]
-                if keep:
-                    yield from rows_of([named(keys[i]) for i in keep], embeddings[keep])
-            failures = load_failures(out, group)
             # failures are few: whether each file is still there is asked of the folder itself
-            yield from (PredictionRow(path, [], reason) for path, reason in
-                        sorted((named(k), r) for k, r in failures.items() if k.startswith(prefix))
-                        if os.path.lexists(path))
+            failed = sorted(((walk_sort_key(k), k, reason) for k, reason in load_failures(out, group).items()
+                             if k.startswith(prefix) and os.path.lexists(named(k))), reverse=True)
+            # rows in the order the folder is walked, each failure in its place
+            for keys, embeddings in iter_embeddings(out, group, sort_key=walk_sort_key):
+                keep = [i for i, k in enumerate(keys) if k not in gone and k.startswith(prefix)]
+                for i, row in zip(keep, rows_of([named(keys[i]) for i in keep], embeddings[keep]) if keep else ()):
+                    while failed and failed[-1][0] < walk_sort_key(keys[i]):
+                        _, key, reason = failed.pop()
+                        yield PredictionRow(named(key), [], reason)
+                    yield row
+            yield from (PredictionRow(named(key), [], reason) for _, key, reason in reversed(failed))
         return
     def engine():
         return load_model(model_file, device=device, engine="onnx", spin=False)

@@ -224,21 +224,38 @@ def _phashes_of(columns: dict, pick, n: int) -> np.ndarray:
 
 
 def iter_embeddings(path: str | os.PathLike, model: str | None = None, *, rows_per_chunk: int = 16384,
-                    with_digests: bool = False) -> Iterator[tuple]:
+                    with_digests: bool = False, sort_key=None) -> Iterator[tuple]:
     """(keys, float32 embeddings) of a model's committed rows, ``rows_per_chunk`` at a time: a cache of
     millions of rows is read in bounded memory (:func:`load_embeddings` holds every row at once).
-    ``with_digests``: (keys, embeddings, S64 content digests, b"" where unknown)."""
+    ``with_digests``: (keys, embeddings, S64 content digests, b"" where unknown). ``sort_key``: rows in
+    the order of ``sort_key(key)`` (:func:`featx.data.walk_sort_key`: the order a walk meets their files)
+    rather than the cache's, where re-runs append new, moved and copied files at the end; only the keys
+    are held whole."""
     path = Path(path)
     with _open_h5(path, "r") as f:
         g = f[_pick_model(f, path, model)]
         columns, n = _committed_columns(g)
-        for start in range(0, n, rows_per_chunk):
-            stop = min(n, start + rows_per_chunk)
-            chunk = _decode(columns["keys"][start:stop]), columns["embeddings"][start:stop].astype(np.float32)
+        if sort_key is None:
+            chunks = (slice(start, min(n, start + rows_per_chunk)) for start in range(0, n, rows_per_chunk))
+        else:
+            all_keys = _decode(columns["keys"][:n])
+            order = np.array(sorted(range(n), key=lambda row: sort_key(all_keys[row])), dtype=np.int64)
+            chunks = (order[start:start + rows_per_chunk] for start in range(0, n, rows_per_chunk))
+        for rows in chunks:
+            keys = _decode(columns["keys"][rows]) if sort_key is None else [all_keys[row] for row in rows]
+            chunk = keys, _read_rows(columns["embeddings"], rows).astype(np.float32)
             if with_digests:
-                chunk += (columns[_DIGESTS][start:stop] if _DIGESTS in columns
-                          else np.zeros(stop - start, dtype=_DIGEST_DTYPE),)
+                chunk += (_read_rows(columns[_DIGESTS], rows) if _DIGESTS in columns
+                          else np.zeros(len(chunk[0]), dtype=_DIGEST_DTYPE),)
             yield chunk
+
+
+def _read_rows(dataset, rows: slice | np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` for a slice or for row numbers in any order (HDF5 reads them increasing)."""
+    if isinstance(rows, slice):
+        return dataset[rows]
+    increasing = np.sort(rows)
+    return dataset[increasing][np.searchsorted(increasing, rows)]
 
 
 def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[str | os.PathLike]

@@ -2,6 +2,7 @@
 
 import csv
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -95,11 +96,19 @@ def test_predict_leaves_out_deleted_files_and_a_stopped_run_keeps_its_rows(
     featx.embed_folder(small_digits, cache, model=lite0_onnx)
     for path in gone + [small_digits / "3" / "bad.png"]:
         path.unlink()
+    # a new file first in the folder's order, whose row (a copy's) the cache appends at its end, and a
+    # new bad file: the rows still come in the folder's order, the failure in its place
+    nine = sorted((small_digits / "9").iterdir())[-1]
+    shutil.copy(nine, small_digits / "0" / "00.png")
+    (small_digits / "5" / "bad.png").write_bytes(b"not an image")
     rows = list(featx.iter_predictions([small_digits], head=head, model=lite0_onnx, cache=cache))
     # the cache keeps the deleted files' rows and the failure (no --prune), the predictions do not
-    assert len(featx.load_embeddings(cache).keys) == 60 and featx.load_failures(cache)
-    assert sorted(r.key for r in rows) == sorted(str(p) for p in small_digits.rglob("*.png"))
-    assert len(rows) == 57 and not any(r.error for r in rows)
+    assert len(featx.load_embeddings(cache).keys) == 61 and set(featx.load_failures(cache)) == {"3/bad.png", "5/bad.png"}
+    assert [r.key for r in rows] == [str(p) for p in sorted(small_digits.rglob("*.png"))]
+    assert len(rows) == 59 and [r.key for r in rows if r.error] == [str(small_digits / "5" / "bad.png")]
+    assert rows[0].top == next(r.top for r in rows if r.key == str(nine))
+    (small_digits / "5" / "bad.png").unlink()
+    rows = [r for r in rows if not r.error and r.key != str(small_digits / "0" / "00.png")]
     assert sum(r.top[0][0] == r.key.split("/")[-2] for r in rows) / 57 > 0.9
 
     def stopped_by_ctrl_c(rows, after):
