@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import threading
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -102,6 +103,15 @@ SYSTEM_FOLDERS = frozenset({"__MACOSX", "@eaDir", "#recycle", "#snapshot", "$REC
 def is_passed_over(name: str) -> bool:
     """Whether the walk leaves out a file or folder of this name: hidden, or a system folder."""
     return name.startswith(".") or name in SYSTEM_FOLDERS
+
+
+def printable(name: str) -> str:
+    """A file name for a line of text: control characters (a newline or a tab in the name) written as
+    Python escapes them (``\\n``), so that each file stays one line of classify's, predict's, similar's
+    and info's output. CSV files keep names as they are (quoted)."""
+    if name.isprintable():
+        return name
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) == "Cc" else c for c in name)
 
 
 def walk_sort_key(key: str) -> list[bytes]:

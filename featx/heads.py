@@ -477,7 +477,9 @@ class HeadReport:
             shown = self.mistakes[:mistakes_shown]
             of = f" ({self.mistakes_of})" if self.mistakes_of else ""
             lines.append(f"{len(self.mistakes)} misclassified{of}, the most confident first:")
-            lines += [f"  {key}  {true} -> {predicted} {p:.1%}" for key, true, predicted, p in shown]
+            from .data import printable
+
+            lines += [f"  {printable(key)}  {true} -> {predicted} {p:.1%}" for key, true, predicted, p in shown]
             if len(self.mistakes) > len(shown):
                 where = f"all in {self.mistakes_file}" if self.mistakes_file else "--mistakes CSV lists them all"
                 lines.append(f"  … {len(self.mistakes) - len(shown)} more ({where})")

@@ -28,7 +28,7 @@ from PIL import Image
 
 from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry, WalkFailure, class_names_of, \
-    file_digest, is_passed_over, load_batch, load_image, perceptual_hashes, walk_images
+    file_digest, is_passed_over, load_batch, load_image, perceptual_hashes, printable, walk_images
 from .errors import FeatxError, ImageError, ModelFileError
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
@@ -58,8 +58,8 @@ class Classification:
 
     def line(self) -> str:
         if self.error:
-            return f"{self.path}  FAILED: {self.error}"
-        return f"{self.path}  " + "  ".join(f"{name} {p * 100:.1f}%" for name, p in self.top)
+            return f"{printable(self.path)}  FAILED: {self.error}"
+        return f"{printable(self.path)}  " + "  ".join(f"{name} {p * 100:.1f}%" for name, p in self.top)
 
 
 def classify(
@@ -171,7 +171,7 @@ def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
                 if isinstance(entry, FileEntry):
                     paths.append(entry.path)
                 else:
-                    _logger.warning("skipped %s: %s", os.path.join(item, entry.key), entry.reason)
+                    _logger.warning("skipped %s: %s", printable(os.path.join(item, entry.key)), entry.reason)
         else:
             paths.append(str(item))
     return paths
@@ -569,7 +569,7 @@ def embed_folder(
                                 stats.failures += [(e.key, r) for e, r in bad]
                                 stats.n_failed += len(bad)
                                 for e, r in bad:
-                                    _logger.warning("skipped %s: %s", e.key, r)
+                                    _logger.warning("skipped %s: %s", printable(e.key), r)
                         stats.decoded_by[decoded.decoded_by] = stats.decoded_by.get(decoded.decoded_by, 0) + len(batch)
                         bar.update(len(batch), failed=stats.n_failed)
                 finally:

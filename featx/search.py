@@ -34,13 +34,15 @@ class SimilarImages:
     def text(self) -> str:
         """The query, then a line per match: its similarity and its file's path (the cache's folder
         joined to its key, to open it), with the copies' paths beside it."""
+        from .data import printable
+
         if self.error:
-            return f"{self.query}  FAILED: {self.error}"
+            return f"{printable(self.query)}  FAILED: {self.error}"
 
         def path(key: str) -> str:
-            return os.path.join(self.folder, key) if self.folder else key
+            return printable(os.path.join(self.folder, key) if self.folder else key)
 
-        return "\n".join([self.query] + [
+        return "\n".join([printable(self.query)] + [
             f"  {similarity:.3f}  {path(key)}"
             + (f"  (same file: {', '.join(map(path, self.copies[key]))})" if key in self.copies else "")
             for key, similarity in self.matches])

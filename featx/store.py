@@ -501,7 +501,9 @@ class CacheSummary:
             n = len(self.failures)
             lines.append(f"  {n:,} file{'s' if n > 1 else ''} failed (skipped until {'they change' if n > 1 else 'it changes'}):")
             if list_failures:
-                lines += [f"    {key}: {reason}" for key, reason in sorted(self.failures.items())]
+                from .data import printable
+
+                lines += [f"    {printable(key)}: {reason}" for key, reason in sorted(self.failures.items())]
             else:
                 lines += [f"    {n:,} x {reason}" for reason, n in Counter(self.failures.values()).most_common(5)]
                 lines.append("    (--failures lists every file)")

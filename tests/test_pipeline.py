@@ -919,3 +919,31 @@ def test_the_walks_thread_hands_on_its_error_and_stops_with_the_run():
     assert next(endless) == ["x"]
     endless.close()
     assert not [t for t in threading.enumerate() if t.name == "featx-walk"]
+
+
+def test_a_newline_in_a_file_name_is_printed_escaped_and_kept_as_it_is_in_csv(small_digits, tmp_path, lite0_onnx,
+                                                                               capsys):
+    """A file name with a newline in it (a script's slip, a downloaded title) would split its line of
+    classify's or info's output in two; it is printed as Python escapes it, one file one line, and the
+    CSV keeps the name itself."""
+    import csv
+    import shutil
+
+    from featx.cli import main
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    shutil.copy(sorted((small_digits / "3").iterdir())[0], folder / "three\nof them.png")
+    (folder / "bro\nken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    assert main(["-q", "classify", str(folder), "--model", str(lite0_onnx), "--top", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{folder}/bro\\nken.jpg  FAILED: cannot decode")
+    assert lines[1].startswith(f"{folder}/three\\nof them.png  ")
+    assert main(["-q", "classify", str(folder), "--model", str(lite0_onnx), "-o", str(tmp_path / "c.csv")]) == 0
+    with open(tmp_path / "c.csv", newline="") as f:
+        assert [row["key"] for row in csv.DictReader(f)] == [f"{folder}/bro\nken.jpg", f"{folder}/three\nof them.png"]
+    out = tmp_path / "c.h5"
+    assert main(["-q", "embed", str(folder), "-o", str(out), "--model", str(lite0_onnx), "--engine", "onnx"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--failures"]) == 0
+    assert "\n    bro\\nken.jpg: cannot decode" in capsys.readouterr().out
