@@ -323,14 +323,22 @@ def best_thresholds(truth: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbone: str, model: str,
-              model_file: str | None = None, cache: str | None = None) -> Path:
+              model_file: str | None = None, cache: str | None = None,
+              trained_on: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
     """Write a fitted head as .safetensors: arrays plus a JSON header; no pickle. ``model_file``: the
     .onnx that made the embeddings, where predict and export-classifier look first without --model.
-    ``cache``: the cache it was trained from, where evaluate_head looks for images the head has seen."""
+    ``cache``: the cache it was trained from, where evaluate_head looks for images the head has seen.
+    ``trained_on``: (SHA-256 digests as the cache keeps them, uint64 perceptual hashes) of the images it
+    was fit and scored on, kept in the file (8 bytes of each digest, 16 bytes an image) so that evaluate
+    leaves them out of a test folder once the cache is gone or elsewhere."""
     from safetensors.numpy import save_file
 
     check_is_fitted(head)
     tensors = {"mean": head.mean_, "scale": head.scale_}
+    if trained_on is not None:
+        digests, phashes = trained_on
+        tensors["trained_digests"] = digest_prefixes(digests)
+        tensors["trained_phashes"] = np.unique(np.asarray(phashes, dtype=np.uint64)[np.asarray(phashes) != 0])
     for i, (W, b) in enumerate(head.layers_):
         tensors[f"layer{i}.weight"], tensors[f"layer{i}.bias"] = W, b
     if getattr(head, "multilabel_", False):
@@ -349,9 +357,15 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()}, str(path),
-              metadata={"featx": json.dumps(header)})
+    save_file({k: np.ascontiguousarray(v, dtype=np.uint64 if v.dtype == np.uint64 else np.float64)
+               for k, v in tensors.items()}, str(path), metadata={"featx": json.dumps(header)})
     return path
+
+
+def digest_prefixes(digests) -> np.ndarray:
+    """uint64: the first 8 bytes of each known SHA-256 (hex, str or bytes; empty where unknown), unique:
+    what a head file keeps of its training images' bytes (two photos share them once in 2^64)."""
+    return np.array(sorted({p for p in _digest_prefix_of_each(digests) if p is not None}), dtype=np.uint64)
 
 
 @dataclass
@@ -362,6 +376,10 @@ class LoadedHead:
     model: str
     model_file: str | None = None  # the .onnx that made the embeddings (heads since its recording)
     cache: str | None = None  # the cache it was trained from (heads since its recording)
+    # what it was fit and scored on (heads since their recording): digest_prefixes of the images' bytes,
+    # and their perceptual hashes; evaluate leaves those images out when the cache is not there
+    trained_digests: np.ndarray | None = field(default=None, compare=False, repr=False)
+    trained_phashes: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def summary(self) -> str:
         """One line: kind, classes, and the embeddings it was trained on."""
@@ -369,7 +387,9 @@ class LoadedHead:
         classes = self.head.classes_
         return (f"{kind}{type(self.head).__name__} for {len(classes)} classes ({', '.join(str(c) for c in classes)}), "
                 f"on {self.model} embeddings (fingerprint {self.fingerprint})"
-                + (f", trained from {self.cache}" if self.cache else ""))
+                + (f", trained from {self.cache}" if self.cache else "")
+                + (f", knows the {len(self.trained_digests):,} images it was trained and scored on (evaluate "
+                   "leaves them out)" if self.trained_digests is not None else ""))
 
     def check_model(self, fingerprint: str, where: str) -> None:
         if fingerprint != self.fingerprint:
@@ -409,7 +429,7 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     if head.multilabel_:
         head.thresholds_ = arrays["thresholds"]
     return LoadedHead(head, header["fingerprint"], header["backbone"], header["model"], header.get("model_file"),
-                      header.get("cache"))
+                      header.get("cache"), arrays.get("trained_digests"), arrays.get("trained_phashes"))
 
 
 def head_model_file(loaded: LoadedHead, model: str | os.PathLike | None = None, weights: str | None = None) -> Path:
@@ -701,7 +721,8 @@ def train_head(
         estimator.fit(X, y, groups=groups)
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
-              model=data.model, model_file=data.attrs.get("model_file"), cache=os.path.abspath(cache))
+              model=data.model, model_file=data.attrs.get("model_file"), cache=os.path.abspath(cache),
+              trained_on=(data.digests, data.phashes))
     png = Path(report_png) if report_png else output.with_suffix(".confusion.png")
     plot_confusion(report.confusion, classes, png, title=f"{head} on {data.model}: accuracy {report.accuracy:.3f}")
     report.files = [str(output), str(png)]
@@ -805,7 +826,8 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
                                 n_copies=n_copies, n_near_copies=n_near)
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
-              model=data.model, model_file=data.attrs.get("model_file"), cache=os.path.abspath(cache))
+              model=data.model, model_file=data.attrs.get("model_file"), cache=os.path.abspath(cache),
+              trained_on=([data.digests[i] for i in rows], data.phashes[rows]))
     png = Path(report_png) if report_png else output.with_suffix(".f1.png")
     _plot_label_f1(f1_score(Y_test, predicted, average=None, zero_division=0), names, png,
                    title=f"{head} multi-label on {data.model}: micro-F1 {report.micro_f1:.3f}")
@@ -1255,31 +1277,49 @@ def _rows_not_trained_on(loaded: LoadedHead, embeddings, rows: list[int], source
     from .data import NEAR_COPY_BITS
     from .store import load_digests, near_copy_pairs
 
-    if not loaded.cache or not os.path.isfile(loaded.cache):
+    trained_keys = None  # the training images' keys, to name an example, where the cache is read
+    if loaded.cache and os.path.isfile(loaded.cache):
+        try:
+            trained_keys, trained_digests, trained_phashes = load_digests(loaded.cache, loaded.model)
+        except FeatxError as e:  # replaced or locked since: the head's own record serves, if it has one
+            _logger.info("cannot compare with the cache the head was trained from (%s)", e)
+    if trained_keys is not None:
+        seen = {d.decode("ascii"): key for d, key in zip(trained_digests, trained_keys) if d}
+        same_bytes = {i: seen[embeddings.digests[i]] for i in rows if embeddings.digests[i] in seen}
+        where = f"{loaded.cache}, the cache the head was trained from"
+    elif loaded.trained_digests is not None:  # the cache is gone or elsewhere: the head file's record
+        trained_phashes = loaded.trained_phashes
+        known = set(loaded.trained_digests.tolist())
+        same_bytes = {i: None for i, prefix in zip(rows, _digest_prefix_of_each([embeddings.digests[i] for i in rows]))
+                      if prefix in known}
+        where = f"the head's training (recorded in the head file; its cache {loaded.cache} is not there)"
+    else:
+        _logger.warning("the cache the head was trained from (%s) is not there, and the head file is from before "
+                        "heads kept what they trained on: test images the head may have trained on are not left "
+                        "out; train the head again to keep that record", loaded.cache)
         return rows
-    try:
-        trained_keys, trained_digests, trained_phashes = load_digests(loaded.cache, loaded.model)
-    except FeatxError as e:  # replaced or locked since: nothing to compare with
-        _logger.info("cannot compare with the cache the head was trained from (%s)", e)
-        return rows
-    seen = {d.decode("ascii"): key for d, key in zip(trained_digests, trained_keys) if d}
-    same_bytes = {i: seen[embeddings.digests[i]] for i in rows if embeddings.digests[i] in seen}
     pairs = near_copy_pairs(embeddings.phashes[rows], trained_phashes)
-    near = {rows[i]: trained_keys[j] for i, j in pairs if rows[i] not in same_bytes}
+    near = {rows[i]: trained_keys[j] if trained_keys is not None else None for i, j in pairs
+            if rows[i] not in same_bytes}
     kept = [i for i in rows if i not in same_bytes and i not in near]
     if not kept:
-        same = (f"{source} is the cache the head was trained from" if os.path.samefile(source, loaded.cache) else
-                f"{source} holds only pictures of {loaded.cache}, the cache the head was trained from")
+        same = (f"{source} is the cache the head was trained from" if trained_keys is not None and
+                os.path.samefile(source, loaded.cache) else f"{source} holds only pictures of {where}")
         raise FeatxError(f"{same}: train-head's report scores the images it held out; evaluate images kept apart")
     for found, what in ((same_bytes, "have the same bytes as images"),
                         (near, f"are near copies (resized or re-encoded: perceptual hashes within {NEAR_COPY_BITS} "
                                "of 64 bits) of images")):
         if found:
             example = next(iter(found))
-            _logger.warning("%d of %d images %s of %s, the cache the head was trained from (e.g. %s and %s): left "
-                            "out, since the head may have trained on them", len(found), len(rows), what, loaded.cache,
-                            embeddings.keys[example], found[example])
+            named = embeddings.keys[example] + (f" and {found[example]}" if found[example] is not None else "")
+            _logger.warning("%d of %d images %s of %s (e.g. %s): left out, since the head may have trained on them",
+                            len(found), len(rows), what, where, named)
     return kept
+
+
+def _digest_prefix_of_each(digests) -> list[int | None]:
+    """The first 8 bytes of each SHA-256 (hex, str or bytes) as an int, None where it is not known."""
+    return [int(d[:16], 16) if d else None for d in digests]
 
 
 # ---------------------------------------------------------------------------------------- sklearn transformer
@@ -1405,8 +1445,9 @@ def export_classifier(
 
 def _pictures_trained_on(loaded: LoadedHead, backbone_trained: np.ndarray | None) -> np.ndarray | None:
     """uint64 perceptual hashes of every picture behind a classifier file: the head's training cache (its
-    held-out rows too, as evaluate --head leaves out the whole cache) and, for a fine-tuned backbone, the
-    pictures it was tuned on. None when neither is known (the cache moved: said)."""
+    held-out rows too, as evaluate --head leaves out the whole cache; where it cannot be read, the head
+    file's record of them) and, for a fine-tuned backbone, the pictures it was tuned on. None when neither
+    is known (said)."""
     from .store import load_digests
 
     known = [] if backbone_trained is None else [backbone_trained]
@@ -1414,10 +1455,13 @@ def _pictures_trained_on(loaded: LoadedHead, backbone_trained: np.ndarray | None
         try:
             known.append(load_digests(loaded.cache, loaded.model)[2])
         except FeatxError as e:
-            _logger.info("the head's training cache cannot be read (%s): its pictures are not kept in the file", e)
-    else:
-        _logger.info("the head's training cache %s is not there: evaluate cannot leave its pictures out of a "
-                     "test folder", loaded.cache)
+            _logger.info("the head's training cache cannot be read (%s)", e)
+    if len(known) == (backbone_trained is not None):  # the cache gave nothing: the head file's own record
+        if loaded.trained_phashes is not None:
+            known.append(loaded.trained_phashes)
+        else:
+            _logger.info("the head's training cache %s is not there: evaluate cannot leave its pictures out of a "
+                         "test folder", loaded.cache)
     if not known:
         return None
     hashes = np.concatenate(known)

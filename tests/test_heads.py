@@ -551,6 +551,27 @@ def test_evaluate_leaves_out_what_the_head_trained_on_classes_it_lacks_and_score
     (tmp_path / "empty" / "3").mkdir(parents=True)
     with pytest.raises(FeatxError, match="has no image to score"):
         featx.evaluate_head(tmp_path / "empty", head)
+    # the training cache moved away (the head sent to someone else): the head file's own record of the
+    # images it trained on leaves out the same ones
+    assert "knows the 300 images it was trained and scored on" in featx.load_head(head).summary()
+    (tmp_path / "train.h5").rename(tmp_path / "elsewhere.h5")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        assert featx.evaluate_head(test, head, cache=tmp_path / "test.h5").n_test == 60
+        assert featx.evaluate_head(resized, head).n_test == 60
+    assert ("1 of 61 images have the same bytes as images of the head's training (recorded in the head file; "
+            f"its cache {tmp_path / 'train.h5'} is not there) (e.g. 3/from_training.png)") in caplog.text
+    assert "300 of 360 images are near copies (resized or re-encoded" in caplog.text
+    # a head file from before heads kept that record, its cache gone: said, and nothing is left out
+    old = featx.load_head(head)
+    from featx.heads import save_head
+
+    save_head(old.head, tmp_path / "old.safetensors", fingerprint=old.fingerprint, backbone=old.backbone,
+              model=old.model, cache=old.cache)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        assert featx.evaluate_head(resized, tmp_path / "old.safetensors").n_test == 360
+    assert "the head file is from before heads kept what they trained on" in caplog.text
 
 
 @pytest.mark.slow
