@@ -3,7 +3,8 @@
 A look before training a head: classes that form their own islands on the map are what a linear head
 will separate; classes smeared into each other need more data, a better backbone, or fine-tuning.
 Beside the picture, one number measured in the full embedding space rather than the flattened map:
-how often an image's nearest neighbour (cosine) is of its own class, against what chance gives.
+how often an image's nearest neighbour (cosine) is of its own class, against what chance gives; the
+neighbour is another picture's (a copy or a near copy of the image itself would vouch for nothing).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class EmbeddingMap:
     neighbour_agreement: float | None  # share whose nearest neighbour has the same class (labelled rows)
     chance_agreement: float | None  # the same for labels drawn at random with the class shares
     n_copies: int = 0  # sampled rows left out: the same bytes and class as another (find_copies)
+    n_near_copies: int = 0  # sampled rows with a near copy (one picture resized, re-encoded): not neighbours
 
     def text(self) -> str:
         return f"{self.what()} -> {self.png}" + (f"\n{self.agreement()}" if self.agreement() else "")
@@ -46,8 +48,10 @@ class EmbeddingMap:
     def agreement(self) -> str:
         if self.neighbour_agreement is None:
             return ""
+        near = (f"; {self.n_near_copies:,} near copies, a picture's copies are not each other's neighbours"
+                if self.n_near_copies else "")
         return (f"nearest neighbour of the same class: {self.neighbour_agreement:.3f} "
-                f"(chance {self.chance_agreement:.3f})")
+                f"(chance {self.chance_agreement:.3f}{near})")
 
 
 def plot_embeddings(
@@ -72,7 +76,7 @@ def plot_embeddings(
 
     from .errors import FeatxError
     from .search import unit_rows
-    from .store import find_copies, load_embeddings, load_labels
+    from .store import find_copies, load_embeddings, load_labels, near_copy_counts, near_copy_groups
 
     if method not in ("tsne", "pca"):
         raise FeatxError(f"method {method!r}: expected tsne or pca")
@@ -87,7 +91,9 @@ def plot_embeddings(
     if len(X) < 3:
         raise FeatxError(f"{cache}: {len(X)} distinct images ({copies.n_copies} copies left out); a map needs at least 3")
     X = unit_rows(X)  # neighbours by cosine, as featx similar finds them
-    agreement, chance = _neighbour_agreement(X, labels)
+    # a near copy (the photo resized, re-encoded) would be as good a twin as a copy
+    pictures = near_copy_groups(data.phashes[copies.keep])
+    agreement, chance = _neighbour_agreement(X, labels, pictures)
     if method == "pca":
         points = PCA(n_components=2, random_state=seed).fit_transform(X)
     else:
@@ -98,7 +104,8 @@ def plot_embeddings(
                       random_state=seed).fit_transform(reduced)
     output = Path(output) if output else Path(cache).with_suffix(".map.png")
     result = EmbeddingMap(output, "t-SNE" if method == "tsne" else "PCA", keys, points.astype(np.float32),
-                          labels, data.class_names, n_total, agreement, chance, copies.n_copies)
+                          labels, data.class_names, n_total, agreement, chance, copies.n_copies,
+                          near_copy_counts(pictures)[0])
     _draw(result, title=f"{data.model}: {result.what()}")
     return result
 
@@ -116,19 +123,25 @@ def _stratified_sample(labels: np.ndarray, max_points: int, seed: int) -> np.nda
     return np.sort(np.concatenate(picked))
 
 
-def _neighbour_agreement(X: np.ndarray, labels: np.ndarray) -> tuple[float | None, float | None]:
-    """Leave-one-out 1-NN agreement among labelled rows of unit vectors, and its chance level Σ p_c²."""
+def _neighbour_agreement(X: np.ndarray, labels: np.ndarray, pictures: np.ndarray) -> tuple[float | None, float | None]:
+    """Leave-one-picture-out 1-NN agreement among labelled rows of unit vectors, and its chance level
+    Σ p_c². ``pictures``: a group per row (:func:`featx.store.near_copy_groups`); a row's neighbour is
+    the nearest row of another picture. A row whose picture has every other row is not counted."""
     labelled = labels >= 0
     if labelled.sum() < 2 or len(np.unique(labels[labelled])) < 2:
         return None, None
-    Y, y = X[labelled], labels[labelled]
+    Y, y, picture = X[labelled], labels[labelled], pictures[labelled]
     nearest = np.empty(len(Y), dtype=np.int64)
+    alone = np.zeros(len(Y), dtype=bool)
     for start in range(0, len(Y), 1024):  # (1024, n) similarities at a time
         sims = Y[start:start + 1024] @ Y.T
-        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf  # not itself
+        sims[picture[start:start + len(sims), None] == picture[None, :]] = -np.inf  # not itself nor its copies
         nearest[start:start + len(sims)] = sims.argmax(axis=1)
+        alone[start:start + len(sims)] = np.isneginf(sims.max(axis=1))
+    if alone.all():
+        return None, None
     shares = np.bincount(y) / len(y)
-    return float(np.mean(y[nearest] == y)), float(np.sum(shares ** 2))
+    return float(np.mean(y[nearest][~alone] == y[~alone])), float(np.sum(shares ** 2))
 
 
 def _draw(result: EmbeddingMap, *, title: str) -> None:

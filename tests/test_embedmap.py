@@ -64,3 +64,12 @@ def test_copies_in_a_class_do_not_lift_the_neighbour_figure(small_digits, tmp_pa
     assert (after.n_total, len(after.keys), after.n_copies) == (120, 60, 60)
     assert after.neighbour_agreement == before.neighbour_agreement < 1.0
     assert "PCA map of 120 embeddings (60 copies of other images left out)" in after.text()
+    # each photo saved again at 40 pixels (other bytes, the same picture): each would be its twin's
+    # nearest neighbour (the figure 1.0); a picture's copies are not each other's neighbours
+    for path in sorted(small_digits.rglob("[0-9]*.png")):
+        Image.open(path).resize((40, 40)).save(path.with_name("resized-" + path.name))
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    resized = featx.plot_embeddings(cache, tmp_path / "resized.png", method="pca")
+    assert len(resized.keys) == 120 and resized.n_near_copies >= 120
+    assert abs(resized.neighbour_agreement - before.neighbour_agreement) < 0.05
+    assert "a picture's copies are not each other's neighbours" in resized.text()
