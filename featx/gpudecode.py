@@ -13,18 +13,24 @@ favour, and torchvision runs every nvJPEG call behind one process-wide lock with
 TorchCodec keeps a cache of decoders per GPU, so batches decoded from several threads run at once.
 It also turns EXIF-rotated JPEGs upright as PIL's ``exif_transpose`` does (pixel for pixel on the
 CPU: tests/test_gpudecode.py), so phone photos taken in portrait stay on the GPU.
+
+nvImageCodec (``FEATX_JPEG_LIBRARY=nvimgcodec``, the nvidia-nvimgcodec-cu13 and nvidia-nvjpeg wheels)
+is the third caller, for the hardware JPEG decoders of an A100 or H100, which decode beside the
+CUDA cores; it runs only on a GPU, so its tests are those of tests/test_gpu.py.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import io
 import itertools
 import logging
 import os
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 
 from .backbones import PreprocessConfig
 from .data import (DEFAULT_MAX_PIXELS, DecodedBatch, content_digest, failure_reason, load_image, perceptual_hashes,
@@ -54,18 +60,25 @@ def _exif_orientation(tiff: bytes) -> int:
     return 1
 
 
-JPEG_LIBRARIES = ("torchcodec", "torchvision")
+JPEG_LIBRARIES = ("torchcodec", "torchvision", "nvimgcodec")
 
 
 def jpeg_library(prefer: str = "auto") -> str:
     """The library that decodes JPEG batches: ``prefer`` if it loads, or with "auto" the one
     ``$FEATX_JPEG_LIBRARY`` names, else TorchCodec when it loads (it is built against torch's stable
-    ABI, from torch 2.11), else torchvision."""
+    ABI, from torch 2.11), else torchvision. nvImageCodec is taken only when named: it reaches the
+    hardware JPEG decoders of an A100 or H100 (NVJPG), which TorchCodec and torchvision do not ask
+    for, but it is not yet measured against them (benchmarks/README.md, the GPU checklist)."""
     if prefer == "auto":
         prefer = os.environ.get("FEATX_JPEG_LIBRARY") or "auto"
     if prefer not in ("auto", *JPEG_LIBRARIES):
         raise ValueError(f"unknown JPEG decode library {prefer!r} (FEATX_JPEG_LIBRARY?): "
                          f"use auto, {', '.join(JPEG_LIBRARIES)}")
+    if prefer == "nvimgcodec":
+        problem = _nvimgcodec_problem()
+        if problem is not None:
+            raise ImportError(f"nvImageCodec does not decode JPEGs on the GPU here: {problem}")
+        return "nvimgcodec"
     if prefer in ("auto", "torchcodec"):
         problem = _torchcodec_problem()
         if problem is None:
@@ -85,6 +98,50 @@ def _torchcodec_problem() -> str | None:
         _logger.debug("TorchCodec does not load (%s); decoding JPEGs with torchvision", e)
         return str(e)
     return None
+
+
+_NVIMGCODEC_GPU_BACKENDS = ("HW_GPU_ONLY", "GPU_ONLY", "HYBRID_CPU_GPU")
+
+
+def _nvimgcodec_decoder(device_id: int):
+    """An nvImageCodec decoder on GPU ``device_id`` with its GPU backends alone: the hardware decoder
+    first (A100, H100), then nvJPEG's CUDA and hybrid ones. Without its CPU backends a JPEG it cannot
+    decode comes back as None and goes to featx's CPU path, which says why."""
+    from nvidia import nvimgcodec
+
+    backends = [nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind)) for kind in _NVIMGCODEC_GPU_BACKENDS]
+    return nvimgcodec.Decoder(device_id=device_id, backends=backends)
+
+
+@functools.cache
+def _nvimgcodec_problem() -> str | None:
+    """Why nvImageCodec does not decode a JPEG on the GPU here (not installed, no GPU, its nvJPEG
+    extension without the nvidia-nvjpeg wheel: it would then decode nothing), or None; tried once."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        from nvidia import nvimgcodec
+
+        probe = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(probe, format="JPEG")
+        decoded = _nvimgcodec_decoder(torch.cuda.current_device()).decode(
+            [nvimgcodec.CodeStream(probe.getvalue())], params=_nvimgcodec_params())
+    except Exception as e:
+        _logger.debug("nvImageCodec does not load (%s)", e)
+        return str(e) or type(e).__name__
+    if decoded[0] is None:
+        return "it decoded no JPEG (its nvJPEG extension needs the nvidia-nvjpeg wheel)"
+    return None
+
+
+def _nvimgcodec_params():
+    """Planar RGB (3, h, w) as TorchCodec gives it, upright as PIL's exif_transpose turns it."""
+    from nvidia import nvimgcodec
+
+    return nvimgcodec.DecodeParams(apply_exif_orientation=True, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                   sample_format=nvimgcodec.SampleFormat.P_RGB)
 
 
 def available_jpeg_libraries() -> list[str]:
@@ -178,6 +235,8 @@ class GpuDecoder:
         self.pixels_per_call = pixels_per_call
         self.resize_pixels = 2**24
         self.library = jpeg_library(library)
+        if self.library == "nvimgcodec" and not device.startswith("cuda"):
+            raise ValueError(f"nvImageCodec decodes on a GPU only, not on {device!r}")
         self._decode_list = self._batch_decode_fn()
         self._local = threading.local()  # one CUDA stream per thread that decodes
         self.pool = cf.ThreadPoolExecutor(threads)  # file reads + header checks, and CPU fallbacks
@@ -186,7 +245,7 @@ class GpuDecoder:
     @property
     def rotates(self) -> bool:
         """Whether the library applies the EXIF orientation itself, as the CPU path does."""
-        return self.library == "torchcodec"
+        return self.library in ("torchcodec", "nvimgcodec")
 
     def read(self, paths: Sequence[str]) -> cf.Future:
         """Start reading a batch's bytes in the background; pass the future to ``decode``."""
@@ -294,6 +353,8 @@ class GpuDecoder:
     def _batch_decode_fn(self):
         """list of 1-D uint8 CPU tensors -> list of uint8 (3, h, w) RGB images on ``device``."""
         device = self.device
+        if self.library == "nvimgcodec":
+            return self._nvimgcodec_decode
         if self.library == "torchcodec":
             from torchcodec.decoders import decode_jpeg
 
@@ -302,6 +363,20 @@ class GpuDecoder:
 
         rgb = torchvision.io.ImageReadMode.RGB
         return lambda tensors: torchvision.io.decode_jpeg(list(tensors), mode=rgb, device=device)
+
+    def _nvimgcodec_decode(self, tensors: list) -> list:
+        """The batch through nvImageCodec, on this thread's stream with this thread's decoder; each image
+        handed to torch through DLPack (no copy), None where it could not be decoded."""
+        import torch
+        from nvidia import nvimgcodec
+
+        if not hasattr(self._local, "nvimgcodec"):
+            index = torch.device(self.device).index
+            self._local.nvimgcodec = _nvimgcodec_decoder(torch.cuda.current_device() if index is None else index)
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        images = self._local.nvimgcodec.decode([nvimgcodec.CodeStream(t.numpy()) for t in tensors],
+                                               params=_nvimgcodec_params(), cuda_stream=stream)
+        return [None if image is None else torch.from_dlpack(image) for image in images]
 
     def _cpu(self, blob) -> np.ndarray | str:
         """The CPU path on the bytes already read (the file is not read twice)."""

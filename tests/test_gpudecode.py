@@ -16,11 +16,12 @@ from featx.gpudecode import JPEG_LIBRARIES, GpuDecoder, available_jpeg_libraries
 
 AVAILABLE = available_jpeg_libraries()
 
-# both decode libraries wherever they load: TorchCodec is preferred, torchvision (its image decoders
-# deprecated since 0.29, hence the warning filter) is the fallback
+# both decode libraries that also run on the CPU, wherever they load: TorchCodec is preferred,
+# torchvision (its image decoders deprecated since 0.29, hence the warning filter) is the fallback;
+# nvImageCodec decodes on a GPU only (tests/test_gpu.py)
 LIBRARIES = [pytest.param(lib, marks=[pytest.mark.skipif(lib not in AVAILABLE, reason=f"{lib} does not load here"),
                                       pytest.mark.filterwarnings("ignore:.*deprecated since torchvision")])
-             for lib in JPEG_LIBRARIES]
+             for lib in JPEG_LIBRARIES if lib != "nvimgcodec"]
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def _mixed_folder(tmp_path, coffee, n_jpegs: int):
     return paths, extra + [str(odd / "missing.jpg")]
 
 
-@pytest.mark.skipif(AVAILABLE != list(JPEG_LIBRARIES), reason="needs both JPEG decode libraries")
+@pytest.mark.skipif(not {"torchcodec", "torchvision"} <= set(AVAILABLE), reason="needs both JPEG decode libraries")
 def test_the_environment_picks_the_jpeg_library(monkeypatch, lite0_backbone):
     def decoder(**kw):
         made = GpuDecoder(lite0_backbone.preprocess, device="cpu", **kw)
@@ -99,6 +100,11 @@ def test_the_environment_picks_the_jpeg_library(monkeypatch, lite0_backbone):
     monkeypatch.setenv("FEATX_JPEG_LIBRARY", "nvjpeg")
     with pytest.raises(ValueError, match="unknown JPEG decode library 'nvjpeg'"):
         decoder()
+    # nvImageCodec only when named, and only where it decodes on a GPU: elsewhere it says why
+    monkeypatch.delenv("FEATX_JPEG_LIBRARY")
+    if "nvimgcodec" not in AVAILABLE:
+        with pytest.raises(ImportError, match="nvImageCodec does not decode JPEGs on the GPU here: "):
+            decoder(library="nvimgcodec")
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
