@@ -46,16 +46,37 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+_ROWS_AT_A_TIME = 1024  # a slice of 1,024 x 1,280 is 10 MB in float64
+
+
+def _column_mean_std(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (d,) mean and standard deviation of each column, a slice of rows at a time (two passes:
+    the deviations are summed around the mean, as numpy's std does, not as squares less the square)."""
+    total = np.zeros(X.shape[1])
+    for start in range(0, len(X), _ROWS_AT_A_TIME):
+        total += X[start:start + _ROWS_AT_A_TIME].sum(axis=0, dtype=np.float64)
+    mean = total / len(X)
+    squares = np.zeros(X.shape[1])
+    for start in range(0, len(X), _ROWS_AT_A_TIME):
+        deviation = X[start:start + _ROWS_AT_A_TIME] - mean
+        squares += np.einsum("ij,ij->j", deviation, deviation)
+    return mean, np.sqrt(squares / len(X))
+
+
 class _Head(ClassifierMixin, BaseEstimator):
     """Shared prediction: ``layers_`` is [(W, b), ...] applied to standardised inputs, ReLU between."""
 
-    def _prepare_fit(self, X, y, *, multilabel: bool = False, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    def _prepare_fit(self, X, y, *, multilabel: bool = False, dtype=None,
+                     overwrite_X: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Validate, learn classes_ and the standardisation; returns standardised X and class indices
         (or, multi-label, the (n, n_labels) indicator matrix as float32).
 
-        float32 embeddings stay float32 (standardised into one new array, in ``dtype`` if given): in
-        float64, and copied again to standardise, a cache's embeddings took six times their size more
-        while fitting (``python benchmarks/head_memory.py``, 100,000 x 1,280)."""
+        float32 embeddings stay float32, standardised into one new array (in ``dtype`` if given), or
+        into X itself with ``overwrite_X`` (a copy the caller is done with: train-head's training
+        rows). The column means and deviations are summed in float64 a slice at a time, so no
+        temporary the size of X is made: in float64, and copied again to standardise, a cache's
+        embeddings took six times their size more while fitting (``python benchmarks/head_memory.py``,
+        100,000 x 1,280)."""
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], multi_output=multilabel)
         check_classification_targets(y)
         self.multilabel_ = multilabel
@@ -63,12 +84,16 @@ class _Head(ClassifierMixin, BaseEstimator):
             self.classes_, y_idx = np.arange(y.shape[1]), np.asarray(y, dtype=np.float32)
         else:
             self.classes_, y_idx = np.unique(y, return_inverse=True)
-        self.mean_ = X.mean(axis=0).astype(np.float64)
-        scale = X.std(axis=0).astype(np.float64)
+        self.mean_, scale = _column_mean_std(X)
         self.scale_ = np.where(scale > 1e-12, scale, 1.0)
-        dtype = dtype or X.dtype
-        Xs = X - self.mean_.astype(dtype)  # one new array, in ``dtype`` (float64 where a fit would copy it so)
-        Xs /= self.scale_.astype(dtype)
+        dtype = np.dtype(dtype or X.dtype)  # float64 where the fit would copy it so anyway
+        in_place = overwrite_X and X.dtype == dtype and X.flags.writeable and X.flags.c_contiguous
+        Xs = X if in_place else np.empty(X.shape, dtype)
+        mean, scale = self.mean_.astype(dtype), self.scale_.astype(dtype)
+        for start in range(0, len(X), _ROWS_AT_A_TIME):
+            rows = slice(start, start + _ROWS_AT_A_TIME)
+            np.subtract(X[rows], mean, out=Xs[rows])
+            Xs[rows] /= scale
         if len(self.classes_) == 1:  # one class seen: always predict it (one logit, probability 1)
             self.layers_ = [(np.zeros((1, Xs.shape[1])), np.zeros(1))]
         return Xs, y_idx
@@ -131,14 +156,15 @@ class LogRegHead(_Head):
         self.random_state = random_state
         self.class_weight = class_weight
 
-    def fit(self, X, y, groups=None) -> LogRegHead:
+    def fit(self, X, y, groups=None, *, overwrite_X: bool = False) -> LogRegHead:
         """``groups``: int per row, shared by near copies (:func:`featx.store.near_copy_groups`): C is then
-        chosen with each group in one fold, so a copy's twin does not vouch for a weak regularisation."""
+        chosen with each group in one fold, so a copy's twin does not vouch for a weak regularisation.
+        ``overwrite_X``: X may be standardised in place (a float32 copy the caller has no more use for)."""
         from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
         from sklearn.model_selection import StratifiedGroupKFold
 
         # LogisticRegressionCV fits in float64 whatever it is given; LogisticRegression keeps float32
-        Xs, y_idx = self._prepare_fit(X, y, dtype=np.float64 if self.C is None else None)
+        Xs, y_idx = self._prepare_fit(X, y, dtype=np.float64 if self.C is None else None, overwrite_X=overwrite_X)
         if len(self.classes_) == 1:
             self.C_, self.n_iter_ = self.C, 1
             return self
@@ -203,16 +229,17 @@ class MLPHead(_Head):
         self.device = device
         self.class_weight = class_weight
 
-    def fit(self, X, y, groups=None) -> MLPHead:
+    def fit(self, X, y, groups=None, *, overwrite_X: bool = False) -> MLPHead:
         """``y``: class labels, or a (n, n_labels) 0/1 matrix for multi-label (sigmoid outputs, BCE loss,
         a threshold per label chosen for the best F1 on the validation split). ``groups``: int per row,
-        shared by near copies (:func:`featx.store.near_copy_groups`), kept on one side of that split."""
+        shared by near copies (:func:`featx.store.near_copy_groups`), kept on one side of that split.
+        ``overwrite_X``: X may be standardised in place (a float32 copy the caller has no more use for)."""
         import torch
 
         from sklearn.utils.multiclass import type_of_target
 
         multilabel = type_of_target(y) == "multilabel-indicator"
-        Xs, y_idx = self._prepare_fit(X, y, multilabel=multilabel)
+        Xs, y_idx = self._prepare_fit(X, y, multilabel=multilabel, overwrite_X=overwrite_X)
         Xs = Xs.astype(np.float32, copy=False)
         if len(self.classes_) == 1:
             return self
@@ -695,7 +722,9 @@ def train_head(
         _logger.info("fitting %d embeddings; C is chosen by %d-fold cross-validation over 7 values "
                      "(--C VALUE skips it)", len(y_train), estimator.cv)
     t0 = time.perf_counter()
-    estimator.fit(X_train, y_train, groups=None if groups is None else groups[train])
+    # X_train is a copy (of 80 % of a cache that may be millions of rows) used for nothing else
+    estimator.fit(X_train, y_train, groups=None if groups is None else groups[train], overwrite_X=True)
+    del X_train
     fit_seconds = time.perf_counter() - t0
     classes = [str(c) for c in estimator.classes_]
     keys = np.array(data.keys, dtype=object)[copies.keep]
@@ -818,11 +847,12 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     estimator = MLPHead(hidden=tuple(hidden) if head == "mlp" else (), dropout=dropout, max_epochs=epochs,
                         random_state=seed, class_weight=class_weight)
     t0 = time.perf_counter()
-    estimator.fit(X_train, Y_train, groups=None if groups is None else groups[train])
+    estimator.fit(X_train, Y_train, groups=None if groups is None else groups[train], overwrite_X=True)
+    del X_train
     fit_seconds = time.perf_counter() - t0
     estimator.classes_ = np.array(names)
     predicted = estimator.predict(X_test)
-    report = _multilabel_report(head, Y_test, predicted, names, n_train=len(X_train), fit_seconds=fit_seconds,
+    report = _multilabel_report(head, Y_test, predicted, names, n_train=len(Y_train), fit_seconds=fit_seconds,
                                 n_copies=n_copies, n_near_copies=n_near)
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),

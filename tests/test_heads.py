@@ -60,6 +60,20 @@ def test_fitting_a_head_on_a_cache_takes_little_more_memory_than_its_embeddings(
             tracemalloc.stop()
         assert peak < bound * X.nbytes, (head, peak / X.nbytes)
         assert np.mean(head.predict(X) == y) > 0.95
+    # train-head's training rows are a copy it has no more use for: standardised where they lie, they take
+    # no second copy, and the head is the same
+    rows = X.copy()
+    tracemalloc.start()
+    try:
+        in_place = LogRegHead(C=1.0).fit(rows, y, overwrite_X=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.8 * X.nbytes, peak / X.nbytes
+    assert not np.array_equal(rows, X)  # standardised in place
+    copied = LogRegHead(C=1.0).fit(X, y)
+    assert np.array_equal(in_place.predict(X), copied.predict(X))
+    assert np.allclose(in_place.predict_proba(X), copied.predict_proba(X), atol=1e-6)
 
 
 @pytest.mark.slow
