@@ -279,6 +279,7 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
 
     if device == "cuda":  # the pipeline's decode stage alone, to tell a decode wall from a model wall
         from .data import DEFAULT_MAX_PIXELS, FileEntry
+        from .gpudecode import available_jpeg_libraries
         from .pipeline import _gpu_decode_ahead
 
         entries = [FileEntry(key=str(p), path=str(p), label=None, size=0, mtime_ns=0)
@@ -290,12 +291,24 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
                 pass
             torch.cuda.synchronize()
 
-        decode_all()  # warm-up: decoder handles, allocator, page cache
-        t0 = time.perf_counter()
-        decode_all()
-        result.timings.append(Timing("featx GPU decode+resize only (no model)", "end-to-end", batch_size,
-                                     len(entries) / (time.perf_counter() - t0), (0, 0),
-                                     note=f"{len(entries)} JPEGs; {nvjpeg}"))
+        # with each JPEG library that loads (the one embed took first): which decodes fastest is then
+        # read from one run
+        chosen = os.environ.get("FEATX_JPEG_LIBRARY")
+        libraries = [jpeg_library()] + [lib for lib in available_jpeg_libraries() if lib != jpeg_library()]
+        try:
+            for library in libraries:
+                os.environ["FEATX_JPEG_LIBRARY"] = library
+                decode_all()  # warm-up: decoder handles, allocator, page cache
+                t0 = time.perf_counter()
+                decode_all()
+                result.timings.append(Timing(f"featx GPU decode+resize only (no model, {library})", "end-to-end",
+                                             batch_size, len(entries) / (time.perf_counter() - t0), (0, 0),
+                                             note=f"{len(entries)} JPEGs; nvJPEG through {library}"))
+        finally:
+            if chosen is None:
+                os.environ.pop("FEATX_JPEG_LIBRARY", None)
+            else:
+                os.environ["FEATX_JPEG_LIBRARY"] = chosen
 
     p = backbone.preprocess
     transform = torchvision.transforms.Compose([
