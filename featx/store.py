@@ -403,22 +403,28 @@ def near_copy_pairs(phashes: np.ndarray, others: np.ndarray | None = None) -> np
     b = a if others is None else np.asarray(others, dtype=np.uint64)
     found = [np.zeros((0, 2), dtype=np.int64)]
     known_a, known_b = np.flatnonzero(a != 0), np.flatnonzero(b != 0)
+    hashes_a, hashes_b = a[known_a], b[known_b]
     for start, stop in zip(*_bands(within + 1)):
         mask = np.uint64((1 << (stop - start)) - 1)
-        band_a = (a[known_a] >> np.uint64(start)) & mask
-        band_b = (b[known_b] >> np.uint64(start)) & mask
+        band_b = (hashes_b >> np.uint64(start)) & mask
         order = np.argsort(band_b, kind="stable")
-        left = np.searchsorted(band_b[order], band_a, side="left")
-        count = np.searchsorted(band_b[order], band_a, side="right") - left
+        sorted_b = band_b[order]
+        if others is None:  # each pair once: every hash against those after it in its bucket
+            query = order
+            left = np.arange(1, len(order) + 1)
+            count = np.searchsorted(sorted_b, sorted_b, side="right") - left
+        else:
+            query = np.arange(len(known_a))
+            band_a = (hashes_a >> np.uint64(start)) & mask
+            left = np.searchsorted(sorted_b, band_a, side="left")
+            count = np.searchsorted(sorted_b, band_a, side="right") - left
         for rows in _bounded_chunks(count, 1 << 22):  # candidate pairs held at once: memory stays bounded
-            i = np.repeat(rows, count[rows])
+            i = query[np.repeat(rows, count[rows])]
             offsets = np.arange(len(i)) - np.repeat(np.cumsum(count[rows]) - count[rows], count[rows])
             j = order[np.repeat(left[rows], count[rows]) + offsets]
-            pairs = np.stack([known_a[i], known_b[j]], axis=1)
-            if others is None:
-                pairs = pairs[pairs[:, 0] < pairs[:, 1]]
-            close = np.bitwise_count(a[pairs[:, 0]] ^ b[pairs[:, 1]]) <= within
-            found.append(pairs[close])
+            close = np.bitwise_count(hashes_a[i] ^ hashes_b[j]) <= within  # the pairs themselves are few
+            i, j = known_a[i[close]], known_b[j[close]]
+            found.append(np.stack([np.minimum(i, j), np.maximum(i, j)] if others is None else [i, j], axis=1))
     return np.unique(np.concatenate(found), axis=0)
 
 

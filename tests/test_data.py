@@ -365,3 +365,33 @@ def test_a_resized_or_reencoded_photo_keeps_its_perceptual_hash_and_another_phot
     assert {tuple(p) for p in found} == {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
                                          if pictures[i] == pictures[j]}
     assert load_batch([str(originals[0])], cfg, with_digests=False).phashes is None  # classify stores nothing
+
+
+def test_near_copy_pairs_are_exactly_those_a_comparison_of_every_pair_finds():
+    """The banded search (each candidate pair made once) against comparing every pair: hashes with near
+    copies planted 0 to 6 bits away, exact repeats, unknown hashes (0, never matched), within one set
+    and between two."""
+    import itertools
+
+    from featx.data import NEAR_COPY_BITS
+    from featx.store import near_copy_pairs
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        base = rng.integers(0, 2**64 - 1, 150, dtype=np.uint64, endpoint=True)
+        near = base.copy()
+        for k in range(len(near)):
+            for bit in rng.choice(64, rng.integers(0, 7), replace=False):
+                near[k] ^= np.uint64(1) << np.uint64(bit)
+        hashes = np.concatenate([base, near, np.zeros(5, np.uint64), base[:10]])
+        rng.shuffle(hashes)
+
+        def close(x, y):
+            return bool(x) and bool(y) and bin(int(x) ^ int(y)).count("1") <= NEAR_COPY_BITS
+
+        within = [(i, j) for i, j in itertools.combinations(range(len(hashes)), 2) if close(hashes[i], hashes[j])]
+        assert [tuple(p) for p in near_copy_pairs(hashes)] == within
+        assert len(within) > 100  # the planted copies within 4 bits, and the repeats
+        left, right = hashes[:120], hashes[120:]
+        between = [(i, j) for i in range(len(left)) for j in range(len(right)) if close(left[i], right[j])]
+        assert [tuple(p) for p in near_copy_pairs(left, right)] == between
