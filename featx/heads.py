@@ -1198,6 +1198,11 @@ def evaluate_classifier(
     rows = [c for c in classified if not c.error]
     if info.trained_phashes is not None:
         rows = _classified_not_trained_on(rows, info, model_file, folder)
+    elif info.class_scores == "probabilities" or info.weights not in ("pretrained", "bundled", "none"):
+        # a merged classifier or a fine-tuned export whose file predates the record: said, not passed over
+        _logger.warning("%s records no pictures its classifier was trained on (written by a featx from before "
+                        "model files kept them): test images it trained on are not left out; export it again "
+                        "from its checkpoint or head to keep that record", Path(model_file).name)
     keys = [Path(os.path.relpath(c.path, folder)).as_posix() for c in rows]
     truth = _wordnet_folders_named([key.split("/")[0] if "/" in key else None for key in keys], info.class_names)
     known = _rows_of_known_classes(truth, info.class_names, folder, of="the model")

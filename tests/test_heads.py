@@ -460,7 +460,7 @@ def _multilabel_tags(key: str) -> list[str]:
 
 @pytest.mark.slow
 def test_evaluate_scores_a_test_folder_as_predict_classifies_it_and_lists_its_mistakes(
-        digits_dir, lite0_onnx, tmp_path, capsys):
+        digits_dir, lite0_onnx, tmp_path, capsys, caplog):
     """A head trained on 500 digits, scored on 150 others kept apart, five of whose 3s were filed under 8 by
     mistake: the score is what predict's top class gives, and every mistake is listed, most confident first."""
     import shutil
@@ -517,6 +517,17 @@ def test_evaluate_scores_a_test_folder_as_predict_classifies_it_and_lists_its_mi
     assert merged.n_test == n and len(featx.read_model_info(classifier).trained_phashes) > 250
     assert [(k, t, p) for k, t, p, _ in merged.mistakes] == [(r["key"], r["class"], r["predicted"]) for r in listed]
     assert (tmp_path / "classifier.test.confusion.png").exists()
+    # the same file without that record (written by an earlier featx): nothing is left out, and it is said
+    import onnx
+
+    old = onnx.load(str(classifier))
+    kept = [p for p in old.metadata_props if p.key != "featx_trained_phashes"]
+    del old.metadata_props[:]
+    old.metadata_props.extend(kept)
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        assert featx.evaluate_classifier(test, tmp_path / "old.onnx").n_test == 150
+    assert "old.onnx records no pictures its classifier was trained on" in caplog.text
 
 
 @pytest.mark.slow
