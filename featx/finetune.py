@@ -257,8 +257,16 @@ def fine_tune(
     # other bytes: each picture's copies go to one side of the split, or the best epoch is chosen on
     # pictures that trained. Hashed at the size the export will run at, as evaluate hashes a test folder
     # to leave out the pictures this model trained on (the checkpoint keeps the hashes).
-    phashes = perceptual_hashes_of_files([path for path, _ in samples],
-                                         replace(p, input_size=(size, size), resize_size=resize), progress=progress)
+    output = Path(output)
+    checkpoint = _read_checkpoint(output) if resume and output.is_file() else None
+    folder_identity = _folder_identity(entries, size, resize)
+    if checkpoint is not None and checkpoint[1].get("folder_identity") == folder_identity:
+        # the same files, unchanged (size, mtime), hashed at the same size: the first run's hashes hold
+        phashes = checkpoint[0][_SAMPLE_PHASHES].numpy().view(np.uint64)
+        log(f"perceptual hashes of {len(phashes)} images from {output} (the folder is unchanged since)")
+    else:
+        phashes = perceptual_hashes_of_files([path for path, _ in samples],
+                                             replace(p, input_size=(size, size), resize_size=resize), progress=progress)
     groups, n_near = near_copy_split_groups(phashes, root, say=log)
     if groups is not None:
         train_idx, val_idx = split_indices(targets, val_fraction, seed, groups=groups)
@@ -270,9 +278,8 @@ def fine_tune(
     classifier = (head_from_file(head, backbone.embed_dim, class_names) if head
                   else torch.nn.Linear(backbone.embed_dim, len(class_names)))
     start_epoch, best, history = 0, (np.inf, 0.0), []
-    output = Path(output)
-    if resume and output.is_file():
-        state, meta = _read_checkpoint(output)
+    if checkpoint is not None:
+        state, meta = checkpoint
         features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
         classifier = _classifier_from_state(state, meta)
         start_epoch, best = int(meta["epoch"]), (float(meta["val_loss"]), float(meta["val_accuracy"]))
@@ -350,7 +357,8 @@ def fine_tune(
             # the history up to this epoch goes with the weights: a resume continues from here
             _write_checkpoint(output, features, classifier, model=backbone.name, class_names=class_names,
                               input_size=[size, size], resize_size=resize,
-                              trained_phashes=phashes, epoch=epoch, val_loss=val_loss, val_accuracy=val_acc,
+                              trained_phashes=phashes, folder_identity=folder_identity,
+                              epoch=epoch, val_loss=val_loss, val_accuracy=val_acc,
                               trained_blocks=trainable,
                               history=[asdict(e) for e in result.history])
         else:
@@ -446,8 +454,10 @@ def evaluate(features, classifier, loader, device: str, skipped: dict | None = N
 
 
 def _write_checkpoint(path: Path, features, classifier, *, trained_phashes: np.ndarray, **meta) -> None:
-    """``trained_phashes``: uint64 perceptual hashes of the folder's images (0: not decoded), kept so that
-    the export can tell evaluate which pictures it must not be scored on."""
+    """``trained_phashes``: uint64 perceptual hashes of the folder's images in sample order (0: not
+    decoded), kept so that the export can tell evaluate which pictures it must not be scored on (the
+    distinct ones), and so that a resume on the unchanged folder (``meta["folder_identity"]``) splits
+    it as the first run did without decoding it again (all of them)."""
     import torch
     from safetensors.torch import save_file
 
@@ -455,6 +465,7 @@ def _write_checkpoint(path: Path, features, classifier, *, trained_phashes: np.n
     state.update({f"classifier.{k}": v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()})
     known = np.unique(trained_phashes[trained_phashes != 0])
     state[_TRAINED_PHASHES] = torch.from_numpy(known.view(np.int64))  # safetensors' torch side has no uint64
+    state[_SAMPLE_PHASHES] = torch.from_numpy(np.ascontiguousarray(trained_phashes, dtype=np.uint64).view(np.int64))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     save_file(state, str(tmp), metadata={"featx": json.dumps({"format": CHECKPOINT_FORMAT, **meta})})
@@ -462,6 +473,18 @@ def _write_checkpoint(path: Path, features, classifier, *, trained_phashes: np.n
 
 
 _TRAINED_PHASHES = "featx.trained_phashes"
+_SAMPLE_PHASHES = "featx.sample_phashes"
+
+
+def _folder_identity(entries, size: int, resize: int) -> str:
+    """SHA-256 of the folder's labelled files as the walk found them (key, size, mtime, class) and of the
+    size they are hashed at: equal on a resume when nothing changed."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{size},{resize}".encode())
+    for e in entries:
+        digest.update(f"\n{e.key}\0{e.size}\0{e.mtime_ns}\0{e.label}".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def _read_checkpoint(path: Path) -> tuple[dict, dict]:

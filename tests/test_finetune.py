@@ -1,5 +1,6 @@
 """Fine-tuning in torch: meaningful blocks, frozen stays frozen, checkpoint -> ONNX, the four cases."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,15 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
     assert [h.epoch for h in resumed.history] == [1, 2, 3] and any("resuming" in line for line in lines)
     assert resumed.history[:2] == result.history  # the epochs before the resume came with the checkpoint
     assert Path(resumed.curves).stat().st_size > 20_000  # loss and accuracy over all three epochs
+    # the folder unchanged: its hashes came with the checkpoint (not decoded again), and the split is the same
+    assert f"perceptual hashes of 62 images from {ckpt} (the folder is unchanged since)" in lines
+    assert resumed.val_files == result.val_files
+    # one file touched since: the folder is hashed again
+    lines.clear()
+    os.utime(sorted((small_digits / "0").glob("*.png"))[0])
+    featx.fine_tune(small_digits, ckpt, unfreeze=2, epochs=3, input_size=64, hflip=False, batch_size=16,
+                    resume=True, log=lines.append)
+    assert any("resuming" in line for line in lines) and not any("perceptual hashes of" in line for line in lines), lines
 
 
 @pytest.mark.slow
