@@ -23,13 +23,16 @@ _logger = logging.getLogger(__name__)
 @dataclass
 class SimilarImages:
     """The cached images closest to one query: ``matches`` as (key, cosine similarity), best first, one
-    per content: other cached paths of a match's bytes (the same photo in two folders) are its ``copies``."""
+    per picture: other cached paths of a match's bytes (the same photo in two folders) are its ``copies``,
+    those of the same picture resized or re-encoded among the matches its ``near_copies``."""
 
     query: str
     matches: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None  # the query could not be read
     copies: dict[str, list[str]] = field(default_factory=dict)  # match key -> other keys with the same bytes
     folder: str | None = None  # the folder the cache follows: the keys are paths relative to it
+    # match key -> keys of its near copies (perceptual hashes within NEAR_COPY_BITS) that ranked among the matches
+    near_copies: dict[str, list[str]] = field(default_factory=dict)
 
     def text(self) -> str:
         """The query, then a line per match: its similarity and its file's path (the cache's folder
@@ -45,6 +48,7 @@ class SimilarImages:
         return "\n".join([printable(self.query)] + [
             f"  {similarity:.3f}  {path(key)}"
             + (f"  (same file: {', '.join(map(path, self.copies[key]))})" if key in self.copies else "")
+            + (f"  (same picture: {', '.join(map(path, self.near_copies[key]))})" if key in self.near_copies else "")
             for key, similarity in self.matches])
 
 
@@ -107,48 +111,57 @@ def find_similar(
     if not searched:
         return results
     Q = unit_rows(np.stack(queries))  # (n_queries, D)
-    kept: list[list[tuple[float, str, bytes]]] = [[] for _ in range(len(Q))]  # per query, best first
+    kept: list[list[tuple]] = [[] for _ in range(len(Q))]  # per query: (similarity, key, digest, phash), best first
     start = 0  # the chunk's first row
-    for keys, embeddings, digests in iter_embeddings(cache, group, rows_per_chunk=rows_per_chunk, with_digests=True):
+    for keys, embeddings, digests, phashes in iter_embeddings(cache, group, rows_per_chunk=rows_per_chunk,
+                                                              with_digests=True, with_phashes=True):
         for i, sims in enumerate(Q @ unit_rows(embeddings).T):
             if start <= skipped_rows[i] < start + len(keys):
                 sims[skipped_rows[i] - start] = -np.inf
             # the chunk's rows best first beside those kept so far (earlier rows first among equals)
-            chunk = ((float(sims[j]), keys[j], bytes(digests[j])) for j in np.argsort(-sims, kind="stable")
-                     if sims[j] > -np.inf)
-            kept[i] = _top_contents(heapq.merge(kept[i], chunk, key=lambda row: -row[0]), k)
+            chunk = ((float(sims[j]), keys[j], bytes(digests[j]), int(phashes[j]))
+                     for j in np.argsort(-sims, kind="stable") if sims[j] > -np.inf)
+            pictures = _top_pictures(heapq.merge(kept[i], chunk, key=lambda row: -row[0]), k)
+            kept[i] = sorted((row for rows in pictures for row in rows), key=lambda row: -row[0])
         start += len(keys)
     for result, rows in zip(searched, kept):
-        first: dict[bytes | str, str] = {}  # content -> key of its best-ranked row
-        for similarity, key, digest in rows:
-            content = digest or key
-            if content in first:
-                result.copies.setdefault(first[content], []).append(key)
-            else:
-                first[content] = key
-                result.matches.append((key, similarity))
+        for first, *others in _top_pictures(rows, k):
+            result.matches.append((first[1], first[0]))
+            for row in others:  # the same bytes tie with the first row; a near copy is another file of it
+                same_bytes = bool(first[2]) and row[2] == first[2]
+                (result.copies if same_bytes else result.near_copies).setdefault(first[1], []).append(row[1])
     return results
 
 
-def _top_contents(rows, k: int) -> list[tuple[float, str, bytes]]:
-    """Of (similarity, key, digest) rows given best first, those of the ``k`` most similar contents: every
-    row of a chosen digest is kept (copies embed the same bytes, so they tie with their original);
-    rows without a digest (b"") each count as their own content."""
-    chosen: set = set()
-    out: list[tuple[float, str, bytes]] = []
+def _top_pictures(rows, k: int) -> list[list[tuple]]:
+    """Of (similarity, key, digest, phash) rows given best first, those of the ``k`` most similar
+    pictures, a list of rows each, best first. A row joins a picture when it has the bytes of one of its
+    rows (copies embed the same bytes, so they tie with their original), or a perceptual hash within
+    NEAR_COPY_BITS of its first row's (the same photo resized or re-encoded, ranked anywhere above the
+    k-th picture); a row without a digest (b"") or hash (0) is only itself."""
+    from .data import NEAR_COPY_BITS
+
+    pictures: list[list[tuple]] = []
+    by_digest: dict[bytes, list[tuple]] = {}
     floor = -np.inf
     for row in rows:
-        similarity, key, digest = row
-        content = digest or key
-        if content in chosen:
-            out.append(row)
-        elif len(chosen) < k:
-            chosen.add(content)
-            out.append(row)
+        similarity, _, digest, phash = row
+        picture = by_digest.get(digest) if digest else None
+        if picture is None and phash:
+            picture = next((p for p in pictures if p[0][3] and (p[0][3] ^ phash).bit_count() <= NEAR_COPY_BITS), None)
+        if picture is not None:
+            picture.append(row)
+        elif len(pictures) < k:
+            picture = [row]
+            pictures.append(picture)
             floor = similarity
-        elif similarity < floor - 1e-5:  # below the k-th content: no copy of a chosen one can follow
+        elif similarity < floor - 1e-5:  # below the k-th picture: no copy of a chosen one's bytes can follow
             break
-    return out
+        else:
+            continue
+        if digest:
+            by_digest.setdefault(digest, picture)
+    return pictures
 
 
 def unit_rows(X: np.ndarray) -> np.ndarray:

@@ -224,10 +224,11 @@ def _phashes_of(columns: dict, pick, n: int) -> np.ndarray:
 
 
 def iter_embeddings(path: str | os.PathLike, model: str | None = None, *, rows_per_chunk: int = 16384,
-                    with_digests: bool = False, sort_key=None) -> Iterator[tuple]:
+                    with_digests: bool = False, with_phashes: bool = False, sort_key=None) -> Iterator[tuple]:
     """(keys, float32 embeddings) of a model's committed rows, ``rows_per_chunk`` at a time: a cache of
     millions of rows is read in bounded memory (:func:`load_embeddings` holds every row at once).
-    ``with_digests``: (keys, embeddings, S64 content digests, b"" where unknown). ``sort_key``: rows in
+    ``with_digests``: (keys, embeddings, S64 content digests, b"" where unknown), and ``with_phashes``
+    then the uint64 perceptual hashes (0 where unknown) after them. ``sort_key``: rows in
     the order of ``sort_key(key)`` (:func:`featx.data.walk_sort_key`: the order a walk meets their files)
     rather than the cache's, where re-runs append new, moved and copied files at the end; only the keys
     are held whole."""
@@ -247,6 +248,9 @@ def iter_embeddings(path: str | os.PathLike, model: str | None = None, *, rows_p
             if with_digests:
                 chunk += (_read_rows(columns[_DIGESTS], rows) if _DIGESTS in columns
                           else np.zeros(len(chunk[0]), dtype=_DIGEST_DTYPE),)
+            if with_phashes:
+                chunk += (_read_rows(columns[_PHASHES], rows) if _PHASHES in columns
+                          else np.zeros(len(chunk[0]), dtype=np.uint64),)
             yield chunk
 
 

@@ -57,11 +57,15 @@ def test_a_cache_of_another_model_is_refused_with_its_fingerprints(digits_cache,
 
 
 def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digits, lite0_onnx, tmp_path):
-    """The same photo in three folders is one match (its other paths named beside it), so the k matches
-    are k different pictures."""
+    """The same photo in three folders is one match (its other paths named beside it), and so is the same
+    picture saved again larger (other bytes, a near copy), so the k matches are k different pictures."""
+    from PIL import Image
+
     seven = sorted((small_digits / "7").iterdir())[0]
     for folder in ("1", "4"):
         shutil.copy(seven, small_digits / folder / f"copy of {seven.name}")
+    resized = f"2/resized {seven.name}"
+    Image.open(seven).resize((48, 48)).save(small_digits / resized)
     cache = tmp_path / "c.h5"
     featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
     paths = {f"7/{seven.name}", f"1/copy of {seven.name}", f"4/copy of {seven.name}"}
@@ -69,17 +73,20 @@ def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digit
     (result,) = featx.find_similar([seven], cache, k=4, model=lite0_onnx, rows_per_chunk=16)
     top, similarity = result.matches[0]
     assert top in paths and similarity > 0.999 and set(result.copies[top]) == paths - {top}
+    assert result.near_copies == {top: [resized]}
     data = featx.load_embeddings(cache)
     digests = [data.digests[data.keys.index(key)] for key, _ in result.matches]
     assert len(result.matches) == 4 == len(set(digests)) and not paths & {key for key, _ in result.matches[1:]}
+    assert resized not in {key for key, _ in result.matches}
     # printed as paths to open: the cache's folder joined to the keys
     folder = os.path.realpath(small_digits)
     line = result.text().splitlines()[1]
     assert line.startswith(f"  {similarity:.3f}  {os.path.join(folder, top)}  (same file: ")
     assert f"(same file: {', '.join(os.path.join(folder, k) for k in result.copies[top])})" in line
+    assert line.endswith(f"  (same picture: {os.path.join(folder, resized)})")
     assert all(os.path.isfile(os.path.join(folder, key)) for key, _ in result.matches)
     whole = featx.find_similar([seven], cache, k=4, model=lite0_onnx)[0]  # one chunk: the same answer
-    assert (whole.matches, whole.copies) == (result.matches, result.copies)
+    assert (whole.matches, whole.copies, whole.near_copies) == (result.matches, result.copies, result.near_copies)
 
 
 def test_a_query_from_the_cached_folder_is_not_its_own_match_and_is_not_decoded_again(small_digits, lite0_onnx,
