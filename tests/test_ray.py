@@ -70,6 +70,13 @@ def test_ray_engine_gives_the_single_machine_cache(local_cluster, small_digits, 
     featx.embed_folder(small_digits, tmp_path / "one.h5", model=lite0_onnx, workers=0, prune=True)
     assert pruned.n_pruned == 1
     assert_same_cache(tmp_path / "ray.h5", tmp_path / "one.h5")
+    # rows from before the cache kept perceptual hashes: the next ray run gives them the single machine's
+    with h5py.File(tmp_path / "ray.h5", "r+") as f:
+        f["efficientnet_lite0/image_phash"][...] = 0
+    rehashed = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray")
+    ray_rows, one_rows = featx.load_embeddings(tmp_path / "ray.h5"), featx.load_embeddings(tmp_path / "one.h5")
+    assert rehashed.n_embedded == 0 and rehashed.n_hashed == len(ray_rows.keys) == 62
+    assert np.array_equal(ray_rows.phashes, one_rows.phashes) and ray_rows.phashes.all()
 
 
 def test_ray_engine_refuses_options_it_would_ignore(small_digits, tmp_path, lite0_onnx):
