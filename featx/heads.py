@@ -1306,49 +1306,70 @@ def _rows_of_known_classes(truth: list[str | None], classes: list[str], source: 
 
 
 def _rows_not_trained_on(loaded: LoadedHead, embeddings, rows: list[int], source: Path) -> list[int]:
-    """``rows`` less those whose picture is in the cache the head was trained from: the same bytes, or a
-    near copy (resized, re-encoded: :func:`featx.store.near_copy_pairs`). The head may have trained on
-    them (the same photo in train/ and test/), and they would flatter its score."""
+    """``rows`` less those whose picture the head was trained or scored on: the same bytes, or a near copy
+    (resized, re-encoded: :func:`featx.store.near_copy_pairs`). The head may have trained on them (the
+    same photo in train/ and test/), and they would flatter its score. What it trained on is read from
+    the head file's record (heads since it was kept: exactly its images, a multi-label head's CSV rows
+    alone, whatever the cache has gained since), else from the cache it was trained from (all of it);
+    where the cache can be read, an example's training image is named from it."""
     from .data import NEAR_COPY_BITS
     from .store import load_digests, near_copy_pairs
 
-    trained_keys = None  # the training images' keys, to name an example, where the cache is read
-    if loaded.cache and os.path.isfile(loaded.cache):
-        try:
-            trained_keys, trained_digests, trained_phashes = load_digests(loaded.cache, loaded.model)
-        except FeatxError as e:  # replaced or locked since: the head's own record serves, if it has one
-            _logger.info("cannot compare with the cache the head was trained from (%s)", e)
-    if trained_keys is not None:
-        seen = {d.decode("ascii"): key for d, key in zip(trained_digests, trained_keys) if d}
-        same_bytes = {i: seen[embeddings.digests[i]] for i in rows if embeddings.digests[i] in seen}
-        where = f"{loaded.cache}, the cache the head was trained from"
-    elif loaded.trained_digests is not None:  # the cache is gone or elsewhere: the head file's record
-        trained_phashes = loaded.trained_phashes
+    cache: list = []  # the training cache's (keys, digests, phashes), read once when it is needed
+
+    def training_cache():
+        if not cache:
+            cache.append(None)
+            if loaded.cache and os.path.isfile(loaded.cache):
+                try:
+                    cache[0] = load_digests(loaded.cache, loaded.model)
+                except FeatxError as e:  # replaced or locked since
+                    _logger.info("cannot read the cache the head was trained from (%s)", e)
+        return cache[0]
+
+    if loaded.trained_digests is not None:
         known = set(loaded.trained_digests.tolist())
-        same_bytes = {i: None for i, prefix in zip(rows, _digest_prefix_of_each([embeddings.digests[i] for i in rows]))
-                      if prefix in known}
-        where = f"the head's training (recorded in the head file; its cache {loaded.cache} is not there)"
+        prefixes = _digest_prefix_of_each([embeddings.digests[i] for i in rows])
+        same_bytes = [i for i, prefix in zip(rows, prefixes) if prefix in known]
+        trained_phashes = loaded.trained_phashes
+        where = "images the head was trained or scored on (recorded in its file)"
+    elif training_cache() is not None:
+        _, trained_digests, trained_phashes = training_cache()
+        seen = {d.decode("ascii") for d in trained_digests if d}
+        same_bytes = [i for i in rows if embeddings.digests[i] in seen]
+        where = f"images of {loaded.cache}, the cache the head was trained from"
     else:
         _logger.warning("the cache the head was trained from (%s) is not there, and the head file is from before "
                         "heads kept what they trained on: test images the head may have trained on are not left "
                         "out; train the head again to keep that record", loaded.cache)
         return rows
-    pairs = near_copy_pairs(embeddings.phashes[rows], trained_phashes)
-    near = {rows[i]: trained_keys[j] if trained_keys is not None else None for i, j in pairs
-            if rows[i] not in same_bytes}
-    kept = [i for i in rows if i not in same_bytes and i not in near]
+    left_out = set(same_bytes)
+    near = list(dict.fromkeys(rows[i] for i, _ in near_copy_pairs(embeddings.phashes[rows], trained_phashes)
+                              if rows[i] not in left_out))
+    left_out.update(near)
+    kept = [i for i in rows if i not in left_out]
     if not kept:
-        same = (f"{source} is the cache the head was trained from" if trained_keys is not None and
-                os.path.samefile(source, loaded.cache) else f"{source} holds only pictures of {where}")
+        same = (f"{source} is the cache the head was trained from" if loaded.cache and os.path.isfile(loaded.cache)
+                and os.path.samefile(source, loaded.cache) else f"{source} holds only pictures of {where}")
         raise FeatxError(f"{same}: train-head's report scores the images it held out; evaluate images kept apart")
-    for found, what in ((same_bytes, "have the same bytes as images"),
+
+    def twin(i: int) -> str:  # "test key", and " and training key" where the training cache names it
+        found = training_cache()
+        if found is None:
+            return embeddings.keys[i]
+        keys, digests, phashes = found
+        digest = embeddings.digests[i].encode("ascii")
+        same = np.flatnonzero(digests == digest) if digest else []
+        if not len(same):
+            same = np.flatnonzero((phashes != 0) & (np.bitwise_count(phashes ^ embeddings.phashes[i]) <= NEAR_COPY_BITS))
+        return embeddings.keys[i] + (f" and {keys[same[0]]}" if len(same) else "")
+
+    for found, what in ((same_bytes, "have the same bytes as"),
                         (near, f"are near copies (resized or re-encoded: perceptual hashes within {NEAR_COPY_BITS} "
-                               "of 64 bits) of images")):
+                               "of 64 bits) of")):
         if found:
-            example = next(iter(found))
-            named = embeddings.keys[example] + (f" and {found[example]}" if found[example] is not None else "")
-            _logger.warning("%d of %d images %s of %s (e.g. %s): left out, since the head may have trained on them",
-                            len(found), len(rows), what, where, named)
+            _logger.warning("%d of %d images %s %s (e.g. %s): left out, since the head may have trained on them",
+                            len(found), len(rows), what, where, twin(found[0]))
     return kept
 
 
@@ -1479,24 +1500,23 @@ def export_classifier(
 
 
 def _pictures_trained_on(loaded: LoadedHead, backbone_trained: np.ndarray | None) -> np.ndarray | None:
-    """uint64 perceptual hashes of every picture behind a classifier file: the head's training cache (its
-    held-out rows too, as evaluate --head leaves out the whole cache; where it cannot be read, the head
-    file's record of them) and, for a fine-tuned backbone, the pictures it was tuned on. None when neither
-    is known (said)."""
+    """uint64 perceptual hashes of every picture behind a classifier file: those the head was trained and
+    scored on (its file's record; for a head from before it was kept, its training cache, all of it, as
+    evaluate --head reads them) and, for a fine-tuned backbone, the pictures it was tuned on. None when
+    neither is known (said)."""
     from .store import load_digests
 
     known = [] if backbone_trained is None else [backbone_trained]
-    if loaded.cache and os.path.isfile(loaded.cache):
+    if loaded.trained_phashes is not None:
+        known.append(loaded.trained_phashes)
+    elif loaded.cache and os.path.isfile(loaded.cache):
         try:
             known.append(load_digests(loaded.cache, loaded.model)[2])
         except FeatxError as e:
-            _logger.info("the head's training cache cannot be read (%s)", e)
-    if len(known) == (backbone_trained is not None):  # the cache gave nothing: the head file's own record
-        if loaded.trained_phashes is not None:
-            known.append(loaded.trained_phashes)
-        else:
-            _logger.info("the head's training cache %s is not there: evaluate cannot leave its pictures out of a "
-                         "test folder", loaded.cache)
+            _logger.info("the head's training cache cannot be read (%s): its pictures are not kept in the file", e)
+    else:
+        _logger.info("the head's training cache %s is not there: evaluate cannot leave its pictures out of a "
+                     "test folder", loaded.cache)
     if not known:
         return None
     hashes = np.concatenate(known)

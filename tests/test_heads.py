@@ -572,20 +572,20 @@ def test_evaluate_leaves_out_what_the_head_trained_on_classes_it_lacks_and_score
         report = featx.evaluate_head(resized, head)
     assert report.n_test == 60
     assert ("300 of 360 images are near copies (resized or re-encoded: perceptual hashes within 4 of 64 bits) "
-            f"of images of {tmp_path / 'train.h5'}") in caplog.text
+            "of images the head was trained or scored on (recorded in its file) (e.g. ") in caplog.text
     (tmp_path / "empty" / "3").mkdir(parents=True)
     with pytest.raises(FeatxError, match="has no image to score"):
         featx.evaluate_head(tmp_path / "empty", head)
     # the training cache moved away (the head sent to someone else): the head file's own record of the
-    # images it trained on leaves out the same ones
+    # images it trained on leaves out the same ones, without naming their training twins
     assert "knows the 300 images it was trained and scored on" in featx.load_head(head).summary()
     (tmp_path / "train.h5").rename(tmp_path / "elsewhere.h5")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="featx.heads"):
         assert featx.evaluate_head(test, head, cache=tmp_path / "test.h5").n_test == 60
         assert featx.evaluate_head(resized, head).n_test == 60
-    assert ("1 of 61 images have the same bytes as images of the head's training (recorded in the head file; "
-            f"its cache {tmp_path / 'train.h5'} is not there) (e.g. 3/from_training.png)") in caplog.text
+    assert ("1 of 61 images have the same bytes as images the head was trained or scored on (recorded in its "
+            "file) (e.g. 3/from_training.png):") in caplog.text
     assert "300 of 360 images are near copies (resized or re-encoded" in caplog.text
     # a head file from before heads kept that record, its cache gone: said, and nothing is left out
     old = featx.load_head(head)
@@ -723,3 +723,31 @@ def test_train_head_lists_its_mistakes_and_with_cv_finds_every_misfiled_file(dig
                for i, (_, true, predicted, _) in zip(rows, report.mistakes))
     with pytest.raises(featx.FeatxError, match="multi-label"):
         featx.train_head(cache, tmp_path / "h3.safetensors", labels_csv=mistakes, mistakes_csv=tmp_path / "m.csv")
+
+
+def test_evaluate_leaves_out_what_a_multilabel_head_trained_on_not_the_rest_of_its_cache(
+        small_digits, lite0_onnx, tmp_path, caplog):
+    """A multi-label head trains on the rows its CSV names: a test photo with the bytes of one of them is
+    left out, one with the bytes of a cache row the CSV did not name is scored (the head never saw it)."""
+    import shutil
+
+    cache = tmp_path / "train.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    keys = featx.load_embeddings(cache).keys
+    named, unnamed = keys[::2], keys[1::2]  # the CSV names every other image
+    with open(tmp_path / "train.csv", "w") as f:
+        f.writelines(f"{key},{';'.join(_multilabel_tags(key))}\n" for key in named)
+    head = tmp_path / "tags.safetensors"
+    featx.train_head(cache, head, head="logreg", labels_csv=tmp_path / "train.csv")
+    assert f"knows the {len(named)} images" in featx.load_head(head).summary()
+    test = tmp_path / "test"
+    for key in (named[0], unnamed[0]):
+        (test / key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(small_digits / key, test / key)
+    with open(tmp_path / "test.csv", "w") as f:
+        f.writelines(f"{key},{';'.join(_multilabel_tags(key))}\n" for key in (named[0], unnamed[0]))
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        report = featx.evaluate_head(test, head, labels_csv=tmp_path / "test.csv")
+    assert report.n_test == 1
+    assert f"1 of 2 images have the same bytes as images the head was trained or scored on (recorded in its " \
+           f"file) (e.g. {named[0]} and {named[0]})" in caplog.text
