@@ -269,11 +269,12 @@ def hash_unhashed_rows(store: EmbeddingStore, seen: set[str], cfg, stats: RunSta
     not embedded (the walk has just found them unchanged), so that train-head, evaluate and similar find
     their near copies without the folder being embedded again. Each batch is written as it is hashed: a
     killed run keeps what it did. A black image hashes to 0 as well and is hashed again each run (0.05 ms)."""
+    unhashed = store.phashes() == 0
+    if not unhashed.any():  # the usual case: a re-run does not pay for the key map below
+        return
     rows_by_key = store.done()
     rows = np.array(sorted(rows_by_key[key][0] for key in seen if key in rows_by_key), dtype=np.int64)
-    if not len(rows):
-        return
-    rows = rows[store.phashes()[rows] == 0]
+    rows = rows[unhashed[rows]] if len(rows) else rows
     if not len(rows):
         return
     key_of_row = {row: key for key, (row, _, _) in rows_by_key.items()}
