@@ -111,6 +111,13 @@ def find_similar(
     if not searched:
         return results
     Q = unit_rows(np.stack(queries))  # (n_queries, D)
+    # rows of files deleted from the folder (kept until embed --prune) are not matches to open; asked of
+    # the rows a search reaches only (about k of them), and not where the folder is not here at all
+    there = os.path.isdir(folder) if folder else False
+
+    def in_folder(key: str) -> bool:
+        return not there or os.path.lexists(os.path.join(folder, key))
+
     kept: list[list[tuple]] = [[] for _ in range(len(Q))]  # per query: (similarity, key, digest, phash), best first
     start = 0  # the chunk's first row
     for keys, embeddings, digests, phashes in iter_embeddings(cache, group, rows_per_chunk=rows_per_chunk,
@@ -120,7 +127,7 @@ def find_similar(
                 sims[skipped_rows[i] - start] = -np.inf
             # the chunk's rows best first beside those kept so far (earlier rows first among equals)
             chunk = ((float(sims[j]), keys[j], bytes(digests[j]), int(phashes[j]))
-                     for j in np.argsort(-sims, kind="stable") if sims[j] > -np.inf)
+                     for j in np.argsort(-sims, kind="stable") if sims[j] > -np.inf and in_folder(keys[j]))
             pictures = _top_pictures(heapq.merge(kept[i], chunk, key=lambda row: -row[0]), k)
             kept[i] = sorted((row for rows in pictures for row in rows), key=lambda row: -row[0])
         start += len(keys)

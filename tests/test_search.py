@@ -87,6 +87,19 @@ def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digit
     assert all(os.path.isfile(os.path.join(folder, key)) for key, _ in result.matches)
     whole = featx.find_similar([seven], cache, k=4, model=lite0_onnx)[0]  # one chunk: the same answer
     assert (whole.matches, whole.copies, whole.near_copies) == (result.matches, result.copies, result.near_copies)
+    # files deleted from the folder (their rows stay until embed --prune) are no longer named: the next
+    # picture takes the freed place
+    (small_digits / resized).unlink()
+    second = result.matches[1][0]
+    (small_digits / second).unlink()
+    after = featx.find_similar([seven], cache, k=4, model=lite0_onnx, rows_per_chunk=16)[0]
+    assert after.matches[0] == result.matches[0] and after.copies == result.copies and not after.near_copies
+    assert [key for key, _ in after.matches[1:3]] == [key for key, _ in result.matches[2:4]]
+    assert second not in {key for key, _ in after.matches} and len(after.matches) == 4
+    # the cache read where its folder is not (another machine): the keys are all it has, none is left out
+    small_digits.rename(tmp_path / "elsewhere")
+    away = featx.find_similar([seven], cache, k=4, model=lite0_onnx)[0]
+    assert away.near_copies == result.near_copies and away.matches == result.matches
 
 
 def test_a_query_from_the_cached_folder_is_not_its_own_match_and_is_not_decoded_again(small_digits, lite0_onnx,
