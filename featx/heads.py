@@ -1350,7 +1350,7 @@ def _rows_not_trained_on(loaded: LoadedHead, embeddings, rows: list[int], source
     kept = [i for i in rows if i not in left_out]
     if not kept:
         same = (f"{source} is the cache the head was trained from" if loaded.cache and os.path.isfile(loaded.cache)
-                and os.path.samefile(source, loaded.cache) else f"{source} holds only pictures of {where}")
+                and os.path.samefile(source, loaded.cache) else f"{source} holds only {where}")
         raise FeatxError(f"{same}: train-head's report scores the images it held out; evaluate images kept apart")
 
     def twin(i: int) -> str:  # "test key", and " and training key" where the training cache names it

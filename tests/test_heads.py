@@ -751,3 +751,7 @@ def test_evaluate_leaves_out_what_a_multilabel_head_trained_on_not_the_rest_of_i
     assert report.n_test == 1
     assert f"1 of 2 images have the same bytes as images the head was trained or scored on (recorded in its " \
            f"file) (e.g. {named[0]} and {named[0]})" in caplog.text
+    (test / unnamed[0]).unlink()  # what is left is all the head's own: nothing to score, and said so
+    with pytest.raises(featx.FeatxError, match=f"^{test} holds only images the head was trained or scored on "
+                                               r"\(recorded in its file\): train-head's report scores"):
+        featx.evaluate_head(test, head, labels_csv=tmp_path / "test.csv")
