@@ -689,7 +689,7 @@ def train_head(
     from sklearn.base import clone
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    from .store import find_copies, load_embeddings
+    from .store import find_copies, load_embeddings, take_rows_in_place
 
     data = load_embeddings(cache, model, labelled_only=True)
     if len(data.keys) == 0:
@@ -698,9 +698,6 @@ def train_head(
     for line in copies.lines(str(cache)):
         _logger.warning("%s", line)
     y = np.array(data.class_names, dtype=object)[data.labels[copies.keep]].astype(str)
-    # the cache's matrix itself where no row is left out: a copy of a million rows is 5 GB more
-    everything = np.array_equal(copies.keep, np.arange(len(data.keys)))
-    X = data.embeddings if everything else data.embeddings[copies.keep]
     groups, n_near = near_copy_split_groups(data.phashes[copies.keep], cache)
     try:
         train, test = stratified_split(y, test_size, seed, groups=groups)
@@ -715,14 +712,23 @@ def train_head(
     if cv and cv > smallest:  # scikit-learn would only warn, and its folds would miss classes
         raise FeatxError(f"--cv {cv} needs at least {cv} images in every class, the smallest class has {smallest}: "
                          "lower --cv or add images")
-    X_train, X_test, y_train, y_test = X[train], X[test], y[train], y[test]
+    # The cache's matrix is the largest thing in memory (5 GB a million rows): the held-out rows are
+    # copied out, the training rows moved to its front in place (in row order) and standardised there.
+    # With --cv the kept rows are needed as they are after the fit, so only the split is copied.
+    train = np.sort(train)
+    X_test, y_train, y_test = data.embeddings[copies.keep[test]], y[train], y[test]
+    if cv:
+        X = take_rows_in_place(data.embeddings, copies.keep)
+        X_train = X[train]
+    else:
+        X_train = take_rows_in_place(data.embeddings, copies.keep[train])
+    data.embeddings = None  # overwritten: nothing below may read it
     estimator = make_head(head, C=C, hidden=hidden, dropout=dropout, epochs=epochs, seed=seed,
                           class_weight=class_weight)
     if head == "logreg" and C is None:  # the slow part on a large cache, silent otherwise
         _logger.info("fitting %d embeddings; C is chosen by %d-fold cross-validation over 7 values "
                      "(--C VALUE skips it)", len(y_train), estimator.cv)
     t0 = time.perf_counter()
-    # X_train is a copy (of 80 % of a cache that may be millions of rows) used for nothing else
     estimator.fit(X_train, y_train, groups=None if groups is None else groups[train], overwrite_X=True)
     del X_train
     fit_seconds = time.perf_counter() - t0
@@ -830,20 +836,23 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     from sklearn.metrics import f1_score
     from sklearn.model_selection import train_test_split
 
-    from .store import load_embeddings
+    from .store import load_embeddings, take_rows_in_place
 
     data = load_embeddings(cache, model)
     wanted = read_labels_csv(labels_csv)
     rows, n_copies = _rows_labelled_by_csv(data, range(len(data.keys)), wanted, cache, labels_csv)
     names = sorted({label for i in rows for label in wanted[data.keys[i]]})
     Y = _label_matrix((wanted[data.keys[i]] for i in rows), names)
-    X = data.embeddings[rows]
     groups, n_near = near_copy_split_groups(data.phashes[rows], cache)
     units = one_per_group(groups, len(rows))
     train, test = train_test_split(units, test_size=test_size, random_state=seed)
     if groups is not None:
         train, test = _with_near_copies(groups, train), _with_near_copies(groups, test)
-    X_train, X_test, Y_train, Y_test = X[train], X[test], Y[train], Y[test]
+    train, rows = np.sort(train), np.asarray(rows, dtype=np.int64)
+    Y_train, Y_test = Y[train], Y[test]
+    X_test = data.embeddings[rows[test]]  # as in train_head: the training rows are moved, not copied
+    X_train = take_rows_in_place(data.embeddings, rows[train])
+    data.embeddings = None
     estimator = MLPHead(hidden=tuple(hidden) if head == "mlp" else (), dropout=dropout, max_epochs=epochs,
                         random_state=seed, class_weight=class_weight)
     t0 = time.perf_counter()

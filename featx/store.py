@@ -197,7 +197,8 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
         pick = slice(0, n) if rows is None else np.asarray(rows, dtype=np.int64)
         if rows is not None and len(pick) and (pick[0] < 0 or pick[-1] >= n or np.any(np.diff(pick) <= 0)):
             raise StoreError(f"rows must increase within 0..{n - 1}")
-        emb = columns["embeddings"][pick].astype(np.float32)
+        # read as float32 by HDF5 itself: ``[pick].astype`` held a second copy of every row for a moment
+        emb = columns["embeddings"].astype(np.float32)[pick]
         keys = _decode(columns["keys"][pick])
         labels = columns["labels"][pick].astype(np.int32)
         digests = _digests_of(columns, pick, len(keys))
@@ -206,9 +207,27 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
         failures, attrs = _failures_of(g), _attrs_of(g)
     if labelled_only:
         keep = labels >= 0
-        emb, labels, phashes = emb[keep], labels[keep], phashes[keep]
+        emb, labels, phashes = take_rows_in_place(emb, np.flatnonzero(keep)), labels[keep], phashes[keep]
         keys, digests = [k for k, ok in zip(keys, keep) if ok], [d for d, ok in zip(digests, keep) if ok]
     return Embeddings(emb, keys, labels, classes, model, str(attrs["fingerprint"]), attrs, failures, digests, phashes)
+
+
+def take_rows_in_place(X: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``X[positions]`` for increasing ``positions``, made by moving those rows to the front of X
+    itself, a slice at a time; returns X's first ``len(positions)`` rows (a view: X is overwritten).
+    A cache's matrix is the largest thing in memory: ``X[positions]`` would hold a second one.
+
+    Safe in place because ``positions[i] >= i``: a slice is read whole before it is written, and
+    every later read lies past what has been written."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if len(positions) and (positions[0] < 0 or np.any(np.diff(positions) <= 0) or positions[-1] >= len(X)):
+        raise ValueError("positions must increase within the rows of X")
+    step = max(1, (1 << 24) // max(1, X[:1].nbytes))  # 16 MB of rows at a time
+    for start in range(0, len(positions), step):
+        part = positions[start:start + step]
+        if part[0] != start or part[-1] != start + len(part) - 1:  # rows already in place stay
+            X[start:start + len(part)] = X[part]
+    return X[:len(positions)]
 
 
 def _digests_of(columns: dict, pick, n: int) -> list[str]:

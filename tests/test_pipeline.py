@@ -39,6 +39,46 @@ def test_embeds_a_labelled_folder_readable_with_plain_h5py(small_digits, tmp_pat
     assert np.abs(data.embeddings[:5] - ref).max() < 1e-4
 
 
+def test_labelled_rows_and_a_float16_cache_read_back_as_float32_in_cache_order(small_digits, tmp_path, lite0_onnx,
+                                                                               photos_dir):
+    # photos at the folder's top level have no class: labelled_only leaves them out, the rows that are
+    # left moved to the front of the matrix in place (a second copy of a large cache's matrix is GBs)
+    for name in ("coffee.png", "astronaut.png"):
+        (small_digits / name).write_bytes((photos_dir / name).read_bytes())
+    out = tmp_path / "c.h5"
+    embed(small_digits, out, lite0_onnx, workers=1)
+    with h5py.File(out, "r") as f:
+        g = f["efficientnet_lite0"]
+        stored, keys, labels = g["embeddings"][:], list(g["keys"].asstr()[:]), g["labels"][:]
+    assert sorted(keys[i] for i in np.flatnonzero(labels < 0)) == ["astronaut.png", "coffee.png"]
+    data = featx.load_embeddings(out, labelled_only=True)
+    assert data.embeddings.dtype == np.float32 and data.keys == [k for k, lab in zip(keys, labels) if lab >= 0]
+    assert np.array_equal(data.embeddings, stored[labels >= 0]) and np.array_equal(data.labels, labels[labels >= 0])
+
+    from featx.runtime import read_model_info
+    from featx.store import EmbeddingStore
+
+    half = tmp_path / "half.h5"  # what `embed --half` writes: float16 rows, read back as float32
+    with EmbeddingStore(half, "efficientnet_lite0-fp16", info=read_model_info(lite0_onnx), half=True) as store:
+        store.append(keys, stored, labels, [1] * len(keys), [0] * len(keys))
+    data = featx.load_embeddings(half, labelled_only=True)
+    assert data.embeddings.dtype == np.float32
+    assert np.array_equal(data.embeddings, stored[labels >= 0].astype(np.float16).astype(np.float32))
+
+
+def test_rows_taken_in_place_equal_rows_taken_by_index():
+    from featx.store import take_rows_in_place
+
+    rng = np.random.default_rng(0)
+    for n, d in ((0, 4), (1, 4), (7, 1), (5000, 3), (3000, 2000)):  # 2,000 columns: several slices of rows
+        X = rng.normal(size=(n, d)).astype(np.float32)
+        for positions in (np.flatnonzero(rng.random(n) < 0.6), np.arange(n), np.arange(n)[n // 2:]):
+            want, got = X[positions], take_rows_in_place(X.copy(), positions)
+            assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="increase"):
+        take_rows_in_place(np.zeros((3, 2)), np.array([2, 1]))
+
+
 def test_files_decoded_ahead_in_threads_come_back_in_order_with_their_failures(lite0_onnx, photos_dir, tmp_path):
     """classify, predict, similar and advise decode the next batches in threads while the model runs: each
     file gets the row that decoding in the engine's own thread gives it, in the order given, a bad file's
