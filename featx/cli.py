@@ -379,10 +379,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "list-models":
-        for name in featx.list_backbones(args.source):
-            if args.pattern is None or args.pattern in name:
-                print(name)
-        return 0
+        names = [name for name in featx.list_backbones(args.source) if args.pattern is None or args.pattern in name]
+        for name in names:
+            print(name)
+        if not names:  # as grep: nothing found is exit 1, said on stderr
+            print(f"featx: no {'' if args.source == 'all' else args.source + ' '}model name contains "
+                  f"'{args.pattern}'", file=sys.stderr)
+        return 0 if names else 1
 
     if args.command == "export":
         from .export import model_path

@@ -17,12 +17,13 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from .backbones import PreprocessConfig
-from .errors import ImageError
+from .errors import FeatxError, ImageError
 
 _logger = logging.getLogger(__name__)
 
@@ -185,6 +186,14 @@ def walk_images(root: str | os.PathLike, subfolder: str = "") -> Iterator[FileEn
         examples = ", ".join(passed_over[:3]) + (f" and {len(passed_over) - 3} more" if len(passed_over) > 3 else "")
         _logger.info("left out %d hidden or system file(s) and folder(s) under %s: %s", len(passed_over), root,
                      examples)
+
+
+def folder_to_walk(root: str | os.PathLike) -> Path:
+    """``root`` as a Path; a FeatxError saying so when it is not a folder (a file, a typo)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FeatxError(f"{root} {'is not a folder' if root.exists() else 'does not exist'}")
+    return root
 
 
 def class_names_of(root: str | os.PathLike) -> list[str]:

@@ -224,7 +224,7 @@ def fine_tune(
     from torchvision import transforms as T
 
     from .backbones import load_backbone
-    from .data import FileEntry, class_names_of, walk_images
+    from .data import FileEntry, class_names_of, folder_to_walk, walk_images
     from .heads import near_copy_split_groups
     from .pipeline import perceptual_hashes_of_files
     from .runtime import resolve_device
@@ -233,9 +233,7 @@ def fine_tune(
     device = resolve_device(device)
     # the files embed reads, through its walk (not torchvision's ImageFolder, which followed a symlink
     # loop until the OS refused and took Synology's @eaDir thumbnails as more photos of a class)
-    if not os.path.isdir(root):
-        raise FeatxError(f"{root} is not a folder")
-    class_names = class_names_of(root)
+    class_names = class_names_of(folder_to_walk(root))
     entries = [e for e in walk_images(root) if isinstance(e, FileEntry) and e.label is not None]
     empty = sorted(set(class_names) - {e.label for e in entries}, key=os.fsencode)
     if not class_names or empty:
@@ -621,13 +619,13 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
 
-    from .data import FileEntry, class_names_of, walk_images
+    from .data import FileEntry, class_names_of, folder_to_walk, walk_images
     from .export import ensure_model_file
     from .heads import near_copy_split_groups, one_per_group
     from .pipeline import encode_files, softmax
     from .runtime import load_model
 
-    entries = [e for e in walk_images(root) if isinstance(e, FileEntry) and e.label is not None]
+    entries = [e for e in walk_images(folder_to_walk(root)) if isinstance(e, FileEntry) and e.label is not None]
     classes = class_names_of(root)
     # a copy counts once: in the probe's folds it would be scored on what it trained on
     distinct, n_copies = without_copies([(e.path, classes.index(e.label)) for e in entries])

@@ -28,7 +28,7 @@ from PIL import Image
 
 from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry, WalkFailure, class_names_of, \
-    file_digest, is_passed_over, load_batch, load_image, perceptual_hashes, printable, walk_images
+    file_digest, folder_to_walk, is_passed_over, load_batch, load_image, perceptual_hashes, printable, walk_images
 from .errors import FeatxError, ImageError, ModelFileError
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
@@ -464,9 +464,7 @@ def embed_folder(
     Returns:
         RunStats; bad images are counted and stored as failures, never raised.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FeatxError(f"{root} is not a folder")
+    root = folder_to_walk(root)
     check_store_path(out)
     if engine == "ray":
         from .rayengine import embed_folder_ray

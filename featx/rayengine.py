@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE
-from .data import DEFAULT_MAX_PIXELS, load_batch
+from .data import DEFAULT_MAX_PIXELS, folder_to_walk, load_batch
 from .errors import FeatxError
 from .export import ensure_model_file
 from .pipeline import PendingFiles, RunStats, check_prune, classes_walked, hash_unhashed_rows
@@ -161,9 +161,7 @@ def embed_folder_ray(
         import ray
     except ImportError:
         raise FeatxError("the ray engine needs Ray: pip install 'featx[ray]'") from None
-    root = Path(root)
-    if not root.is_dir():
-        raise FeatxError(f"{root} is not a folder")
+    root = folder_to_walk(root)
     # Ray schedules a task per batch and stage, so smaller batches mean more of them: kept at the 32 that
     # benchmarks/ray_vs_single.py measured (the CPU's default of 8 is not measured on Ray)
     batch_size = batch_size or 32

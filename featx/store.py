@@ -74,6 +74,19 @@ def check_store_path(path: str | os.PathLike) -> None:
         raise StoreError(f"{path} is a folder; the cache is a file, e.g. {path / 'cache.h5'}")
     if not path.parent.is_dir():
         raise StoreError(f"cannot create {path}: folder {path.parent} does not exist")
+    # a photo or a CSV given as -o by mistake is refused before the model loads (an empty file, as a
+    # kill while the cache was first created may leave, is made a cache as HDF5 itself does)
+    if path.is_file() and path.stat().st_size and not _is_hdf5(path):
+        raise StoreError(f"{path} is a file but not an HDF5 cache; give a new file name (or an existing cache)")
+
+
+def _is_hdf5(path: Path) -> bool:
+    import h5py
+
+    try:
+        return h5py.is_hdf5(path)
+    except OSError:  # unreadable: opening it says why
+        return True
 
 
 # errno values HDF5 reports when the file system has no locks at all (an NFS mount without its lock

@@ -55,6 +55,17 @@ def test_unknown_name_is_refused_with_the_closest_names(tmp_path, caplog):
     assert "exporting" not in caplog.text and not list(tmp_path.iterdir())
 
 
+def test_list_models_filters_by_substring_and_says_when_nothing_matches(capsys):
+    from featx.cli import main
+
+    assert main(["list-models", "resnet50"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {"resnet50", "timm/resnet50", "wide_resnet50_2"} <= set(listed) and all("resnet50" in n for n in listed)
+    assert main(["list-models", "resnet5000"]) == 1  # as grep: a script can tell a typo from a match
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.strip() == "featx: no model name contains 'resnet5000'"
+
+
 def test_each_listed_name_loads_the_model_it_lists():
     """torchvision and timm both have resnet18 (different modules, different weights): `resnet18` loads
     torchvision's, so timm's is listed as `timm/resnet18`, a name that loads it. Every name is listed once."""

@@ -278,3 +278,16 @@ def test_a_fine_tuned_export_is_not_scored_on_the_pictures_it_was_tuned_on(small
     onnx.save(proto, str(tmp_path / "bad.onnx"))
     with pytest.raises(ModelFileError, match="bad.onnx: featx metadata is unreadable"):
         featx.read_model_info(tmp_path / "bad.onnx")
+
+
+@pytest.mark.parametrize("command", [["advise"], ["finetune", "-o", "ft.safetensors"], ["embed", "-o", "c.h5"]])
+def test_a_folder_command_given_a_missing_folder_or_a_file_says_which_in_one_line(command, tmp_path, capsys):
+    # no model is reached (no_such_model would be another error): the folder is checked first
+    from featx.cli import main
+
+    for given, said in ((tmp_path / "typo", "does not exist"), (tmp_path / "photo.jpg", "is not a folder")):
+        if given.suffix:
+            given.write_bytes(b"\xff\xd8\xff")
+        argv = [command[0], str(given), *command[1:], "--model", "no_such_model"]
+        assert main([a if not a.endswith((".h5", ".safetensors")) else str(tmp_path / a) for a in argv]) == 2
+        assert capsys.readouterr().err.strip() == f"featx: error: {given} {said}"

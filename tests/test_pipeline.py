@@ -598,6 +598,11 @@ def test_unusable_output_is_refused_before_the_model_loads(small_digits, tmp_pat
         featx.embed_folder(small_digits, tmp_path / "no" / "such" / "c.h5", model="no_such_model")
     with pytest.raises(StoreError, match=f"{tmp_path} is a folder; the cache is a file, e.g. .*cache.h5"):
         featx.embed_folder(small_digits, tmp_path, model="no_such_model")
+    photo = next((small_digits / "3").iterdir())  # a photo given as the cache by mistake is left as it was
+    before = photo.read_bytes()
+    with pytest.raises(StoreError, match=f"{photo} is a file but not an HDF5 cache; give a new file name"):
+        featx.embed_folder(small_digits, photo, model="no_such_model")
+    assert photo.read_bytes() == before
 
 
 def test_a_folder_without_images_says_so(small_digits, tmp_path, lite0_onnx):
