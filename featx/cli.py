@@ -58,14 +58,44 @@ def _count(least: int):
     return parse
 
 
-def _fraction(text: str) -> float:
+def _number(text: str) -> float:
+    """``text`` as a float; NaN (which every range check refuses) when it is not a number."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        value = float("nan")
+        return float("nan")
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
     return value
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a number above 0 (--C 0 and --lr -1 met scikit-learn's traceback, or trained
+    the wrong way)."""
+    value = _number(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    """An argparse type: 0 or more and below 1 (a dropout rate)."""
+    value = _number(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 up to (not including) 1, got {text!r}")
+    return value
+
+
+def _layer_sizes(text: str) -> tuple[int, ...]:
+    """An argparse type: whole numbers above 0 separated by commas; '' for none (a linear head)."""
+    sizes = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(size.isdigit() and int(size) > 0 for size in sizes):
+        raise argparse.ArgumentTypeError(f"expected layer sizes above 0 separated by commas, got {text!r}")
+    return tuple(int(size) for size in sizes)
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -192,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="head file (.safetensors)")
     p.add_argument("--test-size", type=_fraction, default=0.2, help="share of each class held out (default 0.2)")
     p.add_argument("--cv", type=_count(2), default=None, help="K-fold cross-validation instead of one split")
-    p.add_argument("--C", type=float, default=None, help="logreg inverse regularisation (default: by cross-validation)")
-    p.add_argument("--hidden", default="1024", help="mlp hidden sizes, comma-separated")
-    p.add_argument("--dropout", type=float, default=0.5, help="mlp dropout (default 0.5)")
+    p.add_argument("--C", type=_positive, default=None,
+                   help="logreg inverse regularisation (default: by cross-validation)")
+    p.add_argument("--hidden", type=_layer_sizes, default=(1024,), help="mlp hidden sizes, comma-separated")
+    p.add_argument("--dropout", type=_share, default=0.5, help="mlp dropout (default 0.5)")
     p.add_argument("--epochs", type=_count(1), default=200, help="mlp epochs at most (default 200)")
     p.add_argument("--seed", type=int, default=0, help="split and initialisation seed (default 0)")
     p.add_argument("--report", default=None, help="confusion-matrix PNG (default: next to the head file)")
@@ -248,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default=None, help="trained head to start the classifier from")
     p.add_argument("--unfreeze", default="2", help="top blocks to train: N, all, or auto (featx advise); default 2")
     p.add_argument("--epochs", type=_count(1), default=10, help="at most (default 10; see --patience)")
-    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (default 0.001); the backbone gets a tenth")
+    p.add_argument("--lr", type=_positive, default=1e-3, help="head learning rate (default 0.001); the backbone gets a tenth")
     p.add_argument("--batch-size", type=_count(1), default=32, help="default 32")
     p.add_argument("--input-size", type=_count(16), default=None, help="train at this size (small images train faster)")
     p.add_argument("--no-hflip", action="store_true", help="no horizontal flips (digits, text)")
@@ -433,7 +464,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train-head":
         report = featx.train_head(
             args.cache, args.output, model=args.model, head=args.head, test_size=args.test_size, cv=args.cv,
-            C=args.C, hidden=tuple(int(h) for h in args.hidden.split(",") if h), dropout=args.dropout,
+            C=args.C, hidden=args.hidden, dropout=args.dropout,
             epochs=args.epochs, seed=args.seed, report_png=args.report, labels_csv=args.labels,
             class_weight="balanced" if args.balanced else None, mistakes_csv=args.mistakes,
         )

@@ -17,6 +17,8 @@ from typing import Literal
 
 import numpy as np
 
+from .errors import check_output_file
+
 _logger = logging.getLogger(__name__)
 
 
@@ -73,6 +75,8 @@ def plot_embeddings(
         max_points: a larger cache is sampled, each class in its share (at least 5 of each).
     """
     from sklearn.decomposition import PCA
+
+    check_output_file(output, example="map.png")
 
     from .errors import FeatxError
     from .search import unit_rows

@@ -34,3 +34,12 @@ class StoreError(FeatxError, RuntimeError):
 
 class HeadMismatchError(FeatxError, ValueError):
     """A head trained on one backbone used with another."""
+
+
+def check_output_file(path, *, example: str) -> None:
+    """Refuse an output path that is a folder before any work starts: the file is written at the end
+    (a head after its fit, a model after its export), and the work would be lost with a traceback."""
+    import os
+
+    if path is not None and os.path.isdir(path):
+        raise FeatxError(f"{path} is a folder; give a file name, e.g. {os.path.join(path, example)}")

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .backbones import Backbone, PreprocessConfig
-from .errors import ExportCheckError
+from .errors import ExportCheckError, check_output_file
 
 if TYPE_CHECKING:
     import torch
@@ -203,6 +203,7 @@ def export_onnx(
     import onnx
     import torch
 
+    check_output_file(path, example=f"{backbone.name}.onnx")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = ModelInfo.from_backbone(backbone, half=half)

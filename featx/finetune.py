@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE
-from .errors import FeatxError
+from .errors import FeatxError, check_output_file
 
 _logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "featx-finetune/1"
@@ -229,6 +229,7 @@ def fine_tune(
     from .pipeline import perceptual_hashes_of_files
     from .runtime import resolve_device
 
+    check_output_file(output, example="finetuned.safetensors")
     torch.manual_seed(seed)
     device = resolve_device(device)
     # the files embed reads, through its walk (not torchvision's ImageFolder, which followed a symlink

@@ -23,7 +23,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .backbones import DEFAULT_BACKBONE
-from .errors import FeatxError, HeadMismatchError
+from .errors import FeatxError, HeadMismatchError, check_output_file
 
 _logger = logging.getLogger(__name__)
 HEAD_FORMAT = "featx-head/1"
@@ -682,6 +682,7 @@ def train_head(
     """
     if labels_csv is not None and mistakes_csv is not None:
         raise FeatxError(_NO_MULTILABEL_MISTAKES)
+    _check_report_files(output=(output, "head.safetensors"), report_png=report_png, mistakes_csv=mistakes_csv)
     if labels_csv is not None:
         return _train_multilabel(cache, output, labels_csv, model=model, head=head, test_size=test_size,
                                  hidden=hidden, dropout=dropout, epochs=epochs, seed=seed, report_png=report_png,
@@ -766,6 +767,15 @@ def train_head(
     return report
 
 
+def _check_report_files(*, output=None, report_png=None, mistakes_csv=None) -> None:
+    """The files a fit or a score writes at its end, refused before it starts when one is a folder;
+    ``output``: (path, an example file name)."""
+    if output is not None:
+        check_output_file(output[0], example=output[1])
+    check_output_file(report_png, example="confusion.png")
+    check_output_file(mistakes_csv, example="mistakes.csv")
+
+
 def _mistakes(keys, truth: np.ndarray, predicted: np.ndarray, confidence) -> list[tuple[str, str, str, float]]:
     """(key, class, predicted class, its probability) of each image predicted wrong, the most confident
     first: a file filed under the wrong class is among them. ``confidence``: (n,) the predicted
@@ -785,7 +795,12 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
     import csv
 
     out: dict[str, list[str]] = {}
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    try:
+        f = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
+    except OSError as e:
+        raise FeatxError(f"labels file {path}: {'does not exist' if isinstance(e, FileNotFoundError) else e.strerror}") \
+            from None
+    with f:
         for row in csv.reader(f):
             if len(row) == 1:  # no comma in the row: ';' separates the columns, or there are no labels
                 row = row[0].split(";")
@@ -838,8 +853,8 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
 
     from .store import load_embeddings, take_rows_in_place
 
+    wanted = read_labels_csv(labels_csv)  # a typo in its name is said before a large cache is read
     data = load_embeddings(cache, model)
-    wanted = read_labels_csv(labels_csv)
     rows, n_copies = _rows_labelled_by_csv(data, range(len(data.keys)), wanted, cache, labels_csv)
     names = sorted({label for i in rows for label in wanted[data.keys[i]]})
     Y = _label_matrix((wanted[data.keys[i]] for i in rows), names)
@@ -1093,6 +1108,7 @@ def evaluate_head(
 
     from .store import find_copies, load_embeddings, model_fingerprints
 
+    _check_report_files(report_png=report_png, mistakes_csv=mistakes_csv)
     loaded = load_head(head)
     multilabel = bool(getattr(loaded.head, "multilabel_", False))
     if multilabel and labels_csv is None:
@@ -1102,6 +1118,7 @@ def evaluate_head(
                          "not a labels CSV")
     if multilabel and mistakes_csv is not None:
         raise FeatxError(_NO_MULTILABEL_MISTAKES)
+    wanted = read_labels_csv(labels_csv) if multilabel else None  # before the folder is embedded
     source, part = Path(data), None
     if source.is_dir():
         with tempfile.TemporaryDirectory() as tmp:  # without a cache, the folder's embeddings are not kept
@@ -1126,7 +1143,6 @@ def evaluate_head(
                         embeddings.failures[failed[0]], kept)
     classes = [str(c) for c in loaded.head.classes_]
     if multilabel:
-        wanted = read_labels_csv(labels_csv)
         rows, n_copies = _rows_labelled_by_csv(embeddings, rows, wanted, data, labels_csv)
         unknown = sorted({label for i in rows for label in wanted[embeddings.keys[i]]} - set(classes))
         if unknown:
@@ -1185,6 +1201,7 @@ def evaluate_classifier(
     from .pipeline import iter_classify
     from .runtime import read_model_info
 
+    _check_report_files(report_png=report_png, mistakes_csv=mistakes_csv)
     folder = Path(folder)
     if not folder.exists():
         raise FeatxError(f"folder {str(folder)!r} does not exist")
@@ -1448,6 +1465,7 @@ def export_classifier(
 
     from .export import TRAINED_PHASHES_KEY, encode_phashes
 
+    check_output_file(output, example="classifier.onnx")
     loaded = load_head(head)
     model_file = head_model_file(loaded, model, weights)
     backbone = onnx.load(str(model_file))

@@ -29,7 +29,7 @@ from PIL import Image
 from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry, WalkFailure, class_names_of, \
     file_digest, folder_to_walk, is_passed_over, load_batch, load_image, perceptual_hashes, printable, walk_images
-from .errors import FeatxError, ImageError, ModelFileError
+from .errors import FeatxError, ImageError, ModelFileError, check_output_file
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
     is_cuda, load_model, resolve_device
@@ -135,6 +135,7 @@ def write_predictions(rows: Iterable, path: str | os.PathLike, *, top: int = 3) 
     import csv
     import itertools
 
+    check_output_file(path, example="predictions.csv")  # before the first row: nothing has run yet
     rows = iter(rows)
     # the first row is made before the file is opened: a run refused at its start (a head of another
     # model, a missing folder) leaves an earlier CSV at this path as it was

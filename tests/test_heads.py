@@ -755,3 +755,42 @@ def test_evaluate_leaves_out_what_a_multilabel_head_trained_on_not_the_rest_of_i
     with pytest.raises(featx.FeatxError, match=f"^{test} holds only images the head was trained or scored on "
                                                r"\(recorded in its file\): train-head's report scores"):
         featx.evaluate_head(test, head, labels_csv=tmp_path / "test.csv")
+
+
+def test_an_output_given_as_a_folder_or_a_bad_option_is_refused_in_one_line_before_any_work(
+        digits_cache, digits_dir, lite0_onnx, tmp_path, capsys):
+    """Each file a command writes at its end (a head after its fit, a model after its export) is checked
+    at its start: a folder there cost the work and ended in a traceback."""
+    from featx.cli import main
+
+    head = tmp_path / "head.safetensors"
+    featx.train_head(digits_cache, head, C=1.0)
+    folder, unwritten = tmp_path / "out", tmp_path / "h2.safetensors"
+    folder.mkdir()
+    cache, digits, three = str(digits_cache), str(digits_dir), str(digits_dir / "3")
+    for argv, example in (
+            (["train-head", cache, "--C", "1", "-o", folder], "head.safetensors"),
+            (["train-head", cache, "--C", "1", "-o", unwritten, "--report", folder], "confusion.png"),
+            (["train-head", cache, "--C", "1", "-o", unwritten, "--mistakes", folder], "mistakes.csv"),
+            (["predict", three, "--head", head, "--model", lite0_onnx, "-o", folder], "predictions.csv"),
+            (["classify", three, "--model", lite0_onnx, "-o", folder], "predictions.csv"),
+            (["map", cache, "-o", folder], "map.png"),
+            (["export-classifier", "--head", head, "--model", lite0_onnx, "-o", folder], "classifier.onnx"),
+            (["export", "efficientnet_lite0", "--weights", "none", "-o", folder], "efficientnet_lite0.onnx"),
+            (["finetune", digits, "--model", "no_such_model", "-o", folder], "finetuned.safetensors"),
+            (["evaluate", digits, "--head", head, "--model", lite0_onnx, "--mistakes", folder], "mistakes.csv")):
+        assert main([str(a) for a in argv]) == 2, argv
+        assert capsys.readouterr().err.strip() == f"featx: error: {folder} is a folder; give a file name, e.g. " \
+                                                  f"{folder / example}"
+    assert not list(folder.iterdir()) and not unwritten.exists()
+    assert main(["train-head", cache, "--labels", str(tmp_path / "labels.cvs"), "-o", str(unwritten)]) == 2
+    assert capsys.readouterr().err.strip() == f"featx: error: labels file {tmp_path / 'labels.cvs'}: does not exist"
+    # values that scikit-learn refused with a traceback (--C 0), or that trained the wrong way (--lr -1)
+    for argv, said in ((["train-head", cache, "--C", "0"], "--C: expected a number above 0, got '0'"),
+                       (["train-head", cache, "--head", "mlp", "--hidden", "512,0"], "--hidden: expected layer sizes"),
+                       (["train-head", cache, "--head", "mlp", "--dropout", "1"], "--dropout: expected a number from 0"),
+                       (["finetune", digits, "--lr", "-1"], "--lr: expected a number above 0, got '-1'")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "-o", str(unwritten)])
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
+    assert not unwritten.exists()
