@@ -460,8 +460,6 @@ def _create_timm_model(name: str, source: str, *, shown_as: str | None = None):
 
 
 def _timm_backbone(name: str, weights: str | None, *, model=None, source: str | None = None) -> Backbone:
-    import timm
-
     if model is None:
         source = _resolve_weights(weights, "pretrained")
         model = _create_timm_model(name, source)
