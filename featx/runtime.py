@@ -113,6 +113,23 @@ def tensorrt_problem() -> str | None:
     return "TensorRT's libraries (libnvinfer) are not installed (pip install tensorrt, then put them on LD_LIBRARY_PATH)"
 
 
+def _not_onnx(path: Path, e: BaseException) -> ModelFileError:
+    """Why ``path`` is no model: another featx file given as --model is named as what it is."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(9)
+    except OSError:
+        start = b""
+    if start[:8] == b"\x89HDF\r\n\x1a\n":
+        return ModelFileError(f"{path} is an embedding cache, not a model (similar, predict and evaluate take it "
+                              "as --cache)")
+    if len(start) == 9 and start[8:] == b"{":  # safetensors: an 8-byte header length, then its JSON
+        return ModelFileError(f"{path} is a head or a fine-tuning checkpoint, not a model: a head goes to --head "
+                              "(predict, evaluate; export-classifier makes a model of it), a checkpoint to "
+                              f"`featx export NAME --weights {path}`")
+    return ModelFileError(f"{path}: not a valid ONNX model ({_first_line(e)})")
+
+
 def read_model_info(path: str | os.PathLike) -> ModelInfo:
     """The featx metadata of an exported file, without building an inference session."""
     import onnx
@@ -121,7 +138,7 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:
-        raise ModelFileError(f"{path}: not a valid ONNX file ({_first_line(e)})") from None
+        raise _not_onnx(path, e) from None
     meta = {p.key: p.value for p in proto.metadata_props}
     return _info_from_metadata(path, meta)
 
@@ -225,7 +242,7 @@ class OnnxEngine:
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/InvalidGraph classes
-            raise ModelFileError(f"{self.path}: not a valid ONNX model ({_first_line(e)})") from None
+            raise _not_onnx(self.path, e) from None
         self.info = _info_from_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
         self.outputs = [o.name for o in self.session.get_outputs()]
         width = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "embedding"), None)

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -170,6 +171,19 @@ def test_truncated_onnx_file_is_refused(tmp_path, lite0_onnx):
     bad.write_bytes(lite0_onnx.read_bytes()[:50_000])
     with pytest.raises(ModelFileError, match="not a valid ONNX"):
         featx.load_model(bad)
+
+
+def test_a_cache_or_a_head_given_as_the_model_is_named_as_what_it_is(tmp_path, digits_cache, photos_dir, capsys):
+    from featx.cli import main
+
+    head = tmp_path / "head.safetensors"
+    featx.train_head(digits_cache, head, C=1.0)
+    for given, said in ((digits_cache, "is an embedding cache, not a model (similar, predict and evaluate take it"),
+                        (head, "is a head or a fine-tuning checkpoint, not a model: a head goes to --head")):
+        with pytest.raises(ModelFileError, match=re.escape(f"{given} {said}")):
+            featx.read_model_info(given)
+        assert main(["classify", str(photos_dir / "coffee.png"), "--model", str(given)]) == 2
+        assert capsys.readouterr().err.startswith(f"featx: error: {given} {said}")
 
 
 def test_onnx_file_not_from_featx_is_refused(tmp_path):
