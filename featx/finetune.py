@@ -530,17 +530,24 @@ def describe_checkpoint(path: str | os.PathLike) -> str:
             + (f"input {'x'.join(map(str, meta['input_size']))}, " if "input_size" in meta else "")
             + (f"blocks trained: {', '.join(blocks) or 'classifier only'}, " if blocks is not None else "")
             + f"best at epoch {meta.get('epoch')} (val_accuracy {meta.get('val_accuracy', float('nan')):.4f}, "
-            f"val_loss {meta.get('val_loss', float('nan')):.4f}); "
-            f"`featx export {meta.get('model')} --weights {path}` makes it a model")
+            f"val_loss {meta.get('val_loss', float('nan')):.4f}); {export_command(path, meta)} makes it a model")
+
+
+def export_command(path: str | os.PathLike, meta: dict | None = None) -> str | None:
+    """`featx export MODEL --weights PATH`, the command that makes a fine-tuning checkpoint a model;
+    None when ``path`` is not one."""
+    if meta is None:
+        if not str(path).endswith(".safetensors"):
+            return None
+        try:
+            meta = _checkpoint_meta(path)
+        except Exception:
+            return None
+    return f"`featx export {meta.get('model')} --weights {path}`" if meta.get("format") == CHECKPOINT_FORMAT else None
 
 
 def is_finetune_checkpoint(path: str | os.PathLike) -> bool:
-    if not str(path).endswith(".safetensors"):
-        return False
-    try:
-        return _checkpoint_meta(path).get("format") == CHECKPOINT_FORMAT
-    except Exception:
-        return False
+    return export_command(path) is not None
 
 
 def _checkpoint_meta(path: str | os.PathLike) -> dict:

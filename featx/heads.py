@@ -438,9 +438,21 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
             meta = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
+        from .runtime import file_kind
+
+        kind = {"cache": "an embedding cache, not a head (train-head CACHE -o HEAD makes one)",
+                "onnx": "a model, not a head: give it as --model"}.get(file_kind(path))
+        if kind:
+            raise FeatxError(f"{path} is {kind}") from None
         raise FeatxError(f"{path}: not a readable head file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     header = json.loads(meta.get("featx", "{}"))
     if header.get("format") != HEAD_FORMAT:
+        from .finetune import export_command
+
+        command = export_command(path)
+        if command:
+            raise FeatxError(f"{path} is a fine-tuning checkpoint, not a head: {command} makes a model of it, "
+                             "given as --model")
         raise FeatxError(f"{path}: not a featx head (format {header.get('format')!r}, expected {HEAD_FORMAT!r})")
     cls = {"LogRegHead": LogRegHead, "MLPHead": MLPHead}[header["kind"]]
     params = header["params"]

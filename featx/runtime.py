@@ -113,17 +113,31 @@ def tensorrt_problem() -> str | None:
     return "TensorRT's libraries (libnvinfer) are not installed (pip install tensorrt, then put them on LD_LIBRARY_PATH)"
 
 
-def _not_onnx(path: Path, e: BaseException) -> ModelFileError:
-    """Why ``path`` is no model: another featx file given as --model is named as what it is."""
+def file_kind(path: str | os.PathLike) -> str | None:
+    """"cache" (HDF5), "safetensors" (a head or a fine-tuning checkpoint) or "onnx", told by the first
+    bytes (and an ONNX file by its name too: protobuf has no signature), or None; so a featx file given
+    where another kind is wanted is named as what it is."""
     try:
         with open(path, "rb") as f:
             start = f.read(9)
     except OSError:
-        start = b""
+        return None
     if start[:8] == b"\x89HDF\r\n\x1a\n":
+        return "cache"
+    if len(start) == 9 and start[8:] == b"{":  # safetensors: an 8-byte header length, then its JSON
+        return "safetensors"
+    if start[:1] == b"\x08" and str(path).endswith(".onnx"):  # protobuf field 1 (ir_version) first
+        return "onnx"
+    return None
+
+
+def _not_onnx(path: Path, e: BaseException) -> ModelFileError:
+    """Why ``path`` is no model: another featx file given as --model is named as what it is."""
+    kind = file_kind(path)
+    if kind == "cache":
         return ModelFileError(f"{path} is an embedding cache, not a model (similar, predict and evaluate take it "
                               "as --cache)")
-    if len(start) == 9 and start[8:] == b"{":  # safetensors: an 8-byte header length, then its JSON
+    if kind == "safetensors":
         return ModelFileError(f"{path} is a head or a fine-tuning checkpoint, not a model: a head goes to --head "
                               "(predict, evaluate; export-classifier makes a model of it), a checkpoint to "
                               f"`featx export NAME --weights {path}`")

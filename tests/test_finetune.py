@@ -168,6 +168,15 @@ def test_finetune_starts_from_a_trained_head(small_digits, tmp_path, lite0_onnx)
     result = featx.fine_tune(small_digits, tmp_path / "ft.safetensors", head=head, unfreeze=1, epochs=1,
                              hflip=False, batch_size=16, log=lambda line: None)
     assert result.history[0].val_accuracy > 0.5
+    # the checkpoint, the cache or the model given as a head: each named as what it is, and where it goes
+    ckpt = tmp_path / "ft.safetensors"
+    for given, said in ((ckpt, f"is a fine-tuning checkpoint, not a head: `featx export efficientnet_lite0 "
+                               f"--weights {ckpt}` makes a model of it"),
+                        (tmp_path / "c.h5", "is an embedding cache, not a head (train-head CACHE -o HEAD makes one)"),
+                        (lite0_onnx, "is a model, not a head: give it as --model")):
+        with pytest.raises(featx.FeatxError) as e:
+            load_head(given)
+        assert str(e.value).startswith(f"{given} {said}")
 
 
 def test_finetune_refuses_folders_it_cannot_split_before_loading_the_model(small_digits, tmp_path, capsys):
