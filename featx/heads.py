@@ -529,9 +529,11 @@ class HeadReport:
             lines.append(f"{len(self.cv_accuracy)}-fold cross-validation accuracy: "
                          f"{np.mean(self.cv_accuracy):.4f} ± {np.std(self.cv_accuracy):.4f}")
         lines.append(self.per_class.rstrip())
-        if self.micro_f1 is None:
+        if self.micro_f1 is None and len(self.classes) <= _MATRIX_PRINTED_UP_TO:
             lines += ["confusion matrix (rows: true, columns: predicted; classes in the order above):",
                       np.array2string(self.confusion, max_line_width=200)]
+        elif self.micro_f1 is None:  # numpy would print its corners around '...': the pairs say more
+            lines.append(_most_confused(self.confusion, self.classes))
         if self.mistakes:
             shown = self.mistakes[:mistakes_shown]
             of = f" ({self.mistakes_of})" if self.mistakes_of else ""
@@ -919,9 +921,30 @@ def _plot_label_f1(f1: np.ndarray, names: list[str], path: Path, *, title: str) 
     plt.close(fig)
 
 
+_MATRIX_PRINTED_UP_TO = 20  # classes; more, and the report lists the most confused pairs instead
+_VALUES_DRAWN_UP_TO = 40  # classes; more, and a cell is too small for its count
+_LABELS_DRAWN = 80  # at most this many class names along each axis
+
+
+def _most_confused(matrix: np.ndarray, classes: list[str], shown: int = 10) -> str:
+    """The ``shown`` largest off-diagonal counts of a confusion matrix, as 'true -> predicted: n' lines."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:shown]  # ties in class order
+    pairs = [(int(i), int(j)) for i, j in zip(*np.unravel_index(order, off.shape)) if off[i, j] > 0]
+    if not pairs:
+        return "no image was given another class"
+    return "\n".join([f"most confused classes ({len(classes)} classes; the confusion PNG has them all):"]
+                     + [f"  {classes[i]} -> {classes[j]}: {off[i, j]} image{'s' if off[i, j] > 1 else ''}"
+                        for i, j in pairs])
+
+
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, *, title: str) -> None:
     """Counts; beside them, when the held-out classes differ twice or more in size, each row divided by
-    its total (the recall of each class), where a small class's misses would not show in counts."""
+    its total (the recall of each class), where a small class's misses would not show in counts.
+    Past 40 classes the cells are drawn without their numbers, the figure stops growing (22 inches a
+    side), and at most 80 class names label each axis: 300 classes took 86 s and 14 MB drawn in full,
+    and 1,000 would have been a 55,000-pixel square."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -930,16 +953,22 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, *, title:
 
     support = matrix.sum(axis=1)
     uneven = support.min() > 0 and support.max() >= 2 * support.min()
-    size = max(5, 0.5 * len(classes) + 2)
+    values = len(classes) <= _VALUES_DRAWN_UP_TO
+    size = min(max(5, 0.5 * len(classes) + 2), 22)
     fig, axes = plt.subplots(1, 2 if uneven else 1, figsize=(size * (2 if uneven else 1), size), squeeze=False,
                              layout="constrained")
-    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=axes[0, 0], colorbar=False, xticks_rotation=45)
-    axes[0, 0].set_title("counts")
+    panels = [(matrix, "counts", "d")]
     if uneven:
-        recall = matrix / support[:, None]
-        ConfusionMatrixDisplay(recall, display_labels=classes).plot(ax=axes[0, 1], colorbar=False,
-                                                                     xticks_rotation=45, values_format=".2f")
-        axes[0, 1].set_title("share of each true class (rows sum to 1)")
+        panels.append((matrix / support[:, None], "share of each true class (rows sum to 1)", ".2f"))
+    step = -(-len(classes) // _LABELS_DRAWN)
+    for ax, (shown, name, fmt) in zip(axes[0], panels):
+        ConfusionMatrixDisplay(shown, display_labels=classes).plot(ax=ax, colorbar=False, xticks_rotation=45,
+                                                                   values_format=fmt, include_values=values)
+        ax.set_title(name)
+        if step > 1:
+            ticks = np.arange(0, len(classes), step)
+            ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90, fontsize=6)
+            ax.set_yticks(ticks, [classes[i] for i in ticks], fontsize=6)
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
