@@ -172,7 +172,8 @@ def _draw(result: EmbeddingMap, *, title: str) -> None:
         _logger.info("%d classes share %d colours on the map", len(present), cmap.N)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title + (f"\n{result.agreement()}" if result.agreement() else ""), fontsize="medium")
+    # wrapped to the figure: the agreement line alone (near copies named) ran past both edges
+    ax.set_title(title + (f"\n{result.agreement()}" if result.agreement() else ""), fontsize="medium", wrap=True)
     result.png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(result.png, dpi=110)
     plt.close(fig)

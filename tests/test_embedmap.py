@@ -20,6 +20,10 @@ def test_digits_map_shows_separate_classes_and_a_shuffled_cache_does_not(digits_
     assert "nearest neighbour of the same class" in result.text()
     width, height = Image.open(result.png).size
     assert width > 600 and height > 600 and result.png.stat().st_size > 30_000
+    # the title (its figure line names the near copies) is wrapped inside the picture, not cut at its edges
+    assert result.n_near_copies and len(result.agreement()) > 100
+    band = np.asarray(Image.open(result.png).convert("L"))[: height // 12]
+    assert band[:, :3].min() > 240 and band[:, -3:].min() > 240
 
     # the same embeddings with their labels shuffled: the figure falls to chance
     shuffled = tmp_path / "shuffled.h5"
