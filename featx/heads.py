@@ -909,9 +909,10 @@ def _plot_label_f1(f1: np.ndarray, names: list[str], path: Path, *, title: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(names) + 2), 4))
+    fig, ax = plt.subplots(figsize=(min(max(5, 0.6 * len(names) + 2), 22), 4))
     ax.bar(range(len(names)), f1)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    _name_some_classes(ax, names, y=False)
     ax.set_ylim(0, 1)
     ax.set_ylabel("F1 on held-out images")
     ax.set_title(title)
@@ -939,6 +940,16 @@ def _most_confused(matrix: np.ndarray, classes: list[str], shown: int = 10) -> s
                         for i, j in pairs])
 
 
+def _name_some_classes(ax, names: list[str], *, y: bool = True) -> None:
+    """Past 80 classes, every k-th name along the x axis (and y), small, so at most 80 are drawn."""
+    step = -(-len(names) // _LABELS_DRAWN)
+    if step > 1:
+        ticks = np.arange(0, len(names), step)
+        ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=6)
+        if y:
+            ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=6)
+
+
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, *, title: str) -> None:
     """Counts; beside them, when the held-out classes differ twice or more in size, each row divided by
     its total (the recall of each class), where a small class's misses would not show in counts.
@@ -960,15 +971,11 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, *, title:
     panels = [(matrix, "counts", "d")]
     if uneven:
         panels.append((matrix / support[:, None], "share of each true class (rows sum to 1)", ".2f"))
-    step = -(-len(classes) // _LABELS_DRAWN)
     for ax, (shown, name, fmt) in zip(axes[0], panels):
         ConfusionMatrixDisplay(shown, display_labels=classes).plot(ax=ax, colorbar=False, xticks_rotation=45,
                                                                    values_format=fmt, include_values=values)
         ax.set_title(name)
-        if step > 1:
-            ticks = np.arange(0, len(classes), step)
-            ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90, fontsize=6)
-            ax.set_yticks(ticks, [classes[i] for i in ticks], fontsize=6)
+        _name_some_classes(ax, classes)
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
