@@ -101,6 +101,12 @@ def _open_heif_with_pillow() -> None:
 SYSTEM_FOLDERS = frozenset({"__MACOSX", "@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information"})
 
 
+# camera RAW files, common in photo folders, that Pillow does not decode (named in the walk's note)
+CAMERA_RAW_EXTENSIONS = frozenset({".3fr", ".arw", ".cr2", ".cr3", ".crw", ".dcr", ".dng", ".erf", ".kdc", ".mos",
+                                   ".mrw", ".nef", ".nrw", ".orf", ".pef", ".raf", ".raw", ".rw2", ".rwl", ".sr2",
+                                   ".srf", ".srw", ".x3f"})
+
+
 def is_passed_over(name: str) -> bool:
     """Whether the walk leaves out a file or folder of this name: hidden, or a system folder."""
     return name.startswith(".") or name in SYSTEM_FOLDERS
@@ -135,6 +141,7 @@ def walk_images(root: str | os.PathLike, subfolder: str = "") -> Iterator[FileEn
     root = os.fspath(root)
     seen_dirs: set[tuple[int, int]] = set()
     passed_over: list[str] = []
+    other_types: Counter[str] = Counter()  # extension -> files of it left out (camera RAW, videos, sidecars)
 
     def walk(folder: str, rel: str, label: str | None) -> Iterator[FileEntry | WalkFailure]:
         try:
@@ -168,6 +175,7 @@ def walk_images(root: str | os.PathLike, subfolder: str = "") -> Iterator[FileEn
                 yield from walk(entry.path, key, label if rel else entry.name)
                 continue
             if ext not in IMAGE_EXTENSIONS and (ext or not _content_is_image(entry.path)):
+                other_types[ext or "(no extension)"] += 1
                 continue
             try:
                 st = entry.stat()
@@ -186,6 +194,15 @@ def walk_images(root: str | os.PathLike, subfolder: str = "") -> Iterator[FileEn
         examples = ", ".join(passed_over[:3]) + (f" and {len(passed_over) - 3} more" if len(passed_over) > 3 else "")
         _logger.info("left out %d hidden or system file(s) and folder(s) under %s: %s", len(passed_over), root,
                      examples)
+    if other_types:  # 7,000 of 10,000 photos as .NEF would otherwise be missing without a word
+        common = sorted(other_types.items(), key=lambda kind: (-kind[1], kind[0]))[:5]
+        kinds = ", ".join(f"{ext} {n:,}" for ext, n in common)
+        more = f" and {len(other_types) - 5} more kinds" if len(other_types) > 5 else ""
+        raw = sorted(set(other_types) & CAMERA_RAW_EXTENSIONS)
+        hint = (f"; camera RAW ({', '.join(raw)}) is not read: embed the JPEGs the camera or an editor makes of it"
+                if raw else "")
+        _logger.info("left out %d file(s) that are not images featx reads under %s: %s%s%s",
+                     sum(other_types.values()), root, kinds, more, hint)
 
 
 def folder_to_walk(root: str | os.PathLike) -> Path:

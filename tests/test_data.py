@@ -214,6 +214,25 @@ def test_walk_is_sorted_labelled_and_survives_loops_and_odd_names(tmp_path, coff
     assert decode_image(entries[3].path).size == coffee.size
 
 
+def test_the_walk_says_how_many_files_of_other_kinds_it_left_out_and_names_camera_raw(tmp_path, coffee, caplog):
+    """A photo folder of .NEF originals beside a few JPEGs embedded the JPEGs alone, without a word."""
+    (tmp_path / "trip").mkdir()
+    coffee.save(tmp_path / "trip" / "IMG_0001.jpg")
+    for name in ("DSC_0001.NEF", "DSC_0002.NEF", "IMG_0003.CR2", "clip.mp4", "IMG_0001.jpg.xmp"):
+        (tmp_path / "trip" / name).write_bytes(b"II*\x00" + bytes(100))
+    (tmp_path / "README").write_text("not an image, no extension")
+    with caplog.at_level("INFO", logger="featx.data"):
+        assert [e.key for e in walk_images(tmp_path)] == ["trip/IMG_0001.jpg"]
+    said = [r.getMessage() for r in caplog.records if "not images" in r.getMessage()]
+    assert said == [f"left out 6 file(s) that are not images featx reads under {tmp_path}: .nef 2, (no extension) 1, "
+                    ".cr2 1, .mp4 1, .xmp 1; camera RAW (.cr2, .nef) is not read: embed the JPEGs the camera or an "
+                    "editor makes of it"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="featx.data"):
+        assert len(list(walk_images(tmp_path / "trip"))) == 1
+    assert "camera RAW" in caplog.text and "(no extension)" not in caplog.text
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_file_and_folder(tmp_path, coffee):
     coffee.save(tmp_path / "locked.png")
