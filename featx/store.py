@@ -243,6 +243,21 @@ def take_rows_in_place(X: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return X[:len(positions)]
 
 
+_CLASSES_NAMED = 30  # in info's line; past it, the first ones and the smallest (train-head needs 2 a class)
+
+
+def _class_counts_line(counts: dict[str, int]) -> str:
+    """'  N classes: a (12), b (7) …': every class up to 30; past that the first 30, how many more, the
+    range of sizes and the 5 smallest classes (a line of 1,000 names said nothing)."""
+    named = ", ".join(f"{name} ({n:,})" for name, n in list(counts.items())[:_CLASSES_NAMED])
+    if len(counts) <= _CLASSES_NAMED:
+        return f"  {len(counts)} classes: {named}"
+    smallest = sorted(counts.items(), key=lambda kind: (kind[1], kind[0]))[:5]
+    return (f"  {len(counts):,} classes of {min(counts.values()):,} to {max(counts.values()):,} images: {named} "
+            f"… and {len(counts) - _CLASSES_NAMED:,} more; the smallest: "
+            + ", ".join(f"{name} ({n:,})" for name, n in smallest))
+
+
 def _digests_of(columns: dict, pick, n: int) -> list[str]:
     """The rows' content digests; "" for each row of a cache made before the column existed."""
     if _DIGESTS not in columns:
@@ -525,8 +540,7 @@ class CacheSummary:
         if "folder" in self.attrs:
             lines.append(f"  folder {self.attrs['folder']}")
         if self.class_counts:
-            lines.append(f"  {len(self.class_counts)} classes: "
-                         + ", ".join(f"{name} ({n:,})" for name, n in self.class_counts.items()))
+            lines.append(_class_counts_line(self.class_counts))
         if self.unlabelled:
             lines.append(f"  {self.unlabelled:,} without a class (directly under the folder)")
         if self.copies is not None:

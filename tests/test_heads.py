@@ -822,3 +822,10 @@ def test_a_head_of_many_classes_reports_its_most_confused_pairs_and_draws_a_boun
     assert all(a[0] == b[0] for a, b in pairs)  # look-alikes: the same digit, another of its five classes
     with Image.open(tmp_path / "h.confusion.png") as png:
         assert max(png.size) <= 2 * 22 * 110
+    # featx info names the first 30 classes, how many more, and the smallest (train-head needs two a class)
+    counts = {name: int(n) for name, n in zip([f"{d}{p}" for d in range(10) for p in "abcde"],
+                                               np.bincount(h5py.File(cache, "r")["efficientnet_lite0"]["labels"][:]))}
+    smallest = sorted(counts.items(), key=lambda kind: (kind[1], kind[0]))[:5]
+    line = [line for line in featx.describe_file(cache).splitlines() if " classes of " in line][0]
+    assert line.startswith(f"  50 classes of {min(counts.values())} to {max(counts.values())} images: 0a (")
+    assert line.endswith("… and 20 more; the smallest: " + ", ".join(f"{name} ({n})" for name, n in smallest))
