@@ -228,13 +228,17 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
 def take_rows_in_place(X: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """``X[positions]`` for increasing ``positions``, made by moving those rows to the front of X
     itself, a slice at a time; returns X's first ``len(positions)`` rows (a view: X is overwritten).
-    A cache's matrix is the largest thing in memory: ``X[positions]`` would hold a second one.
+    A cache's matrix is the largest thing in memory: ``X[positions]`` would hold a second one. Where
+    fewer than half the rows are taken, they are copied instead, so that X can be freed (a view would
+    hold the whole of it: a million rows for the few thousand labelled ones).
 
     Safe in place because ``positions[i] >= i``: a slice is read whole before it is written, and
     every later read lies past what has been written."""
     positions = np.asarray(positions, dtype=np.int64)
     if len(positions) and (positions[0] < 0 or np.any(np.diff(positions) <= 0) or positions[-1] >= len(X)):
         raise ValueError("positions must increase within the rows of X")
+    if len(positions) < len(X) // 2:
+        return X[positions]
     step = max(1, (1 << 24) // max(1, X[:1].nbytes))  # 16 MB of rows at a time
     for start in range(0, len(positions), step):
         part = positions[start:start + step]

@@ -72,9 +72,13 @@ def test_rows_taken_in_place_equal_rows_taken_by_index():
     rng = np.random.default_rng(0)
     for n, d in ((0, 4), (1, 4), (7, 1), (5000, 3), (3000, 2000)):  # 2,000 columns: several slices of rows
         X = rng.normal(size=(n, d)).astype(np.float32)
-        for positions in (np.flatnonzero(rng.random(n) < 0.6), np.arange(n), np.arange(n)[n // 2:]):
-            want, got = X[positions], take_rows_in_place(X.copy(), positions)
+        for positions in (np.flatnonzero(rng.random(n) < 0.6), np.arange(n), np.arange(n)[n // 2:],
+                          np.flatnonzero(rng.random(n) < 0.1)):
+            into = X.copy()
+            want, got = X[positions], take_rows_in_place(into, positions)
             assert np.array_equal(got, want)
+            # half the rows or more: moved within X (no second matrix); fewer: copied, so X can be freed
+            assert np.shares_memory(got, into) == (len(positions) >= n // 2 and len(positions) > 0)
     with pytest.raises(ValueError, match="increase"):
         take_rows_in_place(np.zeros((3, 2)), np.array([2, 1]))
 
