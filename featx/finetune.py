@@ -386,7 +386,9 @@ def plot_curves(history: Sequence[EpochLog], path: Path, *, title: str) -> None:
         ax.plot(epochs, [getattr(e, f"val_{name}") for e in history], "o-", label=f"validation {name}")
         ax.axvline(best, color="grey", linestyle="--", label=f"best epoch ({best}, saved)")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        # whole epochs only: one epoch alone was drawn on ticks 0.945 … 1.050
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         ax.set_title(name)
         ax.legend()
     fig.suptitle(title)
