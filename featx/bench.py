@@ -390,7 +390,8 @@ def _write_results(result: BenchResult, out_dir: Path) -> list[str]:
 
     axes[1].bar(range(len(e2e)), [t.images_per_second for t in e2e],
                 color=["tab:gray" if t.name.startswith("plain") else "tab:blue" for t in e2e])
-    axes[1].set_xticks(range(len(e2e)), [textwrap.fill(t.name, 16) for t in e2e], fontsize=6)
+    # names wrap between words ("Im / ageFolder" before)
+    axes[1].set_xticks(range(len(e2e)), [textwrap.fill(t.name, 18, break_long_words=False) for t in e2e], fontsize=6)
     axes[1].set_ylabel("images/s")
     axes[1].set_title("end to end (JPEG folder)")
     fig.tight_layout()
