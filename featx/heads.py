@@ -8,6 +8,7 @@ a JSON header (class names, backbone fingerprint), so loading a head runs no cod
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -1389,17 +1390,15 @@ def _rows_not_trained_on(loaded: LoadedHead, embeddings, rows: list[int], source
     from .data import NEAR_COPY_BITS
     from .store import load_digests, near_copy_pairs
 
-    cache: list = []  # the training cache's (keys, digests, phashes), read once when it is needed
-
+    @functools.cache
     def training_cache():
-        if not cache:
-            cache.append(None)
-            if loaded.cache and os.path.isfile(loaded.cache):
-                try:
-                    cache[0] = load_digests(loaded.cache, loaded.model)
-                except FeatxError as e:  # replaced or locked since
-                    _logger.info("cannot read the cache the head was trained from (%s)", e)
-        return cache[0]
+        """The training cache's (keys, digests, phashes), read once when it is needed; None without it."""
+        if loaded.cache and os.path.isfile(loaded.cache):
+            try:
+                return load_digests(loaded.cache, loaded.model)
+            except FeatxError as e:  # replaced or locked since
+                _logger.info("cannot read the cache the head was trained from (%s)", e)
+        return None
 
     if loaded.trained_digests is not None:
         known = set(loaded.trained_digests.tolist())
@@ -1601,14 +1600,13 @@ def _pictures_trained_on(loaded: LoadedHead, backbone_trained: np.ndarray | None
 # ---------------------------------------------------------------------------------------- any featx file
 
 
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def describe_file(path: str | os.PathLike, *, list_failures: bool = False) -> str:
     """What a featx file holds, told by its content: an embedding cache (models, classes with counts,
     failures; every failed file with ``list_failures``), an exported model, or a head. It lives here,
     in the last stage, because only here may every earlier stage's files be read."""
-    from .runtime import read_model_info
+    from .runtime import HDF5_SIGNATURE, read_model_info
     from .store import summarize_cache
 
     path = Path(path)
@@ -1617,10 +1615,10 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False) -> st
                          f"(.safetensors); `featx embed {path} -o CACHE.h5` makes a cache of it")
     try:
         with open(path, "rb") as f:
-            magic = f.read(len(_HDF5_SIGNATURE))
+            magic = f.read(len(HDF5_SIGNATURE))
     except OSError as e:
         raise FeatxError(f"{path}: cannot read ({e.strerror or e})") from None
-    if magic == _HDF5_SIGNATURE:
+    if magic == HDF5_SIGNATURE:
         summaries = summarize_cache(path)
         if not summaries:
             return f"{path}: an HDF5 file without featx embeddings (featx embed FOLDER -o {path} adds them)"

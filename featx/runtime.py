@@ -113,6 +113,9 @@ def tensorrt_problem() -> str | None:
     return "TensorRT's libraries (libnvinfer) are not installed (pip install tensorrt, then put them on LD_LIBRARY_PATH)"
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # an embedding cache's first bytes
+
+
 def file_kind(path: str | os.PathLike) -> str | None:
     """"cache" (HDF5), "safetensors" (a head or a fine-tuning checkpoint) or "onnx", told by the first
     bytes (and an ONNX file by its name too: protobuf has no signature), or None; so a featx file given
@@ -122,7 +125,7 @@ def file_kind(path: str | os.PathLike) -> str | None:
             start = f.read(9)
     except OSError:
         return None
-    if start[:8] == b"\x89HDF\r\n\x1a\n":
+    if start[:8] == HDF5_SIGNATURE:
         return "cache"
     if len(start) == 9 and start[8:] == b"{":  # safetensors: an 8-byte header length, then its JSON
         return "safetensors"
