@@ -294,7 +294,8 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
         # with each JPEG library that loads (the one embed took first): which decodes fastest is then
         # read from one run
         chosen = os.environ.get("FEATX_JPEG_LIBRARY")
-        libraries = [jpeg_library()] + [lib for lib in available_jpeg_libraries() if lib != jpeg_library()]
+        first = jpeg_library()
+        libraries = [first] + [lib for lib in available_jpeg_libraries() if lib != first]
         try:
             for library in libraries:
                 os.environ["FEATX_JPEG_LIBRARY"] = library
