@@ -38,7 +38,7 @@ def test_C_is_chosen_by_the_cross_validation_scikit_learn_would_run(digits_cache
     X, y = data.embeddings[:600], data.labels[:600]
     with caplog.at_level(logging.INFO, logger="featx"):
         head = LogRegHead(cv=3).fit(X, y)
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("C ")]
+    said = [m for m in caplog.messages if m.startswith("C ") and ": accuracy " in m]
     assert len(said) == len(LogRegHead.Cs) and said[0].startswith("C 0.0001: accuracy 0.8"), said
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -47,6 +47,7 @@ def test_C_is_chosen_by_the_cross_validation_scikit_learn_would_run(digits_cache
     assert head.cv_scores_.shape == expected.shape
     assert np.abs(head.cv_scores_ - expected).max() <= 1 / 200 + 1e-9  # at most one image of a fold's 200
     assert head.cv_scores_.mean(axis=1)[list(LogRegHead.Cs).index(head.C_)] == head.cv_scores_.mean(axis=1).max()
+    assert f"C {head.C_:g} chosen" in caplog.messages
     assert head.C_ >= 1 and np.mean(head.predict(X) == y) == 1.0  # digits' features separate: little penalty
 
 
