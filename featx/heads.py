@@ -203,7 +203,7 @@ class LogRegHead(_Head):
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import accuracy_score, balanced_accuracy_score
         from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-        from sklearn.utils.class_weight import compute_class_weight
+        from sklearn.utils.class_weight import compute_sample_weight
 
         splitter = StratifiedKFold(folds) if groups is None else StratifiedGroupKFold(folds)
         splits = list(splitter.split(np.zeros((len(y_idx), 1)), y_idx, groups))
@@ -218,8 +218,7 @@ class LogRegHead(_Head):
                 warnings.simplefilter("always", ConvergenceWarning)  # said once in the C's line, not per fold
                 for i, (model, (train, test)) in enumerate(zip(fold_models, splits)):
                     weight = np.zeros(len(y_idx))
-                    weight[train] = 1.0 if self.class_weight is None else compute_class_weight(
-                        self.class_weight, classes=np.arange(len(self.classes_)), y=y_idx[train])[y_idx[train]]
+                    weight[train] = compute_sample_weight(self.class_weight, y_idx[train])  # the fold's own balance
                     model.set_params(C=C).fit(Xs, y_idx, sample_weight=weight)
                     scores[i] = score(y_idx[test], _on_rows(model.predict, Xs, test))
             unconverged = (f" (not converged in {self.max_iter} iterations)"
