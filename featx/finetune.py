@@ -631,7 +631,7 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
 
     from .data import FileEntry, class_names_of, folder_to_walk, walk_images
     from .export import ensure_model_file
-    from .heads import near_copy_split_groups, one_per_group
+    from .heads import lbfgs_blas_single_threaded, near_copy_split_groups, one_per_group
     from .pipeline import encode_files, softmax
     from .runtime import load_model
 
@@ -679,8 +679,9 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
     else:
         folds_split = (StratifiedKFold(folds, shuffle=True, random_state=seed) if groups is None
                        else StratifiedGroupKFold(folds, shuffle=True, random_state=seed))
-        probe = float(np.mean(cross_val_score(LogisticRegression(max_iter=2000), X, y, groups=groups,
-                                              cv=folds_split)))
+        with lbfgs_blas_single_threaded():
+            probe = float(np.mean(cross_val_score(LogisticRegression(max_iter=2000), X, y, groups=groups,
+                                                  cv=folds_split)))
     confidence = float(np.mean(confidences)) if confidences else float("nan")
     per_class = len(entries) / len(classes)
     size = "large" if per_class >= LARGE_PER_CLASS else "small"

@@ -358,10 +358,35 @@ def test_resized_copies_stay_on_one_side_of_the_split_so_random_labels_score_as_
     assert leaked > 0.75
 
 
+def test_scipys_blas_runs_one_thread_while_a_head_fits_and_gets_its_threads_back():
+    """scipy's L-BFGS-B is slowed several times over by its own OpenBLAS' threads (digits: 13.6 s to choose
+    C, 1.2 s on one thread); numpy's BLAS, which does the matrix products, keeps its threads, and the
+    user's settings are back after the fit."""
+    from pathlib import Path
+
+    import scipy.optimize  # noqa: F401  (scipy's BLAS is loaded, so that it is listed)
+    from threadpoolctl import threadpool_info
+
+    from featx.heads import lbfgs_blas_single_threaded
+
+    def blas_threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    scipys = [path for path in before if Path(path).parent.name == "scipy.libs"]
+    if not scipys:
+        pytest.skip("scipy shares numpy's BLAS here (not pip's wheels): nothing is changed")
+    with lbfgs_blas_single_threaded():
+        inside = blas_threads()
+    assert all(inside[path] == 1 for path in scipys)
+    assert all(inside[path] == before[path] for path in before if path not in scipys)
+    assert blas_threads() == before
+
+
 def test_cross_validation_fits_each_fold_at_the_C_chosen_once(small_digits, lite0_onnx, tmp_path, caplog):
     """train-head --cv without --C: C is searched once, on the split, and each fold and the saved head are
-    fit at it. A search in each fold as well took the folds + 1 times as long (90 s against 21 s on the
-    1,797 digits) and logged its C scores 6 times over."""
+    fit at it. A search in each fold as well took the folds + 1 times as long and logged its C scores
+    6 times over."""
     import re
 
     cache = tmp_path / "c.h5"
