@@ -215,12 +215,12 @@ class LogRegHead(_Head):
         and the folds' mean (coef, intercept) there, to start the final fit from. Sets ``cv_scores_``:
         float (len(Cs), folds), each fold's held-out score at each C.
 
-        What LogisticRegressionCV does, in a fifth of its memory and three quarters of its time on a
-        cache's float32 rows (``python benchmarks/head_memory.py``): scikit-learn copies them into
-        float64 and copies each fold's training rows again. Here every fit runs on the one standardised matrix, a fold's
-        held-out rows weighing 0 (the same optimum as leaving them out: the loss is a weighted mean
-        and the penalty is scaled by the weights' sum), warm-started from the fold's fit at the C
-        before, as scikit-learn's path is. One line a C is logged: on a large cache this is the slow part.
+        What LogisticRegressionCV does, in a fifth of its memory on a cache's float32 rows (``python
+        benchmarks/head_memory.py``): scikit-learn copies them into float64 and copies each fold's
+        training rows again. Here every fit runs on the one standardised matrix, a fold's held-out
+        rows weighing 0 (the same optimum as leaving them out: the loss is a weighted mean and the
+        penalty is scaled by the weights' sum), warm-started from the fold's fit at the C before, as
+        scikit-learn's path is. One line a C is logged: on a large cache this is the slow part.
         """
         import warnings
 
@@ -246,8 +246,12 @@ class LogRegHead(_Head):
                     weight[train] = compute_sample_weight(self.class_weight, y_idx[train])  # the fold's own balance
                     model.set_params(C=C).fit(Xs, y_idx, sample_weight=weight)
                     scores[i] = score(y_idx[test], _on_rows(model.predict, Xs, test))
-            unconverged = (f" (not converged in {self.max_iter} iterations)"
-                           if any(issubclass(w.category, ConvergenceWarning) for w in caught) else "")
+            unconverged = ""
+            for w in caught:
+                if issubclass(w.category, ConvergenceWarning):
+                    unconverged = f" (not converged in {self.max_iter} iterations)"
+                else:  # only scikit-learn's convergence notices are folded into the line
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             _logger.info("C %g: %s %.4f ± %.4f over %d folds%s", C, scoring, np.mean(scores), np.std(scores),
                          folds, unconverged)
             if np.mean(scores) > best[0]:
