@@ -652,6 +652,21 @@ def test_strict_exit_code(small_digits, tmp_path, lite0_onnx):
     assert r.returncode == 1
 
 
+def test_a_bar_written_to_a_log_file_is_not_redrawn_every_tenth_of_a_second(digits_dir, tmp_path, lite0_onnx):
+    """stderr to a file (nohup, a batch scheduler): each tqdm redraw stays in the log. The digits' run of
+    some ten seconds drew its bar about a hundred times; now the bar is drawn when it starts, when its total
+    is known and when it ends, and at most every LOGGED_BAR_SECONDS between."""
+    log = tmp_path / "embed.log"
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # the suite's own setting (conftest)
+    with open(log, "w") as stderr:
+        r = subprocess.run([sys.executable, "-m", "featx", "embed", str(digits_dir), "-o", str(tmp_path / "c.h5"),
+                            "--model", str(lite0_onnx)],
+                           stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    assert r.returncode == 0 and "1797 embedded" in r.stdout
+    text = log.read_bytes()  # as written: read_text would turn each '\r' into a newline
+    assert b"1797/1797" in text and text.count(b"\r") <= 4, text
+
+
 def _decode_workers_of(pid: int) -> list[int]:
     """PIDs of the decode worker processes (multiprocessing spawn) whose parent is ``pid``, from /proc."""
     found = []
