@@ -509,7 +509,8 @@ def embed_folder(
     if gpu_decode and workers_given is None:
         workers = default_workers(gpu_decode=True)
     group = Path(model_file).stem
-    stats = RunStats(out=str(out), model=group, engine=", ".join(f"{r.name} ({r.device})" for r in runners),
+    stats = RunStats(out=str(out), model=group, engine=", ".join(
+        f"{r.name}{' compiled' if getattr(r, 'compiled', False) else ''} ({r.device})" for r in runners),
                      batch_size=batch_size)
 
     with EmbeddingStore(out, group, info=info, half=half, folder=root, new_folder=new_folder,

@@ -154,6 +154,28 @@ def test_several_engines_fill_one_store_like_one(small_digits, tmp_path, lite0_o
     _same_cache(tmp_path / "one.h5", tmp_path / "two.h5")
 
 
+def test_compiled_torch_engine_embeds_a_folder_as_onnxruntime_does(small_digits, tmp_path, lite0_onnx):
+    """`featx embed --engine torch --compile` (torch.compile, inductor freezing, the last batch padded to
+    the compiled shape and the padding dropped) runs here on the CPU, the same code the GPU runs with
+    fp16: its cache has onnxruntime's keys in order and its embeddings (cosine >= 0.999), none made of
+    padding. CI has no GPU, so this is where that path is checked every time."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on the CPU builds C++: no compiler here")
+    onnx = featx.embed_folder(small_digits, tmp_path / "onnx.h5", model=lite0_onnx, engine="onnx", batch_size=16,
+                              workers=0)
+    r = subprocess.run([sys.executable, "-m", "featx", "-q", "embed", str(small_digits), "-o", str(tmp_path / "torch.h5"),
+                        "--model", str(lite0_onnx), "--engine", "torch", "--compile", "--batch-size", "16",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "60 embedded" in r.stdout and "torch compiled (cpu)" in r.stdout, r.stdout + r.stderr
+    a, b = featx.load_embeddings(tmp_path / "onnx.h5"), featx.load_embeddings(tmp_path / "torch.h5")
+    assert onnx.n_embedded == 60 and a.keys == b.keys and len(b.embeddings) == 60  # 16, 16, 16 and 12 padded to 16
+    cosine = (a.embeddings * b.embeddings).sum(1) / np.linalg.norm(a.embeddings, axis=1) / np.linalg.norm(
+        b.embeddings, axis=1)
+    assert cosine.min() >= 0.999, cosine.min()
+
+
 def test_auto_batch_size_on_cpu_is_the_cpu_default_with_room(lite0_onnx):
     """auto on the CPU is the default, 8 (larger batches measured slower: benchmarks/batch_sizes.py)."""
     from featx.runtime import _free_host_memory, auto_batch_size, default_batch_size
