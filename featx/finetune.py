@@ -627,11 +627,11 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
            sample: int = 300, device: str = "auto", seed: int = 0) -> Advice:
     """Place a labelled folder among the four transfer-learning cases (small/large x similar/different)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
+    from sklearn.model_selection import cross_val_score
 
     from .data import FileEntry, class_names_of, folder_to_walk, walk_images
     from .export import ensure_model_file
-    from .heads import lbfgs_blas_single_threaded, near_copy_split_groups, one_per_group
+    from .heads import lbfgs_blas_single_threaded, near_copy_split_groups, one_per_group, stratified_folds
     from .pipeline import encode_files, softmax
     from .runtime import load_model
 
@@ -677,11 +677,9 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
     elif folds < 2:
         note = f"class '{names[counts.argmin()]}' has a single usable {'image' if groups is None else 'picture'}"
     else:
-        folds_split = (StratifiedKFold(folds, shuffle=True, random_state=seed) if groups is None
-                       else StratifiedGroupKFold(folds, shuffle=True, random_state=seed))
+        folds_split = stratified_folds(y, folds, groups=groups, shuffle=True, seed=seed)
         with lbfgs_blas_single_threaded():
-            probe = float(np.mean(cross_val_score(LogisticRegression(max_iter=2000), X, y, groups=groups,
-                                                  cv=folds_split)))
+            probe = float(np.mean(cross_val_score(LogisticRegression(max_iter=2000), X, y, cv=folds_split)))
     confidence = float(np.mean(confidences)) if confidences else float("nan")
     per_class = len(entries) / len(classes)
     size = "large" if per_class >= LARGE_PER_CLASS else "small"

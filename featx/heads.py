@@ -227,11 +227,11 @@ class LogRegHead(_Head):
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import accuracy_score, balanced_accuracy_score
-        from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
         from sklearn.utils.class_weight import compute_sample_weight
 
-        splitter = StratifiedKFold(folds) if groups is None else StratifiedGroupKFold(folds)
-        splits = list(splitter.split(np.zeros((len(y_idx), 1)), y_idx, groups))
+        # shuffled (seeded): the held-out split it stands for is drawn at random, and a folder's files in
+        # order are not (the demo's digits in order: 0.911 ± 0.045 at C 0.1; shuffled: 0.939 ± 0.019)
+        splits = stratified_folds(y_idx, folds, groups=groups, shuffle=True, seed=self.random_state)
         balanced = self.class_weight == "balanced"
         score, scoring = (balanced_accuracy_score, "balanced accuracy") if balanced else (accuracy_score, "accuracy")
         fold_models = [LogisticRegression(max_iter=self.max_iter, random_state=self.random_state, warm_start=True)
@@ -719,6 +719,26 @@ def one_per_group(groups: np.ndarray | None, n: int) -> np.ndarray:
     return np.arange(n) if groups is None else np.unique(groups, return_index=True)[1]
 
 
+def stratified_folds(labels: Sequence, folds: int, *, groups: np.ndarray | None = None, shuffle: bool = False,
+                     seed: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) positions of stratified K folds, increasing; with ``groups``, each group's positions
+    in one fold. Folds are drawn on one position per group, of its first position's class, as
+    :func:`stratified_split` draws its split; without groups they are scikit-learn's StratifiedKFold's.
+    scikit-learn's StratifiedGroupKFold weighs the groups one by one in Python: 9 s for 100,000 rows
+    (every image its own group but a few near copies), 90 s a million, before any fit."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels)
+    units = one_per_group(groups, len(labels))
+    splitter = StratifiedKFold(folds, shuffle=shuffle, random_state=seed if shuffle else None)
+    everything = np.arange(len(labels))
+    result = []
+    for _, test_units in splitter.split(np.zeros((len(units), 1)), labels[units]):
+        test = units[test_units] if groups is None else _with_near_copies(groups, units[test_units])
+        result.append((np.setdiff1d(everything, test, assume_unique=True), np.sort(test)))
+    return result
+
+
 def _with_near_copies(groups: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """``positions`` (one per group) and every other position of their groups, increasing."""
     return np.flatnonzero(np.isin(groups, groups[positions]))
@@ -780,7 +800,6 @@ def train_head(
                                  hidden=hidden, dropout=dropout, epochs=epochs, seed=seed, report_png=report_png,
                                  class_weight=class_weight)
     from sklearn.base import clone
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     from .store import find_copies, load_embeddings, take_rows_in_place
 
@@ -836,14 +855,12 @@ def train_head(
     if cv:
         # every image scored by the fold that left it out: a wrongly filed image anywhere in the folder shows
         out_of_fold = np.zeros((len(y), len(classes)))
-        folds = (StratifiedKFold(cv, shuffle=True, random_state=seed) if groups is None else
-                 StratifiedGroupKFold(cv, shuffle=True, random_state=seed))
         if getattr(estimator, "C", 0) is None:
             # C chosen once, on the split above, for every fold and the final fit: a search in each would
             # take the folds + 1 times as long for a nearly equal estimate
             estimator.set_params(C=estimator.C_)
             _logger.info("C %g, chosen on the split, fits each of the %d folds and then every image", estimator.C, cv)
-        for fold_train, fold_test in folds.split(X, y, groups):
+        for fold_train, fold_test in stratified_folds(y, cv, groups=groups, shuffle=True, seed=seed):
             fold = clone(estimator).fit(X[fold_train], y[fold_train],
                                         groups=None if groups is None else groups[fold_train], overwrite_X=True)
             out_of_fold[fold_test] = _on_rows(fold.predict_proba, X, fold_test)

@@ -33,6 +33,7 @@ def test_C_is_chosen_by_the_cross_validation_scikit_learn_would_run(digits_cache
     import warnings
 
     from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
 
     data = featx.load_embeddings(digits_cache)
     X, y = data.embeddings[:600], data.labels[:600]
@@ -42,7 +43,8 @@ def test_C_is_chosen_by_the_cross_validation_scikit_learn_would_run(digits_cache
     assert len(said) == len(LogRegHead.Cs) and said[0].startswith("C 0.0001: accuracy 0.8"), said
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = LogisticRegressionCV(Cs=LogRegHead.Cs, cv=3, max_iter=2000).fit((X - head.mean_) / head.scale_, y)
+        reference = LogisticRegressionCV(Cs=LogRegHead.Cs, cv=StratifiedKFold(3, shuffle=True, random_state=0),
+                                         max_iter=2000).fit((X - head.mean_) / head.scale_, y)
     expected = next(iter(reference.scores_.values())).T  # (Cs, folds)
     assert head.cv_scores_.shape == expected.shape
     assert np.abs(head.cv_scores_ - expected).max() <= 1 / 200 + 1e-9  # at most one image of a fold's 200
@@ -381,6 +383,31 @@ def test_scipys_blas_runs_one_thread_while_a_head_fits_and_gets_its_threads_back
     assert all(inside[path] == 1 for path in scipys)
     assert all(inside[path] == before[path] for path in before if path not in scipys)
     assert blas_threads() == before
+
+
+def test_folds_keep_each_picture_whole_and_every_class_in_each(digits_cache):
+    """The folds of the C search, --cv and advise's probe on the digits' real near copies (75 images, 29
+    pictures): every image is held out exactly once, a picture's copies in one fold, each fold holds every
+    class in proportion; without copies they are scikit-learn's StratifiedKFold's."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from featx.heads import stratified_folds
+    from featx.store import near_copy_counts, near_copy_groups
+
+    data = featx.load_embeddings(digits_cache)
+    groups = near_copy_groups(data.phashes)
+    assert near_copy_counts(groups)[0] >= 20  # 75 images, 29 pictures
+    folds = stratified_folds(data.labels, 5, groups=groups, shuffle=True, seed=0)
+    held_out = np.concatenate([test for _, test in folds])
+    assert np.array_equal(np.sort(held_out), np.arange(len(data.labels)))
+    for train, test in folds:
+        assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(len(data.labels)))
+        assert not set(groups[train]) & set(groups[test])
+        per_class = np.bincount(data.labels[test], minlength=10)
+        assert per_class.min() >= 30 and per_class.max() <= 42, per_class  # 1,797 / 5 / 10 = 36 each
+    plain = stratified_folds(data.labels, 5)
+    reference = StratifiedKFold(5).split(np.zeros((len(data.labels), 1)), data.labels)
+    assert all(np.array_equal(a, c) and np.array_equal(b, d) for (a, b), (c, d) in zip(plain, reference))
 
 
 def test_cross_validation_fits_each_fold_at_the_C_chosen_once(small_digits, lite0_onnx, tmp_path, caplog):
