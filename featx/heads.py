@@ -192,11 +192,15 @@ class LogRegHead(_Head):
     def _fit_standardised(self, Xs: np.ndarray, y_idx: np.ndarray, groups) -> LogRegHead:
         from sklearn.linear_model import LogisticRegression
 
-        counts = np.bincount(y_idx)
+        # pictures per class: a picture's near copies share a fold, so they count once
+        counts = np.bincount(y_idx[one_per_group(groups, len(y_idx))], minlength=len(self.classes_))
         start = None
         if self.C is None and counts.min() >= 2:
             self.C_, start = self._choose_C(Xs, y_idx, groups, folds=int(min(self.cv, counts.min())))
         else:
+            if self.C is None:
+                _logger.info("C 1: class '%s' has a single picture, which no fold could both hold out and "
+                             "train on", self.classes_[counts.argmin()])
             self.C_ = 1.0 if self.C is None else float(self.C)
         model = LogisticRegression(C=self.C_, max_iter=self.max_iter, class_weight=self.class_weight,
                                    random_state=self.random_state, warm_start=start is not None)

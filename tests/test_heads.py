@@ -385,6 +385,25 @@ def test_scipys_blas_runs_one_thread_while_a_head_fits_and_gets_its_threads_back
     assert blas_threads() == before
 
 
+def test_a_class_of_one_picture_takes_C_1_and_says_why(digits_cache, caplog):
+    """Two images of a class that are near copies of each other are one picture: no fold can hold it out
+    and train on it. scikit-learn warned that its least populated class had 1 member and cross-validated
+    anyway; now C is 1, said in one line."""
+    import warnings
+
+    data = featx.load_embeddings(digits_cache)
+    X, y = data.embeddings[:400], data.labels[:400].copy()
+    y[:2] = 9  # a class of two images (the first 400 rows hold no 9)
+    groups = np.arange(400)
+    groups[1] = 0  # and they are one picture
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.INFO, logger="featx.heads"):
+            head = LogRegHead().fit(X, y, groups=groups)
+    assert head.C_ == 1.0 and not hasattr(head, "cv_scores_")
+    assert "C 1: class '9' has a single picture, which no fold could both hold out and train on" in caplog.messages
+
+
 def test_folds_keep_each_picture_whole_and_every_class_in_each(digits_cache):
     """The folds of the C search, --cv and advise's probe on the digits' real near copies (75 images, 29
     pictures): every image is held out exactly once, a picture's copies in one fold, each fold holds every
