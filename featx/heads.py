@@ -170,6 +170,8 @@ class LogRegHead(_Head):
             many images it has (and C is then chosen by balanced accuracy); or a dict class -> weight.
     """
 
+    Cs = tuple(np.logspace(-4, 2, 7))  # the values C is chosen from: 1e-4 to 100
+
     def __init__(self, C: float | None = None, cv: int = 5, max_iter: int = 2000, random_state: int | None = 0,
                  class_weight: str | None = None):
         self.C = C
@@ -240,14 +242,16 @@ class LogRegHead(_Head):
         score, scoring = (balanced_accuracy_score, "balanced accuracy") if balanced else (accuracy_score, "accuracy")
         fold_models = [LogisticRegression(max_iter=self.max_iter, random_state=self.random_state, warm_start=True)
                        for _ in splits]
+        weights = []  # a fold's rows weigh their class's weight in the fold itself; its held-out rows 0
+        for train, _ in splits:
+            weights.append(np.zeros(len(y_idx)))
+            weights[-1][train] = compute_sample_weight(self.class_weight, y_idx[train])
         best = (-np.inf, None, None)
         self.cv_scores_ = np.zeros((len(self.Cs), len(splits)))
         for C, scores in zip(self.Cs, self.cv_scores_):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)  # said once in the C's line, not per fold
-                for i, (model, (train, test)) in enumerate(zip(fold_models, splits)):
-                    weight = np.zeros(len(y_idx))
-                    weight[train] = compute_sample_weight(self.class_weight, y_idx[train])  # the fold's own balance
+                for i, (model, (_, test), weight) in enumerate(zip(fold_models, splits, weights)):
                     model.set_params(C=C).fit(Xs, y_idx, sample_weight=weight)
                     scores[i] = score(y_idx[test], _on_rows(model.predict, Xs, test))
             unconverged = ""
@@ -263,8 +267,6 @@ class LogRegHead(_Head):
                                              np.mean([m.intercept_ for m in fold_models], axis=0)))
         _logger.info("C %g chosen", best[1])
         return float(best[1]), best[2]
-
-    Cs = tuple(np.logspace(-4, 2, 7))  # the values C is chosen from: 1e-4 to 100
 
 
 def _on_rows(predict, X: np.ndarray, rows) -> np.ndarray:
@@ -859,7 +861,7 @@ def train_head(
     if cv:
         # every image scored by the fold that left it out: a wrongly filed image anywhere in the folder shows
         out_of_fold = np.zeros((len(y), len(classes)))
-        if getattr(estimator, "C", 0) is None:
+        if isinstance(estimator, LogRegHead) and estimator.C is None:
             # C chosen once, on the split above, for every fold and the final fit: a search in each would
             # take the folds + 1 times as long for a nearly equal estimate
             estimator.set_params(C=estimator.C_)
@@ -1702,8 +1704,6 @@ def _pictures_trained_on(loaded: LoadedHead, backbone_trained: np.ndarray | None
 
 
 # ---------------------------------------------------------------------------------------- any featx file
-
-
 
 
 def describe_file(path: str | os.PathLike, *, list_failures: bool = False) -> str:
