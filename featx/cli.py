@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=_fraction, default=0.2, help="share of each class held out (default 0.2)")
     p.add_argument("--cv", type=_count(2), default=None, help="K-fold cross-validation instead of one split")
     p.add_argument("--C", type=_positive, default=None,
-                   help="logreg inverse regularisation (default: by cross-validation)")
+                   help="logreg inverse regularisation (default: the lowest held-out log loss in 5-fold cross-validation)")
     p.add_argument("--hidden", type=_layer_sizes, default=(1024,), help="mlp hidden sizes, comma-separated")
     p.add_argument("--dropout", type=_share, default=0.5, help="mlp dropout (default 0.5)")
     p.add_argument("--epochs", type=_count(1), default=200, help="mlp epochs at most (default 200)")
