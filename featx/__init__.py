@@ -64,14 +64,14 @@ _API = {
     "ImageEmbedder": "heads",
     "load_head": "heads",
     "train_head": "heads",
-    "evaluate_head": "heads",
-    "evaluate_classifier": "heads",
+    "evaluate_head": "predictions",
+    "evaluate_classifier": "predictions",
     "HeadReport": "heads",
-    "predict": "heads",
-    "iter_predictions": "heads",
+    "predict": "predictions",
+    "iter_predictions": "predictions",
     "write_predictions": "pipeline",
-    "describe_file": "heads",
-    "export_classifier": "heads",
+    "describe_file": "info",
+    "export_classifier": "predictions",
     "save_head": "heads",
     # fine-tuning
     "fine_tune": "finetune",
@@ -117,9 +117,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .pipeline import RunStats, classify, embed_folder, embed_images, iter_classify, write_predictions
     from .store import (CacheSummary, Embeddings, iter_embeddings, load_embeddings, load_failures, load_labels,
                         summarize_cache)
-    from .heads import (HeadReport, ImageEmbedder, LogRegHead, MLPHead, NotFittedError, evaluate_classifier,
-                        evaluate_head, export_classifier, iter_predictions, load_head, predict, save_head,
-                        train_head, describe_file)
+    from .heads import HeadReport, ImageEmbedder, LogRegHead, MLPHead, NotFittedError, load_head, save_head, train_head
+    from .predictions import evaluate_classifier, evaluate_head, export_classifier, iter_predictions, predict
+    from .info import describe_file
     from .finetune import advise, fine_tune, model_blocks
     from .bench import bench_models
     from .embedmap import EmbeddingMap, plot_embeddings
