@@ -515,7 +515,10 @@ def _floor_pow2(x: float) -> int:
 
 def _free_host_memory() -> int:
     """Bytes this process may still take: MemAvailable, or the cgroup's limit when that is lower."""
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # macOS has no such name: no bound from here, the back-off stays
+        free = 1 << 40
     try:
         free = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemAvailable"))) * 1024
         limit, used = (Path("/sys/fs/cgroup") / "memory.max").read_text().strip(), \

@@ -184,6 +184,23 @@ def test_auto_batch_size_on_cpu_is_the_cpu_default_with_room(lite0_onnx):
     assert auto_batch_size(OnnxEngine(lite0_onnx, device="cpu")) == default_batch_size("cpu") == 8
 
 
+def test_auto_batch_size_on_cpu_where_the_os_has_no_free_page_count(lite0_onnx, monkeypatch):
+    """macOS has no SC_AVPHYS_PAGES: os.sysconf raises ValueError there, which ended `--batch-size auto`
+    with a traceback; the CPU default is taken (the out-of-memory back-off still guards it)."""
+    import os
+
+    from featx.runtime import auto_batch_size
+
+    def sysconf_without_avphys(name):
+        if name == "SC_AVPHYS_PAGES":
+            raise ValueError("unrecognized configuration name")
+        return real(name)
+
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", sysconf_without_avphys)
+    assert auto_batch_size(OnnxEngine(lite0_onnx, device="cpu")) == 8
+
+
 @pytest.mark.slow
 def test_cli_calibrate_devices_and_auto_batch(small_digits, tmp_path, lite0_onnx, cache_dir):
     featx_cli = [sys.executable, "-m", "featx"]
