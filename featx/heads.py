@@ -370,7 +370,7 @@ class MLPHead(_Head):
                     v = float(loss_fn(net(Xt[watch]), yt[watch]))
                 self.history_.append(v)
                 if v < best - 1e-6:
-                    best, waited = v, 0
+                    best, waited, self.best_epoch_ = v, 0, epoch + 1
                     best_state = {k: t.detach().cpu().clone() for k, t in net.state_dict().items()}
                 else:
                     waited += 1
@@ -474,6 +474,7 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
         "kind": type(head).__name__,
         "params": json.loads(json.dumps(head.get_params(), default=list)),
         "classes": [c.item() if hasattr(c, "item") else c for c in head.classes_],
+        "fitted": _fitted_choices(head),
         "fingerprint": fingerprint,
         "backbone": backbone,
         "model": model,
@@ -485,6 +486,16 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
     save_file({k: np.ascontiguousarray(v, dtype=np.uint64 if v.dtype == np.uint64 else np.float64)
                for k, v in tensors.items()}, str(path), metadata={"featx": json.dumps(header)})
     return path
+
+
+def _fitted_choices(head: _Head) -> dict:
+    """What the fit chose and the parameters do not say: logistic regression's C when it was chosen by
+    cross-validation; the MLP's epochs trained and the epoch whose weights it kept."""
+    if isinstance(head, LogRegHead) and getattr(head, "C_", None) is not None:
+        return {"C": float(head.C_)}
+    if isinstance(head, MLPHead) and getattr(head, "best_epoch_", None):
+        return {"epochs": head.n_epochs_, "best_epoch": head.best_epoch_}
+    return {}
 
 
 def digest_prefixes(digests) -> np.ndarray:
@@ -510,16 +521,28 @@ class LoadedHead:
     # and their perceptual hashes; evaluate leaves those images out when the cache is not there
     trained_digests: np.ndarray | None = field(default=None, compare=False, repr=False)
     trained_phashes: np.ndarray | None = field(default=None, compare=False, repr=False)
+    fitted: dict | None = None  # what the fit chose (heads since its recording): _fitted_choices
 
     def summary(self) -> str:
-        """One line: kind, classes, and the embeddings it was trained on."""
+        """One line: kind, classes, what its fit chose, and the embeddings it was trained on."""
         kind = "multi-label " if getattr(self.head, "multilabel_", False) else ""
         classes = self.head.classes_
         return (f"{kind}{type(self.head).__name__} for {len(classes)} classes ({', '.join(str(c) for c in classes)}), "
-                f"on {self.model} embeddings (fingerprint {self.fingerprint})"
+                f"{self._fit_said()}on {self.model} embeddings (fingerprint {self.fingerprint})"
                 + (f", trained from {self.cache}" if self.cache else "")
                 + (f", knows the {len(self.trained_digests):,} images it was trained and scored on (evaluate "
                    "leaves them out)" if self.trained_digests is not None else ""))
+
+    def _fit_said(self) -> str:
+        head, fitted = self.head, self.fitted or {}
+        if isinstance(head, LogRegHead):
+            if head.C is not None:
+                return f"C {head.C:g}, "
+            return f"C {fitted['C']:g} (chosen by {head.cv}-fold cross-validation), " if "C" in fitted else ""
+        said = f"hidden {','.join(str(h) for h in head.hidden) or 'none'}, dropout {head.dropout:g}"
+        if "epochs" in fitted:
+            said += f", weights of epoch {fitted['best_epoch']} of {fitted['epochs']}"
+        return said + ", "
 
     def check_model(self, fingerprint: str, where: str) -> None:
         if fingerprint != self.fingerprint:
@@ -570,8 +593,11 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     head.multilabel_ = bool(header.get("multilabel", False))
     if head.multilabel_:
         head.thresholds_ = arrays["thresholds"]
+    fitted = header.get("fitted")
+    if isinstance(head, LogRegHead):
+        head.C_ = head.C if head.C is not None else (fitted or {}).get("C")
     return LoadedHead(head, header["fingerprint"], header["backbone"], header["model"], header.get("model_file"),
-                      header.get("cache"), arrays.get("trained_digests"), arrays.get("trained_phashes"))
+                      header.get("cache"), arrays.get("trained_digests"), arrays.get("trained_phashes"), fitted)
 
 
 def head_model_file(loaded: LoadedHead, model: str | os.PathLike | None = None, weights: str | None = None) -> Path:

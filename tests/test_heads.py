@@ -143,6 +143,30 @@ def test_head_refuses_another_backbone(tmp_path, lite0_onnx):
     assert (tmp_path / "predictions.csv").read_text() == "key,class_1\nold.jpg,cat\n"
 
 
+def test_featx_info_says_what_a_heads_fit_chose(digits_cache, tmp_path):
+    """A head file keeps what its fit chose and its parameters do not say: the C cross-validation picked
+    (to pass as --C on a larger cache, or to compare two heads), and the MLP's epoch whose weights it
+    kept. Before, `featx info` and load_head knew neither."""
+    from featx.heads import save_head
+
+    data = featx.load_embeddings(digits_cache)
+    X, y = data.embeddings[:300], data.labels[:300]
+    meta = dict(fingerprint=data.fingerprint, backbone="efficientnet_lite0", model="efficientnet_lite0")
+    searched = LogRegHead(cv=3).fit(X, y)
+    save_head(searched, tmp_path / "searched.safetensors", **meta)
+    loaded = load_head(tmp_path / "searched.safetensors")
+    assert loaded.head.C is None and loaded.head.C_ == searched.C_
+    assert f"C {searched.C_:g} (chosen by 3-fold cross-validation)" in featx.describe_file(tmp_path / "searched.safetensors")
+    save_head(LogRegHead(C=0.5).fit(X, y), tmp_path / "given.safetensors", **meta)
+    assert ", C 0.5, " in featx.describe_file(tmp_path / "given.safetensors")
+
+    mlp = MLPHead(hidden=(64,), max_epochs=40, patience=4).fit(X, y)
+    save_head(mlp, tmp_path / "mlp.safetensors", **meta)
+    assert mlp.history_[mlp.best_epoch_ - 1] <= min(mlp.history_) + 1e-6 and mlp.best_epoch_ <= mlp.n_epochs_
+    said = featx.describe_file(tmp_path / "mlp.safetensors")
+    assert f"hidden 64, dropout 0.5, weights of epoch {mlp.best_epoch_} of {mlp.n_epochs_}," in said, said
+
+
 def test_head_file_with_pickle_is_not_a_head(tmp_path):
     import pickle
 
