@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a cache (.h5), model (.onnx), head or fine-tuning checkpoint holds")
     p.add_argument("path", help="a cache (.h5), an exported model (.onnx), or a head or checkpoint (.safetensors)")
     p.add_argument("--failures", action="store_true", help="cache: every failed file with its reason")
+    p.add_argument("--copies", action="store_true",
+                   help="cache: every picture stored more than once (the same bytes, or a near copy), with its files")
 
     p = sub.add_parser("classify", help="top ImageNet classes of image files and folders")
     p.add_argument("images", nargs="+", help="image files or folders (every image under them)")
@@ -427,7 +429,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "info":
-        print(featx.describe_file(args.path, list_failures=args.failures))
+        print(featx.describe_file(args.path, list_failures=args.failures, list_copies=args.copies))
         return 0
 
     if args.command == "classify":

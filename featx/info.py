@@ -10,9 +10,10 @@ from .errors import FeatxError
 from .heads import load_head
 
 
-def describe_file(path: str | os.PathLike, *, list_failures: bool = False) -> str:
+def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_copies: bool = False) -> str:
     """What a featx file holds, told by its content: an embedding cache (models, classes with counts,
-    failures; every failed file with ``list_failures``), an exported model, a head or a fine-tuning
+    failures; every failed file with ``list_failures``; every picture stored more than once, with its
+    files, with ``list_copies``), an exported model, a head or a fine-tuning
     checkpoint. A module of its own after the last stage: it reads every stage's files."""
     from .runtime import HDF5_SIGNATURE, read_model_info
     from .store import summarize_cache
@@ -27,7 +28,7 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False) -> st
     except OSError as e:
         raise FeatxError(f"{path}: cannot read ({e.strerror or e})") from None
     if magic == HDF5_SIGNATURE:
-        summaries = summarize_cache(path)
+        summaries = summarize_cache(path, list_copies=list_copies)
         if not summaries:
             return f"{path}: an HDF5 file without featx embeddings (featx embed FOLDER -o {path} adds them)"
         return "\n".join([f"{path}: embedding cache, {len(summaries)} model(s)"]

@@ -517,6 +517,27 @@ def near_copy_groups(phashes: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
+def copy_groups(digests, phashes) -> list[np.ndarray]:
+    """int64 positions of the rows that show one picture, a group for every picture stored more than
+    once: files with the same bytes (SHA-256), near copies (:func:`near_copy_pairs`), and copies of
+    those. Each group in row order; the groups in the order of their first row."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    digests = np.asarray(digests, dtype=_DIGEST_DTYPE)
+    n = len(digests)
+    known = np.flatnonzero(digests != b"")
+    _, first, inverse = np.unique(digests[known], return_index=True, return_inverse=True)
+    same_bytes = np.stack([known[first[inverse.ravel()]], known], axis=1)  # each row linked to its digest's first
+    edges = np.concatenate([near_copy_pairs(phashes), same_bytes])
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    picture = connected_components(graph, directed=False)[1]
+    order = np.argsort(picture, kind="stable")  # rows of each picture together, in row order
+    bounds = np.flatnonzero(np.diff(picture[order])) + 1
+    groups = [g for g in np.split(order, bounds) if len(g) > 1]
+    return sorted(groups, key=lambda g: g[0])
+
+
 @dataclass
 class CacheSummary:
     """One model group of a cache, without reading its embeddings: what :func:`summarize_cache` returns."""
@@ -534,8 +555,12 @@ class CacheSummary:
     near_copies: int = 0  # labelled rows (less copies) with a near copy among them (near_copy_groups)
     pictures: int = 0  # the groups those near copies make
     unhashed: int = 0  # rows without a perceptual hash (embedded before featx kept them)
+    # every picture stored more than once, when asked for: [(key, how it is a copy of the first), ...]
+    copy_groups: list[list[tuple[str, str]]] | None = None
 
     def text(self, *, list_failures: bool = False) -> str:
+        """Several lines; every failed file with ``list_failures``, and every picture stored more than once
+        where :func:`summarize_cache` was asked for them."""
         from collections import Counter
 
         lines = [f"{self.model}: {self.rows:,} embeddings, {self.embed_dim}-d {self.dtype}, "
@@ -567,13 +592,23 @@ class CacheSummary:
             else:
                 lines += [f"    {n:,} x {reason}" for reason, n in Counter(self.failures.values()).most_common(5)]
                 lines.append("    (--failures lists every file)")
+        if self.copy_groups is not None:
+            from .data import printable
+
+            n = len(self.copy_groups)
+            lines.append(f"  {n:,} picture{'s' if n != 1 else ''} stored more than once"
+                         + (f" ({sum(map(len, self.copy_groups)):,} images), each under its first file:" if n else ""))
+            for group in self.copy_groups:
+                lines.append(f"    {printable(group[0][0])}")
+                lines += [f"      {printable(key)}  ({how})" for key, how in group[1:]]
         return "\n".join(lines)
 
 
-def summarize_cache(path: str | os.PathLike) -> list[CacheSummary]:
+def summarize_cache(path: str | os.PathLike, *, list_copies: bool = False) -> list[CacheSummary]:
     """Every model group of a cache: rows, classes with their counts, failures, copies and near copies
     among the labelled files. Reads labels, digests, perceptual hashes and failures (keys only where one
-    file sits under two classes), so it is quick on a cache of millions of rows."""
+    file sits under two classes), so it is quick on a cache of millions of rows. ``list_copies``: also
+    every picture stored more than once, among all rows, with its files (``copy_groups``; reads the keys)."""
     out = []
     with _open_h5(Path(path), "r") as f:
         for model in _model_groups(f):
@@ -596,8 +631,27 @@ def summarize_cache(path: str | os.PathLike) -> list[CacheSummary]:
                                     {c: int(k) for c, k in zip(classes, counts) if k}, int((labels < 0).sum()),
                                     _failures_of(g), _attrs_of(g), copies, str(path),
                                     near_copies=near_copies, pictures=pictures,
-                                    unhashed=int((phashes == 0).sum())))
+                                    unhashed=int((phashes == 0).sum()),
+                                    copy_groups=_named_copy_groups(columns, n, raw, phashes) if list_copies else None))
     return out
+
+
+def _named_copy_groups(columns, n: int, digests: np.ndarray, phashes: np.ndarray) -> list[list[tuple[str, str]]]:
+    """:func:`copy_groups` as (key, how it is a copy of the group's first file) pairs, in the order the
+    folder is walked (rows are in the order they were stored: a copy's row comes after its run's batch)."""
+    from .data import walk_sort_key
+
+    keys = _decode(columns["keys"][:n])
+    named = []
+    for group in sorted((sorted(g, key=lambda i: walk_sort_key(keys[i])) for g in copy_groups(digests, phashes)),
+                        key=lambda g: walk_sort_key(keys[g[0]])):
+        first = group[0]
+        named.append([(keys[first], "")] + [
+            (keys[i], "the same bytes" if digests[i] == digests[first] and digests[i] != b"" else
+             f"near copy, {int(np.bitwise_count(phashes[i] ^ phashes[first]))} of 64 bits apart"
+             if phashes[i] and phashes[first] else "near copy")
+            for i in group[1:]])
+    return named
 
 
 class EmbeddingStore:
