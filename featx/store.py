@@ -532,9 +532,9 @@ def copy_groups(digests, phashes) -> list[np.ndarray]:
     edges = np.concatenate([near_copy_pairs(phashes), same_bytes])
     graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
     picture = connected_components(graph, directed=False)[1]
-    order = np.argsort(picture, kind="stable")  # rows of each picture together, in row order
-    bounds = np.flatnonzero(np.diff(picture[order])) + 1
-    groups = [g for g in np.split(order, bounds) if len(g) > 1]
+    shared = np.flatnonzero(np.bincount(picture)[picture] > 1)  # rows of pictures stored more than once
+    order = shared[np.argsort(picture[shared], kind="stable")]  # each picture's rows together, in row order
+    groups = np.split(order, np.flatnonzero(np.diff(picture[order])) + 1) if len(order) else []
     return sorted(groups, key=lambda g: g[0])
 
 
