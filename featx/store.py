@@ -577,7 +577,8 @@ class CacheSummary:
         if self.near_copies:
             lines.append(f"  {self.near_copies:,} images are near copies of another (the same picture resized or "
                          f"re-encoded, or as alike), {self.pictures:,} pictures in all: train-head keeps each "
-                         "picture's copies on one side of its split")
+                         "picture's copies on one side of its split"
+                         + (" (--copies names them)" if self.copy_groups is None else ""))
         if self.unhashed:
             lines.append(f"  {self.unhashed:,} rows have no perceptual hash (embedded by a featx from before it kept "
                          "them, or a black image): their near copies are not found until `featx embed` runs on the "
