@@ -505,37 +505,33 @@ def near_copy_counts(groups: np.ndarray) -> tuple[int, int]:
     return int((sizes[groups] > 1).sum()), int((sizes > 1).sum())
 
 
-def near_copy_groups(phashes: np.ndarray) -> np.ndarray:
+def near_copy_groups(phashes: np.ndarray, also_linked: np.ndarray | None = None) -> np.ndarray:
     """int64 (n,): a group number for each image, shared by near copies (:func:`near_copy_pairs`), and by
-    near copies of near copies; an image without any is a group of its own."""
+    near copies of near copies; an image without any is a group of its own. ``also_linked``: int (m, 2)
+    more pairs of rows to join (files with the same bytes)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     n = len(phashes)
     pairs = near_copy_pairs(phashes)
+    if also_linked is not None:
+        pairs = np.concatenate([pairs, also_linked])
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
 def copy_groups(digests, phashes) -> list[np.ndarray]:
     """int64 positions of the rows that show one picture, a group for every picture stored more than
-    once: files with the same bytes (SHA-256), near copies (:func:`near_copy_pairs`), and copies of
-    those. Each group in row order; the groups in the order of their first row."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
+    once: files with the same bytes (SHA-256), near copies, and copies of those (:func:`near_copy_groups`).
+    Each group in row order; the groups in no set order."""
     digests = np.asarray(digests, dtype=_DIGEST_DTYPE)
-    n = len(digests)
     known = np.flatnonzero(digests != b"")
     _, first, inverse = np.unique(digests[known], return_index=True, return_inverse=True)
     same_bytes = np.stack([known[first[inverse.ravel()]], known], axis=1)  # each row linked to its digest's first
-    edges = np.concatenate([near_copy_pairs(phashes), same_bytes])
-    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
-    picture = connected_components(graph, directed=False)[1]
+    picture = near_copy_groups(phashes, also_linked=same_bytes)
     shared = np.flatnonzero(np.bincount(picture)[picture] > 1)  # rows of pictures stored more than once
     order = shared[np.argsort(picture[shared], kind="stable")]  # each picture's rows together, in row order
-    groups = np.split(order, np.flatnonzero(np.diff(picture[order])) + 1) if len(order) else []
-    return sorted(groups, key=lambda g: g[0])
+    return np.split(order, np.flatnonzero(np.diff(picture[order])) + 1) if len(order) else []
 
 
 @dataclass
