@@ -488,14 +488,14 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
     return path
 
 
+_FITTED = ("C_", "n_epochs_", "best_epoch_")  # what a fit chose that its parameters do not say
+
+
 def _fitted_choices(head: _Head) -> dict:
-    """What the fit chose and the parameters do not say: logistic regression's C when it was chosen by
-    cross-validation; the MLP's epochs trained and the epoch whose weights it kept."""
-    if isinstance(head, LogRegHead) and getattr(head, "C_", None) is not None:
-        return {"C": float(head.C_)}
-    if isinstance(head, MLPHead) and getattr(head, "best_epoch_", None):
-        return {"epochs": head.n_epochs_, "best_epoch": head.best_epoch_}
-    return {}
+    """Logistic regression's C (chosen by cross-validation unless given); the MLP's epochs trained and the
+    epoch whose weights it kept: the attributes of ``_FITTED`` the head has."""
+    return {name: getattr(head, name).item() if hasattr(getattr(head, name), "item") else getattr(head, name)
+            for name in _FITTED if getattr(head, name, None) is not None}
 
 
 def digest_prefixes(digests) -> np.ndarray:
@@ -521,7 +521,6 @@ class LoadedHead:
     # and their perceptual hashes; evaluate leaves those images out when the cache is not there
     trained_digests: np.ndarray | None = field(default=None, compare=False, repr=False)
     trained_phashes: np.ndarray | None = field(default=None, compare=False, repr=False)
-    fitted: dict | None = None  # what the fit chose (heads since its recording): _fitted_choices
 
     def summary(self) -> str:
         """One line: kind, classes, what its fit chose, and the embeddings it was trained on."""
@@ -534,14 +533,15 @@ class LoadedHead:
                    "leaves them out)" if self.trained_digests is not None else ""))
 
     def _fit_said(self) -> str:
-        head, fitted = self.head, self.fitted or {}
+        head = self.head
         if isinstance(head, LogRegHead):
             if head.C is not None:
                 return f"C {head.C:g}, "
-            return f"C {fitted['C']:g} (chosen by {head.cv}-fold cross-validation), " if "C" in fitted else ""
+            chosen = getattr(head, "C_", None)  # heads since its recording
+            return f"C {chosen:g} (chosen by {head.cv}-fold cross-validation), " if chosen is not None else ""
         said = f"hidden {','.join(str(h) for h in head.hidden) or 'none'}, dropout {head.dropout:g}"
-        if "epochs" in fitted:
-            said += f", weights of epoch {fitted['best_epoch']} of {fitted['epochs']}"
+        if getattr(head, "best_epoch_", None):
+            said += f", weights of epoch {head.best_epoch_} of {head.n_epochs_}"
         return said + ", "
 
     def check_model(self, fingerprint: str, where: str) -> None:
@@ -593,11 +593,11 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     head.multilabel_ = bool(header.get("multilabel", False))
     if head.multilabel_:
         head.thresholds_ = arrays["thresholds"]
-    fitted = header.get("fitted")
-    if isinstance(head, LogRegHead):
-        head.C_ = head.C if head.C is not None else (fitted or {}).get("C")
+    for name, value in header.get("fitted", {}).items():
+        if name in _FITTED:
+            setattr(head, name, value)
     return LoadedHead(head, header["fingerprint"], header["backbone"], header["model"], header.get("model_file"),
-                      header.get("cache"), arrays.get("trained_digests"), arrays.get("trained_phashes"), fitted)
+                      header.get("cache"), arrays.get("trained_digests"), arrays.get("trained_phashes"))
 
 
 def head_model_file(loaded: LoadedHead, model: str | os.PathLike | None = None, weights: str | None = None) -> Path:
