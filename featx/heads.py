@@ -250,9 +250,12 @@ class LogRegHead(_Head):
         fold_models = [LogisticRegression(max_iter=self.max_iter, random_state=self.random_state, warm_start=True)
                        for _ in splits]
         weights = []  # a fold's rows weigh their class's weight in the fold itself; its held-out rows 0
-        for train, _ in splits:
+        # balanced: each class's held-out images weigh as much in the log loss as another's, as in the fit
+        held_out_weights = []
+        for train, test in splits:
             weights.append(np.zeros(len(y_idx)))
             weights[-1][train] = compute_sample_weight(self.class_weight, y_idx[train])
+            held_out_weights.append(compute_sample_weight("balanced", y_idx[test]) if balanced else None)
         labels = np.arange(len(self.classes_))
         best = (np.inf, None, None)
         self.cv_scores_ = np.zeros((len(self.Cs), len(splits)))
@@ -260,14 +263,12 @@ class LogRegHead(_Head):
         for C, scores, losses in zip(self.Cs, self.cv_scores_, self.cv_log_loss_):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)  # said once in the C's line, not per fold
-                for i, (model, (_, test), weight) in enumerate(zip(fold_models, splits, weights)):
+                for i, (model, (_, test), weight, held_out_weight) in enumerate(
+                        zip(fold_models, splits, weights, held_out_weights)):
                     model.set_params(C=C).fit(Xs, y_idx, sample_weight=weight)
                     probs = _on_rows(model.predict_proba, Xs, test)
                     scores[i] = score(y_idx[test], probs.argmax(axis=1))
-                    # balanced: each class's held-out images weigh as much as another's, as in the fit
-                    losses[i] = log_loss(y_idx[test], probs, labels=labels,
-                                         sample_weight=compute_sample_weight("balanced", y_idx[test]) if balanced
-                                         else None)
+                    losses[i] = log_loss(y_idx[test], probs, labels=labels, sample_weight=held_out_weight)
             unconverged = ""
             for w in caught:
                 if issubclass(w.category, ConvergenceWarning):
