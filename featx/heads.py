@@ -594,8 +594,8 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     head.multilabel_ = bool(header.get("multilabel", False))
     if head.multilabel_:
         head.thresholds_ = arrays["thresholds"]
-    for name, value in header.get("fitted", {}).items():
-        if name in _FITTED:
+    for name, value in (header.get("fitted") or {}).items():
+        if name in _FITTED and isinstance(value, (int, float)):  # a file's header is not trusted to hold more
             setattr(head, name, value)
     return LoadedHead(head, header["fingerprint"], header["backbone"], header["model"], header.get("model_file"),
                       header.get("cache"), arrays.get("trained_digests"), arrays.get("trained_phashes"))
