@@ -454,6 +454,38 @@ def test_balanced_heads_find_the_class_a_folder_has_few_of(make, digits_cache):
         assert recall["balanced"] >= recall[None] + 0.05, recall
 
 
+def test_balanced_c_search_weighs_each_classs_held_out_images_the_same(digits_cache):
+    """With --balanced, C is chosen by a held-out log loss in which each class counts as much as another,
+    as in the fit: each fold's is the mean of the classes' own mean log losses. Here 25 eights among 600
+    other digits, the eights the worst predicted: counted image by image, they would hardly count."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    from featx.heads import stratified_folds
+
+    data = featx.load_embeddings(digits_cache)
+    y = np.array(data.class_names)[data.labels]
+    rng = np.random.default_rng(0)
+    rows = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y != "8"))[:600],
+                                   rng.permutation(np.flatnonzero(y == "8"))[:25]]))
+    X, y = data.embeddings[rows], y[rows]
+    head = LogRegHead(class_weight="balanced").fit(X, y)
+    Xs, y_idx = (X - head.mean_) / head.scale_, np.searchsorted(head.classes_, y)
+    classes = np.arange(len(head.classes_))
+    for c in (2, 3):  # C 0.01 and 0.1: regularised enough for a cold fit to reach the same optimum
+        per_class_mean, per_image = [], []
+        for train, test in stratified_folds(y_idx, head.cv, shuffle=True, seed=head.random_state):
+            probs = LogisticRegression(C=head.Cs[c], class_weight="balanced", max_iter=2000).fit(
+                Xs[train], y_idx[train]).predict_proba(Xs[test])
+            truth = y_idx[test]
+            per_class_mean.append(np.mean([log_loss(truth[truth == k], probs[truth == k], labels=classes)
+                                           for k in classes]))
+            per_image.append(log_loss(truth, probs, labels=classes))
+        recorded = head.cv_log_loss_[c].mean()
+        assert recorded == pytest.approx(np.mean(per_class_mean), abs=2e-3), (head.Cs[c], recorded, per_class_mean)
+        assert abs(recorded - np.mean(per_image)) > 0.008, (head.Cs[c], recorded, per_image)
+
+
 def test_train_head_balanced_is_saved_and_reported(digits_cache, tmp_path, capsys):
     report = featx.train_head(digits_cache, tmp_path / "b.safetensors", C=1.0, class_weight="balanced")
     assert report.balanced_accuracy is not None and "balanced accuracy" in report.text()
