@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failures", action="store_true", help="cache: every failed file with its reason")
     p.add_argument("--copies", action="store_true",
                    help="cache: every picture stored more than once (the same bytes, or a near copy), with its files")
+    p.add_argument("-o", "--output", default=None,
+                   help="with --copies or --failures: write that list to this CSV instead of printing it")
 
     p = sub.add_parser("classify", help="top ImageNet classes of image files and folders")
     p.add_argument("images", nargs="+", help="image files or folders (every image under them)")
@@ -429,7 +431,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "info":
-        print(featx.describe_file(args.path, list_failures=args.failures, list_copies=args.copies))
+        print(featx.describe_file(args.path, list_failures=args.failures, list_copies=args.copies,
+                                  output=args.output))
         return 0
 
     if args.command == "classify":

@@ -6,19 +6,29 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import FeatxError
+from .errors import FeatxError, check_output_file
 from .heads import load_head
 
 
-def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_copies: bool = False) -> str:
+def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_copies: bool = False,
+                  output: str | os.PathLike | None = None) -> str:
     """What a featx file holds, told by its content: an embedding cache (models, classes with counts,
     failures; every failed file with ``list_failures``; every picture stored more than once, with its
     files, with ``list_copies``), an exported model, a head or a fine-tuning
-    checkpoint. A module of its own after the last stage: it reads every stage's files."""
+    checkpoint. A module of its own after the last stage: it reads every stage's files.
+
+    ``output``: a CSV that takes the one list asked for, for a script or a spreadsheet, named in the text
+    in its place. ``list_copies``: rows ``model,picture,key,copy,bits_apart``, every file of each picture
+    stored more than once (``picture``: its first file in the folder's order; ``copy``: first, same bytes
+    or near copy; ``bits_apart``: between the perceptual hashes of the file and the first, empty where
+    one has none). ``list_failures``: rows ``model,key,reason``."""
     from .runtime import HDF5_SIGNATURE, read_model_info
     from .store import summarize_cache
 
     path = Path(path)
+    if output is not None and list_failures == list_copies:
+        raise FeatxError("-o writes one list as CSV: give it --copies or --failures")
+    check_output_file(output, example="copies.csv" if list_copies else "failures.csv")
     if path.is_dir():
         raise FeatxError(f"{path} is a folder: featx info reads a cache (.h5), a model (.onnx) or a head "
                          f"(.safetensors); `featx embed {path} -o CACHE.h5` makes a cache of it")
@@ -27,12 +37,17 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
             magic = f.read(len(HDF5_SIGNATURE))
     except OSError as e:
         raise FeatxError(f"{path}: cannot read ({e.strerror or e})") from None
+    if output is not None and magic != HDF5_SIGNATURE:
+        raise FeatxError(f"{path} is not an embedding cache: --copies and --failures list a cache's files")
     if magic == HDF5_SIGNATURE:
         summaries = summarize_cache(path, list_copies=list_copies)
         if not summaries:
             return f"{path}: an HDF5 file without featx embeddings (featx embed FOLDER -o {path} adds them)"
+        if output is not None:
+            _write_list(summaries, output, copies=list_copies)
         return "\n".join([f"{path}: embedding cache, {len(summaries)} model(s)"]
-                         + [s.text(list_failures=list_failures) for s in summaries])
+                         + [s.text(list_failures=list_failures, listed_in=output and str(output))
+                            for s in summaries])
     if path.suffix == ".onnx":
         return f"{path}: {read_model_info(path).summary()}"
     if path.suffix == ".safetensors":
@@ -43,3 +58,22 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
         return f"{path}: {load_head(path).summary()}"
     raise FeatxError(f"{path}: not a featx file (an embedding cache .h5, a model .onnx, or a head or fine-tuning "
                      f"checkpoint .safetensors)")
+
+
+def _write_list(summaries, output: str | os.PathLike, *, copies: bool) -> None:
+    """Every model's copies or failures as CSV rows (see :func:`describe_file`); keys as they are, quoted."""
+    import csv
+
+    if copies:
+        rows = [["model", "picture", "key", "copy", "bits_apart"]] + [
+            [s.model, group[0].key, c.key, c.copy, "" if c.bits_apart is None else c.bits_apart]
+            for s in summaries for group in s.copy_groups for c in group]
+    else:
+        rows = [["model", "key", "reason"]] + [[s.model, key, reason] for s in summaries
+                                               for key, reason in sorted(s.failures.items())]
+    try:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            csv.writer(f).writerows(rows)
+    except OSError as e:
+        raise FeatxError(f"{output}: cannot write ({e.strerror or e})") from None

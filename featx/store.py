@@ -534,6 +534,20 @@ def copy_groups(digests, phashes) -> list[np.ndarray]:
     return np.split(order, np.flatnonzero(np.diff(picture[order])) + 1) if len(order) else []
 
 
+@dataclass(frozen=True)
+class CopyOf:
+    """One file of a picture stored more than once, beside the picture's first file."""
+
+    key: str
+    copy: str  # "first" (the picture's first file in the folder's order), "same bytes" or "near copy"
+    bits_apart: int | None  # its perceptual hash's from the first's; None where one has no hash
+
+    def how(self) -> str:
+        if self.copy == "same bytes":
+            return "the same bytes"
+        return self.copy if self.bits_apart is None else f"{self.copy}, {self.bits_apart} of 64 bits apart"
+
+
 @dataclass
 class CacheSummary:
     """One model group of a cache, without reading its embeddings: what :func:`summarize_cache` returns."""
@@ -551,12 +565,13 @@ class CacheSummary:
     near_copies: int = 0  # labelled rows (less copies) with a near copy among them (near_copy_groups)
     pictures: int = 0  # the groups those near copies make
     unhashed: int = 0  # rows without a perceptual hash (embedded before featx kept them)
-    # every picture stored more than once, when asked for: [(key, how it is a copy of the first), ...]
-    copy_groups: list[list[tuple[str, str]]] | None = None
+    # every picture stored more than once, when asked for: its files, the first in the folder's order first
+    copy_groups: list[list[CopyOf]] | None = None
 
-    def text(self, *, list_failures: bool = False) -> str:
+    def text(self, *, list_failures: bool = False, listed_in: str | None = None) -> str:
         """Several lines; every failed file with ``list_failures``, and every picture stored more than once
-        where :func:`summarize_cache` was asked for them."""
+        where :func:`summarize_cache` was asked for them; ``listed_in``: a file that holds that list
+        instead, named in its place."""
         from collections import Counter
 
         lines = [f"{self.model}: {self.rows:,} embeddings, {self.embed_dim}-d {self.dtype}, "
@@ -582,7 +597,9 @@ class CacheSummary:
         if self.failures:
             n = len(self.failures)
             lines.append(f"  {n:,} file{'s' if n > 1 else ''} failed (skipped until {'they change' if n > 1 else 'it changes'}):")
-            if list_failures:
+            if list_failures and listed_in:
+                lines.append(f"    (every file and why: {listed_in})")
+            elif list_failures:
                 from .data import printable
 
                 lines += [f"    {printable(key)}: {reason}" for key, reason in sorted(self.failures.items())]
@@ -594,10 +611,13 @@ class CacheSummary:
 
             n = len(self.copy_groups)
             lines.append(f"  {n:,} picture{'s' if n != 1 else ''} stored more than once"
-                         + (f" ({sum(map(len, self.copy_groups)):,} images), each under its first file:" if n else ""))
-            for group in self.copy_groups:
-                lines.append(f"    {printable(group[0][0])}")
-                lines += [f"      {printable(key)}  ({how})" for key, how in group[1:]]
+                         + (f" ({sum(map(len, self.copy_groups)):,} images)" if n else "")
+                         + (", each under its first file:" if n and not listed_in else ""))
+            if n and listed_in:
+                lines.append(f"    (their files: {listed_in})")
+            for group in [] if listed_in else self.copy_groups:
+                lines.append(f"    {printable(group[0].key)}")
+                lines += [f"      {printable(c.key)}  ({c.how()})" for c in group[1:]]
         return "\n".join(lines)
 
 
@@ -633,9 +653,9 @@ def summarize_cache(path: str | os.PathLike, *, list_copies: bool = False) -> li
     return out
 
 
-def _named_copy_groups(columns, n: int, digests: np.ndarray, phashes: np.ndarray) -> list[list[tuple[str, str]]]:
-    """:func:`copy_groups` as (key, how it is a copy of the group's first file) pairs, in the order the
-    folder is walked (rows are in the order they were stored: a copy's row comes after its run's batch)."""
+def _named_copy_groups(columns, n: int, digests: np.ndarray, phashes: np.ndarray) -> list[list[CopyOf]]:
+    """:func:`copy_groups` by key, each group's first file first, in the order the folder is walked (rows
+    are in the order they were stored: a copy's row comes after its run's batch)."""
     from .data import walk_sort_key
 
     keys = _decode(columns["keys"][:n])
@@ -643,11 +663,11 @@ def _named_copy_groups(columns, n: int, digests: np.ndarray, phashes: np.ndarray
     for group in sorted((sorted(g, key=lambda i: walk_sort_key(keys[i])) for g in copy_groups(digests, phashes)),
                         key=lambda g: walk_sort_key(keys[g[0]])):
         first = group[0]
-        named.append([(keys[first], "")] + [
-            (keys[i], "the same bytes" if digests[i] == digests[first] and digests[i] != b"" else
-             f"near copy, {int(np.bitwise_count(phashes[i] ^ phashes[first]))} of 64 bits apart"
-             if phashes[i] and phashes[first] else "near copy")
-            for i in group[1:]])
+        named.append([CopyOf(keys[i], "first" if i == first else
+                             "same bytes" if digests[i] == digests[first] and digests[i] != b"" else "near copy",
+                             int(np.bitwise_count(phashes[i] ^ phashes[first])) if phashes[i] and phashes[first]
+                             else None)
+                      for i in group])
     return named
 
 

@@ -1,5 +1,7 @@
 """`featx info`: what a featx file holds, on a cache of real photos embedded with the real default model."""
 
+import csv
+import re
 import shutil
 
 from PIL import Image
@@ -22,6 +24,7 @@ def test_info_copies_lists_every_picture_stored_more_than_once_with_its_files(ph
         im.resize((im.width // 2, im.height // 2), Image.LANCZOS).save(folder / "b" / "coffee-small.jpg", quality=90)
     shutil.copy(photos_dir / "china.jpg", folder / "a" / "china.jpg")
     shutil.copy(photos_dir / "astronaut.png", folder / "b" / "astronaut.png")
+    (folder / "b" / "broken.jpg").write_bytes((photos_dir / "china.jpg").read_bytes()[:2000])
     cache = tmp_path / "photos.h5"
     featx.embed_folder(folder, cache, model=lite0_onnx, engine="onnx", workers=0)
 
@@ -36,3 +39,24 @@ def test_info_copies_lists_every_picture_stored_more_than_once_with_its_files(ph
 
     assert main(["info", str(cache), "--copies"]) == 0
     assert "      a/coffee.png  (the same bytes)" in capsys.readouterr().out
+
+    # the lists as CSV, for a script that deletes the copies or a spreadsheet: named in the text in their place
+    assert main(["info", str(cache), "--copies", "-o", str(tmp_path / "copies.csv")]) == 0
+    out = capsys.readouterr().out
+    assert f"1 picture stored more than once (3 images)\n    (their files: {tmp_path / 'copies.csv'})" in out
+    assert "a/coffee.png" not in out
+    with open(tmp_path / "copies.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["picture"], r["key"], r["copy"]) for r in rows] == [
+        ("a/coffee-again.png", "a/coffee-again.png", "first"), ("a/coffee-again.png", "a/coffee.png", "same bytes"),
+        ("a/coffee-again.png", "b/coffee-small.jpg", "near copy")]
+    assert [r["bits_apart"] for r in rows] == ["0", "0", re.search(r"near copy, (\d+) of", said[start + 3])[1]]
+    assert {r["model"] for r in rows} == {featx.load_embeddings(cache).model}
+    assert main(["info", str(cache), "--failures", "-o", str(tmp_path / "failures.csv")]) == 0
+    assert f"(every file and why: {tmp_path / 'failures.csv'})" in capsys.readouterr().out
+    with open(tmp_path / "failures.csv", newline="") as f:
+        (failure,) = list(csv.DictReader(f))
+    assert failure["key"] == "b/broken.jpg" and failure["reason"]
+    assert main(["info", str(cache), "-o", str(tmp_path / "what.csv")]) == 2
+    assert "-o writes one list as CSV: give it --copies or --failures" in capsys.readouterr().err
+    assert not (tmp_path / "what.csv").exists()
