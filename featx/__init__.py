@@ -66,7 +66,7 @@ _API = {
     "train_head": "heads",
     "evaluate_head": "predictions",
     "evaluate_classifier": "predictions",
-    "HeadReport": "heads",
+    "HeadReport": "reports",
     "predict": "predictions",
     "iter_predictions": "predictions",
     "write_predictions": "pipeline",
@@ -117,7 +117,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .pipeline import RunStats, classify, embed_folder, embed_images, iter_classify, write_predictions
     from .store import (CacheSummary, Embeddings, iter_embeddings, load_embeddings, load_failures, load_labels,
                         summarize_cache)
-    from .heads import HeadReport, ImageEmbedder, LogRegHead, MLPHead, NotFittedError, load_head, save_head, train_head
+    from .heads import ImageEmbedder, LogRegHead, MLPHead, NotFittedError, load_head, save_head, train_head
+    from .reports import HeadReport
     from .predictions import evaluate_classifier, evaluate_head, export_classifier, iter_predictions, predict
     from .info import describe_file
     from .finetune import advise, fine_tune, model_blocks

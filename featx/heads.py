@@ -25,12 +25,13 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .backbones import DEFAULT_BACKBONE
-from .errors import FeatxError, HeadMismatchError, check_output_file
+from .errors import FeatxError, HeadMismatchError
+from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, misclassified, multilabel_report,
+                      plot_confusion, plot_label_f1, single_label_report)
 
 _logger = logging.getLogger(__name__)
 HEAD_FORMAT = "featx-head/1"
-_NO_MULTILABEL_MISTAKES = ("--mistakes lists images given one wrong class; a multi-label head's report has the F1 of "
-                           "each label instead")
+
 
 
 class NotFittedError(FeatxError, _SklearnNotFittedError):
@@ -266,7 +267,7 @@ class LogRegHead(_Head):
                 for i, (model, (_, test), weight, held_out_weight) in enumerate(
                         zip(fold_models, splits, weights, held_out_weights)):
                     model.set_params(C=C).fit(Xs, y_idx, sample_weight=weight)
-                    probs = _on_rows(model.predict_proba, Xs, test)
+                    probs = apply_to_rows(model.predict_proba, Xs, test)
                     scores[i] = score(y_idx[test], probs.argmax(axis=1))
                     losses[i] = log_loss(y_idx[test], probs, labels=labels, sample_weight=held_out_weight)
             unconverged = ""
@@ -284,7 +285,7 @@ class LogRegHead(_Head):
         return float(best[1]), best[2]
 
 
-def _on_rows(predict, X: np.ndarray, rows) -> np.ndarray:
+def apply_to_rows(predict, X: np.ndarray, rows) -> np.ndarray:
     """``predict(X[rows])`` a slice of rows at a time, without a copy of X[rows] (a cache's rows, 5 GB
     a million)."""
     rows = np.asarray(rows, dtype=np.intp)
@@ -502,10 +503,10 @@ def _fitted_choices(head: _Head) -> dict:
 def digest_prefixes(digests) -> np.ndarray:
     """uint64: the first 8 bytes of each known SHA-256 (hex, str or bytes; empty where unknown), unique:
     what a head file keeps of its training images' bytes (two photos share them once in 2^64)."""
-    return np.array(sorted({p for p in _digest_prefix_of_each(digests) if p is not None}), dtype=np.uint64)
+    return np.array(sorted({p for p in digest_prefix_of_each(digests) if p is not None}), dtype=np.uint64)
 
 
-def _digest_prefix_of_each(digests) -> list[int | None]:
+def digest_prefix_of_each(digests) -> list[int | None]:
     """The first 8 bytes of each SHA-256 (hex, str or bytes) as an int, None where it is not known."""
     return [int(d[:16], 16) if d else None for d in digests]
 
@@ -614,112 +615,6 @@ def head_model_file(loaded: LoadedHead, model: str | os.PathLike | None = None, 
 
 
 # ---------------------------------------------------------------------------------------- training
-
-
-@dataclass
-class HeadReport:
-    """What ``train_head`` measured on held-out data, or ``evaluate_head`` on a labelled cache."""
-
-    head: str
-    n_test: int
-    accuracy: float
-    macro_f1: float
-    per_class: str  # scikit-learn's classification report
-    confusion: np.ndarray
-    classes: list[str]
-    n_train: int = 0
-    fit_seconds: float = 0.0
-    cv_accuracy: list[float] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)
-    micro_f1: float | None = None  # multi-label only; accuracy is then the exact-match ratio
-    balanced_accuracy: float | None = None  # single-label: the mean of the per-class recalls
-    n_copies: int = 0  # rows left out: the same bytes as another row of the same class or labels (find_copies)
-    n_near_copies: int = 0  # train_head: images with a near copy (resized, re-encoded), kept on its side of the split
-    evaluated_on: str | None = None  # evaluate_head: the cache scored (the head was trained elsewhere)
-    # evaluate_head, single-label: (key, true class, predicted class, its probability), most confident first
-    mistakes: list[tuple[str, str, str, float]] = field(default_factory=list)
-    mistakes_of: str = ""  # which images the mistakes are of, when not those scored above
-    mistakes_file: str | None = None  # the CSV write_mistakes wrote them to
-
-    def text(self, *, mistakes_shown: int = 10) -> str:
-        micro = f", micro-F1 {self.micro_f1:.4f}" if self.micro_f1 is not None else ""
-        balanced = f", balanced accuracy {self.balanced_accuracy:.4f}" if self.balanced_accuracy is not None else ""
-        copies = "; ".join(
-            ([f"{self.n_copies} cop{'ies' if self.n_copies > 1 else 'y'} of other images left out"] if self.n_copies
-             else []) + ([f"{self.n_near_copies} near copies kept on the side of their picture"]
-                         if self.n_near_copies else []))
-        scores = (f"{self.head}: {'exact-match ' if self.micro_f1 is not None else ''}accuracy {self.accuracy:.4f}"
-                  f"{balanced}, macro-F1 {self.macro_f1:.4f}{micro}")
-        if self.evaluated_on is not None:
-            lines = [f"{scores} on {self.n_test} images of {self.evaluated_on}{f' ({copies})' if copies else ''}"]
-        else:
-            lines = [f"{scores} on {self.n_test} held-out images (trained on {self.n_train} in "
-                     f"{self.fit_seconds:.2f} s{f'; {copies}' if copies else ''})"]
-        if self.cv_accuracy:
-            lines.append(f"{len(self.cv_accuracy)}-fold cross-validation accuracy: "
-                         f"{np.mean(self.cv_accuracy):.4f} ± {np.std(self.cv_accuracy):.4f}")
-        lines.append(self.per_class.rstrip())
-        if self.micro_f1 is None and len(self.classes) <= _MATRIX_PRINTED_UP_TO:
-            lines += ["confusion matrix (rows: true, columns: predicted; classes in the order above):",
-                      np.array2string(self.confusion, max_line_width=200)]
-        elif self.micro_f1 is None:  # numpy would print its corners around '...': the pairs say more
-            lines.append(_most_confused(self.confusion, self.classes))
-        if self.mistakes:
-            shown = self.mistakes[:mistakes_shown]
-            of = f" ({self.mistakes_of})" if self.mistakes_of else ""
-            lines.append(f"{len(self.mistakes)} misclassified{of}, the most confident first:")
-            from .data import printable
-
-            lines += [f"  {printable(key)}  {true} -> {predicted} {p:.1%}" for key, true, predicted, p in shown]
-            if len(self.mistakes) > len(shown):
-                where = f"all in {self.mistakes_file}" if self.mistakes_file else "--mistakes CSV lists them all"
-                lines.append(f"  … {len(self.mistakes) - len(shown)} more ({where})")
-        lines += [f"-> {f}" for f in self.files]
-        return "\n".join(lines)
-
-    def write_mistakes(self, path: str | os.PathLike) -> Path:
-        """Every mistake to a CSV (key, class, predicted, probability), the most confident first; the file
-        is then listed with the report's others."""
-        import csv
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            writer = csv.writer(f)
-            writer.writerow(["key", "class", "predicted", "probability"])
-            writer.writerows((key, true, predicted, f"{p:.6f}") for key, true, predicted, p in self.mistakes)
-        self.mistakes_file = str(path)
-        self.files.append(str(path))
-        return path
-
-
-def _single_label_report(head: str, truth: np.ndarray, predicted: np.ndarray, classes: list[str],
-                         **fields) -> HeadReport:
-    """Scores of class-name predictions against class names; the confusion matrix over ``classes``."""
-    import warnings
-
-    from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, f1_score
-
-    with warnings.catch_warnings():  # a class predicted but absent from the truth (a part of a folder) is no news
-        warnings.simplefilter("ignore", UserWarning)
-        balanced = float(balanced_accuracy_score(truth, predicted))
-    return HeadReport(
-        head=head, n_test=len(truth), accuracy=float(np.mean(predicted == truth)), balanced_accuracy=balanced,
-        macro_f1=float(f1_score(truth, predicted, average="macro", zero_division=0)),
-        per_class=classification_report(truth, predicted, digits=3, zero_division=0),
-        confusion=confusion_matrix(truth, predicted, labels=classes), classes=classes, **fields)
-
-
-def _multilabel_report(head: str, truth: np.ndarray, predicted: np.ndarray, names: list[str], **fields) -> HeadReport:
-    """Scores of (n, labels) 0/1 predictions: exact-match ratio, macro and micro F1, per-label report."""
-    from sklearn.metrics import classification_report, f1_score, multilabel_confusion_matrix
-
-    return HeadReport(
-        head=f"{head} (multi-label)", n_test=len(truth), accuracy=float(np.mean((predicted == truth).all(axis=1))),
-        macro_f1=float(f1_score(truth, predicted, average="macro", zero_division=0)),
-        micro_f1=float(f1_score(truth, predicted, average="micro", zero_division=0)),
-        per_class=classification_report(truth, predicted, target_names=names, digits=3, zero_division=0),
-        confusion=multilabel_confusion_matrix(truth, predicted), classes=names, **fields)
 
 
 def make_head(kind: str, *, C=None, hidden=(1024,), dropout=0.5, epochs=200, seed=0, class_weight=None) -> _Head:
@@ -845,8 +740,8 @@ def train_head(
     CSV are used.
     """
     if labels_csv is not None and mistakes_csv is not None:
-        raise FeatxError(_NO_MULTILABEL_MISTAKES)
-    _check_report_files(output=(output, "head.safetensors"), report_png=report_png, mistakes_csv=mistakes_csv)
+        raise FeatxError(NO_MULTILABEL_MISTAKES)
+    check_report_files(output=(output, "head.safetensors"), report_png=report_png, mistakes_csv=mistakes_csv)
     if labels_csv is not None:
         return _train_multilabel(cache, output, labels_csv, model=model, head=head, test_size=test_size,
                                  hidden=hidden, dropout=dropout, epochs=epochs, seed=seed, report_png=report_png,
@@ -901,9 +796,9 @@ def train_head(
     keys = np.array(data.keys, dtype=object)[copies.keep]
     probs = estimator.predict_proba(X_test)
     predicted = np.array(classes, dtype=object)[probs.argmax(axis=1)].astype(str)
-    report = _single_label_report(head, y_test, predicted, classes, n_train=len(y_train), fit_seconds=fit_seconds,
+    report = single_label_report(head, y_test, predicted, classes, n_train=len(y_train), fit_seconds=fit_seconds,
                                   n_copies=copies.n_copies, n_near_copies=n_near,
-                                  mistakes=_mistakes(keys[test], y_test, predicted, probs.max(axis=1)))
+                                  mistakes=misclassified(keys[test], y_test, predicted, probs.max(axis=1)))
     if cv:
         # every image scored by the fold that left it out: a wrongly filed image anywhere in the folder shows
         out_of_fold = np.zeros((len(y), len(classes)))
@@ -915,11 +810,11 @@ def train_head(
         for fold_train, fold_test in stratified_folds(y, cv, groups=groups, shuffle=True, seed=seed):
             fold = clone(estimator).fit(X[fold_train], y[fold_train],
                                         groups=None if groups is None else groups[fold_train], overwrite_X=True)
-            out_of_fold[fold_test] = _on_rows(fold.predict_proba, X, fold_test)
+            out_of_fold[fold_test] = apply_to_rows(fold.predict_proba, X, fold_test)
             report.cv_accuracy.append(float(np.mean(
                 np.array(classes)[out_of_fold[fold_test].argmax(axis=1)] == y[fold_test])))
         predicted = np.array(classes, dtype=object)[out_of_fold.argmax(axis=1)].astype(str)
-        report.mistakes = _mistakes(keys, y, predicted, out_of_fold.max(axis=1))
+        report.mistakes = misclassified(keys, y, predicted, out_of_fold.max(axis=1))
         report.mistakes_of = f"of all {len(y)} images, each scored by the fold that left it out"
         estimator.fit(X, y, groups=groups, overwrite_X=True)  # X is not read after this
     output = Path(output)
@@ -932,24 +827,6 @@ def train_head(
     if mistakes_csv is not None:
         report.write_mistakes(mistakes_csv)
     return report
-
-
-def _check_report_files(*, output=None, report_png=None, mistakes_csv=None) -> None:
-    """The files a fit or a score writes at its end, refused before it starts when one is a folder;
-    ``output``: (path, an example file name)."""
-    if output is not None:
-        check_output_file(output[0], example=output[1])
-    check_output_file(report_png, example="confusion.png")
-    check_output_file(mistakes_csv, example="mistakes.csv")
-
-
-def _mistakes(keys, truth: np.ndarray, predicted: np.ndarray, confidence) -> list[tuple[str, str, str, float]]:
-    """(key, class, predicted class, its probability) of each image predicted wrong, the most confident
-    first: a file filed under the wrong class is among them. ``confidence``: (n,) the predicted
-    class's probability."""
-    wrong = np.flatnonzero(predicted != truth)
-    return sorted(((str(keys[i]), str(truth[i]), str(predicted[i]), float(confidence[i])) for i in wrong),
-                  key=lambda m: -m[3])
 
 
 def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -978,7 +855,7 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
     return out
 
 
-def _rows_labelled_by_csv(data, rows: Iterable[int], wanted: dict[str, list[str]], cache,
+def rows_labelled_by_csv(data, rows: Iterable[int], wanted: dict[str, list[str]], cache,
                           labels_csv) -> tuple[list[int], int]:
     """Those of ``rows`` whose keys the labels CSV names, less copies (a label set plays the part of a
     class: the same bytes with the same labels count once), and how many copies; keys of the CSV not
@@ -1003,7 +880,7 @@ def _rows_labelled_by_csv(data, rows: Iterable[int], wanted: dict[str, list[str]
     return [rows[j] for j in copies.keep], copies.n_copies
 
 
-def _label_matrix(label_lists: Iterable[list[str]], names: list[str]) -> np.ndarray:
+def label_matrix(label_lists: Iterable[list[str]], names: list[str]) -> np.ndarray:
     """(n, len(names)) 0/1: row r has a 1 in each column its labels name (labels not in ``names`` ignored)."""
     column = {n: j for j, n in enumerate(names)}
     label_lists = list(label_lists)
@@ -1022,9 +899,9 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
 
     wanted = read_labels_csv(labels_csv)  # a typo in its name is said before a large cache is read
     data = load_embeddings(cache, model)
-    rows, n_copies = _rows_labelled_by_csv(data, range(len(data.keys)), wanted, cache, labels_csv)
+    rows, n_copies = rows_labelled_by_csv(data, range(len(data.keys)), wanted, cache, labels_csv)
     names = sorted({label for i in rows for label in wanted[data.keys[i]]})
-    Y = _label_matrix((wanted[data.keys[i]] for i in rows), names)
+    Y = label_matrix((wanted[data.keys[i]] for i in rows), names)
     groups, n_near = near_copy_split_groups(data.phashes[rows], cache)
     units = one_per_group(groups, len(rows))
     train, test = train_test_split(units, test_size=test_size, random_state=seed)
@@ -1043,96 +920,17 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     fit_seconds = time.perf_counter() - t0
     estimator.classes_ = np.array(names)
     predicted = estimator.predict(X_test)
-    report = _multilabel_report(head, Y_test, predicted, names, n_train=len(Y_train), fit_seconds=fit_seconds,
+    report = multilabel_report(head, Y_test, predicted, names, n_train=len(Y_train), fit_seconds=fit_seconds,
                                 n_copies=n_copies, n_near_copies=n_near)
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
               model=data.model, model_file=data.attrs.get("model_file"), cache=os.path.abspath(cache),
               trained_on=([data.digests[i] for i in rows], data.phashes[rows]))
     png = Path(report_png) if report_png else output.with_suffix(".f1.png")
-    _plot_label_f1(f1_score(Y_test, predicted, average=None, zero_division=0), names, png,
+    plot_label_f1(f1_score(Y_test, predicted, average=None, zero_division=0), names, png,
                    title=f"{head} multi-label on {data.model}: micro-F1 {report.micro_f1:.3f}")
     report.files = [str(output), str(png)]
     return report
-
-
-def _plot_label_f1(f1: np.ndarray, names: list[str], path: Path, *, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(min(max(5, 0.6 * len(names) + 2), 22), 4))
-    ax.bar(range(len(names)), f1)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    _name_some_classes(ax, names, y=False)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("F1 on held-out images")
-    ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-_MATRIX_PRINTED_UP_TO = 20  # classes; more, and the report lists the most confused pairs instead
-_VALUES_DRAWN_UP_TO = 40  # classes; more, and a cell is too small for its count
-_LABELS_DRAWN = 80  # at most this many class names along each axis
-
-
-def _most_confused(matrix: np.ndarray, classes: list[str], shown: int = 10) -> str:
-    """The ``shown`` largest off-diagonal counts of a confusion matrix, as 'true -> predicted: n' lines."""
-    off = matrix.copy()
-    np.fill_diagonal(off, 0)
-    order = np.argsort(-off, axis=None, kind="stable")[:shown]  # ties in class order
-    pairs = [(int(i), int(j)) for i, j in zip(*np.unravel_index(order, off.shape)) if off[i, j] > 0]
-    if not pairs:
-        return "no image was given another class"
-    return "\n".join([f"most confused classes ({len(classes)} classes; the confusion PNG has them all):"]
-                     + [f"  {classes[i]} -> {classes[j]}: {off[i, j]} image{'s' if off[i, j] > 1 else ''}"
-                        for i, j in pairs])
-
-
-def _name_some_classes(ax, names: list[str], *, y: bool = True) -> None:
-    """Past 80 classes, every k-th name along the x axis (and y), small, so at most 80 are drawn."""
-    step = -(-len(names) // _LABELS_DRAWN)
-    if step > 1:
-        ticks = np.arange(0, len(names), step)
-        ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=6)
-        if y:
-            ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=6)
-
-
-def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, *, title: str) -> None:
-    """Counts; beside them, when the held-out classes differ twice or more in size, each row divided by
-    its total (the recall of each class), where a small class's misses would not show in counts.
-    Past 40 classes the cells are drawn without their numbers, the figure stops growing (22 inches a
-    side), and at most 80 class names label each axis: 300 classes took 86 s and 14 MB drawn in full,
-    and 1,000 would have been a 55,000-pixel square."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    support = matrix.sum(axis=1)
-    uneven = support.min() > 0 and support.max() >= 2 * support.min()
-    values = len(classes) <= _VALUES_DRAWN_UP_TO
-    size = min(max(5, 0.5 * len(classes) + 2), 22)
-    fig, axes = plt.subplots(1, 2 if uneven else 1, figsize=(size * (2 if uneven else 1), size), squeeze=False,
-                             layout="constrained")
-    panels = [(matrix, "counts", "d")]
-    if uneven:
-        panels.append((matrix / support[:, None], "share of each true class (rows sum to 1)", ".2f"))
-    for ax, (shown, name, fmt) in zip(axes[0], panels):
-        ConfusionMatrixDisplay(shown, display_labels=classes).plot(ax=ax, colorbar=False, xticks_rotation=45,
-                                                                   values_format=fmt, include_values=values)
-        ax.set_title(name)
-        _name_some_classes(ax, classes)
-    fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------- sklearn transformer

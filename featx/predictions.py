@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatxError, HeadMismatchError, check_output_file
-from .heads import (_NO_MULTILABEL_MISTAKES, HeadReport, LoadedHead, _check_report_files, _digest_prefix_of_each,
-                    _label_matrix, _mistakes, _multilabel_report, _on_rows, _plot_label_f1, _rows_labelled_by_csv,
-                    _single_label_report, head_model_file, load_head, plot_confusion, read_labels_csv)
+from .heads import (LoadedHead, apply_to_rows, digest_prefix_of_each, head_model_file, label_matrix, load_head,
+                    read_labels_csv, rows_labelled_by_csv)
+from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, misclassified, multilabel_report,
+                      plot_confusion, plot_label_f1, single_label_report)
 
 _logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def evaluate_head(
 
     from .store import find_copies, load_embeddings, model_fingerprints
 
-    _check_report_files(report_png=report_png, mistakes_csv=mistakes_csv)
+    check_report_files(report_png=report_png, mistakes_csv=mistakes_csv)
     loaded = load_head(head)
     multilabel = bool(getattr(loaded.head, "multilabel_", False))
     if multilabel and labels_csv is None:
@@ -210,7 +211,7 @@ def evaluate_head(
         raise FeatxError(f"{head} is a single-label head: its classes are the folder's first-level subfolders, "
                          "not a labels CSV")
     if multilabel and mistakes_csv is not None:
-        raise FeatxError(_NO_MULTILABEL_MISTAKES)
+        raise FeatxError(NO_MULTILABEL_MISTAKES)
     wanted = read_labels_csv(labels_csv) if multilabel else None  # before the folder is embedded
     source, part = Path(data), None
     if source.is_dir():
@@ -236,7 +237,7 @@ def evaluate_head(
                         embeddings.failures[failed[0]], kept)
     classes = [str(c) for c in loaded.head.classes_]
     if multilabel:
-        rows, n_copies = _rows_labelled_by_csv(embeddings, rows, wanted, data, labels_csv)
+        rows, n_copies = rows_labelled_by_csv(embeddings, rows, wanted, data, labels_csv)
         unknown = sorted({label for i in rows for label in wanted[embeddings.keys[i]]} - set(classes))
         if unknown:
             _logger.warning("%d label(s) of %s are not the head's, left out of the scores: %s", len(unknown),
@@ -252,7 +253,7 @@ def evaluate_head(
             _logger.warning("%s", line)
         rows, n_copies = [rows[j] for j in copies.keep], copies.n_copies
     rows = _rows_not_trained_on(loaded, embeddings, rows, Path(data))
-    probs = _on_rows(loaded.head.predict_proba, embeddings.embeddings, rows)
+    probs = apply_to_rows(loaded.head.predict_proba, embeddings.embeddings, rows)
     keys = [embeddings.keys[i] for i in rows]
     where = str(data) if part is not None else source.name
     data_name = Path(data).name if part is not None else source.stem
@@ -265,10 +266,10 @@ def evaluate_head(
                               mistakes_csv=mistakes_csv, n_copies=n_copies)
     from sklearn.metrics import f1_score
 
-    truth = _label_matrix((wanted[k] for k in keys), classes)
+    truth = label_matrix((wanted[k] for k in keys), classes)
     predicted = (probs >= loaded.head.thresholds_).astype(int)
-    report = _multilabel_report(Path(head).name, truth, predicted, classes, n_copies=n_copies, evaluated_on=where)
-    _plot_label_f1(f1_score(truth, predicted, average=None, zero_division=0), classes, png,
+    report = multilabel_report(Path(head).name, truth, predicted, classes, n_copies=n_copies, evaluated_on=where)
+    plot_label_f1(f1_score(truth, predicted, average=None, zero_division=0), classes, png,
                    title=f"{Path(head).name} on {where}: micro-F1 {report.micro_f1:.3f}")
     report.files.insert(0, str(png))
     return report
@@ -294,7 +295,7 @@ def evaluate_classifier(
     from .pipeline import iter_classify
     from .runtime import read_model_info
 
-    _check_report_files(report_png=report_png, mistakes_csv=mistakes_csv)
+    check_report_files(report_png=report_png, mistakes_csv=mistakes_csv)
     folder = Path(folder)
     if not folder.exists():
         raise FeatxError(f"folder {str(folder)!r} does not exist")
@@ -376,8 +377,8 @@ def _score_classes(name: str, keys: list[str], truth: list[str], predicted: list
     mistakes, the most confident first (all of them in ``mistakes_csv``)."""
     shown = sorted(set(truth) | set(predicted))  # the order of scikit-learn's report, printed above the matrix
     truth, predicted = np.array(truth, dtype=object).astype(str), np.array(predicted, dtype=object).astype(str)
-    mistakes = _mistakes(keys, truth, predicted, confidence)
-    report = _single_label_report(name, truth, predicted, shown, n_copies=n_copies, evaluated_on=where,
+    mistakes = misclassified(keys, truth, predicted, confidence)
+    report = single_label_report(name, truth, predicted, shown, n_copies=n_copies, evaluated_on=where,
                                   mistakes=mistakes)
     plot_confusion(report.confusion, shown, png, title=f"{name} on {where}: accuracy {report.accuracy:.3f}")
     report.files.append(str(png))
@@ -446,7 +447,7 @@ def _rows_not_trained_on(loaded: LoadedHead, embeddings, rows: list[int], source
 
     if loaded.trained_digests is not None:
         known = set(loaded.trained_digests.tolist())
-        prefixes = _digest_prefix_of_each([embeddings.digests[i] for i in rows])
+        prefixes = digest_prefix_of_each([embeddings.digests[i] for i in rows])
         same_bytes = [i for i, prefix in zip(rows, prefixes) if prefix in known]
         trained_phashes = loaded.trained_phashes
         where = "images the head was trained or scored on (recorded in its file)"
