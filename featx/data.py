@@ -475,9 +475,17 @@ def preprocess_image(img: Image.Image | np.ndarray, cfg: PreprocessConfig, *,
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Resize the shorter side to ``cfg.resize_size``, centre-crop to ``cfg.input_size``.
 
-    Matches torchvision's Resize + CenterCrop on PIL images pixel for pixel, so the exported
-    model (which normalises inside its graph) sees what the torch reference sees. An array, or a
-    PIL image that is not RGB, is converted first (:func:`as_rgb`). Returns uint8 (H, W, 3).
+    What torchvision's Resize + CenterCrop give on PIL images, computed for the crop only: Pillow
+    resamples the crop's region of the photo (``resize(box=...)``, the same filter at the same
+    scale, reading the pixels around the region as the full resize does) instead of the whole
+    photo, of which the crop then keeps 44 % of a 4:3 landscape's pixels. On 500x375 photos that
+    is 1.2 ms instead of 2.1 (bicubic, EfficientNet-Lite) and 0.8 instead of 1.2 (bilinear,
+    ResNet-50), where decoding the JPEG takes 0.7. Pillow takes the region in float32, and Pillow 13
+    may run its two passes in the other order (as it does between a portrait photo and its crop), so
+    some pixels differ by 1 to 3 levels: one in 50 on average, up to one in 7 on some shapes
+    (embeddings: cosine 0.9998 at worst on 208 photos, 0.99999 on average), the size of the change
+    Pillow 13's order brought to torchvision's own resize. An array, or a PIL image that is not RGB,
+    is converted first (:func:`as_rgb`). Returns uint8 (H, W, 3).
 
     Raises:
         ImageError: when the resized picture would be over ``max_pixels``: a strip of a few pixels'
@@ -494,9 +502,14 @@ def preprocess_image(img: Image.Image | np.ndarray, cfg: PreprocessConfig, *,
     if new_w * new_h > max_pixels:
         raise ImageError(f"{w}x{h} resized to {new_w}x{new_h} (its short side to {cfg.resize_size}) = "
                          f"{new_w * new_h:,} pixels is over the limit of {max_pixels:,} (--max-pixels)")
+    ch, cw = cfg.input_size
+    top, left = int(round((new_h - ch) / 2.0)), int(round((new_w - cw) / 2.0))
+    if (new_w, new_h) != (w, h) and new_w >= cw and new_h >= ch:  # the crop's region, resized alone
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        return np.asarray(img.resize((cw, ch), _INTERPOLATION[cfg.interpolation], box=box), dtype=np.uint8)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), _INTERPOLATION[cfg.interpolation])
-    ch, cw = cfg.input_size
     if new_w < cw or new_h < ch:  # only when resize_size < crop: pad like torchvision's center_crop
         canvas = Image.new("RGB", (max(new_w, cw), max(new_h, ch)))
         canvas.paste(img, ((max(new_w, cw) - new_w) // 2, (max(new_h, ch) - new_h) // 2))

@@ -135,6 +135,33 @@ def test_a_strip_that_resizing_would_blow_up_is_refused_at_once(tmp_path, coffee
     assert load_image(tmp_path / "tall.png", cfg).shape == (224, 224, 3)
 
 
+@pytest.mark.parametrize("interpolation,resize,crop", [("bicubic", 256, 224), ("bilinear", 232, 224),
+                                                        ("bicubic", 342, 299), ("bilinear", 224, 224)])
+def test_resize_and_crop_is_torchvisions_on_photos_of_every_shape(photos_dir, interpolation, resize, crop):
+    """featx resizes only the crop's region of a photo; the result is torchvision's Resize + CenterCrop of
+    the whole photo but for a few pixels a level or three apart (Pillow takes the region in float32, and
+    Pillow 13 may run its two passes in the other order), on landscape, portrait, square, shrunk and
+    enlarged photos. Another filter moves pixels by 12 to 25 levels, a crop one pixel off by 40 to 200."""
+    import torchvision.transforms as T
+
+    from featx.data import preprocess_image
+
+    cfg = PreprocessConfig((crop, crop), resize, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), interpolation)
+    reference = T.Compose([T.Resize(resize, interpolation=getattr(T.InterpolationMode, interpolation.upper())),
+                           T.CenterCrop(crop)])
+    photos = [Image.open(photos_dir / name).convert("RGB") for name in ("china.jpg", "coffee.png", "chelsea.png")]
+    rng = np.random.default_rng(0)
+    sizes = [(500, 375), (375, 500), (640, 640), (4000, 3000), (227, 300), (150, 90), (1200, 230), (230, 1200)]
+    sizes += [tuple(int(v) for v in rng.integers(80, 1500, size=2)) for _ in range(16)]
+    share_apart = []
+    for i, size in enumerate(sizes):
+        photo = photos[i % len(photos)].resize(size, Image.BILINEAR)
+        levels = np.abs(preprocess_image(photo, cfg).astype(int) - np.asarray(reference(photo)).astype(int))
+        share_apart.append((levels > 0).mean())
+        assert levels.max() <= 4 and share_apart[-1] < 0.2, (size, levels.max(), share_apart[-1])
+    assert np.mean(share_apart) < 0.05, share_apart  # 0.015 to 0.02 (one pixel in 50) on these photos
+
+
 def test_alpha_is_composited_onto_white(tmp_path):
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
     rgba.save(tmp_path / "a.png")

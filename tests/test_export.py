@@ -120,7 +120,8 @@ def test_cli_output_piped_into_head_ends_quietly(lite0_onnx, photos_dir):
 
 
 def test_runtime_preprocessing_matches_timm_reference_transform(lite0_backbone, photos_dir):
-    """Our PIL resize+crop, normalised in the graph, equals timm's own eval transform."""
+    """Our PIL resize+crop, normalised in the graph, is timm's own eval transform, to within one level in
+    a few pixels in 10,000 (featx resizes only the crop's region: Pillow takes it in float32)."""
     import timm.data
     from PIL import Image
 
@@ -130,9 +131,9 @@ def test_runtime_preprocessing_matches_timm_reference_transform(lite0_backbone, 
     for name in ("china.jpg", "coffee.png", "rocket.png"):
         ref = transform(Image.open(photos_dir / name).convert("RGB"))
         ours = torch.from_numpy(load_image(photos_dir / name, lite0_backbone.preprocess)).permute(2, 0, 1).float()
-        ours = (ours / 255 - 0.5) / 0.5
+        levels = ((ours / 255 - 0.5) / 0.5 - ref).abs() * 127.5  # normalised back to 0..255 steps
         assert ours.shape == ref.shape
-        assert float((ours - ref).abs().max()) < 1e-5
+        assert float(levels.max()) < 1.01 and float((levels > 0.5).float().mean()) < 1e-3, name
 
 
 def test_onnx_and_torch_reference_pipeline_agree_on_real_photos(lite0_onnx, lite0_backbone, photos_dir):
@@ -146,7 +147,9 @@ def test_onnx_and_torch_reference_pipeline_agree_on_real_photos(lite0_onnx, lite
     with torch.no_grad():
         ref = lite0_backbone.features(ref).numpy()
     ours = featx.embed_images(files, model=lite0_onnx)
-    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 2e-3  # 7e-4: a few pixels a level apart (above)
+    cosine = (ours * ref).sum(axis=1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cosine.min() > 0.99999
 
 
 def test_failed_check_leaves_no_file(tmp_path, monkeypatch, lite0_backbone):
