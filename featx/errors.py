@@ -38,8 +38,18 @@ class HeadMismatchError(FeatxError, ValueError):
 
 def check_output_file(path, *, example: str) -> None:
     """Refuse an output path that is a folder before any work starts: the file is written at the end
-    (a head after its fit, a model after its export), and the work would be lost with a traceback."""
+    (a head after its fit, a model after its export), and the work would be lost with a traceback.
+    An embedding cache is refused too: a report or a list written over it (``featx info cache.h5
+    --copies -o cache.h5``) would lose every embedding it holds."""
     import os
 
     if path is not None and os.path.isdir(path):
         raise FeatxError(f"{path} is a folder; give a file name, e.g. {os.path.join(path, example)}")
+    try:
+        with open(path, "rb") as f:
+            is_cache = f.read(8) == b"\x89HDF\r\n\x1a\n"  # runtime.HDF5_SIGNATURE; errors imports nothing of featx
+    except (OSError, TypeError):  # no such file yet (or None): nothing to lose
+        return
+    if is_cache:
+        raise FeatxError(f"{path} is an embedding cache; writing {os.path.splitext(example)[1]} over it would lose its "
+                         f"embeddings: give another file name, e.g. {example}")

@@ -60,3 +60,7 @@ def test_info_copies_lists_every_picture_stored_more_than_once_with_its_files(ph
     assert main(["info", str(cache), "-o", str(tmp_path / "what.csv")]) == 2
     assert "-o writes one list as CSV: give it --copies or --failures" in capsys.readouterr().err
     assert not (tmp_path / "what.csv").exists()
+    # -o naming the cache itself (a slip of the shell's history) would write a CSV over its embeddings
+    assert main(["info", str(cache), "--copies", "-o", str(cache)]) == 2
+    assert "is an embedding cache; writing .csv over it would lose its embeddings" in capsys.readouterr().err
+    assert featx.describe_file(cache, list_copies=True).splitlines() == said
