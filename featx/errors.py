@@ -43,13 +43,12 @@ def check_output_file(path, *, example: str) -> None:
     --copies -o cache.h5``) would lose every embedding it holds."""
     import os
 
-    if path is not None and os.path.isdir(path):
-        raise FeatxError(f"{path} is a folder; give a file name, e.g. {os.path.join(path, example)}")
-    try:
-        with open(path, "rb") as f:
-            is_cache = f.read(8) == b"\x89HDF\r\n\x1a\n"  # runtime.HDF5_SIGNATURE; errors imports nothing of featx
-    except (OSError, TypeError):  # no such file yet (or None): nothing to lose
+    if path is None:
         return
-    if is_cache:
+    if os.path.isdir(path):
+        raise FeatxError(f"{path} is a folder; give a file name, e.g. {os.path.join(path, example)}")
+    from .runtime import file_kind
+
+    if file_kind(path) == "cache":
         raise FeatxError(f"{path} is an embedding cache; writing {os.path.splitext(example)[1]} over it would lose its "
                          f"embeddings: give another file name, e.g. {example}")
