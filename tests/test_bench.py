@@ -53,6 +53,24 @@ def test_decode_stages_script_records_every_stage_on_the_cpu(tmp_path):
     assert (tmp_path / "decode_stages-cpu.png").stat().st_size > 10_000
 
 
+def test_preprocess_script_records_both_resizes_and_how_far_apart_they_are(tmp_path):
+    """The figures behind data.preprocess_image's crop-region resize: the script must keep running."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "preprocess.py"
+    run = subprocess.run([sys.executable, str(script), "--n-jpegs", "8", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((tmp_path / "preprocess-cpu.json").read_text())
+    for name in ("efficientnet_lite0", "resnet50"):
+        assert record[f"{name}_featx_resize_crop_per_s"] > 0 and record[f"{name}_torchvision_resize_crop_per_s"] > 0
+        assert record[f"{name}_most_levels_apart"] <= 4 and record[f"{name}_share_of_pixels_apart"] < 0.05
+    assert record["efficientnet_lite0_embedding_cosine_min"] > 0.999
+    assert (tmp_path / "preprocess-cpu.png").stat().st_size > 10_000
+
+
 def test_batch_sizes_script_records_rates_and_memory_at_each_size(tmp_path):
     """Where the CPU's default batch size comes from: the script must keep running (tiny sizes here)."""
     import subprocess
