@@ -478,14 +478,15 @@ def preprocess_image(img: Image.Image | np.ndarray, cfg: PreprocessConfig, *,
     What torchvision's Resize + CenterCrop give on PIL images, computed for the crop only: Pillow
     resamples the crop's region of the photo (``resize(box=...)``, the same filter at the same
     scale, reading the pixels around the region as the full resize does) instead of the whole
-    photo, of which the crop then keeps 44 % of a 4:3 landscape's pixels: 1.6x torchvision's rate at
-    EfficientNet-Lite's bicubic, 1.4x at ResNet-50's bilinear, on 500x375 photos whose JPEG decode
-    takes about as long (``python benchmarks/preprocess.py``). Pillow takes the region in float32, and Pillow 13
-    may run its two passes in the other order (as it does between a portrait photo and its crop), so
-    some pixels differ by 1 to 3 levels: one in 50 on average, up to one in 7 on some shapes
-    (embeddings: cosine 0.9998 at worst on 208 photos, 0.99999 on average), the size of the change
-    Pillow 13's order brought to torchvision's own resize. An array, or a PIL image that is not RGB,
-    is converted first (:func:`as_rgb`). Returns uint8 (H, W, 3).
+    photo, of which the crop then keeps 44 % of a 4:3 landscape's pixels: 1.6x torchvision's rate
+    at EfficientNet-Lite's bicubic, 1.4x at ResNet-50's bilinear, on 500x375 photos whose JPEG
+    decode takes about as long (``python benchmarks/preprocess.py``). Pillow takes the region in
+    float32, and Pillow 13 may run its two passes in the other order (as it does between a
+    portrait photo and its crop), so on photos some pixels differ by 1 to 3 levels: one in 50 on
+    average, up to one in 7 on some shapes (on random pixel noise, all edges, up to 20 levels).
+    Embeddings: cosine 0.9998 at worst on 208 photos, 0.99999 on average; the size of the change
+    Pillow 13's order brought to torchvision's own resize. An array, or a PIL image that is not
+    RGB, is converted first (:func:`as_rgb`). Returns uint8 (H, W, 3).
 
     Raises:
         ImageError: when the resized picture would be over ``max_pixels``: a strip of a few pixels'
