@@ -88,3 +88,22 @@ def test_batch_sizes_script_records_rates_and_memory_at_each_size(tmp_path):
         # the embed process alone (about 200 MB here), not its parent's 2.5 GB peak that a fork carries over
         assert 50 < record[f"featx_embed_batch{bs}_peak_rss_mb"] < 1500
     assert (tmp_path / "batch_sizes-efficientnet_lite0.png").stat().st_size > 10_000
+
+
+def test_int8_static_script_sets_each_calibration_beside_fp32(tmp_path):
+    """The figures behind featx having no int8 export: the script must keep running (small sizes here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "int8_static.py"
+    run = subprocess.run([sys.executable, str(script), "--methods", "MinMax", "--n-calibration", "8",
+                          "--n-digits", "150", "--repeats", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((tmp_path / "int8_static-cpu.json").read_text())
+    assert record["calibration_images"] == 16 and record["head_test_digits"] == 50
+    assert record["fp32_per_s"] > 0 and record["int8_MinMax_per_s"] > 0
+    # ten classes: a head on either file's embeddings is far better than chance, and int8 is not fp32
+    assert record["fp32_digits_head_accuracy"] > 0.5 and record["int8_MinMax_digits_head_accuracy"] > 0.3
+    assert -1 <= record["int8_MinMax_cosine_to_fp32_min"] <= record["int8_MinMax_cosine_to_fp32_mean"] < 0.999
