@@ -107,3 +107,21 @@ def test_int8_static_script_sets_each_calibration_beside_fp32(tmp_path):
     # ten classes: a head on either file's embeddings is far better than chance, and int8 is not fp32
     assert record["fp32_digits_head_accuracy"] > 0.5 and record["int8_MinMax_digits_head_accuracy"] > 0.3
     assert -1 <= record["int8_MinMax_cosine_to_fp32_min"] <= record["int8_MinMax_cosine_to_fp32_mean"] < 0.999
+
+
+def test_same_padding_script_times_both_exports_beside_torch(tmp_path):
+    """The figures behind export's fixed 'SAME' padding: the script must keep running (short passes here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "same_padding.py"
+    run = subprocess.run([sys.executable, str(script), "--batch-sizes", "2", "--repeats", "1", "--seconds", "0.2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((tmp_path / "same_padding-efficientnet_lite0.json").read_text())
+    assert record["largest_embedding_difference"] <= 1e-5 * record["embedding_scale"]
+    assert record["nodes_padding_fixed"] < record["nodes_padding_per_call"]
+    for name in ("padding_fixed", "padding_per_call", "torch_eager_fp32"):
+        assert record[f"{name}_batch2_per_s"] > 0
+    assert (tmp_path / "same_padding-efficientnet_lite0.png").stat().st_size > 10_000

@@ -24,6 +24,28 @@ def test_export_carries_its_config_and_matches_torch(lite0_onnx, lite0_backbone)
     assert compare_with_torch(lite0_onnx, lite0_backbone) <= 1e-4
 
 
+def test_tf_same_padding_is_fixed_at_export_with_the_same_embeddings(lite0_onnx, lite0_backbone, photos_dir,
+                                                                      tmp_path):
+    """EfficientNet-Lite pads as TensorFlow does (timm's Conv2dSame). Worked out from the input's shape at
+    every call, the padding became Shape/Gather/Ceil/Pad nodes that cost a third of the CPU's time
+    (benchmarks/same_padding.py: 1.5-1.7x). The export fixes it for the model's input size: no shape
+    arithmetic left in the graph, and the embeddings of the photos are those of the per-call graph."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    per_call = tmp_path / "per_call.onnx"
+    featx.export_onnx(lite0_backbone, per_call, fixed_padding=False)
+    ops = {path: [n.op_type for n in onnx.load(str(path)).graph.node] for path in (lite0_onnx, per_call)}
+    assert ops[per_call].count("Ceil") == 10 and ops[per_call].count("Pad") == 5  # height and width, 5 convolutions
+    assert "Ceil" not in ops[lite0_onnx] and "Shape" not in ops[lite0_onnx]
+    assert len(ops[lite0_onnx]) < len(ops[per_call]) / 2
+    # the user's backbone keeps timm's own modules (the export check's reference, and what fine-tuning trains)
+    assert sum(type(m) is Conv2dSame for m in lite0_backbone.features.modules()) == 5
+    images = np.stack([featx.load_image(p, lite0_backbone.preprocess) for p in sorted(photos_dir.iterdir())])
+    fixed, old = (featx.load_model(path, device="cpu", engine="onnx").encode(images).embedding
+                  for path in (lite0_onnx, per_call))
+    assert np.abs(fixed - old).max() <= 1e-5 * np.abs(old).max()
+
+
 def test_onnx_classifies_real_photos(lite0_onnx, photos_dir):
     coffee, china = featx.classify([photos_dir / "coffee.png", photos_dir / "china.jpg"], model=lite0_onnx, top=3)
     assert coffee.top[0][0] in ("espresso", "cup", "coffee mug")
