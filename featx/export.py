@@ -263,6 +263,9 @@ def export_onnx(
         torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's notice, not the user's concern
+            # fixed 'SAME' padding's pads are reversed with a Slice of step -1, which the exporter says it
+            # cannot fold; onnxruntime folds it when it loads the file (benchmarks/same_padding.py)
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
             torch.onnx.export(
                 model,
                 (example,),
@@ -334,6 +337,8 @@ def ensure_model_file(
 ) -> Path:
     """An exported ONNX file for ``model``: the file itself if ``model`` is a path, else the backbone
     name exported into ``models_dir`` on first use (``NAME[-fp16][-WEIGHTS].onnx``) and reused after.
+    A file there that an earlier featx wrote with per-call 'SAME' padding is exported again
+    (:func:`refresh_per_call_padding`).
     """
     as_path = Path(model)
     if as_path.suffix == ".onnx" or as_path.is_file():
@@ -346,7 +351,52 @@ def ensure_model_file(
         backbone = load_backbone(name, weights=weights)  # an unknown name fails here, before any "exporting"
         _logger.info("exporting %s to %s (first use)", name, path)
         export_onnx(backbone, path, half=half)
+    else:
+        refresh_per_call_padding(path, name, weights=weights, half=half)
     return path
+
+
+def pads_per_call(path: str | os.PathLike) -> bool:
+    """Whether an exported file works timm's 'SAME' padding out at every call (Ceil nodes: featx before
+    2026-11-25; :func:`_static_same_padding`). Reads the graph, not the weights' bytes."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:
+        return False  # not for this check to refuse: loading the model names what is wrong
+    return any(node.op_type == "Ceil" for node in graph.node)
+
+
+def refresh_per_call_padding(path: Path, name: str, *, weights=None, half: bool = False) -> bool:
+    """Export ``name`` again over the models folder's ``path`` when that file pads per call, so an earlier
+    featx's export gets the fixed padding (1.5-1.7x on a CPU) without the user deleting it. The new file
+    replaces the old only with the same fingerprint (weights, preprocessing, precision), so the caches
+    and heads made with the old one still take it; otherwise, or when the export cannot be made here
+    (the weights' download offline), the old file is kept and used. Returns whether it was replaced."""
+    if not pads_per_call(path):
+        return False
+    from .backbones import load_backbone
+    from .runtime import read_model_info
+
+    fresh = path.with_name(f".{path.stem}.refresh.onnx")
+    try:
+        old = read_model_info(path).fingerprint
+        _logger.info("exporting %s to %s again: the file an earlier featx wrote works its padding out at every "
+                     "call (the same embeddings, faster)", name, path)
+        new = export_onnx(load_backbone(name, weights=weights), fresh, half=half).fingerprint
+        if new != old:
+            _logger.warning("%s kept as it is: exported again, %s's fingerprint is %s, not the file's %s (other "
+                            "weights?)", path, name, new, old)
+            return False
+        os.replace(fresh, path)
+        return True
+    except Exception as e:  # the old file still works: a failed refresh must not stop the run
+        _logger.warning("%s kept as it is (per-call padding): exporting %s again failed: %s", path, name,
+                        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        return False
+    finally:
+        fresh.unlink(missing_ok=True)
 
 
 def model_path(name: str, *, weights: str | os.PathLike | None = None, half: bool = False,

@@ -46,6 +46,34 @@ def test_tf_same_padding_is_fixed_at_export_with_the_same_embeddings(lite0_onnx,
     assert np.abs(fixed - old).max() <= 1e-5 * np.abs(old).max()
 
 
+def test_a_models_folder_file_with_per_call_padding_is_exported_again_if_it_is_the_same_model(lite0_backbone,
+                                                                                              tmp_path, caplog):
+    """An earlier featx's export in models/ is replaced by one with fixed padding on its next use, so the
+    user gets the speed without deleting it; only when the new file has the old one's fingerprint (caches
+    and heads made with the old file take the new one), else the old file is kept and said so."""
+    import logging
+
+    from featx.export import model_path, pads_per_call
+
+    same = model_path("efficientnet_lite0", models_dir=tmp_path / "same")
+    old_info = featx.export_onnx(lite0_backbone, same, fixed_padding=False)
+    assert pads_per_call(same)
+    with caplog.at_level(logging.INFO, logger="featx"):
+        assert featx.ensure_model_file("efficientnet_lite0", models_dir=tmp_path / "same") == same
+    assert not pads_per_call(same) and featx.read_model_info(same).fingerprint == old_info.fingerprint
+    assert "exporting efficientnet_lite0 to" in caplog.text and "again" in caplog.text
+    assert [p.name for p in same.parent.iterdir()] == [same.name]  # no partial file left beside it
+
+    other = model_path("efficientnet_lite0", models_dir=tmp_path / "other")  # other weights under the name
+    featx.export_onnx(featx.load_backbone("efficientnet_lite0", weights="none"), other, fixed_padding=False)
+    before = other.read_bytes()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="featx"):
+        assert featx.ensure_model_file("efficientnet_lite0", models_dir=tmp_path / "other") == other
+    assert other.read_bytes() == before and "kept as it is" in caplog.text
+    assert [p.name for p in other.parent.iterdir()] == [other.name]
+
+
 def test_onnx_classifies_real_photos(lite0_onnx, photos_dir):
     coffee, china = featx.classify([photos_dir / "coffee.png", photos_dir / "china.jpg"], model=lite0_onnx, top=3)
     assert coffee.top[0][0] in ("espresso", "cup", "coffee mug")
