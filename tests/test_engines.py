@@ -55,6 +55,23 @@ def test_auto_loads_the_cached_choice(lite0_onnx, cache_dir):
     assert engine.calibration.from_cache
 
 
+def test_a_file_that_pads_per_call_is_ranked_apart_from_todays_export(lite0_onnx, lite0_backbone,
+                                                                      cache_dir, tmp_path):
+    """Same weights, same fingerprint, but onnxruntime runs an earlier featx's per-call-padding export
+    at 0.6x: the cached ranking of today's file must not be taken for it."""
+    from featx.export import export_onnx, pads_per_call
+
+    per_call = tmp_path / "lite0-per-call.onnx"
+    export_onnx(lite0_backbone, per_call, fixed_padding=False)
+    assert pads_per_call(per_call) and not pads_per_call(lite0_onnx)
+    assert featx.read_model_info(per_call).fingerprint == featx.read_model_info(lite0_onnx).fingerprint
+    calibrate(lite0_onnx, device="cpu", batch_size=4)
+    assert not calibrate(per_call, device="cpu", batch_size=4).from_cache
+    assert calibrate(per_call, device="cpu", batch_size=4).from_cache
+    assert calibrate(lite0_onnx, device="cpu", batch_size=4).from_cache
+    assert len(json.loads((cache_dir / "calibration.json").read_text())) == 2
+
+
 def test_unreadable_calibration_cache_is_measured_again(lite0_onnx, cache_dir):
     cache_dir.mkdir(parents=True)
     (cache_dir / "calibration.json").write_text("{not json")
