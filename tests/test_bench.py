@@ -1,8 +1,21 @@
 """The benchmark harness on a tiny model: it runs and records what a reader needs (not the speed)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import featx
+
+
+def run_benchmark(script: str, out: Path, *args: str, record: str) -> dict:
+    """Run ``benchmarks/<script>`` with ``args`` and ``--out out`` in a fresh interpreter, as a reader
+    would; its JSON ``record`` from ``out``."""
+    path = Path(__file__).parents[1] / "benchmarks" / script
+    run = subprocess.run([sys.executable, str(path), *args, "--out", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads((out / record).read_text())
 
 
 def test_bench_writes_json_and_png_with_the_comparisons(tmp_path):
@@ -35,15 +48,8 @@ def test_decode_stages_script_records_every_stage_on_the_cpu(tmp_path):
     """The script a GPU session runs first (benchmarks/README.md) must not break unseen: on the CPU it
     times the same stages (both JPEG libraries, the decode stage with and without CPU workers) and
     writes the JSON and the PNG."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parents[1] / "benchmarks" / "decode_stages.py"
-    run = subprocess.run([sys.executable, str(script), "--device", "cpu", "--n-jpegs", "32", "--batch-size", "16",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    record = json.loads((tmp_path / "decode_stages-cpu.json").read_text())
+    record = run_benchmark("decode_stages.py", tmp_path, "--device", "cpu", "--n-jpegs", "32", "--batch-size", "16",
+                           record="decode_stages-cpu.json")
     rates = {k: v for k, v in record.items() if k.endswith("_per_s")}
     assert {"torchcodec_decode_jpeg_batch16_per_s", "torchvision_decode_jpeg_batch16_per_s", "resize_crop_per_s",
             "cpu_pil_1_workers_per_s", "cpu_pil_1_threads_per_s", "decode_stage_0_cpu_workers_per_s",
@@ -55,15 +61,7 @@ def test_decode_stages_script_records_every_stage_on_the_cpu(tmp_path):
 
 def test_preprocess_script_records_both_resizes_and_how_far_apart_they_are(tmp_path):
     """The figures behind data.preprocess_image's crop-region resize: the script must keep running."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parents[1] / "benchmarks" / "preprocess.py"
-    run = subprocess.run([sys.executable, str(script), "--n-jpegs", "8", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    record = json.loads((tmp_path / "preprocess-cpu.json").read_text())
+    record = run_benchmark("preprocess.py", tmp_path, "--n-jpegs", "8", record="preprocess-cpu.json")
     for name in ("efficientnet_lite0", "resnet50"):
         assert record[f"{name}_featx_resize_crop_per_s"] > 0 and record[f"{name}_torchvision_resize_crop_per_s"] > 0
         assert record[f"{name}_most_levels_apart"] <= 4 and record[f"{name}_share_of_pixels_apart"] < 0.05
@@ -73,15 +71,8 @@ def test_preprocess_script_records_both_resizes_and_how_far_apart_they_are(tmp_p
 
 def test_batch_sizes_script_records_rates_and_memory_at_each_size(tmp_path):
     """Where the CPU's default batch size comes from: the script must keep running (tiny sizes here)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parents[1] / "benchmarks" / "batch_sizes.py"
-    run = subprocess.run([sys.executable, str(script), "--sizes", "2,4", "--n-jpegs", "8", "--repeats", "1",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    record = json.loads((tmp_path / "batch_sizes-efficientnet_lite0.json").read_text())
+    record = run_benchmark("batch_sizes.py", tmp_path, "--sizes", "2,4", "--n-jpegs", "8", "--repeats", "1",
+                           record="batch_sizes-efficientnet_lite0.json")
     assert record["default_batch_size_cpu"] == featx.default_batch_size("cpu")
     for bs in (2, 4):
         assert record[f"model_only_batch{bs}_per_s"] > 0 and record[f"featx_embed_batch{bs}_per_s"] > 0
@@ -92,16 +83,8 @@ def test_batch_sizes_script_records_rates_and_memory_at_each_size(tmp_path):
 
 def test_int8_static_script_sets_each_calibration_beside_fp32(tmp_path):
     """The figures behind featx having no int8 export: the script must keep running (small sizes here)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parents[1] / "benchmarks" / "int8_static.py"
-    run = subprocess.run([sys.executable, str(script), "--methods", "MinMax", "--n-calibration", "8",
-                          "--n-digits", "150", "--repeats", "1", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    record = json.loads((tmp_path / "int8_static-cpu.json").read_text())
+    record = run_benchmark("int8_static.py", tmp_path, "--methods", "MinMax", "--n-calibration", "8",
+                           "--n-digits", "150", "--repeats", "1", record="int8_static-cpu.json")
     assert record["calibration_images"] == 16 and record["head_test_digits"] == 50
     assert record["fp32_per_s"] > 0 and record["int8_MinMax_per_s"] > 0
     # ten classes: a head on either file's embeddings is far better than chance, and int8 is not fp32
@@ -111,15 +94,8 @@ def test_int8_static_script_sets_each_calibration_beside_fp32(tmp_path):
 
 def test_same_padding_script_times_both_exports_beside_torch(tmp_path):
     """The figures behind export's fixed 'SAME' padding: the script must keep running (short passes here)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parents[1] / "benchmarks" / "same_padding.py"
-    run = subprocess.run([sys.executable, str(script), "--batch-sizes", "2", "--repeats", "1", "--seconds", "0.2",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    record = json.loads((tmp_path / "same_padding-efficientnet_lite0.json").read_text())
+    record = run_benchmark("same_padding.py", tmp_path, "--batch-sizes", "2", "--repeats", "1", "--seconds", "0.2",
+                           record="same_padding-efficientnet_lite0.json")
     assert record["largest_embedding_difference"] <= 1e-5 * record["embedding_scale"]
     assert record["nodes_padding_fixed"] < record["nodes_padding_per_call"]
     for name in ("padding_fixed", "padding_per_call", "torch_eager_fp32"):
