@@ -422,6 +422,7 @@ def write_record(record: dict, out_dir: str | os.PathLike, name: str, *, plot_ra
             print(f"{key:40s} {value:.4g}" if isinstance(value, float) else f"{key:40s} {value}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    name = name.replace("/", "_")  # a model named as timm/pnasnet5large: one file, not a folder
     path = out / f"{name}.json"
     path.write_text(json.dumps(record, indent=2))
     print(f"-> {path}")

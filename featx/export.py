@@ -168,30 +168,60 @@ def embedding_model(backbone: Backbone, *, half: bool = False, dtype=None,
 
 
 def _static_same_padding(features: torch.nn.Module, input_size: tuple[int, int]) -> torch.nn.Module:
-    """``features`` with timm's TensorFlow-style 'SAME' convolutions (``Conv2dSame``: the tf_ models,
-    EfficientNet-Lite among them) padded by constants for ``input_size``, the one size the embedding
-    model runs at. ``Conv2dSame`` works its padding out from the input's shape on every call, which the
-    exporter writes as Shape/Gather/Ceil/Pad nodes that onnxruntime runs as a separate Pad, with layout
-    reorders around it (a third of EfficientNet-Lite0's time on a CPU). timm's ``Conv2dSameExport``
-    fixes the padding at its first call, and onnxruntime then folds the constant Pad into the
-    convolution: the same embeddings, 1.5-1.7x the images/s on 2 CPU cores (``python
-    benchmarks/same_padding.py``).
-    Modified in place and returned."""
+    """``features`` with timm's TensorFlow-style 'SAME' padding (the tf_ models, EfficientNet-Lite among
+    them; NFNet's and BiT-style weight-standardised convolutions; NASNet's and PNASNet's pooling) padded
+    by constants for ``input_size``, the one size the embedding model runs at. timm works that padding
+    out from the input's shape on every call, which the exporter writes as Shape/Gather/Ceil/Pad nodes
+    that onnxruntime runs as a separate Pad, with layout reorders around it (a third of
+    EfficientNet-Lite0's time on a CPU). ``Conv2dSame`` becomes timm's own ``Conv2dSameExport``, which
+    fixes its padding at its first call; the other layers get a constant pad in front, from the size
+    each met in one forward pass (timm's ``pad_same_arg``). onnxruntime then folds a zero Pad into the
+    convolution: the same embeddings, 1.5-1.9x the images/s on 2 CPU cores (``python
+    benchmarks/same_padding.py``). Modified in place and returned."""
     import torch
     from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+    from timm.layers.padding import pad_same_arg
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+    from timm.layers.std_conv import ScaledStdConv2dSame, StdConv2dSame
+
+    def replace(name: str, module: torch.nn.Module) -> None:
+        parent, _, leaf = name.rpartition(".")
+        setattr(features.get_submodule(parent), leaf, module)
 
     same = [(name, m) for name, m in features.named_modules() if type(m) is Conv2dSame]
-    if not same:
-        return features
     for name, conv in same:
         fixed = Conv2dSameExport(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
         fixed.load_state_dict(conv.state_dict())
-        parent, _, leaf = name.rpartition(".")
-        setattr(features.get_submodule(parent), leaf, fixed)
+        replace(name, fixed)
+    padded_per_call = [(name, m) for name, m in features.named_modules()
+                       if isinstance(m, (MaxPool2dSame, AvgPool2dSame))
+                       or (isinstance(m, (StdConv2dSame, ScaledStdConv2dSame)) and m.same_pad)]
+    if not same and not padded_per_call:
+        return features
+    sizes: dict[str, set] = {name: set() for name, _ in padded_per_call}
+    hooks = [m.register_forward_pre_hook(lambda _, args, name=name: sizes[name].add(tuple(args[0].shape[-2:])))
+             for name, m in padded_per_call]
     training = features.training
-    with torch.no_grad():  # each Conv2dSameExport fixes its padding from the size it first sees
-        features.eval()(torch.zeros(1, 3, *input_size))
+    try:
+        with torch.no_grad():  # each Conv2dSameExport fixes its padding from the size it first sees
+            features.eval()(torch.zeros(1, 3, *input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, m in padded_per_call:
+        if len(sizes[name]) != 1:  # not run, or one module run at two sizes: left as timm wrote it
+            continue
+        dilation = getattr(m, "dilation", (1, 1))
+        pads = pad_same_arg(list(next(iter(sizes[name]))), list(m.kernel_size), list(m.stride), list(dilation))
+        if isinstance(m, MaxPool2dSame):
+            value, layer = -float("inf"), torch.nn.MaxPool2d(m.kernel_size, m.stride, 0, dilation, m.ceil_mode)
+        elif isinstance(m, AvgPool2dSame):
+            value, layer = 0.0, torch.nn.AvgPool2d(m.kernel_size, m.stride, 0, m.ceil_mode, m.count_include_pad)
+        else:  # the convolution itself, its weight standardisation included, without the per-call pad
+            value, layer = 0.0, m
+            m.same_pad = False
+        replace(name, torch.nn.Sequential(torch.nn.ConstantPad2d(pads, value), layer) if any(pads) else layer)
     return features.train(training)
 
 
@@ -266,6 +296,10 @@ def export_onnx(
             # fixed 'SAME' padding's pads are reversed with a Slice of step -1, which the exporter says it
             # cannot fold; onnxruntime folds it when it loads the file (benchmarks/same_padding.py)
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
+            # timm's weight-standardised convolutions (NFNet, BiT) standardise their weights with a
+            # training-mode batch_norm: on constants, which onnxruntime folds when it loads the file
+            warnings.filterwarnings("ignore", message="ONNX export mode is set to TrainingMode.EVAL, but operator "
+                                    "'batch_norm' is set to train=True", category=UserWarning)
             torch.onnx.export(
                 model,
                 (example,),
