@@ -64,3 +64,14 @@ def test_info_copies_lists_every_picture_stored_more_than_once_with_its_files(ph
     assert main(["info", str(cache), "--copies", "-o", str(cache)]) == 2
     assert "is an embedding cache; writing .csv over it would lose its embeddings" in capsys.readouterr().err
     assert featx.describe_file(cache, list_copies=True).splitlines() == said
+
+
+def test_info_says_when_a_model_file_pads_per_call(lite0_onnx, lite0_backbone, tmp_path):
+    """A file an earlier featx exported outside models/ is not refreshed by itself: info says why to
+    export it again."""
+    old = tmp_path / "lite0-2026-11.onnx"
+    featx.export_onnx(lite0_backbone, old, fixed_padding=False)
+    assert "worked out at every call" in featx.describe_file(old)
+    assert "every call" not in featx.describe_file(lite0_onnx)
+    assert featx.describe_file(lite0_onnx).startswith(f"{lite0_onnx}: efficientnet_lite0")
+
