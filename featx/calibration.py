@@ -105,7 +105,7 @@ def _cache_key(fingerprint: str, name: str, batch_size: int, spin: bool, threads
                per_call_padding: bool = False) -> str:
     """What the ranking depends on. Versions are read from the installed metadata: importing
     torch only to learn its version would cost a second on every CPU run. A file that pads per call
-    (an earlier featx's export of a tf_ model: featx.export.pads_per_call) is the same model as its
+    (an earlier featx's export of a tf_ model: ModelInfo.pads_per_call) is the same model as its
     export today, but onnxruntime runs it at 0.6x on a CPU: ranked on its own (and rankings cached
     before featx told the two apart are measured again, once)."""
     from importlib.metadata import version
@@ -161,14 +161,13 @@ def _free_gpu_cache(device: str) -> None:
 def choose_engine(path: str | os.PathLike, *, device: str, batch_size: int, force: bool = False,
                   threads: int | None = None, spin: bool = True):
     """(the fastest agreeing engine, built and warmed up at ``batch_size``; its Calibration)."""
-    from .export import pads_per_call
     from .runtime import _first_line, build_engine, read_model_info, resolve_device
 
     device = resolve_device(device)
     info = read_model_info(path)
     name = device_name(device)
     cache_file = featx_cache_dir() / "calibration.json"
-    key = _cache_key(info.fingerprint, name, batch_size, spin, threads, pads_per_call(path))
+    key = _cache_key(info.fingerprint, name, batch_size, spin, threads, info.pads_per_call)
     cached = None if force else _read_cache(cache_file).get(key)
     if cached is not None:
         try:

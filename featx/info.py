@@ -49,11 +49,9 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
                          + [s.text(list_failures=list_failures, listed_in=output and str(output))
                             for s in summaries])
     if path.suffix == ".onnx":
-        from .export import pads_per_call
-
         info = read_model_info(path)
         stale = ("\n  its 'SAME' padding is worked out at every call (an earlier featx's export): exported again "
-                 "(featx export) it gives the same embeddings at 1.5-1.9x the speed on a CPU" if pads_per_call(path) else "")
+                 "(featx export) it gives the same embeddings at 1.5-1.9x the speed on a CPU" if info.pads_per_call else "")
         return f"{path}: {info.summary()}{stale}"
     if path.suffix == ".safetensors":
         from .finetune import describe_checkpoint, is_finetune_checkpoint

@@ -157,7 +157,8 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
     except Exception as e:
         raise _not_onnx(path, e) from None
     meta = {p.key: p.value for p in proto.metadata_props}
-    return _info_from_metadata(path, meta)
+    info = _info_from_metadata(path, meta)
+    return dataclasses.replace(info, pads_per_call=any(node.op_type == "Ceil" for node in proto.graph.node))
 
 
 def model_file_for(model: str, fingerprint: str, recorded: str | None = None) -> Path | None:

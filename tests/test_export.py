@@ -82,14 +82,14 @@ def test_a_models_folder_file_with_per_call_padding_is_exported_again_if_it_is_t
     and heads made with the old file take the new one), else the old file is kept and said so."""
     import logging
 
-    from featx.export import model_path, pads_per_call
+    from featx.export import model_path
 
     same = model_path("efficientnet_lite0", models_dir=tmp_path / "same")
     old_info = featx.export_onnx(lite0_backbone, same, fixed_padding=False)
-    assert pads_per_call(same)
+    assert featx.read_model_info(same).pads_per_call
     with caplog.at_level(logging.INFO, logger="featx"):
         assert featx.ensure_model_file("efficientnet_lite0", models_dir=tmp_path / "same") == same
-    assert not pads_per_call(same) and featx.read_model_info(same).fingerprint == old_info.fingerprint
+    assert not featx.read_model_info(same).pads_per_call and featx.read_model_info(same).fingerprint == old_info.fingerprint
     assert "exporting efficientnet_lite0 to" in caplog.text and "again" in caplog.text
     assert [p.name for p in same.parent.iterdir()] == [same.name]  # no partial file left beside it
 
