@@ -101,3 +101,13 @@ def test_same_padding_script_times_both_exports_beside_torch(tmp_path):
     for name in ("padding_fixed", "padding_per_call", "torch_eager_fp32"):
         assert record[f"{name}_batch2_per_s"] > 0
     assert (tmp_path / "same_padding-efficientnet_lite0.png").stat().st_size > 10_000
+
+
+def test_a_benchmark_of_a_timm_slash_name_writes_one_file(tmp_path, capsys):
+    """`--model timm/pnasnet5large`: the record is one file in --out, not a missing timm/ folder."""
+    from featx.bench import write_record
+
+    path = write_record({"model": "timm/pnasnet5large", "x_per_s": 1.0}, tmp_path, "same_padding-timm/pnasnet5large",
+                        plot_rates=True)
+    assert path == tmp_path / "same_padding-timm_pnasnet5large.json" and json.loads(path.read_text())["x_per_s"] == 1.0
+    assert (tmp_path / "same_padding-timm_pnasnet5large.png").is_file()
