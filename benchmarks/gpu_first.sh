@@ -16,7 +16,7 @@ step() {  # step NAME SECONDS COMMAND...: run it, its output in $OUT/NAME.log, a
     echo "$name: exit $? after $((SECONDS - start)) s (limit $limit s)"
     tail -n 25 "$OUT/$name.log"
 }
-step 1-gpu-tests 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/
-step 2-decode-stages 150 python3 benchmarks/decode_stages.py --device cuda --out "$OUT"
+step 1-gpu-tests 190 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 tests/
+step 2-decode-stages 140 python3 benchmarks/decode_stages.py --device cuda --out "$OUT"
 step 4-bench-resnet50 230 python3 -m featx bench --model resnet50 --weights none --device cuda --batch-sizes 256 \
     --compile default --n-images 8000 --out "$OUT"

@@ -88,3 +88,59 @@ def test_finetune_and_mlp_head_on_cuda(small_digits, tmp_path, lite0_onnx):
     data = featx.load_embeddings(tmp_path / "c.h5")
     head = MLPHead(hidden=(64,), max_epochs=30, device="cuda").fit(data.embeddings, data.labels)
     assert np.mean(head.predict(data.embeddings) == data.labels) > 0.8
+
+
+def test_out_of_memory_on_cuda_backs_off_and_retries_the_same_images(tmp_path, lite0_onnx, caplog):
+    """A real CUDA allocation failure, not a simulated one: torch's allocator capped at what a batch of
+    32 needed and half as much again, a batch of 256 is halved until it fits and the same images are
+    retried; every photo's embedding comes back, in order, as batches of 32 gave it uncapped."""
+    import torch
+
+    from featx.data import load_batch
+    from featx.runtime import BackoffEncoder, TorchEngine
+    from featx.samples import write_jpeg_folder
+
+    root = write_jpeg_folder(tmp_path / "jpegs", 256)
+    engine = TorchEngine(featx.read_model_info(lite0_onnx), device="cuda")
+    images = load_batch(sorted(str(p) for p in root.rglob("*.jpg")), engine.info.preprocess).images
+    assert len(images) == 256
+    reference = np.concatenate([engine.encode(images[i:i + 32]).embedding for i in range(0, 256, 32)])
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    engine.encode(images[:32])
+    peak32 = torch.cuda.max_memory_allocated() - base
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    encoder = BackoffEncoder(engine, 256)
+    try:
+        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 1.5 * peak32) / total)
+        embedding = encoder.encode(images).embedding
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert encoder.backoffs[0] == 128 and encoder.limit in (32, 64), encoder.backoffs
+    assert "out of memory on cuda" in caplog.text and "the same images retried" in caplog.text
+    assert embedding.shape == reference.shape
+    assert cosine_min(embedding, reference) >= 0.999  # row by row: the same photos in the same order
+
+
+def test_two_engines_on_one_gpu_fill_one_store_like_one(tmp_path, lite0_onnx):
+    """The several-GPU path (one engine thread per device, each decoding its own batches with nvJPEG,
+    one store) with two engines on the one lent GPU: the cache is a single engine's, in walk order,
+    the failed file included, and a re-run adds nothing."""
+    from featx.samples import write_jpeg_folder
+
+    root = write_jpeg_folder(tmp_path / "jpegs", 96)
+    (root / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage")
+    runs = {name: featx.embed_folder(root, tmp_path / f"{name}.h5", model=lite0_onnx, engine="torch", batch_size=16,
+                                     devices=devices)
+            for name, devices in (("one", ["cuda:0"]), ("two", ["cuda:0", "cuda:0"]))}
+    assert [(r.n_embedded, r.n_failed) for r in runs.values()] == [(96, 1)] * 2
+    assert runs["two"].engine == "torch (cuda:0), torch (cuda:0)" and runs["two"].decoded_by.get("gpu", 0) > 0
+    a, b = featx.load_embeddings(tmp_path / "one.h5"), featx.load_embeddings(tmp_path / "two.h5")
+    assert a.keys == b.keys and np.array_equal(a.labels, b.labels) and a.failures == b.failures
+    assert cosine_min(a.embeddings, b.embeddings) >= 0.999
+    again = featx.embed_folder(root, tmp_path / "two.h5", model=lite0_onnx, engine="torch", devices=["cuda:0"] * 2)
+    assert (again.n_embedded, again.n_cached, again.n_failed_before) == (0, 96, 1)
