@@ -161,9 +161,11 @@ def bench_models(
 
     from .backbones import load_backbone
     from .export import check_images, ensure_model_file
-    from .errors import ModelFileError
+    from .errors import ModelFileError, check_writable_folder
     from .runtime import OnnxEngine, TorchEngine, default_batch_size, read_model_info, resolve_device
 
+    if out_dir:  # the results are written at the end: a folder that cannot take them is refused now
+        check_writable_folder(out_dir, create=True)
     device = resolve_device(device)
     backbone = load_backbone(model, weights=weights)
     t0 = time.perf_counter()

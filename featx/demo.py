@@ -16,12 +16,14 @@ def run_demo(folder: str | Path = "demo", *, device: str = "auto", progress: boo
     Returns the figures it printed.
     """
     from .backbones import DEFAULT_BACKBONE
+    from .errors import check_writable_folder
     from .export import ensure_model_file
     from .heads import train_head
     from .pipeline import classify, embed_folder
     from .samples import write_digits_folder, write_sample_photos
 
     folder = Path(folder)
+    check_writable_folder(folder, create=True)
     model_file = ensure_model_file(DEFAULT_BACKBONE)
     print(f"1. ImageNet classes of sample photos, through {model_file}:")
     photos = write_sample_photos(folder / "photos")

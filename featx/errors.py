@@ -52,3 +52,30 @@ def check_output_file(path, *, example: str) -> None:
     if file_kind(path) == "cache":
         raise FeatxError(f"{path} is an embedding cache; writing {os.path.splitext(example)[1]} over it would lose its "
                          f"embeddings: give another file name, e.g. {example}")
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), path, create=True)
+
+
+def check_writable_folder(folder, path=None, *, create: bool = False) -> None:
+    """Refuse a new file ``path`` in ``folder`` (or, without ``path``, the output folder itself) before any
+    work when the folder cannot take one: a file is written and deleted there, since permission bits do
+    not tell (root, a read-only mount, /proc). With ``create`` the missing folders are made first, as
+    the writers make them."""
+    import os
+    import tempfile
+
+    what = f"create {path}" if path is not None else f"write into {folder}"
+    ancestor = os.path.abspath(folder)
+    while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise FeatxError(f"cannot {what}: {ancestor} is a file, not a folder")
+    if ancestor != os.path.abspath(folder) and not create:
+        raise FeatxError(f"cannot {what}: folder {folder} does not exist")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".featx-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise FeatxError(f"cannot {what}: {e.strerror or e}" + (f" (in {folder})" if path is not None else "")) \
+            from None

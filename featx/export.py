@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .backbones import Backbone, PreprocessConfig
-from .errors import ExportCheckError, check_output_file
+from .errors import ExportCheckError, FeatxError, check_output_file, check_writable_folder
 
 if TYPE_CHECKING:
     import torch
@@ -387,6 +387,11 @@ def ensure_model_file(
     path = model_path(name, weights=weights, half=half, models_dir=models_dir)
     if not path.is_file():
         backbone = load_backbone(name, weights=weights)  # an unknown name fails here, before any "exporting"
+        try:
+            check_writable_folder(path.parent, path, create=True)
+        except FeatxError as e:
+            raise FeatxError(f"{e}; set FEATX_MODELS to a folder featx can write, or give an exported .onnx "
+                             "file as the model") from None
         _logger.info("exporting %s to %s (first use)", name, path)
         export_onnx(backbone, path, half=half)
     else:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import StoreError
+from .errors import FeatxError, StoreError, check_writable_folder
 
 _logger = logging.getLogger(__name__)
 
@@ -72,8 +72,11 @@ def check_store_path(path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise StoreError(f"{path} is a folder; the cache is a file, e.g. {path / 'cache.h5'}")
-    if not path.parent.is_dir():
-        raise StoreError(f"cannot create {path}: folder {path.parent} does not exist")
+    if not path.exists():
+        try:
+            check_writable_folder(path.parent, path)
+        except FeatxError as e:
+            raise StoreError(str(e)) from None
     # a photo or a CSV given as -o by mistake is refused before the model loads (an empty file, as a
     # kill while the cache was first created may leave, is made a cache as HDF5 itself does)
     if path.is_file() and path.stat().st_size and not _is_hdf5(path):

@@ -2,6 +2,7 @@
 
 import csv
 import logging
+import os
 import shutil
 
 import h5py
@@ -612,6 +613,39 @@ def test_an_output_given_as_a_folder_or_a_bad_option_is_refused_in_one_line_befo
             main([*argv, "-o", str(unwritten)])
         assert exit_.value.code == 2 and said in capsys.readouterr().err
     assert not unwritten.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no one can create a file")
+def test_an_output_where_no_file_can_be_created_is_refused_in_one_line_before_any_work(
+        digits_cache, digits_dir, lite0_onnx, tmp_path, capsys, monkeypatch):
+    """A folder that cannot take the output (no permission, a read-only mount; /proc even for root, whom
+    permission bits do not stop) is found by writing there first, not after the fit, the export or the
+    benchmark, which ended in a traceback and lost the work; the models folder's error says FEATX_MODELS."""
+    from featx.cli import main
+
+    head = tmp_path / "head.safetensors"
+    featx.train_head(digits_cache, head, C=1.0)
+    cache, three, nowhere = str(digits_cache), str(digits_dir / "3"), "/proc/featx-test"
+    for argv in (["train-head", cache, "--C", "1", "-o", f"{nowhere}/head.safetensors"],
+                 ["train-head", cache, "--C", "1", "-o", tmp_path / "h.safetensors", "--report", f"{nowhere}/c.png"],
+                 ["map", cache, "-o", f"{nowhere}/map.png"],
+                 ["predict", three, "--head", head, "--model", lite0_onnx, "-o", f"{nowhere}/p.csv"],
+                 ["export", "efficientnet_lite0", "--weights", "none", "-o", f"{nowhere}/m.onnx"],
+                 ["embed", three, "--model", lite0_onnx, "-o", "/proc/c.h5"],
+                 ["bench", "--weights", "none", "--out", nowhere],
+                 ["demo", "--dir", nowhere]):
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("featx: error: cannot ") and "No such file" in err[0], err
+    # a path through a file: said as such, wherever the tests run
+    assert main(["map", cache, "-o", str(head / "map.png")]) == 2
+    assert capsys.readouterr().err.strip() == f"featx: error: cannot create {head / 'map.png'}: {head} is a file, " \
+                                              "not a folder"
+    monkeypatch.setenv("FEATX_MODELS", nowhere)
+    assert main(["classify", three]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"featx: error: cannot create {nowhere}/efficientnet_lite0.onnx") and "FEATX_MODELS" in err
+    assert not (tmp_path / "h.safetensors").exists()
 
 
 def test_a_head_of_many_classes_reports_its_most_confused_pairs_and_draws_a_bounded_png(digits_cache, tmp_path):
