@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -367,7 +368,25 @@ def program() -> int:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _stop)
     sys.unraisablehook = _redeliver_lost_interrupt
-    return main()
+    code = main()
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        _exit_past_stuck_threads(code)
+    return code
+
+
+def _exit_past_stuck_threads(code: int, grace: float = 3.0) -> None:
+    """After Ctrl-C or SIGTERM (the store already closed, the message printed): a worker thread stuck in
+    a read that never returns (a FIFO named as a photo with no writer, a hung network mount) would hold
+    the process for ever, since Python's exit joins every such thread; seen as "featx: interrupted"
+    and no exit. Threads that end within ``grace`` seconds are let end; past it the process exits now."""
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -848,6 +848,33 @@ def test_ctrl_c_during_classify_to_a_csv_keeps_the_rows_written(digits_dir, tmp_
     assert all(r["class_1"] and float(r["probability_1"]) > 0 for r in rows)
 
 
+def test_sigterm_ends_a_run_whose_read_never_returns(tmp_path, lite0_onnx):
+    """A read that never returns (a FIFO named as a photo with no writer; a hung network mount blocks the
+    same way) left the process printing "featx: terminated" and then waiting for ever, since Python's
+    exit joins every worker thread: it now exits with the signal's status a few seconds later."""
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "featx", "-q", "classify", str(fifo), "--model", str(lite0_onnx)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    tasks = Path(f"/proc/{proc.pid}/task")
+    deadline, blocked = time.time() + 60, False
+    while time.time() < deadline and proc.poll() is None and not blocked:  # until a thread waits in the open
+        time.sleep(0.2)
+        try:
+            blocked = any((task / "wchan").read_text() in ("wait_for_partner", "fifo_open") for task in tasks.iterdir())
+        except OSError:
+            pass
+    if not blocked:
+        proc.kill()
+        pytest.skip("/proc does not say where this machine's threads wait")
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()  # gone already, unless it still hangs
+    assert proc.returncode == 143 and err.strip() == "featx: terminated", err
+
+
 @pytest.mark.slow
 def test_disk_full_is_one_line_and_the_next_run_resumes(digits_dir, tmp_path, lite0_onnx):
     """The OS refuses writes past a size (RLIMIT_FSIZE: what a full disk looks like to the process):
