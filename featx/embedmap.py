@@ -80,7 +80,7 @@ def plot_embeddings(
 
     from .errors import FeatxError
     from .search import unit_rows
-    from .store import find_copies, load_embeddings, load_labels, near_copy_counts, near_copy_groups
+    from .store import check_finite, find_copies, load_embeddings, load_labels, near_copy_counts, near_copy_groups
 
     if method not in ("tsne", "pca"):
         raise FeatxError(f"method {method!r}: expected tsne or pca")
@@ -89,6 +89,7 @@ def plot_embeddings(
     if n_total < 3:
         raise FeatxError(f"{cache}: {n_total} embeddings; a map needs at least 3")
     data = load_embeddings(cache, model, rows=_stratified_sample(all_labels, max_points, seed))
+    check_finite(data, cache)
     # a copy (same bytes, same class) would be its twin's nearest neighbour and lift the agreement
     copies = find_copies(data.keys, data.labels, data.digests)
     X, labels, keys = data.embeddings[copies.keep], data.labels[copies.keep], [data.keys[i] for i in copies.keep]

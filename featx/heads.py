@@ -748,9 +748,10 @@ def train_head(
                                  class_weight=class_weight)
     from sklearn.base import clone
 
-    from .store import find_copies, load_embeddings, take_rows_in_place
+    from .store import check_finite, find_copies, load_embeddings, take_rows_in_place
 
     data = load_embeddings(cache, model, labelled_only=True)
+    check_finite(data, cache)
     if len(data.keys) == 0:
         raise FeatxError(f"{cache} has no labelled embeddings for {data.model}: put images in class subfolders")
     copies = find_copies(data.keys, data.labels, data.digests)
@@ -895,10 +896,11 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     from sklearn.metrics import f1_score
     from sklearn.model_selection import train_test_split
 
-    from .store import load_embeddings, take_rows_in_place
+    from .store import check_finite, load_embeddings, take_rows_in_place
 
     wanted = read_labels_csv(labels_csv)  # a typo in its name is said before a large cache is read
     data = load_embeddings(cache, model)
+    check_finite(data, cache)
     rows, n_copies = rows_labelled_by_csv(data, range(len(data.keys)), wanted, cache, labels_csv)
     names = sorted({label for i in rows for label in wanted[data.keys[i]]})
     Y = label_matrix((wanted[data.keys[i]] for i in rows), names)

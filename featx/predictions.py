@@ -200,7 +200,7 @@ def evaluate_head(
     """
     import tempfile
 
-    from .store import find_copies, load_embeddings, model_fingerprints
+    from .store import check_finite, find_copies, load_embeddings, model_fingerprints
 
     check_report_files(report_png=report_png, mistakes_csv=mistakes_csv)
     loaded = load_head(head)
@@ -229,6 +229,7 @@ def evaluate_head(
                                     f"{head} --cache {source}` embeds a folder with the head's model")
         group = loaded.model if loaded.model in matching else matching[0]
         embeddings = load_embeddings(source, group)
+    check_finite(embeddings, source)
     rows = [i for i, key in enumerate(embeddings.keys) if part is None or part(key)]
     failed = sorted(key for key in embeddings.failures if part is None or part(key))
     if failed:  # recorded in the cache when embedded: not scored, but not passed over in silence

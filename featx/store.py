@@ -124,10 +124,45 @@ def _open_h5(path: Path, mode: str, *, locking: bool = True):
                 _logger.warning("%s: its file system does not lock files (%s); opened without a lock, so nothing "
                                 "stops two featx runs writing it at once", path, os.strerror(int(refused.group(1))))
             return _open_h5(path, mode, locking=False)
-        if "lock" in text.lower():
+        if re.search(r"\block(ed|ing)?\b", text, re.IGNORECASE):  # a word: a truncated file's message has "sblock"
             raise StoreError(locked) from None
+        cut = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", text)
+        if cut:
+            raise StoreError(f"{path} is cut short ({int(cut.group(1)):,} of its {int(cut.group(2)):,} bytes: a copy or "
+                             "download that did not finish?); copy it again, or embed into a new file") from None
         check_store_path(path)
         raise StoreError(f"{path} cannot be opened as HDF5 ({text.splitlines()[0] if text else type(e).__name__})") from None
+
+
+@contextlib.contextmanager
+def _read_h5(path: Path):
+    """The cache open for reading, an error HDF5 raises while it is read said as damage (:func:`_damage_said`)."""
+    with _damage_said(path), _open_h5(path, "r") as f:
+        yield f
+
+
+@contextlib.contextmanager
+def _damage_said(path: Path):
+    """An error out of HDF5 itself inside the block (a cache whose structure is damaged: a disk error, a
+    bad copy; "message not aligned") as one StoreError naming the file, not a traceback."""
+    try:
+        yield
+    except FeatxError:
+        raise
+    except Exception as e:
+        if not _raised_by_h5py(e):
+            raise
+        said = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str() quotes it
+        raise StoreError(f"{path} is damaged: HDF5 cannot read it ({said.splitlines()[0] if said else type(e).__name__}); "
+                         "embed into a new file (the images are read again)") from None
+
+
+def _raised_by_h5py(error: BaseException) -> bool:
+    """Whether ``error`` came out of h5py or HDF5 (its innermost frame is h5py's), not out of featx."""
+    tb, innermost = error.__traceback__, ""
+    while tb is not None:
+        innermost, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return re.search(r"(^|[\\/])h5py[\\/]", innermost) is not None
 
 
 @dataclass
@@ -148,20 +183,20 @@ class Embeddings:
 
 def list_models(path: str | os.PathLike) -> list[str]:
     """Model groups in a cache file."""
-    with _open_h5(Path(path), "r") as f:
+    with _read_h5(Path(path)) as f:
         return _model_groups(f)
 
 
 def model_fingerprints(path: str | os.PathLike) -> dict[str, str]:
     """Each model group's fingerprint, from the attributes alone: no row is read."""
-    with _open_h5(Path(path), "r") as f:
+    with _read_h5(Path(path)) as f:
         return {model: str(_attrs_of(f[model])["fingerprint"]) for model in _model_groups(f)}
 
 
 def recorded_paths(path: str | os.PathLike, name: str) -> dict[str, str | None]:
     """Each model group's path attribute ``name``: ``model_file`` (the .onnx that embedded it) or ``folder``
     (the folder it follows); None in caches made before it was recorded."""
-    with _open_h5(Path(path), "r") as f:
+    with _read_h5(Path(path)) as f:
         return {model: _attrs_of(f[model]).get(name) for model in _model_groups(f)}
 
 
@@ -206,7 +241,7 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
         rows: read only these row numbers (increasing), e.g. a sample chosen from :func:`load_labels`.
     """
     path = Path(path)
-    with _open_h5(path, "r") as f:
+    with _read_h5(path) as f:
         model = _pick_model(f, path, model)
         g = f[model]
         columns, n = _committed_columns(g)
@@ -269,7 +304,28 @@ def _digests_of(columns: dict, pick, n: int) -> list[str]:
     """The rows' content digests; "" for each row of a cache made before the column existed."""
     if _DIGESTS not in columns:
         return [""] * n
-    return [d.decode("ascii") for d in columns[_DIGESTS][pick]]
+    return [_digest_text(d) for d in columns[_DIGESTS][pick]]
+
+
+def _digest_text(digest: bytes) -> str:
+    """A stored digest as text; "" (unknown: the row is only itself) where damage left bytes that are not ASCII."""
+    try:
+        return digest.decode("ascii")
+    except UnicodeDecodeError:
+        return ""
+
+
+def check_finite(data: Embeddings, cache) -> None:
+    """Refuse embeddings that are not all finite numbers (a damaged file; a model that overflowed in
+    fp16) before a head or a map is fit on them: scikit-learn would fail deep inside with a traceback.
+    Checked a block of rows at a time, so a cache of millions needs no second matrix of its size."""
+    bad: list[int] = []
+    for start in range(0, len(data.embeddings), 65536):
+        bad.extend(start + np.flatnonzero(~np.isfinite(data.embeddings[start:start + 65536]).all(axis=1)))
+    if bad:
+        raise StoreError(f"{cache}: {len(bad):,} stored embedding(s) of {data.model} are not finite numbers (NaN or "
+                         f"infinity), e.g. that of {data.keys[bad[0]]}: the file is damaged, or the model overflowed "
+                         "(fp16: embed without --half); embed into a new file")
 
 
 def _phashes_of(columns: dict, pick, n: int) -> np.ndarray:
@@ -287,7 +343,7 @@ def iter_embeddings(path: str | os.PathLike, model: str | None = None, *, rows_p
     rather than the cache's, where re-runs append new, moved and copied files at the end; only the keys
     are held whole."""
     path = Path(path)
-    with _open_h5(path, "r") as f:
+    with _read_h5(path) as f:
         g = f[_pick_model(f, path, model)]
         columns, n = _committed_columns(g)
         if sort_key is None:
@@ -322,7 +378,7 @@ def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[s
     folder the cache follows that has one, and the stored float32 embedding of those whose row embeds the
     file as it is now (same size and mtime: what a re-run of embed would skip)."""
     path = Path(path)
-    with _open_h5(path, "r") as f:
+    with _read_h5(path) as f:
         g = f[_pick_model(f, path, model)]
         folder = _attrs_of(g).get("folder")
         wanted: dict[str, list[int]] = {}
@@ -369,7 +425,7 @@ def _key_under(folder: str, file: str | os.PathLike) -> str | None:
 def load_labels(path: str | os.PathLike, model: str | None = None) -> np.ndarray:
     """int32 (n,) class index of every committed row (-1 without a class), without reading the embeddings."""
     path = Path(path)
-    with _open_h5(path, "r") as f:
+    with _read_h5(path) as f:
         columns, n = _committed_columns(f[_pick_model(f, path, model)])
         return columns["labels"][:n].astype(np.int32)
 
@@ -378,7 +434,7 @@ def load_digests(path: str | os.PathLike, model: str | None = None) -> tuple[lis
     """Keys, SHA-256 digests (S64 hex, b"" where unknown) and perceptual hashes (uint64, 0 where unknown)
     of every committed row, without the embeddings."""
     path = Path(path)
-    with _open_h5(path, "r") as f:
+    with _read_h5(path) as f:
         columns, n = _committed_columns(f[_pick_model(f, path, model)])
         digests = columns[_DIGESTS][:n] if _DIGESTS in columns else np.zeros(n, dtype=_DIGEST_DTYPE)
         return _decode(columns["keys"][:n]), digests, _phashes_of(columns, slice(0, n), n)
@@ -387,7 +443,7 @@ def load_digests(path: str | os.PathLike, model: str | None = None) -> tuple[lis
 def load_failures(path: str | os.PathLike, model: str | None = None) -> dict[str, str]:
     """key -> reason for each file a model's runs skipped (not retried until the file changes)."""
     path = Path(path)
-    with _open_h5(path, "r") as f:
+    with _read_h5(path) as f:
         return _failures_of(f[_pick_model(f, path, model)])
 
 
@@ -630,7 +686,7 @@ def summarize_cache(path: str | os.PathLike, *, list_copies: bool = False) -> li
     file sits under two classes), so it is quick on a cache of millions of rows. ``list_copies``: also
     every picture stored more than once, among all rows, with its files (``copy_groups``; reads the keys)."""
     out = []
-    with _open_h5(Path(path), "r") as f:
+    with _read_h5(Path(path)) as f:
         for model in _model_groups(f):
             g = f[model]
             columns, n = _committed_columns(g)
@@ -694,11 +750,12 @@ class EmbeddingStore:
         self.folder, self.subfolder = (os.path.realpath(folder) if folder is not None else None), ""
         self.file = _open_h5(self.path, "a")
         try:
-            self._open_group()
-            if folder is not None:
-                self._follow_folder(folder, new_folder)
-            if model_file is not None:
-                self._set_path_attr("model_file", model_file)
+            with _damage_said(self.path):
+                self._open_group()
+                if folder is not None:
+                    self._follow_folder(folder, new_folder)
+                if model_file is not None:
+                    self._set_path_attr("model_file", model_file)
         except BaseException:
             self.file.close()
             raise
@@ -1024,6 +1081,9 @@ class EmbeddingStore:
         except StoreError:
             if exc_type is None:
                 raise  # otherwise the error already on its way (e.g. the failed write) is the one to report
+        if isinstance(exc, Exception) and not isinstance(exc, FeatxError) and _raised_by_h5py(exc):
+            with _damage_said(self.path):  # a read or write of the run met a damaged part of the file
+                raise exc
 
 
 _DIGESTS = "file_sha256"

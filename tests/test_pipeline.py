@@ -609,6 +609,46 @@ def test_unusable_output_is_refused_before_the_model_loads(small_digits, tmp_pat
     assert photo.read_bytes() == before
 
 
+def test_a_damaged_or_cut_short_cache_is_refused_in_one_line_naming_it(small_digits, tmp_path, lite0_onnx, capsys):
+    """A cache damaged on disk (a model group's header overwritten), cut short (a copy that did not finish)
+    or holding embeddings that are not numbers (NaN: damage, or a model overflowing in fp16): each command
+    says so in one line, exit 2; a damaged header was a KeyError traceback, a cut file "is locked"."""
+    import shutil
+
+    from featx.cli import main
+
+    good = tmp_path / "good.h5"
+    embed(small_digits, good, lite0_onnx)
+    damaged, cut, nan = tmp_path / "damaged.h5", tmp_path / "cut.h5", tmp_path / "nan.h5"
+    for copy in (damaged, nan):
+        shutil.copy(good, copy)
+    with h5py.File(damaged, "r") as f:
+        header = h5py.h5o.get_info(f["efficientnet_lite0"].id).addr
+    with open(damaged, "r+b") as f:
+        f.seek(header)
+        f.write(b"\x07" * 64)
+    cut.write_bytes(good.read_bytes()[:20000])
+    with h5py.File(nan, "r+") as f:
+        f["efficientnet_lite0/embeddings"][5] = np.nan
+        key = f["efficientnet_lite0/keys"][5].decode()
+    expected = {damaged: f"{damaged} is damaged: HDF5 cannot read it (Unable to synchronously open object (bad object "
+                         "header version number)); embed into a new file (the images are read again)",
+                cut: f"{cut} is cut short (20,000 of its {good.stat().st_size:,} bytes: a copy or download that did not "
+                     "finish?); copy it again, or embed into a new file"}
+    for cache, said in expected.items():
+        for argv in (["info", cache], ["train-head", cache, "--C", "1", "-o", tmp_path / "h.safetensors"],
+                     ["embed", small_digits, "-o", cache, "--model", lite0_onnx], ["map", cache]):
+            assert main(["-q", *map(str, argv)]) == 2, argv
+            assert capsys.readouterr().err.strip() == f"featx: error: {said}", argv
+    for argv in (["train-head", nan, "--C", "1", "-o", tmp_path / "h.safetensors"], ["map", nan]):
+        assert main(["-q", *map(str, argv)]) == 2, argv
+        assert capsys.readouterr().err.strip() == (
+            f"featx: error: {nan}: 1 stored embedding(s) of efficientnet_lite0 are not finite numbers (NaN or "
+            f"infinity), e.g. that of {key}: the file is damaged, or the model overflowed (fp16: embed without "
+            "--half); embed into a new file"), argv
+    assert not (tmp_path / "h.safetensors").exists()
+
+
 def test_a_folder_without_images_says_so(small_digits, tmp_path, lite0_onnx):
     """Pointing featx at the wrong folder is not a silent '0 embedded'."""
     (tmp_path / "notes").mkdir()
