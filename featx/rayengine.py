@@ -85,6 +85,8 @@ def stitch_shards(shard_dir: Path, store: EmbeddingStore, run: str | None = None
     ahead of this run's walk order: its files are this run's too, and it adds only what is not stored.
     """
     shards = sorted(shard_dir.glob("*.npz"), key=lambda shard: (not (run and shard.name.startswith(run)), shard.name))
+    if run is None:  # a killed run's shards, before the next run walks
+        shards = _walk_prefixes(shards)
     done = store.done() if shards else {}  # the done keys are read only when there is something to stitch
     embedded, failures = 0, []
     for shard in shards:
@@ -130,6 +132,33 @@ def stitch_shards(shard_dir: Path, store: EmbeddingStore, run: str | None = None
     for leftover in [*shard_dir.glob("*.part"), *shard_dir.glob("*.done")]:  # cut short; markers of older featx
         leftover.unlink(missing_ok=True)
     return embedded, failures
+
+
+def _walk_prefixes(shards: list[Path]) -> list[Path]:
+    """Of killed runs' shards (name order), each run's that cover its walk from its first file on without a
+    gap; the others are deleted. Its actors finish batches out of order, and rows stitched past a missing
+    batch would stand ahead of that batch's files, which the next run embeds: the cache would not be in
+    walk order, as an uninterrupted run's is (a head's split follows the rows' order)."""
+    kept: list[Path] = []
+    following: dict[str, int] = {}  # run -> the walk position its next shard must start at (-1: past a gap)
+    for shard in shards:
+        run, _, start = shard.stem.rpartition("-")
+        try:
+            with np.load(shard) as z:
+                n = len(z["ok"])
+            start_at = int(start)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            kept.append(shard)  # the stitch says what is wrong with it, and deletes it
+            continue
+        if start_at == following.get(run, 0):
+            kept.append(shard)
+            following[run] = start_at + n
+        else:
+            following[run] = -1
+            _logger.info("shard %s left out: an earlier batch of its killed run did not finish, so its files are "
+                         "embedded again, in walk order", shard.name)
+            shard.unlink()
+    return kept
 
 
 def embed_folder_ray(

@@ -147,3 +147,27 @@ def test_a_killed_runs_late_shard_does_not_break_walk_order(small_digits, tmp_pa
         assert {mtime for _, _, mtime in store.done().values()} == {0}  # this run's rows, not replaced by it
     assert featx.load_embeddings(tmp_path / "c.h5").keys == [e.key for e in entries]
     assert not list(shard_dir.iterdir())
+
+
+def test_a_killed_runs_shards_past_a_missing_batch_are_left_to_the_next_run(small_digits, tmp_path, lite0_onnx):
+    """A killed run's actors finish batches out of order: its shards for the walk's positions 0 and 4, the
+    batch at 2 never written. Only the first is stitched; the other is deleted, so the next run embeds
+    files 2 to 5 in walk order and the cache is an uninterrupted run's (once a flaky resume test)."""
+    from featx.data import walk_images
+    from featx.rayengine import _decode, _Embedder, stitch_shards
+    from featx.runtime import read_model_info
+    from featx.store import EmbeddingStore
+
+    info = read_model_info(lite0_onnx)
+    entries = list(walk_images(small_digits))[:6]
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    for first in (0, 4):
+        batch = {"order": np.arange(first, first + 2), "path": np.array([e.path for e in entries[first:first + 2]]),
+                 "key": np.array([e.key for e in entries[first:first + 2]]), "label": np.zeros(2, dtype=int),
+                 "size": np.zeros(2, dtype=np.int64), "mtime": np.zeros(2, dtype=np.int64)}
+        _Embedder(str(lite0_onnx), "cpu", str(shard_dir), "0001")(_decode(batch, cfg=info.preprocess, max_pixels=10**8))
+    with EmbeddingStore(tmp_path / "c.h5", "efficientnet_lite0", info=info) as store:
+        assert stitch_shards(shard_dir, store) == (2, [])
+    assert featx.load_embeddings(tmp_path / "c.h5").keys == [e.key for e in entries[:2]]
+    assert not list(shard_dir.iterdir())
