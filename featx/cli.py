@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a backbone to ONNX (embedding and logits outputs), checked against torch")
     p.add_argument("model", help="backbone name")
-    p.add_argument("-o", "--output", default=None, help="output .onnx path (default models/NAME.onnx)")
+    p.add_argument("-o", "--output", default=None, help="output .onnx path (default: NAME.onnx in the models folder, $FEATX_MODELS)")
     p.add_argument("--weights", default=None, help="pretrained | none | bundled | PATH to a state dict")
     p.add_argument("--half", action="store_true", help="fp16 inside the graph (input uint8, outputs float32)")
 

@@ -362,8 +362,18 @@ def compare_with_torch(path: str | os.PathLike, backbone: Backbone, *, half: boo
 
 
 def default_models_dir() -> Path:
-    """Where exported files go unless told: $FEATX_MODELS, else ./models."""
-    return Path(os.environ.get("FEATX_MODELS", "models"))
+    """Where exported files go unless told: ``$FEATX_MODELS``; else the ``models/`` folder of the featx clone
+    this runs from (``pip install -e .``, as the README installs it), whichever folder it is run in; else,
+    installed elsewhere, ``models/`` in featx's user cache folder (``~/.cache/featx``). A ``models/`` made
+    in the current folder put a 14 MB file and a folder into a photo folder embedded from inside it."""
+    if os.environ.get("FEATX_MODELS"):
+        return Path(os.environ["FEATX_MODELS"])
+    clone = Path(__file__).resolve().parent.parent
+    if (clone / "pyproject.toml").is_file() and (clone / "models").is_dir():
+        return clone / "models"
+    from .calibration import featx_cache_dir
+
+    return featx_cache_dir() / "models"
 
 
 def ensure_model_file(

@@ -1,6 +1,9 @@
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +134,23 @@ def test_classify_takes_a_folder_and_reports_bad_files_without_stopping(lite0_on
     assert in_no_folder.error == f"no such file: folder {no_folder.parent} does not exist"
     assert "palace" in [name for name, _ in china.top] and china.error is None
     assert coffee.top[0][0] in ("espresso", "cup", "coffee mug")
+
+
+def test_a_backbone_name_exports_into_the_clones_models_folder_whichever_folder_featx_runs_in(photos_dir, tmp_path):
+    """`cd photos && featx embed . -o ../cache.h5` made photos/models/ with a 14 MB file in it (the default
+    was ./models): the export now goes to this clone's models/ (installed with pip install -e, as the
+    README does), and $FEATX_MODELS still decides when set."""
+    clone_models = Path(featx.__file__).resolve().parent.parent / "models"
+    shutil.copy(photos_dir / "coffee.png", tmp_path / "coffee.png")
+    env = {k: v for k, v in os.environ.items() if k != "FEATX_MODELS"}
+    r = subprocess.run([sys.executable, "-m", "featx", "-q", "classify", "coffee.png"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "espresso" in r.stdout, r.stdout + r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coffee.png"]
+    assert (clone_models / "efficientnet_lite0.onnx").is_file()
+    r = subprocess.run([sys.executable, "-c", "from featx.export import default_models_dir; print(default_models_dir())"],
+                       cwd=tmp_path, env={**env, "FEATX_MODELS": str(tmp_path / "mine")}, capture_output=True, text=True)
+    assert r.stdout.strip() == str(tmp_path / "mine")
 
 
 def test_cli_classify_exits_1_for_a_named_file_it_cannot_read(lite0_onnx, photos_dir, tmp_path, capsys):
