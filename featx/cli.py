@@ -370,6 +370,10 @@ def program() -> int:
     sys.unraisablehook = _redeliver_lost_interrupt
     code = main()
     if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        # the run is over and said so: a later Ctrl-C (the test's second, or one sent again by
+        # _redeliver_lost_interrupt) raised now would end the exit in a KeyboardInterrupt (status -2)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _exit_past_stuck_threads(code)
     return code
 
