@@ -147,8 +147,6 @@ def _damage_said(path: Path):
     bad copy; "message not aligned") as one StoreError naming the file, not a traceback."""
     try:
         yield
-    except FeatxError:
-        raise
     except Exception as e:
         if not _raised_by_h5py(e):
             raise
@@ -159,6 +157,8 @@ def _damage_said(path: Path):
 
 def _raised_by_h5py(error: BaseException) -> bool:
     """Whether ``error`` came out of h5py or HDF5 (its innermost frame is h5py's), not out of featx."""
+    if isinstance(error, FeatxError):
+        return False
     tb, innermost = error.__traceback__, ""
     while tb is not None:
         innermost, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
@@ -1081,9 +1081,6 @@ class EmbeddingStore:
         except StoreError:
             if exc_type is None:
                 raise  # otherwise the error already on its way (e.g. the failed write) is the one to report
-        if isinstance(exc, Exception) and not isinstance(exc, FeatxError) and _raised_by_h5py(exc):
-            with _damage_said(self.path):  # a read or write of the run met a damaged part of the file
-                raise exc
 
 
 _DIGESTS = "file_sha256"
