@@ -203,8 +203,9 @@ class LogRegHead(_Head):
             self.C_, start = self._choose_C(Xs, y_idx, groups, folds=int(min(self.cv, counts.min())))
         else:
             if self.C is None:
-                _logger.info("C 1: class '%s' has a single picture, which no fold could both hold out and "
-                             "train on", self.classes_[counts.argmin()])
+                _logger.info("C 1: class '%s' has %s, which no fold could both hold out and train on",
+                             self.classes_[counts.argmin()], "a single picture" if counts.min() else
+                             "only near copies of pictures in other classes")
             self.C_ = 1.0 if self.C is None else float(self.C)
         model = LogisticRegression(C=self.C_, max_iter=self.max_iter, class_weight=self.class_weight,
                                    random_state=self.random_state, warm_start=start is not None)
@@ -640,8 +641,14 @@ def stratified_split(labels: Sequence, fraction: float, seed: int, *, groups: np
     units = one_per_group(groups, len(labels))
     image = "image" if groups is None or len(units) == len(labels) else "picture (near copies counted as one)"
     names, counts = np.unique(labels[units], return_counts=True)
+    absorbed = _near_copies_across_classes(labels, groups, held_out)
     if len(names) < 2:
-        found = f"one class ('{names[0]}', {counts[0]} images)" if len(names) else "no labelled image"
+        found = (f"one class ('{names[0]}', {counts[0]} {image.split(' ')[0]}s)" if len(names)
+                 else "no labelled image")
+        if absorbed:
+            raise FeatxError(f"a classifier needs images of at least two classes, found {found}: every image "
+                             f"of {', '.join(map(repr, absorbed))} is a near copy of one filed under another "
+                             "class (the same picture in two class folders)")
         raise FeatxError(f"a classifier needs images of at least two classes, found {found}: "
                          "put each class in its own subfolder")
     single = names[counts < 2]
@@ -659,6 +666,28 @@ def stratified_split(labels: Sequence, fraction: float, seed: int, *, groups: np
     if groups is None:
         return train, rest
     return _with_near_copies(groups, train), _with_near_copies(groups, rest)
+
+
+def _near_copies_across_classes(labels: np.ndarray, groups: np.ndarray | None, held_out: str) -> list[str]:
+    """Warns of pictures whose near copies are filed under different classes (a split keeps a picture
+    on one side, as the class of its first image, so the other class's copies go along); returns the
+    classes left with no picture of their own."""
+    if groups is None:
+        return []
+    _, first, group_of = np.unique(groups, return_index=True, return_inverse=True)
+    group_class = labels[first][group_of.ravel()]
+    elsewhere = np.flatnonzero(labels != group_class)
+    if not len(elsewhere):
+        return []
+    n = len(np.unique(group_of.ravel()[elsewhere]))
+    i = elsewhere[0]
+    absorbed = sorted(set(labels.tolist()) - set(labels[first].tolist()))
+    _logger.warning("%d picture%s near copies filed under another class (e.g. in '%s' and '%s'): each goes to "
+                    "one side of the train/%s split with all its copies, as the class of its first image%s",
+                    n, " has" if n == 1 else "s have", group_class[i], labels[i], held_out,
+                    f"; {', '.join(map(repr, absorbed))} {'has' if len(absorbed) == 1 else 'have'} no picture "
+                    "of its own" if absorbed else "")
+    return absorbed
 
 
 def one_per_group(groups: np.ndarray | None, n: int) -> np.ndarray:

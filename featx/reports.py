@@ -60,8 +60,7 @@ class HeadReport:
                          f"{np.mean(self.cv_accuracy):.4f} ± {np.std(self.cv_accuracy):.4f}")
         lines.append(self.per_class.rstrip())
         if self.micro_f1 is None and len(self.classes) <= _MATRIX_PRINTED_UP_TO:
-            lines += ["confusion matrix (rows: true, columns: predicted; classes in the order above):",
-                      np.array2string(self.confusion, max_line_width=200)]
+            lines.append(_confusion_table(self.confusion, self.classes))
         elif self.micro_f1 is None:  # numpy would print its corners around '...': the pairs say more
             lines.append(_most_confused(self.confusion, self.classes))
         if self.mistakes:
@@ -162,6 +161,18 @@ def plot_label_f1(f1: np.ndarray, names: list[str], path: Path, *, title: str) -
 _MATRIX_PRINTED_UP_TO = 20  # classes; more, and the report lists the most confused pairs instead
 _VALUES_DRAWN_UP_TO = 40  # classes; more, and a cell is too small for its count
 _LABELS_DRAWN = 80  # at most this many class names along each axis
+
+
+def _confusion_table(matrix: np.ndarray, classes: list[str]) -> str:
+    """The matrix with each row named by its class and the columns numbered as the rows: the classes
+    are the head's (or those met), which scikit-learn's report above lists only when they were met."""
+    number = [f"{i} {name}" for i, name in enumerate(classes)]
+    first = max(len(n) for n in number)
+    cell = max(len(str(int(matrix.max()))), len(str(len(classes) - 1))) + 2
+    lines = ["confusion matrix (rows: true class; columns: predicted, numbered as the rows):",
+             " " * (first + 2) + "".join(f"{i:>{cell}}" for i in range(len(classes)))]
+    lines += [f"  {n:<{first}}" + "".join(f"{int(v):>{cell}}" for v in row) for n, row in zip(number, matrix)]
+    return "\n".join(lines)
 
 
 def _most_confused(matrix: np.ndarray, classes: list[str], shown: int = 10) -> str:

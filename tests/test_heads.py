@@ -293,6 +293,40 @@ def test_resized_copies_stay_on_one_side_of_the_split_so_random_labels_score_as_
     assert leaked > 0.75
 
 
+def test_near_copies_filed_under_two_classes_are_said_and_every_class_named_in_the_matrix(small_digits, lite0_onnx,
+                                                                                           tmp_path, caplog):
+    """A folder 'copies' holding the 3s again at another size (new bytes, the same pictures): a split
+    keeps each picture whole, as the class of its first image, so 'copies' has no picture of its own
+    and may be held out entirely. That is said; the printed confusion matrix names its rows, as the
+    head's classes include one the held-out images may not (scikit-learn's report then leaves it out,
+    and the matrix said "classes in the order above"). A folder of one class and its copies is refused
+    saying so."""
+    from PIL import Image
+
+    threes = sorted((small_digits / "3").glob("*.png"))
+    for folder in (small_digits / "copies", tmp_path / "two" / "copies"):
+        folder.mkdir(parents=True)
+        for path in threes:
+            Image.open(path).resize((40, 40), Image.BILINEAR).save(folder / path.name)
+    shutil.copytree(small_digits / "3", tmp_path / "two" / "3")
+    cache = tmp_path / "c.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx")
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        report = featx.train_head(cache, tmp_path / "h.safetensors", C=1.0)
+    assert (f"{len(threes)} pictures have near copies filed under another class (e.g. in '3' and 'copies'): each "
+            "goes to one side of the train/test split") in caplog.text
+    assert "'copies' has no picture of its own" in caplog.text
+    text = report.text()
+    assert "copies" in report.classes and "classes in the order above" not in text
+    rows = text.split("columns: predicted, numbered as the rows):\n")[1].splitlines()[1:len(report.classes) + 1]
+    for i, (name, row) in enumerate(zip(report.classes, rows)):
+        assert row.split() == [str(i), name] + [str(n) for n in report.confusion[i]]
+    featx.embed_folder(tmp_path / "two", tmp_path / "two.h5", model=lite0_onnx, engine="onnx")
+    with pytest.raises(featx.FeatxError, match=r"found one class \('3', \d pictures\): every image of 'copies' is a "
+                                               "near copy of one filed under another class"):
+        featx.train_head(tmp_path / "two.h5", tmp_path / "h2.safetensors", C=1.0)
+
+
 def test_scipys_blas_runs_one_thread_while_a_head_fits_and_gets_its_threads_back():
     """scipy's L-BFGS-B is slowed several times over by its own OpenBLAS' threads (digits: 13.6 s to choose
     C, 1.2 s on one thread); numpy's BLAS, which does the matrix products, keeps its threads, and the
