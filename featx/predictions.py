@@ -26,6 +26,8 @@ from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, mi
                       plot_confusion, plot_label_f1, single_label_report)
 
 _logger = logging.getLogger(__name__)
+NOT_FINITE = ("its embedding is not finite numbers (NaN or infinity): the cache holding it is damaged (embed into "
+              "a new file), or the model overflowed")
 
 
 # ---------------------------------------------------------------------------------------- prediction
@@ -82,6 +84,12 @@ def iter_predictions(
     multilabel = getattr(loaded.head, "multilabel_", False)
 
     def rows_of(keys: list[str], embeddings: np.ndarray) -> Iterator[PredictionRow]:
+        finite = np.isfinite(embeddings).all(axis=1)  # a damaged cache's row: scikit-learn would raise
+        if not finite.all():
+            made = iter(rows_of([k for k, ok in zip(keys, finite) if ok], embeddings[finite]) if finite.any() else ())
+            for key, ok in zip(keys, finite):
+                yield next(made) if ok else PredictionRow(key, [], NOT_FINITE)
+            return
         for key, probs in zip(keys, loaded.head.predict_proba(embeddings)):
             best = np.argsort(-probs)[:top]
             chosen = [classes[j] for j in np.flatnonzero(probs >= loaded.head.thresholds_)] if multilabel else None

@@ -120,9 +120,14 @@ def find_similar(
 
     kept: list[list[tuple]] = [[] for _ in range(len(Q))]  # per query: (similarity, key, digest, phash), best first
     start = 0  # the chunk's first row
+    damaged: list[str] = []  # keys of rows that are not finite numbers (a damaged file): never matches
     for keys, embeddings, digests, phashes in iter_embeddings(cache, group, rows_per_chunk=rows_per_chunk,
                                                               with_digests=True, with_phashes=True):
+        bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+        damaged += [keys[j] for j in bad]
+        embeddings[bad] = 0
         for i, sims in enumerate(Q @ unit_rows(embeddings).T):
+            sims[bad] = -np.inf
             if start <= skipped_rows[i] < start + len(keys):
                 sims[skipped_rows[i] - start] = -np.inf
             # the chunk's rows best first beside those kept so far (earlier rows first among equals)
@@ -131,6 +136,10 @@ def find_similar(
             pictures = _top_pictures(heapq.merge(kept[i], chunk, key=lambda row: -row[0]), k)
             kept[i] = sorted((row for rows in pictures for row in rows), key=lambda row: -row[0])
         start += len(keys)
+    if damaged:
+        _logger.warning("%s: %d stored embedding(s) are not finite numbers (NaN or infinity), e.g. that of %s: "
+                        "left out of the search; the cache is damaged, embed into a new file", cache, len(damaged),
+                        damaged[0])
     for result, rows in zip(searched, kept):
         for first, *others in _top_pictures(rows, k):
             result.matches.append((first[1], first[0]))

@@ -376,7 +376,8 @@ def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[s
                    ) -> tuple[dict[int, int], dict[int, np.ndarray]]:
     """Which of ``files`` the cache holds, by their place in ``files``: the row of each file under the
     folder the cache follows that has one, and the stored float32 embedding of those whose row embeds the
-    file as it is now (same size and mtime: what a re-run of embed would skip)."""
+    file as it is now (same size and mtime: what a re-run of embed would skip) and holds finite numbers
+    (a damaged row is left to be embedded again from the file, and said)."""
     path = Path(path)
     with _read_h5(path) as f:
         g = f[_pick_model(f, path, model)]
@@ -401,7 +402,14 @@ def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[s
                 current[i] = row
         read = sorted(set(current.values()))  # h5py reads increasing rows
         stored = dict(zip(read, columns["embeddings"][read].astype(np.float32))) if read else {}
-        return {i: row for i, (row, _, _) in rows.items()}, {i: stored[row] for i, row in current.items()}
+        damaged = [row for row, embedding in stored.items() if not np.isfinite(embedding).all()]
+        if damaged:
+            _logger.warning("%s: %d stored embedding(s) of %s are not finite numbers (NaN or infinity), e.g. that of "
+                            "%s: embedded again from the file%s; the cache is damaged, embed into a new file", path,
+                            len(damaged), g.name.lstrip("/"), _decode(columns["keys"][damaged[:1]])[0],
+                            "" if len(damaged) == 1 else "s")
+        usable = {i: stored[row] for i, row in current.items() if row not in damaged}
+        return {i: row for i, (row, _, _) in rows.items()}, usable
 
 
 def _rows_by_key(columns, n: int) -> dict[str, tuple[int, int, int]]:

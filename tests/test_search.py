@@ -157,3 +157,47 @@ def test_a_cache_and_its_heads_find_the_model_they_were_made_with(small_digits, 
     other = featx.ensure_model_file("test_efficientnet", weights="none", models_dir=tmp_path / "mine")
     with pytest.raises(featx.HeadMismatchError):
         featx.predict(queries, head=head, model=other)
+
+
+def test_a_cached_embedding_that_is_not_finite_is_embedded_again_or_left_out_and_said(small_digits, lite0_onnx,
+                                                                                     tmp_path, caplog):
+    """A damaged cache holding NaN in one row and infinity in another (the rows HDF5 reads back fine):
+    `similar` gave a query whose stored row is NaN no match at all, silently, and `predict` raised
+    scikit-learn's traceback. Now a query's damaged row is embedded again from its file, damaged rows
+    are no match for anything, a folder's prediction marks those two files failed, and each is said."""
+    import logging
+
+    from featx.predictions import NOT_FINITE
+
+    cache, damaged = tmp_path / "c.h5", tmp_path / "damaged.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    head = tmp_path / "h.safetensors"
+    featx.train_head(cache, head, C=1.0)
+    shutil.copy(cache, damaged)
+    with h5py.File(damaged, "r+") as f:
+        (group,) = [g for g in f.values() if "fingerprint" in g.attrs]
+        keys = [k.decode() for k in group["keys"][:]]
+        nan_key, inf_key, model = keys[0], keys[7], group.name[1:]
+        group["embeddings"][0] = np.nan
+        group["embeddings"][7] = np.inf
+    query = small_digits / nan_key
+    (clean,) = featx.find_similar([query], cache, k=4, model=lite0_onnx)
+    with caplog.at_level(logging.WARNING):
+        (found,) = featx.find_similar([query], damaged, k=3, model=lite0_onnx)
+    assert found.error is None
+    assert [key for key, _ in found.matches] == [key for key, _ in clean.matches if key != inf_key][:3]
+    assert np.allclose([s for _, s in found.matches], [s for k, s in clean.matches if k != inf_key][:3], atol=1e-4)
+    assert f"1 stored embedding(s) of {model} are not finite numbers" in caplog.text
+    assert f"2 stored embedding(s) are not finite numbers (NaN or infinity), e.g. that of {nan_key}: left out" \
+        in caplog.text
+
+    (row,) = featx.predict([query], head=head, cache=damaged)
+    assert row.error is None and row.top[0][0] == featx.predict([query], head=head, cache=cache)[0].top[0][0]
+    rows = {r.key: r for r in featx.predict([small_digits], head=head, cache=damaged)}
+    expected = {r.key: r for r in featx.predict([small_digits], head=head, cache=cache)}
+    assert rows.keys() == expected.keys()
+    bad = {str(small_digits / nan_key), str(small_digits / inf_key)}
+    assert {k for k, r in rows.items() if r.error} == bad and all(rows[k].error == NOT_FINITE for k in bad)
+    for key in rows.keys() - bad:  # the head ran on the rows left: the same classes, probabilities to rounding
+        assert [c for c, _ in rows[key].top] == [c for c, _ in expected[key].top]
+        assert np.allclose([p for _, p in rows[key].top], [p for _, p in expected[key].top], atol=1e-6)
