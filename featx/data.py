@@ -253,11 +253,18 @@ def read_image_file(path: str | os.PathLike) -> bytearray:
     return data + rest if rest else data
 
 
+def is_glob_pattern(text: str) -> bool:
+    """Whether a name holds glob's wildcards (``*``, ``?``, ``[``)."""
+    return any(c in text for c in "*?[")
+
+
 def _missing(path: str | os.PathLike) -> str:
     """Why a path is no file: a URL, a folder that is not there, or a file gone (since the walk listed it)."""
     text = os.fsdecode(path)
     if "://" in text:
         return "no such file: a URL? featx reads local files (download it first)"
+    if is_glob_pattern(text):  # expand_inputs found nothing it matches
+        return "no such file, and no file matches it as a pattern"
     folder = os.path.dirname(text) or "."
     if not os.path.isdir(folder):
         return f"no such file: folder {folder} does not exist"

@@ -28,7 +28,8 @@ from PIL import Image
 
 from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry, WalkFailure, class_names_of, \
-    file_digest, folder_to_walk, is_passed_over, load_batch, load_image, perceptual_hashes, printable, walk_images
+    file_digest, folder_to_walk, is_glob_pattern, is_passed_over, load_batch, load_image, perceptual_hashes, printable, \
+    walk_images, walk_sort_key
 from .errors import FeatxError, ImageError, ModelFileError, check_output_file
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
@@ -164,10 +165,18 @@ def class_probabilities(info, scores: np.ndarray) -> np.ndarray:
 
 
 def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
-    """Image files as given, and for a folder every image under it, in walk order (sorted by path)."""
+    """Image files as given, and for a folder every image under it, in walk order (sorted by path). A
+    name that is no file but a pattern ('photos/*.jpg' quoted, or typed in Windows' cmd, which expands
+    none) stands for what it matches, as the shell would have expanded it (``**`` recursive)."""
+    import glob
+
     paths: list[str] = []
     for item in items:
-        if Path(item).is_dir():
+        text = os.fspath(item)
+        if isinstance(text, str) and is_glob_pattern(text) and not os.path.lexists(text):
+            matched = sorted(glob.glob(text, recursive=True), key=walk_sort_key)
+            paths.extend(expand_inputs(matched) if matched else [text])
+        elif Path(item).is_dir():
             for entry in walk_images(item):
                 if isinstance(entry, FileEntry):
                     paths.append(entry.path)

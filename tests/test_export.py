@@ -136,6 +136,27 @@ def test_classify_takes_a_folder_and_reports_bad_files_without_stopping(lite0_on
     assert coffee.top[0][0] in ("espresso", "cup", "coffee mug")
 
 
+def test_a_quoted_pattern_is_expanded_as_the_shell_would(lite0_onnx, photos_dir, tmp_path, capsys):
+    """'photos/*.jpg' in quotes (or typed in Windows' cmd, which expands nothing) was one missing file
+    ("a typo in its name"): it now stands for the files it matches, in walk order, a folder among them
+    walked; ** goes down every level. A pattern that matches nothing is a row saying so."""
+    from featx.cli import main
+
+    for name in ("b/coffee.png", "b/deeper/coffee.png", "china.jpg", "china2.jpg", "chinese.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photos_dir / ("china.jpg" if "chin" in name else "coffee.png"), tmp_path / name)
+    rows = featx.classify([tmp_path / "china*.jpg", tmp_path / "**" / "coffee.png", tmp_path / "b?",
+                           tmp_path / "[ab]", tmp_path / "nothing*.jpg"], model=lite0_onnx, top=5)
+    assert [r.path for r in rows] == [str(tmp_path / n) for n in (
+        "china.jpg", "china2.jpg", "b/coffee.png", "b/deeper/coffee.png", "b?", "b/coffee.png",
+        "b/deeper/coffee.png", "nothing*.jpg")]
+    assert all("palace" in dict(r.top) for r in rows[:2]) and all(r.top[0][0] == "espresso" for r in rows[2:4])
+    assert rows[4].error == rows[7].error == "no such file, and no file matches it as a pattern"
+    assert main(["-q", "classify", "--model", str(lite0_onnx), "--top", "1", str(tmp_path / "*.png")]) == 0
+    (line,) = capsys.readouterr().out.splitlines()  # b/ is a folder, not a .png
+    assert line.startswith(f"{tmp_path / 'chinese.png'}  palace ")
+
+
 def test_a_backbone_name_exports_into_the_clones_models_folder_whichever_folder_featx_runs_in(photos_dir, tmp_path):
     """`cd photos && featx embed . -o ../cache.h5` made photos/models/ with a 14 MB file in it (the default
     was ./models): the export now goes to this clone's models/ (installed with pip install -e, as the
