@@ -207,6 +207,25 @@ def encode_files_through_cache(load_engine, paths: Sequence[str], cache, group: 
         pass
 
 
+# A file whose embedding is NaN or infinite is a failure of that file: stored, one such row would make
+# train-head, map and evaluate refuse the whole cache
+NOT_FINITE_OUTPUT = "the model's output for it is not finite numbers (NaN or infinity: an fp16 overflow?)"
+
+
+def _without_non_finite(emb: np.ndarray, decoded: DecodedBatch) -> tuple[np.ndarray, DecodedBatch]:
+    """The batch's embeddings (n_ok, D) and its DecodedBatch without the rows that are not finite
+    numbers, which become failures (NOT_FINITE_OUTPUT) of their files."""
+    finite = np.isfinite(emb).all(axis=1)
+    if finite.all():
+        return emb, decoded
+    keep = np.flatnonzero(finite)
+    failed = sorted(decoded.failed + [(decoded.ok[j], NOT_FINITE_OUTPUT) for j in np.flatnonzero(~finite)])
+    return emb[keep], dataclasses.replace(
+        decoded, ok=[decoded.ok[j] for j in keep], failed=failed,
+        digests=[decoded.digests[j] for j in keep] if decoded.digests else decoded.digests,
+        phashes=None if decoded.phashes is None else decoded.phashes[keep])
+
+
 def encode_files(engine, paths: Sequence[str], *, batch_size: int | None = None, progress: bool = False,
                  workers: int | None = None, with_phashes: bool = False) -> Iterator:
     """(path, embedding, logits or None, None, phash) for each path in order, or (path, None, None, why it
@@ -233,9 +252,13 @@ def encode_files(engine, paths: Sequence[str], *, batch_size: int | None = None,
                 rows[k] = (None, None, reason, 0)
             if decoded.ok:
                 out = engine.encode(decoded.images)
+                finite = np.isfinite(out.embedding).all(axis=1)
+                if out.logits is not None:
+                    finite &= np.isfinite(out.logits).all(axis=1)
                 for j, k in enumerate(decoded.ok):
-                    rows[k] = (out.embedding[j], None if out.logits is None else out.logits[j], None,
-                               int(decoded.phashes[j]) if with_phashes else 0)
+                    rows[k] = ((out.embedding[j], None if out.logits is None else out.logits[j], None,
+                                int(decoded.phashes[j]) if with_phashes else 0) if finite[j]
+                               else (None, None, NOT_FINITE_OUTPUT, 0))
             for path, row in zip(chunk, rows):
                 yield (path, *row)
             bar.update(len(chunk))
@@ -674,6 +697,8 @@ class _EngineThreads:
         try:
             for batch, decoded in staged:
                 emb = encoder.encode(decoded.images).embedding if decoded.ok else None
+                if emb is not None:
+                    emb, decoded = _without_non_finite(emb, decoded)
                 # the pixels are not needed any more: a batch waiting for its turn holds only its embeddings
                 decoded = dataclasses.replace(decoded, images=None)
                 batch.decoded = None

@@ -23,7 +23,7 @@ from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, folder_to_walk, load_batch
 from .errors import FeatxError
 from .export import ensure_model_file
-from .pipeline import PendingFiles, RunStats, check_prune, classes_walked, hash_unhashed_rows
+from .pipeline import NOT_FINITE_OUTPUT, PendingFiles, RunStats, check_prune, classes_walked, hash_unhashed_rows
 from .runtime import read_model_info
 from .store import EmbeddingStore
 
@@ -60,13 +60,21 @@ class _Embedder:
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         dim = self.engine.info.embed_dim
         emb = self.engine.encode(batch["image"][ok]).embedding if ok.any() else np.zeros((0, dim))
+        errors = np.asarray(batch["error"], dtype=str)
+        finite = np.isfinite(emb).all(axis=1)
+        if not finite.all():  # a failure of its file, as on one machine
+            overflowed = np.flatnonzero(ok)[~finite]
+            errors = errors.astype(object)
+            errors[overflowed] = NOT_FINITE_OUTPUT
+            ok[overflowed] = False
+            emb = emb[finite]
         # named by the run, then the batch's first position in its walk: name order is walk order
         name = f"{self.run}-{int(batch['order'][0]):012d}"
         part = self.shard_dir / f"{name}.part"
         with open(part, "wb") as f:  # str arrays of fixed width: the shard loads without pickle
             np.savez(f, ok=ok, embedding=emb.astype(np.float32), key=np.asarray(batch["key"], dtype=str),
                      label=batch["label"], size=batch["size"], mtime=batch["mtime"],
-                     error=np.asarray(batch["error"], dtype=str), digest=np.asarray(batch["digest"], dtype=str),
+                     error=np.asarray(errors, dtype=str), digest=np.asarray(batch["digest"], dtype=str),
                      phash=batch["phash"])
             f.flush()
             os.fsync(f.fileno())

@@ -77,3 +77,31 @@ def digits_cache(tmp_path_factory, digits_dir, lite0_onnx) -> Path:
     out = tmp_path_factory.mktemp("cache") / "digits.h5"
     embed_folder(digits_dir, out, model=lite0_onnx, batch_size=64, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def overflowing_lite0(tmp_path_factory, lite0_onnx) -> tuple[Path, set[str]]:
+    """A real ONNX file whose embedding is not finite on some images, as an fp16 engine's that overflows:
+    the Lite0 graph with its embedding output (not its class scores) scaled past float32's range on the
+    10 of the 60 ``small_digits`` with the largest features. Returns (file, the keys of those 10)."""
+    import numpy as np
+    import onnx
+
+    from featx import embed_images
+    from featx.samples import write_digits_folder
+
+    folder = write_digits_folder(tmp_path_factory.mktemp("digits60") / "digits", size=32, limit=60)
+    keys = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+    largest = embed_images([folder / k for k in keys], model=lite0_onnx).max(axis=1)
+    cut = np.mean(np.sort(largest)[49:51])
+    graph = onnx.load(lite0_onnx)
+    (cast,) = [n for n in graph.graph.node if "embedding" in n.output]
+    cast.output[0] = "embedding_unscaled"
+    (gemm,) = [n for n in graph.graph.node if "embedding" in n.input]
+    gemm.input[list(gemm.input).index("embedding")] = "embedding_unscaled"
+    graph.graph.initializer.append(onnx.numpy_helper.from_array(
+        np.array(np.finfo(np.float32).max / cut, dtype=np.float32), "overflow_scale"))
+    graph.graph.node.append(onnx.helper.make_node("Mul", ["embedding_unscaled", "overflow_scale"], ["embedding"]))
+    path = tmp_path_factory.mktemp("overflowing") / lite0_onnx.name
+    onnx.save(graph, path)
+    return path, {k for k, m in zip(keys, largest) if m > cut}

@@ -1082,3 +1082,24 @@ def test_a_newline_in_a_file_name_is_printed_escaped_and_kept_as_it_is_in_csv(sm
     capsys.readouterr()
     assert main(["info", str(out), "--failures"]) == 0
     assert "\n    bro\\nken.jpg: cannot decode" in capsys.readouterr().out
+
+
+def test_an_embedding_that_overflows_is_a_failure_of_its_file_and_the_cache_stays_usable(small_digits, tmp_path,
+                                                                                          overflowing_lite0):
+    """A model whose output is NaN or infinite for some images (an fp16 engine that overflows) had those
+    rows stored, and one such row made train-head, map and evaluate refuse the whole cache ("embed into a
+    new file"). With a real ONNX file whose embedding overflows on the 10 digits with the largest
+    features: those files are failures with the reason, the rest are stored, and a head trains on the
+    cache; classify gives those files the same reason."""
+    from featx.pipeline import NOT_FINITE_OUTPUT
+
+    model, expected = overflowing_lite0
+    cache = tmp_path / "c.h5"
+    stats = embed(small_digits, cache, model)
+    assert (stats.n_embedded, stats.n_failed) == (50, 10)
+    assert featx.load_failures(cache) == {k: NOT_FINITE_OUTPUT for k in expected}
+    data = featx.load_embeddings(cache)
+    assert len(set(data.keys) | expected) == 60 and np.isfinite(data.embeddings).all()
+    featx.train_head(cache, tmp_path / "h.safetensors", C=1.0, test_size=0.3)  # refused the cache before
+    rows = featx.classify([small_digits], model=model)
+    assert {str(Path(r.path).relative_to(small_digits)) for r in rows if r.error == NOT_FINITE_OUTPUT} == expected

@@ -171,3 +171,18 @@ def test_a_killed_runs_shards_past_a_missing_batch_are_left_to_the_next_run(smal
         assert stitch_shards(shard_dir, store) == (2, [])
     assert featx.load_embeddings(tmp_path / "c.h5").keys == [e.key for e in entries[:2]]
     assert not list(shard_dir.iterdir())
+
+
+@pytest.mark.slow
+def test_ray_actors_record_an_embedding_that_overflows_as_a_failure(local_cluster, small_digits, tmp_path,
+                                                                   overflowing_lite0):
+    """As on one machine: a file whose embedding is not finite numbers is a failure with the reason, in
+    the same cache the single-machine path makes."""
+    from featx.pipeline import NOT_FINITE_OUTPUT
+
+    model, expected = overflowing_lite0
+    stats = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=model, engine="ray", batch_size=8, workers=2)
+    featx.embed_folder(small_digits, tmp_path / "one.h5", model=model, batch_size=8, workers=0)
+    assert (stats.n_embedded, stats.n_failed) == (50, 10)
+    assert featx.load_failures(tmp_path / "ray.h5") == {k: NOT_FINITE_OUTPUT for k in expected}
+    assert_same_cache(tmp_path / "ray.h5", tmp_path / "one.h5")
