@@ -188,7 +188,7 @@ class LogRegHead(_Head):
         ``overwrite_X``: X may be standardised in place (a float32 copy the caller has no more use for)."""
         Xs, y_idx = self._prepare_fit(X, y, overwrite_X=overwrite_X)
         if len(self.classes_) == 1:
-            self.C_, self.n_iter_ = self.C, 1
+            self.C_, self.n_iter_, self.cv_folds_ = self.C, 1, 0
             return self
         with lbfgs_blas_single_threaded():
             return self._fit_standardised(Xs, y_idx, groups)
@@ -199,8 +199,10 @@ class LogRegHead(_Head):
         # pictures per class: a picture's near copies share a fold, so they count once
         counts = np.bincount(y_idx[one_per_group(groups, len(y_idx))], minlength=len(self.classes_))
         start = None
-        if self.C is None and counts.min() >= 2:
-            self.C_, start = self._choose_C(Xs, y_idx, groups, folds=int(min(self.cv, counts.min())))
+        # the folds the C search ran (0: none), as a class of 3 pictures takes 3 folds whatever cv says
+        self.cv_folds_ = int(min(self.cv, counts.min())) if self.C is None and counts.min() >= 2 else 0
+        if self.cv_folds_:
+            self.C_, start = self._choose_C(Xs, y_idx, groups, folds=self.cv_folds_)
         else:
             if self.C is None:
                 _logger.info("C 1: class '%s' has %s, which no fold could both hold out and train on",
@@ -491,7 +493,7 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
     return path
 
 
-_FITTED = ("C_", "n_epochs_", "best_epoch_")  # what a fit chose that its parameters do not say
+_FITTED = ("C_", "cv_folds_", "n_epochs_", "best_epoch_")  # what a fit chose that its parameters do not say
 
 
 def _fitted_choices(head: _Head) -> dict:
@@ -541,7 +543,12 @@ class LoadedHead:
             if head.C is not None:
                 return f"C {head.C:g}, "
             chosen = getattr(head, "C_", None)  # heads since its recording
-            return f"C {chosen:g} (chosen by {head.cv}-fold cross-validation), " if chosen is not None else ""
+            folds = getattr(head, "cv_folds_", head.cv)  # heads before its recording searched with head.cv
+            if chosen is None:
+                return ""
+            if not folds:
+                return f"C {chosen:g} (not cross-validated: a class had a single picture), "
+            return f"C {chosen:g} (chosen by {folds}-fold cross-validation), "
         said = f"hidden {','.join(str(h) for h in head.hidden) or 'none'}, dropout {head.dropout:g}"
         if getattr(head, "best_epoch_", None):
             said += f", weights of epoch {head.best_epoch_} of {head.n_epochs_}"

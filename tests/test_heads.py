@@ -160,6 +160,14 @@ def test_featx_info_says_what_a_heads_fit_chose(digits_cache, tmp_path):
     assert f"C {searched.C_:g} (chosen by 3-fold cross-validation)" in featx.describe_file(tmp_path / "searched.safetensors")
     save_head(LogRegHead(C=0.5).fit(X, y), tmp_path / "given.safetensors", **meta)
     assert ", C 0.5, " in featx.describe_file(tmp_path / "given.safetensors")
+    # a class with 3 pictures: 3 folds, whatever cv says; a class with one: no search (it said 5-fold)
+    few = np.flatnonzero(y == 1)  # the 300 rows hold 0s and 1s
+    for kept, said in ((3, "C {:g} (chosen by 3-fold cross-validation)"),
+                       (1, "C 1 (not cross-validated: a class had a single picture)")):
+        rows = np.concatenate([np.flatnonzero(y != 1), few[:kept]])
+        save_head(LogRegHead(cv=5).fit(X[rows], y[rows]), tmp_path / "few.safetensors", **meta)
+        head = load_head(tmp_path / "few.safetensors").head
+        assert said.format(head.C_) in featx.describe_file(tmp_path / "few.safetensors")
 
     mlp = MLPHead(hidden=(64,), max_epochs=40, patience=4).fit(X, y)
     save_head(mlp, tmp_path / "mlp.safetensors", **meta)
