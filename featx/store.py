@@ -402,11 +402,11 @@ def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[s
                 current[i] = row
         read = sorted(set(current.values()))  # h5py reads increasing rows
         stored = dict(zip(read, columns["embeddings"][read].astype(np.float32))) if read else {}
-        damaged = [row for row, embedding in stored.items() if not np.isfinite(embedding).all()]
+        damaged = {row for row, embedding in stored.items() if not np.isfinite(embedding).all()}
         if damaged:
             _logger.warning("%s: %d stored embedding(s) of %s are not finite numbers (NaN or infinity), e.g. that of "
                             "%s: embedded again from the file%s; the cache is damaged, embed into a new file", path,
-                            len(damaged), g.name.lstrip("/"), _decode(columns["keys"][damaged[:1]])[0],
+                            len(damaged), g.name.lstrip("/"), _decode(columns["keys"][[min(damaged)]])[0],
                             "" if len(damaged) == 1 else "s")
         usable = {i: stored[row] for i, row in current.items() if row not in damaged}
         return {i: row for i, (row, _, _) in rows.items()}, usable
