@@ -166,7 +166,8 @@ _LABELS_DRAWN = 80  # at most this many class names along each axis
 def _confusion_table(matrix: np.ndarray, classes: list[str]) -> str:
     """The matrix with each row named by its class and the columns numbered as the rows: the classes
     are the head's (or those met), which scikit-learn's report above lists only when they were met."""
-    number = [f"{i} {name}" for i, name in enumerate(classes)]
+    named_by_number = all(str(name) == str(i) for i, name in enumerate(classes))  # digits: '0 0' says it twice
+    number = [str(name) if named_by_number else f"{i} {name}" for i, name in enumerate(classes)]
     first = max(len(n) for n in number)
     cell = max(len(str(int(matrix.max()))), len(str(len(classes) - 1))) + 2
     lines = ["confusion matrix (rows: true class; columns: predicted, numbered as the rows):",
