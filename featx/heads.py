@@ -939,9 +939,22 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     check_finite(data, cache)
     rows, n_copies = rows_labelled_by_csv(data, range(len(data.keys)), wanted, cache, labels_csv)
     names = sorted({label for i in rows for label in wanted[data.keys[i]]})
+    if len(names) < 2:  # scikit-learn takes a one-column matrix for one yes/no class, and the fit fails
+        given = f"one label ('{names[0]}')" if names else "no label"
+        images = f"{len(rows)} image{'s' if len(rows) != 1 else ''}"
+        raise FeatxError(f"{labels_csv} gives {given} to the {images} of {cache} it names: a multi-label head needs "
+                         "two or more (rows are key,label1;label2); for a yes/no label, label the other images too "
+                         f"(e.g. 'not-{names[0] if names else 'x'}'), or file them in two class folders")
     Y = label_matrix((wanted[data.keys[i]] for i in rows), names)
     groups, n_near = near_copy_split_groups(data.phashes[rows], cache)
     units = one_per_group(groups, len(rows))
+    n_held = int(np.ceil(test_size * len(units))) if test_size < 1 else int(test_size)
+    if not 1 <= n_held <= len(units) - 1:
+        image = "image" if groups is None else "picture (near copies counted as one)"
+        raise FeatxError(f"--test-size {test_size:g} holds out {n_held} of the {len(units)} {image.split(' ')[0]}s "
+                         f"{labels_csv} labels, but the head needs one to train on and one to test: "
+                         + (f"use --test-size between {1 / len(units):.2g} and {1 - 1 / len(units):.2g}"
+                            if len(units) > 1 else "label more images"))
     train, test = train_test_split(units, test_size=test_size, random_state=seed)
     if groups is not None:
         train, test = _with_near_copies(groups, train), _with_near_copies(groups, test)

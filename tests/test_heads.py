@@ -557,6 +557,30 @@ def test_labels_csv_saved_by_a_spreadsheet_reads_as_the_plain_one(tmp_path):
         assert read_labels_csv(tmp_path / name) == expected, name
 
 
+def test_a_labels_csv_a_multilabel_head_cannot_learn_from_is_refused_saying_why(digits_cache, tmp_path):
+    """No label at all, one label (a yes/no tag: scikit-learn took the one-column matrix for two classes
+    and the fit failed with an IndexError), or a --test-size that leaves no image on one side (a
+    scikit-learn ValueError): each a traceback before, now one line saying what to change."""
+    data = featx.load_embeddings(digits_cache)
+    first = {}
+    for key in data.keys:  # one image of each digit: no two are near copies
+        first.setdefault(key.split("/")[0], key)
+    keys = list(first.values())[:4]
+    cases = [("none", [""] * 4, r"gives no label to the 4 images of"),
+             ("one", ["blurry", "", "blurry", ""], r"gives one label \('blurry'\) to the 4 images of .*'not-blurry'"),
+             ("every", ["blurry"] * 4, r"gives one label \('blurry'\)")]
+    for name, labels, said in cases:
+        (tmp_path / f"{name}.csv").write_text("".join(f"{k},{v}\n" for k, v in zip(keys, labels)))
+        with pytest.raises(featx.FeatxError, match=said):
+            featx.train_head(digits_cache, tmp_path / "h.safetensors", labels_csv=tmp_path / f"{name}.csv")
+    (tmp_path / "two.csv").write_text("".join(f"{k},{'even' if i % 2 == 0 else 'odd'}\n" for i, k in enumerate(keys)))
+    with pytest.raises(featx.FeatxError, match=r"--test-size 0.99 holds out 4 of the 4 images .* between 0.25 and 0.75"):
+        featx.train_head(digits_cache, tmp_path / "h.safetensors", labels_csv=tmp_path / "two.csv", test_size=0.99)
+    report = featx.train_head(digits_cache, tmp_path / "h.safetensors", labels_csv=tmp_path / "two.csv",
+                              test_size=0.25)
+    assert (report.n_train, report.n_test) == (3, 1) and load_head(tmp_path / "h.safetensors").head.multilabel_
+
+
 def test_numbers_that_make_no_sense_are_refused_as_the_command_is_read(capsys):
     """--top 0 printed empty rows and --top -2 every class but two; --workers -1 and a held-out share
     of 1.5 ran on: each is refused by the parser with the option's name, before any model loads."""
