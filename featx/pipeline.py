@@ -207,6 +207,19 @@ def encode_files_through_cache(load_engine, paths: Sequence[str], cache, group: 
         pass
 
 
+_FAILURES_SAID = 20  # one line each while a run goes; past it the summary counts them and info lists them
+
+
+def _say_failure(key: str, reason: str, said_before: int, out) -> None:
+    """A file the run skips, logged as it happens, up to ``_FAILURES_SAID`` of them: a folder of
+    scraped images with thousands of broken ones would otherwise bury the run under their lines."""
+    if said_before < _FAILURES_SAID:
+        _logger.warning("skipped %s: %s", printable(key), reason)
+    elif said_before == _FAILURES_SAID:
+        _logger.warning("more files fail: not said one by one from here on; the summary counts them and "
+                        "`featx info %s --failures` lists every one", out)
+
+
 # A file whose embedding is NaN or infinite is a failure of that file: stored, one such row would make
 # train-head, map and evaluate refuse the whole cache
 NOT_FINITE_OUTPUT = "the model's output for it is not finite numbers (NaN or infinity: an fp16 overflow?)"
@@ -599,10 +612,10 @@ def embed_folder(
                                 bad = [(batch[i], reason) for i, reason in decoded.failed]
                                 store.add_failures([e.key for e, _ in bad], [r for _, r in bad],
                                                    [e.size for e, _ in bad], [e.mtime_ns for e, _ in bad])
-                                stats.failures += [(e.key, r) for e, r in bad]
-                                stats.n_failed += len(bad)
                                 for e, r in bad:
-                                    _logger.warning("skipped %s: %s", printable(e.key), r)
+                                    _say_failure(e.key, r, len(stats.failures), out)
+                                    stats.failures.append((e.key, r))
+                                stats.n_failed += len(bad)
                         stats.decoded_by[decoded.decoded_by] = stats.decoded_by.get(decoded.decoded_by, 0) + len(batch)
                         bar.update(len(batch), failed=stats.n_failed)
                 finally:

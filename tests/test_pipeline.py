@@ -1103,3 +1103,21 @@ def test_an_embedding_that_overflows_is_a_failure_of_its_file_and_the_cache_stay
     featx.train_head(cache, tmp_path / "h.safetensors", C=1.0, test_size=0.3)  # refused the cache before
     rows = featx.classify([small_digits], model=model)
     assert {str(Path(r.path).relative_to(small_digits)) for r in rows if r.error == NOT_FINITE_OUTPUT} == expected
+
+
+def test_a_folder_with_many_broken_files_says_the_first_20_and_counts_the_rest(small_digits, tmp_path, lite0_onnx,
+                                                                               caplog):
+    """A scraped folder with thousands of broken files printed a line for each, burying the run; now the
+    first 20 are said as they happen, then one line, and the summary and `featx info --failures` have
+    them all."""
+    import logging
+
+    for i in range(25):
+        (small_digits / "3" / f"broken{i:02d}.jpg").write_bytes(b"<html>404 not found</html> %d" % i)
+    with caplog.at_level(logging.WARNING, logger="featx.pipeline"):
+        stats = embed(small_digits, tmp_path / "c.h5", lite0_onnx)
+    skipped = [m for m in caplog.messages if m.startswith("skipped 3/broken")]
+    assert len(skipped) == 20 and stats.n_failed == 25 and len(featx.load_failures(tmp_path / "c.h5")) == 25
+    assert caplog.messages.count(f"more files fail: not said one by one from here on; the summary counts them and "
+                                 f"`featx info {tmp_path / 'c.h5'} --failures` lists every one") == 1
+    assert "25 failed" in stats.summary()
