@@ -151,14 +151,17 @@ def without_copies(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, 
     return [samples[i] for i in copies.keep], copies.n_copies
 
 
-def split_indices(targets: Sequence, val_fraction: float, seed: int, *,
-                  groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(targets: Sequence, val_fraction: float, seed: int, *, groups: np.ndarray | None = None,
+                  where=None) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded train/validation split of a folder's samples (the same one heads use); each
-    group of ``groups`` (near copies) on one side."""
+    group of ``groups`` (near copies) on one side. ``where``: the folder, named in a refusal."""
     from .heads import stratified_split
 
-    return stratified_split(targets, val_fraction, seed, groups=groups, held_out="validation",
-                            option="--val-fraction")
+    try:
+        return stratified_split(targets, val_fraction, seed, groups=groups, held_out="validation",
+                                option="--val-fraction")
+    except FeatxError as e:
+        raise FeatxError(f"{where}: {e}" if where is not None else str(e)) from None
 
 
 def head_from_file(path: str | os.PathLike, embed_dim: int, class_names: list[str]):
@@ -247,7 +250,7 @@ def fine_tune(
             "one on each side of the split would be validated on what it trained on")
     # before the backbone loads: a folder that cannot be split is reported at once
     targets = [class_names[t] for _, t in samples]
-    train_idx, val_idx = split_indices(targets, val_fraction, seed)
+    train_idx, val_idx = split_indices(targets, val_fraction, seed, where=root)
     backbone = load_backbone(model, weights=weights)
     p = backbone.preprocess
     size = input_size or p.input_size[0]
@@ -268,7 +271,7 @@ def fine_tune(
                                              replace(p, input_size=(size, size), resize_size=resize), progress=progress)
     groups, n_near = near_copy_split_groups(phashes, root, say=log)
     if groups is not None:
-        train_idx, val_idx = split_indices(targets, val_fraction, seed, groups=groups)
+        train_idx, val_idx = split_indices(targets, val_fraction, seed, groups=groups, where=root)
     features = backbone.features
     if unfreeze == "auto":
         unfreeze = advise(root, model=model, weights=weights, device=device).unfreeze
