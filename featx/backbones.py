@@ -150,7 +150,7 @@ def load_backbone(name: str, *, weights: str | os.PathLike | None = None) -> Bac
         (1280, (0.5, 0.5, 0.5))
     """
     weights = None if weights is None else str(weights)
-    if weights is not None and weights.endswith(".safetensors"):
+    if weights is not None and os.path.isfile(weights):  # by content: a checkpoint may have any name
         from .finetune import is_finetune_checkpoint, load_finetuned
 
         if is_finetune_checkpoint(weights):  # new classes: the architecture with the checkpoint's classifier
@@ -203,7 +203,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or head[8:9] == b"{":  # its header's length (8 bytes), then its JSON
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -211,8 +213,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
-    with open(path, "rb") as f:
-        head = f.read(16)
     # a torch.save file is a zip archive, or (before torch 1.6) a pickle, whose first byte is 0x80
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         raise WeightsError(f"{path}: not a torch checkpoint (it starts with {head!r}); --weights takes a state "

@@ -542,9 +542,10 @@ def export_command(path: str | os.PathLike, meta: dict | None = None) -> str | N
     """`featx export MODEL --weights PATH`, the command that makes a fine-tuning checkpoint a model;
     None when ``path`` is not one."""
     if meta is None:
-        if not str(path).endswith(".safetensors"):
-            return None
         try:
+            with open(path, "rb") as f:  # a safetensors file: its header's length (8 bytes), then its JSON '{'
+                if f.read(9)[8:9] != b"{":
+                    return None
             meta = _checkpoint_meta(path)
         except Exception:
             return None

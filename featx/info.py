@@ -34,7 +34,8 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
                          f"(.safetensors); `featx embed {path} -o CACHE.h5` makes a cache of it")
     try:
         with open(path, "rb") as f:
-            magic = f.read(len(HDF5_SIGNATURE))
+            start = f.read(len(HDF5_SIGNATURE) + 1)
+            magic = start[:len(HDF5_SIGNATURE)]
     except OSError as e:
         raise FeatxError(f"{path}: cannot read ({e.strerror or e})") from None
     if output is not None and magic != HDF5_SIGNATURE:
@@ -48,12 +49,16 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
         return "\n".join([f"{path}: embedding cache, {len(summaries)} model(s)"]
                          + [s.text(list_failures=list_failures, listed_in=output and str(output))
                             for s in summaries])
-    if path.suffix == ".onnx":
+    # by content, as --model takes any file name: a safetensors file starts with its JSON header's length
+    # and the header's '{'; an ONNX model with its ir_version field (protobuf field 1, a varint: 0x08)
+    onnx_like = start[:1] == b"\x08"
+    safetensors_like = len(start) == 9 and start[8:9] == b"{"
+    if path.suffix == ".onnx" or (onnx_like and path.suffix != ".safetensors"):
         info = read_model_info(path)
         stale = ("\n  its 'SAME' padding is worked out at every call (an earlier featx's export): exported again "
                  "(featx export) it gives the same embeddings at 1.5-1.9x the speed on a CPU" if info.pads_per_call else "")
         return f"{path}: {info.summary()}{stale}"
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or safetensors_like:
         from .finetune import describe_checkpoint, is_finetune_checkpoint
 
         if is_finetune_checkpoint(path):

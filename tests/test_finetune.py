@@ -1,6 +1,7 @@
 """Fine-tuning in torch: meaningful blocks, frozen stays frozen, checkpoint -> ONNX, the four cases."""
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,9 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
         f"blocks trained: blocks.6, conv_head+bn2, best at epoch {best.epoch} (val_accuracy "
         f"{best.val_accuracy:.4f}, val_loss {best.val_loss:.4f}); `featx export efficientnet_lite0 --weights "
         f"{ckpt}` makes it a model")
+    renamed = shutil.copy(ckpt, tmp_path / "ft.ckpt")  # a checkpoint is known by its content, not its name
+    assert featx.describe_file(renamed).startswith(f"{renamed}: fine-tuned efficientnet_lite0 for 10 classes")
+    assert featx.load_backbone("efficientnet_lite0", weights=renamed).class_names == tuned.class_names
 
     onnx_path = tmp_path / "ft.onnx"
     info = featx.export_onnx(tuned, onnx_path)  # raises unless onnxruntime agrees with the tuned torch model
@@ -182,8 +186,6 @@ def test_finetune_starts_from_a_trained_head(small_digits, tmp_path, lite0_onnx)
 def test_finetune_refuses_folders_it_cannot_split_before_loading_the_model(small_digits, tmp_path, capsys):
     """The split is checked before the backbone loads (a model that does not exist is never reached);
     copies (same bytes and class) are left out first, so they count once."""
-    import shutil
-
     from featx.errors import FeatxError
 
     for i, photo in enumerate(sorted((small_digits / "5").iterdir())[:3]):
@@ -212,8 +214,6 @@ def test_advise_skips_bad_files_and_says_why_the_probe_did_not_run(small_digits,
     (small_digits / "0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     for extra in sorted((small_digits / "4").iterdir())[1:]:
         extra.unlink()
-    import shutil
-
     shutil.copy(next((small_digits / "4").iterdir()), small_digits / "4" / "the same four.png")  # counts once
     advice = featx.advise(small_digits, model=lite0_onnx)  # the sample takes every image of these 60
     assert list(advice.skipped) == ["0/broken.jpg"] and "1 sampled file skipped" in advice.text()

@@ -75,3 +75,20 @@ def test_info_says_when_a_model_file_pads_per_call(lite0_onnx, lite0_backbone, t
     assert "every call" not in featx.describe_file(lite0_onnx)
     assert featx.describe_file(lite0_onnx).startswith(f"{lite0_onnx}: efficientnet_lite0")
 
+
+
+def test_info_knows_a_model_or_a_head_by_its_content_whatever_its_name(digits_cache, lite0_onnx, tmp_path, capsys):
+    """--model takes a model file of any name, and a download or a copy may lose its suffix: `featx info`
+    refused model.bin and head.bin as "not a featx file". A file that is none of them still is."""
+    from featx.heads import LogRegHead, save_head
+
+    data = featx.load_embeddings(digits_cache)
+    save_head(LogRegHead(C=1.0).fit(data.embeddings[:200], data.labels[:200]), tmp_path / "head.bin",
+              fingerprint=data.fingerprint, backbone="efficientnet_lite0", model=data.model)
+    shutil.copy(lite0_onnx, tmp_path / "model.bin")
+    assert featx.describe_file(tmp_path / "model.bin") == f"{tmp_path / 'model.bin'}: " + \
+        featx.describe_file(lite0_onnx).split(": ", 1)[1]
+    assert featx.describe_file(tmp_path / "head.bin").startswith(f"{tmp_path / 'head.bin'}: LogRegHead for 2 classes")
+    (tmp_path / "notes.bin").write_text("not a model")
+    assert main(["info", str(tmp_path / "notes.bin")]) == 2
+    assert "notes.bin: not a featx file" in capsys.readouterr().err
