@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --copies or --failures: write that list to this CSV instead of printing it")
 
     p = sub.add_parser("classify", help="top ImageNet classes of image files and folders")
-    p.add_argument("images", nargs="+", help="image files or folders (every image under them)")
+    p.add_argument("images", nargs="+",
+                   help="image files or folders (every image under them); a quoted pattern such as 'photos/*.jpg' "
+                        "is expanded")
     _add_model(p)
     p.add_argument("--top", type=_count(1), default=5, help="classes per image (default 5)")
     p.add_argument("-o", "--output", default=None,
@@ -212,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-points", type=_count(3), default=3000, help="a larger cache is sampled, each class in its share")
 
     p = sub.add_parser("similar", help="the cached images most similar to query images (cosine of embeddings)")
-    p.add_argument("images", nargs="+", help="query image files or folders")
+    p.add_argument("images", nargs="+", help="query image files or folders, or a quoted pattern ('photos/*.jpg')")
     p.add_argument("--cache", required=True, help="embedding cache to search (.h5)")
     p.add_argument("-k", type=_count(1), default=5, help="matches per query (default 5)")
     _add_model(p, made_with="the cache")
@@ -267,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="classifier file (.onnx)")
 
     p = sub.add_parser("predict", help="classify images or a folder with a trained head")
-    p.add_argument("inputs", nargs="+", help="image files or folders (one folder alone is embedded through --cache)")
+    p.add_argument("inputs", nargs="+", help="image files or folders (one folder alone is embedded through --cache), "
+                                             "or a quoted pattern ('photos/*.jpg')")
     p.add_argument("--head", required=True, help="head file from train-head (.safetensors)")
     _add_model(p, made_with="the head's embeddings")
     p.add_argument("--top", type=_count(1), default=3, help="classes per image (default 3)")
