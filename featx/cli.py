@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated devices, one engine each, one store (default: every GPU, else the CPU)")
     p.add_argument("--half", action="store_true", help="fp16 model and float16 storage")
     p.add_argument("--prune", action="store_true", help="remove files no longer in the folder from the cache")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="try again the files that failed before, though unchanged (skipped otherwise): after raising "
+                        "--max-pixels, installing a decoder or fixing permissions")
     p.add_argument("--new-folder", action="store_true",
                    help="the cache was made from another folder, still there, and ROOT now stands for it (a copy: "
                         "rows are reused by content); without it such a cache is refused")
@@ -474,7 +477,7 @@ def _run(args: argparse.Namespace) -> int:
         stats = featx.embed_folder(
             args.root, args.out, model=args.model, weights=args.weights, batch_size=args.batch_size,
             workers=args.workers, device=args.device, engine=args.engine, half=args.half, prune=args.prune,
-            new_folder=args.new_folder,
+            new_folder=args.new_folder, retry_failed=args.retry_failed,
             max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet, decode=args.decode,
             compile=(True if args.compile == "default" else args.compile) if args.compile else False,
             address=args.address, num_gpus_per_worker=args.num_gpus_per_worker,

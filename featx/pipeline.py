@@ -421,7 +421,8 @@ class RunStats:
             f"{self.n_embedded} embedded, {self.n_cached} already cached, {self.n_failed} failed"
             + (f", {self.n_moved} moved, renamed or copied (embeddings reused)" if self.n_moved else "")
             + (f", {self.n_duplicates} identical to another file (embedded once)" if self.n_duplicates else "")
-            + (f" ({self.n_failed_before} failed before, unchanged)" if self.n_failed_before else "")
+            + (f" ({self.n_failed_before} failed before, unchanged: --retry-failed tries them again)"
+               if self.n_failed_before else "")
             + (f", {self.n_hashed} older rows given a perceptual hash" if self.n_hashed else "")
             + (f", {self.n_deleted} deleted from the folder" + (f" ({self.n_pruned} pruned)" if self.n_pruned else
                " (--prune removes them)") if self.n_deleted else "")
@@ -481,6 +482,7 @@ def embed_folder(
     num_gpus_per_worker: float = 0.0,
     devices: Sequence[str] | None = None,
     new_folder: bool = False,
+    retry_failed: bool = False,
 ) -> RunStats:
     """Embed every image under ``root`` into the HDF5 cache ``out``; only new or changed files are decoded.
 
@@ -494,6 +496,8 @@ def embed_folder(
         new_folder: ``out`` was made from another folder that is still there, and ``root`` now stands
             for it (a copy); otherwise such a cache is refused (StoreError): keys are paths relative to
             the folder, so two folders' files at the same path would take each other's rows.
+        retry_failed: try again the files that failed before though unchanged (skipped otherwise): a
+            higher ``max_pixels``, a decoder installed or permissions fixed since.
         progress: show a tqdm bar (images, images/s, ETA).
         decode: "gpu" decodes JPEGs with nvJPEG and resizes on the GPU (the torch engine on CUDA);
             "auto" does so whenever that engine runs.
@@ -526,7 +530,7 @@ def embed_folder(
                              "--engine ray")
         return embed_folder_ray(root, out, model=model, weights=weights, batch_size=batch_size, workers=workers,
                                 address=address, num_gpus_per_worker=num_gpus_per_worker, max_pixels=max_pixels,
-                                models_dir=models_dir, prune=prune, new_folder=new_folder)
+                                models_dir=models_dir, prune=prune, new_folder=new_folder, retry_failed=retry_failed)
     start = time.perf_counter()
     model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
     workers_given, workers = workers, default_workers() if workers is None else workers
@@ -567,7 +571,8 @@ def embed_folder(
         bar = _FolderProgress(root, progress)
         store_lock = threading.Lock()  # the walk's thread and the writer below both write the store
         pending = PendingFiles(store.folder, store, stats, seen, done, failed_before, on_skip=lambda: bar.update(1),
-                               label_of=label_of, store_lock=store_lock, subfolder=store.subfolder)
+                               label_of=label_of, store_lock=store_lock, subfolder=store.subfolder,
+                               retry_failed=retry_failed)
 
         recovered: set[str] = set()
         batches = _walk_ahead(_chunks(pending, batch_size))
@@ -797,8 +802,9 @@ class PendingFiles:
 
     def __init__(self, root, store, stats: RunStats, seen: set[str], done: dict, failed_before: dict, *,
                  label_of: dict[str, int], on_skip=lambda: None, store_lock: threading.Lock | None = None,
-                 subfolder: str = ""):
+                 subfolder: str = "", retry_failed: bool = False):
         self.root, self.store, self.stats, self.seen = Path(root), store, stats, seen
+        self.retry_failed = retry_failed  # files that failed before are tried again, unchanged or not
         self.subfolder = subfolder  # the part of root walked ('/'-separated), "" for all of it
         self.done, self.failed_before, self.label_of, self.on_skip = done, failed_before, label_of, on_skip
         # held for every store access: the walk may run in a thread of its own beside the store's writer
@@ -825,7 +831,7 @@ class PendingFiles:
         stats = self.stats
         self.seen.add(item.key)
         if isinstance(item, WalkFailure):
-            if item.key in self.failed_before:
+            if item.key in self.failed_before and not self.retry_failed:
                 stats.n_failed_before += 1
                 return False
             with self.store_lock:  # the store's writer counts decode failures under it
@@ -839,7 +845,7 @@ class PendingFiles:
             self.on_skip()
             return False
         before = self.failed_before.get(item.key)
-        if before is not None and before[1:] == (item.size, item.mtime_ns):
+        if before is not None and before[1:] == (item.size, item.mtime_ns) and not self.retry_failed:
             stats.n_failed_before += 1
             self.on_skip()
             return False

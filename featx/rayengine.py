@@ -183,6 +183,7 @@ def embed_folder_ray(
     models_dir: str | os.PathLike | None = None,
     prune: bool = False,
     new_folder: bool = False,
+    retry_failed: bool = False,
 ) -> RunStats:
     """The same result as :func:`featx.embed_folder`, computed on a Ray cluster.
 
@@ -218,7 +219,7 @@ def embed_folder_ray(
         done, failed_before = store.done(), store.failed()
         items, seen = [], set()
         pending = PendingFiles(store.folder, store, stats, seen, done, failed_before, label_of=label_of,
-                               subfolder=store.subfolder)
+                               subfolder=store.subfolder, retry_failed=retry_failed)
         for item in pending:  # new files, and changed ones: their rows are replaced when stitched
             items.append({"order": len(items), "path": item.path, "key": item.key, "size": item.size,
                           "mtime": item.mtime_ns, "label": label_of[item.label] if item.label is not None else -1})

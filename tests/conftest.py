@@ -105,3 +105,28 @@ def overflowing_lite0(tmp_path_factory, lite0_onnx) -> tuple[Path, set[str]]:
     path = tmp_path_factory.mktemp("overflowing") / lite0_onnx.name
     onnx.save(graph, path)
     return path, {k for k, m in zip(keys, largest) if m > cut}
+
+
+def _retry_failed_scenario(folder: Path, cache: Path, model, **kw) -> None:
+    """A strip refused by --max-pixels is skipped on a re-run with the limit raised (unchanged, it
+    failed before) until --retry-failed, which embeds it and drops its failure; a file still broken
+    fails again, recorded once. The single-machine and Ray engines' tests run it."""
+    from PIL import Image
+
+    import featx
+
+    Image.new("RGB", (4000, 30), (200, 10, 10)).save(folder / "3" / "strip.png")
+    (folder / "3" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    first = featx.embed_folder(folder, cache, model=model, max_pixels=100_000, **kw)
+    assert first.n_failed == 2 and "over the limit of 100,000 (--max-pixels)" in featx.load_failures(cache)["3/strip.png"]
+    again = featx.embed_folder(folder, cache, model=model, **kw)
+    assert (again.n_embedded, again.n_failed_before) == (0, 2)
+    assert "(2 failed before, unchanged: --retry-failed tries them again)" in again.summary()
+    retried = featx.embed_folder(folder, cache, model=model, retry_failed=True, **kw)
+    assert (retried.n_embedded, retried.n_failed) == (1, 1)
+    assert list(featx.load_failures(cache)) == ["3/broken.jpg"] and "3/strip.png" in featx.load_embeddings(cache).keys
+
+
+@pytest.fixture
+def retry_failed_scenario():
+    return _retry_failed_scenario

@@ -1121,3 +1121,10 @@ def test_a_folder_with_many_broken_files_says_the_first_20_and_counts_the_rest(s
     assert caplog.messages.count(f"more files fail: not said one by one from here on; the summary counts them and "
                                  f"`featx info {tmp_path / 'c.h5'} --failures` lists every one") == 1
     assert "25 failed" in stats.summary()
+
+
+def test_retry_failed_tries_again_what_failed_before_though_unchanged(small_digits, tmp_path, lite0_onnx,
+                                                                    retry_failed_scenario):
+    """A failure is skipped until its file changes; raising --max-pixels, as the refusal itself says to,
+    changed nothing: the strip stayed skipped with no way to retry but touching it or a new cache."""
+    retry_failed_scenario(small_digits, tmp_path / "c.h5", lite0_onnx, batch_size=8, workers=0)

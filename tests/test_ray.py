@@ -186,3 +186,9 @@ def test_ray_actors_record_an_embedding_that_overflows_as_a_failure(local_cluste
     assert (stats.n_embedded, stats.n_failed) == (50, 10)
     assert featx.load_failures(tmp_path / "ray.h5") == {k: NOT_FINITE_OUTPUT for k in expected}
     assert_same_cache(tmp_path / "ray.h5", tmp_path / "one.h5")
+
+
+@pytest.mark.slow
+def test_ray_engine_retries_what_failed_before_when_asked(local_cluster, small_digits, tmp_path, lite0_onnx,
+                                                          retry_failed_scenario):
+    retry_failed_scenario(small_digits, tmp_path / "ray.h5", lite0_onnx, engine="ray", batch_size=8, workers=1)
