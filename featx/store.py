@@ -663,7 +663,8 @@ class CacheSummary:
                          "folder again, which hashes them")
         if self.failures:
             n = len(self.failures)
-            lines.append(f"  {n:,} file{'s' if n > 1 else ''} failed (skipped until {'they change' if n > 1 else 'it changes'}):")
+            lines.append(f"  {n:,} file{'s' if n > 1 else ''} failed (skipped until {'they change' if n > 1 else 'it changes'}"
+                         ", or embed --retry-failed):")
             if list_failures and listed_in:
                 lines.append(f"    (every file and why: {listed_in})")
             elif list_failures:
@@ -671,7 +672,11 @@ class CacheSummary:
 
                 lines += [f"    {printable(key)}: {reason}" for key, reason in sorted(self.failures.items())]
             else:
-                lines += [f"    {n:,} x {reason}" for reason, n in Counter(self.failures.values()).most_common(5)]
+                reasons = Counter(self.failures.values()).most_common()
+                lines += [f"    {count:,} x {reason}" for reason, count in reasons[:5]]
+                if len(reasons) > 5:  # each file's own words (a random file's first bytes): counted, not listed
+                    rest = sum(count for _, count in reasons[5:])
+                    lines.append(f"    {rest:,} x {len(reasons) - 5:,} other reason{'s' if len(reasons) > 6 else ''}")
                 lines.append("    (--failures lists every file)")
         if self.copy_groups is not None:
             from .data import printable

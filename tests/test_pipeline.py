@@ -542,7 +542,7 @@ def test_info_says_what_a_cache_holds_and_why_files_failed(small_digits, tmp_pat
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "61 embeddings, 1280-d float32" in text and f"0 ({counts['0']})" in text
-    assert "1 without a class" in text and "1 file failed (skipped until it changes)" in text and "1 x cannot decode" in text
+    assert "1 without a class" in text and "1 file failed (skipped until it changes, or embed --retry-failed)" in text and "1 x cannot decode" in text
     assert main(["info", str(out), "--failures"]) == 0
     assert "    0/broken.jpg: cannot decode" in capsys.readouterr().out
     assert main(["info", str(lite0_onnx)]) == 0
@@ -1109,11 +1109,12 @@ def test_a_folder_with_many_broken_files_says_the_first_20_and_counts_the_rest(s
                                                                                caplog):
     """A scraped folder with thousands of broken files printed a line for each, burying the run; now the
     first 20 are said as they happen, then one line, and the summary and `featx info --failures` have
-    them all."""
+    them all. `featx info` lists the 5 commonest reasons and counts the others (each of these files
+    starts with other bytes, so each has a reason of its own)."""
     import logging
 
     for i in range(25):
-        (small_digits / "3" / f"broken{i:02d}.jpg").write_bytes(b"<html>404 not found</html> %d" % i)
+        (small_digits / "3" / f"broken{i:02d}.jpg").write_bytes(b"%02d <html>404 not found</html>" % i)
     with caplog.at_level(logging.WARNING, logger="featx.pipeline"):
         stats = embed(small_digits, tmp_path / "c.h5", lite0_onnx)
     skipped = [m for m in caplog.messages if m.startswith("skipped 3/broken")]
@@ -1121,6 +1122,10 @@ def test_a_folder_with_many_broken_files_says_the_first_20_and_counts_the_rest(s
     assert caplog.messages.count(f"more files fail: not said one by one from here on; the summary counts them and "
                                  f"`featx info {tmp_path / 'c.h5'} --failures` lists every one") == 1
     assert "25 failed" in stats.summary()
+    said = featx.describe_file(tmp_path / "c.h5").splitlines()
+    start = said.index("  25 files failed (skipped until they change, or embed --retry-failed):")
+    assert all(line.startswith("    1 x not an image: content starts with b'") for line in said[start + 1:start + 6])
+    assert said[start + 6:start + 8] == ["    20 x 20 other reasons", "    (--failures lists every file)"]
 
 
 def test_retry_failed_tries_again_what_failed_before_though_unchanged(small_digits, tmp_path, lite0_onnx,
