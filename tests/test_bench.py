@@ -81,6 +81,14 @@ def test_batch_sizes_script_records_rates_and_memory_at_each_size(tmp_path):
     assert (tmp_path / "batch_sizes-efficientnet_lite0.png").stat().st_size > 10_000
 
 
+def test_similar_search_script_finds_what_plain_numpy_finds(tmp_path):
+    """The figures behind the search's partial sort: the script must keep running, and featx's top k must
+    be plain numpy's full sort's."""
+    record = run_benchmark("similar_search.py", tmp_path, "--rows", "3000", "--queries", "40", "--digits", "200",
+                           record="similar_search-3000.json")
+    assert record["same_top_k"] == 1.0 and record["featx_seconds"] > 0 and record["plain_numpy_seconds"] > 0
+
+
 def test_int8_static_script_sets_each_calibration_beside_fp32(tmp_path):
     """The figures behind featx having no int8 export: the script must keep running (small sizes here)."""
     record = run_benchmark("int8_static.py", tmp_path, "--methods", "MinMax", "--n-calibration", "8",

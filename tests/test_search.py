@@ -102,6 +102,24 @@ def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digit
     assert away.near_copies == result.near_copies and away.matches == result.matches
 
 
+def test_a_picture_with_hundreds_of_copies_is_one_match_naming_them_all(small_digits, lite0_onnx, tmp_path):
+    """A search sorts only about the best 150 rows of a chunk for a query (sorting all of them was most
+    of its time); 300 copies of one file tie at the top, past that: all are still one match, listed
+    beside it, and the next two pictures follow, as when every chunk is sorted whole (16 rows a chunk)."""
+    seven = sorted((small_digits / "7").iterdir())[0]
+    (small_digits / "dup").mkdir()
+    for i in range(300):
+        shutil.copy(seven, small_digits / "dup" / f"{i:03d}.png")
+    cache = tmp_path / "c.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    query = shutil.copy(seven, tmp_path / "query.png")
+    (found,) = featx.find_similar([query], cache, k=3, model=lite0_onnx)
+    top = found.matches[0][0]
+    assert top == f"7/{seven.name}" and len(found.copies[top]) == 300 and len(found.matches) == 3
+    (sorted_whole,) = featx.find_similar([query], cache, k=3, model=lite0_onnx, rows_per_chunk=16)
+    assert (found.matches, found.copies) == (sorted_whole.matches, sorted_whole.copies)
+
+
 def test_a_query_from_the_cached_folder_is_not_its_own_match_and_is_not_decoded_again(small_digits, lite0_onnx,
                                                                                        tmp_path):
     """"More like this one" from the collection itself: its own row would come first at 1.000, so it is
