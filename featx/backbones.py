@@ -203,9 +203,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {str(path)!r} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if path.suffix == ".safetensors" or head[8:9] == b"{":  # its header's length (8 bytes), then its JSON
+    from .runtime import file_kind
+
+    if path.suffix == ".safetensors" or file_kind(path) == "safetensors":  # any name: told by its content
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -213,6 +213,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    with open(path, "rb") as f:
+        head = f.read(16)
     # a torch.save file is a zip archive, or (before torch 1.6) a pickle, whose first byte is 0x80
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         raise WeightsError(f"{path}: not a torch checkpoint (it starts with {head!r}); --weights takes a state "

@@ -542,10 +542,11 @@ def export_command(path: str | os.PathLike, meta: dict | None = None) -> str | N
     """`featx export MODEL --weights PATH`, the command that makes a fine-tuning checkpoint a model;
     None when ``path`` is not one."""
     if meta is None:
+        from .runtime import file_kind
+
+        if file_kind(path) != "safetensors":  # told by its content: a checkpoint may have any name
+            return None
         try:
-            with open(path, "rb") as f:  # a safetensors file: its header's length (8 bytes), then its JSON '{'
-                if f.read(9)[8:9] != b"{":
-                    return None
             meta = _checkpoint_meta(path)
         except Exception:
             return None

@@ -22,7 +22,7 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
     stored more than once (``picture``: its first file in the folder's order; ``copy``: first, same bytes
     or near copy; ``bits_apart``: between the perceptual hashes of the file and the first, empty where
     one has none). ``list_failures``: rows ``model,key,reason``."""
-    from .runtime import HDF5_SIGNATURE, read_model_info
+    from .runtime import file_kind, read_model_info
     from .store import summarize_cache
 
     path = Path(path)
@@ -33,14 +33,13 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
         raise FeatxError(f"{path} is a folder: featx info reads a cache (.h5), a model (.onnx) or a head "
                          f"(.safetensors); `featx embed {path} -o CACHE.h5` makes a cache of it")
     try:
-        with open(path, "rb") as f:
-            start = f.read(len(HDF5_SIGNATURE) + 1)
-            magic = start[:len(HDF5_SIGNATURE)]
+        open(path, "rb").close()
     except OSError as e:
         raise FeatxError(f"{path}: cannot read ({e.strerror or e})") from None
-    if output is not None and magic != HDF5_SIGNATURE:
+    kind = file_kind(path)  # by content: --model takes a model file of any name
+    if output is not None and kind != "cache":
         raise FeatxError(f"{path} is not an embedding cache: --copies and --failures list a cache's files")
-    if magic == HDF5_SIGNATURE:
+    if kind == "cache":
         summaries = summarize_cache(path, list_copies=list_copies)
         if not summaries:
             return f"{path}: an HDF5 file without featx embeddings (featx embed FOLDER -o {path} adds them)"
@@ -49,16 +48,12 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
         return "\n".join([f"{path}: embedding cache, {len(summaries)} model(s)"]
                          + [s.text(list_failures=list_failures, listed_in=output and str(output))
                             for s in summaries])
-    # by content, as --model takes any file name: a safetensors file starts with its JSON header's length
-    # and the header's '{'; an ONNX model with its ir_version field (protobuf field 1, a varint: 0x08)
-    onnx_like = start[:1] == b"\x08"
-    safetensors_like = len(start) == 9 and start[8:9] == b"{"
-    if path.suffix == ".onnx" or (onnx_like and path.suffix != ".safetensors"):
+    if kind == "onnx":
         info = read_model_info(path)
         stale = ("\n  its 'SAME' padding is worked out at every call (an earlier featx's export): exported again "
                  "(featx export) it gives the same embeddings at 1.5-1.9x the speed on a CPU" if info.pads_per_call else "")
         return f"{path}: {info.summary()}{stale}"
-    if path.suffix == ".safetensors" or safetensors_like:
+    if kind == "safetensors" or path.suffix == ".safetensors":
         from .finetune import describe_checkpoint, is_finetune_checkpoint
 
         if is_finetune_checkpoint(path):

@@ -118,8 +118,9 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # an embedding cache's first bytes
 
 def file_kind(path: str | os.PathLike) -> str | None:
     """"cache" (HDF5), "safetensors" (a head or a fine-tuning checkpoint) or "onnx", told by the first
-    bytes (and an ONNX file by its name too: protobuf has no signature), or None; so a featx file given
-    where another kind is wanted is named as what it is."""
+    bytes whatever the file's name (--model, --head and --weights take any), or None; so a featx file
+    given where another kind is wanted is named as what it is. Protobuf has no signature: a file is
+    taken for ONNX by its first field, the ir_version a model starts with (or by its .onnx name)."""
     try:
         with open(path, "rb") as f:
             start = f.read(9)
@@ -129,7 +130,7 @@ def file_kind(path: str | os.PathLike) -> str | None:
         return "cache"
     if len(start) == 9 and start[8:] == b"{":  # safetensors: an 8-byte header length, then its JSON
         return "safetensors"
-    if start[:1] == b"\x08" and str(path).endswith(".onnx"):  # protobuf field 1 (ir_version) first
+    if start[:1] == b"\x08" or str(path).endswith(".onnx"):  # protobuf field 1 (ir_version), a varint
         return "onnx"
     return None
 
