@@ -663,16 +663,26 @@ def stratified_split(labels: Sequence, fraction: float, seed: int, *, groups: np
         listed = ", ".join(f"'{n}'" for n in single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
         raise FeatxError(f"{len(single)} class(es) have a single {image}, so none can be held out for {held_out}: "
                          f"{listed}; add images or move them out of the class folders")
-    n = int(counts.sum())
-    n_held = int(np.ceil(fraction * n)) if fraction < 1 else int(fraction)
-    if not (len(names) <= n_held <= n - len(names)):
-        raise FeatxError(f"{option} {fraction:g} holds out {n_held} of {n} {image.split(' ')[0]}s for {held_out}, "
-                         f"but each of the {len(names)} classes needs one there and one to train on: "
-                         f"use {option} between {len(names) / n:.2g} and {1 - len(names) / n:.2g}, or add images")
+    _check_held_out_share(fraction, int(counts.sum()), per_side=len(names), unit=image.split(" ")[0],
+                         held_out=held_out, option=option,
+                         needs=f"each of the {len(names)} classes needs one there and one to train on")
     train, rest = train_test_split(units, test_size=fraction, stratify=labels[units], random_state=seed)
     if groups is None:
         return train, rest
     return _with_near_copies(groups, train), _with_near_copies(groups, rest)
+
+
+def _check_held_out_share(fraction: float, n: int, *, per_side: int, unit: str, held_out: str, option: str,
+                         needs: str) -> None:
+    """Refuse a held-out ``fraction`` (a share, or a count from 1 on) of ``n`` images (or pictures) that
+    leaves fewer than ``per_side`` on either side of the split, saying which values would do."""
+    n_held = int(np.ceil(fraction * n)) if fraction < 1 else int(fraction)
+    if per_side <= n_held <= n - per_side:
+        return
+    instead = (f"use {option} between {per_side / n:.2g} and {1 - per_side / n:.2g}, or add images"
+               if n >= 2 * per_side else "add images")
+    raise FeatxError(f"{option} {fraction:g} holds out {n_held} of {n} {unit}s for {held_out}, but {needs}: "
+                     f"{instead}")
 
 
 def _near_copies_across_classes(labels: np.ndarray, groups: np.ndarray | None, held_out: str) -> list[str]:
@@ -688,7 +698,7 @@ def _near_copies_across_classes(labels: np.ndarray, groups: np.ndarray | None, h
         return []
     n = len(np.unique(group_of.ravel()[elsewhere]))
     i = elsewhere[0]
-    absorbed = sorted(set(labels.tolist()) - set(labels[first].tolist()))
+    absorbed = np.setdiff1d(labels, labels[first]).tolist()
     _logger.warning("%d picture%s near copies filed under another class (e.g. in '%s' and '%s'): each goes to "
                     "one side of the train/%s split with all its copies, as the class of its first image%s",
                     n, " has" if n == 1 else "s have", group_class[i], labels[i], held_out,
@@ -948,13 +958,9 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     Y = label_matrix((wanted[data.keys[i]] for i in rows), names)
     groups, n_near = near_copy_split_groups(data.phashes[rows], cache)
     units = one_per_group(groups, len(rows))
-    n_held = int(np.ceil(test_size * len(units))) if test_size < 1 else int(test_size)
-    if not 1 <= n_held <= len(units) - 1:
-        image = "image" if groups is None else "picture (near copies counted as one)"
-        raise FeatxError(f"--test-size {test_size:g} holds out {n_held} of the {len(units)} {image.split(' ')[0]}s "
-                         f"{labels_csv} labels, but the head needs one to train on and one to test: "
-                         + (f"use --test-size between {1 / len(units):.2g} and {1 - 1 / len(units):.2g}"
-                            if len(units) > 1 else "label more images"))
+    _check_held_out_share(test_size, len(units), per_side=1, unit="image" if groups is None else "picture",
+                         held_out="test", option="--test-size",
+                         needs=f"the head needs one of the images {labels_csv} labels there and one to train on")
     train, test = train_test_split(units, test_size=test_size, random_state=seed)
     if groups is not None:
         train, test = _with_near_copies(groups, train), _with_near_copies(groups, test)

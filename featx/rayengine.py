@@ -60,11 +60,10 @@ class _Embedder:
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         dim = self.engine.info.embed_dim
         emb = self.engine.encode(batch["image"][ok]).embedding if ok.any() else np.zeros((0, dim))
-        errors = np.asarray(batch["error"], dtype=str)
+        errors = np.array(batch["error"], dtype=object)
         finite = np.isfinite(emb).all(axis=1)
         if not finite.all():  # a failure of its file, as on one machine
             overflowed = np.flatnonzero(ok)[~finite]
-            errors = errors.astype(object)
             errors[overflowed] = NOT_FINITE_OUTPUT
             ok[overflowed] = False
             emb = emb[finite]
