@@ -81,6 +81,10 @@ def test_heads_on_digits_beat_chance_by_far(kind, digits_cache, tmp_path):
     report = featx.train_head(digits_cache, tmp_path / f"{kind}.safetensors", head=kind)
     assert report.n_test == 360 and report.accuracy >= 0.85, report.text()
     assert report.confusion.shape == (10, 10) and report.confusion.sum() == 360
+    # printed with its rows named; digits named by their own numbers are not numbered twice ('3 3')
+    lines = report.text().split("columns: predicted, numbered as the rows):\n")[1].splitlines()
+    assert lines[0].split() == [str(i) for i in range(10)]
+    assert all(row.split() == [str(i)] + [str(n) for n in report.confusion[i]] for i, row in enumerate(lines[1:11]))
     assert (tmp_path / f"{kind}.confusion.png").stat().st_size > 10_000
     from PIL import Image
 
