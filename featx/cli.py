@@ -535,7 +535,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "export-classifier":
         out = featx.export_classifier(args.model, args.head, args.output, weights=args.weights)
-        print(f"{out}: input uint8 images (n, H, W, 3) -> probabilities; class names in metadata 'featx_classes'")
+        info = featx.read_model_info(out)
+        print(f"{out}: input 'images', {info.input_description()} -> 'probabilities' (n, {len(info.class_names)}) "
+              f"and 'embedding' (n, {info.embed_dim}); class names in metadata 'featx_classes' (README: "
+              "\"The exported classifier, without featx\")")
         return 0
 
     if args.command == "predict":

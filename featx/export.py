@@ -86,6 +86,14 @@ class ModelInfo:
                 f"input {self.preprocess.input_size[0]}x{self.preprocess.input_size[1]}, {self.precision}, "
                 f"fingerprint {self.fingerprint}{trained}")
 
+    def input_description(self) -> str:
+        """What the file takes, for whoever runs it without featx: the shape and how a photo gets there
+        (normalisation is inside the graph)."""
+        pre = self.preprocess
+        (h, w), size = pre.input_size, pre.resize_size
+        return (f"uint8 RGB (n, {h}, {w}, 3): each photo resized ({pre.interpolation}) so its shorter side is "
+                f"{size}, then centre-cropped to {h}x{w}")
+
     def to_json(self) -> str:
         return json.dumps(
             {
@@ -97,7 +105,7 @@ class ModelInfo:
                 "weights_sha256": self.weights_sha256,
                 "precision": self.precision,
                 "featx_version": self.featx_version,
-                "input": "uint8 RGB (n, H, W, 3)",
+                "input": self.input_description(),
             }
         )
 

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -520,7 +520,7 @@ def export_classifier(
     import onnx
     from onnx import TensorProto, compose, helper, numpy_helper
 
-    from .export import TRAINED_PHASHES_KEY, encode_phashes
+    from .export import METADATA_KEY, TRAINED_PHASHES_KEY, encode_phashes
 
     check_output_file(output, example="classifier.onnx")
     loaded = load_head(head)
@@ -564,7 +564,11 @@ def export_classifier(
     for node in merged.graph.node:
         node.output[:] = ["probabilities" if o == "head/probabilities" else o for o in node.output]
     del merged.metadata_props[:]
-    merged.metadata_props.extend(p for p in backbone.metadata_props if p.key != TRAINED_PHASHES_KEY)
+    merged.metadata_props.extend(p for p in backbone.metadata_props if p.key not in (TRAINED_PHASHES_KEY, METADATA_KEY))
+    # the backbone's metadata with the head's classes: its ImageNet names would be read as this file's
+    entry = merged.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = replace(backbone_info, class_names=[str(c) for c in h.classes_]).to_json()
     trained = _pictures_trained_on(loaded, backbone_info.trained_phashes)
     if trained is not None:  # evaluate leaves them out of a test folder, as it does for the head itself
         entry = merged.metadata_props.add()

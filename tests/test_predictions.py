@@ -3,8 +3,10 @@ come, files deleted since left out), evaluate on a folder kept apart (what the h
 out), and a head merged with its backbone into one ONNX classifier."""
 
 import csv
+import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -390,3 +392,49 @@ def test_evaluate_leaves_out_what_a_multilabel_head_trained_on_not_the_rest_of_i
         featx.evaluate_head(test, head, labels_csv=tmp_path / "test.csv")
 
 
+
+
+@pytest.mark.slow
+def test_readme_snippet_runs_the_exported_classifier_as_featx_does(digits_cache, digits_dir, photos_dir, lite0_onnx,
+                                                                    tmp_path, capsys):
+    """The README's code for running an export-classifier file with onnxruntime and Pillow alone gives
+    featx's embeddings (landscape photos, a portrait one, one whose EXIF says to turn it) and, on digits
+    like those the head was trained on, featx's probabilities and first class."""
+    import re
+
+    import onnxruntime as ort
+    from PIL import Image
+
+    head = tmp_path / "h.safetensors"
+    featx.train_head(digits_cache, head, C=1.0)
+    classifier = featx.export_classifier(lite0_onnx, head, tmp_path / "classifier.onnx")
+    china = Image.open(photos_dir / "china.jpg")
+    china.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "portrait.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
+    china.save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    photos = [photos_dir / "coffee.png", photos_dir / "chelsea.png", tmp_path / "portrait.jpg", tmp_path / "turned.jpg"]
+    digits = sorted(digits_dir.rglob("*.png"))[::400]
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### The exported classifier, without featx", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert '"classifier.onnx"' in snippet and '"photo.jpg"' in snippet
+    embeddings = featx.embed_images(photos + digits, model=lite0_onnx)
+    expected = load_head(head).head.predict_proba(embeddings)
+    for image, embedding, want in zip(photos + digits, embeddings, expected):
+        code = snippet.replace('"classifier.onnx"', repr(str(classifier))).replace('"photo.jpg"', repr(str(image)))
+        scope: dict = {}
+        exec(compile(code, "README.md", "exec"), scope)
+        printed = capsys.readouterr().out.splitlines()
+        assert len(printed) == 3 and printed[0].split()[0] == str(scope["probabilities"].argmax())
+        got = scope["session"].run(["embedding"], {"images": scope["pixels"]})[0][0]
+        assert got @ embedding / np.linalg.norm(got) / np.linalg.norm(embedding) > 0.999, image.name
+        if image in digits:  # a photo is far from any digit: there the head's probabilities are all or nothing
+            assert np.abs(scope["probabilities"] - want).max() < 0.01, image.name
+            assert printed[0].split()[0] == str(want.argmax()), image.name
+    # the file's own description names its classes, not the backbone's ImageNet ones
+    meta = ort.InferenceSession(str(classifier), providers=["CPUExecutionProvider"]).get_modelmeta()
+    described = json.loads(meta.custom_metadata_map["featx"])
+    assert described["class_names"] == [str(d) for d in range(10)]
+    assert described["input"].startswith("uint8 RGB (n, 224, 224, 3)")
