@@ -174,7 +174,7 @@ def walk_images(root: str | os.PathLike, subfolder: str = "") -> Iterator[FileEn
             if is_dir:
                 yield from walk(entry.path, key, label if rel else entry.name)
                 continue
-            if ext not in IMAGE_EXTENSIONS and (ext or not _content_is_image(entry.path)):
+            if ext not in IMAGE_EXTENSIONS and (ext or not content_is_image(entry.path)):
                 other_types[ext or "(no extension)"] += 1
                 continue
             try:
@@ -220,7 +220,8 @@ def class_names_of(root: str | os.PathLike) -> list[str]:
         return sorted((e.name for e in it if e.is_dir() and not is_passed_over(e.name)), key=os.fsencode)
 
 
-def _content_is_image(path: str) -> bool:
+def content_is_image(path: str) -> bool:
+    """Whether a file's first bytes are those of an image format featx reads (for files without an extension)."""
     try:
         with open(path, "rb") as f:
             return sniff_format(f.read(32)) is not None

@@ -28,8 +28,8 @@ from PIL import Image
 
 from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry, WalkFailure, class_names_of, \
-    file_digest, folder_to_walk, is_glob_pattern, is_passed_over, load_batch, load_image, perceptual_hashes, printable, \
-    walk_images, walk_sort_key
+    content_is_image, file_digest, folder_to_walk, is_glob_pattern, is_passed_over, load_batch, load_image, \
+    perceptual_hashes, printable, walk_images, walk_sort_key
 from .errors import FeatxError, ImageError, ModelFileError, check_output_file
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
@@ -1032,7 +1032,8 @@ def _store_reused(store, reused: list, label_of) -> None:
 
 
 def _count_candidates(root: Path, stop: threading.Event | None = None) -> int | None:
-    """Image files under root by extension only (no file stat, no reads): the progress bar's total.
+    """Image files under root by extension (no file stat), and files without one whose first bytes are an
+    image's, as the walk takes them: the progress bar's total.
     The walk's folders: hidden and system ones left out (a NAS's @eaDir holds three thumbnails a photo),
     symlinked ones followed once. None when ``stop`` is set before the count is done."""
     n, seen = 0, set()
@@ -1049,7 +1050,11 @@ def _count_candidates(root: Path, stop: threading.Event | None = None) -> int | 
             continue
         seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not is_passed_over(d)]
-        n += sum(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not is_passed_over(f) for f in filenames)
+        for name in filenames:
+            ext = os.path.splitext(name)[1].lower()
+            if not is_passed_over(name) and (ext in IMAGE_EXTENSIONS or
+                                             (not ext and content_is_image(os.path.join(dirpath, name)))):
+                n += 1
     return n
 
 

@@ -2,6 +2,8 @@
 
 import hashlib
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -705,6 +707,23 @@ def test_a_bar_written_to_a_log_file_is_not_redrawn_every_tenth_of_a_second(digi
     assert r.returncode == 0 and "1797 embedded" in r.stdout
     text = log.read_bytes()  # as written: read_text would turn each '\r' into a newline
     assert b"1797/1797" in text and text.count(b"\r") <= 4, text
+
+
+def test_the_bar_counts_images_saved_without_an_extension(digits_dir, tmp_path, lite0_onnx):
+    """A scraped folder names its files by hash, without an extension; the walk takes those whose content is
+    an image, and the bar's total counted them too (it said 4/2 where 4 of 4 were embedded)."""
+    folder = tmp_path / "scraped"
+    folder.mkdir()
+    digits = sorted(digits_dir.rglob("*.png"))[:4]
+    for i, path in enumerate(digits):
+        shutil.copy(path, folder / (f"{i}.png" if i < 2 else f"{i:040x}"))
+    (folder / "LICENSE").write_text("not an image")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    r = subprocess.run([sys.executable, "-m", "featx", "embed", str(folder), "-o", str(tmp_path / "c.h5"),
+                        "--model", str(lite0_onnx)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "4 embedded" in r.stdout
+    totals = set(re.findall(r"\d+/(\d+) \[", r.stderr))
+    assert totals == {"4"}, r.stderr
 
 
 def _decode_workers_of(pid: int) -> list[int]:
