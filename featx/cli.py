@@ -556,8 +556,9 @@ def _run(args: argparse.Namespace) -> int:
             hflip=not args.no_hflip, vflip=args.vflip, patience=args.patience, val_fraction=args.val_fraction,
             resume=args.resume, device=args.device, progress=not args.quiet,
         )
-        print(f"best val_accuracy {result.best_val_accuracy:.4f} (val_loss {result.best_val_loss:.4f}) -> "
-              f"{result.checkpoint}; trained blocks: {', '.join(result.trainable) or 'classifier only'}\n"
+        ran = result.history[-1].epoch if result.history else 0
+        print(f"saved epoch {result.best_epoch} of {ran}, the lowest val_loss {result.best_val_loss:.4f} (val_accuracy "
+              f"{result.best_val_accuracy:.4f}) -> {result.checkpoint}; trained blocks: {', '.join(result.trainable) or 'classifier only'}\n"
               f"curves: {result.curves}\n"
               f"export it: featx export {args.model} --weights {result.checkpoint}")
         return 0

@@ -139,6 +139,16 @@ class FinetuneResult:
     n_val: int = 0  # and in the validation split
     val_files: list[str] = field(default_factory=list)  # the validation split's files; the others trained
 
+    @property
+    def best_epoch(self) -> int:
+        """The epoch whose weights the checkpoint holds: the lowest val_loss (not the best val_accuracy)."""
+        return lowest_val_loss_epoch(self.history) if self.history else 0
+
+
+def lowest_val_loss_epoch(history: Sequence[EpochLog]) -> int:
+    """The epoch a run keeps (the first of the lowest val_loss), as the checkpoint is written."""
+    return min(history, key=lambda e: e.val_loss).epoch
+
 
 def without_copies(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], int]:
     """(path, class) samples less those with the bytes and class of an earlier one, and how many went:
@@ -382,7 +392,7 @@ def plot_curves(history: Sequence[EpochLog], path: Path, *, title: str) -> None:
     import matplotlib.ticker
 
     epochs = [e.epoch for e in history]
-    best = min(history, key=lambda e: e.val_loss).epoch
+    best = lowest_val_loss_epoch(history)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, name in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [getattr(e, name) for e in history], "o-", label=f"training {name}")

@@ -143,6 +143,21 @@ def test_ctrl_c_or_sigterm_names_the_checkpoint_and_resume_goes_on_from_it(small
     assert [h.epoch for h in resumed.history][-2:] == [saved, saved + 1]
 
 
+def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, capsys):
+    """The epoch kept is the lowest val_loss, which need not be the best val_accuracy: the line said "best
+    val_accuracy 0.2083" of an epoch when an earlier one had scored 0.25."""
+    from featx.cli import main
+    from featx.finetune import _read_checkpoint
+
+    ckpt = tmp_path / "ft.safetensors"
+    assert main(["-q", "finetune", str(small_digits), "-o", str(ckpt), "--unfreeze", "1", "--epochs", "3",
+                 "--input-size", "64", "--batch-size", "16", "--no-hflip"]) == 0
+    said = next(line for line in capsys.readouterr().out.splitlines() if not line.startswith("Epoch "))
+    meta = _read_checkpoint(ckpt)[1]
+    assert said.startswith(f"saved epoch {meta['epoch']} of 3, the lowest val_loss {float(meta['val_loss']):.4f} "
+                           f"(val_accuracy {float(meta['val_accuracy']):.4f}) -> {ckpt}"), said
+
+
 @pytest.mark.slow
 def test_advise_tells_digits_from_natural_photos(digits_dir, tmp_path, lite0_onnx):
     from featx.samples import write_jpeg_folder
