@@ -73,13 +73,13 @@ class ModelInfo:
     def summary(self) -> str:
         """One line: backbone, embedding size, logits, input size, precision, fingerprint."""
         classes = ""
-        if self.class_scores == "probabilities":
+        if self.has_logits:
             named = ", ".join(self.class_names[:10]) + (", …" if len(self.class_names) > 10 else "")
-            kind = "a multi-label classifier: probabilities for each of" if self.multilabel else \
-                "a classifier: probabilities for"
+            kind = "logits for"
+            if self.class_scores == "probabilities":
+                kind = "a multi-label classifier: probabilities for each of" if self.multilabel else \
+                    "a classifier: probabilities for"
             classes = f", {kind} {len(self.class_names)} {'labels' if self.multilabel else 'classes'} ({named})"
-        elif self.has_logits:
-            classes = f", logits for {len(self.class_names)} classes"
         trained = "" if self.trained_phashes is None else (
             f", knows the {len(self.trained_phashes):,} pictures it was trained and validated on (evaluate leaves them out)")
         return (f"{self.backbone}, {self.embed_dim}-d embedding{classes}, "

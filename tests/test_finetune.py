@@ -283,6 +283,7 @@ def test_a_fine_tuned_export_is_not_scored_on_the_pictures_it_was_tuned_on(small
     info = featx.read_model_info(model)
     known = len(info.trained_phashes)
     assert 50 <= known <= 60 and f"knows the {known} pictures it was trained and validated on" in info.summary()
+    assert "logits for 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)" in info.summary()  # its own, named
 
     test = tmp_path / "test"  # 20 digits it never saw, and 10 of its own at 48 px as JPEG
     for path in write_digits_folder(tmp_path / "more", size=32, limit=80).rglob("*.png"):
