@@ -80,7 +80,10 @@ def check_store_path(path: str | os.PathLike) -> None:
     # a photo or a CSV given as -o by mistake is refused before the model loads (an empty file, as a
     # kill while the cache was first created may leave, is made a cache as HDF5 itself does)
     if path.is_file() and path.stat().st_size and not _is_hdf5(path):
-        raise StoreError(f"{path} is a file but not an HDF5 cache; give a new file name (or an existing cache)")
+        from .runtime import file_kind
+
+        what = {"onnx": "a model", "safetensors": "a head or a fine-tuning checkpoint"}.get(file_kind(path), "a file")
+        raise StoreError(f"{path} is {what}, not an HDF5 cache; give a new file name (or an existing cache)")
 
 
 def _is_hdf5(path: Path) -> bool:

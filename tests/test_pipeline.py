@@ -597,7 +597,7 @@ def test_second_writer_and_reader_get_a_clear_error(small_digits, tmp_path, lite
         assert "Traceback" not in r.stderr
 
 
-def test_unusable_output_is_refused_before_the_model_loads(small_digits, tmp_path):
+def test_unusable_output_is_refused_before_the_model_loads(small_digits, tmp_path, capsys):
     """A missing folder or a folder given as the cache: one line, before any export (the model named
     here does not exist, so reaching it would raise another error)."""
     with pytest.raises(StoreError, match=f"cannot create .*c.h5: folder {tmp_path / 'no' / 'such'} does not exist"):
@@ -606,9 +606,16 @@ def test_unusable_output_is_refused_before_the_model_loads(small_digits, tmp_pat
         featx.embed_folder(small_digits, tmp_path, model="no_such_model")
     photo = next((small_digits / "3").iterdir())  # a photo given as the cache by mistake is left as it was
     before = photo.read_bytes()
-    with pytest.raises(StoreError, match=f"{photo} is a file but not an HDF5 cache; give a new file name"):
+    with pytest.raises(StoreError, match=f"{photo} is a file, not an HDF5 cache; give a new file name"):
         featx.embed_folder(small_digits, photo, model="no_such_model")
     assert photo.read_bytes() == before
+    from featx.cli import main
+
+    head = tmp_path / "head"  # a head given as the cache (here, of similar) is named as what it is
+    head.write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")
+    assert main(["similar", str(photo), "--cache", str(head)]) == 2
+    assert capsys.readouterr().err == f"featx: error: {head} is a head or a fine-tuning checkpoint, not an HDF5 cache; " \
+                                      "give a new file name (or an existing cache)\n"
 
 
 def test_a_damaged_or_cut_short_cache_is_refused_in_one_line_naming_it(small_digits, tmp_path, lite0_onnx, capsys):
