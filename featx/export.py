@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .backbones import Backbone, PreprocessConfig
-from .errors import ExportCheckError, FeatxError, check_output_file, check_writable_folder
+from .errors import ExportCheckError, FeatxError, ModelFileError, check_output_file, check_writable_folder
 
 if TYPE_CHECKING:
     import torch
@@ -296,9 +296,10 @@ def export_onnx(
         raise ExportCheckError(f"{backbone.name}: the backbone gives {width}-d embeddings but declares "
                                f"embed_dim={info.embed_dim}")
     outputs = ["embedding", "logits"] if info.has_logits else ["embedding"]
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # a name of this export's own (two first runs may export one model at once), created by the exporter
+    # with the user's umask: mkstemp's 0600 made the models folder's files unreadable to the others
+    # sharing it (FEATX_MODELS on a group's server)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         # nn.MultiheadAttention's fused fast path (ViT) has no ONNX symbolic: trace the plain ops
@@ -393,8 +394,8 @@ def ensure_model_file(
 ) -> Path:
     """An exported ONNX file for ``model``: the file itself if ``model`` is a path, else the backbone
     name exported into ``models_dir`` on first use (``NAME[-fp16][-WEIGHTS].onnx``) and reused after.
-    A file there that an earlier featx wrote with per-call 'SAME' padding is exported again
-    (:func:`refresh_per_call_padding`).
+    A file there that an earlier featx wrote with per-call 'SAME' padding, or one damaged since (cut
+    short by a copy or a full disk), is exported again (:func:`refresh_models_folder_file`).
     """
     as_path = Path(model)
     if as_path.suffix == ".onnx" or as_path.is_file():
@@ -413,24 +414,28 @@ def ensure_model_file(
         _logger.info("exporting %s to %s (first use)", name, path)
         export_onnx(backbone, path, half=half)
     else:
-        refresh_per_call_padding(path, name, weights=weights, half=half)
+        refresh_models_folder_file(path, name, weights=weights, half=half)
     return path
 
 
-def refresh_per_call_padding(path: Path, name: str, *, weights=None, half: bool = False) -> bool:
+def refresh_models_folder_file(path: Path, name: str, *, weights=None, half: bool = False) -> bool:
     """Export ``name`` again over the models folder's ``path`` when that file pads per call, so an earlier
     featx's export gets the fixed padding (1.5-1.7x on a CPU) without the user deleting it. The new file
     replaces the old only with the same fingerprint (weights, preprocessing, precision), so the caches
     and heads made with the old one still take it; otherwise, or when the export cannot be made here
-    (the weights' download offline), the old file is kept and used. Returns whether it was replaced."""
+    (the weights' download offline), the old file is kept and used. A file that is no ONNX model at all
+    (featx writes by rename, so a copy or a sync cut it short) is replaced whatever the new one's
+    fingerprint; when that export fails, the refusal says to delete it. Returns whether it was replaced."""
     from .backbones import load_backbone
-    from .errors import ModelFileError
     from .runtime import read_model_info
 
     try:
         old = read_model_info(path)
-    except ModelFileError:
-        return False  # not for this check to refuse: loading the model names what is wrong
+    except ModelFileError as e:
+        damage = _damage_of(path)
+        if damage is None:
+            return False  # a model, not featx's: loading it names what is wrong
+        return _export_over_damaged(path, name, damage, refused=e, weights=weights, half=half)
     if not old.pads_per_call:
         return False
     fresh = path.with_name(f".{path.stem}.refresh.onnx")
@@ -448,6 +453,34 @@ def refresh_per_call_padding(path: Path, name: str, *, weights=None, half: bool 
         _logger.warning("%s kept as it is (per-call padding): exporting %s again failed: %s", path, name,
                         str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         return False
+    finally:
+        fresh.unlink(missing_ok=True)
+
+
+def _damage_of(path: Path) -> str | None:
+    """Why the file is no ONNX model (protobuf cannot parse it, or it holds no graph), or None."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None if proto.graph.node else "it holds no graph (an empty or cut-short file)"
+
+
+def _export_over_damaged(path: Path, name: str, damage: str, *, refused: Exception, weights, half: bool) -> bool:
+    from .backbones import load_backbone
+
+    fresh = path.with_name(f".{path.stem}.refresh.onnx")
+    _logger.warning("%s is damaged (%s): exporting %s again", path, damage, name)
+    try:
+        export_onnx(load_backbone(name, weights=weights), fresh, half=half)
+        os.replace(fresh, path)
+        return True
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"{refused}; exporting {name} again failed ({why}): delete {path} and featx exports it "
+                             "on its next run that can") from None
     finally:
         fresh.unlink(missing_ok=True)
 

@@ -174,6 +174,41 @@ def test_a_backbone_name_exports_into_the_clones_models_folder_whichever_folder_
     assert r.stdout.strip() == str(tmp_path / "mine")
 
 
+def test_a_damaged_file_in_the_models_folder_is_exported_again(lite0_onnx, photos_dir, tmp_path, monkeypatch, caplog):
+    """A models-folder file cut short (a sync or copy of the folder that did not finish: featx itself writes
+    by rename) was refused at every run until deleted by hand; it is exported again, with a warning. One
+    that cannot be exported again here is refused, naming the file to delete. The export is readable by
+    whoever shares the folder (the umask's bits, where mkstemp gave 0600)."""
+    from featx.export import model_path
+
+    monkeypatch.setenv("FEATX_MODELS", str(tmp_path))
+    damaged = tmp_path / "efficientnet_lite0.onnx"
+    damaged.write_bytes(lite0_onnx.read_bytes()[:100_000])
+    umask = os.umask(0o022)
+    try:
+        rows = featx.classify([photos_dir / "coffee.png"], model="efficientnet_lite0", top=1)
+    finally:
+        os.umask(umask)
+    assert rows[0].top[0][0] == "espresso" and f"{damaged} is damaged" in caplog.text
+    assert featx.read_model_info(damaged).fingerprint == featx.read_model_info(lite0_onnx).fingerprint
+    assert damaged.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientnet_lite0.onnx"]  # no temporary file left
+    gone = str(tmp_path / "moved_away.pth")  # an export of weights no longer there, emptied
+    empty = model_path("efficientnet_lite0", weights=gone)
+    empty.write_bytes(b"")
+    with pytest.raises(ModelFileError, match=f"^{re.escape(str(empty))}: not exported by featx .*; exporting "
+                                             f"efficientnet_lite0 again failed .*: delete {re.escape(str(empty))} "):
+        featx.classify([photos_dir / "coffee.png"], model="efficientnet_lite0", weights=gone)
+    not_featx = tmp_path / "resnet18.onnx"  # a whole ONNX model of someone else's is not exported over
+    shutil.copy(lite0_onnx, not_featx)
+    proto = onnx.load(str(not_featx))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(not_featx))
+    with pytest.raises(ModelFileError, match="not exported by featx"):
+        featx.classify([photos_dir / "coffee.png"], model="resnet18")
+    assert "resnet18" not in caplog.text
+
+
 def test_cli_classify_exits_1_for_a_named_file_it_cannot_read(lite0_onnx, photos_dir, tmp_path, capsys):
     """`featx classify` prints every row; a file named on the command line that is missing or not an image
     makes the exit status 1 (as `cat` would), a bad file met inside a folder only with --strict."""
