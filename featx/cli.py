@@ -560,7 +560,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"saved epoch {result.best_epoch} of {ran}, the lowest val_loss {result.best_val_loss:.4f} (val_accuracy "
               f"{result.best_val_accuracy:.4f}) -> {result.checkpoint}; trained blocks: {', '.join(result.trainable) or 'classifier only'}\n"
               f"curves: {result.curves}\n"
-              f"export it: featx export {args.model} --weights {result.checkpoint}")
+              f"export it: featx export {result.backbone} --weights {result.checkpoint}")
         return 0
 
     if args.command == "advise":

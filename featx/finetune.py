@@ -128,6 +128,7 @@ class FinetuneResult:
     class_names: list[str]
     best_val_accuracy: float
     best_val_loss: float
+    backbone: str = DEFAULT_BACKBONE  # the name its export takes (featx export NAME --weights CHECKPOINT)
     history: list[EpochLog] = field(default_factory=list)  # every epoch, those before a resume included
     frozen: list[str] = field(default_factory=list)
     trainable: list[str] = field(default_factory=list)
@@ -148,6 +149,29 @@ class FinetuneResult:
 def lowest_val_loss_epoch(history: Sequence[EpochLog]) -> int:
     """The epoch a run keeps (the first of the lowest val_loss), as the checkpoint is written."""
     return min(history, key=lambda e: e.val_loss).epoch
+
+
+def _torch_backbone(model: str | os.PathLike, weights: str | None):
+    """The torch backbone to train: ``model`` by name, or the one an exported file was made from (its
+    metadata names the backbone and weights; the weights loaded here must hash as the file says)."""
+    from .backbones import load_backbone
+    from .errors import WeightsError
+    from .runtime import file_kind, read_model_info
+
+    if not (str(model).endswith(".onnx") or (os.path.isfile(model) and file_kind(model) == "onnx")):
+        return load_backbone(str(model), weights=weights)
+    info = read_model_info(model)
+    source = weights or info.weights
+    by_name = f"--model {info.backbone} --weights {source}"
+    try:
+        backbone = load_backbone(info.backbone, weights=source)
+    except FeatxError as e:
+        raise WeightsError(f"{model}: fine-tuning trains the torch weights it was exported from ({by_name}), "
+                           f"which cannot be loaded here: {e}") from None
+    if weights is None and backbone.weights_sha256() != info.weights_sha256:
+        raise WeightsError(f"{model} was exported from other weights than {by_name} gives here (their SHA-256 "
+                           "differs): give the backbone name and the weights the file was made from")
+    return backbone
 
 
 def without_copies(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], int]:
@@ -236,7 +260,6 @@ def fine_tune(
     import torch
     from torchvision import transforms as T
 
-    from .backbones import load_backbone
     from .data import FileEntry, class_names_of, folder_to_walk, walk_images
     from .heads import near_copy_split_groups
     from .pipeline import perceptual_hashes_of_files
@@ -261,7 +284,7 @@ def fine_tune(
     # before the backbone loads: a folder that cannot be split is reported at once
     targets = [class_names[t] for _, t in samples]
     train_idx, val_idx = split_indices(targets, val_fraction, seed, where=root)
-    backbone = load_backbone(model, weights=weights)
+    backbone = _torch_backbone(model, weights)
     p = backbone.preprocess
     size = input_size or p.input_size[0]
     resize = int(round(size * p.resize_size / p.input_size[0]))
@@ -329,7 +352,8 @@ def fine_tune(
     loss_fn = torch.nn.CrossEntropyLoss()
     use_amp = device == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    result = FinetuneResult(str(output), class_names, best[1], best[0], history=history, frozen=frozen,
+    result = FinetuneResult(str(output), class_names, best[1], best[0], backbone=backbone.name, history=history,
+                            frozen=frozen,
                             trainable=trainable, curves=str(output.with_suffix(".curves.png")), n_copies=n_copies,
                             n_near_copies=n_near, n_train=len(train_idx), n_val=len(val_idx),
                             val_files=[samples[i][0] for i in val_idx])

@@ -158,6 +158,37 @@ def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, caps
                            f"(val_accuracy {float(meta['val_accuracy']):.4f}) -> {ckpt}"), said
 
 
+def test_finetune_takes_an_exported_file_as_the_model_it_was_made_from(small_digits, lite0_onnx, tmp_path):
+    """--model takes "backbone name or exported .onnx file" in every command, but finetune said "unknown
+    backbone" to a file: it now trains the torch weights the file names, checked against the file's hash."""
+    import json
+
+    import onnx
+
+    from featx.errors import WeightsError
+    from featx.export import METADATA_KEY
+
+    result = featx.fine_tune(small_digits, tmp_path / "ft.safetensors", model=str(lite0_onnx), unfreeze=0, epochs=1,
+                             input_size=32, hflip=False, log=lambda line: None)
+    assert result.backbone == "efficientnet_lite0" and len(result.history) == 1
+
+    def exported_with(name: str, **changes) -> Path:
+        proto = onnx.load(str(lite0_onnx))
+        entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+        entry.value = json.dumps({**json.loads(entry.value), **changes})
+        onnx.save(proto, str(tmp_path / name))
+        return tmp_path / name
+
+    gone = exported_with("gone.onnx", weights=str(tmp_path / "deleted.safetensors"))
+    with pytest.raises(WeightsError, match=f"^{gone}: fine-tuning trains the torch weights it was exported from "
+                                           f"\\(--model efficientnet_lite0 --weights {tmp_path / 'deleted.safetensors'}\\)"):
+        featx.fine_tune(small_digits, tmp_path / "ft.safetensors", model=str(gone), epochs=1)
+    other = exported_with("other.onnx", weights_sha256="0" * 64)
+    with pytest.raises(WeightsError, match="exported from other weights than --model efficientnet_lite0 --weights "
+                                           "bundled gives here"):
+        featx.fine_tune(small_digits, tmp_path / "ft.safetensors", model=str(other), epochs=1)
+
+
 @pytest.mark.slow
 def test_advise_tells_digits_from_natural_photos(digits_dir, tmp_path, lite0_onnx):
     from featx.samples import write_jpeg_folder
