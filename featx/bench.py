@@ -159,19 +159,20 @@ def bench_models(
     """
     import torch
 
-    from .backbones import load_backbone
     from .export import check_images, ensure_model_file
     from .errors import ModelFileError, check_writable_folder
-    from .runtime import OnnxEngine, TorchEngine, default_batch_size, read_model_info, resolve_device
+    from .runtime import OnnxEngine, TorchEngine, default_batch_size, read_model_info, resolve_device, torch_backbone
 
     if out_dir:  # the results are written at the end: a folder that cannot take them is refused now
         check_writable_folder(out_dir, create=True)
     device = resolve_device(device)
-    backbone = load_backbone(model, weights=weights)
+    backbone = torch_backbone(model, weights)
     t0 = time.perf_counter()
     model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
     export_seconds = time.perf_counter() - t0
-    result = BenchResult(model=f"{model}{' fp16' if half else ''}", device=device, machine=machine_description())
+    # a file is named by its stem: its path made the result files "_home_me_models_x.onnx-cpu.json"
+    name = Path(model).stem if Path(model).suffix == ".onnx" or Path(model).is_file() else str(model)
+    result = BenchResult(model=f"{name}{' fp16' if half else ''}", device=device, machine=machine_description())
     cfg = backbone.preprocess
     h, w = cfg.input_size
     rng = np.random.default_rng(0)

@@ -151,29 +151,6 @@ def lowest_val_loss_epoch(history: Sequence[EpochLog]) -> int:
     return min(history, key=lambda e: e.val_loss).epoch
 
 
-def _torch_backbone(model: str | os.PathLike, weights: str | None):
-    """The torch backbone to train: ``model`` by name, or the one an exported file was made from (its
-    metadata names the backbone and weights; the weights loaded here must hash as the file says)."""
-    from .backbones import load_backbone
-    from .errors import WeightsError
-    from .runtime import file_kind, read_model_info
-
-    if not (str(model).endswith(".onnx") or (os.path.isfile(model) and file_kind(model) == "onnx")):
-        return load_backbone(str(model), weights=weights)
-    info = read_model_info(model)
-    source = weights or info.weights
-    by_name = f"--model {info.backbone} --weights {source}"
-    try:
-        backbone = load_backbone(info.backbone, weights=source)
-    except FeatxError as e:
-        raise WeightsError(f"{model}: fine-tuning trains the torch weights it was exported from ({by_name}), "
-                           f"which cannot be loaded here: {e}") from None
-    if weights is None and backbone.weights_sha256() != info.weights_sha256:
-        raise WeightsError(f"{model} was exported from other weights than {by_name} gives here (their SHA-256 "
-                           "differs): give the backbone name and the weights the file was made from")
-    return backbone
-
-
 def without_copies(samples: Sequence[tuple[str, int]]) -> tuple[list[tuple[str, int]], int]:
     """(path, class) samples less those with the bytes and class of an earlier one, and how many went:
     a copy adds no information, and one on each side of a split scores what it trained on."""
@@ -263,7 +240,7 @@ def fine_tune(
     from .data import FileEntry, class_names_of, folder_to_walk, walk_images
     from .heads import near_copy_split_groups
     from .pipeline import perceptual_hashes_of_files
-    from .runtime import resolve_device
+    from .runtime import resolve_device, torch_backbone
 
     check_output_file(output, example="finetuned.safetensors")
     torch.manual_seed(seed)
@@ -284,7 +261,7 @@ def fine_tune(
     # before the backbone loads: a folder that cannot be split is reported at once
     targets = [class_names[t] for _, t in samples]
     train_idx, val_idx = split_indices(targets, val_fraction, seed, where=root)
-    backbone = _torch_backbone(model, weights)
+    backbone = torch_backbone(model, weights)
     p = backbone.preprocess
     size = input_size or p.input_size[0]
     resize = int(round(size * p.resize_size / p.input_size[0]))

@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from .errors import ModelFileError, WeightsError
+from .errors import FeatxError, ModelFileError, WeightsError
 from .export import INPUT_NAME, METADATA_KEY, TRAINED_PHASHES_KEY, ModelInfo, decode_phashes
 
 _logger = logging.getLogger(__name__)
@@ -205,6 +205,33 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:300] if lines else type(e).__name__
 
 
+def check_same_weights(backbone, info: ModelInfo, model_file: str | os.PathLike | None = None) -> None:
+    """Refuse torch weights other than those the exported file was made from (by their SHA-256)."""
+    if backbone.weights_sha256() != info.weights_sha256:
+        raise WeightsError(f"torch weights for {info.backbone} ({backbone.weights}) hash to "
+                           f"{backbone.weights_sha256()[:12]}…, {model_file or 'the model file'} was exported from "
+                           f"{info.weights_sha256[:12]}…: give the backbone name and the weights it was made from")
+
+
+def torch_backbone(model: str | os.PathLike, weights: str | None = None):
+    """The torch backbone of ``model``: a backbone name's, or the one an exported file was made from (the
+    backbone and weights its metadata names, or ``weights``), for what needs torch (finetune, bench)."""
+    from .backbones import load_backbone
+
+    if not (str(model).endswith(".onnx") or (os.path.isfile(model) and file_kind(model) == "onnx")):
+        return load_backbone(str(model), weights=weights)
+    info = read_model_info(model)
+    source = weights or info.weights
+    try:
+        backbone = load_backbone(info.backbone, weights=source)
+    except FeatxError as e:
+        raise WeightsError(f"{model} was exported from torch weights (--model {info.backbone} --weights {source}) "
+                           f"that cannot be loaded here: {e}") from None
+    if weights is None:
+        check_same_weights(backbone, info, model)
+    return backbone
+
+
 class OnnxEngine:
     """onnxruntime session over an exported file.
 
@@ -320,11 +347,7 @@ class TorchEngine:
         self.info = info
         self.device = resolve_device(device)
         backbone = backbone or load_backbone(info.backbone, weights=info.weights)
-        if backbone.weights_sha256() != info.weights_sha256:
-            raise WeightsError(
-                f"torch weights for {info.backbone} ({backbone.weights}) hash to {backbone.weights_sha256()[:12]}…, "
-                f"the model file was exported from {info.weights_sha256[:12]}…"
-            )
+        check_same_weights(backbone, info)
         dtype = dtype or ("fp16" if is_cuda(self.device) or info.precision == "fp16" else "fp32")
         torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         if self.device == "cpu" and torch_dtype is torch.float16:

@@ -159,8 +159,8 @@ def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, caps
 
 
 def test_finetune_takes_an_exported_file_as_the_model_it_was_made_from(small_digits, lite0_onnx, tmp_path):
-    """--model takes "backbone name or exported .onnx file" in every command, but finetune said "unknown
-    backbone" to a file: it now trains the torch weights the file names, checked against the file's hash."""
+    """--model takes "backbone name or exported .onnx file" in every command, but finetune and bench said
+    "unknown backbone" to a file: they take the torch weights the file names, checked against its hash."""
     import json
 
     import onnx
@@ -180,13 +180,16 @@ def test_finetune_takes_an_exported_file_as_the_model_it_was_made_from(small_dig
         return tmp_path / name
 
     gone = exported_with("gone.onnx", weights=str(tmp_path / "deleted.safetensors"))
-    with pytest.raises(WeightsError, match=f"^{gone}: fine-tuning trains the torch weights it was exported from "
-                                           f"\\(--model efficientnet_lite0 --weights {tmp_path / 'deleted.safetensors'}\\)"):
+    with pytest.raises(WeightsError, match=f"^{gone} was exported from torch weights \\(--model efficientnet_lite0 "
+                                           f"--weights {tmp_path / 'deleted.safetensors'}\\) that cannot be loaded here"):
         featx.fine_tune(small_digits, tmp_path / "ft.safetensors", model=str(gone), epochs=1)
     other = exported_with("other.onnx", weights_sha256="0" * 64)
-    with pytest.raises(WeightsError, match="exported from other weights than --model efficientnet_lite0 --weights "
-                                           "bundled gives here"):
+    with pytest.raises(WeightsError, match=f"hash to .*, {other} was exported from 000000000000…: give the backbone "
+                                           "name and the weights"):
         featx.fine_tune(small_digits, tmp_path / "ft.safetensors", model=str(other), epochs=1)
+    # bench times the torch model beside the file's: the same weights, by the same check
+    with pytest.raises(WeightsError, match=f"{other} was exported from 000000000000…"):
+        featx.bench_models(model=str(other), batch_sizes=[1], repeats=1, end_to_end=False, out_dir=None)
 
 
 @pytest.mark.slow
