@@ -607,10 +607,10 @@ class Advice:
     n_images: int
     n_classes: int
     images_per_class: float
-    imagenet_confidence: float  # mean top-1 ImageNet probability on a sample: high means ImageNet-like
+    imagenet_confidence: float  # mean top-1 ImageNet probability on a sample: high means ImageNet-like; nan: not measured
     probe_accuracy: float  # cross-validated logistic regression on frozen embeddings of the sample; nan: not run
     size: str  # "small" or "large"
-    similarity: str  # "similar" or "different"
+    similarity: str  # "similar", "different", or "unknown" (a model without an ImageNet classifier)
     recommendation: str
     unfreeze: int | str
     probe_folds: int = 3
@@ -629,8 +629,10 @@ class Advice:
                   if self.n_copies else "")
         return (f"{self.n_images} images in {self.n_classes} classes ({self.images_per_class:.0f} per class: {self.size})"
                 f"{copies}\n"
-                f"ImageNet classifier's mean top-1 confidence on a sample: {self.imagenet_confidence:.3f} "
-                f"(< {SIMILARITY_CONFIDENCE} counts as different from ImageNet: {self.similarity})\n"
+                + (f"ImageNet classifier's mean top-1 confidence on a sample: {self.imagenet_confidence:.3f} "
+                   f"(< {SIMILARITY_CONFIDENCE} counts as different from ImageNet: {self.similarity})\n"
+                   if self.similarity != "unknown" else
+                   "likeness to ImageNet: not measured (the model has no ImageNet classifier)\n") +
                 f"linear probe on frozen embeddings {probe}{skipped}\n"
                 f"recommendation: {self.recommendation} (featx finetune --unfreeze {self.unfreeze})")
 
@@ -669,6 +671,15 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
               for i in sorted(rng.choice(len(members), min(share, len(members)), replace=False))]
     model_file = ensure_model_file(model, weights=weights)
     engine = load_model(model_file, device=device, engine="onnx", spin=False)
+    # a fine-tuned export's logits score its own classes, a merged classifier gives probabilities: neither
+    # says how ImageNet-like the folder is (the digits' "confidence" under a digits model was 0.14, and nan)
+    info = engine.info
+    scores_imagenet = info.class_scores == "logits" and info.has_logits and len(info.class_names) == 1000
+    if not scores_imagenet:
+        _logger.warning("%s has no ImageNet classifier (%s): the folder's likeness to ImageNet is not measured; "
+                        "advise with the backbone's name (--model %s) measures it", model_file,
+                        f"its {len(info.class_names)} classes are its own" if info.has_logits else "no logits",
+                        info.backbone)
 
     confidences, embeddings, labels, phashes, skipped = [], [], [], [], {}
     for entry, (_, embedding, logits, error, phash) in zip(
@@ -679,7 +690,7 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
         embeddings.append(embedding)
         labels.append(entry.label)
         phashes.append(phash)
-        if logits is not None and engine.info.class_scores == "logits":  # ImageNet's, not a classifier file's
+        if logits is not None and scores_imagenet:
             confidences.append(softmax(logits[None]).max())
     if not embeddings:
         raise FeatxError(f"{root}: none of the {len(picked)} sampled images could be decoded")
@@ -699,13 +710,17 @@ def advise(root: str | os.PathLike, *, model: str = DEFAULT_BACKBONE, weights: s
     confidence = float(np.mean(confidences)) if confidences else float("nan")
     per_class = len(entries) / len(classes)
     size = "large" if per_class >= LARGE_PER_CLASS else "small"
-    similarity = "similar" if confidence >= SIMILARITY_CONFIDENCE else "different"
+    similarity = ("unknown" if not confidences else
+                  "similar" if confidence >= SIMILARITY_CONFIDENCE else "different")
     recommendation, unfreeze = {
         ("small", "similar"): ("frozen features + a head (train-head): the ImageNet features already fit", 0),
         ("large", "similar"): ("fine-tune the top blocks: enough data to adapt the highest features", 2),
         ("small", "different"): ("fine-tune the top blocks at a low learning rate with augmentation: "
                                  "the top features are ImageNet-specific, too little data for more", 2),
         ("large", "different"): ("fine-tune everything: the data can support it and differs from ImageNet", "all"),
+        ("small", "unknown"): ("frozen features + a head (train-head) first; if it falls short, the top blocks "
+                               "(--unfreeze 2): too little data for more", 0),
+        ("large", "unknown"): ("fine-tune the top blocks: enough data to adapt the highest features", 2),
     }[(size, similarity)]
     return Advice(len(entries), len(classes), per_class, confidence, probe, size, similarity, recommendation,
                   unfreeze, probe_folds=folds, probe_note=note, skipped=skipped, n_copies=n_copies,

@@ -205,6 +205,22 @@ def test_advise_tells_digits_from_natural_photos(digits_dir, tmp_path, lite0_onn
 
 
 @pytest.mark.slow
+def test_advise_on_a_model_of_its_own_classes_does_not_call_the_folder_unlike_imagenet(small_digits, digits_cache,
+                                                                                        lite0_onnx, tmp_path, caplog):
+    """advise judges a folder's likeness to ImageNet by the ImageNet classifier's confidence. A merged
+    classifier has no logits (the figure was nan, read as "different") and a fine-tuned export's logits
+    are its own classes: the likeness is not measured there, and the recommendation goes by size alone."""
+    head = tmp_path / "h.safetensors"
+    featx.train_head(digits_cache, head, C=1.0)
+    classifier = featx.export_classifier(lite0_onnx, head, tmp_path / "digits.onnx")
+    advice = featx.advise(small_digits, model=str(classifier), sample=60)
+    assert advice.similarity == "unknown" and advice.size == "small" and advice.unfreeze == 0
+    assert "likeness to ImageNet: not measured" in advice.text() and "nan" not in advice.text()
+    assert advice.probe_accuracy > 0.5  # the probe still runs on its embeddings
+    assert "advise with the backbone's name (--model efficientnet_lite0) measures it" in caplog.text
+
+
+@pytest.mark.slow
 def test_finetune_starts_from_a_trained_head(small_digits, tmp_path, lite0_onnx):
     """With the linear probe as the start, epoch 0 of fine-tuning already classifies like the head."""
     from featx.finetune import head_from_file
