@@ -151,6 +151,9 @@ def load_backbone(name: str, *, weights: str | os.PathLike | None = None) -> Bac
     """
     weights = None if weights is None else str(weights)
     if weights is not None and os.path.isfile(weights):  # by content: a checkpoint may have any name
+        # recorded as a whole path in the export's metadata, where the torch engine, bench and finetune
+        # load it from whatever folder they run in ("ft.safetensors" was found only beside the export's run)
+        weights = os.path.abspath(weights)
         from .finetune import is_finetune_checkpoint, load_finetuned
 
         if is_finetune_checkpoint(weights):  # new classes: the architecture with the checkpoint's classifier

@@ -158,9 +158,11 @@ def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, caps
                            f"(val_accuracy {float(meta['val_accuracy']):.4f}) -> {ckpt}"), said
 
 
-def test_finetune_takes_an_exported_file_as_the_model_it_was_made_from(small_digits, lite0_onnx, tmp_path):
+def test_finetune_takes_an_exported_file_as_the_model_it_was_made_from(small_digits, lite0_onnx, tmp_path,
+                                                                       monkeypatch):
     """--model takes "backbone name or exported .onnx file" in every command, but finetune and bench said
-    "unknown backbone" to a file: they take the torch weights the file names, checked against its hash."""
+    "unknown backbone" to a file: they take the torch weights the file names, checked against its hash.
+    A checkpoint named without its folder is recorded by its whole path, found from any folder."""
     import json
 
     import onnx
@@ -168,9 +170,19 @@ def test_finetune_takes_an_exported_file_as_the_model_it_was_made_from(small_dig
     from featx.errors import WeightsError
     from featx.export import METADATA_KEY
 
-    result = featx.fine_tune(small_digits, tmp_path / "ft.safetensors", model=str(lite0_onnx), unfreeze=0, epochs=1,
+    monkeypatch.chdir(tmp_path)
+    result = featx.fine_tune(small_digits, "ft.safetensors", model=str(lite0_onnx), unfreeze=0, epochs=1,
                              input_size=32, hflip=False, log=lambda line: None)
     assert result.backbone == "efficientnet_lite0" and len(result.history) == 1
+    tuned = tmp_path / "ft.onnx"
+    featx.export_onnx(featx.load_backbone("efficientnet_lite0", weights="ft.safetensors"), tuned)
+    monkeypatch.chdir(small_digits)  # elsewhere: "ft.safetensors" alone is not there
+    again = featx.fine_tune(small_digits, tmp_path / "again.safetensors", model=str(tuned), unfreeze=0, epochs=1,
+                            hflip=False, log=lambda line: None)
+    from featx.finetune import _read_checkpoint
+
+    assert _read_checkpoint(tmp_path / "again.safetensors")[1]["input_size"] == [32, 32]  # the tuned file's size
+    assert featx.read_model_info(tuned).weights == str(tmp_path / "ft.safetensors")
 
     def exported_with(name: str, **changes) -> Path:
         proto = onnx.load(str(lite0_onnx))
