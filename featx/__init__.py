@@ -55,6 +55,7 @@ _API = {
     "EmbeddingMap": "embedmap",
     "find_similar": "search",
     "SimilarImages": "search",
+    "write_similar": "search",
     "Embeddings": "store",
     "summarize_cache": "store",
     "CacheSummary": "store",
@@ -124,4 +125,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .finetune import advise, fine_tune, model_blocks
     from .bench import bench_models
     from .embedmap import EmbeddingMap, plot_embeddings
-    from .search import SimilarImages, find_similar
+    from .search import SimilarImages, find_similar, write_similar

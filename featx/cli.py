@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="query image files or folders, or a quoted pattern ('photos/*.jpg')")
     p.add_argument("--cache", required=True, help="embedding cache to search (.h5)")
     p.add_argument("-k", type=_count(1), default=5, help="matches per query (default 5)")
+    p.add_argument("-o", "--output", help="CSV of the matches, a row per query and match, instead of printing them")
     _add_model(p, made_with="the cache")
     _add_device(p)
     _add_strict(p)
@@ -528,9 +529,12 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "similar":
         results = featx.find_similar(args.images, args.cache, k=args.k, model=args.model, weights=args.weights,
-                                     device=args.device)
-        for result in results:
-            print(result.text())
+                                     device=args.device, output=args.output)
+        if args.output:
+            print(f"matches of {len(results)} queries -> {args.output}")
+        else:
+            for result in results:
+                print(result.text())
         return _failures_exit(args.images, [r.query for r in results if r.error], args.strict)
 
     if args.command == "export-classifier":

@@ -34,6 +34,10 @@ class SimilarImages:
     # match key -> keys of its near copies (perceptual hashes within NEAR_COPY_BITS) that ranked among the matches
     near_copies: dict[str, list[str]] = field(default_factory=dict)
 
+    def path_of(self, key: str) -> str:
+        """A match's file: the cache's folder joined to its key, to open it."""
+        return os.path.join(self.folder, key) if self.folder else key
+
     def text(self) -> str:
         """The query, then a line per match: its similarity and its file's path (the cache's folder
         joined to its key, to open it), with the copies' paths beside it."""
@@ -43,7 +47,7 @@ class SimilarImages:
             return f"{printable(self.query)}  FAILED: {self.error}"
 
         def path(key: str) -> str:
-            return printable(os.path.join(self.folder, key) if self.folder else key)
+            return printable(self.path_of(key))
 
         return "\n".join([printable(self.query)] + [
             f"  {similarity:.3f}  {path(key)}"
@@ -62,6 +66,7 @@ def find_similar(
     device: str = "auto",
     batch_size: int | None = None,
     rows_per_chunk: int = 16384,
+    output: str | os.PathLike | None = None,
 ) -> list[SimilarImages]:
     """For each image file (and every image under each folder), the ``k`` most similar cached images.
 
@@ -71,10 +76,23 @@ def find_similar(
         model: the backbone name or .onnx file the cache was embedded with; by default the cache's own
             (recorded when it was embedded, or the models folder's file of its group name) when it holds
             one model, else Lite0.
+        output: also write the matches to this CSV (:func:`write_similar`), refused before the search
+            when no file can be written there.
     A query that cannot be read is a result with ``error``; the others are still searched. A query from
     the folder the cache follows is not its own match (other files with its bytes are), and when it is
     unchanged since it was embedded its stored embedding serves.
     """
+    from .errors import check_output_file
+
+    check_output_file(output, example="similar.csv")
+    results = _search(images, cache, k=k, model=model, weights=weights, device=device, batch_size=batch_size,
+                      rows_per_chunk=rows_per_chunk)
+    if output is not None:
+        write_similar(results, output)
+    return results
+
+
+def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_per_chunk) -> list[SimilarImages]:
     from .errors import FeatxError
     from .export import ensure_model_file
     from .pipeline import encode_files_through_cache, expand_inputs
@@ -149,6 +167,29 @@ def find_similar(
                 same_bytes = bool(first[2]) and row[2] == first[2]
                 (result.copies if same_bytes else result.near_copies).setdefault(first[1], []).append(row[1])
     return results
+
+
+def write_similar(results: Sequence[SimilarImages], path: str | os.PathLike) -> int:
+    """The matches as a CSV, a row per query and match: query, rank (1 = most similar), match (its file:
+    the cache's folder joined to its key), similarity, same_file (';'-joined files with the match's
+    bytes), same_picture (its near copies among the matches), error (a query that could not be read, on
+    a row of its own). Returns how many rows."""
+    import csv
+
+    n = 0
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        writer.writerow(["query", "rank", "match", "similarity", "same_file", "same_picture", "error"])
+        for result in results:
+            if result.error:
+                writer.writerow([result.query, "", "", "", "", "", result.error])
+                n += 1
+            for rank, (key, similarity) in enumerate(result.matches, start=1):
+                others = [";".join(map(result.path_of, found.get(key, []))) for found in (result.copies,
+                                                                                          result.near_copies)]
+                writer.writerow([result.query, rank, result.path_of(key), f"{similarity:.6f}", *others, ""])
+                n += 1
+    return n
 
 
 _QUERIES_AT_A_TIME = 1024

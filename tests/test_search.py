@@ -1,5 +1,6 @@
 """Similar-image search on a real cache: the same digit drawn at another size finds itself and its class."""
 
+import csv
 import os
 import shutil
 
@@ -87,6 +88,20 @@ def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digit
     assert all(os.path.isfile(os.path.join(folder, key)) for key, _ in result.matches)
     whole = featx.find_similar([seven], cache, k=4, model=lite0_onnx)[0]  # one chunk: the same answer
     assert (whole.matches, whole.copies, whole.near_copies) == (result.matches, result.copies, result.near_copies)
+    # as a CSV (`featx similar ... -o`): a row per match with its files, and a row for a query not read
+    from featx.cli import main
+
+    table = tmp_path / "similar.csv"
+    assert main(["-q", "similar", str(seven), str(tmp_path / "gone.png"), "--cache", str(cache), "-k", "4",
+                 "--model", str(lite0_onnx), "-o", str(table)]) == 1
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["query"], r["rank"], r["match"]) for r in rows[:4]] == [
+        (str(seven), str(rank), os.path.join(folder, key)) for rank, (key, _) in enumerate(result.matches, start=1)]
+    assert all(abs(float(r["similarity"]) - sim) < 1e-6 for r, (_, sim) in zip(rows, result.matches))
+    assert rows[0]["same_file"].split(";") == [os.path.join(folder, k) for k in result.copies[top]]
+    assert rows[0]["same_picture"] == os.path.join(folder, resized) and not rows[1]["same_file"]
+    assert rows[4]["query"] == str(tmp_path / "gone.png") and "no such file" in rows[4]["error"] and len(rows) == 5
     # files deleted from the folder (their rows stay until embed --prune) are no longer named: the next
     # picture takes the freed place
     (small_digits / resized).unlink()
