@@ -388,11 +388,11 @@ def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int
                 _open_heif_with_pillow()
             f.seek(0)
             with _open_image(f) as img:
+                if min_size and fmt == "jpeg":  # first: the limit is on what is decoded, here 1/2 to 1/8 of it
+                    img.draft(None, (min_size, min_size))
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageError(f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} (--max-pixels)")
-                if min_size and fmt == "jpeg":
-                    img.draft(None, (min_size, min_size))
                 img.load()
                 return _to_rgb(ImageOps.exif_transpose(img))
     except ImageError:

@@ -100,7 +100,9 @@ def test_pixel_limit_refuses_decompression_bombs(tmp_path):
 
 def test_max_pixels_is_the_limit_even_above_pillows_own(tmp_path, coffee):
     """Pillow refuses any image over 179 million pixels by itself; a user who raises --max-pixels for a
-    panorama gets it embedded, and one under the default limit is refused in featx's words."""
+    panorama gets it embedded, and one under the default limit is refused in featx's words, unless it is
+    a JPEG decoded at reduced scale (a 150-megapixel medium-format photo was refused, though it decodes
+    at 1/8 of that)."""
     from featx.data import load_image
 
     pano = coffee.convert("L").resize((15000, 12000), Image.NEAREST)  # 180 million pixels
@@ -110,9 +112,15 @@ def test_max_pixels_is_the_limit_even_above_pillows_own(tmp_path, coffee):
 
     big = load_image(tmp_path / "pano.jpg", cfg, max_pixels=200_000_000)
     assert np.abs(big.astype(int) - load_image(tmp_path / "small.jpg", cfg)).mean() < 2  # the same picture
+    # a JPEG that large decodes at 1/8 scale (1875x1500): the limit is on what is decoded, so it is taken;
+    # a PNG has no reduced decode, and is refused
+    assert np.abs(load_image(tmp_path / "pano.jpg", cfg).astype(int) - big).mean() < 1
+    pano.save(tmp_path / "pano.png")
     with pytest.raises(ImageError, match=r"^15000x12000 = 180,000,000 pixels is over the limit of 100,000,000 "
                                          r"\(--max-pixels\)$"):
-        load_image(tmp_path / "pano.jpg", cfg)
+        load_image(tmp_path / "pano.png", cfg)
+    with pytest.raises(ImageError, match=r"^15000x12000 = 180,000,000 pixels is over"):
+        decode_image(tmp_path / "pano.jpg")  # at full size, as decode_image gives it without min_size
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's limit is back for everyone else
 
 
