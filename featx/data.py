@@ -249,6 +249,9 @@ def read_image_file(path: str | os.PathLike) -> bytearray:
         raise ImageError(_missing(path)) from None
     except PermissionError:
         raise ImageError("permission denied") from None
+    except IsADirectoryError:  # embed_images, a head's predict on files: what takes a folder instead
+        raise ImageError("a folder, not an image file (featx.embed_folder, classify and predict take folders)") \
+            from None
     except OSError as e:
         raise ImageError(f"cannot read: {e.strerror or e}") from None
     return data + rest if rest else data

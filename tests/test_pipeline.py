@@ -111,6 +111,8 @@ def test_files_decoded_ahead_in_threads_come_back_in_order_with_their_failures(l
     assert np.abs(featx.embed_images(photos, model=lite0_onnx, batch_size=2, workers=2) - one_by_one).max() < 1e-5
     with pytest.raises(ImageError, match=f"^{truncated}: cannot decode"):  # which of the images, and why
         featx.embed_images(paths[:-1], model=lite0_onnx, batch_size=2, workers=2)
+    with pytest.raises(ImageError, match=f"^{tmp_path}: a folder, not an image file \\(featx.embed_folder, "):
+        featx.embed_images([tmp_path], model=lite0_onnx)  # was "cannot read: Is a directory"
 
 
 def test_pictures_in_memory_embed_as_their_files_do(lite0_onnx, photos_dir, tmp_path):
