@@ -539,11 +539,11 @@ def load_image(path: str | os.PathLike | bytes | bytearray, cfg: PreprocessConfi
     resize target on its shorter side, so the antialiased resize still does the final filtering; the
     decode costs a fraction of a full one (benchmarks/large_photos.py measures time and agreement).
     """
-    return preprocess_image(decode_image(path, max_pixels=max_pixels, min_size=_decode_floor(cfg)), cfg,
+    return preprocess_image(decode_image(path, max_pixels=max_pixels, min_size=decode_floor(cfg)), cfg,
                             max_pixels=max_pixels)
 
 
-def _decode_floor(cfg: PreprocessConfig) -> int:
+def decode_floor(cfg: PreprocessConfig) -> int:
     """The smallest side a reduced-scale JPEG decode may leave: twice the larger of resize target and crop."""
     return 2 * max(cfg.resize_size, *cfg.input_size)
 

@@ -237,7 +237,7 @@ def fine_tune(
     import torch
     from torchvision import transforms as T
 
-    from .data import FileEntry, class_names_of, folder_to_walk, walk_images
+    from .data import FileEntry, class_names_of, decode_floor, folder_to_walk, walk_images
     from .heads import near_copy_split_groups
     from .pipeline import perceptual_hashes_of_files
     from .runtime import resolve_device, torch_backbone
@@ -308,8 +308,11 @@ def fine_tune(
     ])
     val_tf = T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size),
                         T.Lambda(lambda im: im.convert("RGB")), *normalise])
-    train_set = _FolderImages([samples[i] for i in train_idx], train_tf)
-    val_set = _FolderImages([samples[i] for i in val_idx], val_tf)
+    # a camera's 12-megapixel JPEG decoded whole took most of an epoch; at 1/4 scale its crops keep three
+    # times the pixels they are resized to (decode_floor: twice the resize target)
+    floor = decode_floor(replace(p, input_size=(size, size), resize_size=resize))
+    train_set = _FolderImages([samples[i] for i in train_idx], train_tf, floor)
+    val_set = _FolderImages([samples[i] for i in val_idx], val_tf, floor)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          collate_fn=_collate_decoded)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size * 2, num_workers=workers,
@@ -418,9 +421,10 @@ class _FolderImages:
     (path, reason)), that the collate function leaves out of the batch: a corrupt photo in a class
     folder costs one image, not the training run."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform):
+    def __init__(self, samples: list[tuple[str, int]], transform, min_size: int):
         self.samples = samples
         self.transform = transform
+        self.min_size = min_size  # a large JPEG decoded at reduced scale, as embed decodes it
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -430,7 +434,7 @@ class _FolderImages:
 
         path, target = self.samples[i]
         try:
-            return self.transform(decode_image(path)), target, None
+            return self.transform(decode_image(path, min_size=self.min_size)), target, None
         except Exception as e:
             return None, target, (path, failure_reason(e))
 

@@ -143,6 +143,18 @@ def test_ctrl_c_or_sigterm_names_the_checkpoint_and_resume_goes_on_from_it(small
     assert [h.epoch for h in resumed.history][-2:] == [saved, saved + 1]
 
 
+def test_finetune_decodes_large_jpegs_at_reduced_scale_as_embed_does(small_digits, tmp_path):
+    """A 108-megapixel JPEG was decoded whole at every epoch (a 12-megapixel one took 4x as long as at 1/4
+    scale) and, being over --max-pixels whole, skipped as "cannot be decoded"; embed takes it, at 1/8."""
+    from PIL import Image
+
+    Image.open(next((small_digits / "3").iterdir())).convert("RGB").resize((12000, 9000)).save(
+        small_digits / "3" / "scan.jpg", quality=30)
+    result = featx.fine_tune(small_digits, tmp_path / "ft.safetensors", unfreeze=0, epochs=1, input_size=32,
+                             hflip=False, val_fraction=0.5, log=lambda line: None)
+    assert result.skipped == {} and result.n_train + result.n_val == 61
+
+
 def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, capsys):
     """The epoch kept is the lowest val_loss, which need not be the best val_accuracy: the line said "best
     val_accuracy 0.2083" of an epoch when an earlier one had scored 0.25."""
