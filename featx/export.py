@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .backbones import Backbone, PreprocessConfig
-from .errors import ExportCheckError, FeatxError, ModelFileError, check_output_file, check_writable_folder
+from .errors import ExportCheckError, FeatxError, ModelFileError, check_output_file, check_writable_folder, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -451,7 +451,7 @@ def refresh_models_folder_file(path: Path, name: str, *, weights=None, half: boo
         return True
     except Exception as e:  # the old file still works: a failed refresh must not stop the run
         _logger.warning("%s kept as it is (per-call padding): exporting %s again failed: %s", path, name,
-                        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                        first_line(e))
         return False
     finally:
         fresh.unlink(missing_ok=True)
@@ -464,7 +464,7 @@ def _damage_of(path: Path) -> str | None:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return first_line(e)
     return None if proto.graph.node else "it holds no graph (an empty or cut-short file)"
 
 
@@ -478,8 +478,7 @@ def _export_over_damaged(path: Path, name: str, damage: str, *, refused: Excepti
         os.replace(fresh, path)
         return True
     except Exception as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"{refused}; exporting {name} again failed ({why}): delete {path} and featx exports it "
+        raise ModelFileError(f"{refused}; exporting {name} again failed ({first_line(e)}): delete {path} and featx exports it "
                              "on its next run that can") from None
     finally:
         fresh.unlink(missing_ok=True)

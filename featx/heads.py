@@ -25,7 +25,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .backbones import DEFAULT_BACKBONE
-from .errors import FeatxError, HeadMismatchError
+from .errors import FeatxError, HeadMismatchError, first_line
 from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, misclassified, multilabel_report,
                       plot_confusion, plot_label_f1, single_label_report)
 
@@ -580,7 +580,7 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
                 "onnx": "a model, not a head: give it as --model"}.get(file_kind(path))
         if kind:
             raise FeatxError(f"{path} is {kind}") from None
-        raise FeatxError(f"{path}: not a readable head file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise FeatxError(f"{path}: not a readable head file ({first_line(e)})") from None
     header = json.loads(meta.get("featx", "{}"))
     if header.get("format") != HEAD_FORMAT:
         from .finetune import export_command

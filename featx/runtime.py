@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from .errors import FeatxError, ModelFileError, WeightsError
+from .errors import FeatxError, ModelFileError, WeightsError, first_line
 from .export import INPUT_NAME, METADATA_KEY, TRAINED_PHASHES_KEY, ModelInfo, decode_phashes
 
 _logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def _not_onnx(path: Path, e: BaseException) -> ModelFileError:
         return ModelFileError(f"{path} is a head or a fine-tuning checkpoint, not a model: a head goes to --head "
                               "(predict, evaluate; export-classifier makes a model of it), a checkpoint to "
                               f"`featx export NAME --weights {path}`")
-    return ModelFileError(f"{path}: not a valid ONNX model ({_first_line(e)})")
+    return ModelFileError(f"{path}: not a valid ONNX model ({first_line(e)})")
 
 
 def read_model_info(path: str | os.PathLike) -> ModelInfo:
@@ -197,12 +197,7 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
             info = dataclasses.replace(info, trained_phashes=decode_phashes(meta[TRAINED_PHASHES_KEY]))
         return info
     except (ValueError, KeyError, TypeError) as e:
-        raise ModelFileError(f"{path}: featx metadata is unreadable ({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else type(e).__name__
+        raise ModelFileError(f"{path}: featx metadata is unreadable ({first_line(e)})") from None
 
 
 def check_same_weights(backbone, info: ModelInfo, model_file: str | os.PathLike | None = None) -> None:
@@ -475,7 +470,7 @@ def _oom_reason(error: BaseException) -> str:
 
     found = re.search(r"(failed to allocate memory[^.\n]*?size \d+|tried to allocate [\d.]+ \w+|out of memory)",
                       str(error), re.IGNORECASE)
-    return found.group(1) if found else _first_line(error)[:160]
+    return found.group(1) if found else first_line(error)[:160]
 
 
 CPU_BATCH_SIZE = 8

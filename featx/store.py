@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import FeatxError, StoreError, check_writable_folder
+from .errors import FeatxError, StoreError, check_writable_folder, first_line
 
 _logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _open_h5(path: Path, mode: str, *, locking: bool = True):
             raise StoreError(f"{path} is cut short ({int(cut.group(1)):,} of its {int(cut.group(2)):,} bytes: a copy or "
                              "download that did not finish?); copy it again, or embed into a new file") from None
         check_store_path(path)
-        raise StoreError(f"{path} cannot be opened as HDF5 ({text.splitlines()[0] if text else type(e).__name__})") from None
+        raise StoreError(f"{path} cannot be opened as HDF5 ({first_line(e)})") from None
 
 
 @contextlib.contextmanager
@@ -1141,4 +1141,4 @@ def _reason(error: BaseException) -> str:
 
     text = str(error)
     found = re.search(r"error message = '([^']+)'", text)
-    return found.group(1) if found else (text.splitlines()[0] if text else type(error).__name__)
+    return found.group(1) if found else first_line(error)
