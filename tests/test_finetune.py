@@ -190,7 +190,7 @@ def test_finetune_takes_an_exported_file_as_the_model_it_was_made_from(small_dig
     featx.export_onnx(featx.load_backbone("efficientnet_lite0", weights="ft.safetensors"), tuned)
     monkeypatch.chdir(small_digits)  # elsewhere: "ft.safetensors" alone is not there
     featx.fine_tune(small_digits, tmp_path / "again.safetensors", model=str(tuned), unfreeze=0, epochs=1,
-                            hflip=False, log=lambda line: None)
+                    hflip=False, log=lambda line: None)
     from featx.finetune import _read_checkpoint
 
     assert _read_checkpoint(tmp_path / "again.safetensors")[1]["input_size"] == [32, 32]  # the tuned file's size
