@@ -91,6 +91,14 @@ def _share(text: str) -> float:
     return value
 
 
+def _cosine(text: str) -> float:
+    """An argparse type: a cosine similarity, -1 to 1."""
+    value = _number(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a cosine similarity from -1 to 1, got {text!r}")
+    return value
+
+
 def _layer_sizes(text: str) -> tuple[int, ...]:
     """An argparse type: whole numbers above 0 separated by commas; '' for none (a linear head)."""
     sizes = [part.strip() for part in text.split(",") if part.strip()]
@@ -221,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", required=True, help="embedding cache to search (.h5)")
     p.add_argument("-k", type=_count(1), default=5, help="matches per query (default 5)")
     p.add_argument("-o", "--output", help="CSV of the matches, a row per query and match, instead of printing them")
+    p.add_argument("--min-similarity", type=_cosine, default=None,
+                   help="only matches at least this similar (cosine, e.g. 0.95 for near duplicates of a folder "
+                        "searched against its own cache)")
     _add_model(p, made_with="the cache")
     _add_device(p)
     _add_strict(p)
@@ -529,12 +540,16 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "similar":
         results = featx.find_similar(args.images, args.cache, k=args.k, model=args.model, weights=args.weights,
-                                     device=args.device, output=args.output)
+                                     device=args.device, output=args.output, min_similarity=args.min_similarity)
         if args.output:
             print(f"matches of {len(results)} queries -> {args.output}")
         else:
             for result in results:
-                print(result.text())
+                if result.matches or result.error or args.min_similarity is None:  # not a list of the unmatched
+                    print(result.text())
+        if args.min_similarity is not None:
+            print(f"{sum(bool(r.matches) for r in results)} of {len(results)} queries have a match of cosine "
+                  f"{args.min_similarity:g} or more")
         return _failures_exit(args.images, [r.query for r in results if r.error], args.strict)
 
     if args.command == "export-classifier":

@@ -67,6 +67,7 @@ def find_similar(
     batch_size: int | None = None,
     rows_per_chunk: int = 16384,
     output: str | os.PathLike | None = None,
+    min_similarity: float | None = None,
 ) -> list[SimilarImages]:
     """For each image file (and every image under each folder), the ``k`` most similar cached images.
 
@@ -78,6 +79,8 @@ def find_similar(
             one model, else Lite0.
         output: also write the matches to this CSV (:func:`write_similar`), refused before the search
             when no file can be written there.
+        min_similarity: only matches at least this similar (cosine): a query may then have fewer than
+            ``k``, or none (finding the near duplicates of a folder: ``similar photos/ --cache`` of it).
     A query that cannot be read is a result with ``error``; the others are still searched. A query from
     the folder the cache follows is not its own match (other files with its bytes are), and when it is
     unchanged since it was embedded its stored embedding serves.
@@ -86,13 +89,14 @@ def find_similar(
 
     check_output_file(output, example="similar.csv")
     results = _search(images, cache, k=k, model=model, weights=weights, device=device, batch_size=batch_size,
-                      rows_per_chunk=rows_per_chunk)
+                      rows_per_chunk=rows_per_chunk, min_similarity=-np.inf if min_similarity is None else min_similarity)
     if output is not None:
         write_similar(results, output)
     return results
 
 
-def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_per_chunk) -> list[SimilarImages]:
+def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_per_chunk,
+            min_similarity: float) -> list[SimilarImages]:
     from .errors import FeatxError
     from .export import ensure_model_file
     from .pipeline import encode_files_through_cache, expand_inputs
@@ -162,6 +166,8 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
                         damaged[0])
     for result, rows in zip(searched, kept):
         for first, *others in _top_pictures(rows, k):
+            if first[0] < min_similarity:  # the pictures come best first
+                break
             result.matches.append((first[1], first[0]))
             for row in others:  # the same bytes tie with the first row; a near copy is another file of it
                 same_bytes = bool(first[2]) and row[2] == first[2]

@@ -57,7 +57,7 @@ def test_a_cache_of_another_model_is_refused_with_its_fingerprints(digits_cache,
         featx.find_similar([photos_dir / "coffee.png"], other, model=lite0_onnx)
 
 
-def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digits, lite0_onnx, tmp_path):
+def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digits, lite0_onnx, tmp_path, capsys):
     """The same photo in three folders is one match (its other paths named beside it), and so is the same
     picture saved again larger (other bytes, a near copy), so the k matches are k different pictures."""
     from PIL import Image
@@ -102,6 +102,19 @@ def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digit
     assert rows[0]["same_file"].split(";") == [os.path.join(folder, k) for k in result.copies[top]]
     assert rows[0]["same_picture"] == os.path.join(folder, resized) and not rows[1]["same_file"]
     assert rows[4]["query"] == str(tmp_path / "gone.png") and "no such file" in rows[4]["error"] and len(rows) == 5
+    # --min-similarity: the matches at least that similar, a query with none left out of the printed list
+    cut = (result.matches[0][1] + result.matches[1][1]) / 2
+    (closest,) = featx.find_similar([seven], cache, k=4, model=lite0_onnx, min_similarity=cut)
+    assert closest.matches == result.matches[:1] and closest.copies == result.copies
+    noise = tmp_path / "noise.png"  # a picture like no digit
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise)
+    assert featx.find_similar([noise], cache, k=1, model=lite0_onnx)[0].matches[0][1] < cut
+    capsys.readouterr()
+    assert main(["-q", "similar", str(seven), str(noise), "--cache", str(cache), "-k", "4", "--model",
+                 str(lite0_onnx), "--min-similarity", f"{cut:.6f}"]) == 0
+    got = capsys.readouterr().out.splitlines()  # the noise's line left out; the copies of one file tie in any order
+    assert got[0] == str(seven) and len(got) == 3 and all(os.path.join(folder, key) in got[1] for key in paths)
+    assert got[2] == f"1 of 2 queries have a match of cosine {float(f'{cut:.6f}'):g} or more"
     # files deleted from the folder (their rows stay until embed --prune) are no longer named: the next
     # picture takes the freed place
     (small_digits / resized).unlink()
