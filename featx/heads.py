@@ -382,13 +382,15 @@ class MLPHead(_Head):
                     if waited >= self.patience:
                         break
             net.load_state_dict(best_state)
+            if multilabel:  # on Xs: X itself may be standardised already (overwrite_X), predict_proba would again
+                watch = val if len(val) else train
+                with torch.no_grad():
+                    scores = net(Xt[watch]).double().cpu().numpy()
+                self.thresholds_ = best_thresholds(y_idx[watch], _sigmoid(scores))
         self.n_epochs_ = len(self.history_)
         linears = [m for m in net if isinstance(m, torch.nn.Linear)]
         self.layers_ = [(m.weight.detach().cpu().double().numpy(), m.bias.detach().cpu().double().numpy())
                         for m in linears]
-        if multilabel:
-            watch = val if len(val) else train
-            self.thresholds_ = best_thresholds(y_idx[watch], self.predict_proba(np.asarray(X)[watch]))
         return self
 
     def _loss_weights(self, y: np.ndarray, multilabel: bool) -> np.ndarray:

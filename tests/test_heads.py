@@ -218,6 +218,9 @@ def test_multilabel_head_from_csv(digits_cache, digits_dir, lite0_onnx, tmp_path
             report = featx.train_head(digits_cache, tmp_path / f"{kind}.safetensors", head=kind,
                                       labels_csv=tmp_path / "labels.csv")
         assert report.classes == ["big", "even", "loop", "odd"] and report.micro_f1 >= 0.85, report.text()
+        # every label right at once on most images: the thresholds were chosen on the validation split
+        # standardised twice (0.05 for every label; exact-match 0.74 and 0.84 where it is now 0.87 and 0.91)
+        assert report.accuracy >= 0.86, report.text()
         assert (tmp_path / f"{kind}.f1.png").exists()
         assert "1 keys of" in caplog.text and "3/typo.png" in caplog.text
     head = load_head(tmp_path / "mlp.safetensors").head
