@@ -904,6 +904,23 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
     return out
 
 
+def keys_as_cached(wanted: dict[str, list[str]], folder: str | None) -> dict[str, list[str]]:
+    """A labels CSV's keys as the cache keeps them: a labelling tool's export names files './a/b.jpg' or by
+    their whole path, and no key of either was found (keys are relative to the embedded ``folder``). A
+    whole path outside ``folder`` is kept as it is, and said missing as any other key."""
+    out: dict[str, list[str]] = {}
+    root = os.path.realpath(folder) if folder else None
+    for key, labels in wanted.items():
+        while key.startswith("./"):
+            key = key[2:]
+        if root and os.path.isabs(key):
+            relative = os.path.relpath(os.path.realpath(key), root)
+            if relative != ".." and not relative.startswith("../"):
+                key = Path(relative).as_posix()
+        out[key] = labels
+    return out
+
+
 def rows_labelled_by_csv(data, rows: Iterable[int], wanted: dict[str, list[str]], cache,
                           labels_csv) -> tuple[list[int], int]:
     """Those of ``rows`` whose keys the labels CSV names, less copies (a label set plays the part of a
@@ -949,6 +966,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     wanted = read_labels_csv(labels_csv)  # a typo in its name is said before a large cache is read
     data = load_embeddings(cache, model)
     check_finite(data, cache)
+    wanted = keys_as_cached(wanted, data.attrs.get("folder"))
     rows, n_copies = rows_labelled_by_csv(data, range(len(data.keys)), wanted, cache, labels_csv)
     names = sorted({label for i in rows for label in wanted[data.keys[i]]})
     if len(names) < 2:  # scikit-learn takes a one-column matrix for one yes/no class, and the fit fails

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatxError, HeadMismatchError, check_output_file
-from .heads import (LoadedHead, apply_to_rows, digest_prefix_of_each, head_model_file, label_matrix, load_head,
-                    read_labels_csv, rows_labelled_by_csv)
+from .heads import (LoadedHead, apply_to_rows, digest_prefix_of_each, head_model_file, keys_as_cached, label_matrix,
+                    load_head, read_labels_csv, rows_labelled_by_csv)
 from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, misclassified, multilabel_report,
                       plot_confusion, plot_label_f1, single_label_report)
 
@@ -246,6 +246,7 @@ def evaluate_head(
                         embeddings.failures[failed[0]], kept)
     classes = [str(c) for c in loaded.head.classes_]
     if multilabel:
+        wanted = keys_as_cached(wanted, embeddings.attrs.get("folder"))
         rows, n_copies = rows_labelled_by_csv(embeddings, rows, wanted, data, labels_csv)
         unknown = sorted({label for i in rows for label in wanted[embeddings.keys[i]]} - set(classes))
         if unknown:

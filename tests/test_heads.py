@@ -238,6 +238,24 @@ def test_multilabel_head_from_csv(digits_cache, digits_dir, lite0_onnx, tmp_path
     assert np.abs(probs - head.predict_proba(featx.embed_images([eight], model=lite0_onnx))[0]).max() < 1e-4
 
 
+def test_a_labels_csv_may_name_files_by_their_whole_path_or_from_dot(digits_cache, tmp_path):
+    """A labelling tool's export names the files './3/0001.png' or '/home/me/digits/3/0001.png': no key
+    was found ("keys are paths relative to the folder"); they are taken as the same rows."""
+    data = featx.load_embeddings(digits_cache)
+    folder = data.attrs["folder"]
+    rows = [(key, "even" if int(key[0]) % 2 == 0 else "odd") + (("big",) if int(key[0]) >= 5 else ())
+            for key in data.keys]
+    plain, tool = tmp_path / "plain.csv", tmp_path / "tool.csv"
+    plain.write_text("".join(f"{key},{';'.join(labels)}\n" for key, *labels in rows))
+    tool.write_text("".join(f"{os.path.join(folder, key) if i % 2 else './' + key},{';'.join(labels)}\n"
+                            for i, (key, *labels) in enumerate(rows)))
+    reports = [featx.train_head(digits_cache, tmp_path / f"{labels.stem}.safetensors", labels_csv=labels, epochs=5)
+               for labels in (plain, tool)]
+    assert (reports[1].n_train, reports[1].n_test, reports[1].accuracy) == \
+        (reports[0].n_train, reports[0].n_test, reports[0].accuracy)
+    assert reports[0].n_train + reports[0].n_test + reports[0].n_copies == len(data.keys)
+
+
 def test_train_head_says_which_classes_cannot_be_split(small_digits, lite0_onnx, tmp_path):
     """A class folder with one photo, a held-out share too small for the classes, --cv above the smallest
     class, a folder of one class: each a one-line error naming the fix, and no head file written."""
