@@ -118,6 +118,9 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
         raise FeatxError(f"{cache} holds no embeddings of {model_file} (fingerprint {fingerprint}); it has "
                          + ", ".join(f"{name} ({theirs})" for name, theirs in groups.items())
                          + ": pass the model the cache was made with as --model")
+    if model is None and len(groups) > 1:  # train-head and map refuse to guess; a search takes the default
+        _logger.warning("%s holds %d models (%s): searching %s's embeddings, --model names another", cache,
+                        len(groups), ", ".join(groups), group)
     # a query from the cache's own folder: its row is left out of its matches (it would come first, at
     # 1.000), and when the file is unchanged its stored embedding serves, without decoding it again
     results, queries, skipped_rows = [], [], []

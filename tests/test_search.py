@@ -1,6 +1,7 @@
 """Similar-image search on a real cache: the same digit drawn at another size finds itself and its class."""
 
 import csv
+import logging
 import os
 import shutil
 
@@ -43,7 +44,8 @@ def test_a_redrawn_digit_finds_itself_first_and_its_class_around_it(digits_cache
     assert lines[1].endswith(f"  {digits_dir.resolve() / '3' / '0003.png'}")
 
 
-def test_a_cache_of_another_model_is_refused_with_its_fingerprints(digits_cache, lite0_onnx, tmp_path, photos_dir):
+def test_a_cache_of_another_model_is_refused_with_its_fingerprints(digits_cache, lite0_onnx, tmp_path, photos_dir,
+                                                                    caplog):
     other = tmp_path / "other.h5"
     shutil.copy(digits_cache, other)
     with h5py.File(other, "r+") as f:
@@ -55,6 +57,16 @@ def test_a_cache_of_another_model_is_refused_with_its_fingerprints(digits_cache,
     mine = featx.read_model_info(lite0_onnx).fingerprint
     with pytest.raises(featx.FeatxError, match=f"holds no embeddings of .*{mine}.*0123456789abcdef.*--model"):
         featx.find_similar([photos_dir / "coffee.png"], other, model=lite0_onnx)
+    # a cache of two models, without --model: the default backbone's is searched, and that is said
+    both = tmp_path / "both.h5"
+    shutil.copy(digits_cache, both)
+    with h5py.File(both, "r+") as f:
+        f.copy("efficientnet_lite0", "resnet50")
+        f["resnet50"].attrs["fingerprint"] = "0123456789abcdef"
+    with caplog.at_level(logging.WARNING, logger="featx.search"):
+        (found,) = featx.find_similar([photos_dir / "coffee.png"], both, k=1)
+    assert found.matches and "holds 2 models (efficientnet_lite0, resnet50): searching efficientnet_lite0's" \
+        in caplog.text
 
 
 def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digits, lite0_onnx, tmp_path, capsys):
