@@ -909,14 +909,17 @@ def keys_as_cached(wanted: dict[str, list[str]], folder: str | None) -> dict[str
     their whole path, and no key of either was found (keys are relative to the embedded ``folder``). A
     whole path outside ``folder`` is kept as it is, and said missing as any other key."""
     out: dict[str, list[str]] = {}
-    root = os.path.realpath(folder) if folder else None
     for key, labels in wanted.items():
         while key.startswith("./"):
             key = key[2:]
-        if root and os.path.isabs(key):
-            relative = os.path.relpath(os.path.realpath(key), root)
-            if relative != ".." and not relative.startswith("../"):
-                key = Path(relative).as_posix()
+        if folder and os.path.isabs(key):
+            # as written first (a symlinked class folder is walked under its link's name), then resolved
+            # (the folder reached through another link or mount path)
+            for relative in (os.path.relpath(os.path.normpath(key), os.path.normpath(folder)),
+                             os.path.relpath(os.path.realpath(key), os.path.realpath(folder))):
+                if relative != ".." and not relative.startswith("../"):
+                    key = Path(relative).as_posix()
+                    break
         out[key] = labels
     return out
 

@@ -249,10 +249,13 @@ def test_a_labels_csv_may_name_files_by_their_whole_path_or_from_dot(digits_cach
     plain.write_text("".join(f"{key},{';'.join(labels)}\n" for key, *labels in rows))
     tool.write_text("".join(f"{os.path.join(folder, key) if i % 2 else './' + key},{';'.join(labels)}\n"
                             for i, (key, *labels) in enumerate(rows)))
+    (tmp_path / "link").symlink_to(folder)  # the folder reached through another path (a link, a mount)
+    linked = tmp_path / "linked.csv"
+    linked.write_text("".join(f"{tmp_path / 'link' / key},{';'.join(labels)}\n" for key, *labels in rows))
     reports = [featx.train_head(digits_cache, tmp_path / f"{labels.stem}.safetensors", labels_csv=labels, epochs=5)
-               for labels in (plain, tool)]
-    assert (reports[1].n_train, reports[1].n_test, reports[1].accuracy) == \
-        (reports[0].n_train, reports[0].n_test, reports[0].accuracy)
+               for labels in (plain, tool, linked)]
+    assert all((r.n_train, r.n_test, r.accuracy) == (reports[0].n_train, reports[0].n_test, reports[0].accuracy)
+               for r in reports[1:])
     assert reports[0].n_train + reports[0].n_test + reports[0].n_copies == len(data.keys)
 
 
