@@ -172,7 +172,12 @@ def bench_models(
     export_seconds = time.perf_counter() - t0
     # a file is named by its stem: its path made the result files "_home_me_models_x.onnx-cpu.json"
     name = Path(model).stem if Path(model).suffix == ".onnx" or Path(model).is_file() else str(model)
-    result = BenchResult(model=f"{name}{' fp16' if half else ''}", device=device, machine=machine_description())
+    info = read_model_info(model_file)
+    precision = info.precision  # a file given as the model is timed as it is
+    if half and precision != "fp16":
+        _logger.warning("--half exports a backbone name at fp16; %s is %s and is timed as it is", model_file, precision)
+    result = BenchResult(model=f"{name}{' fp16' if precision == 'fp16' else ''}", device=device,
+                         machine=machine_description())
     cfg = backbone.preprocess
     h, w = cfg.input_size
     rng = np.random.default_rng(0)
@@ -184,7 +189,7 @@ def bench_models(
     t0 = time.perf_counter()
     try:
         ort_engine = OnnxEngine(model_file, device=device)
-        engines.append((f"featx onnxruntime {'fp16' if half else 'fp32'} ({device})", lambda x: ort_engine.encode(x)))
+        engines.append((f"featx onnxruntime {precision} ({device})", lambda x: ort_engine.encode(x)))
     except ModelFileError as e:  # e.g. CPU-only onnxruntime on a GPU machine: measure the rest
         _logger.warning("onnxruntime engine not measured: %s", e)
     ort_setup = time.perf_counter() - t0 + export_seconds
@@ -194,7 +199,6 @@ def bench_models(
         photos = check_images(cfg)
         agreement = cosine_agreement(q_engine.encode(photos).embedding, ort_engine.encode(photos).embedding)
         engines.append((f"featx onnxruntime int8 (cos>={agreement:.4f})", lambda x: q_engine.encode(x)))
-    info = read_model_info(model_file)
     torch_engine = TorchEngine(info, device=device, backbone=backbone)
     engines.append((f"featx torch engine {'fp16 channels_last' if device == 'cuda' else 'fp32'}",
                     lambda x: torch_engine.forward(x)))

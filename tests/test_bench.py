@@ -121,12 +121,14 @@ def test_a_benchmark_of_a_timm_slash_name_writes_one_file(tmp_path, capsys):
     assert (tmp_path / "same_padding-timm_pnasnet5large.png").is_file()
 
 
-def test_bench_of_an_exported_file_times_its_weights_and_names_results_by_its_stem(lite0_onnx, tmp_path):
+def test_bench_of_an_exported_file_times_its_weights_and_names_results_by_its_stem(lite0_onnx, tmp_path, caplog):
     """`featx bench --model models/x.onnx` said "unknown backbone" (the torch side loaded the path as a
     name); it times the file against torch on the weights it was made from, and its results are x-cpu.*,
-    not a file named after the whole path."""
+    not a file named after the whole path. --half, which exports a name at fp16, does not relabel an fp32
+    file as fp16: it is said and the file is timed as what it is."""
     result = featx.bench_models(model=str(lite0_onnx), device="cpu", batch_sizes=[1], repeats=1, end_to_end=False,
-                                out_dir=tmp_path)
+                                out_dir=tmp_path, half=True)
+    assert f"{lite0_onnx} is fp32 and is timed as it is" in caplog.text
     assert result.model == "efficientnet_lite0"
     assert {t.name for t in result.timings} >= {"torch eager fp32", "featx onnxruntime fp32 (cpu)"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientnet_lite0-cpu.json", "efficientnet_lite0-cpu.png"]
