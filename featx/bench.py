@@ -159,7 +159,7 @@ def bench_models(
     """
     import torch
 
-    from .export import check_images, ensure_model_file
+    from .export import check_images, ensure_model_file, is_model_file
     from .errors import ModelFileError, check_writable_folder
     from .runtime import OnnxEngine, TorchEngine, default_batch_size, read_model_info, resolve_device, torch_backbone
 
@@ -171,7 +171,7 @@ def bench_models(
     model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
     export_seconds = time.perf_counter() - t0
     # a file is named by its stem: its path made the result files "_home_me_models_x.onnx-cpu.json"
-    name = Path(model).stem if Path(model).suffix == ".onnx" or Path(model).is_file() else str(model)
+    name = Path(model).stem if is_model_file(model) else str(model)
     info = read_model_info(model_file)
     precision = info.precision  # a file given as the model is timed as it is
     if half and precision != "fp16":

@@ -385,6 +385,13 @@ def default_models_dir() -> Path:
     return featx_cache_dir() / "models"
 
 
+def is_model_file(model: str | os.PathLike) -> bool:
+    """Whether ``model`` names an exported file (a .onnx path, or any existing file: a model renamed or
+    downloaded without its suffix) rather than a backbone name."""
+    path = Path(model)
+    return path.suffix == ".onnx" or path.is_file()
+
+
 def ensure_model_file(
     model: str | os.PathLike,
     *,
@@ -397,9 +404,8 @@ def ensure_model_file(
     A file there that an earlier featx wrote with per-call 'SAME' padding, or one damaged since (cut
     short by a copy or a full disk), is exported again (:func:`refresh_models_folder_file`).
     """
-    as_path = Path(model)
-    if as_path.suffix == ".onnx" or as_path.is_file():
-        return as_path
+    if is_model_file(model):
+        return Path(model)
     from .backbones import load_backbone
 
     name = str(model)
@@ -471,17 +477,13 @@ def _damage_of(path: Path) -> str | None:
 def _export_over_damaged(path: Path, name: str, damage: str, *, refused: Exception, weights, half: bool) -> bool:
     from .backbones import load_backbone
 
-    fresh = path.with_name(f".{path.stem}.refresh.onnx")
     _logger.warning("%s is damaged (%s): exporting %s again", path, damage, name)
-    try:
-        export_onnx(load_backbone(name, weights=weights), fresh, half=half)
-        os.replace(fresh, path)
+    try:  # export_onnx writes a file of its own and renames it over path only when it is whole and checked
+        export_onnx(load_backbone(name, weights=weights), path, half=half)
         return True
     except Exception as e:
-        raise ModelFileError(f"{refused}; exporting {name} again failed ({first_line(e)}): delete {path} and featx exports it "
-                             "on its next run that can") from None
-    finally:
-        fresh.unlink(missing_ok=True)
+        raise ModelFileError(f"{refused}; exporting {name} again failed ({first_line(e)}): delete {path} and featx "
+                             "exports it on its next run that can") from None
 
 
 def model_path(name: str, *, weights: str | os.PathLike | None = None, half: bool = False,

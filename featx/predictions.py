@@ -301,7 +301,7 @@ def evaluate_classifier(
     (images of classes the model lacks, and images directly under the folder, left out and counted),
     so a frozen head and a fine-tuned model are compared on one test folder. Nothing is cached.
     """
-    from .export import ensure_model_file
+    from .export import ensure_model_file, is_model_file
     from .pipeline import iter_classify
     from .runtime import read_model_info
 
@@ -337,7 +337,7 @@ def evaluate_classifier(
     truth = _wordnet_folders_named([key.split("/")[0] if "/" in key else None for key in keys], info.class_names)
     known = _rows_of_known_classes(truth, info.class_names, folder, of="the model")
     # beside a model file named; in the working folder for a backbone name (not in the models folder)
-    beside = Path(model_file) if Path(model).suffix == ".onnx" else Path(Path(model_file).name)
+    beside = Path(model_file) if is_model_file(model) else Path(Path(model_file).name)
     png = Path(report_png) if report_png else beside.with_name(f"{beside.stem}.{folder.name}.confusion.png")
     return _score_classes(Path(model_file).name, [keys[i] for i in known], [truth[i] for i in known],
                           [rows[i].top[0][0] for i in known], [rows[i].top[0][1] for i in known], where=str(folder),

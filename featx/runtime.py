@@ -22,7 +22,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from .errors import FeatxError, ModelFileError, WeightsError, first_line
-from .export import INPUT_NAME, METADATA_KEY, TRAINED_PHASHES_KEY, ModelInfo, decode_phashes
+from .export import INPUT_NAME, METADATA_KEY, TRAINED_PHASHES_KEY, ModelInfo, decode_phashes, is_model_file
 
 _logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def torch_backbone(model: str | os.PathLike, weights: str | None = None):
     backbone and weights its metadata names, or ``weights``), for what needs torch (finetune, bench)."""
     from .backbones import load_backbone
 
-    if not (str(model).endswith(".onnx") or (os.path.isfile(model) and file_kind(model) == "onnx")):
+    if not is_model_file(model):
         return load_backbone(str(model), weights=weights)
     info = read_model_info(model)
     source = weights or info.weights
