@@ -600,9 +600,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _failures_exit(inputs: Sequence[str], failed: Sequence[str], strict: bool) -> int:
     """The exit status of a command that printed a row per image: 1 when a file named on the command line
-    could not be read (missing, not an image), as `cat` would; a bad file found in a folder is a row like
+    (or matched by a pattern given there) could not be read (missing, not an image), as `cat` would; a bad file found in a folder is a row like
     any other (embed records it too), unless --strict. One line on stderr says how many failed."""
-    named = {str(item) for item in inputs if not os.path.isdir(item)}
+    from .pipeline import named_inputs
+
+    named = {name for name in named_inputs(inputs) if not os.path.isdir(name)}
     named_failed = sum(path in named for path in failed)
     if not named_failed and not (strict and failed):
         return 0

@@ -164,26 +164,34 @@ def class_probabilities(info, scores: np.ndarray) -> np.ndarray:
     return scores if info.class_scores == "probabilities" else softmax(scores)
 
 
+def named_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
+    """The names a command line gives, a pattern ('photos/*.jpg' quoted) as what it matches, as the shell
+    would have given them; folders are left as they are (expand_inputs walks them)."""
+    import glob
+
+    names: list[str] = []
+    for item in items:
+        text = os.fspath(item)
+        matched = (glob.glob(text, recursive=True) if isinstance(text, str) and is_glob_pattern(text)
+                   and not os.path.lexists(text) else [])
+        names.extend(sorted(matched, key=walk_sort_key) or [text])
+    return names
+
+
 def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
     """Image files as given, and for a folder every image under it, in walk order (sorted by path). A
     name that is no file but a pattern ('photos/*.jpg' quoted, or typed in Windows' cmd, which expands
     none) stands for what it matches, as the shell would have expanded it (``**`` recursive)."""
-    import glob
-
     paths: list[str] = []
-    for item in items:
-        text = os.fspath(item)
-        if isinstance(text, str) and is_glob_pattern(text) and not os.path.lexists(text):
-            matched = sorted(glob.glob(text, recursive=True), key=walk_sort_key)
-            paths.extend(expand_inputs(matched) if matched else [text])
-        elif Path(item).is_dir():
-            for entry in walk_images(item):
+    for text in named_inputs(items):
+        if os.path.isdir(text):
+            for entry in walk_images(text):
                 if isinstance(entry, FileEntry):
                     paths.append(entry.path)
                 else:
-                    _logger.warning("skipped %s: %s", printable(os.path.join(item, entry.key)), entry.reason)
+                    _logger.warning("skipped %s: %s", printable(os.path.join(text, entry.key)), entry.reason)
         else:
-            paths.append(str(item))
+            paths.append(str(text))
     return paths
 
 

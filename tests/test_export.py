@@ -211,7 +211,8 @@ def test_a_damaged_file_in_the_models_folder_is_exported_again(lite0_onnx, photo
 
 def test_cli_classify_exits_1_for_a_named_file_it_cannot_read(lite0_onnx, photos_dir, tmp_path, capsys):
     """`featx classify` prints every row; a file named on the command line that is missing or not an image
-    makes the exit status 1 (as `cat` would), a bad file met inside a folder only with --strict."""
+    makes the exit status 1 (as `cat` would), as does one a quoted pattern matches; a bad file met inside a
+    folder only with --strict."""
     from featx.cli import main
 
     (tmp_path / "notes.jpg").write_text("not a photo")
@@ -226,6 +227,9 @@ def test_cli_classify_exits_1_for_a_named_file_it_cannot_read(lite0_onnx, photos
     assert main(args + [str(tmp_path)]) == 0  # notes.jpg found in a folder: a FAILED row, exit 0
     assert "FAILED: not an image" in capsys.readouterr().out
     assert main(args + [str(tmp_path), "--strict"]) == 1
+    # a quoted pattern stands for the files it matches, as the shell's expansion would: named files
+    assert main(args + [str(tmp_path / "*.jpg")]) == 1
+    assert "1 of them named" in capsys.readouterr().err
     assert main(args + [str(photos_dir / "coffee.png")]) == 0
 
 
