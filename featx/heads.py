@@ -31,6 +31,9 @@ from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, mi
 
 _logger = logging.getLogger(__name__)
 HEAD_FORMAT = "featx-head/1"
+# Multi-label heads saved before 2026-12-06 chose their thresholds on scores standardised twice (0.05
+# for every label); the header of those since says so, so that the old ones can be named.
+THRESHOLDS_FROM = "network scores"
 
 
 
@@ -488,6 +491,8 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
         "model_file": model_file,
         "cache": cache,
     }
+    if header["multilabel"]:
+        header["thresholds_from"] = THRESHOLDS_FROM
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v, dtype=np.uint64 if v.dtype == np.uint64 else np.float64)
@@ -605,6 +610,10 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     head.multilabel_ = bool(header.get("multilabel", False))
     if head.multilabel_:
         head.thresholds_ = arrays["thresholds"]
+        if header.get("thresholds_from") != THRESHOLDS_FROM:
+            _logger.warning("%s: a multi-label head saved before featx chose its label thresholds on the "
+                            "network's own scores (these are %s): it names nearly every label; train it again",
+                            path, ", ".join(f"{t:.2f}" for t in head.thresholds_[:8]))
     for name, value in (header.get("fitted") or {}).items():
         if name in _FITTED and isinstance(value, (int, float)):  # a file's header is not trusted to hold more
             setattr(head, name, value)

@@ -1,6 +1,7 @@
 """Heads on real cached embeddings (scikit-learn digits through the default model), and the sklearn contract."""
 
 import csv
+import json
 import logging
 import os
 import shutil
@@ -607,6 +608,31 @@ def test_a_labels_csv_a_multilabel_head_cannot_learn_from_is_refused_saying_why(
     report = featx.train_head(digits_cache, tmp_path / "h.safetensors", labels_csv=tmp_path / "two.csv",
                               test_size=0.25)
     assert (report.n_train, report.n_test) == (3, 1) and load_head(tmp_path / "h.safetensors").head.multilabel_
+
+
+def test_a_multilabel_head_saved_with_the_old_thresholds_is_named(digits_cache, tmp_path, caplog):
+    """Multi-label heads saved before the thresholds were chosen on the network's scores name nearly every
+    label (all thresholds 0.05); loading one says so and what to do, a head trained now loads silently."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    data = featx.load_embeddings(digits_cache)
+    rows = [f"{key},{'even' if int(key[0]) % 2 == 0 else 'odd'}{';big' if int(key[0]) >= 5 else ''}\n"
+            for key in data.keys[::6]]
+    (tmp_path / "tags.csv").write_text("".join(rows))
+    featx.train_head(digits_cache, tmp_path / "new.safetensors", head="logreg", labels_csv=tmp_path / "tags.csv")
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        load_head(tmp_path / "new.safetensors")
+    assert "train it again" not in caplog.text
+    with safe_open(str(tmp_path / "new.safetensors"), framework="numpy") as f:
+        header, arrays = json.loads(f.metadata()["featx"]), {k: f.get_tensor(k) for k in f.keys()}
+    del header["thresholds_from"]  # as the old heads were written
+    arrays["thresholds"] = np.full_like(arrays["thresholds"], 0.05)
+    save_file(arrays, str(tmp_path / "old.safetensors"), metadata={"featx": json.dumps(header)})
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        load_head(tmp_path / "old.safetensors")
+    assert "old.safetensors: a multi-label head saved before" in caplog.text and "0.05, 0.05" in caplog.text
+    assert "train it again" in caplog.text
 
 
 def test_numbers_that_make_no_sense_are_refused_as_the_command_is_read(capsys):
