@@ -91,7 +91,7 @@ def plot_embeddings(
     data = load_embeddings(cache, model, rows=_stratified_sample(all_labels, max_points, seed))
     check_finite(data, cache)
     # a copy (same bytes, same class) would be its twin's nearest neighbour and lift the agreement
-    copies = find_copies(data.keys, data.labels, data.digests)
+    copies = find_copies(data.keys, data.labels, data.digests, folder=data.attrs.get("folder"))
     X, labels, keys = data.embeddings[copies.keep], data.labels[copies.keep], [data.keys[i] for i in copies.keep]
     if len(X) < 3:
         raise FeatxError(f"{cache}: {len(X)} distinct images ({copies.n_copies} copies left out); a map needs at least 3")

@@ -811,7 +811,7 @@ def train_head(
     check_finite(data, cache)
     if len(data.keys) == 0:
         raise FeatxError(f"{cache} has no labelled embeddings for {data.model}: put images in class subfolders")
-    copies = find_copies(data.keys, data.labels, data.digests)
+    copies = find_copies(data.keys, data.labels, data.digests, folder=data.attrs.get("folder"))
     for line in copies.lines(str(cache)):
         _logger.warning("%s", line)
     y = np.array(data.class_names, dtype=object)[data.labels[copies.keep]].astype(str)
@@ -952,7 +952,7 @@ def rows_labelled_by_csv(data, rows: Iterable[int], wanted: dict[str, list[str]]
     label_sets = [frozenset(wanted[data.keys[i]]) for i in rows]
     set_ids = {labels: j for j, labels in enumerate(dict.fromkeys(label_sets))}
     copies = find_copies([data.keys[i] for i in rows], [set_ids[s] for s in label_sets],
-                         [data.digests[i] for i in rows])
+                         [data.digests[i] for i in rows], folder=data.attrs.get("folder"))
     for line in copies.lines(str(cache), labels_csv=str(labels_csv)):
         _logger.warning("%s", line)
     return [rows[j] for j in copies.keep], copies.n_copies

@@ -257,7 +257,7 @@ def evaluate_head(
         truth = [names[embeddings.labels[i]] if embeddings.labels[i] >= 0 else None for i in rows]
         rows = [rows[j] for j in _rows_of_known_classes(truth, classes, Path(data), of="the head")]
         copies = find_copies([embeddings.keys[i] for i in rows], embeddings.labels[rows],
-                             [embeddings.digests[i] for i in rows])
+                             [embeddings.digests[i] for i in rows], folder=embeddings.attrs.get("folder"))
         # a temporary cache is named by its folder: its path would be gone before the line is read
         for line in copies.lines(str(data) if part is not None and cache is None else str(source)):
             _logger.warning("%s", line)

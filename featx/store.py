@@ -486,16 +486,22 @@ class Copies:
         return out
 
 
-def find_copies(keys, labels, digests) -> Copies:
+def find_copies(keys, labels, digests, folder: str | os.PathLike | None = None) -> Copies:
     """Rows that embed the same bytes as an earlier row of the same class, and the same bytes under
     two classes. Identical bytes give identical embeddings, so a copy in both the training and the
     held-out split would be scored on what it trained on. Rows without a digest ("") count as distinct.
-    ``digests``: str or bytes per row; only rows whose digest occurs more than once are looked at one by one."""
+    ``digests``: str or bytes per row; only rows whose digest occurs more than once are looked at one by one.
+    ``folder``: the folder the keys are relative to; of copies, a row whose file is still there is the one
+    kept (a file renamed since its embed leaves the old name's row until --prune: a mistake listed under
+    it could not be opened)."""
     digests = np.asarray(digests, dtype=_DIGEST_DTYPE)
     labels = np.asarray(labels)
     _, inverse, counts = np.unique(digests, return_inverse=True, return_counts=True)
     shared = np.flatnonzero((counts[inverse.ravel()] > 1) & (digests != b""))
-    first: dict[bytes, tuple[int, str]] = {}  # digest -> (label, key) of its first row
+    if folder is not None and len(shared) and os.path.isdir(folder):
+        gone = np.array([not os.path.lexists(os.path.join(folder, keys[i])) for i in shared.tolist()])
+        shared = shared[np.argsort(gone, kind="stable")]
+    first: dict[bytes, tuple[int, int]] = {}  # digest -> (label, row) of its first row
     seen: set[tuple[bytes, int]] = set()
     keep = np.ones(len(digests), dtype=bool)
     across = []
@@ -506,8 +512,9 @@ def find_copies(keys, labels, digests) -> Copies:
             continue
         seen.add((digest, label))
         if digest in first and first[digest][0] != label:
-            across.append((first[digest][1], keys[i]))
-        first.setdefault(digest, (label, keys[i]))
+            j = first[digest][1]
+            across.append((keys[min(i, j)], keys[max(i, j)]))  # in row order: embedded first, first
+        first.setdefault(digest, (label, i))
     return Copies(np.flatnonzero(keep), int((~keep).sum()), across)
 
 

@@ -482,6 +482,26 @@ def test_copies_count_once_and_a_file_moved_between_classes_without_prune_is_nam
     assert featx.summarize_cache(cache)[0].copies.across_classes == []
 
 
+def test_of_a_file_renamed_since_its_embed_the_row_kept_is_the_name_that_opens(small_digits, lite0_onnx, tmp_path):
+    """A photo renamed after its embed keeps its old name's row until --prune, beside the new name's: the
+    two are copies, one counted. The one counted was the older row, so the report's mistakes (and the
+    map) named a file that no longer opens; now the name still in the folder is kept."""
+    from featx.store import find_copies
+
+    cache = tmp_path / "c.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    renamed = [photo.rename(photo.with_name(f"renamed-{photo.name}")) for photo in sorted(small_digits.glob("*/*"))[::3]]
+    stats = featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    assert (stats.n_moved, stats.n_deleted) == (len(renamed), len(renamed))
+    data = featx.load_embeddings(cache)
+    copies = find_copies(data.keys, data.labels, data.digests, folder=data.attrs["folder"])
+    kept = {data.keys[i] for i in copies.keep}
+    assert copies.n_copies == len(renamed) and len(kept) == 60
+    assert all((small_digits / key).exists() for key in kept)
+    report = featx.train_head(cache, tmp_path / "h.safetensors", C=1.0, cv=3)
+    assert all((small_digits / mistake[0]).exists() for mistake in report.mistakes)
+
+
 def test_multilabel_copies_count_once_and_conflicting_labels_are_named(small_digits, lite0_onnx, tmp_path, caplog):
     """Multi-label heads take their classes from a CSV: the same bytes with the same labels count once,
     the same bytes with other labels (a tagging slip) are named with the CSV."""
