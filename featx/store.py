@@ -108,6 +108,8 @@ def _open_h5(path: Path, mode: str, *, locking: bool = True):
     locked = (f"{path} is being written by a featx run (file is locked); read it when that run has finished"
               if mode == "r" else
               f"{path} is being written by another featx run (file is locked); wait for it or use another --out")
+    if mode == "r" and path.is_dir():  # the photo folder given where its cache goes
+        raise StoreError(f"{path} is a folder, not a cache: `featx embed {path} -o cache.h5` makes one of its images")
     try:
         return h5py.File(path, mode, locking=locking)
     except BlockingIOError:

@@ -555,6 +555,10 @@ def test_info_says_what_a_cache_holds_and_why_files_failed(small_digits, tmp_pat
     assert "not a featx file" in capsys.readouterr().err
     assert main(["info", str(small_digits)]) == 2
     assert f"{small_digits} is a folder: featx info reads a cache" in capsys.readouterr().err
+    # the photo folder given where a command reads its cache: what makes one, not a cache inside it
+    assert main(["train-head", str(small_digits), "-o", str(tmp_path / "h.safetensors")]) == 2
+    assert capsys.readouterr().err.strip() == (f"featx: error: {small_digits} is a folder, not a cache: "
+                                               f"`featx embed {small_digits} -o cache.h5` makes one of its images")
     # an HDF5 file of something else: said plainly by info, and refused in one line by what reads a cache
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f["x"] = [1, 2]
