@@ -568,6 +568,8 @@ def _run(args: argparse.Namespace) -> int:
         return _failures_exit(args.inputs, failed, args.strict)
 
     if args.command == "finetune":
+        from .finetune import export_command
+
         unfreeze = args.unfreeze if args.unfreeze in ("all", "auto") else int(args.unfreeze)
         result = featx.fine_tune(
             args.root, args.output, model=args.model, weights=args.weights, head=args.head, unfreeze=unfreeze,
@@ -580,7 +582,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{result.best_val_accuracy:.4f}) -> {result.checkpoint}; "
               f"trained blocks: {', '.join(result.trainable) or 'classifier only'}\n"
               f"curves: {result.curves}\n"
-              f"export it: featx export {result.backbone} --weights {result.checkpoint}")
+              f"export it: {export_command(result.checkpoint).strip('`')}")
         return 0
 
     if args.command == "advise":

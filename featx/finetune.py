@@ -554,7 +554,8 @@ def describe_checkpoint(path: str | os.PathLike) -> str:
 
 
 def export_command(path: str | os.PathLike, meta: dict | None = None) -> str | None:
-    """`featx export MODEL --weights PATH`, the command that makes a fine-tuning checkpoint a model;
+    """`featx export MODEL --weights PATH -o PATH.onnx`, the command that makes a fine-tuning checkpoint a
+    model file beside it (without -o the export goes to the models folder, where --weights finds it);
     None when ``path`` is not one."""
     if meta is None:
         from .runtime import file_kind
@@ -565,7 +566,9 @@ def export_command(path: str | os.PathLike, meta: dict | None = None) -> str | N
             meta = _checkpoint_meta(path)
         except Exception:
             return None
-    return f"`featx export {meta.get('model')} --weights {path}`" if meta.get("format") == CHECKPOINT_FORMAT else None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        return None
+    return f"`featx export {meta.get('model')} --weights {path} -o {Path(path).with_suffix('.onnx')}`"
 
 
 def is_finetune_checkpoint(path: str | os.PathLike) -> bool:

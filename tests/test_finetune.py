@@ -77,7 +77,7 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
         f"{ckpt}: fine-tuned efficientnet_lite0 for 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), input 64x64, "
         f"blocks trained: blocks.6, conv_head+bn2, best at epoch {best.epoch} (val_accuracy "
         f"{best.val_accuracy:.4f}, val_loss {best.val_loss:.4f}); `featx export efficientnet_lite0 --weights "
-        f"{ckpt}` makes it a model")
+        f"{ckpt} -o {ckpt.with_suffix('.onnx')}` makes it a model")
     renamed = shutil.copy(ckpt, tmp_path / "ft.ckpt")  # a checkpoint is known by its content, not its name
     assert featx.describe_file(renamed).startswith(f"{renamed}: fine-tuned efficientnet_lite0 for 10 classes")
     assert featx.load_backbone("efficientnet_lite0", weights=renamed).class_names == tuned.class_names
