@@ -164,10 +164,15 @@ def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, caps
     ckpt = tmp_path / "ft.safetensors"
     assert main(["-q", "finetune", str(small_digits), "-o", str(ckpt), "--unfreeze", "1", "--epochs", "3",
                  "--input-size", "64", "--batch-size", "16", "--no-hflip"]) == 0
-    said = next(line for line in capsys.readouterr().out.splitlines() if not line.startswith("Epoch "))
+    out = capsys.readouterr().out.splitlines()
+    said = next(line for line in out if not line.startswith("Epoch "))
     meta = _read_checkpoint(ckpt)[1]
     assert said.startswith(f"saved epoch {meta['epoch']} of 3, the lowest val_loss {float(meta['val_loss']):.4f} "
                            f"(val_accuracy {float(meta['val_accuracy']):.4f}) -> {ckpt}"), said
+    # the export command it prints, run as printed, makes the model file beside the checkpoint
+    command = next(line for line in out if line.startswith("export it: featx ")).removeprefix("export it: featx ")
+    assert main(["-q", *command.split()]) == 0 and (tmp_path / "ft.onnx").is_file()
+    assert featx.read_model_info(tmp_path / "ft.onnx").class_names == [str(d) for d in range(10)]
 
 
 def test_finetune_takes_an_exported_file_as_the_model_it_was_made_from(small_digits, lite0_onnx, tmp_path,
