@@ -193,7 +193,7 @@ def test_a_query_from_the_cached_folder_is_not_its_own_match_and_is_not_decoded_
     assert changed.error and "not an image" in changed.error
 
 
-def test_a_cache_and_its_heads_find_the_model_they_were_made_with(small_digits, tmp_path, photos_dir):
+def test_a_cache_and_its_heads_find_the_model_they_were_made_with(small_digits, tmp_path, photos_dir, capsys):
     """Embedded with another backbone than the default (here random-weight MobileNetV3, exported to a
     folder of the user's), similar, predict and export-classifier take that model without --model: the
     cache records its file and the head carries it on. Given --model, a mismatch is still refused."""
@@ -211,6 +211,14 @@ def test_a_cache_and_its_heads_find_the_model_they_were_made_with(small_digits, 
     expected = featx.predict(queries, head=head, model=model)
     assert [r.top for r in rows] == [r.top for r in expected] and all(r.error is None for r in rows)
     assert main(["-q", "export-classifier", "--head", str(head), "-o", str(tmp_path / "clf.onnx")]) == 0
+    # what a user needs to run the file without featx: its input as the backbone takes it, its outputs
+    said = capsys.readouterr().out.strip()
+    info = featx.read_model_info(tmp_path / "clf.onnx")
+    (h, w), pre = info.preprocess.input_size, info.preprocess
+    assert said == (f"{tmp_path / 'clf.onnx'}: input 'images', uint8 RGB (n, {h}, {w}, 3): each photo resized "
+                    f"({pre.interpolation}) so its shorter side is {pre.resize_size}, then centre-cropped to {h}x{w} "
+                    f"-> 'probabilities' (n, 10) and 'embedding' (n, {info.embed_dim}); class names in metadata "
+                    "'featx_classes' (README: \"The exported classifier, without featx\")"), said
     assert featx.read_model_info(tmp_path / "clf.onnx").backbone == "mobilenetv3_small_050"
     other = featx.ensure_model_file("test_efficientnet", weights="none", models_dir=tmp_path / "mine")
     with pytest.raises(featx.HeadMismatchError):
