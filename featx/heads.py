@@ -761,7 +761,7 @@ def near_copy_split_groups(phashes: np.ndarray, where, *, say=None) -> tuple[np.
         return None, 0
     (say or _logger.info)(
         f"{n_near} images of {where} are near copies of another (perceptual hashes within {NEAR_COPY_BITS} of "
-        f"64 bits: the same picture resized or re-encoded, or as alike), {n_pictures} pictures in all: each "
+        f"64 bits: the same picture resized or re-encoded, or as alike), {n_pictures} picture{'s' if n_pictures != 1 else ''} in all: each "
         "picture's copies are kept on one side of the split")
     return groups, n_near
 

@@ -666,7 +666,7 @@ class CacheSummary:
             lines += [f"  {line}" for line in self.copies.lines(self.path)]
         if self.near_copies:
             lines.append(f"  {self.near_copies:,} images are near copies of another (the same picture resized or "
-                         f"re-encoded, or as alike), {self.pictures:,} pictures in all: train-head keeps each "
+                         f"re-encoded, or as alike), {self.pictures:,} picture{'s' if self.pictures != 1 else ''} in all: train-head keeps each "
                          "picture's copies on one side of its split"
                          + (" (--copies names them)" if self.copy_groups is None else ""))
         if self.unhashed:
