@@ -337,7 +337,7 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
             kept.append(model(x.to(device, non_blocking=True)).cpu())
     torch_seconds = time.perf_counter() - t0
     result.timings.append(Timing("plain PyTorch ImageFolder+DataLoader fp32", "end-to-end", batch_size,
-                                 sum(len(k) for k in kept) / torch_seconds, (0, 0), note=f"{n} JPEGs, {workers} workers"))
+                                 sum(len(k) for k in kept) / torch_seconds, (0, 0), note=f"{n} JPEGs, {workers} worker{'s' * (workers != 1)}"))
 
 
 def _ratios(result: BenchResult) -> None:
