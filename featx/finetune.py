@@ -232,14 +232,15 @@ def fine_tune(
         unfreeze: how many top blocks train, "all", or "auto" (what :func:`advise` recommends).
         input_size: train and validate at this size instead of the model's (small images train faster).
         resume: continue from ``output`` if it exists (weights and epoch count).
-        progress: a progress bar while the folder is hashed for near copies (decoded once before training).
+        progress: progress bars while the folder is hashed for near copies (decoded once before training)
+            and through each epoch (an epoch of a few thousand photos takes minutes on a CPU).
     """
     import torch
     from torchvision import transforms as T
 
     from .data import FileEntry, class_names_of, decode_floor, folder_to_walk, walk_images
     from .heads import near_copy_split_groups
-    from .pipeline import perceptual_hashes_of_files
+    from .pipeline import _progress_bar, perceptual_hashes_of_files
     from .runtime import resolve_device, torch_backbone
 
     check_output_file(output, example="finetuned.safetensors")
@@ -343,8 +344,11 @@ def fine_tune(
         t0 = time.perf_counter()
         set_train_mode(features, classifier)
         total, correct, loss_sum = 0, 0, 0.0
+        # training then validation images; cleared when the epoch's line is printed
+        bar = _progress_bar(len(train_set) + len(val_set), progress, desc=f"epoch {epoch}/{epochs}", leave=False)
         for x, y, bad in loader:
             skipped.update(bad)
+            bar.update(len(bad) + (0 if x is None else len(y)))
             if x is None:
                 continue
             x, y = x.to(device), y.to(device)
@@ -361,7 +365,8 @@ def fine_tune(
         if not total:
             raise FeatxError("no training image could be decoded")
         schedule.step()
-        val_loss, val_acc = evaluate(features, classifier, val_loader, device, skipped=skipped)
+        val_loss, val_acc = evaluate(features, classifier, val_loader, device, skipped=skipped, on_batch=bar.update)
+        bar.close()
         if epoch == start_epoch + 1 and skipped:
             log(f"skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that cannot be decoded, e.g. {next(iter(skipped))}: "
                 f"{next(iter(skipped.values()))}")
@@ -450,7 +455,9 @@ def _collate_decoded(items):
     return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), failed
 
 
-def evaluate(features, classifier, loader, device: str, skipped: dict | None = None) -> tuple[float, float]:
+def evaluate(features, classifier, loader, device: str, skipped: dict | None = None,
+             on_batch=None) -> tuple[float, float]:
+    """(mean loss, accuracy) over ``loader``; ``on_batch(n)`` after each batch of n images (decoded or not)."""
     import torch
 
     features.eval()
@@ -460,6 +467,8 @@ def evaluate(features, classifier, loader, device: str, skipped: dict | None = N
         for x, y, bad in loader:
             if skipped is not None:
                 skipped.update(bad)
+            if on_batch is not None:
+                on_batch(len(bad) + (0 if x is None else len(y)))
             if x is None:
                 continue
             x, y = x.to(device), y.to(device)

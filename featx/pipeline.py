@@ -1108,7 +1108,7 @@ class _FolderProgress:
 LOGGED_BAR_SECONDS = 30  # a bar written to a file (nohup, a scheduler's log) is redrawn this seldom
 
 
-def _progress_bar(total: int | None, show: bool, desc: str | None = None):
+def _progress_bar(total: int | None, show: bool, desc: str | None = None, *, leave: bool = True):
     if not show:
         return _NoBar()
     import sys
@@ -1118,7 +1118,8 @@ def _progress_bar(total: int | None, show: bool, desc: str | None = None):
     # tqdm redraws ten times a second; into a log file each redraw stays, a '\r' line of some 80 bytes:
     # 30 MB over a ten-hour run. A terminal keeps the live bar.
     interval = 0.1 if sys.stderr.isatty() else LOGGED_BAR_SECONDS
-    return tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1, desc=desc, mininterval=interval)
+    return tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1, desc=desc, mininterval=interval,
+                leave=leave)
 
 
 def _walk_ahead(batches: Iterator[list[FileEntry]], depth: int = 8) -> Iterator[list[FileEntry]]:

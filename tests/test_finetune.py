@@ -155,6 +155,22 @@ def test_finetune_decodes_large_jpegs_at_reduced_scale_as_embed_does(small_digit
     assert result.skipped == {} and result.n_train + result.n_val == 61
 
 
+def test_finetune_shows_a_bar_through_each_epoch(small_digits, tmp_path):
+    """An epoch of a few thousand photos takes minutes on a CPU (the digits at 224 px: 83 s) and showed
+    nothing until its line: a bar counts its training and validation images, cleared for the line."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "featx", "finetune", str(small_digits), "-o", str(tmp_path / "ft.safetensors"),
+           "--unfreeze", "0", "--epochs", "2", "--input-size", "32", "--no-hflip"]
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # as a user runs it: progress bars on
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "epoch 1/2:   0%" in run.stderr and "epoch 2/2:   0%" in run.stderr and "| 0/60 [" in run.stderr
+    assert [line[:10] for line in run.stdout.splitlines() if line.startswith("Epoch ")] == ["Epoch 1/2 ", "Epoch 2/2 "]
+
+
 def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, capsys):
     """The epoch kept is the lowest val_loss, which need not be the best val_accuracy: the line said "best
     val_accuracy 0.2083" of an epoch when an earlier one had scored 0.25."""
