@@ -285,7 +285,7 @@ def test_finetune_starts_from_a_trained_head(small_digits, tmp_path, lite0_onnx)
     # the checkpoint, the cache or the model given as a head: each named as what it is, and where it goes
     ckpt = tmp_path / "ft.safetensors"
     for given, said in ((ckpt, f"is a fine-tuning checkpoint, not a head: `featx export efficientnet_lite0 "
-                               f"--weights {ckpt}` makes a model of it"),
+                               f"--weights {ckpt} -o {ckpt.with_suffix('.onnx')}` makes a model of it"),
                         (tmp_path / "c.h5", "is an embedding cache, not a head (train-head CACHE -o HEAD makes one)"),
                         (lite0_onnx, "is a model, not a head: give it as --model")):
         with pytest.raises(featx.FeatxError) as e:
