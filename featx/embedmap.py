@@ -37,6 +37,7 @@ class EmbeddingMap:
     chance_agreement: float | None  # the same for labels drawn at random with the class shares
     n_copies: int = 0  # sampled rows left out: the same bytes and class as another (find_copies)
     n_near_copies: int = 0  # sampled rows with a near copy (one picture resized, re-encoded): not neighbours
+    n_gone: int = 0  # rows left out: files the last embed found deleted from the folder (kept until --prune)
 
     def text(self) -> str:
         return f"{self.what()} -> {self.png}" + (f"\n{self.agreement()}" if self.agreement() else "")
@@ -44,8 +45,10 @@ class EmbeddingMap:
     def what(self) -> str:
         sampled = len(self.keys) + self.n_copies
         shown = f"{sampled:,} of {self.n_total:,}" if sampled < self.n_total else f"{self.n_total:,}"
-        copies = f" ({self.n_copies:,} cop{'ies' if self.n_copies > 1 else 'y'} of other images left out)"
-        return f"{self.method} map of {shown} embeddings" + (copies if self.n_copies else "")
+        left_out = [f"{self.n_copies:,} cop{'ies' if self.n_copies > 1 else 'y'} of other images"] if self.n_copies else []
+        if self.n_gone:
+            left_out.append(f"{self.n_gone:,} of files deleted from the folder")
+        return f"{self.method} map of {shown} embeddings" + (f" ({', '.join(left_out)} left out)" if left_out else "")
 
     def agreement(self) -> str:
         if self.neighbour_agreement is None:
@@ -80,15 +83,18 @@ def plot_embeddings(
 
     from .errors import FeatxError
     from .search import unit_rows
-    from .store import check_finite, find_copies, load_embeddings, load_labels, near_copy_counts, near_copy_groups
+    from .store import (check_finite, find_copies, gone_rows, load_embeddings, load_labels, near_copy_counts,
+                        near_copy_groups)
 
     if method not in ("tsne", "pca"):
         raise FeatxError(f"method {method!r}: expected tsne or pca")
     all_labels = load_labels(cache, model)  # the sample is chosen first: a cache of millions is not read whole
-    n_total = len(all_labels)
+    # rows of files deleted from the folder since (kept until --prune) are not the folder's any more
+    present = np.flatnonzero(~gone_rows(cache, model))
+    n_total = len(present)
     if n_total < 3:
         raise FeatxError(f"{cache}: {n_total} embeddings; a map needs at least 3")
-    data = load_embeddings(cache, model, rows=_stratified_sample(all_labels, max_points, seed))
+    data = load_embeddings(cache, model, rows=present[_stratified_sample(all_labels[present], max_points, seed)])
     check_finite(data, cache)
     # a copy (same bytes, same class) would be its twin's nearest neighbour and lift the agreement
     copies = find_copies(data.keys, data.labels, data.digests, folder=data.attrs.get("folder"))
@@ -110,7 +116,7 @@ def plot_embeddings(
     output = Path(output) if output else Path(cache).with_suffix(".map.png")
     result = EmbeddingMap(output, "t-SNE" if method == "tsne" else "PCA", keys, points.astype(np.float32),
                           labels, data.class_names, n_total, agreement, chance, copies.n_copies,
-                          near_copy_counts(pictures)[0])
+                          near_copy_counts(pictures)[0], len(all_labels) - n_total)
     _draw(result, title=f"{data.model}: {result.what()}")
     return result
 

@@ -807,8 +807,13 @@ def train_head(
 
     from .store import check_finite, find_copies, load_embeddings, take_rows_in_place
 
-    data = load_embeddings(cache, model, labelled_only=True)
+    data = load_embeddings(cache, model, labelled_only=True, present_only=True)
     check_finite(data, cache)
+    if data.gone:  # the folder is what the user labels: a photo deleted from it is no longer among its images
+        folder = data.attrs.get("folder", "the folder")
+        _logger.warning("%d row%s of files deleted from %s since %s embedded (e.g. %s) left out; `featx embed %s -o %s "
+                        "--prune` drops them from the cache", len(data.gone), "s" if len(data.gone) > 1 else "",
+                        folder, "they were" if len(data.gone) > 1 else "it was", data.gone[0], folder, cache)
     if len(data.keys) == 0:
         raise FeatxError(f"{cache} has no labelled embeddings for {data.model}: put images in class subfolders")
     copies = find_copies(data.keys, data.labels, data.digests, folder=data.attrs.get("folder"))

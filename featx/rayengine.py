@@ -256,5 +256,6 @@ def embed_folder_ray(
             stats.n_pruned = store.rewrite_without(deleted)
         stats.n_failed = len(stats.failures)  # walk failures, recovered shards' and this run's
         stats.deleted = sorted(deleted & set(done))
+        store.record_gone([] if prune else stats.deleted)
     stats.seconds = time.perf_counter() - start
     return stats

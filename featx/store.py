@@ -184,6 +184,7 @@ class Embeddings:
     failures: dict[str, str] = field(default_factory=dict)
     digests: list[str] = field(default_factory=list)  # SHA-256 hex of each row's file bytes; "" where unknown
     phashes: np.ndarray | None = None  # uint64 (n,) perceptual hash of each row's image; 0 where unknown
+    gone: list[str] = field(default_factory=list)  # keys left out (present_only): files the last embed found deleted
 
 
 def list_models(path: str | os.PathLike) -> list[str]:
@@ -236,13 +237,15 @@ def _attrs_of(g) -> dict:
 
 
 def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labelled_only: bool = False,
-                    rows: np.ndarray | None = None) -> Embeddings:
+                    present_only: bool = False, rows: np.ndarray | None = None) -> Embeddings:
     """Read a model's committed embeddings from a cache file.
 
     Args:
         model: the group name (the model file's stem, e.g. ``efficientnet_lite0``); may be left out
             when the file holds one model.
         labelled_only: drop rows without a label.
+        present_only: drop rows whose files the last ``featx embed`` of the folder found deleted (kept
+            in the cache until --prune); their keys are in the result's ``gone``.
         rows: read only these row numbers (increasing), e.g. a sample chosen from :func:`load_labels`.
     """
     path = Path(path)
@@ -261,11 +264,35 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
         phashes = _phashes_of(columns, pick, len(keys))
         classes = _decode(g["class_names"][:])
         failures, attrs = _failures_of(g), _attrs_of(g)
-    if labelled_only:
-        keep = labels >= 0
+        deleted = _gone_keys_of(g) if present_only else set()
+    keep = labels >= 0 if labelled_only else np.ones(len(keys), dtype=bool)
+    gone: list[str] = []
+    if deleted:
+        is_gone = np.array([k in deleted for k in keys], dtype=bool)
+        gone = [k for k, ok in zip(keys, is_gone & keep) if ok]
+        keep &= ~is_gone
+    if not keep.all():
         emb, labels, phashes = take_rows_in_place(emb, np.flatnonzero(keep)), labels[keep], phashes[keep]
         keys, digests = [k for k, ok in zip(keys, keep) if ok], [d for d, ok in zip(digests, keep) if ok]
-    return Embeddings(emb, keys, labels, classes, model, str(attrs["fingerprint"]), attrs, failures, digests, phashes)
+    return Embeddings(emb, keys, labels, classes, model, str(attrs["fingerprint"]), attrs, failures, digests, phashes,
+                      gone)
+
+
+def gone_rows(path: str | os.PathLike, model: str | None = None) -> np.ndarray:
+    """bool (n,) per committed row: its file the last ``featx embed`` of the folder found deleted (the row
+    is kept until --prune). All False in a cache from before featx recorded it."""
+    path = Path(path)
+    with _read_h5(path) as f:
+        g = f[_pick_model(f, path, model)]
+        columns, n = _committed_columns(g)
+        deleted = _gone_keys_of(g)
+        if not deleted:
+            return np.zeros(n, dtype=bool)
+        return np.array([k in deleted for k in _decode(columns["keys"][:n])], dtype=bool)
+
+
+def _gone_keys_of(g) -> set[str]:
+    return set(_decode(g[_GONE]["keys"][:])) if _GONE in g else set()
 
 
 def take_rows_in_place(X: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -644,6 +671,7 @@ class CacheSummary:
     near_copies: int = 0  # labelled rows (less copies) with a near copy among them (near_copy_groups)
     pictures: int = 0  # the groups those near copies make
     unhashed: int = 0  # rows without a perceptual hash (embedded before featx kept them)
+    gone: int = 0  # rows of files the last embed found deleted from the folder (kept until --prune)
     # every picture stored more than once, when asked for: its files, the first in the folder's order first
     copy_groups: list[list[CopyOf]] | None = None
 
@@ -669,6 +697,10 @@ class CacheSummary:
                          f"re-encoded, or as alike), {self.pictures:,} picture{'s' if self.pictures != 1 else ''} in all: train-head keeps each "
                          "picture's copies on one side of its split"
                          + (" (--copies names them)" if self.copy_groups is None else ""))
+        if self.gone:
+            lines.append(f"  {self.gone:,} row{'s are' if self.gone > 1 else ' is'} of files the last embed found "
+                         "deleted from the folder: left out by train-head and map, kept until `featx embed "
+                         f"{self.attrs.get('folder', 'FOLDER')} -o {self.path or 'CACHE'} --prune`")
         if self.unhashed:
             lines.append(f"  {self.unhashed:,} rows have no perceptual hash (embedded by a featx from before it kept "
                          "them, or a black image): their near copies are not found until `featx embed` runs on the "
@@ -728,11 +760,13 @@ def summarize_cache(path: str | os.PathLike, *, list_copies: bool = False) -> li
             groups = near_copy_groups(phashes[labelled[copies.keep]])
             near_copies, pictures = near_copy_counts(groups)
             emb = columns["embeddings"]
+            deleted = _gone_keys_of(g)
+            gone = sum(k in deleted for k in _decode(columns["keys"][:n])) if deleted else 0
             out.append(CacheSummary(model, n, int(emb.shape[1]), str(emb.dtype),
                                     {c: int(k) for c, k in zip(classes, counts) if k}, int((labels < 0).sum()),
                                     _failures_of(g), _attrs_of(g), copies, str(path),
                                     near_copies=near_copies, pictures=pictures,
-                                    unhashed=int((phashes == 0).sum()),
+                                    unhashed=int((phashes == 0).sum()), gone=gone,
                                     copy_groups=_named_copy_groups(columns, n, raw, phashes) if list_copies else None))
     return out
 
@@ -874,6 +908,24 @@ class EmbeddingStore:
             with self._writing():
                 self.group.attrs[name] = value
                 self.file.flush()
+
+    def record_gone(self, keys: Sequence[str]) -> None:
+        """Keep the keys of rows whose files this run's finished walk did not meet (deleted, or renamed:
+        kept until --prune), so that train-head and map leave them out. A walk of a subfolder answers
+        for the keys under it alone; the others stand as the last walk of them left them."""
+        g = self.group
+        kept = set()
+        if self.subfolder:
+            part = self.subfolder + "/"
+            kept = {k for k in _gone_keys_of(g) if not (k.startswith(part) or k == self.subfolder)}
+        gone = sorted(kept | set(keys), key=os.fsencode)
+        if not gone and _GONE not in g:
+            return
+        with self._writing():
+            if _GONE in g:
+                del g[_GONE]
+            g.create_group(_GONE).create_dataset("keys", data=_encode(gone), dtype=_str_dtype())
+            self.file.flush()
 
     def _create_column(self, group, name: str, n: int) -> None:
         """An identity column of ``n`` rows, each "not known" (b"", 0)."""
@@ -1108,6 +1160,8 @@ class EmbeddingStore:
                 raise  # otherwise the error already on its way (e.g. the failed write) is the one to report
 
 
+# keys of rows whose files the last walk found deleted: a group, so that no per-row code takes it for a column
+_GONE = "gone"
 _DIGESTS = "file_sha256"
 _DIGEST_DTYPE = "S64"  # fixed-length ASCII: a SHA-256 in hex
 

@@ -455,7 +455,9 @@ def test_copies_count_once_and_a_file_moved_between_classes_without_prune_is_nam
                                                                                     tmp_path, caplog, capsys):
     """The same photo twice in a class would sit on both sides of the split and score what it trained on:
     copies (same bytes, same class) count once. A file moved to another class folder keeps its old row
-    until --prune, so its bytes train under two classes: train-head and info say so, with the fix."""
+    until --prune, so its bytes were taught under two classes: train-head now leaves out rows of files
+    the last embed found deleted, and says so; info names the pair and the deleted rows, with the fix.
+    The same bytes filed under two classes, both there, are named by train-head."""
     import shutil
 
     cache, head = tmp_path / "c.h5", tmp_path / "h.safetensors"
@@ -463,23 +465,28 @@ def test_copies_count_once_and_a_file_moved_between_classes_without_prune_is_nam
     fives = sorted((small_digits / "5").iterdir())
     for i, photo in enumerate(fives[:4]):  # exported twice under another name
         shutil.copy2(photo, photo.with_name(f"copy-{i}.png"))
-    misfiled = sorted((small_digits / "3").iterdir())[0]
+    threes = sorted((small_digits / "3").iterdir())
+    misfiled, twice = threes[0], threes[1]
     misfiled.rename(small_digits / "8" / misfiled.name)
+    shutil.copy2(twice, small_digits / "8" / f"also-{twice.name}")  # filed under 3 and 8, both there
     stats = featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
-    assert (stats.n_moved, stats.n_embedded, stats.n_deleted) == (5, 0, 1)
+    assert (stats.n_moved, stats.n_embedded, stats.n_deleted) == (6, 0, 1)
     with caplog.at_level(logging.WARNING, logger="featx.heads"):
         report = featx.train_head(cache, head, C=1.0)
-    assert report.n_copies == 4 and report.n_train + report.n_test == 60 + 5 - 4
+    assert report.n_copies == 4 and report.n_train + report.n_test == 60 + 6 - 1 - 4
     assert "4 copies of other images left out" in report.text()
     warned = " ".join(r.getMessage() for r in caplog.records)
-    assert f"e.g. 3/{misfiled.name} and 8/{misfiled.name}" in warned and "--prune" in warned
+    assert f"1 row of files deleted from {small_digits} since it was embedded (e.g. 3/{misfiled.name}) left out" in warned
+    assert f"e.g. 3/{twice.name} and 8/also-{twice.name}" in warned and f"3/{misfiled.name} and" not in warned
     from featx.cli import main
 
     assert main(["info", str(cache)]) == 0
     info = capsys.readouterr().out
     assert "4 rows are a copy of another row's file" in info and f"3/{misfiled.name} and 8/{misfiled.name}" in info
+    assert "1 row is of files the last embed found deleted from the folder: left out by train-head and map" in info
     featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0, prune=True)
-    assert featx.summarize_cache(cache)[0].copies.across_classes == []
+    [summary] = featx.summarize_cache(cache)
+    assert summary.copies.across_classes == [(f"3/{twice.name}", f"8/also-{twice.name}")] and summary.gone == 0
 
 
 def test_of_a_file_renamed_since_its_embed_the_row_kept_is_the_name_that_opens(small_digits, lite0_onnx, tmp_path):

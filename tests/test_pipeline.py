@@ -1,6 +1,7 @@
 """embed_folder and the HDF5 cache: incremental, resumable after SIGKILL, honest about failures."""
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -1005,6 +1006,39 @@ def test_a_cache_on_a_file_system_without_locks_is_written_with_one_warning(smal
         assert r.stderr.count("its file system does not lock files (No locks available)") == 1, r.stderr
     embed(small_digits, tmp_path / "locked.h5", lite0_onnx)
     assert featx.load_embeddings(out).keys == featx.load_embeddings(tmp_path / "locked.h5").keys
+
+
+def test_rows_of_deleted_files_are_left_out_of_heads_and_maps_until_pruned(small_digits, tmp_path, lite0_onnx, caplog):
+    """Photos deleted from the folder (a user clearing out the mistakes train-head listed) kept their rows
+    until --prune, and train-head and map went on using them. The embed that finds them gone records
+    them; train-head and map leave them out and say so. An embed of a part answers for that part alone;
+    a photo put back is no longer gone."""
+    import shutil
+
+    cache = tmp_path / "c.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, workers=0)
+    fours, sevens = sorted((small_digits / "4").iterdir()), sorted((small_digits / "7").iterdir())
+    kept_aside = shutil.copy2(fours[0], tmp_path / fours[0].name)
+    for photo in (fours[0], fours[1], sevens[0]):
+        photo.unlink()
+    featx.embed_folder(small_digits / "7", cache, model=lite0_onnx, workers=0)  # the part 7/ alone
+    assert featx.load_embeddings(cache, present_only=True).gone == [f"7/{sevens[0].name}"]
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, workers=0)
+    data = featx.load_embeddings(cache, present_only=True)
+    assert sorted(data.gone) == sorted([f"4/{fours[0].name}", f"4/{fours[1].name}", f"7/{sevens[0].name}"])
+    assert len(data.keys) == 57 and len(featx.load_embeddings(cache).keys) == 60  # the rows are still there
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        report = featx.train_head(cache, tmp_path / "h.safetensors", C=1.0)
+    assert report.n_train + report.n_test + report.n_copies == 57
+    assert "3 rows of files deleted from" in caplog.text and "--prune` drops them" in caplog.text
+    drawn = featx.plot_embeddings(cache, tmp_path / "map.png", method="pca")
+    assert drawn.n_total == 57 and "3 of files deleted from the folder left out" in drawn.what()
+    assert not any(key in data.gone for key in drawn.keys)
+    shutil.copy2(kept_aside, fours[0])  # put back as it was: its row is current again
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, workers=0)
+    assert len(featx.load_embeddings(cache, present_only=True).gone) == 2
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, workers=0, prune=True)
+    assert featx.load_embeddings(cache, present_only=True).gone == [] and featx.summarize_cache(cache)[0].rows == 58
 
 
 def test_prune_of_a_folder_left_empty_removes_nothing(small_digits, tmp_path, lite0_onnx):
