@@ -761,8 +761,8 @@ def near_copy_split_groups(phashes: np.ndarray, where, *, say=None) -> tuple[np.
         return None, 0
     (say or _logger.info)(
         f"{n_near} images of {where} are near copies of another (perceptual hashes within {NEAR_COPY_BITS} of "
-        f"64 bits: the same picture resized or re-encoded, or as alike), {n_pictures} picture{'s' if n_pictures != 1 else ''} in all: each "
-        "picture's copies are kept on one side of the split")
+        f"64 bits: the same picture resized or re-encoded, or as alike), {n_pictures} "
+        f"picture{'s' if n_pictures != 1 else ''} in all: each picture's copies are kept on one side of the split")
     return groups, n_near
 
 
@@ -805,15 +805,12 @@ def train_head(
                                  class_weight=class_weight)
     from sklearn.base import clone
 
-    from .store import check_finite, find_copies, load_embeddings, take_rows_in_place
+    from .store import check_finite, find_copies, gone_line, load_embeddings, take_rows_in_place
 
     data = load_embeddings(cache, model, labelled_only=True, present_only=True)
     check_finite(data, cache)
     if data.gone:  # the folder is what the user labels: a photo deleted from it is no longer among its images
-        folder = data.attrs.get("folder", "the folder")
-        _logger.warning("%d row%s of files deleted from %s since %s embedded (e.g. %s) left out; `featx embed %s -o %s "
-                        "--prune` drops them from the cache", len(data.gone), "s" if len(data.gone) > 1 else "",
-                        folder, "they were" if len(data.gone) > 1 else "it was", data.gone[0], folder, cache)
+        _logger.warning("%s", gone_line(data, cache))
     if len(data.keys) == 0:
         raise FeatxError(f"{cache} has no labelled embeddings for {data.model}: put images in class subfolders")
     copies = find_copies(data.keys, data.labels, data.digests, folder=data.attrs.get("folder"))

@@ -650,7 +650,7 @@ def embed_folder(
             store.rewrite_without(recovered | (deleted if prune else set()), failures=True)
         if prune and deleted:
             stats.n_pruned = store.rewrite_without(deleted)
-        store.record_gone([] if prune else stats.deleted)  # rows train-head and map leave out
+        store.record_gone([] if prune else stats.deleted)  # rows train-head, map and evaluate leave out
     stats.seconds = time.perf_counter() - start
     return stats
 

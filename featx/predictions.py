@@ -208,7 +208,7 @@ def evaluate_head(
     """
     import tempfile
 
-    from .store import check_finite, find_copies, load_embeddings, model_fingerprints
+    from .store import check_finite, find_copies, gone_line, load_embeddings, model_fingerprints
 
     check_report_files(report_png=report_png, mistakes_csv=mistakes_csv)
     loaded = load_head(head)
@@ -226,7 +226,7 @@ def evaluate_head(
         with tempfile.TemporaryDirectory() as tmp:  # without a cache, the folder's embeddings are not kept
             source = Path(cache) if cache is not None else Path(tmp) / f"{source.name}.h5"
             group, part = _embed_for_head(loaded, Path(data), source, model, weights, device=device, progress=progress)
-            embeddings = load_embeddings(source, group)
+            embeddings = load_embeddings(source, group)  # rows of files gone are not the part's
     else:
         groups = model_fingerprints(source)
         matching = [g for g, fp in groups.items() if fp == loaded.fingerprint]
@@ -236,8 +236,10 @@ def evaluate_head(
                                     f"{loaded.fingerprint}); {source} holds {held}: `featx evaluate FOLDER --head "
                                     f"{head} --cache {source}` embeds a folder with the head's model")
         group = loaded.model if loaded.model in matching else matching[0]
-        embeddings = load_embeddings(source, group)
+        embeddings = load_embeddings(source, group, present_only=True)
     check_finite(embeddings, source)
+    if embeddings.gone:  # a cache scored by itself: its folder's photos deleted since are not test images
+        _logger.warning("%s", gone_line(embeddings, source))
     rows = [i for i, key in enumerate(embeddings.keys) if part is None or part(key)]
     failed = sorted(key for key in embeddings.failures if part is None or part(key))
     if failed:  # recorded in the cache when embedded: not scored, but not passed over in silence

@@ -278,6 +278,14 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
                       gone)
 
 
+def gone_line(data: Embeddings, cache: str | os.PathLike) -> str:
+    """What to tell a user of the rows :func:`load_embeddings` left out as deleted (``data.gone``)."""
+    n, folder = len(data.gone), data.attrs.get("folder", "FOLDER")
+    return (f"{n:,} row{'s' if n > 1 else ''} of files deleted from {folder} since "
+            f"{'they were' if n > 1 else 'it was'} embedded (e.g. {data.gone[0]}) left out; "
+            f"`featx embed {folder} -o {cache} --prune` drops them from the cache")
+
+
 def gone_rows(path: str | os.PathLike, model: str | None = None) -> np.ndarray:
     """bool (n,) per committed row: its file the last ``featx embed`` of the folder found deleted (the row
     is kept until --prune). All False in a cache from before featx recorded it."""
@@ -694,12 +702,12 @@ class CacheSummary:
             lines += [f"  {line}" for line in self.copies.lines(self.path)]
         if self.near_copies:
             lines.append(f"  {self.near_copies:,} images are near copies of another (the same picture resized or "
-                         f"re-encoded, or as alike), {self.pictures:,} picture{'s' if self.pictures != 1 else ''} in all: train-head keeps each "
-                         "picture's copies on one side of its split"
+                         f"re-encoded, or as alike), {self.pictures:,} picture{'s' if self.pictures != 1 else ''} "
+                         "in all: train-head keeps each picture's copies on one side of its split"
                          + (" (--copies names them)" if self.copy_groups is None else ""))
         if self.gone:
             lines.append(f"  {self.gone:,} row{'s are' if self.gone > 1 else ' is'} of files the last embed found "
-                         "deleted from the folder: left out by train-head and map, kept until `featx embed "
+                         "deleted from the folder: left out by train-head, map and evaluate, kept until `featx embed "
                          f"{self.attrs.get('folder', 'FOLDER')} -o {self.path or 'CACHE'} --prune`")
         if self.unhashed:
             lines.append(f"  {self.unhashed:,} rows have no perceptual hash (embedded by a featx from before it kept "
@@ -911,7 +919,7 @@ class EmbeddingStore:
 
     def record_gone(self, keys: Sequence[str]) -> None:
         """Keep the keys of rows whose files this run's finished walk did not meet (deleted, or renamed:
-        kept until --prune), so that train-head and map leave them out. A walk of a subfolder answers
+        kept until --prune), so that train-head, map and evaluate leave them out. A walk of a subfolder answers
         for the keys under it alone; the others stand as the last walk of them left them."""
         g = self.group
         kept = set()

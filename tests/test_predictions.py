@@ -205,6 +205,16 @@ def test_evaluate_scores_a_test_folder_as_predict_classifies_it_and_lists_its_mi
     with caplog.at_level(logging.WARNING, logger="featx.predictions"):
         assert featx.evaluate_classifier(test, tmp_path / "old.onnx").n_test == 150
     assert "old.onnx records no pictures its classifier was trained on" in caplog.text
+    # test photos deleted since: the folder is scored as it is now; the cache scored by itself leaves out
+    # the rows of files its last embed found deleted (kept in it until --prune), and says so
+    deleted = [p for p in sorted((test / "5").iterdir()) if f"5/{p.name}" not in near][:3]
+    for path in deleted:
+        path.unlink()
+    assert featx.evaluate_head(test, head, cache=tmp_path / "test.h5").n_test == n - 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="featx.predictions"):
+        assert featx.evaluate_head(tmp_path / "test.h5", head).n_test == n - 3
+    assert f"3 rows of files deleted from {test} since they were embedded" in caplog.text
 
 
 @pytest.mark.slow
