@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -975,12 +975,17 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     from sklearn.metrics import f1_score
     from sklearn.model_selection import train_test_split
 
-    from .store import check_finite, load_embeddings, take_rows_in_place
+    from .store import check_finite, gone_line, load_embeddings, take_rows_in_place
 
     wanted = read_labels_csv(labels_csv)  # a typo in its name is said before a large cache is read
-    data = load_embeddings(cache, model)
+    data = load_embeddings(cache, model, present_only=True)
     check_finite(data, cache)
     wanted = keys_as_cached(wanted, data.attrs.get("folder"))
+    gone = [key for key in data.gone if key in wanted]
+    if gone:  # labelled in the CSV, but deleted from the folder since: not "missing from the cache"
+        _logger.warning("%s", gone_line(replace(data, gone=gone), cache))
+        deleted = set(gone)
+        wanted = {key: labels for key, labels in wanted.items() if key not in deleted}
     rows, n_copies = rows_labelled_by_csv(data, range(len(data.keys)), wanted, cache, labels_csv)
     names = sorted({label for i in rows for label in wanted[data.keys[i]]})
     if len(names) < 2:  # scikit-learn takes a one-column matrix for one yes/no class, and the fit fails

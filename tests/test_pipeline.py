@@ -1031,6 +1031,16 @@ def test_rows_of_deleted_files_are_left_out_of_heads_and_maps_until_pruned(small
         report = featx.train_head(cache, tmp_path / "h.safetensors", C=1.0)
     assert report.n_train + report.n_test + report.n_copies == 57
     assert "3 rows of files deleted from" in caplog.text and "--prune` drops them" in caplog.text
+    # a labels CSV written before the photos were deleted: their rows are left out the same way, not
+    # taken for keys missing from the cache
+    labels = tmp_path / "labels.csv"
+    labels.write_text("".join(f"{key},{'even' if int(key[0]) % 2 == 0 else 'odd'}\n"
+                              for key in featx.load_embeddings(cache).keys))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="featx.heads"):
+        tags = featx.train_head(cache, tmp_path / "tags.safetensors", labels_csv=labels, epochs=5)
+    assert "3 rows of files deleted from" in caplog.text and "are not in" not in caplog.text
+    assert tags.n_train + tags.n_test + tags.n_copies == 57
     drawn = featx.plot_embeddings(cache, tmp_path / "map.png", method="pca")
     assert drawn.n_total == 57 and "3 of files deleted from the folder left out" in drawn.what()
     assert not any(key in data.gone for key in drawn.keys)
