@@ -300,6 +300,9 @@ def apply_to_rows(predict, X: np.ndarray, rows) -> np.ndarray:
     return np.concatenate([predict(X[rows[i:i + _ROWS_AT_A_TIME]]) for i in range(0, len(rows), _ROWS_AT_A_TIME)])
 
 
+MLP_EPOCH_LINE_SECONDS = 5.0  # an MLP's fit says how it goes at most this often (a fit of seconds says nothing)
+
+
 class MLPHead(_Head):
     """Standardise, then Dense(hidden)-ReLU-Dropout blocks and a softmax layer, trained in torch.
 
@@ -364,6 +367,7 @@ class MLPHead(_Head):
             Xt = torch.from_numpy(Xs).to(device)
             best, best_state, waited = np.inf, None, 0
             self.history_ = []
+            said = time.perf_counter()
             for epoch in range(self.max_epochs):
                 net.train()
                 order = train[torch.randperm(len(train)).numpy()]
@@ -384,6 +388,11 @@ class MLPHead(_Head):
                     waited += 1
                     if waited >= self.patience:
                         break
+                if time.perf_counter() - said >= MLP_EPOCH_LINE_SECONDS:  # a large cache: minutes, not silent
+                    said = time.perf_counter()
+                    _logger.info("epoch %d: validation loss %.4f, the lowest %.4f (epoch %d); stops after %d "
+                                 "epochs without a lower one, or at %d", epoch + 1, v, best, self.best_epoch_,
+                                 self.patience, self.max_epochs)
             net.load_state_dict(best_state)
             if multilabel:  # on Xs: X itself may be standardised already (overwrite_X), predict_proba would again
                 watch = val if len(val) else train

@@ -181,6 +181,24 @@ def test_featx_info_says_what_a_heads_fit_chose(digits_cache, tmp_path):
     assert f"hidden 64, dropout 0.5, weights of epoch {mlp.best_epoch_} of {mlp.n_epochs_}," in said, said
 
 
+def test_a_long_mlp_fit_says_how_it_goes(digits_cache, monkeypatch, caplog):
+    """An MLP on a large cache fits for minutes (50,000 rows: 41 s on 2 cores) and said nothing: an
+    epoch's validation loss is logged at most every few seconds; a fit of a second says nothing."""
+    import featx.heads
+
+    data = featx.load_embeddings(digits_cache)
+    with caplog.at_level(logging.INFO, logger="featx.heads"):
+        quick = MLPHead(hidden=(64,), max_epochs=5).fit(data.embeddings, data.labels)
+    assert "epoch 1: validation loss" not in caplog.text
+    monkeypatch.setattr(featx.heads, "MLP_EPOCH_LINE_SECONDS", 0.0)  # as if each epoch took that long
+    with caplog.at_level(logging.INFO, logger="featx.heads"):
+        MLPHead(hidden=(64,), max_epochs=5).fit(data.embeddings, data.labels)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == quick.n_epochs_ and lines[0].startswith("epoch 1: validation loss ")
+    assert lines[-1].endswith(f"the lowest {min(quick.history_):.4f} (epoch {quick.best_epoch_}); stops after 10 "
+                              "epochs without a lower one, or at 5")
+
+
 def test_head_file_with_pickle_is_not_a_head(tmp_path):
     import pickle
 
