@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="top ImageNet classes of image files and folders")
     p.add_argument("images", nargs="+",
                    help="image files or folders (every image under them); a quoted pattern such as 'photos/*.jpg' "
-                        "is expanded")
+                        "is expanded; - reads file names from standard input, one a line")
     _add_model(p)
     p.add_argument("--top", type=_count(1), default=5, help="classes per image (default 5)")
     p.add_argument("-o", "--output", default=None,
@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-points", type=_count(3), default=3000, help="a larger cache is sampled, each class in its share")
 
     p = sub.add_parser("similar", help="the cached images most similar to query images (cosine of embeddings)")
-    p.add_argument("images", nargs="+", help="query image files or folders, or a quoted pattern ('photos/*.jpg')")
+    p.add_argument("images", nargs="+", help="query image files or folders, or a quoted pattern ('photos/*.jpg'); "
+                                             "- reads file names from standard input, one a line")
     p.add_argument("--cache", required=True, help="embedding cache to search (.h5)")
     p.add_argument("-k", type=_count(1), default=5, help="matches per query (default 5)")
     p.add_argument("-o", "--output", help="CSV of the matches, a row per query and match, instead of printing them")
@@ -285,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify images or a folder with a trained head")
     p.add_argument("inputs", nargs="+", help="image files or folders (one folder alone is embedded through --cache), "
-                                             "or a quoted pattern ('photos/*.jpg')")
+                                             "or a quoted pattern ('photos/*.jpg'); - reads file names from "
+                                             "standard input, one a line")
     p.add_argument("--head", required=True, help="head file from train-head (.safetensors)")
     _add_model(p, made_with="the head's embeddings")
     p.add_argument("--top", type=_count(1), default=3, help="classes per image (default 3)")
@@ -448,6 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import featx
 
+    if args.command in ("classify", "similar", "predict"):
+        name = "inputs" if args.command == "predict" else "images"
+        setattr(args, name, _with_stdin_names(getattr(args, name)))
+
     if args.command == "demo":
         from .demo import run_demo
 
@@ -598,6 +604,25 @@ def _run(args: argparse.Namespace) -> int:
         print(result.table())
         return 0
     raise AssertionError(args.command)
+
+
+def _with_stdin_names(items: Sequence[str]) -> list[str]:
+    """``items`` with '-' standing for the file names standard input gives, one a line (`find photos -newer
+    x | featx classify -`), or NUL-separated (`find -print0`)."""
+    if "-" not in items:
+        return list(items)
+    from .data import sniff_format
+    from .errors import FeatxError
+
+    data = sys.stdin.buffer.read()
+    if sniff_format(data[:32]) is not None:
+        raise FeatxError("'-' reads file names from standard input, one a line; it was given an image's bytes: "
+                         "name the image's file instead")
+    names = [os.fsdecode(line.rstrip(b"\r")) for line in data.split(b"\0" if b"\0" in data else b"\n")
+             if line.strip(b"\r\n")]
+    if not names:
+        raise FeatxError("'-' reads file names from standard input, one a line; it gave none")
+    return [name for item in items for name in (names if item == "-" else [item])]
 
 
 def _failures_exit(inputs: Sequence[str], failed: Sequence[str], strict: bool) -> int:

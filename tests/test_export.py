@@ -233,6 +233,34 @@ def test_cli_classify_exits_1_for_a_named_file_it_cannot_read(lite0_onnx, photos
     assert main(args + [str(photos_dir / "coffee.png")]) == 0
 
 
+def test_cli_takes_the_file_names_standard_input_gives_for_a_dash(lite0_onnx, photos_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    """`find photos -newer last-run | featx classify -`: '-' stands for the names standard input gives, one a
+    line or NUL-separated (find -print0), in that order and counted as named; image bytes piped in are
+    refused in one line, as is an empty list."""
+    import io
+    import sys
+
+    from featx.cli import main
+
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    args = ["-q", "classify", "--model", str(lite0_onnx), "--top", "1"]
+    photos = [photos_dir / "coffee.png", tmp_path / "notes.jpg", photos_dir / "china.jpg"]
+    for separator in ("\n", "\0"):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(
+            separator.join(map(str, photos)).encode() + separator.encode())))
+        assert main(args + ["-"]) == 1  # notes.jpg, named through standard input, is no image
+        out, err = capsys.readouterr()
+        assert [line.split("  ")[0] for line in out.splitlines()] == list(map(str, photos))
+        assert out.splitlines()[0].startswith(f"{photos[0]}  espresso ")
+        assert "1 of them named" in err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((photos_dir / "coffee.png").read_bytes())))
+    assert main(args + ["-"]) == 2
+    assert "it was given an image's bytes: name the image's file instead" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    assert main(args + ["-"]) == 2 and "it gave none" in capsys.readouterr().err
+
+
 def test_cli_classify_writes_its_rows_to_a_csv(lite0_onnx, photos_dir, tmp_path, capsys):
     """`featx classify photos/ -o classes.csv`: predict's columns, a row per image in walk order, a bad
     file's row with its reason, the probabilities classify gives."""
