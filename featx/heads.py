@@ -823,7 +823,7 @@ def train_head(
     if len(data.keys) == 0:
         raise FeatxError(f"{cache} has no labelled embeddings for {data.model}: put images in class subfolders")
     copies = find_copies(data.keys, data.labels, data.digests, folder=data.attrs.get("folder"))
-    for line in copies.lines(str(cache)):
+    for line in copies.lines(str(cache), folder=data.attrs.get("folder")):
         _logger.warning("%s", line)
     y = np.array(data.class_names, dtype=object)[data.labels[copies.keep]].astype(str)
     groups, n_near = near_copy_split_groups(data.phashes[copies.keep], cache)

@@ -503,9 +503,10 @@ class Copies:
     n_copies: int  # rows left out of ``keep``
     across_classes: list[tuple[str, str]]  # (key, key) pairs of the same bytes under two classes
 
-    def lines(self, cache: str, labels_csv: str | None = None) -> list[str]:
+    def lines(self, cache: str, labels_csv: str | None = None, folder: str | None = None) -> list[str]:
         """What to tell a user: nothing when there are no copies. With ``labels_csv``, the classes
-        compared were the label sets that file gives (a multi-label head)."""
+        compared were the label sets that file gives (a multi-label head). ``folder``: the cache's, named
+        in the command that prunes it."""
         out = []
         if self.n_copies:
             out.append(f"{self.n_copies:,} row{'s are' if self.n_copies > 1 else ' is'} a copy of another row's file "
@@ -518,7 +519,7 @@ class Copies:
             out.append(f"{files} with the same bytes have other labels in {labels_csv}, e.g. {a} and {b}: the head "
                        "is taught both" if labels_csv else
                        f"{files} stored under two classes with the same bytes, e.g. {a} and {b}: the same photo "
-                       f"filed twice, or moved to another class folder since (`featx embed FOLDER -o {cache} --prune` "
+                       f"filed twice, or moved to another class folder since (`featx embed {folder or 'FOLDER'} -o {cache} --prune` "
                        "drops the rows of paths that are gone)")
         return out
 
@@ -699,7 +700,7 @@ class CacheSummary:
         if self.unlabelled:
             lines.append(f"  {self.unlabelled:,} without a class (directly under the folder)")
         if self.copies is not None:
-            lines += [f"  {line}" for line in self.copies.lines(self.path)]
+            lines += [f"  {line}" for line in self.copies.lines(self.path, folder=self.attrs.get("folder"))]
         if self.near_copies:
             lines.append(f"  {self.near_copies:,} images are near copies of another (the same picture resized or "
                          f"re-encoded, or as alike), {self.pictures:,} picture{'s' if self.pictures != 1 else ''} "
