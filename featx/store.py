@@ -519,8 +519,8 @@ class Copies:
             out.append(f"{files} with the same bytes have other labels in {labels_csv}, e.g. {a} and {b}: the head "
                        "is taught both" if labels_csv else
                        f"{files} stored under two classes with the same bytes, e.g. {a} and {b}: the same photo "
-                       f"filed twice, or moved to another class folder since (`featx embed {folder or 'FOLDER'} -o {cache} --prune` "
-                       "drops the rows of paths that are gone)")
+                       "filed twice, or moved to another class folder since "
+                       f"(`featx embed {folder or 'FOLDER'} -o {cache} --prune` drops the rows of paths that are gone)")
         return out
 
 
@@ -707,9 +707,9 @@ class CacheSummary:
                          "in all: train-head keeps each picture's copies on one side of its split"
                          + (" (--copies names them)" if self.copy_groups is None else ""))
         if self.gone:
-            lines.append(f"  {self.gone:,} row{'s are' if self.gone > 1 else ' is'} of files the last embed found "
-                         "deleted from the folder: left out by train-head, map and evaluate, kept until `featx embed "
-                         f"{self.attrs.get('folder', 'FOLDER')} -o {self.path or 'CACHE'} --prune`")
+            lines.append(f"  {self.gone:,} {'rows are of files' if self.gone > 1 else 'row is of a file'} the last "
+                         "embed found deleted from the folder: left out by train-head, map and evaluate, kept "
+                         f"until `featx embed {self.attrs.get('folder', 'FOLDER')} -o {self.path or 'CACHE'} --prune`")
         if self.unhashed:
             lines.append(f"  {self.unhashed:,} rows have no perceptual hash (embedded by a featx from before it kept "
                          "them, or a black image): their near copies are not found until `featx embed` runs on the "

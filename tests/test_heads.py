@@ -502,7 +502,7 @@ def test_copies_count_once_and_a_file_moved_between_classes_without_prune_is_nam
     info = capsys.readouterr().out
     assert "4 rows are a copy of another row's file" in info and f"3/{misfiled.name} and 8/{misfiled.name}" in info
     assert f"(`featx embed {small_digits} -o {cache} --prune` drops the rows of paths that are gone)" in info
-    assert "1 row is of files the last embed found deleted from the folder: left out by train-head, map and evaluate" in info
+    assert "1 row is of a file the last embed found deleted from the folder: left out by train-head, map and evaluate" in info
     featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0, prune=True)
     [summary] = featx.summarize_cache(cache)
     assert summary.copies.across_classes == [(f"3/{twice.name}", f"8/also-{twice.name}")] and summary.gone == 0
