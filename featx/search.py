@@ -101,7 +101,7 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
     from .export import ensure_model_file
     from .pipeline import encode_files_through_cache, expand_inputs
     from .runtime import load_model, model_file_for, read_model_info
-    from .store import iter_embeddings, model_fingerprints, recorded_paths
+    from .store import gone_keys, iter_embeddings, model_fingerprints, recorded_paths
 
     if k < 1:
         raise FeatxError(f"k={k}: ask for at least one match")
@@ -136,12 +136,14 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
     if not searched:
         return results
     Q = unit_rows(np.stack(queries))  # (n_queries, D)
-    # rows of files deleted from the folder (kept until embed --prune) are not matches to open; asked of
-    # the rows a search reaches only (about k of them), and not where the folder is not here at all
+    # rows of files deleted from the folder (kept until embed --prune) are not matches to open: those the
+    # last embed found gone, and those deleted since, asked of the rows a search reaches only (about k of
+    # them) and not where the folder is not here at all
     there = os.path.isdir(folder) if folder else False
+    gone = set(gone_keys(cache, group))
 
     def in_folder(key: str) -> bool:
-        return not there or os.path.lexists(os.path.join(folder, key))
+        return key not in gone and (not there or os.path.lexists(os.path.join(folder, key)))
 
     kept: list[list[tuple]] = [[] for _ in range(len(Q))]  # per query: (similarity, key, digest, phash), best first
     start = 0  # the chunk's first row

@@ -286,6 +286,13 @@ def gone_line(data: Embeddings, cache: str | os.PathLike) -> str:
             f"`featx embed {folder} -o {cache} --prune` drops them from the cache")
 
 
+def gone_keys(path: str | os.PathLike, model: str | None = None) -> list[str]:
+    """Keys of the rows whose files the last ``featx embed`` of the folder found deleted (kept until --prune)."""
+    path = Path(path)
+    with _read_h5(path) as f:
+        return sorted(_gone_keys_of(f[_pick_model(f, path, model)]), key=os.fsencode)
+
+
 def gone_rows(path: str | os.PathLike, model: str | None = None) -> np.ndarray:
     """bool (n,) per committed row: its file the last ``featx embed`` of the folder found deleted (the row
     is kept until --prune). All False in a cache from before featx recorded it."""

@@ -140,6 +140,12 @@ def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digit
     small_digits.rename(tmp_path / "elsewhere")
     away = featx.find_similar([seven], cache, k=4, model=lite0_onnx)[0]
     assert away.near_copies == result.near_copies and away.matches == result.matches
+    # ... but the files an embed found deleted, which the cache records, are left out there too
+    (tmp_path / "elsewhere").rename(small_digits)
+    featx.embed_folder(small_digits, cache, model=lite0_onnx)
+    small_digits.rename(tmp_path / "elsewhere")
+    away = featx.find_similar([seven], cache, k=4, model=lite0_onnx)[0]
+    assert away.matches == after.matches and not away.near_copies
 
 
 def test_a_picture_with_hundreds_of_copies_is_one_match_naming_them_all(small_digits, lite0_onnx, tmp_path):
