@@ -627,8 +627,9 @@ def _with_stdin_names(items: Sequence[str]) -> list[str]:
 
 def _failures_exit(inputs: Sequence[str], failed: Sequence[str], strict: bool) -> int:
     """The exit status of a command that printed a row per image: 1 when a file named on the command line
-    (or matched by a pattern given there) could not be read (missing, not an image), as `cat` would; a bad file found in a folder is a row like
-    any other (embed records it too), unless --strict. One line on stderr says how many failed."""
+    (or matched by a pattern given there) could not be read (missing, not an image), as `cat` would; a
+    bad file found in a folder is a row like any other (embed records it too), unless --strict. One line
+    on stderr says how many failed."""
     from .pipeline import named_inputs
 
     named = {name for name in named_inputs(inputs) if not os.path.isdir(name)}

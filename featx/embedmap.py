@@ -45,7 +45,9 @@ class EmbeddingMap:
     def what(self) -> str:
         sampled = len(self.keys) + self.n_copies
         shown = f"{sampled:,} of {self.n_total:,}" if sampled < self.n_total else f"{self.n_total:,}"
-        left_out = [f"{self.n_copies:,} cop{'ies' if self.n_copies > 1 else 'y'} of other images"] if self.n_copies else []
+        left_out = []
+        if self.n_copies:
+            left_out.append(f"{self.n_copies:,} cop{'ies' if self.n_copies > 1 else 'y'} of other images")
         if self.n_gone:
             left_out.append(f"{self.n_gone:,} of files deleted from the folder")
         return f"{self.method} map of {shown} embeddings" + (f" ({', '.join(left_out)} left out)" if left_out else "")
