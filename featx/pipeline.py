@@ -433,7 +433,7 @@ class RunStats:
                if self.n_failed_before else "")
             + (f", {self.n_hashed} older rows given a perceptual hash" if self.n_hashed else "")
             + (f", {self.n_deleted} deleted from the folder" + (f" ({self.n_pruned} pruned)" if self.n_pruned else
-               " (--prune removes them)") if self.n_deleted else "")
+               " (their rows stay, left out of heads and maps; --prune removes them)") if self.n_deleted else "")
             + f" in {self.seconds:.1f} s ({self.load_seconds:.1f} s loading the model)"
             + (f", {self.steady_images_per_second:.1f} images/s" if self.n_embedded else "")
             + f" -> {self.out}" + (f" (as {self.subfolder}/ of {self.folder})" if self.subfolder else "")

@@ -1023,7 +1023,9 @@ def test_rows_of_deleted_files_are_left_out_of_heads_and_maps_until_pruned(small
         photo.unlink()
     featx.embed_folder(small_digits / "7", cache, model=lite0_onnx, workers=0)  # the part 7/ alone
     assert featx.load_embeddings(cache, present_only=True).gone == [f"7/{sevens[0].name}"]
-    featx.embed_folder(small_digits, cache, model=lite0_onnx, workers=0)
+    stats = featx.embed_folder(small_digits, cache, model=lite0_onnx, workers=0)
+    assert "3 deleted from the folder (their rows stay, left out of heads and maps; --prune removes them)" \
+        in stats.summary()
     data = featx.load_embeddings(cache, present_only=True)
     assert sorted(data.gone) == sorted([f"4/{fours[0].name}", f"4/{fours[1].name}", f"7/{sevens[0].name}"])
     assert len(data.keys) == 57 and len(featx.load_embeddings(cache).keys) == 60  # the rows are still there
