@@ -178,6 +178,10 @@ def named_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
     return names
 
 
+WHAT_FEATX_READS = (f"featx reads {' '.join(sorted(IMAGE_EXTENSIONS))}, and files without an extension whose "
+                    "content is an image")
+
+
 def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
     """Image files as given, and for a folder every image under it, in walk order (sorted by path). A
     name that is no file but a pattern ('photos/*.jpg' quoted, or typed in Windows' cmd, which expands
@@ -185,11 +189,14 @@ def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
     paths: list[str] = []
     for text in named_inputs(items):
         if os.path.isdir(text):
+            found = len(paths)
             for entry in walk_images(text):
                 if isinstance(entry, FileEntry):
                     paths.append(entry.path)
                 else:
                     _logger.warning("skipped %s: %s", printable(os.path.join(text, entry.key)), entry.reason)
+            if len(paths) == found:  # a wrong folder, most likely: not a silent run with no rows
+                _logger.warning("%s: no image files found (%s)", printable(text), WHAT_FEATX_READS)
         else:
             paths.append(str(text))
     return paths
@@ -444,8 +451,7 @@ class RunStats:
             + ("; decoded: " + ", ".join(f"{n} by {f'nvJPEG ({self.jpeg_library})' if k == 'gpu' else 'CPU workers'}"
                                          for k, n in sorted(self.decoded_by.items(), reverse=True))
                if "gpu" in self.decoded_by else "")
-            + (f"; no image files found (featx reads {' '.join(sorted(IMAGE_EXTENSIONS))}, and files without"
-               " an extension whose content is an image)" if self.found_nothing else "")
+            + (f"; no image files found ({WHAT_FEATX_READS})" if self.found_nothing else "")
         )
 
     @property

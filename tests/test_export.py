@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import re
 import shutil
@@ -209,7 +210,7 @@ def test_a_damaged_file_in_the_models_folder_is_exported_again(lite0_onnx, photo
     assert "resnet18" not in caplog.text
 
 
-def test_cli_classify_exits_1_for_a_named_file_it_cannot_read(lite0_onnx, photos_dir, tmp_path, capsys):
+def test_cli_classify_exits_1_for_a_named_file_it_cannot_read(lite0_onnx, photos_dir, tmp_path, capsys, caplog):
     """`featx classify` prints every row; a file named on the command line that is missing or not an image
     makes the exit status 1 (as `cat` would), as does one a quoted pattern matches; a bad file met inside a
     folder only with --strict."""
@@ -231,6 +232,13 @@ def test_cli_classify_exits_1_for_a_named_file_it_cannot_read(lite0_onnx, photos
     assert main(args + [str(tmp_path / "*.jpg")]) == 1
     assert "1 of them named" in capsys.readouterr().err
     assert main(args + [str(photos_dir / "coffee.png")]) == 0
+    capsys.readouterr()
+    # a folder with no image in it (a wrong folder, most likely) says so, where it printed nothing at all
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no photos here")
+    with caplog.at_level(logging.WARNING, logger="featx.pipeline"):
+        assert main(args + [str(tmp_path / "notes")]) == 0
+    assert capsys.readouterr().out == "" and f"{tmp_path / 'notes'}: no image files found (featx reads" in caplog.text
 
 
 def test_cli_takes_the_file_names_standard_input_gives_for_a_dash(lite0_onnx, photos_dir, tmp_path, capsys,
