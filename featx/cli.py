@@ -247,9 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv", type=_count(2), default=None, help="K-fold cross-validation instead of one split")
     p.add_argument("--C", type=_positive, default=None,
                    help="logreg inverse regularisation (default: the lowest held-out log loss in 5-fold cross-validation)")
-    p.add_argument("--hidden", type=_layer_sizes, default=(1024,), help="mlp hidden sizes, comma-separated")
-    p.add_argument("--dropout", type=_share, default=0.5, help="mlp dropout (default 0.5)")
-    p.add_argument("--epochs", type=_count(1), default=200, help="mlp epochs at most (default 200)")
+    p.add_argument("--hidden", type=_layer_sizes, default=None,
+                   help="mlp hidden sizes, comma-separated (default 1024)")
+    p.add_argument("--dropout", type=_share, default=None, help="mlp dropout (default 0.5)")
+    p.add_argument("--epochs", type=_count(1), default=None,
+                   help="mlp (and multi-label) epochs at most (default 200)")
     p.add_argument("--seed", type=int, default=0, help="split and initialisation seed (default 0)")
     p.add_argument("--report", default=None, help="confusion-matrix PNG (default: next to the head file)")
     p.add_argument("--labels", default=None,

@@ -645,6 +645,29 @@ def head_model_file(loaded: LoadedHead, model: str | os.PathLike | None = None, 
 # ---------------------------------------------------------------------------------------- training
 
 
+_HEAD_OPTIONS = {  # (head, multi-label) -> the options that head takes, besides --test-size and --seed
+    ("logreg", False): ("cv", "C"),
+    ("mlp", False): ("cv", "hidden", "dropout", "epochs"),
+    ("logreg", True): ("epochs",),  # trained in torch as an MLP without a hidden layer, on one split
+    ("mlp", True): ("hidden", "dropout", "epochs"),
+}
+
+
+def check_head_options(head: str, *, multilabel: bool, **given) -> None:
+    """Refuse options (None: not given) that ``head`` does not take: `--head mlp --C 0.5` trained an MLP
+    and left C unused, `--labels tags.csv --cv 5` scored one split, without a word."""
+    if head not in ("logreg", "mlp"):
+        raise FeatxError(f"head must be logreg or mlp, got {head!r}")
+    takes = _HEAD_OPTIONS[head, multilabel]
+    unused = [f"--{name}" for name, value in given.items() if value is not None and name not in takes]
+    if unused:
+        what = {"logreg": "a logistic-regression head", "mlp": "an MLP head"}[head]
+        if multilabel:
+            what = "a multi-label " + what.split(" ", 1)[1] + " (--labels: one held-out split, trained in torch)"
+        raise FeatxError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {what}, which "
+                         f"takes {', '.join(f'--{name}' for name in takes)}")
+
+
 def make_head(kind: str, *, C=None, hidden=(1024,), dropout=0.5, epochs=200, seed=0, class_weight=None) -> _Head:
     if kind == "logreg":
         return LogRegHead(C=C, random_state=seed, class_weight=class_weight)
@@ -784,9 +807,9 @@ def train_head(
     test_size: float = 0.2,
     cv: int | None = None,
     C: float | None = None,
-    hidden: Sequence[int] = (1024,),
-    dropout: float = 0.5,
-    epochs: int = 200,
+    hidden: Sequence[int] | None = None,
+    dropout: float | None = None,
+    epochs: int | None = None,
     seed: int = 0,
     report_png: str | os.PathLike | None = None,
     labels_csv: str | os.PathLike | None = None,
@@ -804,7 +827,14 @@ def train_head(
     With ``labels_csv`` (rows ``key,label1;label2``), a multi-label head: sigmoid outputs, BCE,
     per-label thresholds; ``logreg`` is then the linear case (no hidden layer). Only keys in the
     CSV are used.
+    ``C`` is logistic regression's (None: chosen by cross-validation); ``hidden`` (default 1024),
+    ``dropout`` (0.5) and ``epochs`` (at most 200) the MLP's, ``epochs`` a multi-label head's too. One
+    given to a head it does not apply to is refused, not left unused.
     """
+    check_head_options(head, multilabel=labels_csv is not None, cv=cv, C=C, hidden=hidden, dropout=dropout,
+                       epochs=epochs)
+    hidden, dropout, epochs = (1024,) if hidden is None else hidden, 0.5 if dropout is None else dropout, \
+        200 if epochs is None else epochs
     if labels_csv is not None and mistakes_csv is not None:
         raise FeatxError(NO_MULTILABEL_MISTAKES)
     check_report_files(output=(output, "head.safetensors"), report_png=report_png, mistakes_csv=mistakes_csv)

@@ -681,6 +681,32 @@ def test_a_multilabel_head_saved_with_the_old_thresholds_is_named(digits_cache, 
     assert "train it again" in caplog.text
 
 
+def test_an_option_the_head_does_not_take_is_refused_not_left_unused(digits_cache, tmp_path, capsys):
+    """`--head mlp --C 0.5` trained an MLP and left C unused; `--labels tags.csv --cv 5` scored one split;
+    `--head logreg --epochs 50` ran logistic regression as ever: each without a word. Now each is refused
+    in one line naming what the head takes, before the cache is read; options it takes run as before."""
+    from featx.cli import main
+
+    data = featx.load_embeddings(digits_cache)
+    (tmp_path / "tags.csv").write_text("".join(f"{key},{'even' if int(key[0]) % 2 == 0 else 'odd'}\n"
+                                               for key in data.keys[::4]))
+    head, tags = str(tmp_path / "h.safetensors"), ["--labels", str(tmp_path / "tags.csv")]
+    for given, said in ((["--head", "mlp", "--C", "0.5"], "--C does not apply to an MLP head, which takes --cv, "
+                         "--hidden, --dropout, --epochs"),
+                        (["--head", "logreg", "--epochs", "50", "--hidden", "64"], "--hidden, --epochs do not apply "
+                         "to a logistic-regression head, which takes --cv, --C"),
+                        ([*tags, "--cv", "5"], "--cv does not apply to a multi-label logistic-regression head (--labels: "
+                         "one held-out split, trained in torch), which takes --epochs"),
+                        ([*tags, "--head", "mlp", "--C", "1"], "--C does not apply to a multi-label MLP head")):
+        assert main(["-q", "train-head", str(digits_cache), "-o", head, *given]) == 2
+        assert capsys.readouterr().err.startswith(f"featx: error: {said}")
+        assert not os.path.exists(head)
+    assert main(["-q", "train-head", str(digits_cache), "-o", head, *tags, "--epochs", "5"]) == 0
+    assert main(["-q", "train-head", str(digits_cache), "-o", head, "--head", "mlp", "--hidden", "64", "--epochs", "5",
+                 "--dropout", "0.2"]) == 0
+    assert load_head(head).head.get_params()["hidden"] == (64,)
+
+
 def test_numbers_that_make_no_sense_are_refused_as_the_command_is_read(capsys):
     """--top 0 printed empty rows and --top -2 every class but two; --workers -1 and a held-out share
     of 1.5 ran on: each is refused by the parser with the option's name, before any model loads."""

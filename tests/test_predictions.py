@@ -117,7 +117,7 @@ def test_merged_onnx_classifier_gives_featx_probabilities(kind, digits_cache, di
     from featx.data import load_image
 
     head = tmp_path / "h.safetensors"
-    featx.train_head(digits_cache, head, head=kind, C=1.0, epochs=20)
+    featx.train_head(digits_cache, head, head=kind, **({"C": 1.0} if kind == "logreg" else {"epochs": 20}))
     merged = featx.export_classifier(lite0_onnx, head, tmp_path / "clf.onnx")
     session = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"])
     classes = json.loads(session.get_modelmeta().custom_metadata_map["featx_classes"])
