@@ -272,6 +272,8 @@ def fine_tune(
     # to leave out the pictures this model trained on (the checkpoint keeps the hashes).
     output = Path(output)
     checkpoint = _read_checkpoint(output) if resume and output.is_file() else None
+    if resume and checkpoint is None:  # a name mistyped would otherwise retrain from scratch unsaid
+        log(f"nothing to resume: {output} does not exist yet; training from epoch 1")
     folder_identity = _folder_identity(entries, size, resize)
     if checkpoint is not None and checkpoint[1].get("folder_identity") == folder_identity:
         # the same files, unchanged (size, mtime), hashed at the same size: the first run's hashes hold

@@ -143,6 +143,15 @@ def test_ctrl_c_or_sigterm_names_the_checkpoint_and_resume_goes_on_from_it(small
     assert [h.epoch for h in resumed.history][-2:] == [saved, saved + 1]
 
 
+def test_resume_with_no_checkpoint_says_it_starts_from_the_first_epoch(small_digits, tmp_path):
+    """--resume naming a file that is not there (a typo in -o) retrained from scratch without a word."""
+    said: list[str] = []
+    result = featx.fine_tune(small_digits, tmp_path / "ft-typo.safetensors", unfreeze=0, epochs=1, input_size=32,
+                             hflip=False, resume=True, log=said.append)
+    assert f"nothing to resume: {tmp_path / 'ft-typo.safetensors'} does not exist yet; training from epoch 1" in said
+    assert [h.epoch for h in result.history] == [1]
+
+
 def test_finetune_decodes_large_jpegs_at_reduced_scale_as_embed_does(small_digits, tmp_path):
     """A 108-megapixel JPEG was decoded whole at every epoch (a 12-megapixel one took 4x as long as at 1/4
     scale) and, being over --max-pixels whole, skipped as "cannot be decoded"; embed takes it, at 1/8."""
