@@ -193,6 +193,9 @@ def bench_models(
     except ModelFileError as e:  # e.g. CPU-only onnxruntime on a GPU machine: measure the rest
         _logger.warning("onnxruntime engine not measured: %s", e)
     ort_setup = time.perf_counter() - t0 + export_seconds
+    if int8 and device != "cpu":
+        _logger.warning("--int8 is timed on the CPU only (onnxruntime's dynamic int8 kernels are the CPU's): "
+                        "not measured on %s", device)
     if int8 and device == "cpu":
         q_path = quantize_int8(model_file, Path(tempfile.mkdtemp()) / "int8.onnx")
         q_engine = OnnxEngine(q_path, device="cpu")
