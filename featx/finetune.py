@@ -182,8 +182,13 @@ def head_from_file(path: str | os.PathLike, embed_dim: int, class_names: list[st
     from .heads import load_head
 
     head = load_head(path).head
-    if [str(c) for c in head.classes_] != class_names:
-        raise FeatxError(f"head {path} has classes {list(head.classes_)}, the folder has {class_names}")
+    theirs = [str(c) for c in head.classes_]
+    if theirs != class_names:
+        def named(names: list[str]) -> str:
+            return ", ".join(names[:10]) + (f" … ({len(names)} in all)" if len(names) > 10 else "")
+
+        raise FeatxError(f"head {path} was trained on the classes {named(theirs)}; the folder's are "
+                         f"{named(class_names)}: give a head trained on this folder's cache, or no --head")
     layers, modules = head.layers_, []
     for i, (W, b) in enumerate(layers):
         W, b = np.asarray(W, dtype=np.float64), np.asarray(b, dtype=np.float64)

@@ -284,6 +284,10 @@ def test_finetune_starts_from_a_trained_head(small_digits, tmp_path, lite0_onnx)
     head = tmp_path / "h.safetensors"
     featx.train_head(tmp_path / "c.h5", head, C=1.0, test_size=0.2)
     module = head_from_file(head, 1280, [str(d) for d in range(10)])
+    with pytest.raises(featx.FeatxError) as refused:  # a head of another folder's classes, said plainly
+        head_from_file(head, 1280, ["cats", "dogs"])
+    assert str(refused.value) == (f"head {head} was trained on the classes 0, 1, 2, 3, 4, 5, 6, 7, 8, 9; the folder's "
+                                  "are cats, dogs: give a head trained on this folder's cache, or no --head")
     data = featx.load_embeddings(tmp_path / "c.h5")
     with torch.no_grad():
         torch_probs = torch.softmax(module(torch.from_numpy(data.embeddings)), 1).numpy()
