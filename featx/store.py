@@ -220,7 +220,7 @@ def _pick_model(f, path: Path, model: str | None) -> str:
             raise StoreError(f"{path} holds {len(models)} models ({', '.join(models)}); name one with --model")
         model = models[0]
     if model not in models:
-        raise StoreError(f"{path} has no embeddings for model {model!r}; it has {models}")
+        raise StoreError(f"{path} has no embeddings for model {model!r}; it has {', '.join(models)} (--model names one)")
     return model
 
 

@@ -67,6 +67,10 @@ def test_a_cache_of_another_model_is_refused_with_its_fingerprints(digits_cache,
         (found,) = featx.find_similar([photos_dir / "coffee.png"], both, k=1)
     assert found.matches and "holds 2 models (efficientnet_lite0, resnet50): searching efficientnet_lite0's" \
         in caplog.text
+    with pytest.raises(featx.FeatxError) as refused:  # a group it lacks: the ones it has, as names
+        featx.load_embeddings(both, "vgg16")
+    assert str(refused.value) == f"{both} has no embeddings for model 'vgg16'; it has efficientnet_lite0, resnet50 " \
+        "(--model names one)"
 
 
 def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digits, lite0_onnx, tmp_path, capsys):
