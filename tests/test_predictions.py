@@ -107,6 +107,19 @@ def test_predict_leaves_out_deleted_files_and_a_stopped_run_keeps_its_rows(
     assert capsys.readouterr().err.strip() == "featx: 1 image(s) could not be read, 1 of them named (their rows say why)"
 
 
+def test_predict_on_a_folder_with_no_image_says_so(digits_cache, lite0_onnx, tmp_path, caplog):
+    """A wrong folder (no image in it) gave no row and no word, through a cache or without one."""
+    head = tmp_path / "h.safetensors"
+    featx.train_head(digits_cache, head, C=1.0)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no photos here")
+    for cache in (tmp_path / "notes.h5", None):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert featx.predict([tmp_path / "notes"], head=head, model=lite0_onnx, cache=cache) == []
+        assert f"{tmp_path / 'notes'}: no image files found (featx reads" in caplog.text
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["logreg", "mlp"])
 def test_merged_onnx_classifier_gives_featx_probabilities(kind, digits_cache, digits_dir, lite0_onnx, tmp_path):
