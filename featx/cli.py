@@ -532,6 +532,11 @@ def _run(args: argparse.Namespace) -> int:
             report = featx.evaluate_head(args.data, args.head, cache=args.cache, model=args.model,
                                          labels_csv=args.labels, **common)
         elif args.model is not None:
+            if args.cache or args.labels:  # a model scored by itself decodes the folder; nothing would use them
+                from .errors import FeatxError
+
+                raise FeatxError(f"{'--cache' if args.cache else '--labels'} goes with --head; a model scored by "
+                                 "itself (--model alone) classifies the folder's images as they are decoded")
             report = featx.evaluate_classifier(args.data, args.model, **common)
         else:
             from .errors import FeatxError

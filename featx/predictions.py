@@ -224,6 +224,9 @@ def evaluate_head(
         raise FeatxError(NO_MULTILABEL_MISTAKES)
     wanted = read_labels_csv(labels_csv) if multilabel else None  # before the folder is embedded
     source, part = Path(data), None
+    if cache is not None and not source.is_dir():  # it would be left unused: nothing is embedded
+        raise FeatxError(f"--cache keeps a test folder's embeddings; {data} is not a folder but a cache itself: "
+                         "give the folder, or leave --cache out")
     if source.is_dir():
         with tempfile.TemporaryDirectory() as tmp:  # without a cache, the folder's embeddings are not kept
             source = Path(cache) if cache is not None else Path(tmp) / f"{source.name}.h5"

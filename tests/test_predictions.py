@@ -228,6 +228,12 @@ def test_evaluate_scores_a_test_folder_as_predict_classifies_it_and_lists_its_mi
     with caplog.at_level(logging.WARNING, logger="featx.predictions"):
         assert featx.evaluate_head(tmp_path / "test.h5", head).n_test == n - 3
     assert f"3 rows of files deleted from {test} since they were embedded" in caplog.text
+    # options that would be left unused are refused: --cache beside a cache, --cache or --labels for a model
+    with pytest.raises(featx.FeatxError, match="test.h5 is not a folder but a cache itself"):
+        featx.evaluate_head(tmp_path / "test.h5", head, cache=tmp_path / "other.h5")
+    assert main(["-q", "evaluate", str(test), "--model", str(classifier), "--cache", str(tmp_path / "x.h5")]) == 2
+    assert "--cache goes with --head" in capsys.readouterr().err
+    assert not (tmp_path / "other.h5").exists() and not (tmp_path / "x.h5").exists()
 
 
 @pytest.mark.slow
