@@ -134,6 +134,10 @@ def iter_predictions(
         encoded = ((path, emb, error) for path, emb, error, _ in
                    encode_files_through_cache(engine, paths, cache, group, batch_size=batch_size, progress=progress))
     else:
+        if cache is not None:  # given, but it can serve nothing here: said, not left unused in silence
+            _logger.warning("%s %s: the images are embedded without it, and nothing is kept (a folder given alone is "
+                            "embedded into a cache)", cache, "does not exist" if not Path(cache).exists() else
+                            f"holds no embeddings of {model_file}")
         encoded = ((path, emb, error) for path, emb, _, error, _ in
                    encode_files(engine(), paths, batch_size=batch_size, progress=progress))
     batch: list[tuple[str, np.ndarray | None, str | None]] = []

@@ -107,8 +107,10 @@ def test_predict_leaves_out_deleted_files_and_a_stopped_run_keeps_its_rows(
     assert capsys.readouterr().err.strip() == "featx: 1 image(s) could not be read, 1 of them named (their rows say why)"
 
 
-def test_predict_on_a_folder_with_no_image_says_so(digits_cache, lite0_onnx, tmp_path, caplog):
-    """A wrong folder (no image in it) gave no row and no word, through a cache or without one."""
+def test_predict_says_when_a_folder_holds_no_image_or_its_cache_serves_nothing(digits_cache, digits_dir, lite0_onnx,
+                                                                              tmp_path, caplog):
+    """A wrong folder (no image in it) gave no row and no word, through a cache or without one; a --cache
+    that does not exist, given with more than one folder, was left unused without a word."""
     head = tmp_path / "h.safetensors"
     featx.train_head(digits_cache, head, C=1.0)
     (tmp_path / "notes").mkdir()
@@ -118,6 +120,13 @@ def test_predict_on_a_folder_with_no_image_says_so(digits_cache, lite0_onnx, tmp
         with caplog.at_level(logging.WARNING):
             assert featx.predict([tmp_path / "notes"], head=head, model=lite0_onnx, cache=cache) == []
         assert f"{tmp_path / 'notes'}: no image files found (featx reads" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rows = featx.predict([digits_dir / "3", digits_dir / "8"], head=head, model=lite0_onnx,
+                             cache=tmp_path / "new.h5")
+    assert len(rows) == len(list((digits_dir / "3").iterdir())) + len(list((digits_dir / "8").iterdir()))
+    assert f"{tmp_path / 'new.h5'} does not exist: the images are embedded without it, and nothing is kept" \
+        in caplog.text and not (tmp_path / "new.h5").exists()
 
 
 @pytest.mark.slow
