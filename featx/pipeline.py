@@ -545,6 +545,11 @@ def embed_folder(
         return embed_folder_ray(root, out, model=model, weights=weights, batch_size=batch_size, workers=workers,
                                 address=address, num_gpus_per_worker=num_gpus_per_worker, max_pixels=max_pixels,
                                 models_dir=models_dir, prune=prune, new_folder=new_folder, retry_failed=retry_failed)
+    ray_only = [name for name, given in (("--address", address), ("--num-gpus-per-worker", num_gpus_per_worker))
+                if given]
+    if ray_only:  # said rather than left unused: no cluster is asked for without --engine ray
+        raise FeatxError(f"{' and '.join(ray_only)} {'is' if len(ray_only) == 1 else 'are'} the ray engine's: add "
+                         "--engine ray, or drop it")
     start = time.perf_counter()
     model_file = ensure_model_file(model, weights=weights, half=half, models_dir=models_dir)
     workers_given, workers = workers, default_workers() if workers is None else workers

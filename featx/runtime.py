@@ -590,6 +590,9 @@ def load_model(
     so only the first run pays). ``compile`` asks for the torch engine compiled.
     """
     device = resolve_device(device)
+    if compile and engine in ("onnx", "tensorrt"):  # said rather than left unused
+        raise FeatxError(f"--compile is the torch engine's (torch.compile); --engine {engine} runs onnxruntime: "
+                         "drop one of them")
     if engine in (None, "auto") and compile:
         engine = "torch"
     if engine in (None, "auto"):

@@ -84,6 +84,14 @@ def test_ray_engine_refuses_options_it_would_ignore(small_digits, tmp_path, lite
                                                "--num-gpus-per-worker"):
         featx.embed_folder(small_digits, tmp_path / "c.h5", model=lite0_onnx, engine="ray", half=True,
                            devices=["cpu", "cpu"], device="cuda")
+    # and the other way round: the ray engine's options, or torch's --compile, given to another engine
+    # (each was left unused without a word: no cluster joined, onnxruntime run uncompiled)
+    with pytest.raises(featx.FeatxError, match="--address and --num-gpus-per-worker are the ray engine's: add "
+                                               "--engine ray, or drop it"):
+        featx.embed_folder(small_digits, tmp_path / "c.h5", model=lite0_onnx, address="auto", num_gpus_per_worker=1)
+    with pytest.raises(featx.FeatxError, match="--compile is the torch engine's .*--engine onnx runs onnxruntime"):
+        featx.embed_folder(small_digits, tmp_path / "c.h5", model=lite0_onnx, engine="onnx", compile=True)
+    assert not (tmp_path / "c.h5").exists()
 
 
 @pytest.mark.slow
