@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -849,7 +849,7 @@ def train_head(
     data = load_embeddings(cache, model, labelled_only=True, present_only=True)
     check_finite(data, cache)
     if data.gone:  # the folder is what the user labels: a photo deleted from it is no longer among its images
-        _logger.warning("%s", gone_line(data, cache))
+        _logger.warning("%s", gone_line(data.gone, data.attrs.get("folder"), cache))
     if len(data.keys) == 0:
         raise FeatxError(f"{cache} has no labelled embeddings for {data.model}: put images in class subfolders")
     copies = find_copies(data.keys, data.labels, data.digests, folder=data.attrs.get("folder"))
@@ -1022,7 +1022,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     wanted = keys_as_cached(wanted, data.attrs.get("folder"))
     gone = [key for key in data.gone if key in wanted]
     if gone:  # labelled in the CSV, but deleted from the folder since: not "missing from the cache"
-        _logger.warning("%s", gone_line(replace(data, gone=gone), cache))
+        _logger.warning("%s", gone_line(gone, data.attrs.get("folder"), cache))
         deleted = set(gone)
         wanted = {key: labels for key, labels in wanted.items() if key not in deleted}
     rows, n_copies = rows_labelled_by_csv(data, range(len(data.keys)), wanted, cache, labels_csv)

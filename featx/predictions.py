@@ -248,7 +248,7 @@ def evaluate_head(
         embeddings = load_embeddings(source, group, present_only=True)
     check_finite(embeddings, source)
     if embeddings.gone:  # a cache scored by itself: its folder's photos deleted since are not test images
-        _logger.warning("%s", gone_line(embeddings, source))
+        _logger.warning("%s", gone_line(embeddings.gone, embeddings.attrs.get("folder"), source))
     rows = [i for i, key in enumerate(embeddings.keys) if part is None or part(key)]
     failed = sorted(key for key in embeddings.failures if part is None or part(key))
     if failed:  # recorded in the cache when embedded: not scored, but not passed over in silence

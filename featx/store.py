@@ -278,12 +278,17 @@ def load_embeddings(path: str | os.PathLike, model: str | None = None, *, labell
                       gone)
 
 
-def gone_line(data: Embeddings, cache: str | os.PathLike) -> str:
-    """What to tell a user of the rows :func:`load_embeddings` left out as deleted (``data.gone``)."""
-    n, folder = len(data.gone), data.attrs.get("folder", "FOLDER")
-    return (f"{n:,} row{'s' if n > 1 else ''} of files deleted from {folder} since "
-            f"{'they were' if n > 1 else 'it was'} embedded (e.g. {data.gone[0]}) left out; "
-            f"`featx embed {folder} -o {cache} --prune` drops them from the cache")
+def prune_command(folder: str | None, cache: str | os.PathLike) -> str:
+    """`featx embed FOLDER -o CACHE --prune`, the command that drops the rows of files gone from a cache."""
+    return f"`featx embed {folder or 'FOLDER'} -o {cache} --prune`"
+
+
+def gone_line(gone: Sequence[str], folder: str | None, cache: str | os.PathLike) -> str:
+    """What to tell a user of rows left out as deleted (``gone``: their keys; :attr:`Embeddings.gone`)."""
+    n = len(gone)
+    return (f"{n:,} row{'s' if n > 1 else ''} of files deleted from {folder or 'the folder'} since "
+            f"{'they were' if n > 1 else 'it was'} embedded (e.g. {gone[0]}) left out; "
+            f"{prune_command(folder, cache)} drops them from the cache")
 
 
 def gone_keys(path: str | os.PathLike, model: str | None = None) -> list[str]:
@@ -299,15 +304,19 @@ def gone_rows(path: str | os.PathLike, model: str | None = None) -> np.ndarray:
     path = Path(path)
     with _read_h5(path) as f:
         g = f[_pick_model(f, path, model)]
-        columns, n = _committed_columns(g)
-        deleted = _gone_keys_of(g)
-        if not deleted:
-            return np.zeros(n, dtype=bool)
-        return np.array([k in deleted for k in _decode(columns["keys"][:n])], dtype=bool)
+        return _gone_mask(g, *_committed_columns(g))
 
 
 def _gone_keys_of(g) -> set[str]:
     return set(_decode(g[_GONE]["keys"][:])) if _GONE in g else set()
+
+
+def _gone_mask(g, columns, n: int) -> np.ndarray:
+    """bool (n,): the committed rows the group's gone record names (the keys read only where it names some)."""
+    deleted = _gone_keys_of(g)
+    if not deleted:
+        return np.zeros(n, dtype=bool)
+    return np.array([k in deleted for k in _decode(columns["keys"][:n])], dtype=bool)
 
 
 def take_rows_in_place(X: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -527,7 +536,7 @@ class Copies:
                        "is taught both" if labels_csv else
                        f"{files} stored under two classes with the same bytes, e.g. {a} and {b}: the same photo "
                        "filed twice, or moved to another class folder since "
-                       f"(`featx embed {folder or 'FOLDER'} -o {cache} --prune` drops the rows of paths that are gone)")
+                       f"({prune_command(folder, cache)} drops the rows of paths that are gone)")
         return out
 
 
@@ -716,7 +725,7 @@ class CacheSummary:
         if self.gone:
             lines.append(f"  {self.gone:,} {'rows are of files' if self.gone > 1 else 'row is of a file'} the last "
                          "embed found deleted from the folder: left out by train-head, map and evaluate, kept "
-                         f"until `featx embed {self.attrs.get('folder', 'FOLDER')} -o {self.path or 'CACHE'} --prune`")
+                         f"until {prune_command(self.attrs.get('folder'), self.path or 'CACHE')}")
         if self.unhashed:
             lines.append(f"  {self.unhashed:,} rows have no perceptual hash (embedded by a featx from before it kept "
                          "them, or a black image): their near copies are not found until `featx embed` runs on the "
@@ -776,8 +785,7 @@ def summarize_cache(path: str | os.PathLike, *, list_copies: bool = False) -> li
             groups = near_copy_groups(phashes[labelled[copies.keep]])
             near_copies, pictures = near_copy_counts(groups)
             emb = columns["embeddings"]
-            deleted = _gone_keys_of(g)
-            gone = sum(k in deleted for k in _decode(columns["keys"][:n])) if deleted else 0
+            gone = int(_gone_mask(g, columns, n).sum())
             out.append(CacheSummary(model, n, int(emb.shape[1]), str(emb.dtype),
                                     {c: int(k) for c, k in zip(classes, counts) if k}, int((labels < 0).sum()),
                                     _failures_of(g), _attrs_of(g), copies, str(path),
