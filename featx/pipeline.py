@@ -182,6 +182,11 @@ WHAT_FEATX_READS = (f"featx reads {' '.join(sorted(IMAGE_EXTENSIONS))}, and file
                     "content is an image")
 
 
+def warn_no_images(folder: str | os.PathLike) -> None:
+    """A folder that gave no image: a wrong folder, most likely; said, not a silent run with no rows."""
+    _logger.warning("%s: no image files found (%s)", printable(os.fspath(folder)), WHAT_FEATX_READS)
+
+
 def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
     """Image files as given, and for a folder every image under it, in walk order (sorted by path). A
     name that is no file but a pattern ('photos/*.jpg' quoted, or typed in Windows' cmd, which expands
@@ -195,8 +200,8 @@ def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
                     paths.append(entry.path)
                 else:
                     _logger.warning("skipped %s: %s", printable(os.path.join(text, entry.key)), entry.reason)
-            if len(paths) == found:  # a wrong folder, most likely: not a silent run with no rows
-                _logger.warning("%s: no image files found (%s)", printable(text), WHAT_FEATX_READS)
+            if len(paths) == found:
+                warn_no_images(text)
         else:
             paths.append(str(text))
     return paths

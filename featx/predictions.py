@@ -69,8 +69,8 @@ def iter_predictions(
     """
     import tempfile
 
-    from .data import printable, walk_sort_key
-    from .pipeline import WHAT_FEATX_READS, embed_folder, encode_files, encode_files_through_cache, expand_inputs
+    from .data import walk_sort_key
+    from .pipeline import embed_folder, encode_files, encode_files_through_cache, expand_inputs, warn_no_images
     from .runtime import default_batch_size, load_model, read_model_info
     from .store import iter_embeddings, load_failures, model_fingerprints
 
@@ -101,8 +101,8 @@ def iter_predictions(
             out = Path(cache) if cache else Path(tmp) / "predict.h5"
             stats = embed_folder(folder, out, model=model_file, device=device, progress=progress,
                                  **({"batch_size": batch_size} if batch_size else {}))
-            if stats.found_nothing:  # a wrong folder, most likely: not a silent run with no rows
-                _logger.warning("%s: no image files found (%s)", printable(folder), WHAT_FEATX_READS)
+            if stats.found_nothing:
+                warn_no_images(folder)
             group, gone = Path(model_file).stem, set(stats.deleted)
             # the cache's keys are relative to the folder it follows; this folder may be a part of it
             prefix = stats.subfolder + "/" if stats.subfolder else ""
