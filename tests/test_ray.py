@@ -66,9 +66,10 @@ def test_ray_engine_gives_the_single_machine_cache(local_cluster, small_digits, 
     kept = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray")
     assert (kept.n_embedded, kept.deleted, len(featx.load_embeddings(tmp_path / "ray.h5").keys)) == \
         (0, [f"5/{edited.name}"], 63)  # told, not removed
+    assert featx.load_embeddings(tmp_path / "ray.h5", present_only=True).gone == [f"5/{edited.name}"]  # recorded
     pruned = featx.embed_folder(small_digits, tmp_path / "ray.h5", model=lite0_onnx, engine="ray", prune=True)
     featx.embed_folder(small_digits, tmp_path / "one.h5", model=lite0_onnx, workers=0, prune=True)
-    assert pruned.n_pruned == 1
+    assert pruned.n_pruned == 1 and featx.load_embeddings(tmp_path / "ray.h5", present_only=True).gone == []
     assert_same_cache(tmp_path / "ray.h5", tmp_path / "one.h5")
     # rows from before the cache kept perceptual hashes: the next ray run gives them the single machine's
     with h5py.File(tmp_path / "ray.h5", "r+") as f:
