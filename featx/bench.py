@@ -2,8 +2,8 @@
 
 Model-only: featx's engines (uint8 batches in, embeddings out) against what a user writes in
 PyTorch (the backbone in eval mode on normalised float tensors), after warm-up, several
-repetitions, median and spread. End-to-end: ``embed_folder`` on a JPEG folder against torchvision
-ImageFolder + DataLoader + the model, same workers, batch size and machine.
+repetitions, median and spread. End-to-end: ``embed_folder`` on an image folder against a DataLoader of
+the same files (PIL + torchvision transforms) + the model, same workers, batch size and machine.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def bench_models(
     half: bool = False,
     compile: bool | str | list[str] = False,
     images: str | os.PathLike | None = None,
-    n_images: int = 512,
+    n_images: int | None = None,
     repeats: int = 5,
     int8: bool = False,
     end_to_end: bool = True,
@@ -155,16 +155,23 @@ def bench_models(
     """Measure featx against plain PyTorch; write JSON and a PNG chart to ``out_dir``.
 
     The model alone at each of ``batch_sizes``; end to end (``featx embed`` against a DataLoader) at the
-    device's default batch size when it is among them (what users run: 8 on the CPU), else the largest.
+    device's default batch size when it is among them (what users run: 8 on the CPU), else the largest,
+    on the image folder ``images`` (any layout and format embed reads), or on ``n_images`` generated
+    500x375 JPEGs (512 by default).
     """
     import torch
 
     from .export import check_images, ensure_model_file, is_model_file
-    from .errors import ModelFileError, check_writable_folder
+    from .errors import FeatxError, ModelFileError, check_writable_folder
     from .runtime import OnnxEngine, TorchEngine, default_batch_size, read_model_info, resolve_device, torch_backbone
 
     if out_dir:  # the results are written at the end: a folder that cannot take them is refused now
         check_writable_folder(out_dir, create=True)
+    if images is not None and end_to_end:  # refused before minutes of model timings, not after them
+        if n_images is not None:
+            raise FeatxError(f"--n-images sizes the folder bench generates when --images is not given; {images} "
+                             "is timed as it is")
+        _images_of(images)
     device = resolve_device(device)
     backbone = torch_backbone(model, weights)
     t0 = time.perf_counter()
@@ -267,11 +274,12 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
 
     from .pipeline import default_workers, embed_folder
     from .samples import write_jpeg_folder
+    from .store import load_digests, load_failures
 
     workers = default_workers() if workers is None else workers
     tmp = Path(tempfile.mkdtemp(prefix="featx-bench-"))
-    root = Path(images) if images else write_jpeg_folder(tmp / "jpegs", n_images)
-    n = sum(1 for _ in root.rglob("*.jpg"))
+    root = Path(images) if images else write_jpeg_folder(tmp / "jpegs", 512 if n_images is None else n_images)
+    n = len(_images_of(root))
 
     compile = compile if device == "cuda" else False
     runs = [(workers, f"{workers} decode worker{'s' * (workers != 1)}")]
@@ -285,15 +293,21 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
                              workers=run_workers, device=device, engine="auto", compile=compile)
         result.timings.append(Timing(f"featx embed (decode+infer+store{', compiled' if compile else ''}, {how})",
                                      "end-to-end", batch_size, stats.steady_images_per_second, (0, 0),
-                                     setup_seconds=stats.load_seconds, note=f"{n} JPEGs; {stats.engine}"))
+                                     setup_seconds=stats.load_seconds, note=f"{n} images; {stats.engine}"))
+        embedded = [str(root / key) for key in load_digests(tmp / f"bench-{how}.h5")[0]]
+        if not embedded:
+            from .errors import FeatxError
+
+            key, reason = next(iter(load_failures(tmp / f"bench-{how}.h5").items()))
+            raise FeatxError(f"none of the {n} image files under {root} could be read, nothing to time end to end "
+                             f"(e.g. {key}: {reason})")
 
     if device == "cuda":  # the pipeline's decode stage alone, to tell a decode wall from a model wall
         from .data import DEFAULT_MAX_PIXELS, FileEntry
         from .gpudecode import available_jpeg_libraries
         from .pipeline import _gpu_decode_ahead
 
-        entries = [FileEntry(key=str(p), path=str(p), label=None, size=0, mtime_ns=0)
-                   for p in sorted(root.rglob("*.jpg"))]
+        entries = [FileEntry(key=p, path=p, label=None, size=0, mtime_ns=0) for p in embedded]
         batches = [entries[i:i + batch_size] for i in range(0, len(entries), batch_size)]
 
         def decode_all():
@@ -314,7 +328,7 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
                 decode_all()
                 result.timings.append(Timing(f"featx GPU decode+resize only (no model, {library})", "end-to-end",
                                              batch_size, len(entries) / (time.perf_counter() - t0), (0, 0),
-                                             note=f"{len(entries)} JPEGs; nvJPEG through {library}"))
+                                             note=f"{len(entries)} images; nvJPEG through {library}"))
         finally:
             if chosen is None:
                 os.environ.pop("FEATX_JPEG_LIBRARY", None)
@@ -329,7 +343,8 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
         torchvision.transforms.ToTensor(),
         torchvision.transforms.Normalize(p.mean, p.std),
     ])
-    dataset = torchvision.datasets.ImageFolder(str(root), transform=transform)
+    # the files featx embedded (those it could read), in any layout: ImageFolder wants class folders
+    dataset = _ImageFiles(embedded, transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device == "cuda")
     model = backbone.features.to(device).eval()
@@ -339,8 +354,39 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
         for x, _ in loader:
             kept.append(model(x.to(device, non_blocking=True)).cpu())
     torch_seconds = time.perf_counter() - t0
-    result.timings.append(Timing("plain PyTorch ImageFolder+DataLoader fp32", "end-to-end", batch_size,
-                                 sum(len(k) for k in kept) / torch_seconds, (0, 0), note=f"{n} JPEGs, {workers} worker{'s' * (workers != 1)}"))
+    result.timings.append(Timing("plain PyTorch DataLoader fp32", "end-to-end", batch_size,
+                                 sum(len(k) for k in kept) / torch_seconds, (0, 0),
+                                 note=f"{len(embedded)} images (PIL + torchvision transforms), "
+                                      f"{workers} worker{'s' * (workers != 1)}"))
+
+
+def _images_of(folder: str | os.PathLike) -> list[str]:
+    """The image files embed reads under ``folder``; a FeatxError when it is no folder or holds none."""
+    from .data import FileEntry, folder_to_walk, walk_images
+    from .errors import FeatxError
+    from .pipeline import WHAT_FEATX_READS
+
+    files = [e.path for e in walk_images(folder_to_walk(folder)) if isinstance(e, FileEntry)]
+    if not files:
+        raise FeatxError(f"{folder} holds no image files to time end to end ({WHAT_FEATX_READS})")
+    return files
+
+
+class _ImageFiles:
+    """What a user writes in PyTorch for a list of image files: PIL opens each, torchvision's
+    transforms make the tensor (a map-style dataset a DataLoader batches)."""
+
+    def __init__(self, paths: list[str], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB")), 0
 
 
 def _ratios(result: BenchResult) -> None:

@@ -332,8 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time featx's onnxruntime engine on the fp16 export (fp16 inside the graph)")
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    help="also time torch.compile; optional comma-separated modes (default, reduce-overhead, ...)")
-    p.add_argument("--images", default=None, help="JPEG folder for the end-to-end comparison (generated if absent)")
-    p.add_argument("--n-images", type=_count(1), default=512, help="images to generate for end-to-end (default 512)")
+    p.add_argument("--images", default=None,
+                   help="image folder for the end-to-end comparison, any layout (default: --n-images generated JPEGs)")
+    p.add_argument("--n-images", type=_count(1), default=None,
+                   help="500x375 JPEGs to generate for end-to-end when --images is not given (default 512)")
     p.add_argument("--repeats", type=_count(1), default=5, help="timed repetitions after warm-up, median taken (default 5)")
     p.add_argument("--int8", action="store_true", help="also time onnxruntime int8 (dynamic quantization), CPU")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")

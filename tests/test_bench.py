@@ -1,9 +1,12 @@
 """The benchmark harness on a tiny model: it runs and records what a reader needs (not the speed)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import featx
 
@@ -132,3 +135,30 @@ def test_bench_of_an_exported_file_times_its_weights_and_names_results_by_its_st
     assert result.model == "efficientnet_lite0"
     assert {t.name for t in result.timings} >= {"torch eager fp32", "featx onnxruntime fp32 (cpu)"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientnet_lite0-cpu.json", "efficientnet_lite0-cpu.png"]
+
+
+def test_bench_times_a_users_flat_photo_folder_end_to_end_on_the_files_embed_reads(photos_dir, tmp_path):
+    """`featx bench --images photos/` on a folder without class subfolders ran the model timings and
+    featx embed, then ended in a traceback from torchvision's ImageFolder ("Couldn't find any class
+    folder"), and counted only *.jpg (2 of the 6 photos). Both sides now read the files embed reads, a
+    damaged one left out of both; a folder that cannot serve, or --n-images beside --images (which
+    would be left unused), is refused before minutes of model timings."""
+    folder = tmp_path / "photos"
+    shutil.copytree(photos_dir, folder)
+    (folder / "cut-short.jpg").write_bytes((folder / "china.jpg").read_bytes()[:300])
+    result = featx.bench_models(model="test_efficientnet", weights="none", device="cpu", batch_sizes=[8],
+                                images=folder, repeats=1, workers=1, out_dir=tmp_path / "out",
+                                models_dir=tmp_path / "models")
+    e2e = {t.name.split(" (")[0]: t for t in result.timings if t.kind == "end-to-end"}
+    assert set(e2e) == {"featx embed", "plain PyTorch DataLoader fp32"}
+    assert e2e["featx embed"].note.startswith("7 images")  # found: the 6 photos and the damaged file
+    assert e2e["plain PyTorch DataLoader fp32"].note.startswith("6 images")  # read: what both sides time
+    assert "end-to-end featx embed / plain PyTorch pipeline" in result.ratios
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for images, n_images, said in [(empty, None, "holds no image files"), (tmp_path / "typo", None, "does not exist"),
+                                   (folder, 100, "--n-images sizes the folder bench generates")]:
+        with pytest.raises(featx.FeatxError, match=said):
+            featx.bench_models(model="test_efficientnet", weights="none", device="cpu", images=images,
+                               n_images=n_images, out_dir=tmp_path / "out", models_dir=tmp_path / "models")
