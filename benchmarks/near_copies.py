@@ -7,6 +7,9 @@ Recorded, at the default model's input (EfficientNet-Lite0, 224x224):
 - ``edits``: bits between each of 21 real photos (scikit-learn's and scikit-image's) and the same photo
   resized to 1/2 .. 1/6 (Lanczos), saved as JPEG at quality 95 .. 15, as WebP 50, and resized to 1/3 and
   saved at JPEG 50; a histogram, and the share within ``featx.data.NEAR_COPY_BITS``;
+- ``edit_cosines``: the cosine of the same edits' embeddings with the original's (min, median, max per
+  edit), beside ``distinct_photos_max_cosine``, each photo's highest to another photo: whether a cosine
+  threshold could find near copies (``featx similar --min-similarity``) as the hash does;
 - ``distinct_photos_min_bits``: for each photo, the fewest bits to another one;
 - ``digits``: pairs of scikit-learn's 1,797 digits within the bound (distinct samples, near-identical at
   8x8 pixels), and the share of them in one class;
@@ -106,21 +109,30 @@ def main() -> None:
     model_file = featx.ensure_model_file(featx.DEFAULT_BACKBONE, models_dir=tmp / "models")
     cfg = read_model_info(model_file).preprocess
 
-    def phash(data: bytes) -> int:
-        return int(perceptual_hashes(load_image(data, cfg)[None])[0])
+    engine = featx.load_model(model_file, device="cpu", engine="onnx")
 
-    bits, per_edit, originals = [], {}, []
+    def phash_and_embedding(data: bytes) -> tuple[int, np.ndarray]:
+        pixels = load_image(data, cfg)[None]
+        embedding = engine.encode(pixels).embedding[0]
+        return int(perceptual_hashes(pixels)[0]), embedding / np.linalg.norm(embedding)
+
+    bits, per_edit, cosines, originals, original_embeddings = [], {}, {}, [], []
     for name, img in photos().items():
         buf = io.BytesIO()
         img.save(buf, "PNG")
-        original = phash(buf.getvalue())
+        original, embedding = phash_and_embedding(buf.getvalue())
         originals.append(original)
+        original_embeddings.append(embedding)
         for edit, data in edits(img).items():
-            d = int(np.bitwise_count(np.uint64(original) ^ np.uint64(phash(data))))
+            edit_hash, edit_embedding = phash_and_embedding(data)
+            d = int(np.bitwise_count(np.uint64(original) ^ np.uint64(edit_hash)))
             bits.append(d)
             per_edit.setdefault(edit, []).append(d)
+            cosines.setdefault(edit, []).append(float(embedding @ edit_embedding))
     hashes = np.array(originals, dtype=np.uint64)
     apart = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) + np.eye(len(hashes), dtype=np.uint8) * 64
+    E = np.stack(original_embeddings)
+    photo_cosines = E @ E.T - 2 * np.eye(len(E))
 
     from sklearn.datasets import load_digits
 
@@ -153,6 +165,8 @@ def main() -> None:
                   "share_within_bound": float(np.mean(np.array(bits) <= NEAR_COPY_BITS)),
                   "max_bits_per_edit": {k: max(v) for k, v in per_edit.items()}},
         "distinct_photos_min_bits": sorted(apart.min(axis=1).tolist()),
+        "edit_cosines": {k: {"min": min(v), "median": float(np.median(v)), "max": max(v)} for k, v in cosines.items()},
+        "distinct_photos_max_cosine": sorted(photo_cosines.max(axis=1).tolist(), reverse=True),
         "digits": {"n": len(digit_hashes), "pairs_within_bound": len(pairs),
                    "images_in_a_pair": len(np.unique(pairs)),
                    "pairs_in_one_class": float(np.mean(digits.target[pairs[:, 0]] == digits.target[pairs[:, 1]]))

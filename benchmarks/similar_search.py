@@ -1,6 +1,7 @@
 """`featx similar` against the search a user would write in plain numpy, in the same run: a cache of
-N rows (the real digits' Lite0 embeddings, each drawn again with noise), queried with Q of its own
-photos (their stored rows serve, so no model runs and the search alone is timed). Plain numpy holds
+N rows (the real digits' Lite0 embeddings, each drawn again with noise, and a perceptual hash of its own,
+random as distinct pictures' are: the search looks among them for each query's own picture), queried
+with Q of its own photos (their stored rows serve, so no model runs and the search alone is timed). Plain numpy holds
 every row at once, takes all similarities and sorts each query's; featx reads the cache a chunk at a
 time and sorts only about the best 150 rows of a chunk for each query. Both must give the same top k.
 
@@ -57,7 +58,7 @@ def main() -> None:
                    + rng.normal(0, 0.3, (len(rows), base.shape[1]))).astype(np.float32)
             store.append([f"{r:08d}.png" for r in rows], emb, [-1] * len(rows),
                          [stats[r][0] for r in rows], [stats[r][1] for r in rows],
-                         digests=[""] * len(rows), phashes=np.zeros(len(rows), np.uint64))
+                         digests=[""] * len(rows), phashes=rng.integers(1, 2**63, len(rows), dtype=np.uint64))
     queries = [folder / f"{r:08d}.png" for r in query_rows]
 
     t0 = time.perf_counter()

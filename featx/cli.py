@@ -557,14 +557,18 @@ def _run(args: argparse.Namespace) -> int:
         results = featx.find_similar(args.images, args.cache, k=args.k, model=args.model, weights=args.weights,
                                      device=args.device, output=args.output, min_similarity=args.min_similarity)
         if args.output:
-            print(f"matches of {len(results)} queries -> {args.output}")
+            print(f"matches of {len(results)} quer{'y' if len(results) == 1 else 'ies'} -> {args.output}")
         else:
             for result in results:
                 if result.matches or result.error or args.min_similarity is None:  # not a list of the unmatched
                     print(result.text())
         if args.min_similarity is not None:
-            print(f"{sum(bool(r.matches) for r in results)} of {len(results)} queries have a match of cosine "
-                  f"{args.min_similarity:g} or more")
+            # the query's own picture is listed whatever its cosine (a small copy scores low): counted apart
+            close = sum(any(similarity >= args.min_similarity for _, similarity in r.matches) for r in results)
+            own_only = sum(bool(r.matches) for r in results) - close
+            print(f"{close} of {len(results)} queries have a match of cosine {args.min_similarity:g} or more"
+                  + (f"; {own_only} more only their own picture under another file, at a lower cosine (resized "
+                     "or re-encoded)" if own_only else ""))
         return _failures_exit(args.images, [r.query for r in results if r.error], args.strict)
 
     if args.command == "export-classifier":

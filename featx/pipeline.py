@@ -34,7 +34,7 @@ from .errors import FeatxError, ImageError, ModelFileError, check_output_file
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
     is_cuda, load_model, resolve_device
-from .store import EmbeddingStore, check_store_path, stored_rows_of
+from .store import EmbeddingStore, check_store_path, stored_phashes_of, stored_rows_of
 
 _logger = logging.getLogger(__name__)
 
@@ -208,21 +208,25 @@ def expand_inputs(items: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def encode_files_through_cache(load_engine, paths: Sequence[str], cache, group: str, *,
-                                batch_size: int | None = None, progress: bool = False) -> Iterator:
-    """(path, embedding, why it failed, its row in the cache or -1) for each path in order, as
-    :func:`encode_files` gives them, but a file under the folder ``cache`` follows whose ``group`` row is
-    current (same size and mtime, as embed would skip it) takes its stored embedding: not decoded, and
-    ``load_engine()`` is called only if some file needs encoding. Nothing is written to the cache."""
+                                batch_size: int | None = None, progress: bool = False,
+                                with_phashes: bool = False) -> Iterator:
+    """(path, embedding, why it failed, its row in the cache or -1, perceptual hash) for each path in
+    order, as :func:`encode_files` gives them, but a file under the folder ``cache`` follows whose
+    ``group`` row is current (same size and mtime, as embed would skip it) takes its stored embedding
+    (and stored hash): not decoded, and ``load_engine()`` is called only if some file needs encoding.
+    The hash is 0 without ``with_phashes``, or where unknown. Nothing is written to the cache."""
     own_rows, stored = stored_rows_of(cache, group, paths)
+    stored_phashes = dict(zip(stored, stored_phashes_of(cache, group, [own_rows[i] for i in stored])
+                              if with_phashes and stored else ()))
     to_encode = [path for i, path in enumerate(paths) if i not in stored]
-    encoded = iter(encode_files(load_engine(), to_encode, batch_size=batch_size, progress=progress)
-                   if to_encode else ())
+    encoded = iter(encode_files(load_engine(), to_encode, batch_size=batch_size, progress=progress,
+                                with_phashes=with_phashes) if to_encode else ())
     for i, path in enumerate(paths):
         if i in stored:
-            yield path, stored[i], None, own_rows[i]
+            yield path, stored[i], None, own_rows[i], stored_phashes.get(i, 0)
         else:
-            _, embedding, _, error, _ = next(encoded)
-            yield path, embedding, error, own_rows.get(i, -1)
+            _, embedding, _, error, phash = next(encoded)
+            yield path, embedding, error, own_rows.get(i, -1), phash
     for _ in encoded:  # nothing is left: this ends it, so that its progress bar shows the last batch and closes
         pass
 

@@ -131,7 +131,7 @@ def iter_predictions(
     group = Path(model_file).stem
     if cache is not None and Path(cache).exists() and model_fingerprints(cache).get(group) == info.fingerprint:
         # files the cache holds, unchanged since embedded, take their stored embeddings
-        encoded = ((path, emb, error) for path, emb, error, _ in
+        encoded = ((path, emb, error) for path, emb, error, _, _ in
                    encode_files_through_cache(engine, paths, cache, group, batch_size=batch_size, progress=progress))
     else:
         if cache is not None:  # given, but it can serve nothing here: said, not left unused in silence

@@ -468,6 +468,17 @@ def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[s
         return {i: row for i, (row, _, _) in rows.items()}, usable
 
 
+def stored_phashes_of(path: str | os.PathLike, model: str | None, rows: Sequence[int]) -> np.ndarray:
+    """uint64: the perceptual hashes of these rows (any order, repeats allowed), 0 where unknown."""
+    path = Path(path)
+    with _read_h5(path) as f:
+        columns, n = _committed_columns(f[_pick_model(f, path, model)])
+        if _PHASHES not in columns:
+            return np.zeros(len(rows), dtype=np.uint64)
+        unique, places = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        return columns[_PHASHES][unique].astype(np.uint64)[places]
+
+
 def _rows_by_key(columns, n: int) -> dict[str, tuple[int, int, int]]:
     """key -> (row, file size, mtime_ns) of the first ``n`` rows of a group's columns."""
     keys = _decode(columns["keys"][:n])
