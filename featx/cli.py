@@ -228,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="query image files or folders, or a quoted pattern ('photos/*.jpg'); "
                                              "- reads file names from standard input, one a line")
     p.add_argument("--cache", required=True, help="embedding cache to search (.h5)")
-    p.add_argument("-k", type=_count(1), default=5, help="matches per query (default 5)")
+    p.add_argument("-k", type=_count(1), default=5,
+                   help="matches per query, one per picture, the query's own picture under other files first "
+                        "(default 5)")
     p.add_argument("-o", "--output", help="CSV of the matches, a row per query and match, instead of printing them")
     p.add_argument("--min-similarity", type=_cosine, default=None,
-                   help="only matches at least this similar (cosine, e.g. 0.95 for near duplicates of a folder "
-                        "searched against its own cache)")
+                   help="only matches at least this similar (cosine, e.g. 0.9: look-alikes in a folder searched "
+                        "against its own cache), and the query's own picture whatever its cosine")
     _add_model(p, made_with="the cache")
     _add_device(p)
     _add_strict(p)
