@@ -49,11 +49,12 @@ class BenchResult:
     files: list[str] = field(default_factory=list)
 
     def table(self) -> str:
+        width = max([44] + [len(t.name) for t in self.timings])  # the end-to-end rows' names run long
         lines = [f"featx bench: {self.model} on {self.device} ({self.machine.get('cpu', '')}"
                  f"{', ' + self.machine['gpu'] if self.machine.get('gpu') else ''})",
-                 f"{'engine':44s} {'kind':10s} {'batch':>5s} {'images/s':>10s}  spread"]
+                 f"{'engine':{width}s} {'kind':10s} {'batch':>5s} {'images/s':>10s}  spread"]
         for t in self.timings:
-            lines.append(f"{t.name:44s} {t.kind:10s} {t.batch_size:5d} {t.images_per_second:10.1f}  "
+            lines.append(f"{t.name:{width}s} {t.kind:10s} {t.batch_size:5d} {t.images_per_second:10.1f}  "
                          # end-to-end rows are one whole run each: no spread to show
                          + (f"{t.spread[0]:.1f}-{t.spread[1]:.1f}" if t.spread[1] else "-")
                          + (f"  ({t.note})" if t.note else ""))

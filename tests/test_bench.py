@@ -154,6 +154,10 @@ def test_bench_times_a_users_flat_photo_folder_end_to_end_on_the_files_embed_rea
     assert e2e["featx embed"].note.startswith("7 images")  # found: the 6 photos and the damaged file
     assert e2e["plain PyTorch DataLoader fp32"].note.startswith("6 images")  # read: what both sides time
     assert "end-to-end featx embed / plain PyTorch pipeline" in result.ratios
+    # the table's columns line up under their heads, the longest (end-to-end) names included
+    lines = result.table().splitlines()
+    kind_at = lines[1].index("kind")
+    assert all(line[kind_at:].split()[0] in ("model", "end-to-end") for line in lines[2:2 + len(result.timings)])
 
     empty = tmp_path / "empty"
     empty.mkdir()
