@@ -27,7 +27,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from .backbones import DEFAULT_BACKBONE
 from .errors import FeatxError, HeadMismatchError, first_line
 from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, misclassified, multilabel_report,
-                      plot_confusion, plot_label_f1, single_label_report)
+                      mistakes_png_beside, plot_confusion, plot_label_f1, plot_mistakes, single_label_report)
 
 _logger = logging.getLogger(__name__)
 HEAD_FORMAT = "featx-head/1"
@@ -923,6 +923,7 @@ def train_head(
     png = Path(report_png) if report_png else output.with_suffix(".confusion.png")
     plot_confusion(report.confusion, classes, png, title=f"{head} on {data.model}: accuracy {report.accuracy:.3f}")
     report.files = [str(output), str(png)]
+    plot_mistakes(report, data.attrs.get("folder"), mistakes_png_beside(png), title=f"{head} on {data.model}")
     if mistakes_csv is not None:
         report.write_mistakes(mistakes_csv)
     return report

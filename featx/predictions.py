@@ -23,7 +23,7 @@ from .errors import FeatxError, HeadMismatchError, check_output_file
 from .heads import (LoadedHead, apply_to_rows, digest_prefix_of_each, head_model_file, keys_as_cached, label_matrix,
                     load_head, read_labels_csv, rows_labelled_by_csv)
 from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, misclassified, multilabel_report,
-                      plot_confusion, plot_label_f1, single_label_report)
+                      mistakes_png_beside, plot_confusion, plot_label_f1, plot_mistakes, single_label_report)
 
 _logger = logging.getLogger(__name__)
 NOT_FINITE = ("its embedding is not finite numbers (NaN or infinity): the cache holding it is damaged (embed into "
@@ -284,7 +284,7 @@ def evaluate_head(
         best = probs.argmax(axis=1)
         return _score_classes(Path(head).name, keys, [embeddings.class_names[embeddings.labels[i]] for i in rows],
                               [classes[j] for j in best], probs[np.arange(len(rows)), best], where=where, png=png,
-                              mistakes_csv=mistakes_csv, n_copies=n_copies)
+                              mistakes_csv=mistakes_csv, n_copies=n_copies, folder=embeddings.attrs.get("folder"))
     from sklearn.metrics import f1_score
 
     truth = label_matrix((wanted[k] for k in keys), classes)
@@ -352,7 +352,7 @@ def evaluate_classifier(
     png = Path(report_png) if report_png else beside.with_name(f"{beside.stem}.{folder.name}.confusion.png")
     return _score_classes(Path(model_file).name, [keys[i] for i in known], [truth[i] for i in known],
                           [rows[i].top[0][0] for i in known], [rows[i].top[0][1] for i in known], where=str(folder),
-                          png=png, mistakes_csv=mistakes_csv)
+                          png=png, mistakes_csv=mistakes_csv, folder=folder)
 
 
 def _classified_not_trained_on(rows: list, info, model_file, folder: Path) -> list:
@@ -392,10 +392,11 @@ def _wordnet_folders_named(truth: list[str | None], class_names: list[str]) -> l
 
 
 def _score_classes(name: str, keys: list[str], truth: list[str], predicted: list[str], confidence,
-                   *, where: str, png: Path, mistakes_csv, n_copies: int = 0) -> HeadReport:
+                   *, where: str, png: Path, mistakes_csv, n_copies: int = 0, folder=None) -> HeadReport:
     """The report on one class per image: scores, the confusion matrix over the classes met (a model of
     1,000 classes is drawn on those the folder has or it predicted, in name order), its PNG, and the
-    mistakes, the most confident first (all of them in ``mistakes_csv``)."""
+    mistakes, the most confident first (all of them in ``mistakes_csv``; the first drawn beside the PNG,
+    from ``folder``, the one the keys are relative to)."""
     shown = sorted(set(truth) | set(predicted))  # the order of scikit-learn's report, printed above the matrix
     truth, predicted = np.array(truth, dtype=object).astype(str), np.array(predicted, dtype=object).astype(str)
     mistakes = misclassified(keys, truth, predicted, confidence)
@@ -403,6 +404,7 @@ def _score_classes(name: str, keys: list[str], truth: list[str], predicted: list
                                   mistakes=mistakes)
     plot_confusion(report.confusion, shown, png, title=f"{name} on {where}: accuracy {report.accuracy:.3f}")
     report.files.append(str(png))
+    plot_mistakes(report, folder, mistakes_png_beside(png), title=f"{name} on {where}")
     if mistakes_csv is not None:
         report.write_mistakes(mistakes_csv)
     return report

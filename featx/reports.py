@@ -1,6 +1,6 @@
 """What a head scored on labelled images, as text, CSV and PNG: the report of ``train_head`` (held-out
 split, K folds) and of ``evaluate`` (a test folder). Shared by :mod:`featx.heads` and
-:mod:`featx.predictions`; it reads no file and fits nothing."""
+:mod:`featx.predictions`; it fits nothing, and reads only the images it was wrong on, to draw them."""
 
 from __future__ import annotations
 
@@ -229,3 +229,79 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, *, title:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+MISTAKES_DRAWN = 24  # the most confident mistakes drawn as thumbnails: four rows of six
+
+
+def mistakes_png_beside(png: Path) -> Path:
+    """Where the mistakes' thumbnails go: beside the confusion matrix ``head.confusion.png``, as
+    ``head.mistakes.png``."""
+    stem = png.name[:-len(".confusion.png")] if png.name.endswith(".confusion.png") else png.stem
+    return png.with_name(f"{stem}.mistakes.png")
+
+
+def plot_mistakes(report: HeadReport, folder: str | os.PathLike | None, path: Path, *, title: str) -> bool:
+    """The most confident mistakes as thumbnails, each under its class, what the head took it for and how
+    sure, and its file name: a misfiled photo is seen at a glance, where the list gives only paths.
+    ``folder``: the one the mistakes' keys are relative to. Nothing is drawn (False) when there is no
+    mistake or the folder is not here (a cache read on another machine). A file that no longer reads
+    is a grey tile that says so."""
+    if not report.mistakes or not folder or not os.path.isdir(folder):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import printable
+
+    shown = report.mistakes[:MISTAKES_DRAWN]
+    # decoded in threads: a phone's HEIC photo takes most of a second (JPEGs, at reduced scale, a few ms)
+    import concurrent.futures as cf
+
+    from .pipeline import default_workers
+
+    with cf.ThreadPoolExecutor(default_workers()) as pool:
+        pictures = list(pool.map(lambda key: _thumbnail(os.path.join(folder, key)), [key for key, *_ in shown]))
+    columns = min(6, len(shown))
+    rows = -(-len(shown) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.6 * rows + 0.5), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, picture, (key, true, predicted, p) in zip(axes.flat, pictures, shown):
+        if picture is not None:
+            # a small image (a 32-pixel digit) drawn with its pixels square, not blurred across the tile
+            ax.imshow(picture, interpolation="nearest" if max(picture.size) < 80 else "antialiased")
+        else:
+            ax.imshow(np.full((160, 160, 3), 200, dtype=np.uint8))
+            ax.text(80, 80, "not readable now", ha="center", va="center", fontsize=8)
+        name = printable(key.rsplit("/", 1)[-1])
+        ax.set_title(f"{_short(true)} -> {_short(predicted)} {p:.0%}\n{_short(name, 26)}", fontsize=8)
+    fig.suptitle(f"{title}: {len(shown)} of {len(report.mistakes)} mistakes, the most confident first", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    report.files.append(str(path))
+    return True
+
+
+def _thumbnail(path: str):
+    """The image at ``path`` as a PIL picture of at most 160 pixels a side, or None when it does not read
+    (deleted since, or changed). A JPEG is decoded at 1/2 to 1/8 scale inside libjpeg: a camera photo is
+    not decoded whole for a thumbnail."""
+    from .data import decode_image
+    from .errors import ImageError
+
+    try:
+        picture = decode_image(path, min_size=160)
+    except ImageError:
+        return None
+    picture.thumbnail((160, 160))
+    return picture
+
+
+def _short(text: str, most: int = 14) -> str:
+    """``text`` cut to ``most`` characters with an ellipsis: a thumbnail's caption is 2 inches wide."""
+    return text if len(text) <= most else text[:most - 1] + "…"

@@ -872,3 +872,55 @@ def test_a_head_of_many_classes_reports_its_most_confused_pairs_and_draws_a_boun
     line = [line for line in featx.describe_file(cache).splitlines() if " classes of " in line][0]
     assert line.startswith(f"  50 classes of {min(counts.values())} to {max(counts.values())} images: 0a (")
     assert line.endswith("… and 20 more; the smallest: " + ", ".join(f"{name} ({n})" for name, n in smallest))
+
+
+def test_train_head_and_evaluate_draw_their_most_confident_mistakes(small_digits, lite0_onnx, tmp_path, capsys):
+    """The mistakes list gives paths; a misfiled photo is seen at a glance: train-head and evaluate draw
+    the most confident mistakes as thumbnails from their files, beside the confusion matrix, one tile a
+    mistake (six a row). A file that no longer reads is a grey tile; a cache read where its folder is not
+    draws none and says nothing of it."""
+    from PIL import Image
+
+    from featx.cli import main
+    from featx.reports import MISTAKES_DRAWN
+
+    for path in sorted((small_digits / "3").iterdir())[:3]:  # misfiled: confident mistakes
+        path.rename(small_digits / "8" / path.name)
+    cache = tmp_path / "c.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, progress=False)
+    head = tmp_path / "h.safetensors"
+    assert main(["train-head", str(cache), "--C", "1", "--cv", "2", "-o", str(head)]) == 0
+    assert f"-> {tmp_path / 'h.mistakes.png'}" in capsys.readouterr().out
+    report = featx.train_head(cache, head, C=1.0, cv=2)
+    png = tmp_path / "h.mistakes.png"
+    assert report.files == [str(head), str(tmp_path / "h.confusion.png"), str(png)]
+    drawn = min(len(report.mistakes), MISTAKES_DRAWN)
+    assert drawn >= 3
+    with Image.open(png) as img:  # a tile of 2.2 x 2.6 inches at 100 dpi for each, six to a row
+        assert img.size == (220 * min(drawn, 6), 260 * -(-drawn // 6) + 50)
+        seen = np.asarray(img.convert("RGB"))
+    # the files drawn, not placeholders: with the mistaken files gone, every tile is the grey one
+    for key, *_ in report.mistakes[:drawn]:
+        (small_digits / key).unlink()
+    report = featx.train_head(cache, head, C=1.0, cv=2)
+    with Image.open(png) as img:
+        placeholders = np.asarray(img.convert("RGB"))
+    grey = (placeholders == 200).all(axis=2).mean()
+    assert grey > 0.3 and (seen == 200).all(axis=2).mean() < grey / 3
+    # evaluate of a test folder (the next 60 digits, two misfiled) draws its mistakes too, beside its matrix
+    from featx.samples import write_digits_folder
+
+    test = write_digits_folder(tmp_path / "test", size=32, limit=120)
+    for path in sorted(test.rglob("*.png")):
+        if int(path.stem) < 60:
+            path.unlink()
+    for path in sorted((test / "5").iterdir())[:2]:
+        path.rename(test / "0" / path.name)
+    report = featx.evaluate_head(test, head, model=lite0_onnx)
+    assert report.mistakes and report.files[-1] == str(tmp_path / "h.test.mistakes.png")
+    assert os.path.isfile(report.files[-1])
+    # the cache where its folder is not: the scores, no thumbnails
+    png.unlink()
+    small_digits.rename(tmp_path / "elsewhere")
+    report = featx.train_head(cache, head, C=1.0, cv=2)
+    assert report.mistakes and not png.exists() and report.files == [str(head), str(tmp_path / "h.confusion.png")]
