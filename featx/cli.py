@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="matches per query, one per picture, the query's own picture under other files first "
                         "(default 5)")
     p.add_argument("-o", "--output", help="CSV of the matches, a row per query and match, instead of printing them")
+    p.add_argument("--sheet", default=None,
+                   help="PNG of the queries and their matches as thumbnails, a row per query (the first 20)")
     p.add_argument("--min-similarity", type=_cosine, default=None,
                    help="only matches at least this similar (cosine, e.g. 0.9: look-alikes in a folder searched "
                         "against its own cache), and the query's own picture whatever its cosine")
@@ -557,7 +559,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "similar":
         results = featx.find_similar(args.images, args.cache, k=args.k, model=args.model, weights=args.weights,
-                                     device=args.device, output=args.output, min_similarity=args.min_similarity)
+                                     device=args.device, output=args.output, min_similarity=args.min_similarity,
+                                     sheet=args.sheet)
         if args.output:
             print(f"matches of {len(results)} quer{'y' if len(results) == 1 else 'ies'} -> {args.output}")
         else:
@@ -571,6 +574,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{close} of {len(results)} queries have a match of cosine {args.min_similarity:g} or more"
                   + (f"; {own_only} more only their own picture under another file, at a lower cosine (resized "
                      "or re-encoded)" if own_only else ""))
+        if args.sheet and any(r.matches for r in results):  # drawn (a sheet of no match is not)
+            print(f"-> {args.sheet}")
         return _failures_exit(args.images, [r.query for r in results if r.error], args.strict)
 
     if args.command == "export-classifier":

@@ -408,6 +408,18 @@ def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int
         raise ImageError(f"cannot decode: {text[0] if text and text[0] else type(e).__name__}") from None
 
 
+def thumbnail(path: str | os.PathLike, size: int = 160) -> Image.Image | None:
+    """The image at ``path``, upright RGB, at most ``size`` pixels a side, to draw it in a report; None
+    when it does not read (deleted since, or changed). A JPEG is decoded at 1/2 to 1/8 scale inside
+    libjpeg: a camera photo is not decoded whole for a thumbnail."""
+    try:
+        picture = decode_image(path, min_size=size)
+    except ImageError:
+        return None
+    picture.thumbnail((size, size))
+    return picture
+
+
 # Pillow's own decompression-bomb refusal is lifted, under this lock, for an image over twice
 # Image.MAX_IMAGE_PIXELS (179 million): featx's max_pixels is the limit that applies, checked
 # before anything is decoded, and a user may raise it for panoramas.

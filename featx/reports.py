@@ -249,59 +249,55 @@ def plot_mistakes(report: HeadReport, folder: str | os.PathLike | None, path: Pa
     is a grey tile that says so."""
     if not report.mistakes or not folder or not os.path.isdir(folder):
         return False
+    from .data import printable
+
+    shown = report.mistakes[:MISTAKES_DRAWN]
+    tiles = [(os.path.join(folder, key), f"{short_caption(true)} -> {short_caption(predicted)} {p:.0%}\n"
+              f"{short_caption(printable(key.rsplit('/', 1)[-1]), 26)}") for key, true, predicted, p in shown]
+    draw_thumbnails(tiles, min(6, len(tiles)), path,
+                    title=f"{title}: {len(shown)} of {len(report.mistakes)} mistakes, the most confident first")
+    report.files.append(str(path))
+    return True
+
+
+def draw_thumbnails(tiles: list[tuple[str, str] | None], columns: int, path: Path, *, title: str) -> None:
+    """A PNG of image files as thumbnails, ``columns`` a row, each under its caption: ``tiles`` holds
+    (file, caption), or None for an empty place. A file that does not read (deleted since, or changed)
+    is a grey tile that says so."""
+    import concurrent.futures as cf
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .data import printable
-
-    shown = report.mistakes[:MISTAKES_DRAWN]
-    # decoded in threads: a phone's HEIC photo takes most of a second (JPEGs, at reduced scale, a few ms)
-    import concurrent.futures as cf
-
+    from .data import thumbnail
     from .pipeline import default_workers
 
+    # decoded in threads: a phone's HEIC photo takes most of a second (JPEGs, at reduced scale, a few ms)
     with cf.ThreadPoolExecutor(default_workers()) as pool:
-        pictures = list(pool.map(lambda key: _thumbnail(os.path.join(folder, key)), [key for key, *_ in shown]))
-    columns = min(6, len(shown))
-    rows = -(-len(shown) // columns)
+        pictures = list(pool.map(lambda tile: tile and thumbnail(tile[0]), tiles))
+    rows = -(-len(tiles) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.6 * rows + 0.5), squeeze=False,
                              layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, picture, (key, true, predicted, p) in zip(axes.flat, pictures, shown):
+    for ax, picture, tile in zip(axes.flat, pictures, tiles):
+        if tile is None:
+            continue
         if picture is not None:
             # a small image (a 32-pixel digit) drawn with its pixels square, not blurred across the tile
             ax.imshow(picture, interpolation="nearest" if max(picture.size) < 80 else "antialiased")
         else:
             ax.imshow(np.full((160, 160, 3), 200, dtype=np.uint8))
             ax.text(80, 80, "not readable now", ha="center", va="center", fontsize=8)
-        name = printable(key.rsplit("/", 1)[-1])
-        ax.set_title(f"{_short(true)} -> {_short(predicted)} {p:.0%}\n{_short(name, 26)}", fontsize=8)
-    fig.suptitle(f"{title}: {len(shown)} of {len(report.mistakes)} mistakes, the most confident first", fontsize=10)
+        ax.set_title(tile[1], fontsize=8)
+    fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    report.files.append(str(path))
-    return True
 
 
-def _thumbnail(path: str):
-    """The image at ``path`` as a PIL picture of at most 160 pixels a side, or None when it does not read
-    (deleted since, or changed). A JPEG is decoded at 1/2 to 1/8 scale inside libjpeg: a camera photo is
-    not decoded whole for a thumbnail."""
-    from .data import decode_image
-    from .errors import ImageError
-
-    try:
-        picture = decode_image(path, min_size=160)
-    except ImageError:
-        return None
-    picture.thumbnail((160, 160))
-    return picture
-
-
-def _short(text: str, most: int = 14) -> str:
+def short_caption(text: str, most: int = 14) -> str:
     """``text`` cut to ``most`` characters with an ellipsis: a thumbnail's caption is 2 inches wide."""
     return text if len(text) <= most else text[:most - 1] + "…"

@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -74,6 +75,7 @@ def find_similar(
     rows_per_chunk: int = 16384,
     output: str | os.PathLike | None = None,
     min_similarity: float | None = None,
+    sheet: str | os.PathLike | None = None,
 ) -> list[SimilarImages]:
     """For each image file (and every image under each folder), the ``k`` most similar cached images.
 
@@ -87,6 +89,7 @@ def find_similar(
             when no file can be written there.
         min_similarity: only matches at least this similar (cosine): a query may then have fewer than
             ``k``, or none. The query's own picture is kept whatever its similarity.
+        sheet: also draw the queries and their matches as thumbnails in this PNG (:func:`plot_similar`).
     A query that cannot be read is a result with ``error``; the others are still searched. A query from
     the folder the cache follows is not its own match (other files with its bytes are), and when it is
     unchanged since it was embedded its stored embedding serves. The query's own picture under other
@@ -97,10 +100,13 @@ def find_similar(
     from .errors import check_output_file
 
     check_output_file(output, example="similar.csv")
+    check_output_file(sheet, example="similar.png")
     results = _search(images, cache, k=k, model=model, weights=weights, device=device, batch_size=batch_size,
                       rows_per_chunk=rows_per_chunk, min_similarity=-np.inf if min_similarity is None else min_similarity)
     if output is not None:
         write_similar(results, output)
+    if sheet is not None:
+        plot_similar(results, Path(sheet))
     return results
 
 
@@ -232,6 +238,37 @@ def write_similar(results: Sequence[SimilarImages], path: str | os.PathLike) -> 
 
 
 _QUERIES_AT_A_TIME = 1024
+QUERIES_DRAWN, MATCHES_DRAWN = 20, 8  # a sheet of 20 rows of 9 thumbnails at the most
+
+
+def plot_similar(results: Sequence[SimilarImages], path: Path) -> bool:
+    """The queries that have matches (the first QUERIES_DRAWN) as thumbnails, a row each: the query,
+    then its matches (the first MATCHES_DRAWN) under their cosine and file name, the query's own
+    picture marked. Where the eye tells at once what a list of paths and cosines does not: whether the
+    matches are what was looked for. Nothing is drawn (False, said) when no query has a match."""
+    from .data import printable
+    from .reports import draw_thumbnails, short_caption
+
+    searched = [r for r in results if r.matches]
+    if not searched:
+        _logger.warning("no query has a match: %s is not drawn", path)
+        return False
+    shown = searched[:QUERIES_DRAWN]
+    columns = 1 + min(MATCHES_DRAWN, max(len(r.matches) for r in shown))
+
+    def name(path: str) -> str:
+        return short_caption(printable(os.path.basename(path)), 26)
+
+    tiles: list[tuple[str, str] | None] = []
+    for result in shown:
+        tiles.append((result.query, f"query\n{name(result.query)}"))
+        for key, similarity in result.matches[:columns - 1]:
+            mark = ", same picture" if key == result.query_picture else ""
+            tiles.append((result.path_of(key), f"{similarity:.3f}{mark}\n{name(key)}"))
+        tiles += [None] * (columns - 1 - min(columns - 1, len(result.matches)))
+    draw_thumbnails(tiles, columns, path, title=f"{len(shown)} of {len(searched)} queries with matches, each "
+                                                f"followed by its matches, the most similar (cosine) first")
+    return True
 
 
 def _best_first(sims: np.ndarray, first: int) -> Iterator[int]:

@@ -308,12 +308,27 @@ def test_a_photos_small_copy_is_its_first_match_whatever_its_cosine(photos_dir, 
     assert chelsea.query_picture is None and len(chelsea.matches) == 2
     # the folder against itself: the two files of the picture find each other, nothing else is that close
     table = tmp_path / "near.csv"
+    sheet = tmp_path / "near.png"
     assert main(["similar", str(folder), "--cache", str(cache), "--min-similarity", "0.95", "--model",
-                 str(lite0_onnx)]) == 0
+                 str(lite0_onnx), "--sheet", str(sheet)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split("  ")[-1] for line in out[1:4:2]] == ["(same picture as the query)"] * 2, out
-    assert out[-1] == ("0 of 7 queries have a match of cosine 0.95 or more; 2 more only their own picture under "
+    assert out[-2] == ("0 of 7 queries have a match of cosine 0.95 or more; 2 more only their own picture under "
                        "another file, at a lower cosine (resized or re-encoded)")
+    # drawn too: the two queries with a match, a row each of the query and its match (2.2 x 2.6 inches a
+    # tile at 100 dpi), the files' own pixels
+    assert out[-1] == f"-> {sheet}"
+    with Image.open(sheet) as img:
+        assert img.size == (2 * 220, 2 * 260 + 50)
+        drawn = np.asarray(img.convert("RGB"))
+    assert len(np.unique(drawn.reshape(-1, 3), axis=0)) > 1000  # photos, not blank or grey tiles
+    # a sheet of every query and its 3 matches: 7 rows of 4 tiles; none where no query has a match
+    results = featx.find_similar([folder], cache, k=3, model=lite0_onnx, sheet=sheet)
+    with Image.open(sheet) as img:
+        assert img.size == (4 * 220, 7 * 260 + 50) and all(len(r.matches) == 3 for r in results)
+    sheet.unlink()
+    featx.find_similar([folder / "coffee.png"], cache, k=3, model=lite0_onnx, sheet=sheet, min_similarity=0.99)
+    assert not sheet.exists()
     assert main(["-q", "similar", str(folder / "small china.png"), "--cache", str(cache), "-k", "2", "--model",
                  str(lite0_onnx), "-o", str(table)]) == 0
     with open(table, newline="") as f:
