@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache: every picture stored more than once (the same bytes, or a near copy), with its files")
     p.add_argument("-o", "--output", default=None,
                    help="with --copies or --failures: write that list to this CSV instead of printing it")
+    p.add_argument("--sheet", default=None,
+                   help="with --copies: a PNG of the pictures stored more than once (the first 20), their files "
+                        "as thumbnails")
 
     p = sub.add_parser("classify", help="top ImageNet classes of image files and folders")
     p.add_argument("images", nargs="+",
@@ -487,7 +490,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "info":
         print(featx.describe_file(args.path, list_failures=args.failures, list_copies=args.copies,
-                                  output=args.output))
+                                  output=args.output, sheet=args.sheet))
         return 0
 
     if args.command == "classify":

@@ -11,7 +11,7 @@ from .heads import load_head
 
 
 def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_copies: bool = False,
-                  output: str | os.PathLike | None = None) -> str:
+                  output: str | os.PathLike | None = None, sheet: str | os.PathLike | None = None) -> str:
     """What a featx file holds, told by its content: an embedding cache (models, classes with counts,
     failures; every failed file with ``list_failures``; every picture stored more than once, with its
     files, with ``list_copies``), an exported model, a head or a fine-tuning
@@ -21,7 +21,8 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
     in its place. ``list_copies``: rows ``model,picture,key,copy,bits_apart``, every file of each picture
     stored more than once (``picture``: its first file in the folder's order; ``copy``: first, same bytes
     or near copy; ``bits_apart``: between the perceptual hashes of the file and the first, empty where
-    one has none). ``list_failures``: rows ``model,key,reason``."""
+    one has none). ``list_failures``: rows ``model,key,reason``. ``sheet``: with ``list_copies``, a PNG
+    of the pictures stored more than once (the first 20), a row of thumbnails each (:func:`plot_copies`)."""
     from .runtime import file_kind, read_model_info
     from .store import summarize_cache
 
@@ -29,6 +30,9 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
     if output is not None and list_failures == list_copies:
         raise FeatxError("-o writes one list as CSV: give it --copies or --failures")
     check_output_file(output, example="copies.csv" if list_copies else "failures.csv")
+    if sheet is not None and not list_copies:
+        raise FeatxError("--sheet draws the --copies list: give it --copies")
+    check_output_file(sheet, example="copies.png")
     if path.is_dir():
         raise FeatxError(f"{path} is a folder: featx info reads a cache (.h5), a model (.onnx) or a head "
                          f"(.safetensors); `featx embed {path} -o CACHE.h5` makes a cache of it")
@@ -45,9 +49,10 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
             return f"{path}: an HDF5 file without featx embeddings (featx embed FOLDER -o {path} adds them)"
         if output is not None:
             _write_list(summaries, output, copies=list_copies)
+        drawn = sheet is not None and plot_copies(summaries, Path(sheet))
         return "\n".join([f"{path}: embedding cache, {len(summaries)} model(s)"]
                          + [s.text(list_failures=list_failures, listed_in=output and str(output))
-                            for s in summaries])
+                            for s in summaries] + ([f"-> {sheet}"] if drawn else []))
     if kind == "onnx":
         info = read_model_info(path)
         stale = ("\n  its 'SAME' padding is worked out at every call (an earlier featx's export): exported again "
@@ -61,6 +66,43 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
         return f"{path}: {load_head(path).summary()}"
     raise FeatxError(f"{path}: not a featx file (an embedding cache .h5, a model .onnx, or a head or fine-tuning "
                      f"checkpoint .safetensors)")
+
+
+PICTURES_DRAWN, FILES_DRAWN = 20, 8  # a sheet of 20 rows of 8 thumbnails at the most
+
+
+def plot_copies(summaries, path: Path) -> bool:
+    """The pictures stored more than once (of the first model group that has any; the first
+    PICTURES_DRAWN) as rows of thumbnails, each file (FILES_DRAWN at most) under how it copies the first
+    and its file name: what to keep and what to delete, seen. Nothing is drawn (False, said) when there
+    is no copy, or the folder is not here."""
+    import logging
+
+    from .data import printable
+    from .reports import draw_thumbnails, short_caption
+
+    said = logging.getLogger(__name__).warning
+    summary = next((s for s in summaries if s.copy_groups), None)
+    if summary is None:
+        said("no picture is stored more than once: %s is not drawn", path)
+        return False
+    folder = summary.attrs.get("folder")
+    if not folder or not os.path.isdir(folder):
+        said("%s: the folder its keys are under (%s) is not here: %s is not drawn", summary.path, folder, path)
+        return False
+    groups = summary.copy_groups[:PICTURES_DRAWN]
+    columns = min(FILES_DRAWN, max(map(len, groups)))
+    tiles: list[tuple[str, str] | None] = []
+    for group in groups:
+        for c in group[:columns]:
+            how = {"first": "first", "same bytes": "same bytes"}.get(c.copy) or (
+                "near copy" if c.bits_apart is None else f"near copy, {c.bits_apart} bits")
+            name = short_caption(printable(c.key.rsplit("/", 1)[-1]), 26)
+            tiles.append((os.path.join(folder, c.key), f"{how}\n{name}"))
+        tiles += [None] * (columns - min(columns, len(group)))
+    draw_thumbnails(tiles, columns, path, title=f"{summary.model}: {len(groups)} of {len(summary.copy_groups)} pictures "
+                                                "stored more than once, each file under how it copies the first")
+    return True
 
 
 def _write_list(summaries, output: str | os.PathLike, *, copies: bool) -> None:

@@ -292,7 +292,9 @@ def draw_thumbnails(tiles: list[tuple[str, str] | None], columns: int, path: Pat
             ax.imshow(np.full((160, 160, 3), 200, dtype=np.uint8))
             ax.text(80, 80, "not readable now", ha="center", va="center", fontsize=8)
         ax.set_title(tile[1], fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(title, 22 * columns), fontsize=10)  # a narrow sheet (two tiles) cut it off
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

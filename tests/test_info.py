@@ -92,3 +92,31 @@ def test_info_knows_a_model_or_a_head_by_its_content_whatever_its_name(digits_ca
     (tmp_path / "notes.bin").write_text("not a model")
     assert main(["info", str(tmp_path / "notes.bin")]) == 2
     assert "notes.bin: not a featx file" in capsys.readouterr().err
+
+
+def test_info_copies_sheet_draws_each_picture_stored_more_than_once(photos_dir, lite0_onnx, tmp_path, capsys):
+    """`info --copies --sheet copies.png`: what to keep and what to delete, seen: a row of thumbnails per
+    picture stored more than once (2.2 x 2.6 inches a tile at 100 dpi), drawn from the files; not drawn
+    where there is nothing to draw or the folder is not here, and refused without --copies."""
+    import numpy as np
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("coffee.png", "china.jpg", "chelsea.png"):
+        shutil.copy(photos_dir / name, folder / name)
+    shutil.copy(photos_dir / "coffee.png", folder / "coffee copy.png")
+    with Image.open(photos_dir / "china.jpg") as im:
+        im.resize((im.width // 3, im.height // 3), Image.LANCZOS).save(folder / "china-small.jpg", quality=80)
+    cache = tmp_path / "photos.h5"
+    featx.embed_folder(folder, cache, model=lite0_onnx, progress=False)
+    sheet = tmp_path / "copies.png"
+    assert main(["info", str(cache), "--copies", "--sheet", str(sheet)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"-> {sheet}"
+    with Image.open(sheet) as img:  # two pictures, two files each
+        assert img.size == (2 * 220, 2 * 260 + 50)
+        assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 1000  # photos, drawn
+    assert main(["info", str(cache), "--sheet", str(tmp_path / "x.png")]) == 2
+    assert "--sheet draws the --copies list: give it --copies" in capsys.readouterr().err
+    sheet.unlink()
+    folder.rename(tmp_path / "elsewhere")
+    assert "-> " not in featx.describe_file(cache, list_copies=True, sheet=sheet) and not sheet.exists()
