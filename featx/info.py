@@ -78,8 +78,7 @@ def plot_copies(summaries, path: Path) -> bool:
     is no copy, or the folder is not here."""
     import logging
 
-    from .data import printable
-    from .reports import draw_thumbnails, short_caption
+    from .reports import draw_thumbnails, file_caption
 
     said = logging.getLogger(__name__).warning
     summary = next((s for s in summaries if s.copy_groups), None)
@@ -95,13 +94,11 @@ def plot_copies(summaries, path: Path) -> bool:
     tiles: list[tuple[str, str] | None] = []
     for group in groups:
         for c in group[:columns]:
-            how = {"first": "first", "same bytes": "same bytes"}.get(c.copy) or (
-                "near copy" if c.bits_apart is None else f"near copy, {c.bits_apart} bits")
-            name = short_caption(printable(c.key.rsplit("/", 1)[-1]), 26)
-            tiles.append((os.path.join(folder, c.key), f"{how}\n{name}"))
+            how = f"near copy, {c.bits_apart} bits" if c.copy == "near copy" and c.bits_apart is not None else c.copy
+            tiles.append((os.path.join(folder, c.key), f"{how}\n{file_caption(c.key)}"))
         tiles += [None] * (columns - min(columns, len(group)))
-    draw_thumbnails(tiles, columns, path, title=f"{summary.model}: {len(groups)} of {len(summary.copy_groups)} pictures "
-                                                "stored more than once, each file under how it copies the first")
+    title = f"{summary.model}: {len(groups)} of {len(summary.copy_groups)} pictures stored more than once"
+    draw_thumbnails(tiles, columns, path, title=f"{title}, each file under how it copies the first")
     return True
 
 

@@ -249,11 +249,9 @@ def plot_mistakes(report: HeadReport, folder: str | os.PathLike | None, path: Pa
     is a grey tile that says so."""
     if not report.mistakes or not folder or not os.path.isdir(folder):
         return False
-    from .data import printable
-
     shown = report.mistakes[:MISTAKES_DRAWN]
     tiles = [(os.path.join(folder, key), f"{short_caption(true)} -> {short_caption(predicted)} {p:.0%}\n"
-              f"{short_caption(printable(key.rsplit('/', 1)[-1]), 26)}") for key, true, predicted, p in shown]
+              f"{file_caption(key)}") for key, true, predicted, p in shown]
     draw_thumbnails(tiles, min(6, len(tiles)), path,
                     title=f"{title}: {len(shown)} of {len(report.mistakes)} mistakes, the most confident first")
     report.files.append(str(path))
@@ -265,6 +263,7 @@ def draw_thumbnails(tiles: list[tuple[str, str] | None], columns: int, path: Pat
     (file, caption), or None for an empty place. A file that does not read (deleted since, or changed)
     is a grey tile that says so."""
     import concurrent.futures as cf
+    import textwrap
 
     import matplotlib
 
@@ -292,8 +291,6 @@ def draw_thumbnails(tiles: list[tuple[str, str] | None], columns: int, path: Pat
             ax.imshow(np.full((160, 160, 3), 200, dtype=np.uint8))
             ax.text(80, 80, "not readable now", ha="center", va="center", fontsize=8)
         ax.set_title(tile[1], fontsize=8)
-    import textwrap
-
     fig.suptitle(textwrap.fill(title, 22 * columns), fontsize=10)  # a narrow sheet (two tiles) cut it off
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -303,3 +300,10 @@ def draw_thumbnails(tiles: list[tuple[str, str] | None], columns: int, path: Pat
 def short_caption(text: str, most: int = 14) -> str:
     """``text`` cut to ``most`` characters with an ellipsis: a thumbnail's caption is 2 inches wide."""
     return text if len(text) <= most else text[:most - 1] + "…"
+
+
+def file_caption(path: str) -> str:
+    """A file's name (a key's or a path's last part), printable and cut to fit under its thumbnail."""
+    from .data import printable
+
+    return short_caption(printable(path.replace(os.sep, "/").rsplit("/", 1)[-1]), 26)

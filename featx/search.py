@@ -246,8 +246,7 @@ def plot_similar(results: Sequence[SimilarImages], path: Path) -> bool:
     then its matches (the first MATCHES_DRAWN) under their cosine and file name, the query's own
     picture marked. Where the eye tells at once what a list of paths and cosines does not: whether the
     matches are what was looked for. Nothing is drawn (False, said) when no query has a match."""
-    from .data import printable
-    from .reports import draw_thumbnails, short_caption
+    from .reports import draw_thumbnails, file_caption
 
     searched = [r for r in results if r.matches]
     if not searched:
@@ -255,16 +254,12 @@ def plot_similar(results: Sequence[SimilarImages], path: Path) -> bool:
         return False
     shown = searched[:QUERIES_DRAWN]
     columns = 1 + min(MATCHES_DRAWN, max(len(r.matches) for r in shown))
-
-    def name(path: str) -> str:
-        return short_caption(printable(os.path.basename(path)), 26)
-
     tiles: list[tuple[str, str] | None] = []
     for result in shown:
-        tiles.append((result.query, f"query\n{name(result.query)}"))
+        tiles.append((result.query, f"query\n{file_caption(result.query)}"))
         for key, similarity in result.matches[:columns - 1]:
             mark = ", same picture" if key == result.query_picture else ""
-            tiles.append((result.path_of(key), f"{similarity:.3f}{mark}\n{name(key)}"))
+            tiles.append((result.path_of(key), f"{similarity:.3f}{mark}\n{file_caption(key)}"))
         tiles += [None] * (columns - 1 - min(columns - 1, len(result.matches)))
     draw_thumbnails(tiles, columns, path, title=f"{len(shown)} of {len(searched)} queries with matches, each "
                                                 f"followed by its matches, the most similar (cosine) first")
