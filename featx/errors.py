@@ -47,7 +47,8 @@ def check_output_file(path, *, example: str) -> None:
     """Refuse an output path that is a folder before any work starts: the file is written at the end
     (a head after its fit, a model after its export), and the work would be lost with a traceback.
     An embedding cache is refused too: a report or a list written over it (``featx info cache.h5
-    --copies -o cache.h5``) would lose every embedding it holds."""
+    --copies -o cache.h5``) would lose every embedding it holds. A picture (``example`` a .png) named
+    with a suffix matplotlib does not write (``--report r.txt``) is refused, as it would be at the end."""
     import os
 
     if path is None:
@@ -59,6 +60,14 @@ def check_output_file(path, *, example: str) -> None:
     if file_kind(path) == "cache":
         raise FeatxError(f"{path} is an embedding cache; writing {os.path.splitext(example)[1]} over it would lose its "
                          f"embeddings: give another file name, e.g. {example}")
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    if example.endswith(".png") and suffix:  # a picture, drawn at the end: matplotlib names its format by the suffix
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if suffix not in formats:
+            raise FeatxError(f"{path}: a picture is written as .png, .jpg, .pdf, .svg (or another kind matplotlib "
+                             f"writes), not .{suffix}: give e.g. {example}")
     check_writable_folder(os.path.dirname(os.path.abspath(path)), path, create=True)
 
 

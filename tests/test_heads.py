@@ -794,6 +794,18 @@ def test_an_output_given_as_a_folder_or_a_bad_option_is_refused_in_one_line_befo
         assert capsys.readouterr().err.strip() == f"featx: error: {folder} is a folder; give a file name, e.g. " \
                                                   f"{folder / example}"
     assert not list(folder.iterdir()) and not unwritten.exists()
+    # a picture named with a suffix matplotlib does not write: refused as it was at the end, after the work
+    for argv, example in ((["train-head", cache, "--C", "1", "-o", unwritten, "--report", "r.txt"], "confusion.png"),
+                          (["map", cache, "-o", "map.csv"], "map.png"),
+                          (["similar", three, "--cache", cache, "--sheet", "s.html"], "similar.png"),
+                          (["info", cache, "--copies", "--sheet", "c.pdf.txt"], "copies.png")):
+        assert main([str(a) for a in argv]) == 2, argv
+        picture = argv[argv.index("--report" if "--report" in argv else "--sheet" if "--sheet" in argv else "-o") + 1]
+        kinds = ".png, .jpg, .pdf, .svg (or another kind matplotlib writes)"
+        assert capsys.readouterr().err.strip() == (
+            f"featx: error: {picture}: a picture is written as {kinds}, not .{picture.rsplit('.', 1)[1]}: give e.g. "
+            f"{example}")
+    assert not unwritten.exists()
     assert main(["train-head", cache, "--labels", str(tmp_path / "labels.cvs"), "-o", str(unwritten)]) == 2
     assert capsys.readouterr().err.strip() == f"featx: error: labels file {tmp_path / 'labels.cvs'}: does not exist"
     # values that scikit-learn refused with a traceback (--C 0), or that trained the wrong way (--lr -1)
