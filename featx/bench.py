@@ -273,6 +273,7 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
     import torch
     import torchvision
 
+    from .errors import FeatxError
     from .pipeline import default_workers, embed_folder
     from .samples import write_jpeg_folder
     from .store import load_digests, load_failures
@@ -297,8 +298,6 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
                                      setup_seconds=stats.load_seconds, note=f"{n} images; {stats.engine}"))
         embedded = [str(root / key) for key in load_digests(tmp / f"bench-{how}.h5")[0]]
         if not embedded:
-            from .errors import FeatxError
-
             key, reason = next(iter(load_failures(tmp / f"bench-{how}.h5").items()))
             raise FeatxError(f"none of the {n} image files under {root} could be read, nothing to time end to end "
                              f"(e.g. {key}: {reason})")

@@ -159,6 +159,13 @@ def test_bench_times_a_users_flat_photo_folder_end_to_end_on_the_files_embed_rea
     kind_at = lines[1].index("kind")
     assert all(line[kind_at:].split()[0] in ("model", "end-to-end") for line in lines[2:2 + len(result.timings)])
 
+    broken = tmp_path / "broken"  # images by name and first bytes, but none that decodes: said, not divided by 0
+    broken.mkdir()
+    (broken / "cut-short.jpg").write_bytes((folder / "cut-short.jpg").read_bytes())
+    with pytest.raises(featx.FeatxError, match="none of the 1 image files under .*broken could be read, nothing to "
+                                               "time end to end .e.g. cut-short.jpg: "):
+        featx.bench_models(model="test_efficientnet", weights="none", device="cpu", batch_sizes=[8], images=broken,
+                           repeats=1, workers=0, out_dir=tmp_path / "out", models_dir=tmp_path / "models")
     empty = tmp_path / "empty"
     empty.mkdir()
     for images, n_images, said in [(empty, None, "holds no image files"), (tmp_path / "typo", None, "does not exist"),
