@@ -54,6 +54,7 @@ _API = {
     "plot_embeddings": "embedmap",
     "EmbeddingMap": "embedmap",
     "find_similar": "search",
+    "plot_by_class": "reports",
     "SimilarImages": "search",
     "write_similar": "search",
     "Embeddings": "store",

@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_count(1), default=5, help="classes per image (default 5)")
     p.add_argument("-o", "--output", default=None,
                    help="CSV file (key, top classes, probabilities, error), written as rows come; default: print")
+    _add_sheet(p)
     _add_device(p)
     _add_strict(p)
 
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, made_with="the head's embeddings")
     p.add_argument("--top", type=_count(1), default=3, help="classes per image (default 3)")
     p.add_argument("-o", "--output", default=None, help="CSV file (key, top classes, probabilities)")
+    _add_sheet(p)
     p.add_argument("--cache", default=None,
                    help="embedding cache: one folder is embedded through it; files it holds, unchanged, take their "
                         "stored embeddings")
@@ -497,7 +499,7 @@ def _run(args: argparse.Namespace) -> int:
         failed: list[str] = []
         rows = _noting_failures(featx.iter_classify(args.images, model=args.model, weights=args.weights, top=args.top,
                                                     device=args.device, progress=not args.quiet), failed)
-        _print_or_write(rows, args.output, args.top)
+        _print_or_write(rows, args.output, args.top, sheet=args.sheet)
         return _failures_exit(args.images, failed, args.strict)
 
     if args.command == "embed":
@@ -593,7 +595,8 @@ def _run(args: argparse.Namespace) -> int:
         common = dict(head=args.head, model=args.model, weights=args.weights, top=args.top, cache=args.cache,
                       device=args.device, progress=not args.quiet)
         failed: list[str] = []
-        _print_or_write(_noting_failures(featx.iter_predictions(args.inputs, **common), failed), args.output, args.top)
+        _print_or_write(_noting_failures(featx.iter_predictions(args.inputs, **common), failed), args.output, args.top,
+                        sheet=args.sheet)
         return _failures_exit(args.inputs, failed, args.strict)
 
     if args.command == "finetune":
@@ -664,16 +667,38 @@ def _failures_exit(inputs: Sequence[str], failed: Sequence[str], strict: bool) -
     return 1
 
 
-def _print_or_write(rows: Iterable, output: str | None, top: int) -> None:
-    """Rows printed a line each as they come, or written to the CSV ``output``."""
+def _print_or_write(rows: Iterable, output: str | None, top: int, *, sheet: str | None = None) -> None:
+    """Rows printed a line each as they come, or written to the CSV ``output``; with ``sheet``, kept and
+    drawn by class at the end."""
     import featx
 
+    kept: list = []
+    if sheet is not None:
+        from .errors import check_output_file
+
+        check_output_file(sheet, example="classes.png")  # drawn at the end: refused before the rows are made
+        rows = _keeping(rows, kept)
     if output is None:
         for row in rows:
             print(row.line(), flush=True)
     else:
         n = featx.write_predictions(rows, output, top=top)
         print(f"{n} rows -> {output}")
+    if sheet is not None and featx.plot_by_class(kept, sheet):
+        print(f"-> {sheet}")
+
+
+def _add_sheet(p) -> None:
+    p.add_argument("--sheet", default=None,
+                   help="PNG of the images by the class given, a row per class (the 20 given most often), the least "
+                        "sure first")
+
+
+def _keeping(rows: Iterable, kept: list) -> Iterator:
+    """``rows`` as they come, each appended to ``kept``."""
+    for row in rows:
+        kept.append(row)
+        yield row
 
 
 def _noting_failures(rows: Iterable, failed: list[str]) -> Iterator:

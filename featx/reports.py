@@ -258,6 +258,43 @@ def plot_mistakes(report: HeadReport, folder: str | os.PathLike | None, path: Pa
     return True
 
 
+CLASSES_DRAWN, IMAGES_PER_CLASS_DRAWN = 20, 8  # a sheet of 20 rows of 8 thumbnails at the most
+
+
+def plot_by_class(rows, path: str | os.PathLike) -> bool:
+    """Images by the class they were given (``rows`` of :func:`featx.classify` or :func:`featx.predict`:
+    ``key`` a file's path, ``top`` its classes, the first taken), a row per class, the classes given most
+    often first (CLASSES_DRAWN of them), the least sure first in each row (IMAGES_PER_CLASS_DRAWN of
+    them): where a new folder's errors are, seen. Failed rows are left out. Nothing is drawn (False,
+    said) when no image was classified."""
+    import logging
+
+    by_class: dict[str, list[tuple[float, str]]] = {}
+    for row in rows:
+        if row.error is None and row.top:
+            name, p = row.top[0]
+            by_class.setdefault(name, []).append((p, row.key))
+    if not by_class:
+        logging.getLogger(__name__).warning("no image was classified: %s is not drawn", path)
+        return False
+    classes = sorted(by_class, key=lambda name: (-len(by_class[name]), name))[:CLASSES_DRAWN]
+    per_class = min(IMAGES_PER_CLASS_DRAWN, max(len(by_class[name]) for name in classes))
+    # a row per class; where each class has one to three images (a few photos, a class each), rows of six
+    columns = per_class if per_class >= 4 else 6
+    tiles: list[tuple[str, str] | None] = []
+    for name in classes:
+        shown = sorted(by_class[name])[:per_class]
+        tiles += [(key, f"{short_caption(name, 20)} {p:.0%}\n{file_caption(key)}") for p, key in shown]
+        if columns == per_class:
+            tiles += [None] * (columns - len(shown))
+    columns = min(columns, len(tiles))
+    n = sum(map(len, by_class.values()))
+    layout = "a row each" if columns == per_class else "in turn"
+    draw_thumbnails(tiles, columns, Path(path), title=f"{n} images by the class given, {layout} ({len(classes)} of "
+                                                      f"{len(by_class)} classes), the least sure first")
+    return True
+
+
 def draw_thumbnails(tiles: list[tuple[str, str] | None], columns: int, path: Path, *, title: str) -> None:
     """A PNG of image files as thumbnails, ``columns`` a row, each under its caption: ``tiles`` holds
     (file, caption), or None for an empty place. A file that does not read (deleted since, or changed)

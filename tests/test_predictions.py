@@ -476,3 +476,39 @@ def test_readme_snippet_runs_the_exported_classifier_as_featx_does(digits_cache,
     described = json.loads(meta.custom_metadata_map["featx"])
     assert described["class_names"] == [str(d) for d in range(10)]
     assert described["input"].startswith("uint8 RGB (n, 224, 224, 3)")
+
+
+def test_classify_and_predict_draw_their_images_by_the_class_given(photos_dir, small_digits, lite0_onnx, tmp_path,
+                                                                    capsys):
+    """`--sheet PNG`: the images by the class they were given, the least sure first, where a new folder's
+    errors are seen: a row per class where classes have several images (2.2 x 2.6 inches a tile at
+    100 dpi), the tiles in turn where each has one or two (the sample photos, a class each). A failed
+    file is left out; a picture suffix matplotlib does not write is refused before any work."""
+    from PIL import Image
+
+    from featx.cli import main
+
+    photos = tmp_path / "photos"
+    shutil.copytree(photos_dir, photos)
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff cut")
+    sheet = tmp_path / "classes.png"
+    assert main(["classify", str(photos), "--model", str(lite0_onnx), "--sheet", str(sheet)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"-> {sheet}" and any("espresso" in line for line in out)
+    with Image.open(sheet) as img:  # six photos, six classes: one row of six
+        assert img.size == (6 * 220, 260 + 50)
+        assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 1000  # drawn photos
+    head = tmp_path / "head.safetensors"
+    cache = tmp_path / "digits.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, progress=False)
+    featx.train_head(cache, head, C=1.0)
+    rows = featx.predict([small_digits], head=head, cache=cache)
+    given = {}
+    for row in rows:
+        given[row.top[0][0]] = given.get(row.top[0][0], 0) + 1
+    assert main(["-q", "predict", str(small_digits), "--head", str(head), "--cache", str(cache), "--sheet",
+                 str(sheet)]) == 0
+    with Image.open(sheet) as img:  # a row per class given, as many tiles as the largest (8 at most)
+        assert img.size == (min(8, max(given.values())) * 220, len(given) * 260 + 50)
+    assert main(["classify", str(photos), "--model", str(lite0_onnx), "--sheet", str(tmp_path / "c.csv")]) == 2
+    assert "not .csv: give e.g. classes.png" in capsys.readouterr().err
