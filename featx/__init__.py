@@ -55,6 +55,7 @@ _API = {
     "EmbeddingMap": "embedmap",
     "find_similar": "search",
     "plot_by_class": "reports",
+    "ClassSheet": "reports",
     "SimilarImages": "search",
     "write_similar": "search",
     "Embeddings": "store",

@@ -668,23 +668,23 @@ def _failures_exit(inputs: Sequence[str], failed: Sequence[str], strict: bool) -
 
 
 def _print_or_write(rows: Iterable, output: str | None, top: int, *, sheet: str | None = None) -> None:
-    """Rows printed a line each as they come, or written to the CSV ``output``; with ``sheet``, kept and
-    drawn by class at the end."""
+    """Rows printed a line each as they come, or written to the CSV ``output``; with ``sheet``, drawn by
+    class at the end (each class's least sure images kept on the way)."""
     import featx
 
-    kept: list = []
+    drawn = featx.ClassSheet()
     if sheet is not None:
         from .errors import check_output_file
 
         check_output_file(sheet, example="classes.png")  # drawn at the end: refused before the rows are made
-        rows = _keeping(rows, kept)
+        rows = _adding_to(rows, drawn)
     if output is None:
         for row in rows:
             print(row.line(), flush=True)
     else:
         n = featx.write_predictions(rows, output, top=top)
         print(f"{n} rows -> {output}")
-    if sheet is not None and featx.plot_by_class(kept, sheet):
+    if sheet is not None and drawn.draw(sheet):
         print(f"-> {sheet}")
 
 
@@ -694,10 +694,10 @@ def _add_sheet(p) -> None:
                         "sure first")
 
 
-def _keeping(rows: Iterable, kept: list) -> Iterator:
-    """``rows`` as they come, each appended to ``kept``."""
+def _adding_to(rows: Iterable, sheet) -> Iterator:
+    """``rows`` as they come, each added to ``sheet`` (a ClassSheet) on its way."""
     for row in rows:
-        kept.append(row)
+        sheet.add(row)
         yield row
 
 

@@ -4,6 +4,7 @@ split, K folds) and of ``evaluate`` (a test folder). Shared by :mod:`featx.heads
 
 from __future__ import annotations
 
+import heapq
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,33 +267,54 @@ def plot_by_class(rows, path: str | os.PathLike) -> bool:
     ``key`` a file's path, ``top`` its classes, the first taken), a row per class, the classes given most
     often first (CLASSES_DRAWN of them), the least sure first in each row (IMAGES_PER_CLASS_DRAWN of
     them): where a new folder's errors are, seen. Failed rows are left out. Nothing is drawn (False,
-    said) when no image was classified."""
-    import logging
-
-    by_class: dict[str, list[tuple[float, str]]] = {}
+    said) when no image was classified. ``rows`` are read once, as they come (:class:`ClassSheet`)."""
+    sheet = ClassSheet()
     for row in rows:
-        if row.error is None and row.top:
-            name, p = row.top[0]
-            by_class.setdefault(name, []).append((p, row.key))
-    if not by_class:
-        logging.getLogger(__name__).warning("no image was classified: %s is not drawn", path)
-        return False
-    classes = sorted(by_class, key=lambda name: (-len(by_class[name]), name))[:CLASSES_DRAWN]
-    per_class = min(IMAGES_PER_CLASS_DRAWN, max(len(by_class[name]) for name in classes))
-    # a row per class; where each class has one to three images (a few photos, a class each), rows of six
-    columns = per_class if per_class >= 4 else 6
-    tiles: list[tuple[str, str] | None] = []
-    for name in classes:
-        shown = sorted(by_class[name])[:per_class]
-        tiles += [(key, f"{short_caption(name, 20)} {p:.0%}\n{file_caption(key)}") for p, key in shown]
-        if columns == per_class:
-            tiles += [None] * (columns - len(shown))
-    columns = min(columns, len(tiles))
-    n = sum(map(len, by_class.values()))
-    layout = "a row each" if columns == per_class else "in turn"
-    draw_thumbnails(tiles, columns, Path(path), title=f"{n} images by the class given, {layout} ({len(classes)} of "
-                                                      f"{len(by_class)} classes), the least sure first")
-    return True
+        sheet.add(row)
+    return sheet.draw(path)
+
+
+class ClassSheet:
+    """:func:`plot_by_class` fed a row at a time, beside whatever else reads the rows (the CLI prints them
+    as they come): it keeps each class's count and its least sure images only, so a folder of any size
+    is drawn in bounded memory."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.least_sure: dict[str, list[tuple[float, str]]] = {}  # per class: a max-heap of (-p, key)
+
+    def add(self, row) -> None:
+        if row.error is not None or not row.top:
+            return
+        name, p = row.top[0]
+        self.counts[name] = self.counts.get(name, 0) + 1
+        heap = self.least_sure.setdefault(name, [])
+        if len(heap) < IMAGES_PER_CLASS_DRAWN:
+            heapq.heappush(heap, (-p, row.key))
+        elif p < -heap[0][0]:
+            heapq.heapreplace(heap, (-p, row.key))
+
+    def draw(self, path: str | os.PathLike) -> bool:
+        import logging
+
+        if not self.counts:
+            logging.getLogger(__name__).warning("no image was classified: %s is not drawn", path)
+            return False
+        classes = sorted(self.counts, key=lambda name: (-self.counts[name], name))[:CLASSES_DRAWN]
+        per_class = max(len(self.least_sure[name]) for name in classes)
+        # a row per class; where each class has one to three images (a few photos, a class each), rows of six
+        columns = per_class if per_class >= 4 else 6
+        tiles: list[tuple[str, str] | None] = []
+        for name in classes:
+            shown = sorted((-minus_p, key) for minus_p, key in self.least_sure[name])
+            tiles += [(key, f"{short_caption(name, 20)} {p:.0%}\n{file_caption(key)}") for p, key in shown]
+            if columns == per_class:
+                tiles += [None] * (columns - len(shown))
+        columns = min(columns, len(tiles))
+        layout = "a row each" if columns == per_class else "in turn"
+        draw_thumbnails(tiles, columns, Path(path), title=f"{sum(self.counts.values())} images by the class given, "
+                        f"{layout} ({len(classes)} of {len(self.counts)} classes), the least sure first")
+        return True
 
 
 def draw_thumbnails(tiles: list[tuple[str, str] | None], columns: int, path: Path, *, title: str) -> None:

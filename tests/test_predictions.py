@@ -512,3 +512,16 @@ def test_classify_and_predict_draw_their_images_by_the_class_given(photos_dir, s
         assert img.size == (min(8, max(given.values())) * 220, len(given) * 260 + 50)
     assert main(["classify", str(photos), "--model", str(lite0_onnx), "--sheet", str(tmp_path / "c.csv")]) == 2
     assert "not .csv: give e.g. classes.png" in capsys.readouterr().err
+    # of a class given 30 times, the 8 least sure are drawn, the least sure first (kept as the rows pass:
+    # a folder of any size is drawn in bounded memory)
+    from featx.predictions import PredictionRow
+
+    sure = np.random.default_rng(0).permutation(np.linspace(0.4, 0.99, 30))
+    sheet_of = featx.ClassSheet()
+    for p in sure:
+        sheet_of.add(PredictionRow(str(photos / "coffee.png"), [("cup", float(p))]))
+    sheet_of.add(PredictionRow(str(photos / "broken.jpg"), [], "cannot decode"))  # failed: not drawn
+    assert sorted(-q for q, _ in sheet_of.least_sure["cup"]) == sorted(sure)[:8] and sheet_of.counts == {"cup": 30}
+    assert sheet_of.draw(sheet)
+    with Image.open(sheet) as img:
+        assert img.size == (8 * 220, 260 + 50)
