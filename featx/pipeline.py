@@ -34,7 +34,7 @@ from .errors import FeatxError, ImageError, ModelFileError, check_output_file
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
     is_cuda, load_model, resolve_device
-from .store import EmbeddingStore, check_store_path, stored_phashes_of, stored_rows_of
+from .store import EmbeddingStore, check_store_path, stored_rows_of
 
 _logger = logging.getLogger(__name__)
 
@@ -215,15 +215,13 @@ def encode_files_through_cache(load_engine, paths: Sequence[str], cache, group: 
     ``group`` row is current (same size and mtime, as embed would skip it) takes its stored embedding
     (and stored hash): not decoded, and ``load_engine()`` is called only if some file needs encoding.
     The hash is 0 without ``with_phashes``, or where unknown. Nothing is written to the cache."""
-    own_rows, stored = stored_rows_of(cache, group, paths)
-    stored_phashes = dict(zip(stored, stored_phashes_of(cache, group, [own_rows[i] for i in stored])
-                              if with_phashes and stored else ()))
+    own_rows, stored, stored_phashes = stored_rows_of(cache, group, paths)
     to_encode = [path for i, path in enumerate(paths) if i not in stored]
     encoded = iter(encode_files(load_engine(), to_encode, batch_size=batch_size, progress=progress,
                                 with_phashes=with_phashes) if to_encode else ())
     for i, path in enumerate(paths):
         if i in stored:
-            yield path, stored[i], None, own_rows[i], stored_phashes.get(i, 0)
+            yield path, stored[i], None, own_rows[i], stored_phashes[i] if with_phashes else 0
         else:
             _, embedding, _, error, phash = next(encoded)
             yield path, embedding, error, own_rows.get(i, -1), phash

@@ -429,11 +429,12 @@ def _read_rows(dataset, rows: slice | np.ndarray) -> np.ndarray:
 
 
 def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[str | os.PathLike]
-                   ) -> tuple[dict[int, int], dict[int, np.ndarray]]:
+                   ) -> tuple[dict[int, int], dict[int, np.ndarray], dict[int, int]]:
     """Which of ``files`` the cache holds, by their place in ``files``: the row of each file under the
-    folder the cache follows that has one, and the stored float32 embedding of those whose row embeds the
+    folder the cache follows that has one, the stored float32 embedding of those whose row embeds the
     file as it is now (same size and mtime: what a re-run of embed would skip) and holds finite numbers
-    (a damaged row is left to be embedded again from the file, and said)."""
+    (a damaged row is left to be embedded again from the file, and said), and those rows' perceptual
+    hashes (0 where unknown)."""
     path = Path(path)
     with _read_h5(path) as f:
         g = f[_pick_model(f, path, model)]
@@ -444,7 +445,7 @@ def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[s
             if key is not None:
                 wanted.setdefault(key, []).append(i)
         if not wanted:
-            return {}, {}
+            return {}, {}, {}
         columns, n = _committed_columns(g)
         by_key = _rows_by_key(columns, n)
         rows = {i: by_key[key] for key, places in wanted.items() if key in by_key for i in places}
@@ -465,18 +466,8 @@ def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[s
                             len(damaged), g.name.lstrip("/"), _decode(columns["keys"][[min(damaged)]])[0],
                             "" if len(damaged) == 1 else "s")
         usable = {i: stored[row] for i, row in current.items() if row not in damaged}
-        return {i: row for i, (row, _, _) in rows.items()}, usable
-
-
-def stored_phashes_of(path: str | os.PathLike, model: str | None, rows: Sequence[int]) -> np.ndarray:
-    """uint64: the perceptual hashes of these rows (any order, repeats allowed), 0 where unknown."""
-    path = Path(path)
-    with _read_h5(path) as f:
-        columns, n = _committed_columns(f[_pick_model(f, path, model)])
-        if _PHASHES not in columns:
-            return np.zeros(len(rows), dtype=np.uint64)
-        unique, places = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
-        return columns[_PHASHES][unique].astype(np.uint64)[places]
+        phashes = dict(zip(read, _phashes_of(columns, read, len(read)).tolist())) if read else {}
+        return {i: row for i, (row, _, _) in rows.items()}, usable, {i: phashes[current[i]] for i in usable}
 
 
 def _rows_by_key(columns, n: int) -> dict[str, tuple[int, int, int]]:
