@@ -677,7 +677,7 @@ def _print_or_write(rows: Iterable, output: str | None, top: int, *, sheet: str 
         from .errors import check_output_file
 
         check_output_file(sheet, example="classes.png")  # drawn at the end: refused before the rows are made
-        rows = _adding_to(rows, drawn)
+        rows = _each(rows, drawn.add)
     if output is None:
         for row in rows:
             print(row.line(), flush=True)
@@ -694,19 +694,16 @@ def _add_sheet(p) -> None:
                         "sure first")
 
 
-def _adding_to(rows: Iterable, sheet) -> Iterator:
-    """``rows`` as they come, each added to ``sheet`` (a ClassSheet) on its way."""
+def _each(rows: Iterable, on_row) -> Iterator:
+    """``rows`` as they come, each handed to ``on_row`` on its way."""
     for row in rows:
-        sheet.add(row)
+        on_row(row)
         yield row
 
 
 def _noting_failures(rows: Iterable, failed: list[str]) -> Iterator:
     """``rows`` as they come, the key of each failed one appended to ``failed``."""
-    for row in rows:
-        if row.error:
-            failed.append(row.key)
-        yield row
+    return _each(rows, lambda row: row.error and failed.append(row.key))
 
 
 if __name__ == "__main__":
