@@ -172,7 +172,9 @@ def bench_models(
         if n_images is not None:
             raise FeatxError(f"--n-images sizes the folder bench generates when --images is not given; {images} "
                              "is timed as it is")
-        _images_of(images)
+        n_images = len(_images_of(images))  # the images found there: the end to end rows say how many
+    elif n_images is None:
+        n_images = 512
     device = resolve_device(device)
     backbone = torch_backbone(model, weights)
     t0 = time.perf_counter()
@@ -269,7 +271,8 @@ def bench_models(
 
 
 def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size, device, workers, compile) -> None:
-    """Both sides timed from their first image, with the model already loaded (setup reported apart)."""
+    """Both sides timed from their first image, with the model already loaded (setup reported apart).
+    ``n_images``: how many images the folder ``images`` holds, or how many to generate without one."""
     import torch
     import torchvision
 
@@ -280,8 +283,8 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
 
     workers = default_workers() if workers is None else workers
     tmp = Path(tempfile.mkdtemp(prefix="featx-bench-"))
-    root = Path(images) if images else write_jpeg_folder(tmp / "jpegs", 512 if n_images is None else n_images)
-    n = len(_images_of(root))
+    root = Path(images) if images else write_jpeg_folder(tmp / "jpegs", n_images)
+    n = n_images
 
     compile = compile if device == "cuda" else False
     runs = [(workers, f"{workers} decode worker{'s' * (workers != 1)}")]
