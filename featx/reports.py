@@ -1,6 +1,8 @@
 """What a head scored on labelled images, as text, CSV and PNG: the report of ``train_head`` (held-out
 split, K folds) and of ``evaluate`` (a test folder). Shared by :mod:`featx.heads` and
-:mod:`featx.predictions`; it fits nothing, and reads only the images it was wrong on, to draw them."""
+:mod:`featx.predictions`; it fits nothing, and reads only the images it draws. The sheets of thumbnails
+are drawn here for every command that has one: the mistakes, classify's and predict's images by class
+(:class:`ClassSheet`), and through :func:`draw_thumbnails` similar's matches and info's copies."""
 
 from __future__ import annotations
 
