@@ -69,6 +69,61 @@ def _column_mean_std(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(squares / len(X))
 
 
+# A new image is "unlike the training images" when its cosine to the nearest class mean is below what this
+# share of the training images reach, each scored against its own class's mean without itself (as an
+# image the head has not seen would be): 1% of images like the training ones are then marked.
+TYPICAL_SHARE = 0.99
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    """float32 (n, d): rows scaled to length 1 (a zero row stays zero)."""
+    X = np.asarray(X, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X))[:, None]
+    return X / np.where(norms > 0, norms, 1.0)
+
+
+def _members(y_idx: np.ndarray, rows: slice, n_classes: int) -> np.ndarray:
+    """float32 (m, n_classes) 0/1: which classes each row of ``rows`` belongs to (several, multi-label)."""
+    part = y_idx[rows]
+    if part.ndim == 2:
+        return np.asarray(part, dtype=np.float32)
+    members = np.zeros((len(part), n_classes), dtype=np.float32)
+    members[np.arange(len(part)), part] = 1.0
+    return members
+
+
+def class_means_and_typical_cosine(X: np.ndarray, y_idx: np.ndarray,
+                                   n_classes: int) -> tuple[np.ndarray, float | None]:
+    """float64 (n_classes, d) unit means of each class's unit-length rows, and the cosine to the nearest
+    class mean that ``TYPICAL_SHARE`` of the rows reach, each row left out of its own class's mean (None
+    where no row has a class of two or more). ``y_idx``: class indices, or a 0/1 (n, n_classes) matrix.
+    A slice of rows at a time: X is not copied."""
+    sums, counts = np.zeros((n_classes, X.shape[1])), np.zeros(n_classes)
+    for start in range(0, len(X), _ROWS_AT_A_TIME):
+        rows = slice(start, start + _ROWS_AT_A_TIME)
+        members = _members(y_idx, rows, n_classes)
+        sums += members.T @ _unit_rows(X[rows])
+        counts += members.sum(axis=0)
+    sums = sums.astype(np.float32)
+    sum_norms = np.linalg.norm(sums.astype(np.float64), axis=1)
+    best = np.empty(len(X))
+    for start in range(0, len(X), _ROWS_AT_A_TIME):
+        rows = slice(start, start + _ROWS_AT_A_TIME)
+        unit = _unit_rows(X[rows])
+        dots = (unit @ sums.T).astype(np.float64)  # (m, n_classes): each row's dot product with each class's sum
+        self_dot = np.einsum("ij,ij->i", unit, unit)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            others = dots / sum_norms
+            # its own class's sum less itself: (u.s - u.u) / |s - u|
+            left_out = (dots - self_dot) / np.sqrt(np.maximum(sum_norms ** 2 - 2 * dots + self_dot, 0))
+        own = _members(y_idx, rows, n_classes) > 0
+        cosines = np.where(own, np.where(counts > 1, left_out, -np.inf), others)
+        best[rows] = np.nan_to_num(cosines, nan=-np.inf).max(axis=1)
+    scored = best[np.isfinite(best)]
+    means = sums / np.where(sum_norms > 0, sum_norms, 1.0)[:, None]
+    return means, float(np.quantile(scored, 1 - TYPICAL_SHARE)) if len(scored) else None
+
+
 def lbfgs_blas_single_threaded():
     """A context in which scipy's own OpenBLAS (pip's wheels ship one beside numpy's) runs one thread.
 
@@ -111,6 +166,8 @@ class _Head(ClassifierMixin, BaseEstimator):
             self.classes_, y_idx = np.arange(y.shape[1]), np.asarray(y, dtype=np.float32)
         else:
             self.classes_, y_idx = np.unique(y, return_inverse=True)
+        # before X is standardised (in place, with overwrite_X): the means are of the embeddings as they come
+        self.class_means_, self.typical_cosine_ = class_means_and_typical_cosine(X, y_idx, len(self.classes_))
         self.mean_, scale = _column_mean_std(X)
         self.scale_ = np.where(scale > 1e-12, scale, 1.0)
         dtype = np.dtype(dtype or X.dtype)  # float64 where the fit would copy it so anyway
@@ -145,6 +202,27 @@ class _Head(ClassifierMixin, BaseEstimator):
                     h = np.maximum(h, 0)
             logits[start:start + 8192] = h
         return logits
+
+    def class_mean_cosine(self, X) -> np.ndarray:
+        """float (n,): each row's cosine to the nearest class mean of the training embeddings (rows and
+        means at unit length), how like some class's training images it is. A head's probabilities do not
+        say so: a photo given to a head of handwritten digits is one digit at 100%."""
+        try:
+            check_is_fitted(self, "class_means_")
+        except Exception:
+            raise NotFittedError("this head keeps no class means (saved before featx kept them): train it again "
+                                 "to have images unlike its training images marked") from None
+        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        return np.concatenate([(_unit_rows(X[start:start + 8192]) @ self.class_means_.T).max(axis=1)
+                               for start in range(0, len(X), 8192)]) if len(X) else np.empty(0)
+
+    def unlike_training(self, X) -> np.ndarray:
+        """bool (n,): rows less like every class than ``TYPICAL_SHARE`` (99%) of the training images were,
+        each then left out of its class's mean (``class_mean_cosine`` under ``typical_cosine_``): their
+        classes are guesses, however sure the probabilities look. None marked where the head had no class
+        of two images or more."""
+        cosines = self.class_mean_cosine(X)
+        return cosines < self.typical_cosine_ if self.typical_cosine_ is not None else np.zeros(len(cosines), bool)
 
     def predict_proba(self, X) -> np.ndarray:
         """float (n, n_classes) probabilities, columns in the order of ``classes_``
@@ -487,6 +565,8 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
         tensors[f"layer{i}.weight"], tensors[f"layer{i}.bias"] = W, b
     if getattr(head, "multilabel_", False):
         tensors["thresholds"] = head.thresholds_
+    if getattr(head, "class_means_", None) is not None:
+        tensors["class_means"] = head.class_means_
     header = {
         "multilabel": bool(getattr(head, "multilabel_", False)),
         "format": HEAD_FORMAT,
@@ -499,6 +579,7 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
         "model": model,
         "model_file": model_file,
         "cache": cache,
+        "typical_cosine": getattr(head, "typical_cosine_", None),
     }
     if header["multilabel"]:
         header["thresholds_from"] = THRESHOLDS_FROM
@@ -551,7 +632,10 @@ class LoadedHead:
                 f"{self._fit_said()}on {self.model} embeddings (fingerprint {self.fingerprint})"
                 + (f", trained from {self.cache}" if self.cache else "")
                 + (f", knows the {len(self.trained_digests):,} images it was trained and scored on (evaluate "
-                   "leaves them out)" if self.trained_digests is not None else ""))
+                   "leaves them out)" if self.trained_digests is not None else "")
+                + (f", marks images unlike its training images (cosine to the nearest class mean under "
+                   f"{self.head.typical_cosine_:.3f})" if getattr(self.head, "typical_cosine_", None) is not None
+                   else ""))
 
     def _fit_said(self) -> str:
         head = self.head
@@ -623,6 +707,10 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
             _logger.warning("%s: a multi-label head saved before featx chose its label thresholds on the "
                             "network's own scores (these are %s): it names nearly every label; train it again",
                             path, ", ".join(f"{t:.2f}" for t in head.thresholds_[:8]))
+    if "class_means" in arrays:  # heads since 2026-12-06: images unlike their training images are marked
+        head.class_means_ = arrays["class_means"]
+        typical = header.get("typical_cosine")
+        head.typical_cosine_ = float(typical) if isinstance(typical, (int, float)) else None
     for name, value in (header.get("fitted") or {}).items():
         if name in _FITTED and isinstance(value, (int, float)):  # a file's header is not trusted to hold more
             setattr(head, name, value)
@@ -898,6 +986,7 @@ def train_head(
     report = single_label_report(head, y_test, predicted, classes, n_train=len(y_train), fit_seconds=fit_seconds,
                                   n_copies=copies.n_copies, n_near_copies=n_near,
                                   mistakes=misclassified(keys[test], y_test, predicted, probs.max(axis=1)))
+    report.note_unlike(estimator.unlike_training(X_test), predicted == y_test, estimator.typical_cosine_)
     if cv:
         # every image scored by the fold that left it out: a wrongly filed image anywhere in the folder shows
         out_of_fold = np.zeros((len(y), len(classes)))
@@ -1058,6 +1147,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     predicted = estimator.predict(X_test)
     report = multilabel_report(head, Y_test, predicted, names, n_train=len(Y_train), fit_seconds=fit_seconds,
                                 n_copies=n_copies, n_near_copies=n_near)
+    report.note_unlike(estimator.unlike_training(X_test), (predicted == Y_test).all(axis=1), estimator.typical_cosine_)
     output = Path(output)
     save_head(estimator, output, fingerprint=data.fingerprint, backbone=str(data.attrs.get("backbone")),
               model=data.model, model_file=data.attrs.get("model_file"), cache=os.path.abspath(cache),

@@ -132,7 +132,8 @@ def write_predictions(rows: Iterable, path: str | os.PathLike, *, top: int = 3) 
     """Write classification or prediction rows (``key``, ``top``, ``error``, and a multi-label head's
     ``labels``) to a CSV as they come (flushed every 256 rows, so a run stopped part-way
     keeps what it wrote); returns how many. Columns: key, class_i/probability_i for i in 1..top,
-    labels (multi-label heads, ';'-joined), error (a file that could not be read)."""
+    labels (multi-label heads, ';'-joined), a head's rows also class_mean_cosine and unlike_training
+    (true, false; empty for a head saved without class means), error (a file that could not be read)."""
     import csv
     import itertools
 
@@ -147,11 +148,18 @@ def write_predictions(rows: Iterable, path: str | os.PathLike, *, top: int = 3) 
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         header = ["key"] + [c for i in range(1, top + 1) for c in (f"class_{i}", f"probability_{i}")]
-        writer.writerow(header + ["labels", "error"])
+        # a head's rows: how like its training images each image is (classify's model has no such thing)
+        typicality = bool(first) and hasattr(first[0], "unlike_training")
+        writer.writerow(header + ["labels"] + (["class_mean_cosine", "unlike_training"] if typicality else [])
+                        + ["error"])
         for row in itertools.chain(first, rows):
             cells = [c for name, p in row.top for c in (name, f"{p:.6f}")]
             cells += [""] * (2 * top - len(cells))
-            writer.writerow([row.key, *cells, ";".join(getattr(row, "labels", None) or []), row.error or ""])
+            cells.append(";".join(getattr(row, "labels", None) or []))
+            if typicality:
+                cells += ["" if row.class_mean_cosine is None else f"{row.class_mean_cosine:.4f}",
+                          "" if row.unlike_training is None else str(row.unlike_training).lower()]
+            writer.writerow([row.key, *cells, row.error or ""])
             n += 1
             if n % 256 == 0:
                 f.flush()

@@ -26,6 +26,7 @@ from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, mi
                       mistakes_png_beside, plot_confusion, plot_label_f1, plot_mistakes, single_label_report)
 
 _logger = logging.getLogger(__name__)
+UNLIKE_TRAINING = "(unlike the training images: a guess)"
 NOT_FINITE = ("its embedding is not finite numbers (NaN or infinity): the cache holding it is damaged (embed into "
               "a new file), or the model overflowed")
 
@@ -39,12 +40,17 @@ class PredictionRow:
     top: list[tuple[str, float]]
     error: str | None = None
     labels: list[str] | None = None  # multi-label heads: every label at or above its threshold
+    # its cosine to the nearest class mean of the head's training embeddings, and whether that is below
+    # what 99% of the training images reach (LoadedHead.unlike_training); None: a head saved without them
+    class_mean_cosine: float | None = None
+    unlike_training: bool | None = None
 
     def line(self) -> str:
         from .pipeline import Classification  # classify's line, and a multi-label head's chosen labels
 
         chosen = f"  labels: {';'.join(self.labels) or '-'}" if self.labels is not None and not self.error else ""
-        return Classification(self.key, self.top, self.error).line() + chosen
+        unlike = f"  {UNLIKE_TRAINING}" if self.unlike_training and not self.error else ""
+        return Classification(self.key, self.top, self.error).line() + chosen + unlike
 
 
 def iter_predictions(
@@ -82,6 +88,10 @@ def iter_predictions(
     loaded.check_model(info.fingerprint, f"model {model_file}")
     classes = [str(c) for c in loaded.head.classes_]
     multilabel = getattr(loaded.head, "multilabel_", False)
+    knows_means = getattr(loaded.head, "class_means_", None) is not None
+    if not knows_means:
+        _logger.info("%s was saved before featx kept its class means: images unlike its training images are not "
+                     "marked (train it again to have them marked)", head)
 
     def rows_of(keys: list[str], embeddings: np.ndarray) -> Iterator[PredictionRow]:
         finite = np.isfinite(embeddings).all(axis=1)  # a damaged cache's row: scikit-learn would raise
@@ -90,10 +100,16 @@ def iter_predictions(
             for key, ok in zip(keys, finite):
                 yield next(made) if ok else PredictionRow(key, [], NOT_FINITE)
             return
-        for key, probs in zip(keys, loaded.head.predict_proba(embeddings)):
+        cosines, unlike = [None] * len(keys), [None] * len(keys)
+        if knows_means:
+            cosines = loaded.head.class_mean_cosine(embeddings)
+            unlike = loaded.head.unlike_training(embeddings)
+        for key, probs, cosine, far in zip(keys, loaded.head.predict_proba(embeddings), cosines, unlike):
             best = np.argsort(-probs)[:top]
             chosen = [classes[j] for j in np.flatnonzero(probs >= loaded.head.thresholds_)] if multilabel else None
-            yield PredictionRow(key, [(classes[i], float(probs[i])) for i in best], labels=chosen)
+            yield PredictionRow(key, [(classes[i], float(probs[i])) for i in best], labels=chosen,
+                                class_mean_cosine=None if cosine is None else float(cosine),
+                                unlike_training=None if far is None else bool(far))
 
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
         folder = str(inputs[0])
@@ -280,16 +296,26 @@ def evaluate_head(
     data_name = Path(data).name if part is not None else source.stem
     png = Path(report_png) if report_png else Path(head).with_name(
         f"{Path(head).stem}.{data_name}.{'f1' if multilabel else 'confusion'}.png")
+    # which images are unlike the head's training images: a test folder from elsewhere shows as many of them
+    unlike = (apply_to_rows(loaded.head.unlike_training, embeddings.embeddings, rows)
+              if getattr(loaded.head, "class_means_", None) is not None else None)
     if not multilabel:
         best = probs.argmax(axis=1)
-        return _score_classes(Path(head).name, keys, [embeddings.class_names[embeddings.labels[i]] for i in rows],
-                              [classes[j] for j in best], probs[np.arange(len(rows)), best], where=where, png=png,
-                              mistakes_csv=mistakes_csv, n_copies=n_copies, folder=embeddings.attrs.get("folder"))
+        truth = [embeddings.class_names[embeddings.labels[i]] for i in rows]
+        report = _score_classes(Path(head).name, keys, truth, [classes[j] for j in best],
+                                probs[np.arange(len(rows)), best], where=where, png=png, mistakes_csv=mistakes_csv,
+                                n_copies=n_copies, folder=embeddings.attrs.get("folder"))
+        if unlike is not None:
+            report.note_unlike(unlike, np.array(classes, dtype=object)[best] == np.array(truth, dtype=object),
+                               loaded.head.typical_cosine_)
+        return report
     from sklearn.metrics import f1_score
 
     truth = label_matrix((wanted[k] for k in keys), classes)
     predicted = (probs >= loaded.head.thresholds_).astype(int)
     report = multilabel_report(Path(head).name, truth, predicted, classes, n_copies=n_copies, evaluated_on=where)
+    if unlike is not None:
+        report.note_unlike(unlike, (predicted == truth).all(axis=1), loaded.head.typical_cosine_)
     plot_label_f1(f1_score(truth, predicted, average=None, zero_division=0), classes, png,
                    title=f"{Path(head).name} on {where}: micro-F1 {report.micro_f1:.3f}")
     report.files.insert(0, str(png))

@@ -43,6 +43,35 @@ class HeadReport:
     mistakes: list[tuple[str, str, str, float]] = field(default_factory=list)
     mistakes_of: str = ""  # which images the mistakes are of, when not those scored above
     mistakes_file: str | None = None  # the CSV write_mistakes wrote them to
+    # the images scored that are unlike the head's training images (its unlike_training), the cosine to
+    # the nearest class mean under which they are, and the accuracy (multi-label: exact match) on them
+    # and on the rest; None: a head saved without class means
+    n_unlike: int | None = None
+    typical_cosine: float | None = None
+    accuracy_unlike: float | None = None
+    accuracy_like: float | None = None
+
+    def note_unlike(self, unlike: np.ndarray, correct: np.ndarray, typical_cosine: float | None) -> None:
+        """Record which scored images are unlike the training images (bool per image) and how often
+        those, and the rest, were right (bool per image)."""
+        unlike, correct = np.asarray(unlike, dtype=bool), np.asarray(correct, dtype=bool)
+        self.n_unlike, self.typical_cosine = int(unlike.sum()), typical_cosine
+        self.accuracy_unlike = float(correct[unlike].mean()) if unlike.any() else None
+        self.accuracy_like = float(correct[~unlike].mean()) if (~unlike).any() else None
+
+    def _unlike_line(self) -> str | None:
+        if self.n_unlike is None or self.typical_cosine is None:
+            return None
+        scored = f"{self.n_test} {'held-out ' if self.evaluated_on is None else ''}images"
+        cut = (f"(cosine to the nearest class mean under {self.typical_cosine:.3f}, which 99% of the training images "
+               "reach)")
+        if not self.n_unlike:
+            return f"none of the {scored} is unlike the training images {cut}"
+        right = "exact-match accuracy" if self.micro_f1 is not None else "accuracy"
+        rest = f", {self.accuracy_like:.3f} on the rest" if self.accuracy_like is not None else ""
+        return (f"{self.n_unlike} of the {scored} {'is' if self.n_unlike == 1 else 'are'} unlike the training "
+                f"images {cut}: {right} "
+                f"{self.accuracy_unlike:.3f} on them{rest}; predict marks such images")
 
     def text(self, *, mistakes_shown: int = 10) -> str:
         micro = f", micro-F1 {self.micro_f1:.4f}" if self.micro_f1 is not None else ""
@@ -61,6 +90,9 @@ class HeadReport:
         if self.cv_accuracy:
             lines.append(f"{len(self.cv_accuracy)}-fold cross-validation accuracy: "
                          f"{np.mean(self.cv_accuracy):.4f} ± {np.std(self.cv_accuracy):.4f}")
+        unlike = self._unlike_line()
+        if unlike:
+            lines.append(unlike)
         lines.append(self.per_class.rstrip())
         if self.micro_f1 is None and len(self.classes) <= _MATRIX_PRINTED_UP_TO:
             lines.append(_confusion_table(self.confusion, self.classes))

@@ -525,3 +525,58 @@ def test_classify_and_predict_draw_their_images_by_the_class_given(photos_dir, s
     assert sheet_of.draw(sheet)
     with Image.open(sheet) as img:
         assert img.size == (8 * 220, 260 + 50)
+
+
+@pytest.mark.slow
+def test_images_unlike_a_heads_training_images_are_marked_whatever_their_probability(
+        digits_cache, digits_dir, photos_dir, lite0_onnx, tmp_path, capsys, caplog):
+    """A head of handwritten digits calls a photo of a palace one digit, sure of it: its probabilities
+    cannot say the photo is nothing it was trained on. predict marks such images (far from every class's
+    mean embedding), in its lines and its CSV; the digits themselves are seldom marked. evaluate on digits
+    drawn black on white (the head knows white on black) counts most of them unlike, and how each part scored."""
+    from PIL import ImageOps, Image
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from featx.cli import main
+
+    head = tmp_path / "digits.safetensors"
+    report = featx.train_head(digits_cache, head, C=1.0)
+    assert report.n_unlike <= 0.03 * report.n_test and "unlike the training images" in report.text()
+    photos = sorted(photos_dir.iterdir())
+    digits = sorted(digits_dir.rglob("*.png"))[::90]
+    rows = featx.predict(photos + digits, head=head, model=lite0_onnx, output=tmp_path / "p.csv")
+    assert all(r.unlike_training for r in rows[:len(photos)])
+    assert max(r.top[0][1] for r in rows[:len(photos)]) > 0.95  # the head is sure all the same
+    assert sum(r.unlike_training for r in rows[len(photos):]) <= 1
+    loaded = load_head(head)
+    assert all(r.class_mean_cosine < loaded.head.typical_cosine_ for r in rows[:len(photos)])
+    assert f"marks images unlike its training images (cosine to the nearest class mean under " \
+           f"{loaded.head.typical_cosine_:.3f})" in loaded.summary()
+    with open(tmp_path / "p.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["unlike_training"] for t in table] == [str(r.unlike_training).lower() for r in rows]
+    assert [float(t["class_mean_cosine"]) for t in table] == pytest.approx([r.class_mean_cosine for r in rows],
+                                                                            abs=1e-4)
+    assert main(["predict", str(photos_dir / "china.jpg"), str(digits[0]), "--head", str(head), "-q"]) == 0
+    china, digit = capsys.readouterr().out.splitlines()
+    assert china.endswith("(unlike the training images: a guess)") and "unlike" not in digit
+    # a head saved before heads kept their class means: nothing is marked, the columns stay empty, it is said
+    with safe_open(str(head), framework="numpy") as f:
+        header, arrays = json.loads(f.metadata()["featx"]), {k: f.get_tensor(k) for k in f.keys()}
+    del arrays["class_means"], header["typical_cosine"]
+    save_file(arrays, str(tmp_path / "old.safetensors"), metadata={"featx": json.dumps(header)})
+    with caplog.at_level(logging.INFO, logger="featx.predictions"):
+        old = featx.predict(photos[:1], head=tmp_path / "old.safetensors", model=lite0_onnx,
+                            output=tmp_path / "old.csv")
+    assert old[0].unlike_training is None and "saved before featx kept its class means" in caplog.text
+    with open(tmp_path / "old.csv") as f:
+        assert next(csv.DictReader(f))["unlike_training"] == ""
+    # black on white: the head's accuracy falls, and evaluate says most of them are unlike what it knows
+    inverted = tmp_path / "inverted"
+    for path in sorted(digits_dir.rglob("*.png"))[::6]:
+        (inverted / path.parent.name).mkdir(parents=True, exist_ok=True)
+        ImageOps.invert(Image.open(path).convert("L")).save(inverted / path.parent.name / path.name)
+    shifted = featx.evaluate_head(inverted, head)
+    assert shifted.n_unlike > 0.5 * shifted.n_test and shifted.accuracy < report.accuracy - 0.1
+    assert f"{shifted.n_unlike} of the {shifted.n_test} images are unlike the training images" in shifted.text()
