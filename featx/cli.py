@@ -586,8 +586,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export-classifier":
         out = featx.export_classifier(args.model, args.head, args.output, weights=args.weights)
         info = featx.read_model_info(out)
-        print(f"{out}: input 'images', {info.input_description()} -> 'probabilities' (n, {len(info.class_names)}) "
-              f"and 'embedding' (n, {info.embed_dim}); class names in metadata 'featx_classes' (README: "
+        unlike = "" if info.typical_cosine is None else (
+            f", 'class_mean_cosine' (n,): under {info.typical_cosine:.3f} (metadata 'featx_typical_cosine') an image "
+            "is unlike the head's training images")
+        print(f"{out}: input 'images', {info.input_description()} -> 'probabilities' (n, {len(info.class_names)}), "
+              f"'embedding' (n, {info.embed_dim}){unlike}; class names in metadata 'featx_classes' (README: "
               "\"The exported classifier, without featx\")")
         return 0
 

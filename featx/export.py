@@ -52,6 +52,11 @@ class ModelInfo:
     # uint64 perceptual hashes of the pictures its classifier was trained on (a fine-tuned export, an
     # export_classifier file), metadata featx_trained_phashes: evaluate leaves their copies out
     trained_phashes: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # an export_classifier file of a head that keeps class means (metadata featx_typical_cosine): an image
+    # whose output class_mean_cosine is under this is unlike the head's training images; ``class_means``,
+    # float32 (n_classes, embed_dim), read from the graph by featx.runtime.read_model_info
+    typical_cosine: float | None = field(default=None, compare=False)
+    class_means: np.ndarray | None = field(default=None, compare=False, repr=False)
     # read from the graph by featx.runtime.read_model_info, not the metadata: the file works timm's 'SAME'
     # padding out at every call (Ceil nodes; featx before 2026-11-25, :func:`_static_same_padding`), the
     # same model as today's export but 0.5-0.6x as fast on a CPU
@@ -82,9 +87,11 @@ class ModelInfo:
             classes = f", {kind} {len(self.class_names)} {'labels' if self.multilabel else 'classes'} ({named})"
         trained = "" if self.trained_phashes is None else (
             f", knows the {len(self.trained_phashes):,} pictures it was trained and validated on (evaluate leaves them out)")
+        unlike = "" if self.typical_cosine is None else (
+            f", marks images unlike its training images (class_mean_cosine under {self.typical_cosine:.3f})")
         return (f"{self.backbone}, {self.embed_dim}-d embedding{classes}, "
                 f"input {self.preprocess.input_size[0]}x{self.preprocess.input_size[1]}, {self.precision}, "
-                f"fingerprint {self.fingerprint}{trained}")
+                f"fingerprint {self.fingerprint}{trained}{unlike}")
 
     def input_description(self) -> str:
         """What the file takes, for whoever runs it without featx: the shape and how a photo gets there
@@ -246,6 +253,10 @@ def check_images(preprocess: PreprocessConfig) -> np.ndarray:
 
 
 TRAINED_PHASHES_KEY = "featx_trained_phashes"
+# an export_classifier file of a head with class means: the cut-off of its class_mean_cosine output, and
+# the initializer holding the means, (embed_dim, n_classes) float32
+TYPICAL_COSINE_KEY = "featx_typical_cosine"
+CLASS_MEANS_NAME = "head/class_means"
 
 
 def encode_phashes(phashes: np.ndarray) -> str:

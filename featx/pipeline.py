@@ -33,7 +33,7 @@ from .data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodedBatch, FileEntry,
 from .errors import FeatxError, ImageError, ModelFileError, check_output_file
 from .export import ensure_model_file
 from .runtime import BackoffEncoder, Device, EngineName, auto_batch_size, cuda_device_count, default_batch_size, \
-    is_cuda, load_model, resolve_device
+    is_cuda, load_model, read_model_info, resolve_device
 from .store import EmbeddingStore, check_store_path, stored_rows_of
 
 _logger = logging.getLogger(__name__)
@@ -45,12 +45,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+UNLIKE_TRAINING = "(unlike the training images: a guess)"
+
+
 @dataclass
 class Classification:
     path: str
     top: list[tuple[str, float]]  # (class name, probability), most probable first; empty when it failed
     error: str | None = None  # why the image could not be classified
     phash: int = 0  # its perceptual hash, where iter_classify was asked for it (0: not taken)
+    # a classifier that knows its training images' class means (export_classifier's of such a head): the
+    # image's cosine to the nearest, and whether that is under what 99% of the training images reach
+    class_mean_cosine: float | None = None
+    unlike_training: bool | None = None
+    marks_unlike: bool = False  # made by such a classifier: its CSV has the two columns above
 
     @property
     def key(self) -> str:
@@ -60,7 +68,8 @@ class Classification:
     def line(self) -> str:
         if self.error:
             return f"{printable(self.path)}  FAILED: {self.error}"
-        return f"{printable(self.path)}  " + "  ".join(f"{name} {p * 100:.1f}%" for name, p in self.top)
+        return (f"{printable(self.path)}  " + "  ".join(f"{name} {p * 100:.1f}%" for name, p in self.top)
+                + (f"  {UNLIKE_TRAINING}" if self.unlike_training else ""))
 
 
 def classify(
@@ -118,14 +127,19 @@ def iter_classify(
     info = engine.info
     if not info.has_logits:
         raise ModelFileError(f"{engine.path}: this model has no ImageNet classifier (no logits output)")
-    for path, _, logits, error, phash in encode_files(engine, expand_inputs(images), batch_size=batch_size,
-                                                      progress=progress, with_phashes=with_phashes):
+    # a merged classifier of a head with class means: its images unlike the head's training images marked
+    means = read_model_info(engine.path).class_means if info.typical_cosine is not None else None
+    marks = means is not None
+    for path, embedding, logits, error, phash in encode_files(engine, expand_inputs(images), batch_size=batch_size,
+                                                              progress=progress, with_phashes=with_phashes):
         if error:
-            yield Classification(path, [], error)
-        else:
-            p = class_probabilities(info, logits[None])[0]
-            yield Classification(path, [(info.class_names[j], float(p[j])) for j in np.argsort(-p)[:top]],
-                                 phash=phash)
+            yield Classification(path, [], error, marks_unlike=marks)
+            continue
+        p = class_probabilities(info, logits[None])[0]
+        cosine = float(np.max(means @ (embedding / np.linalg.norm(embedding)))) if marks else None
+        yield Classification(path, [(info.class_names[j], float(p[j])) for j in np.argsort(-p)[:top]], phash=phash,
+                             class_mean_cosine=cosine, unlike_training=cosine < info.typical_cosine if marks else None,
+                             marks_unlike=marks)
 
 
 def write_predictions(rows: Iterable, path: str | os.PathLike, *, top: int = 3) -> int:
@@ -149,7 +163,7 @@ def write_predictions(rows: Iterable, path: str | os.PathLike, *, top: int = 3) 
         writer = csv.writer(f)
         header = ["key"] + [c for i in range(1, top + 1) for c in (f"class_{i}", f"probability_{i}")]
         # a head's rows: how like its training images each image is (classify's model has no such thing)
-        typicality = bool(first) and hasattr(first[0], "unlike_training")
+        typicality = bool(first) and first[0].marks_unlike
         writer.writerow(header + ["labels"] + (["class_mean_cosine", "unlike_training"] if typicality else [])
                         + ["error"])
         for row in itertools.chain(first, rows):

@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,6 @@ from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, mi
                       mistakes_png_beside, plot_confusion, plot_label_f1, plot_mistakes, single_label_report)
 
 _logger = logging.getLogger(__name__)
-UNLIKE_TRAINING = "(unlike the training images: a guess)"
 NOT_FINITE = ("its embedding is not finite numbers (NaN or infinity): the cache holding it is damaged (embed into "
               "a new file), or the model overflowed")
 
@@ -36,17 +36,19 @@ NOT_FINITE = ("its embedding is not finite numbers (NaN or infinity): the cache 
 
 @dataclass
 class PredictionRow:
+    marks_unlike: ClassVar[bool] = True  # a head's rows: the CSV has class_mean_cosine and unlike_training
+
     key: str
     top: list[tuple[str, float]]
     error: str | None = None
     labels: list[str] | None = None  # multi-label heads: every label at or above its threshold
     # its cosine to the nearest class mean of the head's training embeddings, and whether that is below
-    # what 99% of the training images reach (LoadedHead.unlike_training); None: a head saved without them
+    # what 99% of the training images reach (the head's unlike_training); None: a head saved without them
     class_mean_cosine: float | None = None
     unlike_training: bool | None = None
 
     def line(self) -> str:
-        from .pipeline import Classification  # classify's line, and a multi-label head's chosen labels
+        from .pipeline import UNLIKE_TRAINING, Classification  # classify's line, a multi-label head's labels
 
         chosen = f"  labels: {';'.join(self.labels) or '-'}" if self.labels is not None and not self.error else ""
         unlike = f"  {UNLIKE_TRAINING}" if self.unlike_training and not self.error else ""
@@ -376,9 +378,13 @@ def evaluate_classifier(
     # beside a model file named; in the working folder for a backbone name (not in the models folder)
     beside = Path(model_file) if is_model_file(model) else Path(Path(model_file).name)
     png = Path(report_png) if report_png else beside.with_name(f"{beside.stem}.{folder.name}.confusion.png")
-    return _score_classes(Path(model_file).name, [keys[i] for i in known], [truth[i] for i in known],
-                          [rows[i].top[0][0] for i in known], [rows[i].top[0][1] for i in known], where=str(folder),
-                          png=png, mistakes_csv=mistakes_csv, folder=folder)
+    report = _score_classes(Path(model_file).name, [keys[i] for i in known], [truth[i] for i in known],
+                            [rows[i].top[0][0] for i in known], [rows[i].top[0][1] for i in known],
+                            where=str(folder), png=png, mistakes_csv=mistakes_csv, folder=folder)
+    if info.class_means is not None:  # a merged classifier of a head with class means: as evaluate --head says
+        report.note_unlike([rows[i].unlike_training for i in known],
+                           [rows[i].top[0][0] == truth[i] for i in known], info.typical_cosine)
+    return report
 
 
 def _classified_not_trained_on(rows: list, info, model_file, folder: Path) -> list:
@@ -560,7 +566,7 @@ def export_classifier(
     import onnx
     from onnx import TensorProto, compose, helper, numpy_helper
 
-    from .export import METADATA_KEY, TRAINED_PHASHES_KEY, encode_phashes
+    from .export import CLASS_MEANS_NAME, METADATA_KEY, TRAINED_PHASHES_KEY, TYPICAL_COSINE_KEY, encode_phashes
 
     check_output_file(output, example="classifier.onnx")
     loaded = load_head(head)
@@ -588,21 +594,37 @@ def export_classifier(
     else:
         nodes.append(helper.make_node("Softmax", [last], ["probabilities"], axis=1))
     d, k = len(h.mean_), h.layers_[-1][0].shape[0]
+    outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", k])]
+    marks = getattr(h, "class_means_", None) is not None and h.typical_cosine_ is not None
+    if marks:
+        # class_mean_cosine: the embedding at unit length against each class mean, the nearest one's cosine
+        # (ops whose form is the same in every opset since 13: no Reduce*, whose axes moved to an input)
+        inits += [numpy_helper.from_array(np.ones((d, 1), np.float32), "ones"),
+                  numpy_helper.from_array(h.class_means_.T.astype(np.float32), CLASS_MEANS_NAME.split("/", 1)[1]),
+                  numpy_helper.from_array(np.array([1], np.int64), "one"),
+                  numpy_helper.from_array(np.array([-1], np.int64), "flat")]
+        nodes += [helper.make_node("Mul", ["embedding", "embedding"], ["squares"]),
+                  helper.make_node("MatMul", ["squares", "ones"], ["norm2"]),
+                  helper.make_node("Sqrt", ["norm2"], ["norm"]),
+                  helper.make_node("Div", ["embedding", "norm"], ["unit"]),
+                  helper.make_node("MatMul", ["unit", "class_means"], ["cosines"]),
+                  helper.make_node("TopK", ["cosines", "one"], ["nearest", "nearest_class"], axis=1),
+                  helper.make_node("Reshape", ["nearest", "flat"], ["class_mean_cosine"])]
+        outputs.append(helper.make_tensor_value_info("class_mean_cosine", TensorProto.FLOAT, ["batch"]))
     graph = helper.make_graph(
         nodes, "featx_head",
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", d])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", k])],
-        initializer=inits,
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", d])], outputs, initializer=inits,
     )
     head_model = helper.make_model(graph, opset_imports=list(backbone.opset_import), ir_version=backbone.ir_version)
     head_model = compose.add_prefix(head_model, "head/")
+    named = ["probabilities"] + (["class_mean_cosine"] if marks else [])
     merged = compose.merge_models(backbone, head_model, io_map=[("embedding", "head/embedding")],
-                                  outputs=["head/probabilities", "embedding"])
+                                  outputs=[f"head/{n}" for n in named] + ["embedding"])
+    unprefixed = {f"head/{n}": n for n in named}  # the file's outputs are named as a user reads them
     for out in merged.graph.output:
-        if out.name == "head/probabilities":
-            out.name = "probabilities"
+        out.name = unprefixed.get(out.name, out.name)
     for node in merged.graph.node:
-        node.output[:] = ["probabilities" if o == "head/probabilities" else o for o in node.output]
+        node.output[:] = [unprefixed.get(o, o) for o in node.output]
     del merged.metadata_props[:]
     merged.metadata_props.extend(p for p in backbone.metadata_props if p.key not in (TRAINED_PHASHES_KEY, METADATA_KEY))
     # the backbone's metadata with the head's classes: its ImageNet names would be read as this file's
@@ -618,6 +640,9 @@ def export_classifier(
     if getattr(h, "multilabel_", False):  # its probabilities are per label, not one class's share
         entry = merged.metadata_props.add()
         entry.key, entry.value = "featx_multilabel", "1"
+    if marks:  # classify marks an image whose class_mean_cosine is under it, as predict does with the head
+        entry = merged.metadata_props.add()
+        entry.key, entry.value = TYPICAL_COSINE_KEY, repr(float(h.typical_cosine_))
     onnx.checker.check_model(merged)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

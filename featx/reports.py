@@ -315,18 +315,22 @@ class ClassSheet:
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
-        self.least_sure: dict[str, list[tuple[float, str]]] = {}  # per class: a max-heap of (-p, key)
+        # per class: a max-heap of (-sureness, key, p, unlike); an image unlike the training images (a head's
+        # or merged classifier's mark) is less sure than any other, whatever its probability
+        self.least_sure: dict[str, list[tuple[float, str, float, bool]]] = {}
 
     def add(self, row) -> None:
         if row.error is not None or not row.top:
             return
         name, p = row.top[0]
+        unlike = bool(getattr(row, "unlike_training", False))
         self.counts[name] = self.counts.get(name, 0) + 1
         heap = self.least_sure.setdefault(name, [])
+        entry = (-(p - unlike), row.key, p, unlike)
         if len(heap) < IMAGES_PER_CLASS_DRAWN:
-            heapq.heappush(heap, (-p, row.key))
-        elif p < -heap[0][0]:
-            heapq.heapreplace(heap, (-p, row.key))
+            heapq.heappush(heap, entry)
+        elif entry[0] > heap[0][0]:
+            heapq.heapreplace(heap, entry)
 
     def draw(self, path: str | os.PathLike) -> bool:
         import logging
@@ -340,8 +344,9 @@ class ClassSheet:
         columns = per_class if per_class >= 4 else 6
         tiles: list[tuple[str, str] | None] = []
         for name in classes:
-            shown = sorted((-minus_p, key) for minus_p, key in self.least_sure[name])
-            tiles += [(key, f"{short_caption(name, 20)} {p:.0%}\n{file_caption(key)}") for p, key in shown]
+            shown = sorted(self.least_sure[name], reverse=True)
+            tiles += [(key, f"{short_caption(name, 20)} {p:.0%}{' unlike training' if unlike else ''}\n"
+                            f"{file_caption(key)}") for _, key, p, unlike in shown]
             if columns == per_class:
                 tiles += [None] * (columns - len(shown))
         columns = min(columns, len(tiles))

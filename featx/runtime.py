@@ -22,7 +22,8 @@ from typing import Literal, Protocol
 import numpy as np
 
 from .errors import FeatxError, ModelFileError, WeightsError, first_line
-from .export import INPUT_NAME, METADATA_KEY, TRAINED_PHASHES_KEY, ModelInfo, decode_phashes, is_model_file
+from .export import (CLASS_MEANS_NAME, INPUT_NAME, METADATA_KEY, TRAINED_PHASHES_KEY, TYPICAL_COSINE_KEY, ModelInfo,
+                     decode_phashes, is_model_file)
 
 _logger = logging.getLogger(__name__)
 
@@ -159,6 +160,11 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
         raise _not_onnx(path, e) from None
     meta = {p.key: p.value for p in proto.metadata_props}
     info = _info_from_metadata(path, meta)
+    if info.typical_cosine is not None:  # a merged classifier's class means, as its graph holds them
+        from onnx import numpy_helper
+
+        means = next((numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == CLASS_MEANS_NAME), None)
+        info = dataclasses.replace(info, class_means=None if means is None else means.T.copy())
     return dataclasses.replace(info, pads_per_call=any(node.op_type == "Ceil" for node in proto.graph.node))
 
 
@@ -193,6 +199,8 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
         if "featx_classes" in meta:  # export_classifier's file: the backbone's metadata, its head's classes
             info = dataclasses.replace(info, class_names=[str(c) for c in json.loads(meta["featx_classes"])],
                                        class_scores="probabilities", multilabel=meta.get("featx_multilabel") == "1")
+        if TYPICAL_COSINE_KEY in meta:
+            info = dataclasses.replace(info, typical_cosine=float(meta[TYPICAL_COSINE_KEY]))
         if TRAINED_PHASHES_KEY in meta:
             info = dataclasses.replace(info, trained_phashes=decode_phashes(meta[TRAINED_PHASHES_KEY]))
         return info

@@ -465,8 +465,11 @@ def test_readme_snippet_runs_the_exported_classifier_as_featx_does(digits_cache,
         scope: dict = {}
         exec(compile(code, "README.md", "exec"), scope)
         printed = capsys.readouterr().out.splitlines()
-        assert len(printed) == 3 and printed[0].split()[0] == str(scope["probabilities"].argmax())
+        # a photo is nothing like a digit: the snippet says so, as featx classify does, on a fourth line
+        assert printed[3:] == (["unlike the training images: a guess"] if image in photos else [])
+        assert printed[0].split()[0] == str(scope["probabilities"].argmax())
         got = scope["session"].run(["embedding"], {"images": scope["pixels"]})[0][0]
+        assert scope["cosine"] == pytest.approx(load_head(head).head.class_mean_cosine(got[None])[0], abs=1e-5)
         assert got @ embedding / np.linalg.norm(got) / np.linalg.norm(embedding) > 0.999, image.name
         if image in digits:  # a photo is far from any digit: there the head's probabilities are all or nothing
             assert np.abs(scope["probabilities"] - want).max() < 0.01, image.name
@@ -521,7 +524,12 @@ def test_classify_and_predict_draw_their_images_by_the_class_given(photos_dir, s
     for p in sure:
         sheet_of.add(PredictionRow(str(photos / "coffee.png"), [("cup", float(p))]))
     sheet_of.add(PredictionRow(str(photos / "broken.jpg"), [], "cannot decode"))  # failed: not drawn
-    assert sorted(-q for q, _ in sheet_of.least_sure["cup"]) == sorted(sure)[:8] and sheet_of.counts == {"cup": 30}
+    assert sorted(p for _, _, p, _ in sheet_of.least_sure["cup"]) == sorted(sure)[:8]
+    assert sheet_of.counts == {"cup": 30}
+    # an image unlike the head's training images is less sure than any, however high its probability
+    sheet_of.add(PredictionRow(str(photos / "china.jpg"), [("cup", 0.999)], unlike_training=True))
+    assert max(sheet_of.least_sure["cup"])[1:] == (str(photos / "china.jpg"), 0.999, True)
+    assert sorted(p for _, _, p, _ in sheet_of.least_sure["cup"]) == sorted(sure)[:7] + [0.999]
     assert sheet_of.draw(sheet)
     with Image.open(sheet) as img:
         assert img.size == (8 * 220, 260 + 50)
@@ -580,3 +588,17 @@ def test_images_unlike_a_heads_training_images_are_marked_whatever_their_probabi
     shifted = featx.evaluate_head(inverted, head)
     assert shifted.n_unlike > 0.5 * shifted.n_test and shifted.accuracy < report.accuracy - 0.1
     assert f"{shifted.n_unlike} of the {shifted.n_test} images are unlike the training images" in shifted.text()
+    # the head merged with its backbone into one file marks the same images, in classify and in evaluate
+    classifier = featx.export_classifier(lite0_onnx, head, tmp_path / "classifier.onnx")
+    assert featx.read_model_info(classifier).typical_cosine == pytest.approx(loaded.head.typical_cosine_)
+    classified = featx.classify(photos + digits, model=classifier, top=1, output=tmp_path / "c.csv")
+    assert [c.unlike_training for c in classified] == [r.unlike_training for r in rows]
+    assert [c.class_mean_cosine for c in classified] == pytest.approx([r.class_mean_cosine for r in rows], abs=1e-4)
+    with open(tmp_path / "c.csv") as f:
+        assert [t["unlike_training"] for t in csv.DictReader(f)] == [str(r.unlike_training).lower() for r in rows]
+    merged = featx.evaluate_classifier(inverted, classifier)
+    assert (merged.n_test, merged.n_unlike) == (shifted.n_test, shifted.n_unlike)
+    # classify with an ImageNet model has no such columns
+    featx.classify(photos[:1], model=lite0_onnx, output=tmp_path / "imagenet.csv")
+    with open(tmp_path / "imagenet.csv") as f:
+        assert "unlike_training" not in next(csv.reader(f))

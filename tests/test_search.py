@@ -229,8 +229,10 @@ def test_a_cache_and_its_heads_find_the_model_they_were_made_with(small_digits, 
     (h, w), pre = info.preprocess.input_size, info.preprocess
     assert said == (f"{tmp_path / 'clf.onnx'}: input 'images', uint8 RGB (n, {h}, {w}, 3): each photo resized "
                     f"({pre.interpolation}) so its shorter side is {pre.resize_size}, then centre-cropped to {h}x{w} "
-                    f"-> 'probabilities' (n, 10) and 'embedding' (n, {info.embed_dim}); class names in metadata "
-                    "'featx_classes' (README: \"The exported classifier, without featx\")"), said
+                    f"-> 'probabilities' (n, 10), 'embedding' (n, {info.embed_dim}), 'class_mean_cosine' (n,): "
+                    f"under {info.typical_cosine:.3f} (metadata 'featx_typical_cosine') an image is unlike the "
+                    "head's training images; class names in metadata 'featx_classes' (README: \"The exported "
+                    "classifier, without featx\")"), said
     assert featx.read_model_info(tmp_path / "clf.onnx").backbone == "mobilenetv3_small_050"
     other = featx.ensure_model_file("test_efficientnet", weights="none", models_dir=tmp_path / "mine")
     with pytest.raises(featx.HeadMismatchError):
