@@ -681,12 +681,17 @@ def _print_or_write(rows: Iterable, output: str | None, top: int, *, sheet: str 
 
         check_output_file(sheet, example="classes.png")  # drawn at the end: refused before the rows are made
         rows = _each(rows, drawn.add)
+    unlike: list[str] = []
+    rows = _each(rows, lambda row: getattr(row, "unlike_training", None) and unlike.append(row.key))
     if output is None:
         for row in rows:
             print(row.line(), flush=True)
     else:
         n = featx.write_predictions(rows, output, top=top)
         print(f"{n} rows -> {output}")
+    if unlike:  # a folder's worth of lines scrolls past: the count is said at the end
+        print(f"{len(unlike)} image(s) unlike the training images, their classes guesses (e.g. {unlike[0]})"
+              + (": column unlike_training" if output is not None else ""))
     if sheet is not None and drawn.draw(sheet):
         print(f"-> {sheet}")
 

@@ -567,8 +567,9 @@ def test_images_unlike_a_heads_training_images_are_marked_whatever_their_probabi
     assert [float(t["class_mean_cosine"]) for t in table] == pytest.approx([r.class_mean_cosine for r in rows],
                                                                             abs=1e-4)
     assert main(["predict", str(photos_dir / "china.jpg"), str(digits[0]), "--head", str(head), "-q"]) == 0
-    china, digit = capsys.readouterr().out.splitlines()
+    china, digit, count = capsys.readouterr().out.splitlines()
     assert china.endswith("(unlike the training images: a guess)") and "unlike" not in digit
+    assert count == f"1 image(s) unlike the training images, their classes guesses (e.g. {photos_dir / 'china.jpg'})"
     # a head saved before heads kept their class means: nothing is marked, the columns stay empty, it is said
     with safe_open(str(head), framework="numpy") as f:
         header, arrays = json.loads(f.metadata()["featx"]), {k: f.get_tensor(k) for k in f.keys()}
