@@ -10,7 +10,7 @@ _logger = logging.getLogger(__name__)
 
 def run_demo(folder: str | Path = "demo", *, device: str = "auto", progress: bool = True) -> dict:
     """Classify sample photos, embed the digits folder into a cache, train a head, plot its confusion matrix,
-    list the held-out digits it got wrong.
+    list the held-out digits it got wrong, and give the head the photos (marked unlike its training images).
 
     Everything is written under ``folder``; a second run reuses the cache (only new images are embedded).
     Returns the figures it printed.
@@ -20,6 +20,7 @@ def run_demo(folder: str | Path = "demo", *, device: str = "auto", progress: boo
     from .export import ensure_model_file
     from .heads import train_head
     from .pipeline import classify, embed_folder
+    from .predictions import predict
     from .samples import write_digits_folder, write_sample_photos
 
     folder = Path(folder)
@@ -42,4 +43,11 @@ def run_demo(folder: str | Path = "demo", *, device: str = "auto", progress: boo
     report = train_head(cache, folder / "digits-logreg.safetensors", head="logreg",
                         mistakes_csv=folder / "digits-mistakes.csv")
     print("   " + report.text().replace("\n", "\n   "))
-    return {"accuracy": report.accuracy, "embedded": stats.n_embedded, "cached": stats.n_cached, "files": report.files}
+
+    print("4. The digits head given the sample photos, nothing like a digit (its probabilities cannot say so):")
+    head = folder / "digits-logreg.safetensors"
+    photo_rows = predict(photos, head=head, model=model_file, top=1, device=device)
+    for r in photo_rows:
+        print(f"   {Path(r.key).name:14s} " + r.line().split("  ", 1)[1])
+    return {"accuracy": report.accuracy, "embedded": stats.n_embedded, "cached": stats.n_cached, "files": report.files,
+            "photos_unlike_training": sum(bool(r.unlike_training) for r in photo_rows)}
