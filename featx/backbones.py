@@ -79,6 +79,11 @@ class Backbone:
     # a fine-tuning checkpoint's: uint64 perceptual hashes of the pictures it was tuned on (the export
     # keeps them, and evaluate leaves those pictures out of a test folder)
     trained_phashes: np.ndarray | None = None
+    # a fine-tuning checkpoint's: float32 (n_classes, embed_dim) unit means of its training images'
+    # embeddings, and the cosine to the nearest that 99% of them reach (featx.heads.class_means_and_typical_cosine):
+    # the export outputs class_mean_cosine, and classify marks an image under it
+    class_means: np.ndarray | None = None
+    typical_cosine: float | None = None
 
     def weights_sha256(self) -> str:
         """Hash of every parameter and buffer (names, shapes, bytes): the identity of these weights."""

@@ -142,6 +142,7 @@ class ModelInfo:
             precision="fp16" if half else "fp32",
             featx_version=__version__,
             trained_phashes=backbone.trained_phashes,
+            typical_cosine=backbone.typical_cosine if backbone.class_means is not None else None,
         )
 
 
@@ -256,7 +257,32 @@ TRAINED_PHASHES_KEY = "featx_trained_phashes"
 # an export_classifier file of a head with class means: the cut-off of its class_mean_cosine output, and
 # the initializer holding the means, (embed_dim, n_classes) float32
 TYPICAL_COSINE_KEY = "featx_typical_cosine"
-CLASS_MEANS_NAME = "head/class_means"
+CLASS_MEANS_PREFIX = "head/"  # export_classifier prefixes its head's graph so; a fine-tuned export names it so too
+CLASS_MEANS_NAME = f"{CLASS_MEANS_PREFIX}class_means"
+
+
+def class_mean_cosine_graph(means: np.ndarray, *, prefix: str = "") -> tuple[list, list]:
+    """ONNX initializers and nodes from the graph's ``embedding`` to an output ``class_mean_cosine`` (n,):
+    the embedding at unit length against each of ``means`` (n_classes, d; unit rows), the nearest one's
+    cosine. ``prefix`` names the rest (the means: ``{prefix}class_means``). Only ops whose form has not
+    changed since opset 13 (no Reduce*, whose axes moved to an input in 18)."""
+    from onnx import helper, numpy_helper
+
+    d = means.shape[1]
+    inits = [numpy_helper.from_array(np.ones((d, 1), np.float32), f"{prefix}ones"),
+             numpy_helper.from_array(np.ascontiguousarray(means.T, dtype=np.float32), f"{prefix}class_means"),
+             numpy_helper.from_array(np.array([1], np.int64), f"{prefix}one"),
+             numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}flat")]
+    name = {n: f"{prefix}{n}" for n in ("squares", "norm2", "norm", "unit", "cosines", "nearest", "nearest_class")}
+    nodes = [helper.make_node("Mul", ["embedding", "embedding"], [name["squares"]]),
+             helper.make_node("MatMul", [name["squares"], f"{prefix}ones"], [name["norm2"]]),
+             helper.make_node("Sqrt", [name["norm2"]], [name["norm"]]),
+             helper.make_node("Div", ["embedding", name["norm"]], [name["unit"]]),
+             helper.make_node("MatMul", [name["unit"], f"{prefix}class_means"], [name["cosines"]]),
+             helper.make_node("TopK", [name["cosines"], f"{prefix}one"], [name["nearest"], name["nearest_class"]],
+                              axis=1),
+             helper.make_node("Reshape", [name["nearest"], f"{prefix}flat"], ["class_mean_cosine"])]
+    return inits, nodes
 
 
 def encode_phashes(phashes: np.ndarray) -> str:
@@ -340,6 +366,15 @@ def export_onnx(
         if info.trained_phashes is not None:
             entry = proto.metadata_props.add()
             entry.key, entry.value = TRAINED_PHASHES_KEY, encode_phashes(info.trained_phashes)
+        if backbone.class_means is not None and backbone.typical_cosine is not None and info.has_logits:
+            # a fine-tuned model: how like its training images an image is, as a merged head's file says
+            inits, nodes = class_mean_cosine_graph(backbone.class_means, prefix=CLASS_MEANS_PREFIX)
+            proto.graph.initializer.extend(inits)
+            proto.graph.node.extend(nodes)
+            proto.graph.output.append(onnx.helper.make_tensor_value_info("class_mean_cosine", onnx.TensorProto.FLOAT,
+                                                                         ["batch"]))
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = TYPICAL_COSINE_KEY, repr(float(backbone.typical_cosine))
         proto.producer_name = "featx"
         onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp))

@@ -396,7 +396,48 @@ def fine_tune(
         if waited >= patience:
             log(f"early stopping: val_loss has not improved for {patience} epochs")
             break
+    if output.is_file():
+        # the kept epoch's embeddings of its training images, each class's mean direction: its export marks
+        # an image unlike them, as a head's predict does (a Ctrl-C here leaves the checkpoint as it was)
+        t0 = time.perf_counter()
+        train_plain = _FolderImages([samples[i] for i in train_idx], val_tf, floor)
+        _add_class_means(output, features, torch.utils.data.DataLoader(
+            train_plain, batch_size=batch_size * 2, num_workers=workers, collate_fn=_collate_decoded), device,
+            len(class_names), bar=_progress_bar(len(train_plain), progress, desc="class means", leave=False))
+        log(f"class means of the {len(train_plain)} training images (its export marks images unlike them) in "
+            f"{time.perf_counter() - t0:.1f} s")
     return result
+
+
+def _add_class_means(path: Path, features, loader, device: str, n_classes: int, *, bar) -> None:
+    """Embed ``loader``'s images with the checkpoint's own weights (those of the epoch it kept, not the
+    last one's) and add each class's mean direction and the cosine to the nearest that 99% of them reach
+    (:func:`featx.heads.class_means_and_typical_cosine`) to the checkpoint at ``path``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .heads import class_means_and_typical_cosine
+
+    state, meta = _read_checkpoint(path)
+    features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+    features.eval()
+    embeddings, targets = [], []
+    with torch.no_grad():
+        for x, y, bad in loader:
+            bar.update(len(bad) + (0 if x is None else len(y)))
+            if x is not None:
+                embeddings.append(features(x.to(device)).float().cpu().numpy())
+                targets.append(y.numpy())
+    bar.close()
+    if not embeddings:
+        return
+    means, typical = class_means_and_typical_cosine(np.concatenate(embeddings), np.concatenate(targets), n_classes)
+    if typical is None:
+        return
+    state[_CLASS_MEANS] = torch.from_numpy(means.astype(np.float32))
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(state, str(tmp), metadata={"featx": json.dumps({**meta, "typical_cosine": typical})})
+    os.replace(tmp, path)
 
 
 def plot_curves(history: Sequence[EpochLog], path: Path, *, title: str) -> None:
@@ -508,6 +549,7 @@ def _write_checkpoint(path: Path, features, classifier, *, trained_phashes: np.n
 
 
 _TRAINED_PHASHES = "featx.trained_phashes"
+_CLASS_MEANS = "featx.class_means"
 _SAMPLE_PHASHES = "featx.sample_phashes"
 
 
@@ -616,6 +658,8 @@ def load_finetuned(backbone, path: str | os.PathLike):
                                       resize_size=int(meta["resize_size"]))
     if _TRAINED_PHASHES in state:
         backbone.trained_phashes = state[_TRAINED_PHASHES].numpy().view(np.uint64)
+    if _CLASS_MEANS in state and isinstance(meta.get("typical_cosine"), (int, float)):
+        backbone.class_means, backbone.typical_cosine = state[_CLASS_MEANS].numpy(), float(meta["typical_cosine"])
     backbone.weights = str(path)
     return backbone
 

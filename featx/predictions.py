@@ -566,7 +566,7 @@ def export_classifier(
     import onnx
     from onnx import TensorProto, compose, helper, numpy_helper
 
-    from .export import CLASS_MEANS_NAME, METADATA_KEY, TRAINED_PHASHES_KEY, TYPICAL_COSINE_KEY, encode_phashes
+    from .export import METADATA_KEY, TRAINED_PHASHES_KEY, TYPICAL_COSINE_KEY, class_mean_cosine_graph, encode_phashes
 
     check_output_file(output, example="classifier.onnx")
     loaded = load_head(head)
@@ -596,20 +596,9 @@ def export_classifier(
     d, k = len(h.mean_), h.layers_[-1][0].shape[0]
     outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", k])]
     marks = getattr(h, "class_means_", None) is not None and h.typical_cosine_ is not None
-    if marks:
-        # class_mean_cosine: the embedding at unit length against each class mean, the nearest one's cosine
-        # (ops whose form is the same in every opset since 13: no Reduce*, whose axes moved to an input)
-        inits += [numpy_helper.from_array(np.ones((d, 1), np.float32), "ones"),
-                  numpy_helper.from_array(h.class_means_.T.astype(np.float32), CLASS_MEANS_NAME.split("/", 1)[1]),
-                  numpy_helper.from_array(np.array([1], np.int64), "one"),
-                  numpy_helper.from_array(np.array([-1], np.int64), "flat")]
-        nodes += [helper.make_node("Mul", ["embedding", "embedding"], ["squares"]),
-                  helper.make_node("MatMul", ["squares", "ones"], ["norm2"]),
-                  helper.make_node("Sqrt", ["norm2"], ["norm"]),
-                  helper.make_node("Div", ["embedding", "norm"], ["unit"]),
-                  helper.make_node("MatMul", ["unit", "class_means"], ["cosines"]),
-                  helper.make_node("TopK", ["cosines", "one"], ["nearest", "nearest_class"], axis=1),
-                  helper.make_node("Reshape", ["nearest", "flat"], ["class_mean_cosine"])]
+    if marks:  # named without a prefix here: the head's graph is prefixed 'head/' whole below (CLASS_MEANS_NAME)
+        mean_inits, mean_nodes = class_mean_cosine_graph(h.class_means_)
+        inits, nodes = inits + mean_inits, nodes + mean_nodes
         outputs.append(helper.make_tensor_value_info("class_mean_cosine", TensorProto.FLOAT, ["batch"]))
     graph = helper.make_graph(
         nodes, "featx_head",

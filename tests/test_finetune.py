@@ -190,7 +190,8 @@ def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, caps
     assert main(["-q", "finetune", str(small_digits), "-o", str(ckpt), "--unfreeze", "1", "--epochs", "3",
                  "--input-size", "64", "--batch-size", "16", "--no-hflip"]) == 0
     out = capsys.readouterr().out.splitlines()
-    said = next(line for line in out if not line.startswith("Epoch "))
+    said = next(line for line in out if line.startswith("saved epoch "))
+    assert out[out.index(said) - 1].startswith("class means of the 48 training images")  # done after the epochs
     meta = _read_checkpoint(ckpt)[1]
     assert said.startswith(f"saved epoch {meta['epoch']} of 3, the lowest val_loss {float(meta['val_loss']):.4f} "
                            f"(val_accuracy {float(meta['val_accuracy']):.4f}) -> {ckpt}"), said
@@ -374,9 +375,11 @@ def test_advise_keeps_near_copies_in_one_fold_of_its_probe(small_digits, lite0_o
     assert 0.3 < advice.probe_accuracy < 1
 
 
-def test_a_fine_tuned_export_is_not_scored_on_the_pictures_it_was_tuned_on(small_digits, tmp_path, caplog):
+def test_a_fine_tuned_export_is_not_scored_on_the_pictures_it_was_tuned_on(small_digits, photos_dir, tmp_path,
+                                                                            caplog):
     """evaluate on a test folder holding some of the tuning folder's pictures (saved again at another size)
-    leaves them out: the export keeps the perceptual hashes of what it was tuned on."""
+    leaves them out: the export keeps the perceptual hashes of what it was tuned on. It keeps its training
+    images' class means too, so classify marks a photo unlike them, as predict does with a head."""
     import logging
 
     import onnx
@@ -392,6 +395,20 @@ def test_a_fine_tuned_export_is_not_scored_on_the_pictures_it_was_tuned_on(small
     known = len(info.trained_phashes)
     assert 50 <= known <= 60 and f"knows the {known} pictures it was trained and validated on" in info.summary()
     assert "logits for 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)" in info.summary()  # its own, named
+    assert f"marks images unlike its training images (class_mean_cosine under {info.typical_cosine:.3f})" \
+        in info.summary()
+    photos = sorted(photos_dir.iterdir())
+    tuned_on = sorted(small_digits.rglob("*.png"))[::10]
+    rows = featx.classify(photos + tuned_on, model=model, top=1)
+    assert [r.unlike_training for r in rows] == [True] * len(photos) + [False] * len(tuned_on)
+    import onnxruntime as ort
+
+    from featx.data import load_image
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    (cosine,) = session.run(["class_mean_cosine"], {"images": np.stack([load_image(p, info.preprocess)
+                                                                        for p in photos + tuned_on])})
+    assert cosine == pytest.approx([r.class_mean_cosine for r in rows], abs=1e-4)  # the file's own output
 
     test = tmp_path / "test"  # 20 digits it never saw, and 10 of its own at 48 px as JPEG
     for path in write_digits_folder(tmp_path / "more", size=32, limit=80).rglob("*.png"):
@@ -406,6 +423,7 @@ def test_a_fine_tuned_export_is_not_scored_on_the_pictures_it_was_tuned_on(small
     with caplog.at_level(logging.WARNING, logger="featx"):
         report = featx.evaluate_classifier(test, model)
     assert 18 <= report.n_test <= 20 and not any(key.endswith(".jpg") for key, *_ in report.mistakes)
+    assert report.n_unlike is not None and report.n_unlike <= 4  # digits like those it was tuned on
     left_out = 30 - report.n_test
     assert f"{left_out} of 30 images of {test} are pictures ft.onnx was trained on" in caplog.text
 
