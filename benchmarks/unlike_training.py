@@ -9,6 +9,11 @@ digits (64 px, white on black, through the default model), then given:
   ``turned 90°``, ``small in a large frame`` (24 px in the middle of 104), ``blurred`` (down to 8 px and up);
 - ``photos``: 120 crops of the scikit-learn and scikit-image sample photos (500x375 JPEGs).
 
+Then a head of six photo classes (60 crops of each sample photo: china, flower, coffee, chelsea,
+astronaut, rocket; 80% trained), given the held-out crops and 10 crops of each of nine other
+scikit-image pictures (camera, horse, coins, page, brick, grass, hubble_deep_field, immunohistochemistry,
+retina): ``photo_classes``.
+
 For each set: the share featx marks unlike the training images (cosine to the nearest class mean under
 what 99% of the training images reach, each left out of its class's mean), the share a check on the
 head's own confidence marks (top probability under the cut-off that marks as many held-out digits as
@@ -87,8 +92,45 @@ def main() -> None:
             entry["accuracy_marked"] = float(right[marked].mean()) if marked.any() else None
             entry["accuracy_not_marked"] = float(right[~marked].mean()) if (~marked).any() else None
         record["sets"][name] = entry
+    record["photo_classes"] = photo_classes(model)
     write_record(record, args.out, "unlike_training-digits")
     plot(record, Path(args.out) / "unlike_training-digits.png")
+
+
+OTHER_PICTURES = ("camera", "horse", "coins", "page", "brick", "grass", "hubble_deep_field", "immunohistochemistry",
+                  "retina")
+
+
+def photo_classes(model) -> dict:
+    """A head whose classes are six photos (crops of each), given held-out crops and other pictures."""
+    import skimage.data
+    from PIL import Image
+
+    import featx
+    from featx.heads import stratified_split
+    from featx.samples import random_crop, sample_photos
+
+    rng = np.random.default_rng(0)
+    names, crops = [], []
+    for name, photo in sample_photos().items():
+        crops += [random_crop(photo, rng) for _ in range(60)]
+        names += [name] * 60
+    X, names = featx.embed_images(crops, model=model), np.array(names)
+    train, test = stratified_split(names, 0.2, 0)
+    head = featx.LogRegHead().fit(X[train], names[train])
+    out = {"n_train": len(train), "typical_cosine": head.typical_cosine_,
+           "held_out": {"n": len(test), "marked_by_featx": float(head.unlike_training(X[test]).mean()),
+                        "accuracy": float(np.mean(head.predict(X[test]) == names[test])),
+                        "mean_top_probability": float(head.predict_proba(X[test]).max(axis=1).mean())},
+           "other_pictures": {}}
+    for name in OTHER_PICTURES:
+        a = getattr(skimage.data, name)()
+        picture = Image.fromarray(a.astype(np.uint8) * 255 if a.dtype == bool else a).convert("RGB")
+        E = featx.embed_images([random_crop(picture, rng) for _ in range(10)], model=model)
+        out["other_pictures"][name] = {"n": len(E), "marked_by_featx": float(head.unlike_training(E).mean()),
+                                       "mean_top_probability": float(head.predict_proba(E).max(axis=1).mean()),
+                                       "class_mean_cosine_median": float(np.median(head.class_mean_cosine(E)))}
+    return out
 
 
 def plot(record: dict, path: Path) -> None:
@@ -99,7 +141,7 @@ def plot(record: dict, path: Path) -> None:
 
     names = list(record["sets"])
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(15, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for offset, key, label in ((-0.2, "marked_by_featx", "featx: unlike the training images"),
                                (0.2, "marked_by_low_confidence", "top probability under the same false-alarm cut")):
         values = [record["sets"][n][key] * 100 for n in names]
@@ -111,6 +153,15 @@ def plot(record: dict, path: Path) -> None:
     ax.set_ylim(0, 110)
     ax.set_title(f"A digits head ({record['n_train']} digits, {record['model']}) given other images", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
+    photos = record["photo_classes"]
+    rows = {"held-out crops": photos["held_out"], **photos["other_pictures"]}
+    bars = right.bar(np.arange(len(rows)), [r["marked_by_featx"] * 100 for r in rows.values()], 0.6,
+                     color="tab:blue")
+    right.bar_label(bars, labels=[f"{r['mean_top_probability']:.2f}" for r in rows.values()], fontsize=7)
+    right.set_xticks(np.arange(len(rows)), [n.replace("_", " ") for n in rows], rotation=40, ha="right", fontsize=8)
+    right.set_ylim(0, 110)
+    right.set_title(f"A head of six photos ({photos['n_train']} crops) given other pictures\n"
+                    "(% marked unlike; above each bar the mean top probability)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"-> {path}")

@@ -106,17 +106,20 @@ def _write_jpegs(folder: Path, start: int, stop: int, size, quality: int, classe
     import numpy as np
 
     photos = list(sample_photos().values())
-    w, h = size
     for i in range(start, stop):
-        rng = np.random.default_rng([seed, i])
-        src = photos[i % len(photos)]
-        scale = rng.uniform(1.0, 1.6)
-        big = src.resize((int(max(w, src.width) * scale), int(max(h, src.height) * scale)), Image.BILINEAR)
-        x = int(rng.integers(0, big.width - w + 1))
-        y = int(rng.integers(0, big.height - h + 1))
-        crop = big.crop((x, y, x + w, y + h))
-        if rng.random() < 0.5:
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        crop = random_crop(photos[i % len(photos)], np.random.default_rng([seed, i]), size)
         out = folder / f"class_{i % classes}" / f"img_{i:06d}.jpg"
         out.parent.mkdir(parents=True, exist_ok=True)
         crop.save(out, quality=quality)
+
+
+def random_crop(photo: Image.Image, rng, size: tuple[int, int] = (500, 375)) -> Image.Image:
+    """A ``size`` (w, h) crop of ``photo`` enlarged 1 to 1.6 times (at least to ``size``), mirrored half
+    the time: another view of the same picture, as a folder of photos of one subject holds."""
+    w, h = size
+    scale = rng.uniform(1.0, 1.6)
+    big = photo.resize((int(max(w, photo.width) * scale), int(max(h, photo.height) * scale)), Image.BILINEAR)
+    x = int(rng.integers(0, big.width - w + 1))
+    y = int(rng.integers(0, big.height - h + 1))
+    crop = big.crop((x, y, x + w, y + h))
+    return crop.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
