@@ -414,7 +414,6 @@ def _add_class_means(path: Path, features, loader, device: str, n_classes: int, 
     last one's) and add each class's mean direction and the cosine to the nearest that 99% of them reach
     (:func:`featx.heads.class_means_and_typical_cosine`) to the checkpoint at ``path``."""
     import torch
-    from safetensors.torch import save_file
 
     from .heads import class_means_and_typical_cosine
 
@@ -435,9 +434,7 @@ def _add_class_means(path: Path, features, loader, device: str, n_classes: int, 
     if typical is None:
         return
     state[_CLASS_MEANS] = torch.from_numpy(means.astype(np.float32))
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file(state, str(tmp), metadata={"featx": json.dumps({**meta, "typical_cosine": typical})})
-    os.replace(tmp, path)
+    _save_checkpoint(path, state, {**meta, "typical_cosine": typical})
 
 
 def plot_curves(history: Sequence[EpochLog], path: Path, *, title: str) -> None:
@@ -535,16 +532,22 @@ def _write_checkpoint(path: Path, features, classifier, *, trained_phashes: np.n
     distinct ones), and so that a resume on the unchanged folder (``meta["folder_identity"]``) splits
     it as the first run did without decoding it again (all of them)."""
     import torch
-    from safetensors.torch import save_file
 
     state = {f"features.{k}": v.detach().cpu().contiguous() for k, v in features.state_dict().items()}
     state.update({f"classifier.{k}": v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()})
     known = np.unique(trained_phashes[trained_phashes != 0])
     state[_TRAINED_PHASHES] = torch.from_numpy(known.view(np.int64))  # safetensors' torch side has no uint64
     state[_SAMPLE_PHASHES] = torch.from_numpy(np.ascontiguousarray(trained_phashes, dtype=np.uint64).view(np.int64))
+    _save_checkpoint(path, state, {"format": CHECKPOINT_FORMAT, **meta})
+
+
+def _save_checkpoint(path: Path, state: dict, meta: dict) -> None:
+    """Written under another name and renamed: a kill while writing leaves the previous checkpoint whole."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    save_file(state, str(tmp), metadata={"featx": json.dumps({"format": CHECKPOINT_FORMAT, **meta})})
+    save_file(state, str(tmp), metadata={"featx": json.dumps(meta)})
     os.replace(tmp, path)
 
 
@@ -608,7 +611,10 @@ def describe_checkpoint(path: str | os.PathLike) -> str:
             + (f"input {'x'.join(map(str, meta['input_size']))}, " if "input_size" in meta else "")
             + (f"blocks trained: {', '.join(blocks) or 'classifier only'}, " if blocks is not None else "")
             + f"best at epoch {meta.get('epoch')} (val_accuracy {meta.get('val_accuracy', float('nan')):.4f}, "
-            f"val_loss {meta.get('val_loss', float('nan')):.4f}); {export_command(path, meta)} makes it a model")
+            f"val_loss {meta.get('val_loss', float('nan')):.4f}); "
+            + ("its training images' class means kept (its export marks images unlike them); "
+               if "typical_cosine" in meta else "")
+            + f"{export_command(path, meta)} makes it a model")
 
 
 def export_command(path: str | os.PathLike, meta: dict | None = None) -> str | None:

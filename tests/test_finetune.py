@@ -76,7 +76,8 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
     assert featx.describe_file(ckpt) == (  # `featx info ft.safetensors`: what it is, how to use it
         f"{ckpt}: fine-tuned efficientnet_lite0 for 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), input 64x64, "
         f"blocks trained: blocks.6, conv_head+bn2, best at epoch {best.epoch} (val_accuracy "
-        f"{best.val_accuracy:.4f}, val_loss {best.val_loss:.4f}); `featx export efficientnet_lite0 --weights "
+        f"{best.val_accuracy:.4f}, val_loss {best.val_loss:.4f}); its training images' class means kept (its "
+        f"export marks images unlike them); `featx export efficientnet_lite0 --weights "
         f"{ckpt} -o {ckpt.with_suffix('.onnx')}` makes it a model")
     renamed = shutil.copy(ckpt, tmp_path / "ft.ckpt")  # a checkpoint is known by its content, not its name
     assert featx.describe_file(renamed).startswith(f"{renamed}: fine-tuned efficientnet_lite0 for 10 classes")
