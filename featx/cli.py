@@ -682,7 +682,7 @@ def _print_or_write(rows: Iterable, output: str | None, top: int, *, sheet: str 
         check_output_file(sheet, example="classes.png")  # drawn at the end: refused before the rows are made
         rows = _each(rows, drawn.add)
     unlike: list[str] = []
-    rows = _each(rows, lambda row: getattr(row, "unlike_training", None) and unlike.append(row.key))
+    rows = _each(rows, lambda row: row.unlike_training and unlike.append(row.key))
     if output is None:
         for row in rows:
             print(row.line(), flush=True)

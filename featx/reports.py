@@ -323,7 +323,7 @@ class ClassSheet:
         if row.error is not None or not row.top:
             return
         name, p = row.top[0]
-        unlike = bool(getattr(row, "unlike_training", False))
+        unlike = bool(row.unlike_training)
         self.counts[name] = self.counts.get(name, 0) + 1
         heap = self.least_sure.setdefault(name, [])
         entry = (-(p - unlike), row.key, p, unlike)
