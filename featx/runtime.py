@@ -160,7 +160,7 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
         raise _not_onnx(path, e) from None
     meta = {p.key: p.value for p in proto.metadata_props}
     info = _info_from_metadata(path, meta)
-    if info.typical_cosine is not None:  # a merged classifier's class means, as its graph holds them
+    if info.typical_cosine is not None:  # a merged classifier's or fine-tuned export's class means, from its graph
         from onnx import numpy_helper
 
         means = next((numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == CLASS_MEANS_NAME), None)
