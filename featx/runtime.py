@@ -293,7 +293,9 @@ class OnnxEngine:
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/InvalidGraph classes
             raise _not_onnx(self.path, e) from None
         self.info = _info_from_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        # the outputs featx reads: a classifier file's class_mean_cosine is for those who run it without
+        # featx (classify computes it from the embedding), not computed a second time on every batch
+        self.outputs = [o.name for o in self.session.get_outputs() if o.name in ("embedding", self.info.class_scores)]
         width = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "embedding"), None)
         # files exported before timm's conv-head widths (MobileNetV3: 1280, not 960) were read right
         if isinstance(width, int) and width != self.info.embed_dim:
