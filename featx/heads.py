@@ -221,7 +221,11 @@ class _Head(ClassifierMixin, BaseEstimator):
         each then left out of its class's mean (``class_mean_cosine`` under ``typical_cosine_``): their
         classes are guesses, however sure the probabilities look. None marked where the head had no class
         of two images or more."""
-        cosines = self.class_mean_cosine(X)
+        return self.unlike_at(self.class_mean_cosine(X))
+
+    def unlike_at(self, cosines: np.ndarray) -> np.ndarray:
+        """bool (n,): :meth:`unlike_training` of rows whose ``class_mean_cosine`` is already taken."""
+        cosines = np.asarray(cosines)
         return cosines < self.typical_cosine_ if self.typical_cosine_ is not None else np.zeros(len(cosines), bool)
 
     def predict_proba(self, X) -> np.ndarray:

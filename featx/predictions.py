@@ -105,7 +105,7 @@ def iter_predictions(
         cosines, unlike = [None] * len(keys), [None] * len(keys)
         if knows_means:
             cosines = loaded.head.class_mean_cosine(embeddings)
-            unlike = loaded.head.unlike_training(embeddings)
+            unlike = loaded.head.unlike_at(cosines)
         for key, probs, cosine, far in zip(keys, loaded.head.predict_proba(embeddings), cosines, unlike):
             best = np.argsort(-probs)[:top]
             chosen = [classes[j] for j in np.flatnonzero(probs >= loaded.head.thresholds_)] if multilabel else None

@@ -222,8 +222,9 @@ def test_image_embedder_in_a_pipeline_with_cross_validation(digits_dir, lite0_on
 
 
 @pytest.mark.slow
-def test_multilabel_head_from_csv(digits_cache, digits_dir, lite0_onnx, tmp_path, caplog):
-    """Real images, labels a person could give digits: even/odd, 'big' (5-9), 'loop' (0, 6, 8, 9)."""
+def test_multilabel_head_from_csv(digits_cache, digits_dir, photos_dir, lite0_onnx, tmp_path, caplog):
+    """Real images, labels a person could give digits: even/odd, 'big' (5-9), 'loop' (0, 6, 8, 9). A
+    photo is marked unlike the training images (each label's mean), a digit is not."""
     data = featx.load_embeddings(digits_cache)
     with open(tmp_path / "labels.csv", "w") as f:
         f.write("key,labels\n")
@@ -242,11 +243,14 @@ def test_multilabel_head_from_csv(digits_cache, digits_dir, lite0_onnx, tmp_path
         assert report.accuracy >= 0.86, report.text()
         assert (tmp_path / f"{kind}.f1.png").exists()
         assert "1 keys of" in caplog.text and "3/typo.png" in caplog.text
+        assert report.n_unlike <= 0.05 * report.n_test and "unlike the training images" in report.text()
     head = load_head(tmp_path / "mlp.safetensors").head
     assert head.multilabel_ and head.thresholds_.shape == (4,)
     eight = sorted((digits_dir / "8").iterdir())[0]
-    row = featx.predict([eight], head=tmp_path / "mlp.safetensors", model=lite0_onnx, top=4)[0]
+    row, photo = featx.predict([eight, photos_dir / "china.jpg"], head=tmp_path / "mlp.safetensors",
+                               model=lite0_onnx, top=4)
     assert set(row.labels) == {"even", "big", "loop"}
+    assert (row.unlike_training, photo.unlike_training) == (False, True)
     merged = featx.export_classifier(lite0_onnx, tmp_path / "mlp.safetensors", tmp_path / "ml.onnx")
     import onnxruntime as ort
 
