@@ -8,6 +8,7 @@ weights' own metadata (torchvision weight enums, timm's pretrained config), neve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -457,11 +458,79 @@ def _create_timm_model(name: str, source: str, *, shown_as: str | None = None):
     import timm
 
     try:
-        return timm.create_model(name, pretrained=source == "pretrained")
+        if source != "pretrained":
+            return timm.create_model(name, pretrained=False)
+        with _hub_cache_only_when_unreachable():
+            return timm.create_model(name, pretrained=True)
     except (OSError, RuntimeError, ValueError) as e:
         if source == "pretrained":
             raise _download_failed(shown_as or name, e) from None
         raise
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@contextlib.contextmanager
+def _hub_cache_only_when_unreachable():
+    """huggingface_hub in offline mode (its local cache only) while its host cannot be reached and no proxy
+    is set: without a network it retries each file five times, 52 s for a timm model not cached, before it
+    fails; weights it has cached, offline mode reads as before."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        yield
+        return
+    unreachable = _unreachable(hub.ENDPOINT)
+    if not unreachable:
+        yield
+        return
+    _logger.info("%s cannot be reached (%s): weights only from the local Hugging Face cache", hub.ENDPOINT,
+                 unreachable)
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = False
+
+
+def _unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why a TCP connection to the URL's host fails (its name does not resolve, it is refused, it times
+    out: no network or a firewall), or None when it opens or the lookup itself takes longer than
+    ``timeout`` (the download then says what is wrong)."""
+    import concurrent.futures
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return None
+
+    def connect():
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    attempt = pool.submit(connect)
+    pool.shutdown(wait=False)
+    try:
+        attempt.result(timeout=timeout + 1)
+    except concurrent.futures.TimeoutError:
+        return None
+    except socket.gaierror:
+        return "its name does not resolve"
+    except OSError as e:
+        return e.strerror or first_line(e) or type(e).__name__
+    return None
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    lookup = pool.submit(socket.getaddrinfo, host, 443)
+    pool.shutdown(wait=False)
+    try:
+        lookup.result(timeout=timeout)
+    except socket.gaierror:
+        return False
+    except Exception:  # a slow or otherwise failing lookup: leave it to the download
+        return True
+    return True
 
 
 def _timm_backbone(name: str, weights: str | None, *, model=None, source: str | None = None) -> Backbone:

@@ -115,6 +115,59 @@ def test_a_pretrained_download_from_the_hugging_face_hub_that_fails_is_one_line(
     assert ("--weights bundled (the default)" in msg) == (name == "efficientnet_lite0")
 
 
+def _no_network(monkeypatch, why="no name resolves"):
+    def unknown(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    if why == "no name resolves":
+        monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    else:  # a firewall that refuses the connection
+        monkeypatch.setattr(socket, "create_connection", refused)
+    for variable in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+@pytest.mark.parametrize("why", ["no name resolves", "refused"])
+def test_without_a_network_a_timm_download_fails_at_once_not_after_retries(why, monkeypatch, tmp_path, caplog):
+    """With no network huggingface_hub retried each file five times, 52 s and 46 lines of "Retrying in 8s"
+    for `featx export resnet18.a1_in1k`, before featx's one-line error: a Hub whose name does not
+    resolve is read from the local cache only, and offline mode is left as it was."""
+    from huggingface_hub import constants
+
+    _no_network(monkeypatch, why)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with caplog.at_level(logging.INFO), pytest.raises(WeightsError) as e:
+        featx.load_backbone("timm/resnet18", weights="pretrained")
+    assert str(e.value).startswith("could not download pretrained weights for resnet18 (")
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage() or "thrown while" in r.getMessage()]
+    reason = {"no name resolves": "its name does not resolve", "refused": "Connection refused"}[why]
+    assert f"cannot be reached ({reason}" in caplog.text and "weights only from the local" in caplog.text
+    assert constants.HF_HUB_OFFLINE is False
+
+
+def test_without_a_network_timm_weights_in_the_hugging_face_cache_load(monkeypatch, tmp_path):
+    """Weights downloaded once still load without a network in the Hub's offline mode (read from its cache)."""
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    cached = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    snapshot = tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    save_file(cached.state_dict(), str(snapshot / "model.safetensors"))
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text("ab" * 20)
+    _no_network(monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    backbone = featx.load_backbone("timm/resnet18", weights="pretrained")
+    assert torch.equal(backbone.features.conv1.weight, cached.conv1.weight)
+    assert backbone.weights == "pretrained" and constants.HF_HUB_OFFLINE is False
+
+
 def test_local_checkpoint_loads_and_fixes_the_weights(tmp_path):
     import torchvision
     from safetensors.torch import save_file
