@@ -514,23 +514,13 @@ def _unreachable(url: str, timeout: float = 5.0) -> str | None:
     pool.shutdown(wait=False)
     try:
         attempt.result(timeout=timeout + 1)
-    except concurrent.futures.TimeoutError:
-        return None
     except socket.gaierror:
         return "its name does not resolve"
-    except OSError as e:
+    except (OSError, concurrent.futures.TimeoutError) as e:  # timed out: the connection, or the lookup still running
+        if not attempt.done():
+            return None
         return e.strerror or first_line(e) or type(e).__name__
     return None
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    lookup = pool.submit(socket.getaddrinfo, host, 443)
-    pool.shutdown(wait=False)
-    try:
-        lookup.result(timeout=timeout)
-    except socket.gaierror:
-        return False
-    except Exception:  # a slow or otherwise failing lookup: leave it to the download
-        return True
-    return True
 
 
 def _timm_backbone(name: str, weights: str | None, *, model=None, source: str | None = None) -> Backbone:

@@ -122,15 +122,18 @@ def _no_network(monkeypatch, why="no name resolves"):
     def refused(*args, **kwargs):
         raise ConnectionRefusedError(111, "Connection refused")
 
+    def dropped(*args, **kwargs):
+        raise TimeoutError("timed out")
+
     if why == "no name resolves":
         monkeypatch.setattr(socket, "getaddrinfo", unknown)
-    else:  # a firewall that refuses the connection
-        monkeypatch.setattr(socket, "create_connection", refused)
+    else:  # a firewall that refuses the connection, or drops it
+        monkeypatch.setattr(socket, "create_connection", {"refused": refused, "timed out": dropped}[why])
     for variable in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(variable, raising=False)
 
 
-@pytest.mark.parametrize("why", ["no name resolves", "refused"])
+@pytest.mark.parametrize("why", ["no name resolves", "refused", "timed out"])
 def test_without_a_network_a_timm_download_fails_at_once_not_after_retries(why, monkeypatch, tmp_path, caplog):
     """With no network huggingface_hub retried each file five times, 52 s and 46 lines of "Retrying in 8s"
     for `featx export resnet18.a1_in1k`, before featx's one-line error: a Hub whose name does not
@@ -143,7 +146,7 @@ def test_without_a_network_a_timm_download_fails_at_once_not_after_retries(why, 
         featx.load_backbone("timm/resnet18", weights="pretrained")
     assert str(e.value).startswith("could not download pretrained weights for resnet18 (")
     assert not [r for r in caplog.records if "Retrying" in r.getMessage() or "thrown while" in r.getMessage()]
-    reason = {"no name resolves": "its name does not resolve", "refused": "Connection refused"}[why]
+    reason = {"no name resolves": "its name does not resolve", "refused": "Connection refused"}.get(why, why)
     assert f"cannot be reached ({reason}" in caplog.text and "weights only from the local" in caplog.text
     assert constants.HF_HUB_OFFLINE is False
 
