@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -685,7 +686,12 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
         if kind:
             raise FeatxError(f"{path} is {kind}") from None
         raise FeatxError(f"{path}: not a readable head file ({first_line(e)})") from None
-    header = json.loads(meta.get("featx", "{}"))
+    try:
+        header = json.loads(meta.get("featx", "{}"))
+    except ValueError as e:
+        raise FeatxError(f"{path}: not a usable head file (its featx header is not JSON: {first_line(e)})") from None
+    if not isinstance(header, dict):
+        header = {}
     if header.get("format") != HEAD_FORMAT:
         from .finetune import export_command
 
@@ -694,6 +700,9 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
             raise FeatxError(f"{path} is a fine-tuning checkpoint, not a head: {command} makes a model of it, "
                              "given as --model")
         raise FeatxError(f"{path}: not a featx head (format {header.get('format')!r}, expected {HEAD_FORMAT!r})")
+    problem = _head_file_problem(header, arrays)
+    if problem:
+        raise FeatxError(f"{path}: not a usable head file ({problem}); train the head again")
     cls = {"LogRegHead": LogRegHead, "MLPHead": MLPHead}[header["kind"]]
     params = header["params"]
     if "hidden" in params:
@@ -701,7 +710,7 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     head = cls(**params)
     head.classes_ = np.array(header["classes"])
     head.mean_, head.scale_ = arrays["mean"], arrays["scale"]
-    n_layers = sum(1 for k in arrays if k.startswith("layer") and k.endswith(".weight"))
+    n_layers = sum(1 for k in arrays if re.fullmatch(r"layer\d+\.weight", k))
     head.layers_ = [(arrays[f"layer{i}.weight"], arrays[f"layer{i}.bias"]) for i in range(n_layers)]
     head.n_features_in_ = len(head.mean_)
     head.multilabel_ = bool(header.get("multilabel", False))
@@ -720,6 +729,51 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
             setattr(head, name, value)
     return LoadedHead(head, header["fingerprint"], header["backbone"], header["model"], header.get("model_file"),
                       header.get("cache"), arrays.get("trained_digests"), arrays.get("trained_phashes"))
+
+
+def _head_file_problem(header: dict, arrays: dict[str, np.ndarray]) -> str | None:
+    """What makes a head file's header and arrays unusable (a file written or edited by something else,
+    cut, or of another featx), said as expected vs found; None when they fit together. Without this, a
+    layer of the wrong width failed on the first prediction with numpy's matmul error, an unknown kind
+    with a KeyError."""
+    kinds = {"LogRegHead": LogRegHead, "MLPHead": MLPHead}
+    if header.get("kind") not in kinds:
+        return f"kind {header.get('kind')!r}, expected one of {', '.join(kinds)}"
+    missing = [k for k in ("params", "classes", "fingerprint", "backbone", "model") if k not in header]
+    if missing:
+        return f"its header has no {', '.join(missing)}"
+    params, known = header["params"], kinds[header["kind"]]().get_params()
+    if not isinstance(params, dict) or set(params) - set(known):
+        return f"parameters {sorted(set(params) - set(known)) if isinstance(params, dict) else params!r} that " \
+               f"{header['kind']} does not take"
+    n_classes = len(header["classes"]) if isinstance(header["classes"], list) else 0
+    if n_classes == 0:
+        return "no classes"
+    n_layers = sum(1 for k in arrays if re.fullmatch(r"layer\d+\.weight", k))
+    needed = ["mean", "scale"] + [f"layer{i}.{part}" for i in range(n_layers) for part in ("weight", "bias")]
+    if header.get("multilabel"):
+        needed.append("thresholds")
+    absent = [k for k in needed if k not in arrays] or ([] if n_layers else ["layer0.weight"])
+    if absent:
+        return f"no array {', '.join(absent)}"
+    if arrays["mean"].ndim != 1:
+        return f"mean of shape {arrays['mean'].shape}, expected one value for each embedding dimension"
+    width = arrays["mean"].shape[0]
+    expected = {"mean": (width,), "scale": (width,), "thresholds": (n_classes,)}
+    inputs = width
+    for i in range(n_layers):
+        W = arrays[f"layer{i}.weight"]
+        outputs = n_classes if i == n_layers - 1 else (W.shape[0] if W.ndim == 2 else -1)
+        expected[f"layer{i}.weight"], expected[f"layer{i}.bias"] = (outputs, inputs), (outputs,)
+        inputs = outputs
+    expected["class_means"] = (n_classes, width)
+    for name, shape in expected.items():
+        if name in arrays and arrays[name].shape != shape:
+            return f"{name} of shape {arrays[name].shape}, expected {shape} for {n_classes} classes"
+    for name in needed:
+        if not np.isfinite(arrays[name]).all():
+            return f"{name} holds values that are not finite numbers"
+    return None
 
 
 def head_model_file(loaded: LoadedHead, model: str | os.PathLike | None = None, weights: str | None = None) -> Path:

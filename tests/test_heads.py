@@ -207,6 +207,51 @@ def test_head_file_with_pickle_is_not_a_head(tmp_path):
         load_head(tmp_path / "h.safetensors")
 
 
+def test_a_head_file_whose_parts_do_not_fit_together_is_refused_saying_why(digits_cache, photos_dir, tmp_path,
+                                                                           capsys):
+    """A head file edited, cut or written by something else: a layer of the wrong width failed on the
+    first prediction with numpy's matmul error, an unknown kind was a KeyError, classes one short
+    predicted from a row that has no class; each is now refused on load, saying what does not fit."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from featx.cli import main
+
+    data = featx.load_embeddings(digits_cache)
+    featx.train_head(digits_cache, tmp_path / "good.safetensors", head="mlp", hidden=(16,), epochs=3)
+    with safe_open(str(tmp_path / "good.safetensors"), framework="numpy") as f:
+        good_header, good_arrays = json.loads(f.metadata()["featx"]), {k: f.get_tensor(k) for k in f.keys()}
+
+    def refusal(change) -> str:
+        header, arrays = json.loads(json.dumps(good_header)), dict(good_arrays)
+        metadata = change(header, arrays)
+        if not isinstance(metadata, dict):  # the change was to the header or the arrays
+            metadata = {"featx": json.dumps(header)}
+        save_file(arrays, str(tmp_path / "bad.safetensors"), metadata=metadata)
+        with pytest.raises(featx.FeatxError) as e:
+            load_head(tmp_path / "bad.safetensors")
+        assert "\n" not in str(e.value) and str(e.value).startswith(f"{tmp_path / 'bad.safetensors'}: not a usable")
+        return str(e.value)
+
+    assert "layer0.weight of shape (16, 640), expected (16, 1280) for 10 classes" in refusal(
+        lambda h, a: a.update({"layer0.weight": a["layer0.weight"][:, :640].copy()}))
+    assert "layer1.weight of shape (10, 16), expected (9, 16) for 9 classes" in refusal(
+        lambda h, a: h.update(classes=h["classes"][:9]))
+    assert "kind 'SVMHead', expected one of LogRegHead, MLPHead" in refusal(lambda h, a: h.update(kind="SVMHead"))
+    assert "no array layer1.bias" in refusal(lambda h, a: a.pop("layer1.bias"))
+    assert "class_means of shape (10, 1279)" in refusal(
+        lambda h, a: a.update(class_means=a["class_means"][:, 1:].copy()))
+    assert "layer1.bias holds values that are not finite numbers" in refusal(
+        lambda h, a: a.update({"layer1.bias": np.full(10, np.nan)}))
+    assert "parameters ['kernel'] that MLPHead does not take" in refusal(lambda h, a: h["params"].update(kernel="rbf"))
+    assert "its featx header is not JSON" in refusal(lambda h, a: {"featx": '{"format": 1, '})
+    assert load_head(tmp_path / "good.safetensors").head.predict(data.embeddings[:5]).shape == (5,)
+    # predict says it in one line and makes no CSV
+    assert main(["-q", "predict", str(photos_dir), "--head", str(tmp_path / "bad.safetensors"),
+                 "-o", str(tmp_path / "p.csv")]) == 2
+    assert "not a usable head file" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+
+
 @pytest.mark.slow
 def test_image_embedder_in_a_pipeline_with_cross_validation(digits_dir, lite0_onnx):
     from sklearn.base import clone
