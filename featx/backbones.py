@@ -340,7 +340,11 @@ def _torchvision_backbone(name: str, weights: str | None) -> Backbone:
     elif source != "none":
         apply_state_dict(model, load_state_dict_file(source), source=source)
     categories = list(weights_enum.meta["categories"])
-    classifier = _strip_last_linear(model, len(categories))
+    if isinstance(model, torchvision.models.SqueezeNet):
+        model, classifier, embed_dim = _squeezenet_features(model)
+    else:
+        classifier = _strip_last_linear(model, len(categories))
+        embed_dim = classifier.in_features
     t = weights_enum.transforms()
     interp = {
         InterpolationMode.BILINEAR: "bilinear",
@@ -359,11 +363,24 @@ def _torchvision_backbone(name: str, weights: str | None) -> Backbone:
         name=name,
         features=model,
         classifier=classifier,
-        embed_dim=classifier.in_features,
+        embed_dim=embed_dim,
         preprocess=preprocess,
-        class_names=categories,
+        class_names=categories if classifier is not None else None,
         weights=source,
     )
+
+
+def _squeezenet_features(model) -> tuple[torch.nn.Module, None, int]:
+    """SqueezeNet's pooled feature map (512-d), without logits: its classifier is a 1x1 convolution and a
+    ReLU on the map before the pooling, so no layer maps the pooled embedding to the model's logits (as
+    for distilled DeiT in timm: embeddings only, and classify says so)."""
+    import torch
+
+    _logger.info("SqueezeNet: embeddings only (its classifier, a convolution and ReLU before the pooling, "
+                 "does not read the pooled embedding)")
+    conv = model.classifier[1]
+    return (torch.nn.Sequential(model.features, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1)), None,
+            conv.in_channels)
 
 
 # --------------------------------------------------------------------------- timm

@@ -492,6 +492,34 @@ def test_timm_heads_that_are_not_one_linear_give_the_models_own_logits(name, has
         [info.class_names[i] for i in reference.argmax(1)]
 
 
+def test_squeezenet_gives_its_pooled_features_and_says_it_has_no_logits(photos_dir, tmp_path):
+    """The one torchvision classification model with no final Linear layer (its classifier is a 1x1
+    convolution and a ReLU before the pooling) was refused: `featx export squeezenet1_1` said "no final
+    Linear layer". Its embedding is the pooled 512-channel map, torchvision's own on real photos."""
+    import torch
+    import torchvision
+
+    from featx.data import load_image
+    from featx.errors import ModelFileError
+
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_1().eval()
+    torch.save(model.state_dict(), tmp_path / "squeezenet.pth")
+    path = tmp_path / "squeezenet.onnx"
+    info = featx.export_onnx(featx.load_backbone("squeezenet1_1", weights=str(tmp_path / "squeezenet.pth")), path)
+    assert (info.embed_dim, info.has_logits) == (512, False)
+    files = sorted(photos_dir.iterdir())
+    images = np.stack([load_image(f, info.preprocess) for f in files])
+    embedding = featx.load_model(path, device="cpu").encode(images).embedding
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(info.preprocess.mean)[:, None, None]) \
+        / torch.tensor(info.preprocess.std)[:, None, None]
+    with torch.no_grad():
+        reference = model.features(x).mean(dim=(2, 3)).numpy()
+    assert np.abs(embedding - reference).max() < 1e-4 * np.abs(reference).max()
+    with pytest.raises(ModelFileError, match="no ImageNet classifier"):
+        featx.classify(files[:1], model=path)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TORCHVISION_NAMES + ["xception", "mobilenetv3_large_100"])
 def test_export_every_listed_architecture(name, tmp_path):
