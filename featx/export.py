@@ -393,20 +393,14 @@ def _export_to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, o
     (the "dynamo" exporter, with onnxscript) at opset 18 or later, the weights kept inside the file."""
     import torch
 
+    names = {"input_names": [INPUT_NAME], "output_names": outputs}
     try:
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=outputs,
-            dynamic_axes={output: {0: "batch"} for output in [INPUT_NAME, *outputs]},
-            opset_version=opset,
-            dynamo=False,
-            verbose=False,  # else a failure prints the whole TorchScript graph first
-        )
+        torch.onnx.export(model, (example,), str(path), **names, opset_version=opset, dynamo=False,
+                          dynamic_axes={output: {0: "batch"} for output in [INPUT_NAME, *outputs]})
         return
     except torch.onnx.errors.OnnxExporterError as e:
+        # torch has printed its TorchScript graph to stderr by now, whatever `verbose` says (its
+        # setup_onnx_logging tests the function _jit_is_onnx_log_enabled, not what it returns)
         _logger.info("%s: the TorchScript exporter cannot export it (%s): exporting through torch.export", name,
                      first_line(e))
     path.unlink(missing_ok=True)
@@ -416,18 +410,9 @@ def _export_to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, o
     try:
         for logger in chatty:
             logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=outputs,
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-            opset_version=max(opset, 18),
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+        torch.onnx.export(model, (example,), str(path), **names, opset_version=max(opset, 18), dynamo=True,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False,
+                          verbose=False)
     finally:
         for logger, level in zip(chatty, levels):
             logger.setLevel(level)
