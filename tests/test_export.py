@@ -451,7 +451,7 @@ def test_torch_engine_refuses_other_weights(lite0_onnx):
         TorchEngine(info, device="cpu", backbone=other)
 
 
-TORCHVISION_NAMES = ["resnet50", "resnet101", "vgg16", "vgg19", "inception_v3", "mobilenet_v2",
+TORCHVISION_NAMES = ["resnet50", "vgg16", "inception_v3", "mobilenet_v2",
                      "mobilenet_v3_large", "densenet121", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
 
 
