@@ -7,10 +7,13 @@ needed to use the file (preprocessing, class names, weights hash) travels in its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,15 +397,21 @@ def _export_to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, o
     import torch
 
     names = {"input_names": [INPUT_NAME], "output_names": outputs}
-    try:
-        torch.onnx.export(model, (example,), str(path), **names, opset_version=opset, dynamo=False,
-                          dynamic_axes={output: {0: "batch"} for output in [INPUT_NAME, *outputs]})
-        return
-    except torch.onnx.errors.OnnxExporterError as e:
-        # torch has printed its TorchScript graph to stderr by now, whatever `verbose` says (its
-        # setup_onnx_logging tests the function _jit_is_onnx_log_enabled, not what it returns)
-        _logger.info("%s: the TorchScript exporter cannot export it (%s): exporting through torch.export", name,
-                     first_line(e))
+    with tempfile.TemporaryFile() as printed:
+        try:
+            with _output_into(printed):
+                torch.onnx.export(model, (example,), str(path), **names, opset_version=opset, dynamo=False,
+                                  dynamic_axes={output: {0: "batch"} for output in [INPUT_NAME, *outputs]})
+        except torch.onnx.errors.OnnxExporterError as e:
+            # what was printed is torch's whole TorchScript graph, to stdout (3,700 lines for MobileNetV5), on
+            # a failure whatever `verbose` says (setup_onnx_logging tests the function _jit_is_onnx_log_enabled,
+            # not what it returns): left unsaid
+            _logger.info("%s: the TorchScript exporter cannot export it (%s): exporting through torch.export",
+                         name, first_line(e))
+        else:
+            printed.seek(0)
+            sys.stderr.write(printed.read().decode(errors="replace"))
+            return
     path.unlink(missing_ok=True)
     # onnxscript's optimiser logs each initializer it merges (86 lines for HaloNet) at INFO
     chatty = [logging.getLogger(library) for library in ("onnx_ir", "onnxscript")]
@@ -416,6 +425,25 @@ def _export_to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, o
     finally:
         for logger, level in zip(chatty, levels):
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _output_into(file):
+    """File descriptors 1 and 2 (what C++ code such as torch's ONNX log writes to, and Python's
+    sys.stdout and sys.stderr) into ``file`` while the block runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    os.dup2(file.fileno(), 1)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, kept in zip((1, 2), saved):
+            os.dup2(kept, fd)
+            os.close(kept)
 
 
 def compare_with_torch(path: str | os.PathLike, backbone: Backbone, *, half: bool = False) -> float:

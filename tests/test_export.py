@@ -522,10 +522,12 @@ def test_squeezenet_gives_its_pooled_features_and_says_it_has_no_logits(photos_d
 
 
 @pytest.mark.slow
-def test_a_model_the_torchscript_exporter_cannot_export_goes_through_torch_export(photos_dir, tmp_path, caplog):
+def test_a_model_the_torchscript_exporter_cannot_export_goes_through_torch_export(photos_dir, tmp_path, caplog,
+                                                                                  capfd):
     """timm's HaloNet was refused ("Unsupported: ONNX export of operator Unfold"), as VOLO was (col2im):
     such a model is exported through torch.export (the "dynamo" exporter), its weights inside the one
-    file, and gives the whole timm model's logits on real photos."""
+    file, and gives the whole timm model's logits on real photos. The 670 lines of TorchScript graph
+    that torch prints on the way are not shown."""
     import torch
 
     from featx.data import load_image
@@ -535,6 +537,8 @@ def test_a_model_the_torchscript_exporter_cannot_export_goes_through_torch_expor
     with caplog.at_level(logging.INFO, logger="featx.export"):
         info = featx.export_onnx(backbone, path)
     assert "the TorchScript exporter cannot export it" in caplog.text and "Unfold" in caplog.text
+    printed = capfd.readouterr()
+    assert "graph(" not in printed.out + printed.err and len((printed.out + printed.err).splitlines()) < 5
     assert [f.name for f in tmp_path.iterdir()] == ["halonet.onnx"]  # no .data file beside it
     files = sorted(photos_dir.iterdir())
     images = np.stack([load_image(f, info.preprocess) for f in files])
