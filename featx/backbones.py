@@ -536,7 +536,7 @@ def _unreachable(url: str, timeout: float = 5.0) -> str | None:
     except (OSError, concurrent.futures.TimeoutError) as e:  # timed out: the connection, or the lookup still running
         if not attempt.done():
             return None
-        return e.strerror or first_line(e) or type(e).__name__
+        return getattr(e, "strerror", None) or first_line(e) or type(e).__name__
     return None
 
 
