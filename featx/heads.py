@@ -703,14 +703,14 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     problem = _head_file_problem(header, arrays)
     if problem:
         raise FeatxError(f"{path}: not a usable head file ({problem}); train the head again")
-    cls = {"LogRegHead": LogRegHead, "MLPHead": MLPHead}[header["kind"]]
+    cls = _HEAD_KINDS[header["kind"]]
     params = header["params"]
     if "hidden" in params:
         params["hidden"] = tuple(params["hidden"])
     head = cls(**params)
     head.classes_ = np.array(header["classes"])
     head.mean_, head.scale_ = arrays["mean"], arrays["scale"]
-    n_layers = sum(1 for k in arrays if re.fullmatch(r"layer\d+\.weight", k))
+    n_layers = _count_layers(arrays)
     head.layers_ = [(arrays[f"layer{i}.weight"], arrays[f"layer{i}.bias"]) for i in range(n_layers)]
     head.n_features_in_ = len(head.mean_)
     head.multilabel_ = bool(header.get("multilabel", False))
@@ -731,25 +731,32 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
                       header.get("cache"), arrays.get("trained_digests"), arrays.get("trained_phashes"))
 
 
+_HEAD_KINDS = {"LogRegHead": LogRegHead, "MLPHead": MLPHead}  # a head file's "kind" -> its class
+
+
+def _count_layers(arrays: dict) -> int:
+    """How many ``layer{i}.weight`` arrays a head file holds."""
+    return sum(1 for k in arrays if re.fullmatch(r"layer\d+\.weight", k))
+
+
 def _head_file_problem(header: dict, arrays: dict[str, np.ndarray]) -> str | None:
     """What makes a head file's header and arrays unusable (a file written or edited by something else,
     cut, or of another featx), said as expected vs found; None when they fit together. Without this, a
     layer of the wrong width failed on the first prediction with numpy's matmul error, an unknown kind
     with a KeyError."""
-    kinds = {"LogRegHead": LogRegHead, "MLPHead": MLPHead}
-    if header.get("kind") not in kinds:
-        return f"kind {header.get('kind')!r}, expected one of {', '.join(kinds)}"
+    if header.get("kind") not in _HEAD_KINDS:
+        return f"kind {header.get('kind')!r}, expected one of {', '.join(_HEAD_KINDS)}"
     missing = [k for k in ("params", "classes", "fingerprint", "backbone", "model") if k not in header]
     if missing:
         return f"its header has no {', '.join(missing)}"
-    params, known = header["params"], kinds[header["kind"]]().get_params()
+    params, known = header["params"], _HEAD_KINDS[header["kind"]]().get_params()
     if not isinstance(params, dict) or set(params) - set(known):
         return f"parameters {sorted(set(params) - set(known)) if isinstance(params, dict) else params!r} that " \
                f"{header['kind']} does not take"
     n_classes = len(header["classes"]) if isinstance(header["classes"], list) else 0
     if n_classes == 0:
         return "no classes"
-    n_layers = sum(1 for k in arrays if re.fullmatch(r"layer\d+\.weight", k))
+    n_layers = _count_layers(arrays)
     needed = ["mean", "scale"] + [f"layer{i}.{part}" for i in range(n_layers) for part in ("weight", "bias")]
     if header.get("multilabel"):
         needed.append("thresholds")
