@@ -479,36 +479,63 @@ def _create_timm_model(name: str, source: str, *, shown_as: str | None = None):
             return timm.create_model(name, pretrained=False)
         with _hub_cache_only_when_unreachable():
             return timm.create_model(name, pretrained=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        if source == "pretrained":
+    except Exception as e:
+        if source == "pretrained" and (isinstance(e, (OSError, RuntimeError, ValueError)) or _http_client_error(e)):
             raise _download_failed(shown_as or name, e) from None
         raise
 
 
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+# huggingface_hub's HTTP clients, past and present: a proxy that refuses the Hub (403 to CONNECT) raises
+# their own ProxyError, which derives from none of Python's errors
+_HTTP_CLIENTS = {"httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"}
+
+
+def _http_client_error(e: BaseException) -> bool:
+    return any(cls.__module__.partition(".")[0] in _HTTP_CLIENTS for cls in type(e).__mro__)
 
 
 @contextlib.contextmanager
 def _hub_cache_only_when_unreachable():
-    """huggingface_hub in offline mode (its local cache only) while its host cannot be reached and no proxy
-    is set: without a network it retries each file five times, 52 s for a timm model not cached, before it
-    fails; weights it has cached, offline mode reads as before."""
+    """huggingface_hub in offline mode (its local cache only) while its host, or the proxy that the
+    environment names for it, cannot be reached: it would retry each file five times, 52 s for a timm
+    model not cached, before it fails; weights it has cached, offline mode reads as before."""
     import huggingface_hub.constants as hub
 
-    if hub.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+    if hub.HF_HUB_OFFLINE:
         yield
         return
-    unreachable = _unreachable(hub.ENDPOINT)
+    first_hop, named = _first_hop(hub.ENDPOINT)
+    unreachable = _unreachable(first_hop)
     if not unreachable:
         yield
         return
-    _logger.info("%s cannot be reached (%s): weights only from the local Hugging Face cache", hub.ENDPOINT,
-                 unreachable)
+    _logger.info("%s cannot be reached (%s): weights only from the local Hugging Face cache", named, unreachable)
     hub.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
         hub.HF_HUB_OFFLINE = False
+
+
+def _first_hop(url: str) -> tuple[str, str]:
+    """The URL a download of ``url`` connects to first, and how to name it: the proxy that the
+    environment's *_PROXY variables give for its scheme (as huggingface_hub's HTTP client reads them,
+    NO_PROXY included), or the URL itself."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
+        return url, url
+    proxy = proxy if "://" in proxy else f"http://{proxy}"
+    shown = urlsplit(proxy)._replace(netloc=urlsplit(proxy).netloc.rpartition("@")[2]).geturl()  # no password
+    return proxy, f"the proxy {shown}"
+
+
+# the port a proxy URL without one listens on
+_DEFAULT_PORTS = {"http": 80, "https": 443, "socks4": 1080, "socks4a": 1080, "socks5": 1080, "socks5h": 1080}
 
 
 def _unreachable(url: str, timeout: float = 5.0) -> str | None:
@@ -524,7 +551,8 @@ def _unreachable(url: str, timeout: float = 5.0) -> str | None:
         return None
 
     def connect():
-        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 443)
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
 
     pool = concurrent.futures.ThreadPoolExecutor(1)
     attempt = pool.submit(connect)

@@ -429,6 +429,8 @@ def _exit_past_stuck_threads(code: int, grace: float = 3.0) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    # huggingface_hub prints its warnings (a download's retries) through a handler of its own: not twice
+    logging.getLogger("huggingface_hub").propagate = False
     from PIL.Image import DecompressionBombWarning
     from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -1,5 +1,11 @@
+import contextlib
 import logging
+import os
 import socket
+import socketserver
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -169,6 +175,95 @@ def test_without_a_network_timm_weights_in_the_hugging_face_cache_load(monkeypat
     backbone = featx.load_backbone("timm/resnet18", weights="pretrained")
     assert torch.equal(backbone.features.conv1.weight, cached.conv1.weight)
     assert backbone.weights == "pretrained" and constants.HF_HUB_OFFLINE is False
+
+
+@contextlib.contextmanager
+def _local_proxy(answer: bytes):
+    """An HTTP proxy on this machine that answers every request, CONNECT included, with ``answer`` and
+    then closes the connection; yields its URL."""
+
+    class Answer(socketserver.StreamRequestHandler):
+        def handle(self):
+            while self.rfile.readline() not in (b"\r\n", b""):
+                pass
+            self.wfile.write(answer)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Answer)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_proxy_that_cannot_be_reached_fails_a_timm_download_at_once(monkeypatch, tmp_path, caplog):
+    """With HTTPS_PROXY naming a proxy that is down (VPN off, the proxy's port closed) huggingface_hub
+    retried for 54 s; the proxy is what a download connects to first, so it is the one probed. A host
+    that NO_PROXY lets through is probed directly."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    proxy = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("HTTPS_PROXY", proxy.replace("//", "//someone:secret@"))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with caplog.at_level(logging.INFO), pytest.raises(WeightsError) as e:
+        featx.load_backbone("timm/resnet18", weights="pretrained")
+    assert str(e.value).startswith("could not download pretrained weights for resnet18 (")
+    assert f"the proxy {proxy} cannot be reached (Connection refused)" in caplog.text  # its password not shown
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    assert constants.HF_HUB_OFFLINE is False
+
+    caplog.clear()
+    monkeypatch.setenv("NO_PROXY", "localhost,huggingface.co")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(socket.gaierror(-2, "unknown")))
+    with caplog.at_level(logging.INFO), pytest.raises(WeightsError):
+        featx.load_backbone("timm/resnet18", weights="pretrained")
+    assert f"{constants.ENDPOINT} cannot be reached (its name does not resolve)" in caplog.text
+
+
+def test_a_proxy_that_refuses_the_hub_is_one_line_not_a_traceback(monkeypatch, tmp_path):
+    """A proxy that answers CONNECT with 403 raised the HTTP client's own ProxyError, which is none of
+    Python's errors, through featx as a traceback."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with _local_proxy(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n") as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+        with pytest.raises(WeightsError) as e:
+            featx.load_backbone("timm/resnet18", weights="pretrained")
+    assert str(e.value).startswith("could not download pretrained weights for resnet18 (ProxyError: 403 Forbidden)")
+
+
+def test_the_hubs_retry_warnings_are_printed_once(tmp_path):
+    """A proxy that lets the connection through and then drops it makes huggingface_hub retry, saying so
+    in warnings that its own handler and featx's both printed: each line came twice."""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "NO_PROXY": ""}
+    with _local_proxy(b"HTTP/1.1 200 Connection established\r\n\r\n") as proxy:
+        env["HTTPS_PROXY"] = proxy
+        run = subprocess.Popen([sys.executable, "-m", "featx", "export", "resnet18.a1_in1k", "-o",
+                                str(tmp_path / "r18.onnx")], stderr=subprocess.PIPE, text=True, env=env)
+        lines = []
+        try:
+            for line in run.stderr:  # up to the second retry: about 5 s, not the 50 s of all five
+                lines.append(line.rstrip("\n"))
+                if line.startswith("Retrying in 2s"):
+                    break
+        finally:
+            run.kill()
+            run.wait()
+    retries = [line for line in lines if line.startswith("Retrying in")]
+    failures = [line for line in lines if "thrown while requesting" in line]
+    assert retries == ["Retrying in 1s [Retry 1/5].", "Retrying in 2s [Retry 2/5]."], lines
+    assert len(failures) == 2, lines
 
 
 def test_local_checkpoint_loads_and_fixes_the_weights(tmp_path):
