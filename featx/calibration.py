@@ -235,14 +235,17 @@ def choose_engine(path: str | os.PathLike, *, device: str, batch_size: int, forc
 
 def calibrate(path: str | os.PathLike, *, device: str = "auto", batch_size: int | None = None, force: bool = False,
               threads: int | None = None, spin: bool = True) -> Calibration:
-    """Measure (or read from the cache) which engine ``engine="auto"`` takes; see the module doc.
-    ``batch_size``: the device's default, as ``featx embed`` runs it, unless given.
+    """Measure (or read from the cache) which engine ``engine="auto"`` takes for a model file or a
+    backbone name (exported on first use); see the module doc. ``batch_size``: the device's default, as
+    ``featx embed`` runs it, unless given.
 
     Example:
-        >>> print(calibrate("models/efficientnet_lite0.onnx", device="cpu").text())
+        >>> print(calibrate("efficientnet_lite0", device="cpu").text())
     """
+    from .export import ensure_model_file
     from .runtime import default_batch_size, resolve_device
 
+    path = ensure_model_file(path)
     device = resolve_device(device)
     return choose_engine(path, device=device, batch_size=batch_size or default_batch_size(device), force=force,
                          threads=threads, spin=spin)[1]

@@ -592,13 +592,21 @@ def load_model(
     compile: bool | str = False,
     spin: bool = True,
     batch_size: int | None = None,
+    weights: str | os.PathLike | None = None,
 ) -> Engine:
-    """Open an exported featx model file with the chosen engine.
+    """Open an exported featx model file, or a backbone name (with ``weights``: exported into the models
+    folder on first use, as ``embed_folder`` takes it), with the chosen engine.
 
     ``engine="auto"`` takes the engine that a short calibration on this device, model and
     ``batch_size`` measured fastest among those that agree with fp32 torch (featx.calibration; cached,
     so only the first run pays). ``compile`` asks for the torch engine compiled.
+
+    Example:
+        >>> featx.load_model("efficientnet_lite0", device="cpu").encode(images).embedding  # (n, 1280)
     """
+    from .export import ensure_model_file
+
+    path = ensure_model_file(path, weights=weights)
     device = resolve_device(device)
     if compile and engine in ("onnx", "tensorrt"):  # said rather than left unused
         raise FeatxError(f"--compile is the torch engine's (torch.compile); --engine {engine} runs onnxruntime: "

@@ -365,6 +365,23 @@ def test_fp16_export_is_checked_with_a_looser_tolerance(tmp_path, lite0_backbone
     assert emb.dtype == np.float32
 
 
+def test_load_model_and_calibrate_take_a_backbone_name_as_embed_folder_does(monkeypatch, models_dir, lite0_onnx,
+                                                                             photos_dir):
+    """`featx.load_model("efficientnet_lite0")` said "model file 'efficientnet_lite0' does not exist",
+    where every other call of the API takes the name and exports it into the models folder on first use."""
+    from featx.data import load_image
+
+    monkeypatch.setenv("FEATX_MODELS", str(models_dir))  # where lite0_onnx was exported, under its name
+    engine = featx.load_model("efficientnet_lite0", device="cpu")
+    assert Path(engine.path) == lite0_onnx
+    coffee = load_image(photos_dir / "coffee.png", engine.info.preprocess)[None]
+    logits = engine.encode(coffee).logits
+    assert engine.info.class_names[int(np.argmax(logits))] == "espresso"
+    assert featx.calibrate("efficientnet_lite0", device="cpu").fingerprint == engine.info.fingerprint
+    with pytest.raises(featx.UnknownBackboneError, match="did you mean efficientnet_lite0"):
+        featx.load_model("efficientnet_lte0")
+
+
 def test_truncated_onnx_file_is_refused(tmp_path, lite0_onnx):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(lite0_onnx.read_bytes()[:50_000])
