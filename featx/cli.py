@@ -438,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # --max-pixels is the limit featx applies; Pillow's own warning from 89 million pixels on is noise
     warnings.filterwarnings("ignore", category=DecompressionBombWarning)
+    # Pillow's warnings on a damaged file ("Corrupt EXIF data" for a TIFF cut short) name no file, and
+    # came with the path of Pillow's source line: featx records the file's failure and its reason instead,
+    # or embeds what decoded
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     try:
         # a line logged while a progress bar is drawn gets a line of its own, above the bar
         with logging_redirect_tqdm():

@@ -17,6 +17,7 @@ import queue
 import signal
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1285,10 +1286,22 @@ def decode_pool(workers: int) -> cf.ProcessPoolExecutor:
     """Decode processes. Spawned, not forked: the parent holds onnxruntime/torch threads that a fork
     would copy mid-flight. See ``_decode_worker_start`` for how they stop."""
     return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_decode_worker_start)
+                                  initializer=_decode_worker_start, initargs=(_warning_filters(),))
 
 
-def _decode_worker_start() -> None:
+def _warning_filters() -> list[tuple]:
+    """This process's warning filters as ``warnings.filterwarnings`` arguments, first filter first: a
+    spawned process starts with Python's defaults, and would print the warnings its parent had silenced
+    (the CLI's, of Pillow's on damaged files). Less those of a warning class defined in ``__main__`` (a
+    notebook's), which a spawned process cannot import to unpickle."""
+    def pattern(regex) -> str:  # compiled by filterwarnings, a plain string where -W or the C module set it
+        return getattr(regex, "pattern", regex) or ""
+
+    return [(action, pattern(message), category, pattern(module), lineno)
+            for action, message, category, module, lineno in warnings.filters if category.__module__ != "__main__"]
+
+
+def _decode_worker_start(warning_filters: list[tuple] = ()) -> None:
     """A decode worker ignores SIGINT and SIGTERM: Ctrl-C in a terminal and a scheduler's SIGTERM reach
     the whole process group, the parent handles them and stops the pool. Killed by SIGTERM while it sent
     a decoded batch back, a worker left its result half-written in the pipe, and the pool's manager thread
@@ -1300,6 +1313,10 @@ def _decode_worker_start() -> None:
     (found: workers of the suite's SIGKILL tests, an hour later)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if warning_filters:
+        warnings.resetwarnings()
+        for action, message, category, module, lineno in reversed(warning_filters):
+            warnings.filterwarnings(action, message, category, module, lineno)
     parent = os.getppid()
 
     def exit_when_orphaned() -> None:

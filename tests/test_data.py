@@ -268,6 +268,33 @@ def test_the_walk_says_how_many_files_of_other_kinds_it_left_out_and_names_camer
     assert "camera RAW" in caplog.text and "(no extension)" not in caplog.text
 
 
+def _tiff_cut_in_half(coffee) -> bytes:
+    """A TIFF whose copy stopped half-way: Pillow warns "Corrupt EXIF data" as it reads the tags, then
+    cannot identify it."""
+    buf = io.BytesIO()
+    coffee.save(buf, "TIFF", compression="tiff_lzw")
+    return buf.getvalue()[:len(buf.getvalue()) // 2]
+
+
+def test_a_damaged_tiff_is_a_failure_with_its_reason_and_no_stray_pillow_warnings(tmp_path, coffee, lite0_onnx):
+    """Pillow's warnings on a damaged file name no file, and came on stderr with the path of Pillow's own
+    source line ("PIL/TiffImagePlugin.py:982: UserWarning: Corrupt EXIF data ..."), between the bar and
+    featx's own line for the file."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "a_cut.tif").write_bytes(_tiff_cut_in_half(coffee))
+    coffee.save(folder / "b_whole.tif")
+    r = subprocess.run([sys.executable, "-m", "featx", "embed", str(folder), "-o", str(tmp_path / "c.h5"),
+                        "--model", str(lite0_onnx)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 embedded, 0 already cached, 1 failed" in r.stdout + r.stderr
+    assert "skipped a_cut.tif: cannot decode: cannot identify image file" in r.stderr
+    assert "Warning" not in r.stderr and "EXIF" not in r.stderr, r.stderr
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_file_and_folder(tmp_path, coffee):
     coffee.save(tmp_path / "locked.png")

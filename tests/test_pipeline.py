@@ -784,6 +784,34 @@ def test_decode_workers_leave_ctrl_c_and_sigterm_to_the_parent():
     assert not _alive(worker)
 
 
+def test_decode_workers_keep_the_warnings_their_parent_silenced(tmp_path, photos_dir, capfd):
+    """The GPU path's CPU decode runs in spawned processes, which start with Python's own warning filters:
+    Pillow's warnings on a damaged file, silenced in the CLI, were printed there anyway."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    from featx.backbones import PreprocessConfig
+    from featx.data import load_batch
+    from featx.pipeline import decode_pool
+
+    buf = io.BytesIO()
+    Image.open(photos_dir / "coffee.png").convert("RGB").save(buf, "TIFF", compression="tiff_lzw")
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])  # Pillow: "Corrupt EXIF data", can't identify
+    cfg = PreprocessConfig((32, 32), 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        pool = decode_pool(1)
+    try:
+        batch = pool.submit(load_batch, [str(cut)], cfg, 10**8).result(timeout=120)
+    finally:
+        pool.shutdown(wait=True)
+    assert batch.ok == [] and "cannot identify image file" in batch.failed[0][1]
+    assert "Warning" not in capfd.readouterr().err
+
+
 def test_a_script_without_a_main_guard_embeds_with_decode_workers(small_digits, tmp_path, lite0_onnx):
     """CPU decode runs in threads: a notebook-style script calling embed_folder at its top level works (with
     spawned decode processes it failed as each worker imported the script again)."""
