@@ -136,7 +136,7 @@ def file_kind(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _not_onnx(path: Path, e: BaseException) -> ModelFileError:
+def _not_onnx(path: Path, e: BaseException, *, device: str = "cpu") -> ModelFileError:
     """Why ``path`` is no model: another featx file given as --model is named as what it is."""
     kind = file_kind(path)
     if kind == "cache":
@@ -146,6 +146,8 @@ def _not_onnx(path: Path, e: BaseException) -> ModelFileError:
         return ModelFileError(f"{path} is a head or a fine-tuning checkpoint, not a model: a head goes to --head "
                               "(predict, evaluate; export-classifier makes a model of it), a checkpoint to "
                               f"`featx export NAME --weights {path}`")
+    if is_cuda(device):  # the file, or the GPU's provider (its libraries, its memory)
+        return ModelFileError(f"{path}: onnxruntime cannot open it on {device} ({first_line(e)})")
     return ModelFileError(f"{path}: not a valid ONNX model ({first_line(e)})")
 
 
@@ -289,10 +291,16 @@ class OnnxEngine:
                                "trt_engine_cache_path": str(trt_cache), "trt_timing_cache_enable": "True"}
                 providers.insert(0, ("TensorrtExecutionProvider", trt_options))
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+            # no fallback: onnxruntime's printed a banner on stdout, among featx's results, and opened the
+            # file again on the CPU, also where a GPU was asked for
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers, enable_fallback=0)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/InvalidGraph classes
-            raise _not_onnx(self.path, e) from None
-        self.info = _info_from_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
+            raise _not_onnx(self.path, e, device=self.device) from None
+        try:
+            meta = self.session.get_modelmeta().custom_metadata_map
+        except UnicodeDecodeError as e:  # a damaged file whose metadata still parses
+            raise ModelFileError(f"{self.path}: featx metadata is unreadable ({first_line(e)})") from None
+        self.info = _info_from_metadata(self.path, meta)
         # the outputs featx reads: a classifier file's class_mean_cosine is for those who run it without
         # featx (classify computes it from the embedding), not computed a second time on every batch
         self.outputs = [o.name for o in self.session.get_outputs() if o.name in ("embedding", self.info.class_scores)]

@@ -389,6 +389,25 @@ def test_truncated_onnx_file_is_refused(tmp_path, lite0_onnx):
         featx.load_model(bad)
 
 
+@pytest.mark.parametrize("damaged", ["metadata", "a node's input name"])
+def test_a_model_file_whose_text_went_bad_is_refused_in_one_line_with_nothing_on_stdout(damaged, tmp_path, lite0_onnx,
+                                                                                      photos_dir, capsys):
+    """A byte gone bad in a model file's text (invalid UTF-8) that protobuf still parses: in featx's
+    metadata it was a traceback; in a name, onnxruntime printed an "EP Error" banner on stdout, among
+    the results, and opened the file a second time."""
+    from featx.cli import main
+
+    data = bytearray(lite0_onnx.read_bytes())
+    text = b'"backbone": "efficientnet_lite0"' if damaged == "metadata" else b"images"
+    data[data.index(text) + len(text) // 2] = 0x8A
+    path = tmp_path / "damaged.onnx"
+    path.write_bytes(bytes(data))
+    assert main(["classify", str(photos_dir / "coffee.png"), "--model", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"featx: error: {path}: ") and "can't decode byte 0x8a" in err and err.count("\n") == 1, err
+
+
 def test_a_cache_or_a_head_given_as_the_model_is_named_as_what_it_is(tmp_path, digits_cache, photos_dir, capsys):
     from featx.cli import main
 
