@@ -210,9 +210,29 @@ def _model_groups(f) -> list[str]:
     return sorted(k for k in f if "fingerprint" in f[k].attrs)
 
 
+def _holds_rows(g) -> bool:
+    """Whether group ``g`` has an ``embeddings`` dataset with rows in it."""
+    rows = g.get("embeddings") if hasattr(g, "get") else None
+    return rows is not None and hasattr(rows, "shape") and len(rows.shape) == 2 and rows.shape[0] > 0
+
+
+def damaged_groups(f) -> list[str]:
+    """Groups holding embeddings without the attributes that say which model made them: a file damaged
+    since (its attributes are stored apart from its rows), not a cache of another program."""
+    return sorted(k for k in f if "fingerprint" not in f[k].attrs and _holds_rows(f[k]))
+
+
+def _lost_fingerprint(path, group: str) -> StoreError:
+    return StoreError(f"{path} group {group!r} holds embeddings but has lost the fingerprint of the model that made "
+                      "them: the file is damaged; embed into a new cache (another --out)")
+
+
 def _pick_model(f, path: Path, model: str | None) -> str:
     """The group to read: ``model``, or the file's only one."""
     models = _model_groups(f)
+    damaged = damaged_groups(f)
+    if damaged and (model in damaged or (model is None and not models)):
+        raise _lost_fingerprint(path, model or damaged[0])
     if not models:
         raise StoreError(f"{path} holds no featx embeddings (make them with: featx embed FOLDER -o {path})")
     if model is None:
@@ -771,6 +791,8 @@ def summarize_cache(path: str | os.PathLike, *, list_copies: bool = False) -> li
     every picture stored more than once, among all rows, with its files (``copy_groups``; reads the keys)."""
     out = []
     with _read_h5(Path(path)) as f:
+        if damaged := damaged_groups(f):  # which model made them is unknown: nothing to tell of them
+            raise _lost_fingerprint(path, damaged[0])
         for model in _model_groups(f):
             g = f[model]
             columns, n = _committed_columns(g)
@@ -849,6 +871,11 @@ class EmbeddingStore:
     def _open_group(self) -> None:
         f = self.file
         fingerprint = self.info.fingerprint
+        if self.model in f and "fingerprint" not in f[self.model].attrs:
+            if _holds_rows(f[self.model]):
+                raise _lost_fingerprint(self.path, self.model)
+            # no rows: its making was cut short (killed) before its attributes were written; made again
+            del f[self.model]
         if self.model in f:
             g = f[self.model]
             theirs = g.attrs.get("fingerprint")

@@ -626,9 +626,11 @@ def test_unusable_output_is_refused_before_the_model_loads(small_digits, tmp_pat
 
 
 def test_a_damaged_or_cut_short_cache_is_refused_in_one_line_naming_it(small_digits, tmp_path, lite0_onnx, capsys):
-    """A cache damaged on disk (a model group's header overwritten), cut short (a copy that did not finish)
-    or holding embeddings that are not numbers (NaN: damage, or a model overflowing in fp16): each command
-    says so in one line, exit 2; a damaged header was a KeyError traceback, a cut file "is locked"."""
+    """A cache damaged on disk (a model group's header overwritten, or the fingerprint among its attributes
+    lost), cut short (a copy that did not finish) or holding embeddings that are not numbers (NaN: damage,
+    or a model overflowing in fp16): each command says so in one line, exit 2; a damaged header was a
+    KeyError traceback, a cut file "is locked", a lost fingerprint "an HDF5 file without featx embeddings"
+    (info) or "made with model fingerprint None" (embed)."""
     import shutil
 
     from featx.cli import main
@@ -636,8 +638,11 @@ def test_a_damaged_or_cut_short_cache_is_refused_in_one_line_naming_it(small_dig
     good = tmp_path / "good.h5"
     embed(small_digits, good, lite0_onnx)
     damaged, cut, nan = tmp_path / "damaged.h5", tmp_path / "cut.h5", tmp_path / "nan.h5"
-    for copy in (damaged, nan):
+    lost = tmp_path / "lost.h5"
+    for copy in (damaged, nan, lost):
         shutil.copy(good, copy)
+    with h5py.File(lost, "r+") as f:  # the attribute's name damaged: "an HDF5 file without featx embeddings"
+        del f["efficientnet_lite0"].attrs["fingerprint"]
     with h5py.File(damaged, "r") as f:
         header = h5py.h5o.get_info(f["efficientnet_lite0"].id).addr
     with open(damaged, "r+b") as f:
@@ -650,7 +655,9 @@ def test_a_damaged_or_cut_short_cache_is_refused_in_one_line_naming_it(small_dig
     expected = {damaged: f"{damaged} is damaged: HDF5 cannot read it (Unable to synchronously open object (bad object "
                          "header version number)); embed into a new file (the images are read again)",
                 cut: f"{cut} is cut short (20,000 of its {good.stat().st_size:,} bytes: a copy or download that did not "
-                     "finish?); copy it again, or embed into a new file"}
+                     "finish?); copy it again, or embed into a new file",
+                lost: f"{lost} group 'efficientnet_lite0' holds embeddings but has lost the fingerprint of the model "
+                      "that made them: the file is damaged; embed into a new cache (another --out)"}
     for cache, said in expected.items():
         for argv in (["info", cache], ["train-head", cache, "--C", "1", "-o", tmp_path / "h.safetensors"],
                      ["embed", small_digits, "-o", cache, "--model", lite0_onnx], ["map", cache]):
@@ -663,6 +670,18 @@ def test_a_damaged_or_cut_short_cache_is_refused_in_one_line_naming_it(small_dig
             f"infinity), e.g. that of {key}: the file is damaged, or the model overflowed (fp16: embed without "
             "--half); embed into a new file"), argv
     assert not (tmp_path / "h.safetensors").exists()
+
+
+def test_a_model_group_whose_making_was_cut_short_is_made_again(small_digits, tmp_path, lite0_onnx):
+    """A run killed as it made its model group, after the datasets and before their attributes, left a
+    group without a fingerprint, and every later run was refused ("made with model fingerprint None")."""
+    out = tmp_path / "c.h5"
+    with h5py.File(out, "w") as f:
+        f.create_group("efficientnet_lite0").create_dataset("embeddings", (0, 1280), maxshape=(None, 1280),
+                                                            dtype=np.float32)
+    stats = embed(small_digits, out, lite0_onnx)
+    assert stats.n_embedded == 60
+    assert len(featx.load_embeddings(out).keys) == 60
 
 
 def test_a_folder_without_images_says_so(small_digits, tmp_path, lite0_onnx):
