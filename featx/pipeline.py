@@ -1301,7 +1301,7 @@ def _warning_filters() -> list[tuple]:
             for action, message, category, module, lineno in warnings.filters if category.__module__ != "__main__"]
 
 
-def _decode_worker_start(warning_filters: list[tuple] = ()) -> None:
+def _decode_worker_start(warning_filters: Sequence[tuple] = ()) -> None:
     """A decode worker ignores SIGINT and SIGTERM: Ctrl-C in a terminal and a scheduler's SIGTERM reach
     the whole process group, the parent handles them and stops the pool. Killed by SIGTERM while it sent
     a decoded batch back, a worker left its result half-written in the pipe, and the pool's manager thread

@@ -291,7 +291,7 @@ class OnnxEngine:
                                "trt_engine_cache_path": str(trt_cache), "trt_timing_cache_enable": "True"}
                 providers.insert(0, ("TensorrtExecutionProvider", trt_options))
         try:
-            # no fallback: onnxruntime's printed a banner on stdout, among featx's results, and opened the
+            # no fallback: onnxruntime's own printed a banner on stdout, among featx's results, and opened the
             # file again on the CPU, also where a GPU was asked for
             self.session = ort.InferenceSession(str(self.path), options, providers=providers, enable_fallback=0)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/InvalidGraph classes

@@ -216,7 +216,7 @@ def _holds_rows(g) -> bool:
     return rows is not None and hasattr(rows, "shape") and len(rows.shape) == 2 and rows.shape[0] > 0
 
 
-def damaged_groups(f) -> list[str]:
+def _damaged_groups(f) -> list[str]:
     """Groups holding embeddings without the attributes that say which model made them: a file damaged
     since (its attributes are stored apart from its rows), not a cache of another program."""
     return sorted(k for k in f if "fingerprint" not in f[k].attrs and _holds_rows(f[k]))
@@ -230,7 +230,7 @@ def _lost_fingerprint(path, group: str) -> StoreError:
 def _pick_model(f, path: Path, model: str | None) -> str:
     """The group to read: ``model``, or the file's only one."""
     models = _model_groups(f)
-    damaged = damaged_groups(f)
+    damaged = _damaged_groups(f)
     if damaged and (model in damaged or (model is None and not models)):
         raise _lost_fingerprint(path, model or damaged[0])
     if not models:
@@ -791,7 +791,7 @@ def summarize_cache(path: str | os.PathLike, *, list_copies: bool = False) -> li
     every picture stored more than once, among all rows, with its files (``copy_groups``; reads the keys)."""
     out = []
     with _read_h5(Path(path)) as f:
-        if damaged := damaged_groups(f):  # which model made them is unknown: nothing to tell of them
+        if damaged := _damaged_groups(f):  # which model made them is unknown: nothing to tell of them
             raise _lost_fingerprint(path, damaged[0])
         for model in _model_groups(f):
             g = f[model]
