@@ -298,7 +298,10 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
                              workers=run_workers, device=device, engine="auto", compile=compile)
         result.timings.append(Timing(f"featx embed (decode+infer+store{', compiled' if compile else ''}, {how})",
                                      "end-to-end", batch_size, stats.steady_images_per_second, (0, 0),
-                                     setup_seconds=stats.load_seconds, note=f"{n} images; {stats.engine}"))
+                                     setup_seconds=stats.load_seconds,
+                                     note=f"{stats.n_embedded} images" + (f" ({stats.n_failed} of the {n} files cannot "
+                                          "be read: tried, not counted)" if stats.n_failed else "")
+                                          + f"; {stats.engine}"))
         embedded = [str(root / key) for key in load_digests(tmp / f"bench-{how}.h5")[0]]
         if not embedded:
             key, reason = next(iter(load_failures(tmp / f"bench-{how}.h5").items()))
