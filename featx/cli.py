@@ -429,8 +429,6 @@ def _exit_past_stuck_threads(code: int, grace: float = 3.0) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    # huggingface_hub prints its warnings (a download's retries) through a handler of its own: not twice
-    logging.getLogger("huggingface_hub").propagate = False
     from PIL.Image import DecompressionBombWarning
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -442,6 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # came with the path of Pillow's source line: featx records the file's failure and its reason instead,
     # or embeds what decoded
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    # huggingface_hub prints its warnings (a download's retries) through a handler of its own: not twice;
+    # as it was after the command (a test's log capture, a caller's own logging)
+    hub_log = logging.getLogger("huggingface_hub")
+    hub_propagates, hub_log.propagate = hub_log.propagate, False
     try:
         # a line logged while a progress bar is drawn gets a line of its own, above the bar
         with logging_redirect_tqdm():
@@ -464,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         terminated = isinstance(e, Terminated)
         print(f"featx: {'terminated' if terminated else 'interrupted'}{how}", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        hub_log.propagate = hub_propagates
 
 
 def _run(args: argparse.Namespace) -> int:

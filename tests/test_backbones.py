@@ -265,6 +265,11 @@ def test_the_hubs_retry_warnings_are_printed_once(tmp_path):
     assert retries == ["Retrying in 1s [Retry 1/5].", "Retrying in 2s [Retry 2/5]."], lines
     assert len(failures) == 2, lines
 
+    from featx.cli import main  # in a caller's process the Hub's log goes on reaching the caller's handlers
+
+    assert main(["-q", "list-models", "resnet18"]) == 0
+    assert logging.getLogger("huggingface_hub").propagate is True
+
 
 def test_local_checkpoint_loads_and_fixes_the_weights(tmp_path):
     import torchvision
