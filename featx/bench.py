@@ -108,13 +108,6 @@ def time_throughput(run: Callable[[], object], batch_size: int, *, repeats: int 
     return statistics.median(rates), (min(rates), max(rates))
 
 
-def cosine_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest row-wise cosine similarity between two embedding matrices."""
-    num = (a * b).sum(1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float((num / np.maximum(den, 1e-12)).min())
-
-
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """onnxruntime dynamic int8 quantization of an exported file (metadata kept)."""
     import onnx
@@ -162,7 +155,7 @@ def bench_models(
     """
     import torch
 
-    from .export import check_images, ensure_model_file, is_model_file
+    from .export import check_images, cosine_agreement, ensure_model_file, is_model_file
     from .errors import FeatxError, ModelFileError, check_writable_folder
     from .runtime import OnnxEngine, TorchEngine, default_batch_size, read_model_info, resolve_device, torch_backbone
 

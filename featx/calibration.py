@@ -181,7 +181,8 @@ def choose_engine(path: str | os.PathLike, *, device: str, batch_size: int, forc
             _logger.warning("cached calibration not usable (%s); measuring again", e)
 
     from .backbones import load_backbone
-    from .bench import cosine_agreement, time_throughput
+    from .bench import time_throughput
+    from .export import cosine_agreement
     from .export import check_images
     from .runtime import TorchEngine
 

@@ -463,8 +463,7 @@ def compare_with_torch(path: str | os.PathLike, backbone: Backbone, *, half: boo
     got = load_model(path, device="cpu").encode(images)
     scale = float(np.abs(ref_emb).max()) or 1.0
     worst = float(np.abs(got.embedding - ref_emb).max()) / scale
-    norms = np.linalg.norm(got.embedding, axis=1) * np.linalg.norm(ref_emb, axis=1)
-    cosine = float(((got.embedding * ref_emb).sum(axis=1) / np.where(norms > 0, norms, 1.0)).min())
+    cosine = cosine_agreement(got.embedding, ref_emb)
     tolerance = TOLERANCE["fp16" if half else "fp32"]
     if not half and tolerance < worst <= FP32_NEAR[0] and cosine >= FP32_NEAR[1]:
         tolerance = FP32_NEAR[0]
@@ -487,6 +486,13 @@ def compare_with_torch(path: str | os.PathLike, backbone: Backbone, *, half: boo
             f"{cosine:.5f} at the least), tolerance {tolerance:g}{near}"
         )
     return worst
+
+
+def cosine_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest row-wise cosine similarity between two embedding matrices (0 for a zero row)."""
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float((num / np.maximum(den, 1e-12)).min())
 
 
 def _torch_own_spread(model, images: np.ndarray, batched: np.ndarray) -> float:

@@ -124,7 +124,7 @@ def iter_classify(
     ``phash`` is the image's perceptual hash (for evaluate, which leaves out pictures a model trained on)."""
     if top < 1:
         raise FeatxError(f"top={top}: ask for at least one class")
-    engine = load_model(ensure_model_file(model, weights=weights), device=device, engine="onnx", spin=False)
+    engine = load_model(model, weights=weights, device=device, engine="onnx", spin=False)
     info = engine.info
     if not info.has_logits:
         raise ModelFileError(f"{engine.path}: this model has no ImageNet classifier (no logits output)")
@@ -395,7 +395,7 @@ def embed_images(
     from .data import as_rgb, preprocess_image
 
     workers = default_workers() if workers is None else workers
-    runner = load_model(ensure_model_file(model, weights=weights), device=device, engine=engine, spin=workers == 0)
+    runner = load_model(model, weights=weights, device=device, engine=engine, spin=workers == 0)
     cfg = runner.info.preprocess
     batch_size = batch_size or default_batch_size(runner.device)
     out = np.empty((len(images), runner.info.embed_dim), dtype=np.float32)

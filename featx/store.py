@@ -211,9 +211,11 @@ def _model_groups(f) -> list[str]:
 
 
 def _holds_rows(g) -> bool:
-    """Whether group ``g`` has an ``embeddings`` dataset with rows in it."""
-    rows = g.get("embeddings") if hasattr(g, "get") else None
-    return rows is not None and hasattr(rows, "shape") and len(rows.shape) == 2 and rows.shape[0] > 0
+    """Whether ``g`` is a group with an ``embeddings`` dataset with rows in it."""
+    import h5py
+
+    rows = g.get("embeddings") if isinstance(g, h5py.Group) else None
+    return isinstance(rows, h5py.Dataset) and rows.ndim == 2 and rows.shape[0] > 0
 
 
 def _damaged_groups(f) -> list[str]:

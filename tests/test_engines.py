@@ -121,7 +121,7 @@ def test_tensorrt_engine_without_tensorrt_is_one_clear_error(lite0_onnx):
 @pytest.mark.gpu
 @pytest.mark.skipif(tensorrt_problem() is not None, reason=f"TensorRT provider unavailable: {tensorrt_problem()}")
 def test_tensorrt_engine_matches_fp32(lite0_onnx, tmp_path):
-    from featx.bench import cosine_agreement
+    from featx.export import cosine_agreement
     from featx.export import check_images
 
     engine = OnnxEngine(lite0_onnx, device="cuda", tensorrt=True, cache_dir=tmp_path)
