@@ -32,7 +32,7 @@ def main() -> None:
     from featx.export import ensure_model_file
     from featx.runtime import read_model_info
     from featx.samples import write_digits_folder
-    from featx.search import unit_rows
+    from featx.store import unit_rows
     from featx.store import EmbeddingStore
 
     tmp = Path(tempfile.mkdtemp(prefix="featx-similar-bench-"))

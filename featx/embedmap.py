@@ -84,9 +84,8 @@ def plot_embeddings(
     check_output_file(output, example="map.png")
 
     from .errors import FeatxError
-    from .search import unit_rows
     from .store import (check_finite, find_copies, gone_rows, load_embeddings, load_labels, near_copy_counts,
-                        near_copy_groups)
+                        near_copy_groups, unit_rows)
 
     if method not in ("tsne", "pca"):
         raise FeatxError(f"method {method!r}: expected tsne or pca")

@@ -29,6 +29,7 @@ from .backbones import DEFAULT_BACKBONE
 from .errors import FeatxError, HeadMismatchError, first_line
 from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, misclassified, multilabel_report,
                       mistakes_png_beside, plot_confusion, plot_label_f1, plot_mistakes, single_label_report)
+from .store import unit_rows
 
 _logger = logging.getLogger(__name__)
 HEAD_FORMAT = "featx-head/1"
@@ -76,13 +77,6 @@ def _column_mean_std(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 TYPICAL_SHARE = 0.99
 
 
-def _unit_rows(X: np.ndarray) -> np.ndarray:
-    """float32 (n, d): rows scaled to length 1 (a zero row stays zero)."""
-    X = np.asarray(X, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", X, X))[:, None]
-    return X / np.where(norms > 0, norms, 1.0)
-
-
 def _members(y_idx: np.ndarray, rows: slice, n_classes: int) -> np.ndarray:
     """float32 (m, n_classes) 0/1: which classes each row of ``rows`` belongs to (several, multi-label)."""
     part = y_idx[rows]
@@ -103,14 +97,14 @@ def class_means_and_typical_cosine(X: np.ndarray, y_idx: np.ndarray,
     for start in range(0, len(X), _ROWS_AT_A_TIME):
         rows = slice(start, start + _ROWS_AT_A_TIME)
         members = _members(y_idx, rows, n_classes)
-        sums += members.T @ _unit_rows(X[rows])
+        sums += members.T @ unit_rows(X[rows])
         counts += members.sum(axis=0)
     sums = sums.astype(np.float32)
     sum_norms = np.linalg.norm(sums.astype(np.float64), axis=1)
     best = np.empty(len(X))
     for start in range(0, len(X), _ROWS_AT_A_TIME):
         rows = slice(start, start + _ROWS_AT_A_TIME)
-        unit = _unit_rows(X[rows])
+        unit = unit_rows(X[rows])
         dots = (unit @ sums.T).astype(np.float64)  # (m, n_classes): each row's dot product with each class's sum
         self_dot = np.einsum("ij,ij->i", unit, unit)[:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -214,7 +208,7 @@ class _Head(ClassifierMixin, BaseEstimator):
             raise NotFittedError("this head keeps no class means (saved before featx kept them): train it again "
                                  "to have images unlike its training images marked") from None
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
-        return np.concatenate([(_unit_rows(X[start:start + 8192]) @ self.class_means_.T).max(axis=1)
+        return np.concatenate([(unit_rows(X[start:start + 8192]) @ self.class_means_.T).max(axis=1)
                                for start in range(0, len(X), 8192)]) if len(X) else np.empty(0)
 
     def unlike_training(self, X) -> np.ndarray:

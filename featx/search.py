@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE
+from .store import unit_rows
 
 _logger = logging.getLogger(__name__)
 
@@ -310,8 +311,3 @@ def _top_pictures(rows, k: int) -> list[list[tuple]]:
         if digest:
             by_digest.setdefault(digest, picture)
     return pictures
-
-
-def unit_rows(X: np.ndarray) -> np.ndarray:
-    """float32 (n, D) rows scaled to length 1, so that a matrix product gives cosine similarities."""
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)

@@ -393,6 +393,14 @@ def _digest_text(digest: bytes) -> str:
         return ""
 
 
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """float32 (n, D): rows scaled to length 1 (a zero row stays zero), so that a matrix product gives
+    cosine similarities; a float16 cache's rows are taken as float32, for BLAS."""
+    X = np.asarray(X, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X))[:, None]
+    return X / np.where(norms > 0, norms, 1.0)
+
+
 def check_finite(data: Embeddings, cache) -> None:
     """Refuse embeddings that are not all finite numbers (a damaged file; a model that overflowed in
     fp16) before a head or a map is fit on them: scikit-learn would fail deep inside with a traceback.
