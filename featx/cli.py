@@ -613,7 +613,7 @@ def _run(args: argparse.Namespace) -> int:
         return _failures_exit(args.inputs, failed, args.strict)
 
     if args.command == "finetune":
-        from .finetune import export_command
+        from .finetune import export_command, loss_text
 
         unfreeze = args.unfreeze if args.unfreeze in ("all", "auto") else int(args.unfreeze)
         result = featx.fine_tune(
@@ -623,7 +623,7 @@ def _run(args: argparse.Namespace) -> int:
             resume=args.resume, device=args.device, progress=not args.quiet,
         )
         ran = result.history[-1].epoch if result.history else 0
-        print(f"saved epoch {result.best_epoch} of {ran}, the lowest val_loss {result.best_val_loss:.4f} (val_accuracy "
+        print(f"saved epoch {result.best_epoch} of {ran}, the lowest val_loss {loss_text(result.best_val_loss)} (val_accuracy "
               f"{result.best_val_accuracy:.4f}) -> {result.checkpoint}; "
               f"trained blocks: {', '.join(result.trainable) or 'classifier only'}\n"
               f"curves: {result.curves}\n"

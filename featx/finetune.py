@@ -108,6 +108,12 @@ def set_train_mode(features, head) -> None:
             module.eval()
 
 
+def loss_text(value: float) -> str:
+    """A loss as Keras prints it: 4 decimals, or 4 significant digits under 0.001 (1.3178e-05), so that
+    epochs whose losses near zero differ are not each shown as 0.0000 beside the one that was kept."""
+    return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.4e}"
+
+
 @dataclass
 class EpochLog:
     epoch: int
@@ -118,8 +124,8 @@ class EpochLog:
     seconds: float
 
     def line(self, epochs: int) -> str:
-        return (f"Epoch {self.epoch}/{epochs} - {self.seconds:.0f}s - loss: {self.loss:.4f} - accuracy: {self.accuracy:.4f}"
-                f" - val_loss: {self.val_loss:.4f} - val_accuracy: {self.val_accuracy:.4f}")
+        return (f"Epoch {self.epoch}/{epochs} - {self.seconds:.0f}s - loss: {loss_text(self.loss)}"
+                f" - accuracy: {self.accuracy:.4f} - val_loss: {loss_text(self.val_loss)} - val_accuracy: {self.val_accuracy:.4f}")
 
 
 @dataclass
@@ -611,7 +617,7 @@ def describe_checkpoint(path: str | os.PathLike) -> str:
             + (f"input {'x'.join(map(str, meta['input_size']))}, " if "input_size" in meta else "")
             + (f"blocks trained: {', '.join(blocks) or 'classifier only'}, " if blocks is not None else "")
             + f"best at epoch {meta.get('epoch')} (val_accuracy {meta.get('val_accuracy', float('nan')):.4f}, "
-            f"val_loss {meta.get('val_loss', float('nan')):.4f}); "
+            f"val_loss {loss_text(meta.get('val_loss', float('nan')))}); "
             + ("its training images' class means kept (its export marks images unlike them); "
                if "typical_cosine" in meta else "")
             + f"{export_command(path, meta)} makes it a model")

@@ -181,11 +181,22 @@ def test_finetune_shows_a_bar_through_each_epoch(small_digits, tmp_path):
     assert [line[:10] for line in run.stdout.splitlines() if line.startswith("Epoch ")] == ["Epoch 1/2 ", "Epoch 2/2 "]
 
 
+def test_losses_near_zero_are_printed_so_that_epochs_can_be_told_apart():
+    """Six photo classes fine-tuned reached val_loss 1.3e-05, 1.8e-05 and 2.7e-05: each epoch's line said
+    "val_loss: 0.0000", and "saved epoch 1 of 3, the lowest val_loss 0.0000" read as a tie broken at random."""
+    from featx.finetune import EpochLog, loss_text
+
+    lines = [EpochLog(epoch, 0.0082, 1.0, val_loss, 1.0, 5.0).line(3)
+             for epoch, val_loss in ((1, 1.3178e-05), (2, 4.02e-05), (3, 0.25))]
+    assert [line.split("val_loss: ")[1].split(" ")[0] for line in lines] == ["1.3178e-05", "4.0200e-05", "0.2500"]
+    assert "loss: 0.0082 " in lines[0] and loss_text(0.0) == "0.0000"
+
+
 def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, capsys):
     """The epoch kept is the lowest val_loss, which need not be the best val_accuracy: the line said "best
     val_accuracy 0.2083" of an epoch when an earlier one had scored 0.25."""
     from featx.cli import main
-    from featx.finetune import _read_checkpoint
+    from featx.finetune import _read_checkpoint, loss_text
 
     ckpt = tmp_path / "ft.safetensors"
     assert main(["-q", "finetune", str(small_digits), "-o", str(ckpt), "--unfreeze", "1", "--epochs", "3",
@@ -194,7 +205,7 @@ def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, caps
     said = next(line for line in out if line.startswith("saved epoch "))
     assert out[out.index(said) - 1].startswith("class means of the 48 training images")  # done after the epochs
     meta = _read_checkpoint(ckpt)[1]
-    assert said.startswith(f"saved epoch {meta['epoch']} of 3, the lowest val_loss {float(meta['val_loss']):.4f} "
+    assert said.startswith(f"saved epoch {meta['epoch']} of 3, the lowest val_loss {loss_text(float(meta['val_loss']))} "
                            f"(val_accuracy {float(meta['val_accuracy']):.4f}) -> {ckpt}"), said
     # the export command it prints, run as printed, makes the model file beside the checkpoint
     command = next(line for line in out if line.startswith("export it: featx ")).removeprefix("export it: featx ")
