@@ -383,7 +383,7 @@ def evaluate_classifier(
                             where=str(folder), png=png, mistakes_csv=mistakes_csv, folder=folder)
     if info.class_means is not None:  # a merged classifier of a head with class means: as evaluate --head says
         report.note_unlike([rows[i].unlike_training for i in known],
-                           [rows[i].top[0][0] == truth[i] for i in known], info.typical_cosine)
+                           [rows[i].top[0][0] == truth[i] for i in known], info.typical_cosine, marked_by="classify")
     return report
 
 

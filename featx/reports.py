@@ -50,12 +50,14 @@ class HeadReport:
     typical_cosine: float | None = None
     accuracy_unlike: float | None = None
     accuracy_like: float | None = None
+    marked_by: str = "predict"  # the command that marks such images: classify for a model file scored
 
-    def note_unlike(self, unlike: np.ndarray, correct: np.ndarray, typical_cosine: float | None) -> None:
+    def note_unlike(self, unlike: np.ndarray, correct: np.ndarray, typical_cosine: float | None, *,
+                    marked_by: str = "predict") -> None:
         """Record which scored images are unlike the training images (bool per image) and how often
         those, and the rest, were right (bool per image)."""
         unlike, correct = np.asarray(unlike, dtype=bool), np.asarray(correct, dtype=bool)
-        self.n_unlike, self.typical_cosine = int(unlike.sum()), typical_cosine
+        self.n_unlike, self.typical_cosine, self.marked_by = int(unlike.sum()), typical_cosine, marked_by
         self.accuracy_unlike = float(correct[unlike].mean()) if unlike.any() else None
         self.accuracy_like = float(correct[~unlike].mean()) if (~unlike).any() else None
 
@@ -71,7 +73,7 @@ class HeadReport:
         rest = f", {self.accuracy_like:.3f} on the rest" if self.accuracy_like is not None else ""
         return (f"{self.n_unlike} of the {scored} {'is' if self.n_unlike == 1 else 'are'} unlike the training "
                 f"images {cut}: {right} "
-                f"{self.accuracy_unlike:.3f} on them{rest}; predict marks such images")
+                f"{self.accuracy_unlike:.3f} on them{rest}; {self.marked_by} marks such images")
 
     def text(self, *, mistakes_shown: int = 10) -> str:
         micro = f", micro-F1 {self.micro_f1:.4f}" if self.micro_f1 is not None else ""

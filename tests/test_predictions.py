@@ -599,6 +599,7 @@ def test_images_unlike_a_heads_training_images_are_marked_whatever_their_probabi
         assert [t["unlike_training"] for t in csv.DictReader(f)] == [str(r.unlike_training).lower() for r in rows]
     merged = featx.evaluate_classifier(inverted, classifier)
     assert (merged.n_test, merged.n_unlike) == (shifted.n_test, shifted.n_unlike)
+    assert "; predict marks such images" in shifted.text() and "; classify marks such images" in merged.text()
     # classify with an ImageNet model has no such columns
     featx.classify(photos[:1], model=lite0_onnx, output=tmp_path / "imagenet.csv")
     with open(tmp_path / "imagenet.csv") as f:
