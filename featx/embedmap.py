@@ -37,7 +37,7 @@ class EmbeddingMap:
     chance_agreement: float | None  # the same for labels drawn at random with the class shares
     n_copies: int = 0  # sampled rows left out: the same bytes and class as another (find_copies)
     n_near_copies: int = 0  # sampled rows with a near copy (one picture resized, re-encoded): not neighbours
-    n_gone: int = 0  # rows left out: files the last embed found deleted from the folder (kept until --prune)
+    n_gone: int = 0  # rows left out: files the last embed found deleted or unreadable (kept until --prune)
 
     def text(self) -> str:
         return f"{self.what()} -> {self.png}" + (f"\n{self.agreement()}" if self.agreement() else "")
@@ -49,7 +49,7 @@ class EmbeddingMap:
         if self.n_copies:
             left_out.append(f"{self.n_copies:,} cop{'ies' if self.n_copies > 1 else 'y'} of other images")
         if self.n_gone:
-            left_out.append(f"{self.n_gone:,} of files deleted from the folder")
+            left_out.append(f"{self.n_gone:,} of files deleted from the folder or unreadable now")
         return f"{self.method} map of {shown} embeddings" + (f" ({', '.join(left_out)} left out)" if left_out else "")
 
     def agreement(self) -> str:

@@ -443,12 +443,20 @@ class RunStats:
     jpeg_library: str = ""  # what called nvJPEG (torchcodec, torchvision), with GPU decode
     failures: list[tuple[str, str]] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)  # stored keys whose file is gone (kept unless pruned)
+    # stored keys whose file has changed into one that cannot be read (a damaged copy, a sync part-way):
+    # their rows embed bytes no longer there, so they are left out as a deleted file's are (kept unless pruned)
+    unreadable_now: list[str] = field(default_factory=list)
     folder: str = ""  # the folder the cache follows: its keys are paths relative to it
     subfolder: str = ""  # the part of it this run embedded, '/'-separated ("": all of it)
 
     @property
     def n_deleted(self) -> int:
         return len(self.deleted)
+
+    @property
+    def gone(self) -> list[str]:
+        """Keys of the rows that no longer stand for a file of the folder: deleted, or unreadable now."""
+        return sorted({*self.deleted, *self.unreadable_now}, key=os.fsencode)
 
     @property
     def images_per_second(self) -> float:
@@ -471,6 +479,9 @@ class RunStats:
             + (f", {self.n_hashed} older rows given a perceptual hash" if self.n_hashed else "")
             + (f", {self.n_deleted} deleted from the folder" + (f" ({self.n_pruned} pruned)" if self.n_pruned else
                " (their rows stay, left out of heads and maps; --prune removes them)") if self.n_deleted else "")
+            + (f", {len(self.unreadable_now)} embedded before and unreadable now (their earlier rows "
+               + ("pruned)" if self.n_pruned else "left out of heads and maps; --prune removes them)")
+               if self.unreadable_now else "")
             + f" in {self.seconds:.1f} s ({self.load_seconds:.1f} s loading the model)"
             + (f", {self.steady_images_per_second:.1f} images/s" if self.n_embedded else "")
             + f" -> {self.out}" + (f" (as {self.subfolder}/ of {self.folder})" if self.subfolder else "")
@@ -682,18 +693,26 @@ def embed_folder(
         pending.store_copies()
         hash_unhashed_rows(store, seen, info.preprocess, stats, workers=workers if not gpu_decode else None,
                            progress=progress)
-        recovered |= pending.recovered
         stats.backoffs = [limit for e in encoders for limit in e.backoffs]
-        deleted = pending.gone()
-        stats.deleted = sorted(deleted & set(done))
-        check_prune(root, out, prune, seen, stats.deleted, store.subfolder)
-        if recovered or (prune and deleted):
-            store.rewrite_without(recovered | (deleted if prune else set()), failures=True)
-        if prune and deleted:
-            stats.n_pruned = store.rewrite_without(deleted)
-        store.record_gone([] if prune else stats.deleted)  # rows train-head, map and evaluate leave out
+        finish_walk(store, pending, root, out, prune=prune, recovered=recovered | pending.recovered)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def finish_walk(store, pending: PendingFiles, root, out, *, prune: bool, recovered: set[str]) -> None:
+    """After a run's walk and its embeddings are stored: drop the failure records of ``recovered`` files
+    (they have rows now), find the stored files deleted since and those unreadable now, prune their rows
+    or record them as gone (train-head, map, evaluate, predict and similar leave them out)."""
+    stats = pending.stats
+    deleted = pending.gone()
+    stats.deleted = sorted(deleted & set(pending.done))
+    stats.unreadable_now = sorted(pending.unreadable_now(), key=os.fsencode)
+    check_prune(root, out, prune, pending.seen, stats.deleted, store.subfolder)
+    if recovered or (prune and deleted):
+        store.rewrite_without(recovered | (deleted if prune else set()), failures=True)
+    if prune and (deleted or stats.unreadable_now):  # an unreadable file's failure record stays
+        stats.n_pruned = store.rewrite_without(deleted | set(stats.unreadable_now))
+    store.record_gone([] if prune else stats.gone)
 
 
 def classes_walked(folder: str | os.PathLike, subfolder: str = "") -> list[str]:
@@ -868,6 +887,7 @@ class PendingFiles:
         self._touched: list[tuple[int, int]] = []  # (stored row, new mtime_ns)
         self._copies: list[tuple[FileEntry, str, str]] = []  # (new path, key handed on with its bytes, digest)
         self.recovered: set[str] = set()  # keys with a failure on record that took a row (their old failure is stale)
+        self._failing: set[str] = set()  # keys whose file the walk found failing as it failed before
 
     def __iter__(self) -> Iterator[FileEntry]:
         for item in walk_images(self.root, self.subfolder):
@@ -883,6 +903,7 @@ class PendingFiles:
         if isinstance(item, WalkFailure):
             if item.key in self.failed_before and not self.retry_failed:
                 stats.n_failed_before += 1
+                self._failing.add(item.key)
                 return False
             with self.store_lock:  # the store's writer counts decode failures under it
                 stats.failures.append((item.key, item.reason))
@@ -897,6 +918,7 @@ class PendingFiles:
         before = self.failed_before.get(item.key)
         if before is not None and before[1:] == (item.size, item.mtime_ns) and not self.retry_failed:
             stats.n_failed_before += 1
+            self._failing.add(item.key)
             self.on_skip()
             return False
         digest = None
@@ -953,6 +975,12 @@ class PendingFiles:
         if self.subfolder:
             gone = {k for k in gone if k.startswith(self.subfolder + "/") or k == self.subfolder}
         return gone
+
+    def unreadable_now(self) -> set[str]:
+        """Stored keys with a row from before this run whose file fails now (this run, or unchanged since it
+        failed before): changed into a file that cannot be read after it was embedded. A fresh embed of the
+        folder would hold their failure alone. Asked once the run's failures are all in ``stats``."""
+        return (self._failing | {key for key, _ in self.stats.failures}) & set(self.done)
 
     def store_copies(self) -> None:
         """Give each file that had the bytes of another file of this run that file's row, or its failure.

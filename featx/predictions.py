@@ -121,7 +121,7 @@ def iter_predictions(
                                  **({"batch_size": batch_size} if batch_size else {}))
             if stats.found_nothing:
                 warn_no_images(folder)
-            group, gone = Path(model_file).stem, set(stats.deleted)
+            group, gone = Path(model_file).stem, set(stats.gone)
             # the cache's keys are relative to the folder it follows; this folder may be a part of it
             prefix = stats.subfolder + "/" if stats.subfolder else ""
 
@@ -452,7 +452,7 @@ def _embed_for_head(loaded: LoadedHead, folder: Path, cache, model, weights, *, 
     loaded.check_model(read_model_info(model_file).fingerprint, f"model {model_file}")
     stats = embed_folder(folder, cache, model=model_file, device=device, progress=progress)
     _logger.info("%s", stats.summary())
-    prefix, gone = (stats.subfolder + "/" if stats.subfolder else ""), set(stats.deleted)
+    prefix, gone = (stats.subfolder + "/" if stats.subfolder else ""), set(stats.gone)
     return Path(model_file).stem, lambda key: key.startswith(prefix) and key not in gone
 
 

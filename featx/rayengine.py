@@ -23,7 +23,7 @@ from .backbones import DEFAULT_BACKBONE
 from .data import DEFAULT_MAX_PIXELS, folder_to_walk, load_batch
 from .errors import FeatxError
 from .export import ensure_model_file
-from .pipeline import NOT_FINITE_OUTPUT, PendingFiles, RunStats, check_prune, classes_walked, hash_unhashed_rows
+from .pipeline import NOT_FINITE_OUTPUT, PendingFiles, RunStats, classes_walked, finish_walk, hash_unhashed_rows
 from .runtime import read_model_info
 from .store import EmbeddingStore
 
@@ -248,14 +248,7 @@ def embed_folder_ray(
         # files that failed before and have a row now: their old failure records go
         fixed = pending.recovered | ({item["key"] for item in items if item["key"] in failed_before}
                                      - {key for key, _ in stats.failures})
-        deleted = pending.gone()
-        check_prune(root, out, prune, seen, sorted(deleted & set(done)), store.subfolder)
-        if fixed or (prune and deleted):
-            store.rewrite_without(fixed | (deleted if prune else set()), failures=True)
-        if prune and deleted:
-            stats.n_pruned = store.rewrite_without(deleted)
+        finish_walk(store, pending, root, out, prune=prune, recovered=fixed)
         stats.n_failed = len(stats.failures)  # walk failures, recovered shards' and this run's
-        stats.deleted = sorted(deleted & set(done))
-        store.record_gone([] if prune else stats.deleted)
     stats.seconds = time.perf_counter() - start
     return stats

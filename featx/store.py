@@ -184,7 +184,8 @@ class Embeddings:
     failures: dict[str, str] = field(default_factory=dict)
     digests: list[str] = field(default_factory=list)  # SHA-256 hex of each row's file bytes; "" where unknown
     phashes: np.ndarray | None = None  # uint64 (n,) perceptual hash of each row's image; 0 where unknown
-    gone: list[str] = field(default_factory=list)  # keys left out (present_only): files the last embed found deleted
+    # keys left out (present_only): files the last embed found deleted, or changed into files it cannot read
+    gone: list[str] = field(default_factory=list)
 
 
 def list_models(path: str | os.PathLike) -> list[str]:
@@ -306,9 +307,10 @@ def prune_command(folder: str | None, cache: str | os.PathLike) -> str:
 
 
 def gone_line(gone: Sequence[str], folder: str | None, cache: str | os.PathLike) -> str:
-    """What to tell a user of rows left out as deleted (``gone``: their keys; :attr:`Embeddings.gone`)."""
+    """What to tell a user of rows left out as gone (``gone``: their keys; :attr:`Embeddings.gone`): files deleted,
+    or changed into files that cannot be read, since they were embedded."""
     n = len(gone)
-    return (f"{n:,} row{'s' if n > 1 else ''} of files deleted from {folder or 'the folder'} since "
+    return (f"{n:,} row{'s' if n > 1 else ''} of files deleted from {folder or 'the folder'}, or unreadable now, since "
             f"{'they were' if n > 1 else 'it was'} embedded (e.g. {gone[0]}) left out; "
             f"{prune_command(folder, cache)} drops them from the cache")
 
@@ -728,7 +730,7 @@ class CacheSummary:
     near_copies: int = 0  # labelled rows (less copies) with a near copy among them (near_copy_groups)
     pictures: int = 0  # the groups those near copies make
     unhashed: int = 0  # rows without a perceptual hash (embedded before featx kept them)
-    gone: int = 0  # rows of files the last embed found deleted from the folder (kept until --prune)
+    gone: int = 0  # rows of files the last embed found deleted or unreadable (kept until --prune)
     # every picture stored more than once, when asked for: its files, the first in the folder's order first
     copy_groups: list[list[CopyOf]] | None = None
 
@@ -756,7 +758,7 @@ class CacheSummary:
                          + (" (--copies names them)" if self.copy_groups is None else ""))
         if self.gone:
             lines.append(f"  {self.gone:,} {'rows are of files' if self.gone > 1 else 'row is of a file'} the last "
-                         "embed found deleted from the folder: left out by train-head, map and evaluate, kept "
+                         "embed found deleted from the folder or unreadable: left out by train-head, map and evaluate, kept "
                          f"until {prune_command(self.attrs.get('folder'), self.path or 'CACHE')}")
         if self.unhashed:
             lines.append(f"  {self.unhashed:,} rows have no perceptual hash (embedded by a featx from before it kept "

@@ -543,7 +543,8 @@ def test_copies_count_once_and_a_file_moved_between_classes_without_prune_is_nam
     assert report.n_copies == 4 and report.n_train + report.n_test == 60 + 6 - 1 - 4
     assert "4 copies of other images left out" in report.text()
     warned = " ".join(r.getMessage() for r in caplog.records)
-    assert f"1 row of files deleted from {small_digits} since it was embedded (e.g. 3/{misfiled.name}) left out" in warned
+    assert (f"1 row of files deleted from {small_digits}, or unreadable now, since it was embedded "
+            f"(e.g. 3/{misfiled.name}) left out") in warned
     assert f"e.g. 3/{twice.name} and 8/also-{twice.name}" in warned and f"3/{misfiled.name} and" not in warned
     from featx.cli import main
 
@@ -551,7 +552,8 @@ def test_copies_count_once_and_a_file_moved_between_classes_without_prune_is_nam
     info = capsys.readouterr().out
     assert "4 rows are a copy of another row's file" in info and f"3/{misfiled.name} and 8/{misfiled.name}" in info
     assert f"(`featx embed {small_digits} -o {cache} --prune` drops the rows of paths that are gone)" in info
-    assert "1 row is of a file the last embed found deleted from the folder: left out by train-head, map and evaluate" in info
+    assert ("1 row is of a file the last embed found deleted from the folder or unreadable: left out by train-head, "
+            "map and evaluate") in info
     featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0, prune=True)
     [summary] = featx.summarize_cache(cache)
     assert summary.copies.across_classes == [(f"3/{twice.name}", f"8/also-{twice.name}")] and summary.gone == 0

@@ -1091,13 +1091,25 @@ def test_rows_of_deleted_files_are_left_out_of_heads_and_maps_until_pruned(small
     assert "3 rows of files deleted from" in caplog.text and "are not in" not in caplog.text
     assert tags.n_train + tags.n_test + tags.n_copies == 57
     drawn = featx.plot_embeddings(cache, tmp_path / "map.png", method="pca")
-    assert drawn.n_total == 57 and "3 of files deleted from the folder left out" in drawn.what()
+    assert drawn.n_total == 57 and "3 of files deleted from the folder or unreadable now left out" in drawn.what()
     assert not any(key in data.gone for key in drawn.keys)
     shutil.copy2(kept_aside, fours[0])  # put back as it was: its row is current again
     featx.embed_folder(small_digits, cache, model=lite0_onnx, workers=0)
     assert len(featx.load_embeddings(cache, present_only=True).gone) == 2
     featx.embed_folder(small_digits, cache, model=lite0_onnx, workers=0, prune=True)
     assert featx.load_embeddings(cache, present_only=True).gone == [] and featx.summarize_cache(cache)[0].rows == 58
+    # a photo embedded once and then cut short (a copy that stopped) is a failure; its earlier row, of bytes no
+    # longer there, is left out as a deleted file's is: predict gave that file two rows, the old class and FAILED
+    cut = sevens[1]
+    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
+    stats = featx.embed_folder(small_digits, cache, model=lite0_onnx, workers=0)
+    assert stats.unreadable_now == [f"7/{cut.name}"] and "1 embedded before and unreadable now" in stats.summary()
+    assert featx.load_embeddings(cache, present_only=True).gone == [f"7/{cut.name}"]
+    rows = featx.predict([small_digits], head=tmp_path / "h.safetensors", cache=cache)
+    assert [(r.top, r.error.split(":")[0]) for r in rows if r.key == str(cut)] == [([], "cannot decode")]
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, workers=0, prune=True)  # the failure, unchanged
+    data = featx.load_embeddings(cache, present_only=True)
+    assert data.gone == [] and len(data.keys) == 57 and f"7/{cut.name}" in data.failures
 
 
 def test_prune_of_a_folder_left_empty_removes_nothing(small_digits, tmp_path, lite0_onnx):

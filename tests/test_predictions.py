@@ -236,7 +236,7 @@ def test_evaluate_scores_a_test_folder_as_predict_classifies_it_and_lists_its_mi
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="featx.predictions"):
         assert featx.evaluate_head(tmp_path / "test.h5", head).n_test == n - 3
-    assert f"3 rows of files deleted from {test} since they were embedded" in caplog.text
+    assert f"3 rows of files deleted from {test}, or unreadable now, since they were embedded" in caplog.text
     # options that would be left unused are refused: --cache beside a cache, --cache or --labels for a model
     with pytest.raises(featx.FeatxError, match="test.h5 is not a folder but a cache itself"):
         featx.evaluate_head(tmp_path / "test.h5", head, cache=tmp_path / "other.h5")
