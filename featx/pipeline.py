@@ -477,10 +477,12 @@ class RunStats:
             + (f" ({self.n_failed_before} failed before, unchanged: --retry-failed tries them again)"
                if self.n_failed_before else "")
             + (f", {self.n_hashed} older rows given a perceptual hash" if self.n_hashed else "")
-            + (f", {self.n_deleted} deleted from the folder" + (f" ({self.n_pruned} pruned)" if self.n_pruned else
+            + (f", {self.n_deleted} deleted from the folder" + (" (pruned)" if self.n_pruned else
                " (their rows stay, left out of heads and maps; --prune removes them)") if self.n_deleted else "")
-            + (f", {len(self.unreadable_now)} embedded before and unreadable now (their earlier rows "
-               + ("pruned)" if self.n_pruned else "left out of heads and maps; --prune removes them)")
+            + (f", {len(self.unreadable_now)} embedded before and unreadable now ("
+               + ("its earlier row " if len(self.unreadable_now) == 1 else "their earlier rows ")
+               + ("pruned)" if self.n_pruned else "left out of heads and maps; --prune removes "
+                  + ("it)" if len(self.unreadable_now) == 1 else "them)"))
                if self.unreadable_now else "")
             + f" in {self.seconds:.1f} s ({self.load_seconds:.1f} s loading the model)"
             + (f", {self.steady_images_per_second:.1f} images/s" if self.n_embedded else "")
