@@ -125,7 +125,8 @@ class EpochLog:
 
     def line(self, epochs: int) -> str:
         return (f"Epoch {self.epoch}/{epochs} - {self.seconds:.0f}s - loss: {loss_text(self.loss)}"
-                f" - accuracy: {self.accuracy:.4f} - val_loss: {loss_text(self.val_loss)} - val_accuracy: {self.val_accuracy:.4f}")
+                f" - accuracy: {self.accuracy:.4f} - val_loss: {loss_text(self.val_loss)}"
+                f" - val_accuracy: {self.val_accuracy:.4f}")
 
 
 @dataclass
