@@ -623,8 +623,8 @@ def _run(args: argparse.Namespace) -> int:
             resume=args.resume, device=args.device, progress=not args.quiet,
         )
         ran = result.history[-1].epoch if result.history else 0
-        print(f"saved epoch {result.best_epoch} of {ran}, the lowest val_loss {loss_text(result.best_val_loss)} (val_accuracy "
-              f"{result.best_val_accuracy:.4f}) -> {result.checkpoint}; "
+        print(f"saved epoch {result.best_epoch} of {ran}, the lowest val_loss {loss_text(result.best_val_loss)} "
+              f"(val_accuracy {result.best_val_accuracy:.4f}) -> {result.checkpoint}; "
               f"trained blocks: {', '.join(result.trainable) or 'classifier only'}\n"
               f"curves: {result.curves}\n"
               f"export it: {export_command(result.checkpoint).strip('`')}")

@@ -758,8 +758,8 @@ class CacheSummary:
                          + (" (--copies names them)" if self.copy_groups is None else ""))
         if self.gone:
             lines.append(f"  {self.gone:,} {'rows are of files' if self.gone > 1 else 'row is of a file'} the last "
-                         "embed found deleted from the folder or unreadable: left out by train-head, map and evaluate, kept "
-                         f"until {prune_command(self.attrs.get('folder'), self.path or 'CACHE')}")
+                         "embed found deleted from the folder or unreadable: left out by train-head, map and "
+                         f"evaluate, kept until {prune_command(self.attrs.get('folder'), self.path or 'CACHE')}")
         if self.unhashed:
             lines.append(f"  {self.unhashed:,} rows have no perceptual hash (embedded by a featx from before it kept "
                          "them, or a black image): their near copies are not found until `featx embed` runs on the "

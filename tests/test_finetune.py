@@ -205,7 +205,8 @@ def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, caps
     said = next(line for line in out if line.startswith("saved epoch "))
     assert out[out.index(said) - 1].startswith("class means of the 48 training images")  # done after the epochs
     meta = _read_checkpoint(ckpt)[1]
-    assert said.startswith(f"saved epoch {meta['epoch']} of 3, the lowest val_loss {loss_text(float(meta['val_loss']))} "
+    assert said.startswith(f"saved epoch {meta['epoch']} of 3, "
+                           f"the lowest val_loss {loss_text(float(meta['val_loss']))} "
                            f"(val_accuracy {float(meta['val_accuracy']):.4f}) -> {ckpt}"), said
     # the export command it prints, run as printed, makes the model file beside the checkpoint
     command = next(line for line in out if line.startswith("export it: featx ")).removeprefix("export it: featx ")
