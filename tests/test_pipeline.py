@@ -1112,6 +1112,70 @@ def test_rows_of_deleted_files_are_left_out_of_heads_and_maps_until_pruned(small
     assert data.gone == [] and len(data.keys) == 57 and f"7/{cut.name}" in data.failures
 
 
+def test_any_edits_between_embeds_leave_the_cache_a_fresh_embed_would_make(tmp_path, lite0_onnx):
+    """The cache after each incremental run holds, less its gone rows, what embedding the folder from scratch
+    gives: the same keys, classes, embeddings and failures, whatever was done to the folder in between
+    (each kind of edit once, in a seeded order, two a run, some runs with --prune). A fuzz of such edits
+    found a file cut short after it was embedded keeping its old row beside its failure."""
+    import random
+
+    from featx.samples import write_digits_folder
+
+    rng = random.Random(7)
+    root, cache = write_digits_folder(tmp_path / "photos", size=32, limit=14), tmp_path / "cache.h5"
+    spare = sorted(write_digits_folder(tmp_path / "spare", size=40, limit=12).rglob("*.png"))
+    featx.embed_folder(root, cache, model=lite0_onnx, workers=0)
+
+    def edit(kind: str) -> None:
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        path, other = rng.sample(files, 2)
+        classes = sorted(p for p in root.iterdir() if p.is_dir())
+        if kind == "add":
+            shutil.copy(spare.pop(), rng.choice(classes) / f"new{len(spare)}.png")
+        elif kind == "delete":
+            path.unlink()
+        elif kind == "rename":
+            path.rename(path.with_name("renamed-" + path.name))
+        elif kind == "move to another class":
+            path.rename(next(c for c in classes if c != path.parent) / path.name)
+        elif kind == "copy":
+            shutil.copy2(path, rng.choice(classes) / ("copy-" + path.name))
+        elif kind == "overwrite with another file's bytes":
+            path.write_bytes(other.read_bytes())
+        elif kind == "touch":
+            os.utime(path, (time.time() + 60, time.time() + 60))
+        elif kind == "cut short":
+            path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+        elif kind == "swap two files":
+            held = path.with_name("held")
+            path.rename(held), other.rename(path), held.rename(other)
+        elif kind == "rename a class folder":
+            classes[0].rename(classes[0].with_name(classes[0].name + "x"))
+        elif kind == "unlabelled photo":
+            shutil.copy(spare.pop(), root / "loose.png")
+
+    def rows(cache_file, present_only=True) -> tuple[dict, dict]:
+        data = featx.load_embeddings(cache_file, present_only=present_only)
+        return ({key: (data.class_names[label] if label >= 0 else None, data.embeddings[i])
+                 for i, (key, label) in enumerate(zip(data.keys, data.labels))}, data.failures)
+
+    kinds = ["add", "delete", "rename", "move to another class", "copy", "overwrite with another file's bytes",
+             "touch", "cut short", "swap two files", "rename a class folder", "unlabelled photo", "cut short"]
+    rng.shuffle(kinds)
+    for run, edits in enumerate(zip(kinds[::2], kinds[1::2])):
+        for kind in edits:
+            edit(kind)
+        featx.embed_folder(root, cache, model=lite0_onnx, workers=0, prune=run % 3 == 2)
+        fresh = tmp_path / f"fresh{run}.h5"
+        featx.embed_folder(root, fresh, model=lite0_onnx, workers=0)
+        (kept, kept_failures), (made, made_failures) = rows(cache), rows(fresh, present_only=False)
+        assert sorted(kept) == sorted(made), (run, edits)
+        for key, (label, embedding) in made.items():
+            assert kept[key][0] == label and np.allclose(kept[key][1], embedding, atol=1e-5), (run, edits, key)
+        present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+        assert {k: r for k, r in kept_failures.items() if k in present} == made_failures, (run, edits)
+
+
 def test_prune_of_a_folder_left_empty_removes_nothing(small_digits, tmp_path, lite0_onnx):
     """A nightly `featx embed /mnt/nas/photos -o cache.h5 --prune` while the NAS is not mounted sees an
     empty folder: it used to drop every row. It is refused and the cache kept; a folder that lost some
