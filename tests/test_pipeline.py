@@ -1147,8 +1147,9 @@ def test_any_edits_between_embeds_leave_the_cache_a_fresh_embed_would_make(tmp_p
         elif kind == "cut short":
             path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
         elif kind == "swap two files":
-            held = path.with_name("held")
-            path.rename(held), other.rename(path), held.rename(other)
+            held = path.rename(path.with_name("held"))
+            other.rename(path)
+            held.rename(other)
         elif kind == "rename a class folder":
             classes[0].rename(classes[0].with_name(classes[0].name + "x"))
         elif kind == "unlabelled photo":
