@@ -1082,25 +1082,48 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
 
     Read as a spreadsheet saves it too: a UTF-8 byte-order mark, ';' between the columns (Excel where the
     decimal mark is a comma: the first cell is the key, the rest labels), Windows' '\\' in the keys, and
-    spaces around cells.
+    spaces around cells. A one-hot table (a header ``key,cat,dog`` and a 0 or 1 under each label, as
+    pandas' ``to_csv`` writes a label matrix) gives each key the labels of its 1s.
     """
     import csv
 
-    out: dict[str, list[str]] = {}
     try:
         f = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
     except OSError as e:
         raise FeatxError(f"labels file {path}: {'does not exist' if isinstance(e, FileNotFoundError) else e.strerror}") \
             from None
     with f:
-        for row in csv.reader(f):
-            if len(row) == 1:  # no comma in the row: ';' separates the columns, or there are no labels
-                row = row[0].split(";")
-            key = row[0].strip().replace("\\", "/") if row else ""
-            if not key or key == "key":
-                continue
+        # no comma in a row: ';' separates the columns, or there are no labels
+        rows = [[cell.strip() for cell in (row[0].split(";") if len(row) == 1 else row)]
+                for row in csv.reader(f) if row]
+    one_hot = _one_hot_header(rows)
+    out: dict[str, list[str]] = {}
+    for row in rows[1:] if one_hot else rows:
+        key = row[0].replace("\\", "/")
+        if not key or key == "key":
+            continue
+        if one_hot:  # the labels read as "0" and "1" before, every key holding both
+            out[key] = [label for label, cell in zip(one_hot, row[1:]) if cell.lower() in _ONE_HOT_YES]
+        else:
             out[key] = [x.strip() for x in ";".join(row[1:]).split(";") if x.strip()]
     return out
+
+
+_ONE_HOT_YES, _ONE_HOT_NO = {"1", "1.0", "true"}, {"0", "0.0", "false", ""}
+
+
+def _one_hot_header(rows: list[list[str]]) -> list[str] | None:
+    """The label names of a one-hot table's header (its cells after the key's), or None where ``rows`` are not
+    one: two label columns or more, named (not 0 or 1), and under them only 0s and 1s, some 1s."""
+    if len(rows) < 2 or len(rows[0]) < 3:
+        return None
+    header, body = rows[0], rows[1:]
+    if any(not name or name.lower() in _ONE_HOT_YES | _ONE_HOT_NO for name in header[1:]):
+        return None
+    cells = [cell.lower() for row in body for cell in row[1:]]
+    if any(len(row) != len(header) for row in body) or any(c not in _ONE_HOT_YES | _ONE_HOT_NO for c in cells):
+        return None
+    return header[1:] if any(c in _ONE_HOT_YES for c in cells) else None
 
 
 def keys_as_cached(wanted: dict[str, list[str]], folder: str | None) -> dict[str, list[str]]:

@@ -667,9 +667,10 @@ def test_train_head_balanced_is_saved_and_reported(digits_cache, tmp_path, capsy
     assert "balanced accuracy" in capsys.readouterr().out
 
 
-def test_labels_csv_saved_by_a_spreadsheet_reads_as_the_plain_one(tmp_path):
+def test_labels_csv_saved_by_a_spreadsheet_or_as_a_label_matrix_reads_as_the_plain_one(tmp_path):
     """Excel writes a byte-order mark and CRLF, separates columns with ';' where the decimal mark is a
-    comma, and a Windows user's keys carry backslashes: the labels read are those of the plain file."""
+    comma, and a Windows user's keys carry backslashes; a label matrix has a column per label: the
+    labels read are those of the plain file."""
     from featx.heads import read_labels_csv
 
     plain = "key,labels\ncats/a.jpg,indoor;sleeping\ncats/b.jpg,outdoor\ndogs/c d.jpg,\n"
@@ -678,9 +679,17 @@ def test_labels_csv_saved_by_a_spreadsheet_reads_as_the_plain_one(tmp_path):
                                           " cats\\b.jpg ; outdoor\r\ndogs\\c d.jpg;\r\n").encode("utf-8"))
     (tmp_path / "excel-comma.csv").write_bytes(("\ufeffkey,labels\r\ncats\\a.jpg,indoor;sleeping\r\n"
                                                 "cats/b.jpg,outdoor\r\ndogs/c d.jpg\r\n").encode("utf-8"))
+    # a label matrix as pandas writes it (one-hot columns): before, each key had the labels "0" and "1"
+    (tmp_path / "one-hot.csv").write_text("key,indoor,outdoor,sleeping\ncats/a.jpg,1,0,1\ncats/b.jpg,0,1,0\n"
+                                          "dogs/c d.jpg,0,0,0\n", encoding="utf-8")
+    (tmp_path / "one-hot-excel.csv").write_bytes(("\ufeffimage;indoor;outdoor;sleeping\r\ncats\\a.jpg;1.0;0.0;1.0\r\n"
+                                                  "cats\\b.jpg;False;True;False\r\ndogs\\c d.jpg;0;;0\r\n").encode("utf-8"))
     expected = {"cats/a.jpg": ["indoor", "sleeping"], "cats/b.jpg": ["outdoor"], "dogs/c d.jpg": []}
-    for name in ("plain.csv", "excel.csv", "excel-comma.csv"):
+    for name in ("plain.csv", "excel.csv", "excel-comma.csv", "one-hot.csv", "one-hot-excel.csv"):
         assert read_labels_csv(tmp_path / name) == expected, name
+    # labels that are numbers, in the key,a;b form, stay labels
+    (tmp_path / "numbers.csv").write_text("key,labels\na.jpg,1;0\nb.jpg,0\n", encoding="utf-8")
+    assert read_labels_csv(tmp_path / "numbers.csv") == {"a.jpg": ["1", "0"], "b.jpg": ["0"]}
 
 
 def test_a_labels_csv_a_multilabel_head_cannot_learn_from_is_refused_saying_why(digits_cache, tmp_path):
