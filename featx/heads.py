@@ -1126,14 +1126,22 @@ def _one_hot_header(rows: list[list[str]]) -> list[str] | None:
     return header[1:] if any(c in _ONE_HOT_YES for c in cells) else None
 
 
-def keys_as_cached(wanted: dict[str, list[str]], folder: str | None) -> dict[str, list[str]]:
-    """A labels CSV's keys as the cache keeps them: a labelling tool's export names files './a/b.jpg' or by
-    their whole path, and no key of either was found (keys are relative to the embedded ``folder``). A
-    whole path outside ``folder`` is kept as it is, and said missing as any other key."""
+def keys_as_cached(wanted: dict[str, list[str]], folder: str | None,
+                   cached: Iterable[str] = ()) -> dict[str, list[str]]:
+    """A labels CSV's keys as the cache keeps them: a labelling tool's export names files './a/b.jpg', by
+    their whole path, or from the folder's parent ('photos/a/b.jpg', where the folder is photos), and no
+    key of those was found (keys are relative to the embedded ``folder``; ``cached``: the cache's keys, by
+    which the last is told from a class folder of that name). A whole path outside ``folder`` is kept as
+    it is, and said missing as any other key."""
+    cached = set(cached)
+    parent_prefix = Path(folder).name + "/" if folder else None
     out: dict[str, list[str]] = {}
     for key, labels in wanted.items():
         while key.startswith("./"):
             key = key[2:]
+        if parent_prefix and key.startswith(parent_prefix) and key not in cached and \
+                key[len(parent_prefix):] in cached:
+            key = key[len(parent_prefix):]
         if folder and os.path.isabs(key):
             # as written first (a symlinked class folder is walked under its link's name), then resolved
             # (the folder reached through another link or mount path)
@@ -1191,7 +1199,7 @@ def _train_multilabel(cache, output, labels_csv, *, model, head, test_size, hidd
     wanted = read_labels_csv(labels_csv)  # a typo in its name is said before a large cache is read
     data = load_embeddings(cache, model, present_only=True)
     check_finite(data, cache)
-    wanted = keys_as_cached(wanted, data.attrs.get("folder"))
+    wanted = keys_as_cached(wanted, data.attrs.get("folder"), [*data.keys, *data.gone])
     gone = [key for key in data.gone if key in wanted]
     if gone:  # labelled in the CSV, but deleted from the folder since: not "missing from the cache"
         _logger.warning("%s", gone_line(gone, data.attrs.get("folder"), cache))

@@ -275,7 +275,7 @@ def evaluate_head(
                         embeddings.failures[failed[0]], kept)
     classes = [str(c) for c in loaded.head.classes_]
     if multilabel:
-        wanted = keys_as_cached(wanted, embeddings.attrs.get("folder"))
+        wanted = keys_as_cached(wanted, embeddings.attrs.get("folder"), [*embeddings.keys, *embeddings.gone])
         rows, n_copies = rows_labelled_by_csv(embeddings, rows, wanted, data, labels_csv)
         unknown = sorted({label for i in rows for label in wanted[embeddings.keys[i]]} - set(classes))
         if unknown:
