@@ -781,12 +781,26 @@ def head_model_file(loaded: LoadedHead, model: str | os.PathLike | None = None, 
     """The model file a head runs on: ``model`` as given; else the one its embeddings came from (the
     path recorded in the head, or the models folder's file of its group name, with its fingerprint),
     so a head trained on ResNet-50 embeddings needs no --model; else the default backbone."""
-    from .export import ensure_model_file
+    from .export import ensure_model_file, is_model_file, model_path
     from .runtime import model_file_for
 
     if model is None and weights is None:
         model = model_file_for(loaded.model, loaded.fingerprint, loaded.model_file)
+    elif model is not None and not is_model_file(model) and not model_path(str(model), weights=weights).exists():
+        _check_width(loaded, str(model))  # before a download and an export that its fingerprint would refuse
     return ensure_model_file(model or DEFAULT_BACKBONE, weights=weights)
+
+
+def _check_width(loaded: LoadedHead, name: str) -> None:
+    """Refuse backbone ``name`` for ``loaded`` when its embeddings are not as wide as the head's inputs: told
+    from the architecture alone (built without weights, in seconds), not after its export."""
+    from .backbones import load_backbone
+
+    width, wanted = load_backbone(name, weights="none").embed_dim, loaded.head.n_features_in_
+    if width != wanted:
+        raise HeadMismatchError(f"head was trained on {wanted}-d embeddings of {loaded.backbone} (fingerprint "
+                                f"{loaded.fingerprint}); {name} gives {width}-d embeddings: leave --model out (the "
+                                "head's own model is the default), or train a head on its embeddings")
 
 
 # ---------------------------------------------------------------------------------------- training

@@ -133,13 +133,19 @@ def test_fitting_a_head_on_a_cache_takes_little_more_memory_than_its_embeddings(
     assert np.allclose(in_place.predict_proba(X), copied.predict_proba(X), atol=1e-6)
 
 
-def test_head_refuses_another_backbone(tmp_path, lite0_onnx):
+def test_head_refuses_another_backbone(tmp_path, lite0_onnx, monkeypatch):
     from featx.heads import save_head
 
     head = LogRegHead(C=1.0).fit(np.random.default_rng(0).normal(size=(20, 1280)), np.arange(20) % 2)
     save_head(head, tmp_path / "h.safetensors", fingerprint="0123456789abcdef", backbone="resnet50", model="resnet50")
     with pytest.raises(HeadMismatchError, match="0123456789abcdef.*" + featx.read_model_info(lite0_onnx).fingerprint):
         featx.predict([tmp_path], head=tmp_path / "h.safetensors", model=lite0_onnx)
+    # a backbone name not exported yet, of other width: refused before its download and export (offline
+    # here, that download's failure was all it said)
+    monkeypatch.setenv("FEATX_MODELS", str(tmp_path / "models"))
+    with pytest.raises(HeadMismatchError, match="trained on 1280-d embeddings of resnet50 .*; resnet18 gives 512-d"):
+        featx.predict([tmp_path], head=tmp_path / "h.safetensors", model="resnet18")
+    assert not (tmp_path / "models").exists() or not list((tmp_path / "models").iterdir())
     # refused in one line, and yesterday's predictions at -o are left as they were
     from featx.cli import main
 
