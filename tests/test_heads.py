@@ -691,8 +691,9 @@ def test_labels_csv_saved_by_a_spreadsheet_or_as_a_label_matrix_reads_as_the_pla
     # a label matrix as pandas writes it (one-hot columns): before, each key had the labels "0" and "1"
     (tmp_path / "one-hot.csv").write_text("key,indoor,outdoor,sleeping\ncats/a.jpg,1,0,1\ncats/b.jpg,0,1,0\n"
                                           "dogs/c d.jpg,0,0,0\n", encoding="utf-8")
-    (tmp_path / "one-hot-excel.csv").write_bytes(("\ufeffimage;indoor;outdoor;sleeping\r\ncats\\a.jpg;1.0;0.0;1.0\r\n"
-                                                  "cats\\b.jpg;False;True;False\r\ndogs\\c d.jpg;0;;0\r\n").encode("utf-8"))
+    (tmp_path / "one-hot-excel.csv").write_bytes(("\ufeffimage;indoor;outdoor;sleeping\r\n"
+                                                  "cats\\a.jpg;1.0;0.0;1.0\r\ncats\\b.jpg;False;True;False\r\n"
+                                                  "dogs\\c d.jpg;0;;0\r\n").encode("utf-8"))
     expected = {"cats/a.jpg": ["indoor", "sleeping"], "cats/b.jpg": ["outdoor"], "dogs/c d.jpg": []}
     for name in ("plain.csv", "excel.csv", "excel-comma.csv", "one-hot.csv", "one-hot-excel.csv"):
         assert read_labels_csv(tmp_path / name) == expected, name
