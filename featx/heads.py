@@ -1143,12 +1143,18 @@ def _one_hot_header(rows: list[list[str]]) -> list[str] | None:
 def keys_as_cached(wanted: dict[str, list[str]], folder: str | None,
                    cached: Iterable[str] = ()) -> dict[str, list[str]]:
     """A labels CSV's keys as the cache keeps them: a labelling tool's export names files './a/b.jpg', by
-    their whole path, or from the folder's parent ('photos/a/b.jpg', where the folder is photos), and no
-    key of those was found (keys are relative to the embedded ``folder``; ``cached``: the cache's keys, by
-    which the last is told from a class folder of that name). A whole path outside ``folder`` is kept as
-    it is, and said missing as any other key."""
+    their whole path, from the folder's parent ('photos/a/b.jpg', where the folder is photos) or without
+    their extension ('a/b', as Kaggle's label files do), and no key of those was found (keys are relative
+    to the embedded ``folder``; ``cached``: the cache's keys, by which the last two are told from keys of
+    their own). A whole path outside ``folder`` is kept as it is, and said missing as any other key; so is
+    a key without extension that several files share (a/b.jpg and a/b.png)."""
     cached = set(cached)
     parent_prefix = Path(folder).name + "/" if folder else None
+    by_stem: dict[str, list[str]] = {}
+    for cached_key in cached:
+        stem, dot, _ = cached_key.rpartition(".")
+        if dot and "/" not in _:
+            by_stem.setdefault(stem, []).append(cached_key)
     out: dict[str, list[str]] = {}
     for key, labels in wanted.items():
         while key.startswith("./"):
@@ -1164,6 +1170,8 @@ def keys_as_cached(wanted: dict[str, list[str]], folder: str | None,
                 if relative != ".." and not relative.startswith("../"):
                     key = Path(relative).as_posix()
                     break
+        if key not in cached and len(by_stem.get(key, ())) == 1:
+            key = by_stem[key][0]
         out[key] = labels
     return out
 

@@ -336,6 +336,18 @@ def test_a_labels_csv_may_name_files_by_their_whole_path_or_from_dot(digits_cach
     assert reports[0].n_train + reports[0].n_test + reports[0].n_copies == len(data.keys)
 
 
+def test_a_labels_csv_may_name_files_without_their_extension_where_one_file_has_that_name():
+    """Kaggle's label files name images without their extension ('train_0,haze;primary'): no key was found.
+    A name that one cached file has less its extension is that file; one that two files share, or a key
+    that is itself a file's, is kept as written."""
+    from featx.heads import keys_as_cached
+
+    cached = ["cats/a.jpg", "cats/b.jpg", "cats/b.png", "dogs/c.v2.webp", "dogs/d", "dogs/d.jpg"]
+    wanted = {"cats/a": ["x"], "cats/b": ["y"], "dogs/c.v2": ["z"], "dogs/d": ["w"], "dogs/e": ["v"]}
+    assert keys_as_cached(wanted, "/photos", cached) == {
+        "cats/a.jpg": ["x"], "cats/b": ["y"], "dogs/c.v2.webp": ["z"], "dogs/d": ["w"], "dogs/e": ["v"]}
+
+
 def test_train_head_says_which_classes_cannot_be_split(small_digits, lite0_onnx, tmp_path):
     """A class folder with one photo, a held-out share too small for the classes, --cv above the smallest
     class, a folder of one class: each a one-line error naming the fix, and no head file written."""
