@@ -182,8 +182,7 @@ def choose_engine(path: str | os.PathLike, *, device: str, batch_size: int, forc
 
     from .backbones import load_backbone
     from .bench import time_throughput
-    from .export import cosine_agreement
-    from .export import check_images
+    from .export import check_images, cosine_agreement
     from .runtime import TorchEngine
 
     start = time.perf_counter()

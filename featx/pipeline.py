@@ -479,11 +479,7 @@ class RunStats:
             + (f", {self.n_hashed} older rows given a perceptual hash" if self.n_hashed else "")
             + (f", {self.n_deleted} deleted from the folder" + (" (pruned)" if self.n_pruned else
                " (their rows stay, left out of heads and maps; --prune removes them)") if self.n_deleted else "")
-            + (f", {len(self.unreadable_now)} embedded before and unreadable now ("
-               + ("its earlier row " if len(self.unreadable_now) == 1 else "their earlier rows ")
-               + ("pruned)" if self.n_pruned else "left out of heads and maps; --prune removes "
-                  + ("it)" if len(self.unreadable_now) == 1 else "them)"))
-               if self.unreadable_now else "")
+            + (self._unreadable_now_said() if self.unreadable_now else "")
             + f" in {self.seconds:.1f} s ({self.load_seconds:.1f} s loading the model)"
             + (f", {self.steady_images_per_second:.1f} images/s" if self.n_embedded else "")
             + f" -> {self.out}" + (f" (as {self.subfolder}/ of {self.folder})" if self.subfolder else "")
@@ -496,6 +492,13 @@ class RunStats:
                if "gpu" in self.decoded_by else "")
             + (f"; no image files found ({WHAT_FEATX_READS})" if self.found_nothing else "")
         )
+
+    def _unreadable_now_said(self) -> str:
+        one = len(self.unreadable_now) == 1
+        return (f", {len(self.unreadable_now)} embedded before and unreadable now ("
+                + ("its earlier row" if one else "their earlier rows")
+                + (" pruned)" if self.n_pruned else
+                   f" left out of heads and maps; --prune removes {'it' if one else 'them'})"))
 
     @property
     def found_nothing(self) -> bool:
