@@ -313,9 +313,9 @@ def test_multilabel_head_from_csv(digits_cache, digits_dir, photos_dir, lite0_on
 
 
 def test_a_labels_csv_may_name_files_by_their_whole_path_or_from_dot(digits_cache, tmp_path):
-    """A labelling tool's export names the files './3/0001.png', '/home/me/digits/3/0001.png' or, from its
-    project folder, 'digits/3/0001.png': no key was found ("keys are paths relative to the folder"); they
-    are taken as the same rows."""
+    """A labelling tool's export names the files './3/0001.png', '/home/me/digits/3/0001.png', from its
+    project folder 'digits/3/0001.png', or, as Kaggle's label files, '3/0001': no key was found ("keys are
+    paths relative to the folder"); they are taken as the same rows."""
     data = featx.load_embeddings(digits_cache)
     folder = data.attrs["folder"]
     rows = [(key, "even" if int(key[0]) % 2 == 0 else "odd") + (("big",) if int(key[0]) >= 5 else ())
@@ -327,8 +327,10 @@ def test_a_labels_csv_may_name_files_by_their_whole_path_or_from_dot(digits_cach
     (tmp_path / "link").symlink_to(folder)  # the folder reached through another path (a link, a mount)
     linked = tmp_path / "linked.csv"
     linked.write_text("".join(f"{tmp_path / 'link' / key},{';'.join(labels)}\n" for key, *labels in rows))
-    parent = tmp_path / "parent.csv"  # written from the folder's parent: 'digits/3/0001.png'
-    parent.write_text("".join(f"{os.path.basename(folder)}/{key},{';'.join(labels)}\n" for key, *labels in rows))
+    # written from the folder's parent ('digits/3/0001.png'), or without extensions ('3/0001', as Kaggle's)
+    parent = tmp_path / "parent.csv"
+    parent.write_text("".join(f"{os.path.basename(folder) + '/' + key if i % 2 else key.rsplit('.', 1)[0]},"
+                              f"{';'.join(labels)}\n" for i, (key, *labels) in enumerate(rows)))
     reports = [featx.train_head(digits_cache, tmp_path / f"{labels.stem}.safetensors", labels_csv=labels, epochs=5)
                for labels in (plain, tool, linked, parent)]
     assert all((r.n_train, r.n_test, r.accuracy) == (reports[0].n_train, reports[0].n_test, reports[0].accuracy)
