@@ -1092,12 +1092,18 @@ def train_head(
 
 
 def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
-    """``key,labels`` rows (labels separated by ';'; a header row whose first cell is 'key' is skipped).
+    """``key,labels`` rows (labels separated by ';'; a header row naming the key's column is skipped).
 
     Read as a spreadsheet saves it too: a UTF-8 byte-order mark, ';' between the columns (Excel where the
     decimal mark is a comma: the first cell is the key, the rest labels), Windows' '\\' in the keys, and
     spaces around cells. A one-hot table (a header ``key,cat,dog`` and a 0 or 1 under each label, as
-    pandas' ``to_csv`` writes a label matrix) gives each key the labels of its 1s.
+    pandas' ``to_csv`` writes a label matrix) gives each key the labels of its 1s. As public datasets ship
+    their label files: a header with more columns (NIH ChestX-ray14's ``Image Index,Finding Labels,Patient
+    Age,…``) takes its labels from the columns named so (labels, tags, class, category, target, finding
+    labels, genres, attributes); labels separated by '|' or ',' inside a cell are split as ';' are; tags
+    separated by spaces (Kaggle's Planet: ``image_name,tags`` rows of ``haze primary``) are split where the
+    cells are combinations of a few words (fewer than half as many words as cells, or fewer words than cells
+    in a column named tags), which a class name with spaces is not; pandas' index column is left out.
     """
     import csv
 
@@ -1110,20 +1116,61 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
         # no comma in a row: ';' separates the columns, or there are no labels
         rows = [[cell.strip() for cell in (row[0].split(";") if len(row) == 1 else row)]
                 for row in csv.reader(f) if row]
+    if len(rows) > 1 and rows[0][0] in ("", "Unnamed: 0") and len(rows[0]) > 1 and \
+            _column_name(rows[0][1]) in _KEY_COLUMNS:  # pandas' to_csv without index=False: 0, 1, 2 … first
+        rows = [row[1:] for row in rows]
     one_hot = _one_hot_header(rows)
-    out: dict[str, list[str]] = {}
-    for row in rows[1:] if one_hot else rows:
+    if one_hot:  # the labels read as "0" and "1" before, every key holding both
+        return {row[0].replace("\\", "/"): [label for label, cell in zip(one_hot, row[1:])
+                                            if cell.lower() in _ONE_HOT_YES] for row in rows[1:] if row[0]}
+    header = rows[0] if rows and _column_name(rows[0][0]) in _KEY_COLUMNS else None
+    label_columns = None  # every cell after the key's
+    if header is not None and len(header) > 2:
+        label_columns = [j for j, name in enumerate(header) if j and _LABEL_COLUMN.fullmatch(_column_name(name))]
+        if not label_columns:  # a dataset's table of metadata: its age and view columns are not labels
+            raise FeatxError(f"labels file {path}: none of its columns {', '.join(header[1:])} is named as labels "
+                             f"(labels, tags, class, category …): rename the one that holds them, e.g. to 'labels'")
+    cells: dict[str, list[str]] = {}
+    for row in rows[1:] if header is not None else rows:
         key = row[0].replace("\\", "/")
-        if not key or key == "key":
-            continue
-        if one_hot:  # the labels read as "0" and "1" before, every key holding both
-            out[key] = [label for label, cell in zip(one_hot, row[1:]) if cell.lower() in _ONE_HOT_YES]
-        else:
-            out[key] = [x.strip() for x in ";".join(row[1:]).split(";") if x.strip()]
-    return out
+        if key and _column_name(key) not in _KEY_COLUMNS:  # a header again: files concatenated
+            cells[key] = [row[j] for j in label_columns if j < len(row)] if label_columns else row[1:]
+    labels = {key: [x.strip() for x in _LABEL_SEPARATORS.split(";".join(row)) if x.strip()]
+              for key, row in cells.items()}
+    if not any(_LABEL_SEPARATORS.search(cell) for row in cells.values() for cell in row):
+        named = [header[j] for j in label_columns] if label_columns else header[1:2] if header else []
+        tags = _space_separated_tags(labels, named_tags=any(_column_name(n) in ("tags", "tag") for n in named))
+        if tags is not None:
+            combinations = {label for row in labels.values() for label in row}
+            _logger.info("%s: labels read as tags separated by spaces, %d tags in %d combinations (labels with "
+                         "spaces in their names: separate them with ';', end a single one with ';')", path,
+                         len(tags), len(combinations))
+            labels = {key: [tag for label in row for tag in label.split()] for key, row in labels.items()}
+    return labels
 
 
+_KEY_COLUMNS = {"key", "image", "images", "image_name", "image_id", "image_index", "img", "file", "filename",
+                "file_name", "fname", "path", "filepath", "file_path", "image_path", "name", "id"}
+_LABEL_COLUMN = re.compile(r"(labels?|tags?|class(es)?|categor(y|ies)|targets?|finding_labels|genres?|"
+                           r"attributes?|attribute_ids)(_?\d+)?")
+_LABEL_SEPARATORS = re.compile(r"[;|,]")
 _ONE_HOT_YES, _ONE_HOT_NO = {"1", "1.0", "true"}, {"0", "0.0", "false", ""}
+
+
+def _column_name(cell: str) -> str:
+    """A header cell as compared with the names above: 'Image Index' and 'image-index' are 'image_index'."""
+    return re.sub(r"[\s\-]+", "_", cell.strip().lower())
+
+
+def _space_separated_tags(labels: dict[str, list[str]], *, named_tags: bool) -> set[str] | None:
+    """The words of ``labels`` where they are tags written with spaces between them (Kaggle's Planet), else
+    None. Tags recombine: Planet's 17 tags come in hundreds of combinations; class names with spaces share
+    words less (torchvision's 1,000 ImageNet names hold 1,138 words)."""
+    cells = {label for row in labels.values() for label in row}
+    if not any(len(label.split()) > 1 for label in cells):
+        return None
+    words = {word for label in cells for word in label.split()}
+    return words if 2 * len(words) <= len(cells) or (named_tags and len(words) < len(cells)) else None
 
 
 def _one_hot_header(rows: list[list[str]]) -> list[str] | None:

@@ -327,10 +327,12 @@ def test_a_labels_csv_may_name_files_by_their_whole_path_or_from_dot(digits_cach
     (tmp_path / "link").symlink_to(folder)  # the folder reached through another path (a link, a mount)
     linked = tmp_path / "linked.csv"
     linked.write_text("".join(f"{tmp_path / 'link' / key},{';'.join(labels)}\n" for key, *labels in rows))
-    # written from the folder's parent ('digits/3/0001.png'), or without extensions ('3/0001', as Kaggle's)
+    # written from the folder's parent ('digits/3/0001.png'), or without extensions ('3/0001') under Kaggle
+    # Planet's header, tags separated by spaces
     parent = tmp_path / "parent.csv"
-    parent.write_text("".join(f"{os.path.basename(folder) + '/' + key if i % 2 else key.rsplit('.', 1)[0]},"
-                              f"{';'.join(labels)}\n" for i, (key, *labels) in enumerate(rows)))
+    parent.write_text("image_name,tags\n" + "".join(
+        f"{os.path.basename(folder) + '/' + key if i % 2 else key.rsplit('.', 1)[0]},{' '.join(labels)}\n"
+        for i, (key, *labels) in enumerate(rows)))
     reports = [featx.train_head(digits_cache, tmp_path / f"{labels.stem}.safetensors", labels_csv=labels, epochs=5)
                for labels in (plain, tool, linked, parent)]
     assert all((r.n_train, r.n_test, r.accuracy) == (reports[0].n_train, reports[0].n_test, reports[0].accuracy)
@@ -708,9 +710,29 @@ def test_labels_csv_saved_by_a_spreadsheet_or_as_a_label_matrix_reads_as_the_pla
     (tmp_path / "one-hot-excel.csv").write_bytes(("\ufeffimage;indoor;outdoor;sleeping\r\n"
                                                   "cats\\a.jpg;1.0;0.0;1.0\r\ncats\\b.jpg;False;True;False\r\n"
                                                   "dogs\\c d.jpg;0;;0\r\n").encode("utf-8"))
+    # as public datasets ship them: NIH ChestX-ray14's table ('|' between labels, columns of metadata: their
+    # ages and counts were labels before), and pandas' to_csv with its index column
+    (tmp_path / "nih.csv").write_text("Image Index,Finding Labels,Follow-up #,Patient Age\n"
+                                      "cats/a.jpg,indoor|sleeping,0,58\ncats/b.jpg,outdoor,1,58\ndogs/c d.jpg,,0,81\n")
+    (tmp_path / "pandas.csv").write_text(",image,labels\n0,cats/a.jpg,indoor;sleeping\n1,cats/b.jpg,outdoor\n"
+                                         "2,dogs/c d.jpg,\n")
     expected = {"cats/a.jpg": ["indoor", "sleeping"], "cats/b.jpg": ["outdoor"], "dogs/c d.jpg": []}
-    for name in ("plain.csv", "excel.csv", "excel-comma.csv", "one-hot.csv", "one-hot-excel.csv"):
+    for name in ("plain.csv", "excel.csv", "excel-comma.csv", "one-hot.csv", "one-hot-excel.csv", "nih.csv",
+                 "pandas.csv"):
         assert read_labels_csv(tmp_path / name) == expected, name
+    (tmp_path / "metadata.csv").write_text("image,age,view\na.jpg,58,PA\n")
+    with pytest.raises(featx.FeatxError, match="none of its columns age, view is named as labels"):
+        read_labels_csv(tmp_path / "metadata.csv")
+    # Kaggle's Planet: tags separated by spaces, read as one label per combination before; class names
+    # with spaces (ImageNet's) stay whole
+    tags = [["clear", "primary"], ["haze", "primary", "water"], ["cloudy"], ["clear", "primary", "road"],
+            ["haze", "primary"], ["clear", "water"], ["partly_cloudy", "primary"], ["clear", "primary", "water"]]
+    (tmp_path / "planet.csv").write_text("image_name,tags\n" + "".join(f"train_{i},{' '.join(t)}\n"
+                                                                       for i, t in enumerate(tags)))
+    assert read_labels_csv(tmp_path / "planet.csv") == {f"train_{i}": t for i, t in enumerate(tags)}
+    names = ["golden retriever", "Labrador retriever", "sea lion", "tabby", "tiger cat"]
+    (tmp_path / "names.csv").write_text("key,tags\n" + "".join(f"{i}.jpg,{n}\n" for i, n in enumerate(names)))
+    assert read_labels_csv(tmp_path / "names.csv") == {f"{i}.jpg": [n] for i, n in enumerate(names)}
     # labels that are numbers, in the key,a;b form, stay labels
     (tmp_path / "numbers.csv").write_text("key,labels\na.jpg,1;0\nb.jpg,0\n", encoding="utf-8")
     assert read_labels_csv(tmp_path / "numbers.csv") == {"a.jpg": ["1", "0"], "b.jpg": ["0"]}
