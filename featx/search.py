@@ -26,7 +26,7 @@ _logger = logging.getLogger(__name__)
 class SimilarImages:
     """The cached images closest to one query: ``matches`` as (key, cosine similarity), best first, one
     per picture: other cached paths of a match's bytes (the same photo in two folders) are its ``copies``,
-    those of the same picture resized or re-encoded among the matches its ``near_copies``. The query's
+    those of the same picture resized or re-encoded its ``near_copies``, however they rank. The query's
     own picture stored under other files comes first whatever its similarity: its key is ``query_picture``."""
 
     query: str
@@ -34,7 +34,7 @@ class SimilarImages:
     error: str | None = None  # the query could not be read
     copies: dict[str, list[str]] = field(default_factory=dict)  # match key -> other keys with the same bytes
     folder: str | None = None  # the folder the cache follows: the keys are paths relative to it
-    # match key -> keys of its near copies (perceptual hashes within NEAR_COPY_BITS) that ranked among the matches
+    # match key -> keys of its near copies (perceptual hashes within NEAR_COPY_BITS), however low they rank
     near_copies: dict[str, list[str]] = field(default_factory=dict)
     # the match that is the query's picture (the same bytes, or resized or re-encoded: perceptual hashes
     # within NEAR_COPY_BITS), with its other files among its copies and near copies; None when none is cached
@@ -117,7 +117,8 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
     from .export import ensure_model_file
     from .pipeline import encode_files_through_cache, expand_inputs
     from .runtime import load_model, model_file_for, read_model_info
-    from .store import gone_keys, iter_embeddings, model_fingerprints, near_copy_pairs, recorded_paths
+    from .store import (gone_keys, iter_embeddings, model_fingerprints, near_copy_pairs, recorded_paths, rows_at,
+                        rows_near)
 
     if k < 1:
         raise FeatxError(f"k={k}: ask for at least one match")
@@ -162,7 +163,8 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
     def in_folder(key: str) -> bool:
         return key not in gone and (not there or os.path.lexists(os.path.join(folder, key)))
 
-    kept: list[list[tuple]] = [[] for _ in range(len(Q))]  # per query: (similarity, key, digest, phash), best first
+    # per query: rows as (similarity, key, digest, phash, row number), best first
+    kept: list[list[tuple]] = [[] for _ in range(len(Q))]
     # per query: the rows of its own picture (perceptual hash within NEAR_COPY_BITS of the query's), which
     # may rank anywhere by cosine (a small copy scores low) and are the first match whatever their rank
     own_picture: list[list[tuple]] = [[] for _ in range(len(Q))]
@@ -180,14 +182,15 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
         for i, j in near_copy_pairs(Q_phashes, phashes):
             if j not in bad_rows and start + j != skipped_rows[i] and in_folder(keys[j]):
                 picture_rows.setdefault(int(i), set()).add(int(j))
-                own_picture[i].append((float(Q[i] @ rows_T[:, j]), keys[j], bytes(digests[j]), int(phashes[j])))
+                own_picture[i].append((float(Q[i] @ rows_T[:, j]), keys[j], bytes(digests[j]), int(phashes[j]),
+                                       start + int(j)))
         for q0 in range(0, len(Q), _QUERIES_AT_A_TIME):  # (queries, chunk) similarities: 64 MiB at most
             for i, sims in enumerate(Q[q0:q0 + _QUERIES_AT_A_TIME] @ rows_T, start=q0):
                 sims[bad] = -np.inf
                 if start <= skipped_rows[i] < start + len(keys):
                     sims[skipped_rows[i] - start] = -np.inf
                 # the chunk's rows best first beside those kept so far (earlier rows first among equals)
-                chunk = ((float(sims[j]), keys[j], bytes(digests[j]), int(phashes[j]))
+                chunk = ((float(sims[j]), keys[j], bytes(digests[j]), int(phashes[j]), start + int(j))
                          for j in _best_first(sims, 16 * k + 64)
                          if sims[j] > -np.inf and j not in picture_rows.get(i, ()) and in_folder(keys[j]))
                 pictures = _top_pictures(heapq.merge(kept[i], chunk, key=lambda row: -row[0]), k)
@@ -197,10 +200,33 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
         _logger.warning("%s: %d stored embedding(s) are not finite numbers (NaN or infinity), e.g. that of %s: "
                         "left out of the search; the cache is damaged, embed into a new file", cache, len(damaged),
                         damaged[0])
-    for result, rows, mine in zip(searched, kept, own_picture):
+    chosen = []  # per query: its pictures, each a list of rows, the query's own picture first
+    for rows, mine in zip(kept, own_picture):
         pictures = _top_pictures(rows, k)
+        chosen.append([sorted(mine, key=lambda row: (-row[0], row[1]))] + pictures[:k - 1] if mine else pictures)
+    # a matched picture's other files that ranked below the k-th picture (a small copy scores low): found
+    # by perceptual hash, as the query's own picture is, so every picture names all its files, and a
+    # search read in chunks of any size names the same ones
+    leads = [(i, picture) for i, (pictures, mine) in enumerate(zip(chosen, own_picture))
+             for picture in pictures[1 if mine else 0:] if picture[0][3]]
+    near = rows_near(cache, group, np.array([picture[0][3] for _, picture in leads], dtype=np.uint64))
+    listed = [{row[4] for picture in pictures for row in picture} | {skipped_rows[i]}
+              for i, pictures in enumerate(chosen)]
+    wanted = [[row for row in rows.tolist() if row not in listed[i]] for (i, _), rows in zip(leads, near)]
+    numbers = sorted({row for rows in wanted for row in rows})  # read once, whichever queries want them
+    keys, embeddings, digests, phashes = rows_at(cache, group, np.array(numbers, dtype=np.int64))
+    at = {row: j for j, row in enumerate(numbers)}
+    similarities = Q @ unit_rows(embeddings).T if numbers else None
+    for (i, picture), rows in zip(leads, wanted):
+        for row in rows:
+            j = at[row]
+            if row not in listed[i] and np.isfinite(embeddings[j]).all() and in_folder(keys[j]):
+                picture.append((float(similarities[i, j]), keys[j], bytes(digests[j]), int(phashes[j]), row))
+                listed[i].add(row)
+        picture[1:] = sorted(picture[1:], key=lambda row: (-row[0], row[1]))
+    for result, pictures, mine in zip(searched, chosen, own_picture):
+        pictures = [_named_by_first_key(picture) for picture in pictures]
         if mine:
-            pictures = [sorted(mine, key=lambda row: (-row[0], row[1]))] + pictures[:k - 1]
             result.query_picture = pictures[0][0][1]
         for first, *others in pictures:
             if first[0] < min_similarity and first[1] != result.query_picture:  # the others come best first
@@ -215,7 +241,7 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
 def write_similar(results: Sequence[SimilarImages], path: str | os.PathLike) -> int:
     """The matches as a CSV, a row per query and match: query, rank (1 = most similar), match (its file:
     the cache's folder joined to its key), similarity, same_file (';'-joined files with the match's
-    bytes), same_picture (its near copies among the matches), query_picture ("yes" on the match that is
+    bytes), same_picture (its near copies), query_picture ("yes" on the match that is
     the query's own picture), error (a query that could not be read, on a row of its own). Returns how
     many rows."""
     import csv
@@ -282,8 +308,17 @@ def _best_first(sims: np.ndarray, first: int) -> Iterator[int]:
     yield from rest[np.argsort(-sims[rest], kind="stable")]
 
 
+def _named_by_first_key(picture: list[tuple]) -> list[tuple]:
+    """A picture's rows with the one that names it first: of those as similar as its best (within 1e-5:
+    copies of one file embed alike, and their cosines differ in the last bits as the chunks they were
+    read in do), the first by key; the others best first."""
+    best = picture[0][0]
+    name = min((row for row in picture if row[0] >= best - 1e-5), key=lambda row: row[1])
+    return [name] + [row for row in picture if row is not name]
+
+
 def _top_pictures(rows, k: int) -> list[list[tuple]]:
-    """Of (similarity, key, digest, phash) rows given best first, those of the ``k`` most similar
+    """Of (similarity, key, digest, phash, row number) rows given best first, those of the ``k`` most similar
     pictures, a list of rows each, best first. A row joins a picture when it has the bytes of one of its
     rows (copies embed the same bytes, so they tie with their original), or a perceptual hash within
     NEAR_COPY_BITS of its first row's (the same photo resized or re-encoded, ranked anywhere above the
@@ -294,7 +329,12 @@ def _top_pictures(rows, k: int) -> list[list[tuple]]:
     by_digest: dict[bytes, list[tuple]] = {}
     floor = -np.inf
     for row in rows:
-        similarity, _, digest, phash = row
+        similarity, digest, phash = row[0], row[2], row[3]
+        if len(pictures) == k and similarity < floor - 1e-5:
+            # below the k-th picture: no copy of a chosen one's bytes can follow (they tie), and a near copy
+            # ranked here is left out whatever row follows, so that a search read in chunks of any size
+            # (rows_per_chunk) names the same near copies as one read whole
+            break
         picture = by_digest.get(digest) if digest else None
         if picture is None and phash:
             picture = next((p for p in pictures if p[0][3] and (p[0][3] ^ phash).bit_count() <= NEAR_COPY_BITS), None)
@@ -304,8 +344,6 @@ def _top_pictures(rows, k: int) -> list[list[tuple]]:
             picture = [row]
             pictures.append(picture)
             floor = similarity
-        elif similarity < floor - 1e-5:  # below the k-th picture: no copy of a chosen one's bytes can follow
-            break
         else:
             continue
         if digest:

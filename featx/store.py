@@ -538,6 +538,48 @@ def load_digests(path: str | os.PathLike, model: str | None = None) -> tuple[lis
         return _decode(columns["keys"][:n]), digests, _phashes_of(columns, slice(0, n), n)
 
 
+def rows_near(path: str | os.PathLike, model: str | None, phashes: np.ndarray) -> list[np.ndarray]:
+    """For each of ``phashes`` (uint64, 0: none), int64 numbers of the committed rows whose perceptual hashes
+    are within :data:`featx.data.NEAR_COPY_BITS` of it (the same picture resized, re-encoded or copied),
+    increasing. Only the hash column is read (8 bytes a row): :func:`rows_at` reads the rows wanted."""
+    path = Path(path)
+    found = [np.zeros(0, dtype=np.int64) for _ in range(len(phashes))]
+    with _read_h5(path) as f:
+        columns, n = _committed_columns(f[_pick_model(f, path, model)])
+        if _PHASHES not in columns or not n or not len(phashes):
+            return found
+        pairs = near_copy_pairs(np.asarray(phashes, dtype=np.uint64), columns[_PHASHES][:n].astype(np.uint64))
+    for i, rows in _split_by_first(pairs):
+        found[i] = np.sort(rows)
+    return found
+
+
+def _split_by_first(pairs: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(i, the js of i's pairs) for each i of int64 (m, 2) pairs (i, j)."""
+    order = np.argsort(pairs[:, 0], kind="stable")
+    firsts, starts = np.unique(pairs[order, 0], return_index=True)
+    for i, rows in zip(firsts.tolist(), np.split(pairs[order, 1], starts[1:])):
+        yield i, rows
+
+
+def rows_at(path: str | os.PathLike, model: str | None, rows: np.ndarray) -> tuple[list[str], np.ndarray,
+                                                                                  np.ndarray, np.ndarray]:
+    """Keys, float32 embeddings, S64 digests (b"" where unknown) and uint64 perceptual hashes (0 where
+    unknown) of the committed ``rows`` (distinct int64 row numbers, in any order), in their order."""
+    path = Path(path)
+    rows = np.asarray(rows, dtype=np.int64)
+    with _read_h5(path) as f:
+        columns, _ = _committed_columns(f[_pick_model(f, path, model)])
+
+        def column(name: str, missing) -> np.ndarray:
+            return _read_rows(columns[name], rows) if name in columns and len(rows) else missing
+
+        return (_decode(column("keys", [])),
+                column("embeddings", np.zeros((0, columns["embeddings"].shape[1]))).astype(np.float32),
+                column(_DIGESTS, np.zeros(len(rows), dtype=_DIGEST_DTYPE)),
+                column(_PHASHES, np.zeros(len(rows), dtype=np.uint64)).astype(np.uint64))
+
+
 def load_failures(path: str | os.PathLike, model: str | None = None) -> dict[str, str]:
     """key -> reason for each file a model's runs skipped (not retried until the file changes)."""
     path = Path(path)

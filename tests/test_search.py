@@ -154,6 +154,29 @@ def test_copies_of_a_match_are_listed_with_it_not_as_further_matches(small_digit
     assert away.matches == after.matches and not away.near_copies
 
 
+def test_a_match_names_every_file_of_its_picture_however_low_they_rank(small_digits, lite0_onnx, tmp_path):
+    """A digit saved again much smaller, or blurred, scores far below other digits against a query (rank
+    30 to 60 of 63 here): those files were named beside their picture's match only where they ranked
+    above the k-th picture, so a search read whole named none of them and one read in chunks of 16 some.
+    Found by perceptual hash, as the query's own picture is, a match names them all, however read."""
+    from PIL import Image, ImageFilter
+
+    seven = sorted((small_digits / "7").iterdir())[0]
+    with Image.open(seven) as picture:
+        picture.resize((8, 8)).save(small_digits / "2" / "small 8.png")
+        picture.resize((12, 12)).save(small_digits / "2" / "small 12.png")
+        picture.filter(ImageFilter.GaussianBlur(1.5)).save(small_digits / "3" / "blurred.png")
+    cache = tmp_path / "c.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0, progress=False)
+    query = sorted((small_digits / "7").iterdir())[-1]  # another seven, from the cached folder
+    (wide,) = featx.find_similar([query], cache, k=60, model=lite0_onnx)
+    k = [key for key, _ in wide.matches].index(f"7/{seven.name}") + 1
+    for rows_per_chunk in (16, 16384):
+        (found,) = featx.find_similar([query], cache, k=k, model=lite0_onnx, rows_per_chunk=rows_per_chunk)
+        assert found.matches[-1][0] == f"7/{seven.name}" and len(found.matches) == k
+        assert sorted(found.near_copies[f"7/{seven.name}"]) == ["2/small 12.png", "2/small 8.png", "3/blurred.png"]
+
+
 def test_a_picture_with_hundreds_of_copies_is_one_match_naming_them_all(small_digits, lite0_onnx, tmp_path):
     """A search sorts only about the best 150 rows of a chunk for a query (sorting all of them was most
     of its time); 300 copies of one file tie at the top, past that: all are still one match, listed
