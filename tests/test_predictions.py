@@ -283,8 +283,9 @@ def test_evaluate_leaves_out_what_the_head_trained_on_classes_it_lacks_and_score
         featx.evaluate_head(tmp_path / "train.h5", head)
     # the training digits resized (40 pixels, not 32): new bytes, the same pictures
     resized = write_digits_folder(tmp_path / "resized", size=40, limit=360)
+    resized_cache = tmp_path / "resized.h5"  # embedded once, for the three evaluations of it below
     with caplog.at_level(logging.WARNING, logger="featx.predictions"):
-        report = featx.evaluate_head(resized, head)
+        report = featx.evaluate_head(resized, head, cache=resized_cache)
     assert report.n_test == 60
     assert ("300 of 360 images are near copies (resized or re-encoded: perceptual hashes within 4 of 64 bits) "
             "of images the head was trained or scored on (recorded in its file) (e.g. ") in caplog.text
@@ -298,7 +299,7 @@ def test_evaluate_leaves_out_what_the_head_trained_on_classes_it_lacks_and_score
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="featx.predictions"):
         assert featx.evaluate_head(test, head, cache=tmp_path / "test.h5").n_test == 60
-        assert featx.evaluate_head(resized, head).n_test == 60
+        assert featx.evaluate_head(resized, head, cache=resized_cache).n_test == 60
     assert ("1 of 61 images have the same bytes as images the head was trained or scored on (recorded in its "
             "file) (e.g. 3/from_training.png):") in caplog.text
     assert "300 of 360 images are near copies (resized or re-encoded" in caplog.text
@@ -310,7 +311,7 @@ def test_evaluate_leaves_out_what_the_head_trained_on_classes_it_lacks_and_score
               model=old.model, cache=old.cache)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="featx.heads"):
-        assert featx.evaluate_head(resized, tmp_path / "old.safetensors").n_test == 360
+        assert featx.evaluate_head(resized, tmp_path / "old.safetensors", cache=resized_cache).n_test == 360
     assert "the head file is from before heads kept what they trained on" in caplog.text
 
 
