@@ -1117,8 +1117,8 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, list[str]]:
         rows = [[cell.strip() for cell in (row[0].split(";") if len(row) == 1 else row)]
                 for row in csv.reader(f) if row]
     if len(rows) > 1 and rows[0][0] in ("", "Unnamed: 0") and len(rows[0]) > 1 and \
-            _column_name(rows[0][1]) in _KEY_COLUMNS:  # pandas' to_csv without index=False: 0, 1, 2 … first
-        rows = [row[1:] for row in rows]
+            _column_name(rows[0][1]) in _KEY_COLUMNS and all(row[0].isdigit() for row in rows[1:]):
+        rows = [row[1:] for row in rows if len(row) > 1]  # pandas' to_csv without index=False: 0, 1, 2 … first
     one_hot = _one_hot_header(rows)
     if one_hot:  # the labels read as "0" and "1" before, every key holding both
         return {row[0].replace("\\", "/"): [label for label, cell in zip(one_hot, row[1:])
