@@ -117,8 +117,7 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
     from .export import ensure_model_file
     from .pipeline import encode_files_through_cache, expand_inputs
     from .runtime import load_model, model_file_for, read_model_info
-    from .store import (gone_keys, iter_embeddings, model_fingerprints, near_copy_pairs, recorded_paths, rows_at,
-                        rows_near)
+    from .store import gone_keys, iter_embeddings, model_fingerprints, recorded_paths, rows_at, rows_near
 
     if k < 1:
         raise FeatxError(f"k={k}: ask for at least one match")
@@ -163,12 +162,25 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
     def in_folder(key: str) -> bool:
         return key not in gone and (not there or os.path.lexists(os.path.join(folder, key)))
 
-    # per query: rows as (similarity, key, digest, phash, row number), best first
-    kept: list[list[tuple]] = [[] for _ in range(len(Q))]
+    def rows_of(wanted: list[list[int]], query_of: Sequence[int]) -> list[list[tuple]]:
+        """The rows numbered in each of ``wanted`` (for the query ``query_of`` says), each read once, as
+        (similarity, key, digest, phash, row number): not those that are not finite numbers or not in the
+        folder."""
+        numbers = sorted({row for rows in wanted for row in rows})
+        keys, embeddings, digests, phashes = rows_at(cache, group, np.array(numbers, dtype=np.int64))
+        at = {row: j for j, row in enumerate(numbers)}
+        similarities = Q @ unit_rows(embeddings).T if numbers else None
+        return [[(float(similarities[i, at[row]]), keys[at[row]], bytes(digests[at[row]]), int(phashes[at[row]]),
+                  row) for row in rows if np.isfinite(embeddings[at[row]]).all() and in_folder(keys[at[row]])]
+                for i, rows in zip(query_of, wanted)]
+
     # per query: the rows of its own picture (perceptual hash within NEAR_COPY_BITS of the query's), which
     # may rank anywhere by cosine (a small copy scores low) and are the first match whatever their rank
-    own_picture: list[list[tuple]] = [[] for _ in range(len(Q))]
-    Q_phashes = np.array(query_phashes, dtype=np.uint64)
+    own_rows = [set(rows.tolist()) - {skipped_rows[i]}
+                for i, rows in enumerate(rows_near(cache, group, np.array(query_phashes, dtype=np.uint64)))]
+    own_picture = rows_of([sorted(rows) for rows in own_rows], range(len(Q)))
+    # per query: rows as (similarity, key, digest, phash, row number), best first
+    kept: list[list[tuple]] = [[] for _ in range(len(Q))]
     start = 0  # the chunk's first row
     damaged: list[str] = []  # keys of rows that are not finite numbers (a damaged file): never matches
     for keys, embeddings, digests, phashes in iter_embeddings(cache, group, rows_per_chunk=rows_per_chunk,
@@ -177,13 +189,6 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
         damaged += [keys[j] for j in bad]
         embeddings[bad] = 0
         rows_T = unit_rows(embeddings).T
-        picture_rows: dict[int, set[int]] = {}  # query -> its own picture's rows in this chunk
-        bad_rows = set(bad.tolist())
-        for i, j in near_copy_pairs(Q_phashes, phashes):
-            if j not in bad_rows and start + j != skipped_rows[i] and in_folder(keys[j]):
-                picture_rows.setdefault(int(i), set()).add(int(j))
-                own_picture[i].append((float(Q[i] @ rows_T[:, j]), keys[j], bytes(digests[j]), int(phashes[j]),
-                                       start + int(j)))
         for q0 in range(0, len(Q), _QUERIES_AT_A_TIME):  # (queries, chunk) similarities: 64 MiB at most
             for i, sims in enumerate(Q[q0:q0 + _QUERIES_AT_A_TIME] @ rows_T, start=q0):
                 sims[bad] = -np.inf
@@ -192,7 +197,7 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
                 # the chunk's rows best first beside those kept so far (earlier rows first among equals)
                 chunk = ((float(sims[j]), keys[j], bytes(digests[j]), int(phashes[j]), start + int(j))
                          for j in _best_first(sims, 16 * k + 64)
-                         if sims[j] > -np.inf and j not in picture_rows.get(i, ()) and in_folder(keys[j]))
+                         if sims[j] > -np.inf and start + j not in own_rows[i] and in_folder(keys[j]))
                 pictures = _top_pictures(heapq.merge(kept[i], chunk, key=lambda row: -row[0]), k)
                 kept[i] = sorted((row for rows in pictures for row in rows), key=lambda row: -row[0])
         start += len(keys)
@@ -213,16 +218,11 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
     listed = [{row[4] for picture in pictures for row in picture} | {skipped_rows[i]}
               for i, pictures in enumerate(chosen)]
     wanted = [[row for row in rows.tolist() if row not in listed[i]] for (i, _), rows in zip(leads, near)]
-    numbers = sorted({row for rows in wanted for row in rows})  # read once, whichever queries want them
-    keys, embeddings, digests, phashes = rows_at(cache, group, np.array(numbers, dtype=np.int64))
-    at = {row: j for j, row in enumerate(numbers)}
-    similarities = Q @ unit_rows(embeddings).T if numbers else None
-    for (i, picture), rows in zip(leads, wanted):
+    for (i, picture), rows in zip(leads, rows_of(wanted, [i for i, _ in leads])):
         for row in rows:
-            j = at[row]
-            if row not in listed[i] and np.isfinite(embeddings[j]).all() and in_folder(keys[j]):
-                picture.append((float(similarities[i, j]), keys[j], bytes(digests[j]), int(phashes[j]), row))
-                listed[i].add(row)
+            if row[4] not in listed[i]:  # a row near two of a query's pictures joins the first
+                picture.append(row)
+                listed[i].add(row[4])
         picture[1:] = sorted(picture[1:], key=lambda row: (-row[0], row[1]))
     for result, pictures, mine in zip(searched, chosen, own_picture):
         pictures = [_named_by_first_key(picture) for picture in pictures]
