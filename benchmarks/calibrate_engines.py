@@ -4,6 +4,7 @@
 
 Each calibration times every engine that starts here on real photos after a warm-up, after checking
 its embeddings against fp32 torch (featx.calibration); `--force` semantics: always measured afresh.
+An engine under half the fastest before it is timed on two batches only, as `--engine auto` does.
 """
 
 from __future__ import annotations

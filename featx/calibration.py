@@ -3,7 +3,8 @@
 ``engine="auto"`` (the default of ``featx embed``) asks ``choose_engine``. Every candidate engine
 that can start here (onnxruntime; its TensorRT provider when TensorRT is installed; torch; on a GPU
 also torch.compile) embeds real photos at the run's batch size. It must agree with fp32 torch
-(cosine >= 0.999 on every photo) and is timed after a warm-up; the fastest that agrees wins. The
+(cosine >= 0.999 on every photo) and is timed after a warm-up (one under half the fastest so far on
+two batches only); the fastest that agrees wins. The
 result is cached in a JSON file keyed by the model's fingerprint, the device, the batch size and
 the library versions, so later runs start at once; ``force=True`` (``featx calibrate --force``)
 measures again.
@@ -214,7 +215,9 @@ def choose_engine(path: str | os.PathLike, *, device: str, batch_size: int, forc
                 if result.cosine < MIN_COSINE:
                     result.problem = f"refused: embeddings differ from fp32 torch (cosine {result.cosine:.4f})"
                     continue
-            rate, _ = time_throughput(lambda: engine.encode(batch), batch_size, repeats=3, min_seconds=0.25)
+            # warm already; one under half the best so far is timed no further (torch on a CPU: 2 batches, not 6)
+            rate, _ = time_throughput(lambda: engine.encode(batch), batch_size, repeats=3, min_seconds=0.25,
+                                      warmups=0, give_up_below=best[1].images_per_second / 2 if best else None)
             result.images_per_second = rate
             if best is None or rate > best[1].images_per_second:
                 best = (engine, result)  # the one it beats is dropped below

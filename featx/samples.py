@@ -13,10 +13,12 @@ from PIL import Image
 
 def sample_photos() -> dict[str, Image.Image]:
     """name -> RGB photo: china and flower (scikit-learn), coffee, chelsea, astronaut, rocket (scikit-image)."""
-    import skimage.data
-    import sklearn.datasets
+    import importlib.util
 
-    folder = Path(sklearn.datasets.__file__).parent / "images"
+    import skimage.data
+
+    # located, not imported: importing scikit-learn costs 2 s, a third of a CPU calibration's first run
+    folder = Path(importlib.util.find_spec("sklearn").submodule_search_locations[0]) / "datasets" / "images"
     photos = {name: Image.open(folder / f"{name}.jpg").convert("RGB") for name in ("china", "flower")}
     for name in ("coffee", "chelsea", "astronaut", "rocket"):
         photos[name] = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")

@@ -75,7 +75,7 @@ def digits_cache(tmp_path_factory, digits_dir, lite0_onnx) -> Path:
     from featx import embed_folder
 
     out = tmp_path_factory.mktemp("cache") / "digits.h5"
-    # onnxruntime named: auto would calibrate at batch 64 first (29 s on a 2-core Xeon, most of the
+    # onnxruntime named: auto would calibrate at batch 64 first (14 s on a 2-core Xeon, half the
     # fixture's time) to choose the engine it chooses on a CPU anyway
     embed_folder(digits_dir, out, model=lite0_onnx, batch_size=64, workers=1, engine="onnx")
     return out
