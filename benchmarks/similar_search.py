@@ -18,6 +18,42 @@ from pathlib import Path
 import numpy as np
 
 
+def noisy_digits_cache(tmp: Path, n_rows: int, rng, *, digits: int | None = None,
+                       noise: float = 0.3) -> tuple[Path, Path, Path]:
+    """(cache, the folder it follows, the model file): ``n_rows`` rows of the real digits' Lite0 embeddings
+    (the first ``digits``, else all 1,797), each drawn again with normal noise of sd ``noise``, with a perceptual hash of its own,
+    random as distinct pictures' are, and a small file of its own in the folder (a search names only
+    files still there; their size and mtime recorded, so a query's stored row serves)."""
+    import featx
+    from featx.export import ensure_model_file
+    from featx.runtime import read_model_info
+    from featx.samples import write_digits_folder
+    from featx.store import EmbeddingStore
+
+    model_file = ensure_model_file("efficientnet_lite0")
+    source = write_digits_folder(tmp / "digits", size=32, limit=digits)
+    featx.embed_folder(source, tmp / "digits.h5", model=model_file)
+    base = featx.load_embeddings(tmp / "digits.h5").embeddings
+    folder = tmp / "photos"
+    folder.mkdir()
+    stats = {}
+    for row in range(n_rows):
+        path = folder / f"{row:08d}.png"
+        path.write_bytes(b"stands for a photo")
+        st = path.stat()
+        stats[row] = (st.st_size, st.st_mtime_ns)
+    cache = tmp / "cache.h5"
+    with EmbeddingStore(cache, model_file.stem, info=read_model_info(model_file), folder=folder) as store:
+        for start in range(0, n_rows, 8192):
+            rows = range(start, min(start + 8192, n_rows))
+            emb = (base[rng.integers(0, len(base), len(rows))]
+                   + rng.normal(0, noise, (len(rows), base.shape[1]))).astype(np.float32)
+            store.append([f"{r:08d}.png" for r in rows], emb, [-1] * len(rows),
+                         [stats[r][0] for r in rows], [stats[r][1] for r in rows],
+                         digests=[""] * len(rows), phashes=rng.integers(1, 2**63, len(rows), dtype=np.uint64))
+    return cache, folder, model_file
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
@@ -29,36 +65,12 @@ def main() -> None:
 
     import featx
     from featx.bench import machine_description, write_record
-    from featx.export import ensure_model_file
-    from featx.runtime import read_model_info
-    from featx.samples import write_digits_folder
     from featx.store import unit_rows
-    from featx.store import EmbeddingStore
 
     tmp = Path(tempfile.mkdtemp(prefix="featx-similar-bench-"))
-    model_file = ensure_model_file("efficientnet_lite0")
-    digits = write_digits_folder(tmp / "digits", size=32, limit=args.digits)
-    featx.embed_folder(digits, tmp / "digits.h5", model=model_file)
-    base = featx.load_embeddings(tmp / "digits.h5").embeddings
     rng = np.random.default_rng(0)
-    folder = tmp / "photos"
-    folder.mkdir()
     query_rows = np.sort(rng.choice(args.rows, args.queries, replace=False))
-    stats = {}
-    for row in range(args.rows):  # a file for each row (a search names only files still there), whose size
-        path = folder / f"{row:08d}.png"  # and mtime the cache records: the queries' stored rows serve
-        path.write_bytes(b"stands for a photo")
-        st = path.stat()
-        stats[row] = (st.st_size, st.st_mtime_ns)
-    cache = tmp / "cache.h5"
-    with EmbeddingStore(cache, model_file.stem, info=read_model_info(model_file), folder=folder) as store:
-        for start in range(0, args.rows, 8192):
-            rows = range(start, min(start + 8192, args.rows))
-            emb = (base[rng.integers(0, len(base), len(rows))]
-                   + rng.normal(0, 0.3, (len(rows), base.shape[1]))).astype(np.float32)
-            store.append([f"{r:08d}.png" for r in rows], emb, [-1] * len(rows),
-                         [stats[r][0] for r in rows], [stats[r][1] for r in rows],
-                         digests=[""] * len(rows), phashes=rng.integers(1, 2**63, len(rows), dtype=np.uint64))
+    cache, folder, model_file = noisy_digits_cache(tmp, args.rows, rng, digits=args.digits)
     queries = [folder / f"{r:08d}.png" for r in query_rows]
 
     t0 = time.perf_counter()

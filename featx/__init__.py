@@ -58,6 +58,9 @@ _API = {
     "ClassSheet": "reports",
     "SimilarImages": "search",
     "write_similar": "search",
+    "look_alike_groups": "search",
+    "LookAlikes": "search",
+    "write_look_alikes": "search",
     "Embeddings": "store",
     "summarize_cache": "store",
     "CacheSummary": "store",
@@ -127,4 +130,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .finetune import advise, fine_tune, model_blocks
     from .bench import bench_models
     from .embedmap import EmbeddingMap, plot_embeddings
-    from .search import SimilarImages, find_similar, write_similar
+    from .search import LookAlikes, SimilarImages, find_similar, look_alike_groups, write_look_alikes, write_similar

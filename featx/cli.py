@@ -228,19 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tsne: neighbourhoods kept (a few seconds per thousand points); pca: instant")
     p.add_argument("--max-points", type=_count(3), default=3000, help="a larger cache is sampled, each class in its share")
 
-    p = sub.add_parser("similar", help="the cached images most similar to query images (cosine of embeddings)")
-    p.add_argument("images", nargs="+", help="query image files or folders, or a quoted pattern ('photos/*.jpg'); "
+    from .search import LOOK_ALIKE_COSINE
+
+    p = sub.add_parser("similar", help="the cached images most similar to query images (cosine of embeddings); "
+                                       "--groups: what the cache holds more than once")
+    p.add_argument("images", nargs="*", help="query image files or folders, or a quoted pattern ('photos/*.jpg'); "
                                              "- reads file names from standard input, one a line")
     p.add_argument("--cache", required=True, help="embedding cache to search (.h5)")
-    p.add_argument("-k", type=_count(1), default=5,
+    p.add_argument("--groups", action="store_true",
+                   help="no queries: the cache's pictures that look alike, in groups, each printed once (every "
+                        f"picture at --min-similarity, default {LOOK_ALIKE_COSINE:g}, to another of its group), "
+                        "with each picture's files (same bytes, or resized); a picture stored in several files is "
+                        "a group too")
+    p.add_argument("-k", type=_count(1), default=None,
                    help="matches per query, one per picture, the query's own picture under other files first "
                         "(default 5)")
-    p.add_argument("-o", "--output", help="CSV of the matches, a row per query and match, instead of printing them")
+    p.add_argument("-o", "--output", help="CSV of the matches, a row per query and match (--groups: a row per "
+                                          "picture), instead of printing them")
     p.add_argument("--sheet", default=None,
-                   help="PNG of the queries and their matches as thumbnails, a row per query (the first 20)")
+                   help="PNG of the queries and their matches as thumbnails, a row per query (--groups: per group; "
+                        "the first 20)")
     p.add_argument("--min-similarity", type=_cosine, default=None,
-                   help="only matches at least this similar (cosine, e.g. 0.9: look-alikes in a folder searched "
-                        "against its own cache), and the query's own picture whatever its cosine")
+                   help="only matches at least this similar (cosine, e.g. 0.9), and the query's own picture "
+                        "whatever its cosine")
     _add_model(p, made_with="the cache")
     _add_device(p)
     _add_strict(p)
@@ -572,8 +582,34 @@ def _run(args: argparse.Namespace) -> int:
                                     max_points=args.max_points).text())
         return 0
 
+    if args.command == "similar" and args.groups:
+        from .errors import FeatxError
+        from .search import LOOK_ALIKE_COSINE
+
+        if args.images or args.k is not None or args.weights is not None:
+            raise FeatxError("--groups compares the whole cache with itself: give no query images, -k or --weights")
+        threshold = LOOK_ALIKE_COSINE if args.min_similarity is None else args.min_similarity
+        groups = featx.look_alike_groups(args.cache, min_similarity=threshold, model=args.model, output=args.output,
+                                         sheet=args.sheet, progress=not args.quiet)
+        if not args.output:
+            for group in groups:
+                print(group.text())
+        alike = [g for g in groups if len(g.pictures) > 1]
+        print(f"{len(alike)} group{'s' if len(alike) != 1 else ''} of pictures alike at cosine {threshold:g} or more "
+              f"({sum(len(g.pictures) for g in alike)} pictures), {len(groups) - len(alike)} more picture"
+              f"{'s' if len(groups) - len(alike) != 1 else ''} stored in several files"
+              + (f" -> {args.output}" if args.output else ""))
+        if args.sheet and groups:
+            print(f"-> {args.sheet}")
+        return 0
+
     if args.command == "similar":
-        results = featx.find_similar(args.images, args.cache, k=args.k, model=args.model, weights=args.weights,
+        if not args.images:
+            from .errors import FeatxError
+
+            raise FeatxError("give query images (files, folders, a pattern, or - to read names from standard input), "
+                             "or --groups to compare the cache with itself")
+        results = featx.find_similar(args.images, args.cache, k=args.k or 5, model=args.model, weights=args.weights,
                                      device=args.device, output=args.output, min_similarity=args.min_similarity,
                                      sheet=args.sheet)
         if args.output:

@@ -1183,7 +1183,7 @@ class _FolderProgress:
 LOGGED_BAR_SECONDS = 30  # a bar written to a file (nohup, a scheduler's log) is redrawn this seldom
 
 
-def _progress_bar(total: int | None, show: bool, desc: str | None = None, *, leave: bool = True):
+def _progress_bar(total: int | None, show: bool, desc: str | None = None, *, leave: bool = True, unit: str = "img"):
     if not show:
         return _NoBar()
     import sys
@@ -1193,8 +1193,8 @@ def _progress_bar(total: int | None, show: bool, desc: str | None = None, *, lea
     # tqdm redraws ten times a second; into a log file each redraw stays, a '\r' line of some 80 bytes:
     # 30 MB over a ten-hour run. A terminal keeps the live bar.
     interval = 0.1 if sys.stderr.isatty() else LOGGED_BAR_SECONDS
-    return tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1, desc=desc, mininterval=interval,
-                leave=leave)
+    return tqdm(total=total, unit=unit, unit_scale=unit != "img", dynamic_ncols=True, smoothing=0.1, desc=desc,
+                mininterval=interval, leave=leave)
 
 
 def _walk_ahead(batches: Iterator[list[FileEntry]], depth: int = 8) -> Iterator[list[FileEntry]]:

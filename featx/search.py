@@ -293,6 +293,224 @@ def plot_similar(results: Sequence[SimilarImages], path: Path) -> bool:
     return True
 
 
+# 21 photos' edits (crops of 10-20 %, 40 % brighter, turned 8 degrees, mirrored) at median cosines 0.91-0.98 to
+# their photo with Lite0, distinct photos up to 0.49: python benchmarks/look_alikes.py
+LOOK_ALIKE_COSINE = 0.85
+
+
+@dataclass
+class LookAlikes:
+    """Pictures of a cache that look alike, or one picture stored in several files (:func:`look_alike_groups`):
+    ``pictures`` as (key, its highest cosine to another picture of the group; -inf for a group of one), in
+    the folder's order; each picture's other files with its bytes are its ``copies``, those of it resized
+    or re-encoded its ``near_copies``."""
+
+    pictures: list[tuple[str, float]]
+    copies: dict[str, list[str]] = field(default_factory=dict)
+    near_copies: dict[str, list[str]] = field(default_factory=dict)
+    folder: str | None = None
+
+    def path_of(self, key: str) -> str:
+        return os.path.join(self.folder, key) if self.folder else key
+
+    def files(self) -> list[tuple[str, str]]:
+        """(key, how it stands in the group) for every file: a picture's (its cosine, as text; blank in a
+        group of one), then its copies' ("same file") and near copies' ("same picture")."""
+        return [entry for key, similarity in self.pictures
+                for entry in [(key, _cosine_text(similarity))] + [(other, "same file") for other in self.copies.get(key, [])]
+                + [(other, "same picture") for other in self.near_copies.get(key, [])]]
+
+    def text(self) -> str:
+        """A line for the group, then one per picture: its highest cosine to another of them and its path,
+        with its copies' paths beside it."""
+        from .data import printable
+
+        def path(key: str) -> str:
+            return printable(self.path_of(key))
+
+        n = len(self.pictures)
+        return "\n".join([(f"{n} pictures alike" if n > 1 else "1 picture") + f" ({len(self.files())} files)"] + [
+            f"  {_cosine_text(similarity):5s}  {path(key)}"
+            + (f"  (same file: {', '.join(map(path, self.copies[key]))})" if key in self.copies else "")
+            + (f"  (same picture: {', '.join(map(path, self.near_copies[key]))})" if key in self.near_copies else "")
+            for key, similarity in self.pictures])
+
+
+def look_alike_groups(
+    cache: str | os.PathLike,
+    *,
+    min_similarity: float = LOOK_ALIKE_COSINE,
+    model: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    sheet: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> list[LookAlikes]:
+    """What a folder holds more than once, in groups, each picture in one group at most: pictures that look
+    alike (every pair at cosine ``min_similarity`` or more is joined, and so are pairs of pairs: a group
+    may hold two pictures less alike, each close to a third), and a picture's files (the same bytes, or
+    resized or re-encoded: by perceptual hash), which count as one picture, named beside it; a picture
+    alike no other is a group when it is stored in several files. Groups in the folder's order.
+
+    Every picture is compared with every other: a cache of n pictures costs n²/2 dot products (20,000
+    pictures of Lite0's 1,280-d embeddings: 5 s on a 2-core CPU, ``benchmarks/look_alikes.py``), its
+    embeddings held in memory (5 KB a picture). Rows not finite or of files deleted from the folder are
+    left out.
+
+    Args:
+        model: the cache's model group (its name, or the .onnx file by its fingerprint); needed only when
+            the cache holds several.
+        output: also write the groups to this CSV (:func:`write_look_alikes`); ``sheet``: draw them as
+            thumbnails in this PNG, a row per group (:func:`plot_look_alikes`).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from .data import walk_sort_key
+    from .errors import check_output_file
+    from .pipeline import _progress_bar
+    from .store import gone_keys, iter_embeddings, load_digests, picture_numbers, recorded_paths
+
+    check_output_file(output, example="look-alikes.csv")
+    check_output_file(sheet, example="look-alikes.png")
+    group = _group_of(cache, model)
+    folder = recorded_paths(cache, "folder")[group]
+    keys, digests, phashes = load_digests(cache, group)
+    gone = set(gone_keys(cache, group))
+    there = os.path.isdir(folder) if folder else False
+    usable = np.array([key not in gone and (not there or os.path.lexists(os.path.join(folder, key)))
+                       for key in keys], dtype=bool)
+    picture = picture_numbers(digests, phashes)
+    # each picture once, by its first usable file in the folder's order; the others named beside it
+    order = sorted(np.flatnonzero(usable).tolist(), key=lambda row: walk_sort_key(keys[row]))
+    first_of: dict[int, int] = {}
+    for row in order:
+        first_of.setdefault(int(picture[row]), row)
+    is_lead = np.zeros(len(keys), dtype=bool)
+    is_lead[list(first_of.values())] = True
+    lead, parts, start = [], [], 0  # the leads' unit embeddings, read a chunk at a time: only they are held
+    for _, chunk in iter_embeddings(cache, group):
+        rows = np.flatnonzero(is_lead[start:start + len(chunk)])
+        finite = np.isfinite(chunk[rows]).all(axis=1)
+        lead.append(start + rows[finite])
+        parts.append(unit_rows(chunk[rows[finite]]))
+        start += len(chunk)
+    lead = np.concatenate(lead) if lead else np.zeros(0, np.int64)
+    if len(lead) < len(first_of):
+        _logger.warning("%s: %d stored embedding(s) are not finite numbers (NaN or infinity): left out; the cache "
+                        "is damaged, embed into a new file", cache, len(first_of) - len(lead))
+    m = len(lead)
+    E = np.concatenate(parts) if m else np.zeros((0, 1), np.float32)
+    by_order = np.array(sorted(range(m), key=lambda i: walk_sort_key(keys[lead[i]])), dtype=np.int64)
+    lead, E = lead[by_order], E[by_order]  # the folder's order: a group lists its pictures so
+    pairs, cosines = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.float32)]
+    block = max(1, min(1024, 2 ** 25 // max(m, 1)))  # (block, m) similarities: 128 MiB at most
+    bar = _progress_bar(m * (m - 1) // 2, progress, desc="look-alikes", unit="pair")
+    for a in range(0, m, block):
+        sims = E[a:a + block] @ E[a:].T  # each block against itself and the pictures after it
+        i, j = np.nonzero(sims >= min_similarity)
+        i, j = i[j > i], j[j > i]  # each pair once, no picture with itself
+        pairs.append(np.stack([a + i, a + j], axis=1))
+        cosines.append(sims[i, j])
+        bar.update(sum(m - 1 - row for row in range(a, min(a + block, m))))
+    bar.close()
+    pairs, cosines = np.concatenate(pairs), np.concatenate(cosines)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m))
+    component = connected_components(graph, directed=False)[1]
+    nearest = np.full(m, -np.inf, dtype=np.float32)  # each picture's highest cosine to another of its group
+    np.maximum.at(nearest, pairs[:, 0], cosines)
+    np.maximum.at(nearest, pairs[:, 1], cosines)
+    files: dict[int, list[int]] = {}
+    for row in order:
+        files.setdefault(int(picture[row]), []).append(row)
+    results = []
+    for members in np.split(np.argsort(component, kind="stable"),
+                            np.flatnonzero(np.diff(np.sort(component))) + 1) if m else []:
+        if len(members) < 2 and len(files[int(picture[lead[members[0]]])]) < 2:
+            continue  # a picture alike no other, stored once
+        found = LookAlikes([(keys[lead[i]], float(nearest[i])) for i in members], folder=folder)
+        for i in members:
+            first, *others = files[int(picture[lead[i]])]
+            for row in others:
+                same_bytes = bool(digests[first]) and digests[row] == digests[first]
+                (found.copies if same_bytes else found.near_copies).setdefault(keys[first], []).append(keys[row])
+        results.append(found)
+    results.sort(key=lambda found: walk_sort_key(found.pictures[0][0]))
+    if output is not None:
+        write_look_alikes(results, output)
+    if sheet is not None:
+        plot_look_alikes(results, Path(sheet), min_similarity)
+    return results
+
+
+def _cosine_text(similarity: float, decimals: int = 3) -> str:
+    return f"{similarity:.{decimals}f}" if np.isfinite(similarity) else ""
+
+
+def _group_of(cache: str | os.PathLike, model: str | os.PathLike | None) -> str:
+    """The cache's model group named by ``model`` (a group name, or an .onnx file by its fingerprint), or its only one."""
+    from .errors import FeatxError
+    from .export import is_model_file
+    from .runtime import read_model_info
+    from .store import model_fingerprints
+
+    groups = model_fingerprints(cache)
+    if not groups:
+        raise FeatxError(f"{cache} holds no featx embeddings (make them with: featx embed FOLDER -o {cache})")
+    if model is None and len(groups) == 1:
+        return next(iter(groups))
+    if model is None:
+        raise FeatxError(f"{cache} holds {len(groups)} models ({', '.join(groups)}): name one with --model")
+    if str(model) in groups:
+        return str(model)
+    if is_model_file(model):
+        fingerprint = read_model_info(model).fingerprint
+        for name, theirs in groups.items():
+            if theirs == fingerprint:
+                return name
+    raise FeatxError(f"{cache} holds no embeddings of {model}; it has {', '.join(groups)} (--model names one)")
+
+
+def write_look_alikes(groups: Sequence[LookAlikes], path: str | os.PathLike) -> int:
+    """The groups as a CSV, a row per picture: group (1, 2, …), picture (its file: the cache's folder
+    joined to its key), similarity (its highest cosine to another picture of the group), same_file and
+    same_picture (';'-joined files of it: the same bytes; resized or re-encoded). Returns how many rows."""
+    import csv
+
+    n = 0
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        writer.writerow(["group", "picture", "similarity", "same_file", "same_picture"])
+        for number, found in enumerate(groups, start=1):
+            for key, similarity in found.pictures:
+                writer.writerow([number, found.path_of(key), _cosine_text(similarity, 6),
+                                 *(";".join(map(found.path_of, files.get(key, [])))
+                                   for files in (found.copies, found.near_copies))])
+                n += 1
+    return n
+
+
+def plot_look_alikes(groups: Sequence[LookAlikes], path: Path, min_similarity: float) -> bool:
+    """The groups (the first QUERIES_DRAWN) as thumbnails, a row each (its first MATCHES_DRAWN + 1 files),
+    each under its highest cosine within the group (a copy: how it copies) and file name. Nothing is drawn
+    (False, said) without a group."""
+    from .reports import draw_thumbnails, file_caption
+
+    if not groups:
+        _logger.warning("no pictures look alike, none is stored twice: %s is not drawn", path)
+        return False
+    shown = groups[:QUERIES_DRAWN]
+    columns = min(MATCHES_DRAWN + 1, max(len(found.files()) for found in shown))
+    tiles: list[tuple[str, str] | None] = []
+    for found in shown:
+        files = found.files()[:columns]
+        tiles += [(found.path_of(key), f"{how}\n{file_caption(key)}") for key, how in files]
+        tiles += [None] * (columns - len(files))
+    draw_thumbnails(tiles, columns, path, title=f"{len(shown)} of {len(groups)} groups, a row each: pictures alike "
+                                                f"(cosine {min_similarity:g} or more to another of the group) and "
+                                                "each picture's files")
+    return True
+
+
 def _best_first(sims: np.ndarray, first: int) -> Iterator[int]:
     """Positions of ``sims`` from the highest, earlier positions first among equals: a stable sort's
     order, of which only the ``first`` best (and any equal to the last of them) are sorted unless more

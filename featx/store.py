@@ -727,15 +727,20 @@ def near_copy_groups(phashes: np.ndarray, also_linked: np.ndarray | None = None)
     return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
-def copy_groups(digests, phashes) -> list[np.ndarray]:
-    """int64 positions of the rows that show one picture, a group for every picture stored more than
-    once: files with the same bytes (SHA-256), near copies, and copies of those (:func:`near_copy_groups`).
-    Each group in row order; the groups in no set order."""
+def picture_numbers(digests, phashes) -> np.ndarray:
+    """int64 (n,): a number for each row, shared by the rows that show one picture: files with the same
+    bytes (SHA-256), near copies, and copies of those (:func:`near_copy_groups`)."""
     digests = np.asarray(digests, dtype=_DIGEST_DTYPE)
     known = np.flatnonzero(digests != b"")
     _, first, inverse = np.unique(digests[known], return_index=True, return_inverse=True)
     same_bytes = np.stack([known[first[inverse.ravel()]], known], axis=1)  # each row linked to its digest's first
-    picture = near_copy_groups(phashes, also_linked=same_bytes)
+    return near_copy_groups(phashes, also_linked=same_bytes)
+
+
+def copy_groups(digests, phashes) -> list[np.ndarray]:
+    """int64 positions of the rows that show one picture (:func:`picture_numbers`), a group for every
+    picture stored more than once. Each group in row order; the groups in no set order."""
+    picture = picture_numbers(digests, phashes)
     shared = np.flatnonzero(np.bincount(picture)[picture] > 1)  # rows of pictures stored more than once
     order = shared[np.argsort(picture[shared], kind="stable")]  # each picture's rows together, in row order
     return np.split(order, np.flatnonzero(np.diff(picture[order])) + 1) if len(order) else []

@@ -92,6 +92,15 @@ def test_similar_search_script_finds_what_plain_numpy_finds(tmp_path):
     assert record["same_top_k"] == 1.0 and record["featx_seconds"] > 0 and record["plain_numpy_seconds"] > 0
 
 
+def test_look_alikes_script_groups_as_plain_numpy_does(tmp_path):
+    """The figures behind the default look-alike cosine and the cost of --groups: featx's groups must be
+    plain numpy's, and an edited photo closer to its photo than distinct photos come."""
+    record = run_benchmark("look_alikes.py", tmp_path, "--rows", "600", "--digits", "60",
+                           record="look_alikes-600.json")
+    assert record["grouping"]["same_groups"] and record["grouping"]["groups"] > 0
+    assert record["edit_cosines"]["mirrored"]["min"] > record["distinct_photos_max_cosine"]
+
+
 def test_int8_static_script_sets_each_calibration_beside_fp32(tmp_path):
     """The figures behind featx having no int8 export: the script must keep running (small sizes here)."""
     record = run_benchmark("int8_static.py", tmp_path, "--methods", "MinMax", "--n-calibration", "8",

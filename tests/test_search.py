@@ -360,3 +360,57 @@ def test_a_photos_small_copy_is_its_first_match_whatever_its_cosine(photos_dir, 
         rows = list(csv.DictReader(f))
     assert [(os.path.basename(r["match"]), r["query_picture"]) for r in rows][0] == ("china.jpg", "yes")
     assert rows[1]["query_picture"] == "" and len(rows) == 2
+
+
+def test_groups_print_each_look_alike_picture_and_its_files_once(photos_dir, lite0_onnx, tmp_path, capsys):
+    """`similar FOLDER --cache` of the folder itself lists each look-alike pair under both of its files; --groups
+    names every picture alike another, and every picture stored twice, once: the edited photos with their
+    original, a resized copy and a copy of the bytes beside the picture they show."""
+    from PIL import Image, ImageEnhance
+
+    from featx.cli import main
+
+    folder = tmp_path / "photos"
+    shutil.copytree(photos_dir, folder)
+    coffee, chelsea = Image.open(folder / "coffee.png"), Image.open(folder / "chelsea.png")
+    w, h = coffee.size
+    coffee.crop((w // 10, h // 20, w, h)).save(folder / "coffee_crop.png")  # alike, not the same picture by hash
+    coffee.transpose(Image.FLIP_LEFT_RIGHT).save(folder / "coffee_mirror.png")
+    (folder / "small").mkdir()
+    coffee.resize((w // 3, h // 3)).save(folder / "small" / "coffee.jpg", quality=90)  # the same picture
+    shutil.copy(folder / "chelsea.png", folder / "chelsea_copy.png")
+    ImageEnhance.Brightness(chelsea).enhance(1.4).save(folder / "chelsea_bright.png")
+    cache = tmp_path / "photos.h5"
+    featx.embed_folder(folder, cache, model=lite0_onnx, engine="onnx", workers=1)
+
+    groups = featx.look_alike_groups(cache)
+    path = {name: str(folder / name) for name in ("coffee.png", "coffee_crop.png", "coffee_mirror.png",
+                                                  "small/coffee.jpg", "chelsea.png", "chelsea_copy.png",
+                                                  "chelsea_bright.png")}
+    assert [[group.path_of(key) for key, _ in group.pictures] for group in groups] == [
+        [path["chelsea.png"]], [path["coffee.png"], path["coffee_crop.png"], path["coffee_mirror.png"]]]
+    chelsea_group, coffee_group = groups
+    assert chelsea_group.copies == {"chelsea.png": ["chelsea_copy.png"]}
+    assert chelsea_group.near_copies == {"chelsea.png": ["chelsea_bright.png"]}
+    assert coffee_group.near_copies == {"coffee.png": ["small/coffee.jpg"]} and not coffee_group.copies
+    assert all(0.85 <= similarity <= 1 for _, similarity in coffee_group.pictures)
+    # the other four photos are alike none (distinct photos: cosine 0.30 at most) and stored once; alike
+    # none, a picture stored twice is still a group, of one
+    strict = featx.look_alike_groups(cache, min_similarity=0.999)
+    assert [[key for key, _ in group.pictures] for group in strict] == [["chelsea.png"], ["coffee.png"]]
+    assert strict[0] == chelsea_group and strict[1].near_copies == coffee_group.near_copies
+
+    table = tmp_path / "groups.csv"
+    assert main(["-q", "similar", "--groups", "--cache", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert all(out.count(p) == 1 for p in path.values()) and "astronaut" not in out  # each file once
+    assert out.splitlines()[-1].startswith("1 group of pictures alike at cosine 0.85 or more (3 pictures), 1 more")
+    assert main(["-q", "similar", "--groups", "--cache", str(cache), "-o", str(table)]) == 0
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["group"], r["picture"], r["same_file"], r["same_picture"]) for r in rows] == [
+        ("1", path["chelsea.png"], path["chelsea_copy.png"], path["chelsea_bright.png"]),
+        ("2", path["coffee.png"], "", path["small/coffee.jpg"]),
+        ("2", path["coffee_crop.png"], "", ""), ("2", path["coffee_mirror.png"], "", "")]
+    assert main(["-q", "similar", str(folder), "--groups", "--cache", str(cache)]) == 2
+    assert "give no query images" in capsys.readouterr().err
