@@ -595,10 +595,14 @@ def _run(args: argparse.Namespace) -> int:
             for group in groups:
                 print(group.text())
         alike = [g for g in groups if len(g.pictures) > 1]
+        largest = max((len(g.pictures) for g in alike), default=0)
         print(f"{len(alike)} group{'s' if len(alike) != 1 else ''} of pictures alike at cosine {threshold:g} or more "
-              f"({sum(len(g.pictures) for g in alike)} pictures), {len(groups) - len(alike)} more picture"
-              f"{'s' if len(groups) - len(alike) != 1 else ''} stored in several files"
-              + (f" -> {args.output}" if args.output else ""))
+              f"({sum(len(g.pictures) for g in alike)} pictures" + (f", the largest {largest}" if len(alike) > 1 else "")
+              + f"), {len(groups) - len(alike)} more picture{'s' if len(groups) - len(alike) != 1 else ''} stored in "
+              "several files" + (f" -> {args.output}" if args.output else ""))
+        if largest >= 100:  # pictures alike in a chain are one group
+            print(f"a group of {largest} pictures: pictures each alike the next join; a higher --min-similarity "
+                  "splits it")
         if args.sheet and groups:
             print(f"-> {args.sheet}")
         return 0

@@ -402,23 +402,31 @@ def look_alike_groups(
     E = np.concatenate(parts) if m else np.zeros((0, 1), np.float32)
     by_order = np.array(sorted(range(m), key=lambda i: walk_sort_key(keys[lead[i]])), dtype=np.int64)
     lead, E = lead[by_order], E[by_order]  # the folder's order: a group lists its pictures so
-    pairs, cosines = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.float32)]
+    def components(pairs: np.ndarray) -> np.ndarray:
+        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m))
+        return connected_components(graph, directed=False)[1]
+
+    pairs = [np.zeros((0, 2), np.int64)]
+    held = 0  # pairs held: past _PAIRS_HELD (a low cosine on a large cache) each group is kept as a tree instead
+    nearest = np.full(m, -np.inf, dtype=np.float32)  # each picture's highest cosine to another of its group
     block = max(1, min(1024, 2 ** 25 // max(m, 1)))  # (block, m) similarities: 128 MiB at most
     bar = _progress_bar(m * (m - 1) // 2, progress, desc="look-alikes", unit="pair")
     for a in range(0, m, block):
         sims = E[a:a + block] @ E[a:].T  # each block against itself and the pictures after it
         i, j = np.nonzero(sims >= min_similarity)
         i, j = i[j > i], j[j > i]  # each pair once, no picture with itself
+        np.maximum.at(nearest, a + i, sims[i, j])
+        np.maximum.at(nearest, a + j, sims[i, j])
         pairs.append(np.stack([a + i, a + j], axis=1))
-        cosines.append(sims[i, j])
+        held += len(i)
+        if held > _PAIRS_HELD:
+            component = components(np.concatenate(pairs))
+            _, root = np.unique(component, return_index=True)
+            tree = np.stack([np.arange(m), root[component]], axis=1)
+            pairs, held = [tree[tree[:, 0] != tree[:, 1]]], m
         bar.update(sum(m - 1 - row for row in range(a, min(a + block, m))))
     bar.close()
-    pairs, cosines = np.concatenate(pairs), np.concatenate(cosines)
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m))
-    component = connected_components(graph, directed=False)[1]
-    nearest = np.full(m, -np.inf, dtype=np.float32)  # each picture's highest cosine to another of its group
-    np.maximum.at(nearest, pairs[:, 0], cosines)
-    np.maximum.at(nearest, pairs[:, 1], cosines)
+    component = components(np.concatenate(pairs))
     files: dict[int, list[int]] = {}
     for row in order:
         files.setdefault(int(picture[row]), []).append(row)
@@ -440,6 +448,9 @@ def look_alike_groups(
     if sheet is not None:
         plot_look_alikes(results, Path(sheet), min_similarity)
     return results
+
+
+_PAIRS_HELD = 10_000_000  # 160 MB of pairs
 
 
 def _cosine_text(similarity: float, decimals: int = 3) -> str:

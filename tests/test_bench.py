@@ -95,8 +95,8 @@ def test_similar_search_script_finds_what_plain_numpy_finds(tmp_path):
 def test_look_alikes_script_groups_as_plain_numpy_does(tmp_path):
     """The figures behind the default look-alike cosine and the cost of --groups: featx's groups must be
     plain numpy's, and an edited photo closer to its photo than distinct photos come."""
-    record = run_benchmark("look_alikes.py", tmp_path, "--rows", "600", "--digits", "60",
-                           record="look_alikes-600.json")
+    record = run_benchmark("look_alikes.py", tmp_path, "--rows", "300", "--digits", "30",
+                           record="look_alikes-300.json")
     assert record["grouping"]["same_groups"] and record["grouping"]["groups"] > 0
     assert record["edit_cosines"]["mirrored"]["min"] > record["distinct_photos_max_cosine"]
 
