@@ -787,20 +787,34 @@ def head_model_file(loaded: LoadedHead, model: str | os.PathLike | None = None, 
     if model is None and weights is None:
         model = model_file_for(loaded.model, loaded.fingerprint, loaded.model_file)
     elif model is not None and not is_model_file(model) and not model_path(str(model), weights=weights).exists():
-        _check_width(loaded, str(model))  # before a download and an export that its fingerprint would refuse
+        _check_architecture(loaded, str(model))  # before a download and an export its fingerprint would refuse
     return ensure_model_file(model or DEFAULT_BACKBONE, weights=weights)
 
 
-def _check_width(loaded: LoadedHead, name: str) -> None:
-    """Refuse backbone ``name`` for ``loaded`` when its embeddings are not as wide as the head's inputs: told
-    from the architecture alone (built without weights, in seconds), not after its export."""
+def _check_architecture(loaded: LoadedHead, name: str) -> None:
+    """Refuse backbone ``name`` for ``loaded`` when its embeddings cannot be the head's: not as wide as the
+    head's inputs, or of other layers than the backbone the head was trained on. Told from the
+    architectures alone (built without weights, in seconds), not after a download and an export.
+    Architectures with the same layers (torchvision's and timm's ResNet-50) are left to the fingerprint."""
     from .backbones import load_backbone
 
-    width, wanted = load_backbone(name, weights="none").embed_dim, loaded.head.n_features_in_
+    candidate = load_backbone(name, weights="none")
+    width, wanted = candidate.embed_dim, loaded.head.n_features_in_
+    advice = "leave --model out (the head's own model is the default), or train a head on its embeddings"
     if width != wanted:
         raise HeadMismatchError(f"head was trained on {wanted}-d embeddings of {loaded.backbone} (fingerprint "
-                                f"{loaded.fingerprint}); {name} gives {width}-d embeddings: leave --model out (the "
-                                "head's own model is the default), or train a head on its embeddings")
+                                f"{loaded.fingerprint}); {name} gives {width}-d embeddings: {advice}")
+    try:
+        trained_on = load_backbone(loaded.backbone, weights="none")
+    except FeatxError:  # registered only where the head was trained, say: its fingerprint decides
+        return
+
+    def layers(backbone) -> list[tuple[int, ...]]:
+        return [tuple(t.shape) for t in backbone.features.state_dict().values()]
+
+    if layers(candidate) != layers(trained_on):
+        raise HeadMismatchError(f"head was trained on embeddings of {loaded.backbone} (fingerprint "
+                                f"{loaded.fingerprint}); {name} is another architecture: {advice}")
 
 
 # ---------------------------------------------------------------------------------------- training

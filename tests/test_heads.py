@@ -145,6 +145,9 @@ def test_head_refuses_another_backbone(tmp_path, lite0_onnx, monkeypatch):
     monkeypatch.setenv("FEATX_MODELS", str(tmp_path / "models"))
     with pytest.raises(HeadMismatchError, match="trained on 1280-d embeddings of resnet50 .*; resnet18 gives 512-d"):
         featx.predict([tmp_path], head=tmp_path / "h.safetensors", model="resnet18")
+    # as wide (1280-d) but another architecture: refused as soon, not after exporting it
+    with pytest.raises(HeadMismatchError, match="of resnet50 .*; efficientnet_b0 is another architecture"):
+        featx.predict([tmp_path], head=tmp_path / "h.safetensors", model="efficientnet_b0")
     assert not (tmp_path / "models").exists() or not list((tmp_path / "models").iterdir())
     # refused in one line, and yesterday's predictions at -o are left as they were
     from featx.cli import main
