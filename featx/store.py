@@ -780,6 +780,8 @@ class CacheSummary:
     gone: int = 0  # rows of files the last embed found deleted or unreadable (kept until --prune)
     # every picture stored more than once, when asked for: its files, the first in the folder's order first
     copy_groups: list[list[CopyOf]] | None = None
+    # among the rows without a class: (pictures stored more than once, the images they make)
+    unlabelled_copies: tuple[int, int] = (0, 0)
 
     def text(self, *, list_failures: bool = False, listed_in: str | None = None) -> str:
         """Several lines; every failed file with ``list_failures``, and every picture stored more than once
@@ -796,6 +798,11 @@ class CacheSummary:
             lines.append(_class_counts_line(self.class_counts))
         if self.unlabelled:
             lines.append(f"  {self.unlabelled:,} without a class (directly under the folder)")
+        pictures, images = self.unlabelled_copies
+        if pictures and self.copy_groups is None:
+            lines.append(f"  {pictures:,} of them {'are pictures' if pictures > 1 else 'is a picture'} stored more than "
+                         f"once ({images:,} files: the same bytes, or resized or re-encoded): --copies names them; "
+                         f"`featx similar --groups --cache {self.path or 'CACHE'}` also groups pictures alike")
         if self.copies is not None:
             lines += [f"  {line}" for line in self.copies.lines(self.path, folder=self.attrs.get("folder"))]
         if self.near_copies:
@@ -867,6 +874,8 @@ def summarize_cache(path: str | os.PathLike, *, list_copies: bool = False) -> li
             phashes = _phashes_of(columns, slice(0, n), n)
             groups = near_copy_groups(phashes[labelled[copies.keep]])
             near_copies, pictures = near_copy_counts(groups)
+            unlabelled = np.flatnonzero(labels < 0)
+            shown_twice = copy_groups(raw[unlabelled], phashes[unlabelled]) if len(unlabelled) and not list_copies else []
             emb = columns["embeddings"]
             gone = int(_gone_mask(g, columns, n).sum())
             out.append(CacheSummary(model, n, int(emb.shape[1]), str(emb.dtype),
@@ -874,7 +883,8 @@ def summarize_cache(path: str | os.PathLike, *, list_copies: bool = False) -> li
                                     _failures_of(g), _attrs_of(g), copies, str(path),
                                     near_copies=near_copies, pictures=pictures,
                                     unhashed=int((phashes == 0).sum()), gone=gone,
-                                    copy_groups=_named_copy_groups(columns, n, raw, phashes) if list_copies else None))
+                                    copy_groups=_named_copy_groups(columns, n, raw, phashes) if list_copies else None,
+                                    unlabelled_copies=(len(shown_twice), sum(map(len, shown_twice)))))
     return out
 
 

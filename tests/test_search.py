@@ -414,3 +414,7 @@ def test_groups_print_each_look_alike_picture_and_its_files_once(photos_dir, lit
         ("2", path["coffee_crop.png"], "", ""), ("2", path["coffee_mirror.png"], "", "")]
     assert main(["-q", "similar", str(folder), "--groups", "--cache", str(cache)]) == 2
     assert "give no query images" in capsys.readouterr().err
+    # `info` of a folder of photos (no classes) says what it holds twice, and where to look
+    assert main(["info", str(cache)]) == 0
+    assert ("1 of them is a picture stored more than once (3 files: the same bytes, or resized or re-encoded): "
+            f"--copies names them; `featx similar --groups --cache {cache}`") in capsys.readouterr().out
