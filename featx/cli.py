@@ -584,7 +584,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "similar" and args.groups:
         from .errors import FeatxError
-        from .search import LOOK_ALIKE_COSINE
+        from .search import LOOK_ALIKE_COSINE, look_alikes_summary
 
         if args.images or args.k is not None or args.weights is not None:
             raise FeatxError("--groups compares the whole cache with itself: give no query images, -k or --weights")
@@ -594,15 +594,7 @@ def _run(args: argparse.Namespace) -> int:
         if not args.output:
             for group in groups:
                 print(group.text())
-        alike = [g for g in groups if len(g.pictures) > 1]
-        largest = max((len(g.pictures) for g in alike), default=0)
-        print(f"{len(alike)} group{'s' if len(alike) != 1 else ''} of pictures alike at cosine {threshold:g} or more "
-              f"({sum(len(g.pictures) for g in alike)} pictures" + (f", the largest {largest}" if len(alike) > 1 else "")
-              + f"), {len(groups) - len(alike)} more picture{'s' if len(groups) - len(alike) != 1 else ''} stored in "
-              "several files" + (f" -> {args.output}" if args.output else ""))
-        if largest >= 100:  # pictures alike in a chain are one group
-            print(f"a group of {largest} pictures: pictures each alike the next join; a higher --min-similarity "
-                  "splits it")
+        print(look_alikes_summary(groups, threshold) + (f" -> {args.output}" if args.output else ""))
         if args.sheet and groups:
             print(f"-> {args.sheet}")
         return 0

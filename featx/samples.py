@@ -17,7 +17,7 @@ def sample_photos() -> dict[str, Image.Image]:
 
     import skimage.data
 
-    # located, not imported: importing scikit-learn costs 2 s, a third of a CPU calibration's first run
+    # located, not imported: importing scikit-learn took 2 s of a CPU calibration's first 10
     folder = Path(importlib.util.find_spec("sklearn").submodule_search_locations[0]) / "datasets" / "images"
     photos = {name: Image.open(folder / f"{name}.jpg").convert("RGB") for name in ("china", "flower")}
     for name in ("coffee", "chelsea", "astronaut", "rocket"):

@@ -453,6 +453,21 @@ def look_alike_groups(
 _PAIRS_HELD = 10_000_000  # 160 MB of pairs
 
 
+def look_alikes_summary(groups: Sequence[LookAlikes], min_similarity: float) -> str:
+    """How many groups :func:`look_alike_groups` found and of what, in a line (two when one group is large:
+    pictures alike in a chain join, and a higher cosine splits them)."""
+    alike = [g for g in groups if len(g.pictures) > 1]
+    largest = max((len(g.pictures) for g in alike), default=0)
+    stored_twice = len(groups) - len(alike)
+    line = (f"{len(alike)} group{'s' if len(alike) != 1 else ''} of pictures alike at cosine {min_similarity:g} or more "
+            f"({sum(len(g.pictures) for g in alike)} pictures" + (f", the largest {largest}" if len(alike) > 1 else "")
+            + f"), {stored_twice} more picture{'s' if stored_twice != 1 else ''} stored in several files")
+    if largest >= 100:
+        line = (f"a group of {largest} pictures: pictures each alike the next join; a higher --min-similarity "
+                f"splits it\n{line}")
+    return line
+
+
 def _cosine_text(similarity: float, decimals: int = 3) -> str:
     return f"{similarity:.{decimals}f}" if np.isfinite(similarity) else ""
 
