@@ -362,12 +362,8 @@ def look_alike_groups(
         output: also write the groups to this CSV (:func:`write_look_alikes`); ``sheet``: draw them as
             thumbnails in this PNG, a row per group (:func:`plot_look_alikes`).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     from .data import walk_sort_key
     from .errors import check_output_file
-    from .pipeline import _progress_bar
     from .store import gone_keys, iter_embeddings, load_digests, picture_numbers, recorded_paths
 
     check_output_file(output, example="look-alikes.csv")
@@ -402,31 +398,7 @@ def look_alike_groups(
     E = np.concatenate(parts) if m else np.zeros((0, 1), np.float32)
     by_order = np.array(sorted(range(m), key=lambda i: walk_sort_key(keys[lead[i]])), dtype=np.int64)
     lead, E = lead[by_order], E[by_order]  # the folder's order: a group lists its pictures so
-    def components(pairs: np.ndarray) -> np.ndarray:
-        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m))
-        return connected_components(graph, directed=False)[1]
-
-    pairs = [np.zeros((0, 2), np.int64)]
-    held = 0  # pairs held: past _PAIRS_HELD (a low cosine on a large cache) each group is kept as a tree instead
-    nearest = np.full(m, -np.inf, dtype=np.float32)  # each picture's highest cosine to another of its group
-    block = max(1, min(1024, 2 ** 25 // max(m, 1)))  # (block, m) similarities: 128 MiB at most
-    bar = _progress_bar(m * (m - 1) // 2, progress, desc="look-alikes", unit="pair")
-    for a in range(0, m, block):
-        sims = E[a:a + block] @ E[a:].T  # each block against itself and the pictures after it
-        i, j = np.nonzero(sims >= min_similarity)
-        i, j = i[j > i], j[j > i]  # each pair once, no picture with itself
-        np.maximum.at(nearest, a + i, sims[i, j])
-        np.maximum.at(nearest, a + j, sims[i, j])
-        pairs.append(np.stack([a + i, a + j], axis=1))
-        held += len(i)
-        if held > _PAIRS_HELD:
-            component = components(np.concatenate(pairs))
-            _, root = np.unique(component, return_index=True)
-            tree = np.stack([np.arange(m), root[component]], axis=1)
-            pairs, held = [tree[tree[:, 0] != tree[:, 1]]], m
-        bar.update(sum(m - 1 - row for row in range(a, min(a + block, m))))
-    bar.close()
-    component = components(np.concatenate(pairs))
+    component, nearest = _alike_components(E, min_similarity, progress)
     files: dict[int, list[int]] = {}
     for row in order:
         files.setdefault(int(picture[row]), []).append(row)
@@ -470,6 +442,44 @@ def look_alikes_summary(groups: Sequence[LookAlikes], min_similarity: float) -> 
 
 def _cosine_text(similarity: float, decimals: int = 3) -> str:
     return f"{similarity:.{decimals}f}" if np.isfinite(similarity) else ""
+
+
+def _alike_components(E: np.ndarray, min_similarity: float, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """For unit rows ``E`` (m, d): a group number per row, shared by rows at cosine ``min_similarity`` or more
+    and by their chains (scipy's connected components), and each row's highest cosine to another of its
+    group (-inf: none). Similarities a block of rows at a time against the rows after it."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from .pipeline import _progress_bar
+
+    m = len(E)
+
+    def components(pairs: np.ndarray) -> np.ndarray:
+        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m))
+        return connected_components(graph, directed=False)[1]
+
+    pairs = [np.zeros((0, 2), np.int64)]
+    held = 0  # pairs held: past _PAIRS_HELD (a low cosine on a large cache) each group is kept as a tree instead
+    nearest = np.full(m, -np.inf, dtype=np.float32)
+    block = max(1, min(1024, 2 ** 25 // max(m, 1)))  # (block, m) similarities: 128 MiB at most
+    bar = _progress_bar(m * (m - 1) // 2, progress, desc="look-alikes", unit="pair")
+    for a in range(0, m, block):
+        sims = E[a:a + block] @ E[a:].T  # each block against itself and the rows after it
+        i, j = np.nonzero(sims >= min_similarity)
+        i, j = i[j > i], j[j > i]  # each pair once, no row with itself
+        np.maximum.at(nearest, a + i, sims[i, j])
+        np.maximum.at(nearest, a + j, sims[i, j])
+        pairs.append(np.stack([a + i, a + j], axis=1))
+        held += len(i)
+        if held > _PAIRS_HELD:
+            component = components(np.concatenate(pairs))
+            _, root = np.unique(component, return_index=True)
+            tree = np.stack([np.arange(m), root[component]], axis=1)
+            pairs, held = [tree[tree[:, 0] != tree[:, 1]]], m
+        bar.update(sum(m - 1 - row for row in range(a, min(a + block, m))))
+    bar.close()
+    return components(np.concatenate(pairs)), nearest
 
 
 def _group_of(cache: str | os.PathLike, model: str | os.PathLike | None) -> str:
