@@ -600,6 +600,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "similar":
+        from .search import searched_its_own_folder
+
         if not args.images:
             from .errors import FeatxError
 
@@ -621,6 +623,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{close} of {len(results)} queries have a match of cosine {args.min_similarity:g} or more"
                   + (f"; {own_only} more only their own picture under another file, at a lower cosine (resized "
                      "or re-encoded)" if own_only else ""))
+            if close > 1 and searched_its_own_folder(results):
+                print("a folder searched against its own cache lists each pair under both files: `featx similar "
+                      f"--groups --cache {args.cache}` prints each group once")
         if args.sheet and any(r.matches for r in results):  # drawn (a sheet of no match is not)
             print(f"-> {args.sheet}")
         return _failures_exit(args.images, [r.query for r in results if r.error], args.strict)

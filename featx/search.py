@@ -238,6 +238,19 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
     return results
 
 
+def searched_its_own_folder(results: Sequence[SimilarImages]) -> bool:
+    """Whether every query is a file under the folder the cache follows (the folder searched against its
+    own cache: a pair of look-alikes is then listed under both its files, where --groups lists it once)."""
+    def under(query: str, folder: str | None) -> bool:
+        try:
+            return bool(folder) and os.path.commonpath([os.path.realpath(query), os.path.realpath(folder)]) \
+                == os.path.realpath(folder)
+        except ValueError:  # another drive
+            return False
+
+    return bool(results) and all(under(r.query, r.folder) for r in results)
+
+
 def write_similar(results: Sequence[SimilarImages], path: str | os.PathLike) -> int:
     """The matches as a CSV, a row per query and match: query, rank (1 = most similar), match (its file:
     the cache's folder joined to its key), similarity, same_file (';'-joined files with the match's

@@ -414,6 +414,12 @@ def test_groups_print_each_look_alike_picture_and_its_files_once(photos_dir, lit
         ("2", path["coffee_crop.png"], "", ""), ("2", path["coffee_mirror.png"], "", "")]
     assert main(["-q", "similar", str(folder), "--groups", "--cache", str(cache)]) == 2
     assert "give no query images" in capsys.readouterr().err
+    # searched against its own cache, the folder lists each look-alike pair under both files: said, with --groups
+    assert main(["-q", "similar", str(folder), "--cache", str(cache), "--min-similarity", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(path["coffee_crop.png"]) == 3  # a query itself; a match of the coffee photo and of its mirror
+    assert out.splitlines()[-1] == ("a folder searched against its own cache lists each pair under both files: "
+                                    f"`featx similar --groups --cache {cache}` prints each group once")
     # `info` of a folder of photos (no classes) says what it holds twice, and where to look
     assert main(["info", str(cache)]) == 0
     assert ("1 of them is a picture stored more than once (3 files: the same bytes, or resized or re-encoded): "
