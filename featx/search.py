@@ -364,10 +364,10 @@ def look_alike_groups(
     resized or re-encoded: by perceptual hash), which count as one picture, named beside it; a picture
     alike no other is a group when it is stored in several files. Groups in the folder's order.
 
-    Every picture is compared with every other: a cache of n pictures costs n²/2 dot products (20,000
-    pictures of Lite0's 1,280-d embeddings: 5 s on a 2-core CPU, ``benchmarks/look_alikes.py``), its
-    embeddings held in memory (5 KB a picture). Rows not finite or of files deleted from the folder are
-    left out.
+    Every file is compared with every other (a picture is alike another when any of its files is: its
+    small copy alone may not be): a cache of n files costs n²/2 dot products (20,000 of Lite0's 1,280-d
+    embeddings: 5 s on a 2-core CPU, ``benchmarks/look_alikes.py``), its embeddings held in memory (5 KB
+    a file). Rows not finite or of files deleted from the folder are left out.
 
     Args:
         model: the cache's model group (its name, or the .onnx file by its fingerprint); needed only when
@@ -389,40 +389,37 @@ def look_alike_groups(
     usable = np.array([key not in gone and (not there or os.path.lexists(os.path.join(folder, key)))
                        for key in keys], dtype=bool)
     picture = picture_numbers(digests, phashes)
-    # each picture once, by its first usable file in the folder's order; the others named beside it
-    order = sorted(np.flatnonzero(usable).tolist(), key=lambda row: walk_sort_key(keys[row]))
-    first_of: dict[int, int] = {}
-    for row in order:
-        first_of.setdefault(int(picture[row]), row)
-    is_lead = np.zeros(len(keys), dtype=bool)
-    is_lead[list(first_of.values())] = True
-    lead, parts, start = [], [], 0  # the leads' unit embeddings, read a chunk at a time: only they are held
+    rows, parts, start = [], [], 0  # the usable rows' unit embeddings, read a chunk at a time
     for _, chunk in iter_embeddings(cache, group):
-        rows = np.flatnonzero(is_lead[start:start + len(chunk)])
-        finite = np.isfinite(chunk[rows]).all(axis=1)
-        lead.append(start + rows[finite])
-        parts.append(unit_rows(chunk[rows[finite]]))
+        wanted = np.flatnonzero(usable[start:start + len(chunk)])
+        finite = np.isfinite(chunk[wanted]).all(axis=1)
+        rows.append(start + wanted[finite])
+        parts.append(unit_rows(chunk[wanted[finite]]))
         start += len(chunk)
-    lead = np.concatenate(lead) if lead else np.zeros(0, np.int64)
-    if len(lead) < len(first_of):
-        _logger.warning("%s: %d stored embedding(s) are not finite numbers (NaN or infinity): left out; the cache "
-                        "is damaged, embed into a new file", cache, len(first_of) - len(lead))
-    m = len(lead)
-    E = np.concatenate(parts) if m else np.zeros((0, 1), np.float32)
-    by_order = np.array(sorted(range(m), key=lambda i: walk_sort_key(keys[lead[i]])), dtype=np.int64)
-    lead, E = lead[by_order], E[by_order]  # the folder's order: a group lists its pictures so
-    component, nearest = _alike_components(E, min_similarity, progress)
-    files: dict[int, list[int]] = {}
-    for row in order:
+        if not finite.all():
+            _logger.warning("%s: %d stored embedding(s) are not finite numbers (NaN or infinity): left out; the "
+                            "cache is damaged, embed into a new file", cache, int((~finite).sum()))
+    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    E = np.concatenate(parts) if len(rows) else np.zeros((0, 1), np.float32)
+    by_order = np.array(sorted(range(len(rows)), key=lambda i: walk_sort_key(keys[rows[i]])), dtype=np.int64)
+    rows, E = rows[by_order], E[by_order]  # the folder's order: a group lists its pictures, a picture its files so
+    # every file compared, not one per picture: a picture's small copy (the first file of it, or the only one
+    # left) is less alike the others than its original (a third-size copy of a photo: cosine 0.75)
+    component, nearest = _alike_components(E, min_similarity, progress, picture[rows])
+    files: dict[int, list[int]] = {}  # picture -> its rows, the first in the folder's order first
+    best: dict[int, float] = {}  # picture -> its highest cosine to another picture's file
+    for row, cosine in zip(rows.tolist(), nearest.tolist()):
         files.setdefault(int(picture[row]), []).append(row)
+        best[int(picture[row])] = max(best.get(int(picture[row]), -np.inf), cosine)
     results = []
     for members in np.split(np.argsort(component, kind="stable"),
-                            np.flatnonzero(np.diff(np.sort(component))) + 1) if m else []:
-        if len(members) < 2 and len(files[int(picture[lead[members[0]]])]) < 2:
+                            np.flatnonzero(np.diff(np.sort(component))) + 1) if len(rows) else []:
+        pictures = list(dict.fromkeys(int(picture[rows[i]]) for i in members))  # in the folder's order
+        if len(members) < 2:
             continue  # a picture alike no other, stored once
-        found = LookAlikes([(keys[lead[i]], float(nearest[i])) for i in members], folder=folder)
-        for i in members:
-            first, *others = files[int(picture[lead[i]])]
+        found = LookAlikes([(keys[files[p][0]], best[p]) for p in pictures], folder=folder)
+        for p in pictures:
+            first, *others = files[p]
             for row in others:
                 same_bytes = bool(digests[first]) and digests[row] == digests[first]
                 (found.copies if same_bytes else found.near_copies).setdefault(keys[first], []).append(keys[row])
@@ -457,10 +454,12 @@ def _cosine_text(similarity: float, decimals: int = 3) -> str:
     return f"{similarity:.{decimals}f}" if np.isfinite(similarity) else ""
 
 
-def _alike_components(E: np.ndarray, min_similarity: float, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """For unit rows ``E`` (m, d): a group number per row, shared by rows at cosine ``min_similarity`` or more
-    and by their chains (scipy's connected components), and each row's highest cosine to another of its
-    group (-inf: none). Similarities a block of rows at a time against the rows after it."""
+def _alike_components(E: np.ndarray, min_similarity: float, progress: bool,
+                      same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For unit rows ``E`` (m, d): a group number per row, shared by rows at cosine ``min_similarity`` or more,
+    by rows of one picture (``same``: int per row) whatever their cosine, and by their chains (scipy's
+    connected components); and each row's highest cosine to a row of another picture (-inf: none at
+    ``min_similarity``). Similarities a block of rows at a time against the rows after it."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -472,15 +471,18 @@ def _alike_components(E: np.ndarray, min_similarity: float, progress: bool) -> t
         graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m))
         return connected_components(graph, directed=False)[1]
 
-    pairs = [np.zeros((0, 2), np.int64)]
-    held = 0  # pairs held: past _PAIRS_HELD (a low cosine on a large cache) each group is kept as a tree instead
+    _, first = np.unique(same, return_index=True)  # a picture's rows joined through its first
+    _, picture = np.unique(same, return_inverse=True)
+    pairs = [np.stack([np.arange(m), first[picture.ravel()]], axis=1)]
+    held = m  # pairs held: past _PAIRS_HELD (a low cosine on a large cache) each group is kept as a tree instead
     nearest = np.full(m, -np.inf, dtype=np.float32)
     block = max(1, min(1024, 2 ** 25 // max(m, 1)))  # (block, m) similarities: 128 MiB at most
     bar = _progress_bar(m * (m - 1) // 2, progress, desc="look-alikes", unit="pair")
     for a in range(0, m, block):
         sims = E[a:a + block] @ E[a:].T  # each block against itself and the rows after it
         i, j = np.nonzero(sims >= min_similarity)
-        i, j = i[j > i], j[j > i]  # each pair once, no row with itself
+        keep = (j > i) & (same[a + i] != same[a + j])  # each pair once, not two files of one picture
+        i, j = i[keep], j[keep]
         np.maximum.at(nearest, a + i, sims[i, j])
         np.maximum.at(nearest, a + j, sims[i, j])
         pairs.append(np.stack([a + i, a + j], axis=1))

@@ -365,7 +365,9 @@ def test_a_photos_small_copy_is_its_first_match_whatever_its_cosine(photos_dir, 
 def test_groups_print_each_look_alike_picture_and_its_files_once(photos_dir, lite0_onnx, tmp_path, capsys):
     """`similar FOLDER --cache` of the folder itself lists each look-alike pair under both of its files; --groups
     names every picture alike another, and every picture stored twice, once: the edited photos with their
-    original, a resized copy and a copy of the bytes beside the picture they show."""
+    original, a resized copy and a copy of the bytes beside the picture they show. Every file is compared:
+    the coffee photo's first file in the folder is its third-size copy, at cosine 0.75 to the edits, and
+    its original joins it to them."""
     from PIL import Image, ImageEnhance
 
     from featx.cli import main
@@ -376,8 +378,8 @@ def test_groups_print_each_look_alike_picture_and_its_files_once(photos_dir, lit
     w, h = coffee.size
     coffee.crop((w // 10, h // 20, w, h)).save(folder / "coffee_crop.png")  # alike, not the same picture by hash
     coffee.transpose(Image.FLIP_LEFT_RIGHT).save(folder / "coffee_mirror.png")
-    (folder / "small").mkdir()
-    coffee.resize((w // 3, h // 3)).save(folder / "small" / "coffee.jpg", quality=90)  # the same picture
+    (folder / "a_small").mkdir()
+    coffee.resize((w // 3, h // 3)).save(folder / "a_small" / "coffee.jpg", quality=90)  # the same picture
     shutil.copy(folder / "chelsea.png", folder / "chelsea_copy.png")
     ImageEnhance.Brightness(chelsea).enhance(1.4).save(folder / "chelsea_bright.png")
     cache = tmp_path / "photos.h5"
@@ -385,20 +387,20 @@ def test_groups_print_each_look_alike_picture_and_its_files_once(photos_dir, lit
 
     groups = featx.look_alike_groups(cache)
     path = {name: str(folder / name) for name in ("coffee.png", "coffee_crop.png", "coffee_mirror.png",
-                                                  "small/coffee.jpg", "chelsea.png", "chelsea_copy.png",
+                                                  "a_small/coffee.jpg", "chelsea.png", "chelsea_copy.png",
                                                   "chelsea_bright.png")}
     assert [[group.path_of(key) for key, _ in group.pictures] for group in groups] == [
-        [path["chelsea.png"]], [path["coffee.png"], path["coffee_crop.png"], path["coffee_mirror.png"]]]
-    chelsea_group, coffee_group = groups
+        [path["a_small/coffee.jpg"], path["coffee_crop.png"], path["coffee_mirror.png"]], [path["chelsea.png"]]]
+    coffee_group, chelsea_group = groups
     assert chelsea_group.copies == {"chelsea.png": ["chelsea_copy.png"]}
     assert chelsea_group.near_copies == {"chelsea.png": ["chelsea_bright.png"]}
-    assert coffee_group.near_copies == {"coffee.png": ["small/coffee.jpg"]} and not coffee_group.copies
+    assert coffee_group.near_copies == {"a_small/coffee.jpg": ["coffee.png"]} and not coffee_group.copies
     assert all(0.85 <= similarity <= 1 for _, similarity in coffee_group.pictures)
     # the other four photos are alike none (distinct photos: cosine 0.30 at most) and stored once; alike
     # none, a picture stored twice is still a group, of one
     strict = featx.look_alike_groups(cache, min_similarity=0.999)
-    assert [[key for key, _ in group.pictures] for group in strict] == [["chelsea.png"], ["coffee.png"]]
-    assert strict[0] == chelsea_group and strict[1].near_copies == coffee_group.near_copies
+    assert [[key for key, _ in group.pictures] for group in strict] == [["a_small/coffee.jpg"], ["chelsea.png"]]
+    assert strict[1] == chelsea_group and strict[0].near_copies == coffee_group.near_copies
 
     table = tmp_path / "groups.csv"
     assert main(["-q", "similar", "--groups", "--cache", str(cache)]) == 0
@@ -409,9 +411,9 @@ def test_groups_print_each_look_alike_picture_and_its_files_once(photos_dir, lit
     with open(table, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["group"], r["picture"], r["same_file"], r["same_picture"]) for r in rows] == [
-        ("1", path["chelsea.png"], path["chelsea_copy.png"], path["chelsea_bright.png"]),
-        ("2", path["coffee.png"], "", path["small/coffee.jpg"]),
-        ("2", path["coffee_crop.png"], "", ""), ("2", path["coffee_mirror.png"], "", "")]
+        ("1", path["a_small/coffee.jpg"], "", path["coffee.png"]),
+        ("1", path["coffee_crop.png"], "", ""), ("1", path["coffee_mirror.png"], "", ""),
+        ("2", path["chelsea.png"], path["chelsea_copy.png"], path["chelsea_bright.png"])]
     assert main(["-q", "similar", str(folder), "--groups", "--cache", str(cache)]) == 2
     assert "give no query images" in capsys.readouterr().err
     # searched against its own cache, the folder lists each look-alike pair under both files: said, with --groups
