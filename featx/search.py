@@ -22,8 +22,36 @@ from .store import unit_rows
 _logger = logging.getLogger(__name__)
 
 
+class _PictureFiles:
+    """What a search's and a grouping's results say alike of a picture's files: ``self.copies`` and
+    ``self.near_copies`` (key -> other keys of its bytes; of it resized or re-encoded) under ``self.folder``."""
+
+    copies: dict[str, list[str]]
+    near_copies: dict[str, list[str]]
+    folder: str | None
+
+    def path_of(self, key: str) -> str:
+        """A file: the cache's folder joined to its key, to open it."""
+        return os.path.join(self.folder, key) if self.folder else key
+
+    def _others_text(self, key: str) -> str:
+        """``key``'s other files, printable, as a text line ends with them."""
+        from .data import printable
+
+        def path(other: str) -> str:
+            return printable(self.path_of(other))
+
+        return ((f"  (same file: {', '.join(map(path, self.copies[key]))})" if key in self.copies else "")
+                + (f"  (same picture: {', '.join(map(path, self.near_copies[key]))})" if key in self.near_copies
+                   else ""))
+
+    def _others_columns(self, key: str) -> list[str]:
+        """``key``'s other files as a CSV's same_file and same_picture cells (';'-joined paths)."""
+        return [";".join(map(self.path_of, files.get(key, []))) for files in (self.copies, self.near_copies)]
+
+
 @dataclass
-class SimilarImages:
+class SimilarImages(_PictureFiles):
     """The cached images closest to one query: ``matches`` as (key, cosine similarity), best first, one
     per picture: other cached paths of a match's bytes (the same photo in two folders) are its ``copies``,
     those of the same picture resized or re-encoded its ``near_copies``, however they rank. The query's
@@ -40,10 +68,6 @@ class SimilarImages:
     # within NEAR_COPY_BITS), with its other files among its copies and near copies; None when none is cached
     query_picture: str | None = None
 
-    def path_of(self, key: str) -> str:
-        """A match's file: the cache's folder joined to its key, to open it."""
-        return os.path.join(self.folder, key) if self.folder else key
-
     def text(self) -> str:
         """The query, then a line per match: its similarity and its file's path (the cache's folder
         joined to its key, to open it), marked when it is the query's own picture, with the copies'
@@ -52,15 +76,9 @@ class SimilarImages:
 
         if self.error:
             return f"{printable(self.query)}  FAILED: {self.error}"
-
-        def path(key: str) -> str:
-            return printable(self.path_of(key))
-
         return "\n".join([printable(self.query)] + [
-            f"  {similarity:.3f}  {path(key)}"
-            + ("  (same picture as the query)" if key == self.query_picture else "")
-            + (f"  (same file: {', '.join(map(path, self.copies[key]))})" if key in self.copies else "")
-            + (f"  (same picture: {', '.join(map(path, self.near_copies[key]))})" if key in self.near_copies else "")
+            f"  {similarity:.3f}  {printable(self.path_of(key))}"
+            + ("  (same picture as the query)" if key == self.query_picture else "") + self._others_text(key)
             for key, similarity in self.matches])
 
 
@@ -269,9 +287,8 @@ def write_similar(results: Sequence[SimilarImages], path: str | os.PathLike) -> 
                 writer.writerow([result.query, "", "", "", "", "", "", result.error])
                 n += 1
             for rank, (key, similarity) in enumerate(result.matches, start=1):
-                others = [";".join(map(result.path_of, found.get(key, []))) for found in (result.copies,
-                                                                                          result.near_copies)]
-                writer.writerow([result.query, rank, result.path_of(key), f"{similarity:.6f}", *others,
+                writer.writerow([result.query, rank, result.path_of(key), f"{similarity:.6f}",
+                                 *result._others_columns(key),
                                  "yes" if key == result.query_picture else "", ""])
                 n += 1
     return n
@@ -312,7 +329,7 @@ LOOK_ALIKE_COSINE = 0.85
 
 
 @dataclass
-class LookAlikes:
+class LookAlikes(_PictureFiles):
     """Pictures of a cache that look alike, or one picture stored in several files (:func:`look_alike_groups`):
     ``pictures`` as (key, its highest cosine to another picture of the group; -inf for a group of one), in
     the folder's order; each picture's other files with its bytes are its ``copies``, those of it resized
@@ -322,9 +339,6 @@ class LookAlikes:
     copies: dict[str, list[str]] = field(default_factory=dict)
     near_copies: dict[str, list[str]] = field(default_factory=dict)
     folder: str | None = None
-
-    def path_of(self, key: str) -> str:
-        return os.path.join(self.folder, key) if self.folder else key
 
     def files(self) -> list[tuple[str, str]]:
         """(key, how it stands in the group) for every file: a picture's (its cosine, as text; blank in a
@@ -338,14 +352,9 @@ class LookAlikes:
         with its copies' paths beside it."""
         from .data import printable
 
-        def path(key: str) -> str:
-            return printable(self.path_of(key))
-
         n = len(self.pictures)
         return "\n".join([(f"{n} pictures alike" if n > 1 else "1 picture") + f" ({len(self.files())} files)"] + [
-            f"  {_cosine_text(similarity):5s}  {path(key)}"
-            + (f"  (same file: {', '.join(map(path, self.copies[key]))})" if key in self.copies else "")
-            + (f"  (same picture: {', '.join(map(path, self.near_copies[key]))})" if key in self.near_copies else "")
+            f"  {_cosine_text(similarity):5s}  {printable(self.path_of(key))}" + self._others_text(key)
             for key, similarity in self.pictures])
 
 
@@ -414,9 +423,9 @@ def look_alike_groups(
     results = []
     for members in np.split(np.argsort(component, kind="stable"),
                             np.flatnonzero(np.diff(np.sort(component))) + 1) if len(rows) else []:
-        pictures = list(dict.fromkeys(int(picture[rows[i]]) for i in members))  # in the folder's order
         if len(members) < 2:
             continue  # a picture alike no other, stored once
+        pictures = list(dict.fromkeys(int(picture[rows[i]]) for i in members))  # in the folder's order
         found = LookAlikes([(keys[files[p][0]], best[p]) for p in pictures], folder=folder)
         for p in pictures:
             first, *others = files[p]
@@ -430,9 +439,6 @@ def look_alike_groups(
     if sheet is not None:
         plot_look_alikes(results, Path(sheet), min_similarity)
     return results
-
-
-_PAIRS_HELD = 10_000_000  # 160 MB of pairs
 
 
 def look_alikes_summary(groups: Sequence[LookAlikes], min_similarity: float) -> str:
@@ -454,6 +460,9 @@ def _cosine_text(similarity: float, decimals: int = 3) -> str:
     return f"{similarity:.{decimals}f}" if np.isfinite(similarity) else ""
 
 
+_PAIRS_HELD = 10_000_000  # 160 MB of pairs
+
+
 def _alike_components(E: np.ndarray, min_similarity: float, progress: bool,
                       same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For unit rows ``E`` (m, d): a group number per row, shared by rows at cosine ``min_similarity`` or more,
@@ -471,8 +480,7 @@ def _alike_components(E: np.ndarray, min_similarity: float, progress: bool,
         graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m))
         return connected_components(graph, directed=False)[1]
 
-    _, first = np.unique(same, return_index=True)  # a picture's rows joined through its first
-    _, picture = np.unique(same, return_inverse=True)
+    _, first, picture = np.unique(same, return_index=True, return_inverse=True)  # joined through its first row
     pairs = [np.stack([np.arange(m), first[picture.ravel()]], axis=1)]
     held = m  # pairs held: past _PAIRS_HELD (a low cosine on a large cache) each group is kept as a tree instead
     nearest = np.full(m, -np.inf, dtype=np.float32)
@@ -533,9 +541,7 @@ def write_look_alikes(groups: Sequence[LookAlikes], path: str | os.PathLike) -> 
         writer.writerow(["group", "picture", "similarity", "same_file", "same_picture"])
         for number, found in enumerate(groups, start=1):
             for key, similarity in found.pictures:
-                writer.writerow([number, found.path_of(key), _cosine_text(similarity, 6),
-                                 *(";".join(map(found.path_of, files.get(key, [])))
-                                   for files in (found.copies, found.near_copies))])
+                writer.writerow([number, found.path_of(key), _cosine_text(similarity, 6), *found._others_columns(key)])
                 n += 1
     return n
 

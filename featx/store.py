@@ -854,8 +854,9 @@ def summarize_cache(path: str | os.PathLike, *, list_copies: bool = False) -> li
     """Every model group of a cache: rows, classes with their counts, failures, copies and near copies
     among the labelled files, and pictures stored more than once among the others. Reads labels, digests,
     perceptual hashes and failures (keys only where one file sits under two classes), not the embeddings;
-    finding near copies takes 0.6 s for 100,000 rows, 14 s for a million (random hashes, this project's
-    2-core Xeon: hashes that share a band are compared, and buckets fill as rows grow). ``list_copies``: also
+    finding near copies grows with the square of the rows (hashes that share a band are compared, and the
+    bands' buckets fill): pairs among 100,000 random hashes 0.1 s, a million 7.8 s (``python
+    benchmarks/near_copies.py``, its recorded run). ``list_copies``: also
     every picture stored more than once, among all rows, with its files (``copy_groups``; reads the keys)."""
     out = []
     with _read_h5(Path(path)) as f:
