@@ -88,17 +88,27 @@ class Backbone:
 
     def weights_sha256(self) -> str:
         """Hash of every parameter and buffer (names, shapes, bytes): the identity of these weights."""
-        h = hashlib.sha256()
-        for module in (self.features, self.classifier):
-            if module is None:
-                continue
-            for key, tensor in module.state_dict().items():
-                t = tensor.detach().cpu().contiguous()
-                h.update(key.encode())
-                h.update(str(tuple(t.shape)).encode())
-                h.update(str(t.dtype).encode())
-                h.update(t.reshape(-1).view(_uint8()).numpy().tobytes())
-        return h.hexdigest()
+        return tensors_sha256(item for module in (self.features, self.classifier) if module is not None
+                              for item in module.state_dict().items())
+
+
+def tensors_sha256(named) -> str:
+    """SHA-256 of (name, shape, dtype, bytes) of each (name, torch tensor or numpy array) in the order given:
+    the identity of a set of weights, and what featx's .safetensors files (heads, fine-tuning checkpoints)
+    record of their tensors, to refuse a file damaged inside them."""
+    h = hashlib.sha256()
+    for key, tensor in named:
+        if isinstance(tensor, np.ndarray):
+            data = np.ascontiguousarray(tensor)
+            raw = data.reshape(-1).view(np.uint8)
+        else:
+            data = tensor.detach().cpu().contiguous()
+            raw = data.reshape(-1).view(_uint8()).numpy()
+        h.update(key.encode())
+        h.update(str(tuple(data.shape)).encode())
+        h.update(str(data.dtype).encode())
+        h.update(raw.tobytes())
+    return h.hexdigest()
 
 
 def _uint8():

@@ -121,6 +121,8 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from .export import save_model_file
+
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs a paragraph per tensor it skips through the root logger
@@ -133,7 +135,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     proto, original = onnx.load(str(dst)), onnx.load(str(src), load_external_data=False)
     del proto.metadata_props[:]
     proto.metadata_props.extend(original.metadata_props)
-    onnx.save(proto, str(dst))
+    save_model_file(proto, dst)  # its weights are the quantized ones
     return Path(dst)
 
 

@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "are left out. "
                        "Killed at any point, the same command resumes.")
     p.add_argument("root", help="image folder; first-level subfolders are the classes")
-    p.add_argument("--out", "-o", required=True, help="HDF5 cache file")
+    p.add_argument("--out", "-o", "--cache", dest="out", required=True,
+                   help="HDF5 cache file (--cache, as similar, predict and evaluate call it)")
     _add_model(p)
     p.add_argument("--batch-size", type=_batch_size, default=None,
                    help="images per engine call (default 8 on the CPU, where larger batches run slower, 32 on a "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import DEFAULT_BACKBONE
+from .backbones import DEFAULT_BACKBONE, tensors_sha256
 from .errors import FeatxError, check_output_file
 
 _logger = logging.getLogger(__name__)
@@ -554,6 +554,7 @@ def _save_checkpoint(path: Path, state: dict, meta: dict) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
+    meta = {**meta, "tensors_sha256": tensors_sha256(sorted(state.items()))}
     save_file(state, str(tmp), metadata={"featx": json.dumps(meta)})
     os.replace(tmp, path)
 
@@ -582,6 +583,9 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict]:
         state = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise FeatxError(f"{path}: not a featx fine-tuning checkpoint")
+    if "tensors_sha256" in meta and meta["tensors_sha256"] != tensors_sha256(sorted(state.items())):
+        raise FeatxError(f"{path}: its tensors are not those featx wrote (their SHA-256 differs: damaged on disk or "
+                         "in a copy); fine-tune again")
     return state, meta
 
 

@@ -25,7 +25,7 @@ from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .backbones import DEFAULT_BACKBONE
+from .backbones import DEFAULT_BACKBONE, tensors_sha256
 from .errors import FeatxError, HeadMismatchError, first_line
 from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, misclassified, multilabel_report,
                       mistakes_png_beside, plot_confusion, plot_label_f1, plot_mistakes, single_label_report)
@@ -582,10 +582,12 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
     }
     if header["multilabel"]:
         header["thresholds_from"] = THRESHOLDS_FROM
+    arrays = {k: np.ascontiguousarray(v, dtype=np.uint64 if v.dtype == np.uint64 else np.float64)
+              for k, v in tensors.items()}
+    header["tensors_sha256"] = tensors_sha256(sorted(arrays.items()))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v, dtype=np.uint64 if v.dtype == np.uint64 else np.float64)
-               for k, v in tensors.items()}, str(path), metadata={"featx": json.dumps(header)})
+    save_file(arrays, str(path), metadata={"featx": json.dumps(header)})
     return path
 
 
@@ -694,6 +696,10 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
             raise FeatxError(f"{path} is a fine-tuning checkpoint, not a head: {command} makes a model of it, "
                              "given as --model")
         raise FeatxError(f"{path}: not a featx head (format {header.get('format')!r}, expected {HEAD_FORMAT!r})")
+    recorded = header.get("tensors_sha256")  # None in a head from featx before 2026-12-07
+    if recorded is not None and recorded != tensors_sha256(sorted(arrays.items())):
+        raise FeatxError(f"{path}: its arrays are not those featx wrote (their SHA-256 differs: damaged on disk or in "
+                         "a copy); train the head again")
     problem = _head_file_problem(header, arrays)
     if problem:
         raise FeatxError(f"{path}: not a usable head file ({problem}); train the head again")

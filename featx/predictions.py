@@ -566,7 +566,8 @@ def export_classifier(
     import onnx
     from onnx import TensorProto, compose, helper, numpy_helper
 
-    from .export import METADATA_KEY, TRAINED_PHASHES_KEY, TYPICAL_COSINE_KEY, class_mean_cosine_graph, encode_phashes
+    from .export import (METADATA_KEY, TRAINED_PHASHES_KEY, TYPICAL_COSINE_KEY, class_mean_cosine_graph, encode_phashes,
+                         save_model_file)
 
     check_output_file(output, example="classifier.onnx")
     loaded = load_head(head)
@@ -636,7 +637,7 @@ def export_classifier(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
-    onnx.save(merged, str(tmp))
+    save_model_file(merged, tmp)
     os.replace(tmp, output)
     return output
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import FeatxError, ModelFileError, WeightsError, first_line
 from .export import (CLASS_MEANS_NAME, INPUT_NAME, METADATA_KEY, TRAINED_PHASHES_KEY, TYPICAL_COSINE_KEY, ModelInfo,
-                     decode_phashes, is_model_file)
+                     decode_phashes, is_model_file, weights_damage)
 
 _logger = logging.getLogger(__name__)
 
@@ -162,12 +162,38 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
         raise _not_onnx(path, e) from None
     meta = {p.key: p.value for p in proto.metadata_props}
     info = _info_from_metadata(path, meta)
+    _check_weights(path, proto)
     if info.typical_cosine is not None:  # a merged classifier's or fine-tuned export's class means, from its graph
         from onnx import numpy_helper
 
         means = next((numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == CLASS_MEANS_NAME), None)
         info = dataclasses.replace(info, class_means=None if means is None else means.T.copy())
     return dataclasses.replace(info, pads_per_call=any(node.op_type == "Ceil" for node in proto.graph.node))
+
+
+# files whose weights matched their digest in this process, by path, size and modification time: a run
+# reads a file's metadata several times, and hashing ResNet-50's weights costs 0.1 s each time
+_WEIGHTS_CHECKED: set[tuple[str, int, int]] = set()
+
+
+def _check_weights(path: Path, proto=None) -> None:
+    """Refuse a file whose weights are not those featx wrote (:func:`featx.export.weights_damage`);
+    ``proto``: the file parsed already, else parsed here."""
+    st = path.stat()
+    seen = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if seen in _WEIGHTS_CHECKED:
+        return
+    if proto is None:
+        import onnx
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception:
+            return  # no model at all: onnxruntime's refusal says why
+    damage = weights_damage(proto)
+    if damage is not None:
+        raise ModelFileError(f"{path}: {damage}; export it again")
+    _WEIGHTS_CHECKED.add(seen)
 
 
 def model_file_for(model: str, fingerprint: str, recorded: str | None = None) -> Path | None:
@@ -258,6 +284,7 @@ class OnnxEngine:
         import onnxruntime as ort
 
         self.path = _existing(path)
+        _check_weights(self.path)  # onnxruntime would run damaged weights, to other embeddings
         self.device = resolve_device(device)
         if tensorrt:
             problem = tensorrt_problem()

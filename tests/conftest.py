@@ -90,6 +90,7 @@ def overflowing_lite0(tmp_path_factory, lite0_onnx) -> tuple[Path, set[str]]:
     import onnx
 
     from featx import embed_images
+    from featx.export import save_model_file
     from featx.samples import write_digits_folder
 
     folder = write_digits_folder(tmp_path_factory.mktemp("digits60") / "digits", size=32, limit=60)
@@ -105,7 +106,7 @@ def overflowing_lite0(tmp_path_factory, lite0_onnx) -> tuple[Path, set[str]]:
         np.array(np.finfo(np.float32).max / cut, dtype=np.float32), "overflow_scale"))
     graph.graph.node.append(onnx.helper.make_node("Mul", ["embedding_unscaled", "overflow_scale"], ["embedding"]))
     path = tmp_path_factory.mktemp("overflowing") / lite0_onnx.name
-    onnx.save(graph, path)
+    save_model_file(graph, path)  # a featx file whose weights are as written
     return path, {k for k, m in zip(keys, largest) if m > cut}
 
 

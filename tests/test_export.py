@@ -210,6 +210,53 @@ def test_a_damaged_file_in_the_models_folder_is_exported_again(lite0_onnx, photo
     assert "resnet18" not in caplog.text
 
 
+def test_a_file_damaged_inside_its_weights_is_refused(lite0_onnx, photos_dir, tmp_path, monkeypatch, caplog, capsys):
+    """A block of zeros inside the weights (a disk or copy that damaged the file without cutting it short)
+    still parses, and onnxruntime runs it to other embeddings under the file's fingerprint: featx refuses it,
+    saying why, and exports a models-folder file again. A file without the digest (featx before it) loads."""
+    import onnxruntime as ort
+
+    from featx.cli import main
+    from featx.data import load_image
+    from featx.export import TENSORS_DIGEST_KEY
+
+    proto = onnx.load(str(lite0_onnx))
+    stem = next(n for n in proto.graph.node if n.op_type == "Conv").input[1]  # the first convolution's weights
+    weights = next(t for t in proto.graph.initializer if t.name == stem).raw_data
+    data = bytearray(lite0_onnx.read_bytes())
+    start = data.find(weights) + len(weights) // 4
+    data[start:start + len(weights) // 2] = bytes(len(weights) // 2)
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(bytes(data))
+    image = load_image(photos_dir / "coffee.png", featx.read_model_info(lite0_onnx).preprocess)[None]
+    embedding = {path: ort.InferenceSession(str(path)).run(["embedding"], {"images": image})[0]
+                 for path in (lite0_onnx, damaged)}
+    assert np.abs(embedding[damaged] - embedding[lite0_onnx]).max() > 1e-3  # it runs, to other embeddings
+    with pytest.raises(ModelFileError, match=f"^{re.escape(str(damaged))}: its weights are not those featx wrote "
+                                             r"\(the SHA-256 of its \d+ tensors differs\): damaged on disk"):
+        featx.classify([photos_dir / "coffee.png"], model=damaged)
+    capsys.readouterr()
+    assert main(["info", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"featx: error: {damaged}: its weights are not those") and err.count("\n") == 1, err
+
+    older = tmp_path / "older.onnx"  # written before featx kept the digest
+    kept = [p for p in proto.metadata_props if p.key != TENSORS_DIGEST_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(older))
+    assert featx.read_model_info(older).fingerprint == featx.read_model_info(lite0_onnx).fingerprint
+
+    monkeypatch.setenv("FEATX_MODELS", str(tmp_path / "models"))
+    (tmp_path / "models").mkdir()
+    in_folder = tmp_path / "models" / "efficientnet_lite0.onnx"
+    shutil.copy(damaged, in_folder)
+    rows = featx.classify([photos_dir / "coffee.png"], model="efficientnet_lite0", top=1)
+    assert rows[0].top[0][0] == "espresso"
+    assert f"{in_folder} is damaged (its weights are not those featx wrote" in caplog.text
+    assert featx.read_model_info(in_folder).fingerprint == featx.read_model_info(lite0_onnx).fingerprint
+
+
 def test_cli_classify_exits_1_for_a_named_file_it_cannot_read(lite0_onnx, photos_dir, tmp_path, capsys, caplog):
     """`featx classify` prints every row; a file named on the command line that is missing or not an image
     makes the exit status 1 (as `cat` would), as does one a quoted pattern matches; a bad file met inside a

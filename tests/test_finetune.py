@@ -212,6 +212,17 @@ def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, caps
     command = next(line for line in out if line.startswith("export it: featx ")).removeprefix("export it: featx ")
     assert main(["-q", *command.split()]) == 0 and (tmp_path / "ft.onnx").is_file()
     assert featx.read_model_info(tmp_path / "ft.onnx").class_names == [str(d) for d in range(10)]
+    # a copy damaged inside its tensors (it still reads) is refused, not exported to other embeddings
+    state = _read_checkpoint(ckpt)[0]
+    weights = state["classifier.weight"].numpy().tobytes()
+    data = bytearray(ckpt.read_bytes())
+    data[data.find(weights) + 8:data.find(weights) + 72] = bytes(64)
+    (tmp_path / "damaged.safetensors").write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["-q", *command.replace(str(ckpt), str(tmp_path / "damaged.safetensors")).split()]) == 2
+    assert capsys.readouterr().err == (f"featx: error: {tmp_path / 'damaged.safetensors'}: its tensors are not those "
+                                       "featx wrote (their SHA-256 differs: damaged on disk or in a copy); fine-tune "
+                                       "again\n")
 
 
 def test_finetune_takes_an_exported_file_as_the_model_it_was_made_from(small_digits, lite0_onnx, tmp_path,

@@ -233,6 +233,7 @@ def test_a_head_file_whose_parts_do_not_fit_together_is_refused_saying_why(digit
 
     def refusal(change) -> str:
         header, arrays = json.loads(json.dumps(good_header)), dict(good_arrays)
+        del header["tensors_sha256"]  # written by something else than featx
         metadata = change(header, arrays)
         if not isinstance(metadata, dict):  # the change was to the header or the arrays
             metadata = {"featx": json.dumps(header)}
@@ -255,6 +256,15 @@ def test_a_head_file_whose_parts_do_not_fit_together_is_refused_saying_why(digit
     assert "parameters ['kernel'] that MLPHead does not take" in refusal(lambda h, a: h["params"].update(kernel="rbf"))
     assert "its featx header is not JSON" in refusal(lambda h, a: {"featx": '{"format": 1, '})
     assert load_head(tmp_path / "good.safetensors").head.predict(data.embeddings[:5]).shape == (5,)
+    # bytes of a weight changed on disk (not a shape): the file still reads, and would predict otherwise
+    data_bytes = bytearray((tmp_path / "good.safetensors").read_bytes())
+    weights = good_arrays["layer0.weight"].tobytes()
+    start = data_bytes.find(weights) + len(weights) // 2
+    data_bytes[start:start + 64] = bytes(64)
+    (tmp_path / "damaged.safetensors").write_bytes(bytes(data_bytes))
+    with pytest.raises(featx.FeatxError, match=r"damaged.safetensors: its arrays are not those featx wrote \(their "
+                                               r"SHA-256 differs: damaged on disk or in a copy\); train the head again$"):
+        load_head(tmp_path / "damaged.safetensors")
     # predict says it in one line and makes no CSV
     assert main(["-q", "predict", str(photos_dir), "--head", str(tmp_path / "bad.safetensors"),
                  "-o", str(tmp_path / "p.csv")]) == 2
@@ -781,7 +791,7 @@ def test_a_multilabel_head_saved_with_the_old_thresholds_is_named(digits_cache, 
     assert "train it again" not in caplog.text
     with safe_open(str(tmp_path / "new.safetensors"), framework="numpy") as f:
         header, arrays = json.loads(f.metadata()["featx"]), {k: f.get_tensor(k) for k in f.keys()}
-    del header["thresholds_from"]  # as the old heads were written
+    del header["thresholds_from"], header["tensors_sha256"]  # as the old heads were written
     arrays["thresholds"] = np.full_like(arrays["thresholds"], 0.05)
     save_file(arrays, str(tmp_path / "old.safetensors"), metadata={"featx": json.dumps(header)})
     with caplog.at_level(logging.WARNING, logger="featx.heads"):
