@@ -534,7 +534,8 @@ def test_info_says_what_a_cache_holds_and_why_files_failed(small_digits, tmp_pat
     (small_digits / "0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     (small_digits / "loose.png").write_bytes((small_digits / "3" / sorted(os.listdir(small_digits / "3"))[0]).read_bytes())
     out = tmp_path / "c.h5"
-    assert main(["-q", "embed", str(small_digits), "-o", str(out), "--model", str(lite0_onnx), "--engine", "onnx",
+    # --cache, as similar, predict and evaluate name the cache file (or -o/--out)
+    assert main(["-q", "embed", str(small_digits), "--cache", str(out), "--model", str(lite0_onnx), "--engine", "onnx",
                  "--workers", "0"]) == 0
     said = capsys.readouterr().out
     assert f"the failed files and why: featx info {out} --failures" in said
