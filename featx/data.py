@@ -14,6 +14,7 @@ import re
 import stat
 import threading
 import unicodedata
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -420,18 +421,21 @@ def thumbnail(path: str | os.PathLike, size: int = 160) -> Image.Image | None:
     return picture
 
 
-# Pillow's own decompression-bomb refusal is lifted, under this lock, for an image over twice
-# Image.MAX_IMAGE_PIXELS (179 million): featx's max_pixels is the limit that applies, checked
-# before anything is decoded, and a user may raise it for panoramas.
-_PILLOW_LIMIT_LIFTED = threading.Lock()
+# Pillow's own decompression-bomb checks give way to featx's max_pixels, the limit that applies, checked
+# before anything is decoded (a user may raise it for panoramas): its warning from 89 million pixels on
+# (DecompressionBombWarning, which reached those calling featx from Python) is silenced, and its refusal
+# over twice that (179 million) lifted. Both change process-wide settings (the warnings filters, a
+# module constant), so they are changed under this lock; opening reads a header only.
+_PILLOW_LIMITS_CHANGED = threading.Lock()
 
 
 def _open_image(f: io.BytesIO) -> Image.Image:
-    try:
-        return Image.open(f)
-    except Image.DecompressionBombError:
-        f.seek(0)
-        with _PILLOW_LIMIT_LIFTED:
+    with _PILLOW_LIMITS_CHANGED, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(f)
+        except Image.DecompressionBombError:
+            f.seek(0)
             limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
                 return Image.open(f)

@@ -156,12 +156,16 @@ def test_resume_with_no_checkpoint_says_it_starts_from_the_first_epoch(small_dig
 def test_finetune_decodes_large_jpegs_at_reduced_scale_as_embed_does(small_digits, tmp_path):
     """A 108-megapixel JPEG was decoded whole at every epoch (a 12-megapixel one took 4x as long as at 1/4
     scale) and, being over --max-pixels whole, skipped as "cannot be decoded"; embed takes it, at 1/8."""
+    import warnings
+
     from PIL import Image
 
     Image.open(next((small_digits / "3").iterdir())).convert("RGB").resize((12000, 9000)).save(
         small_digits / "3" / "scan.jpg", quality=30)
-    result = featx.fine_tune(small_digits, tmp_path / "ft.safetensors", unfreeze=0, epochs=1, input_size=32,
-                             hflip=False, val_fraction=0.5, log=lambda line: None)
+    with warnings.catch_warnings():  # nor does Pillow's warning of a "decompression bomb DOS attack" reach the user
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        result = featx.fine_tune(small_digits, tmp_path / "ft.safetensors", unfreeze=0, epochs=1, input_size=32,
+                                 hflip=False, val_fraction=0.5, log=lambda line: None)
     assert result.skipped == {} and result.n_train + result.n_val == 61
 
 
