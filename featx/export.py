@@ -274,7 +274,7 @@ TENSORS_DIGEST_KEY = "featx_tensors_sha256"
 
 def tensors_digest(proto) -> str:
     """SHA-256 of every initializer of ``proto``'s graph in order: its name, type, shape and bytes (an
-    initializer in an external file: where it lies, not its bytes). About 1 GB/s (ResNet-50: 0.1 s)."""
+    initializer in an external file: where it lies, not its bytes). ResNet-50's 100 MB: 0.15 s."""
     import hashlib
 
     from onnx import TensorProto, numpy_helper

@@ -172,7 +172,7 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
 
 
 # files whose weights matched their digest in this process, by path, size and modification time: a run
-# reads a file's metadata several times, and hashing ResNet-50's weights costs 0.1 s each time
+# reads a file's metadata several times, and hashing ResNet-50's weights costs 0.15 s each time
 _WEIGHTS_CHECKED: set[tuple[str, int, int]] = set()
 
 
