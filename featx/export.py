@@ -68,6 +68,9 @@ class ModelInfo:
     # padding out at every call (Ceil nodes; featx before 2026-11-25, :func:`_static_same_padding`), the
     # same model as today's export but 0.5-0.6x as fast on a CPU
     pads_per_call: bool = field(default=False, compare=False)
+    # read_model_info found the digest of its weights (TENSORS_DIGEST_KEY) and checked them against it; an
+    # earlier featx's file has none
+    weights_checked: bool = field(default=False, compare=False)
 
     @property
     def has_logits(self) -> bool:

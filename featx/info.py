@@ -57,6 +57,9 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
         info = read_model_info(path)
         stale = ("\n  its 'SAME' padding is worked out at every call (an earlier featx's export): exported again "
                  "(featx export) it gives the same embeddings at 1.5-1.9x the speed on a CPU" if info.pads_per_call else "")
+        if not info.weights_checked:
+            stale += ("\n  it keeps no digest of its weights (an earlier featx's export, or another tool's): damage "
+                      "inside them cannot be told; exported again (featx export) it has one")
         return f"{path}: {info.summary()}{stale}"
     if kind == "safetensors" or path.suffix == ".safetensors":
         from .finetune import describe_checkpoint, is_finetune_checkpoint

@@ -22,8 +22,8 @@ from typing import Literal, Protocol
 import numpy as np
 
 from .errors import FeatxError, ModelFileError, WeightsError, first_line
-from .export import (CLASS_MEANS_NAME, INPUT_NAME, METADATA_KEY, TRAINED_PHASHES_KEY, TYPICAL_COSINE_KEY, ModelInfo,
-                     decode_phashes, is_model_file, weights_damage)
+from .export import (CLASS_MEANS_NAME, INPUT_NAME, METADATA_KEY, TENSORS_DIGEST_KEY, TRAINED_PHASHES_KEY,
+                     TYPICAL_COSINE_KEY, ModelInfo, decode_phashes, is_model_file, weights_damage)
 
 _logger = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
 
         means = next((numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == CLASS_MEANS_NAME), None)
         info = dataclasses.replace(info, class_means=None if means is None else means.T.copy())
-    return dataclasses.replace(info, pads_per_call=any(node.op_type == "Ceil" for node in proto.graph.node))
+    return dataclasses.replace(info, pads_per_call=any(node.op_type == "Ceil" for node in proto.graph.node),
+                               weights_checked=TENSORS_DIGEST_KEY in meta)
 
 
 # files whose weights matched their digest in this process, by path, size and modification time: a run

@@ -246,6 +246,8 @@ def test_a_file_damaged_inside_its_weights_is_refused(lite0_onnx, photos_dir, tm
     proto.metadata_props.extend(kept)
     onnx.save(proto, str(older))
     assert featx.read_model_info(older).fingerprint == featx.read_model_info(lite0_onnx).fingerprint
+    assert "it keeps no digest of its weights" in featx.describe_file(older)  # info says so
+    assert "digest" not in featx.describe_file(lite0_onnx)
 
     monkeypatch.setenv("FEATX_MODELS", str(tmp_path / "models"))
     (tmp_path / "models").mkdir()
