@@ -719,13 +719,15 @@ def test_thumbnails_appledouble_files_and_system_folders_are_left_out(small_digi
     assert said[0].endswith(": .Trash-1000/, 0/._" + photos[0].name + ", 0/._" + photos[1].name + " and 21 more")
 
 
-def test_strict_exit_code(small_digits, tmp_path, lite0_onnx):
+def test_strict_exit_code(small_digits, tmp_path, lite0_onnx, capsys):
+    from featx.cli import main
+
     (small_digits / "0" / "broken.png").write_bytes(b"not a png")
-    base = [sys.executable, "-m", "featx", "-q", "embed", str(small_digits), "--model", str(lite0_onnx), "--workers", "0"]
-    r = subprocess.run(base + ["-o", str(tmp_path / "a.h5")], capture_output=True, text=True)
-    assert r.returncode == 0 and "60 embedded" in r.stdout and "1 failed" in r.stdout
-    r = subprocess.run(base + ["-o", str(tmp_path / "b.h5"), "--strict"], capture_output=True, text=True)
-    assert r.returncode == 1
+    base = ["-q", "embed", str(small_digits), "--model", str(lite0_onnx), "--workers", "0"]
+    assert main(base + ["-o", str(tmp_path / "a.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "60 embedded" in out and "1 failed" in out
+    assert main(base + ["-o", str(tmp_path / "b.h5"), "--strict"]) == 1
 
 
 def test_a_bar_written_to_a_log_file_is_not_redrawn_every_tenth_of_a_second(tmp_path, lite0_onnx):
