@@ -152,7 +152,8 @@ def _not_onnx(path: Path, e: BaseException, *, device: str = "cpu") -> ModelFile
 
 
 def read_model_info(path: str | os.PathLike) -> ModelInfo:
-    """The featx metadata of an exported file, without building an inference session."""
+    """The featx metadata of an exported file, without building an inference session. A file whose weights
+    are not those featx wrote (the digest it recorded in the file) is refused, as an engine refuses it."""
     import onnx
 
     path = _existing(path)
