@@ -1,6 +1,7 @@
 """How fast the HDF5 cache takes rows, against what the GPU target needs (10,000 images/s end to end):
 batches of 256 ResNet-50 embeddings (2048-d float32) appended and committed as `featx embed` commits
-them (every column written, flushed, then the row count raised), and the re-run's `done()` read back.
+them (every column written, flushed, then the row count raised), the re-run's `done()` read back, and
+every embedding read back with `load_embeddings` (each block's checksum checked).
 
     python benchmarks/store_rates.py [--batches 200] [--out benchmarks/results]
 """
@@ -47,10 +48,16 @@ def main() -> None:
         done = store.done()
         read_done = time.perf_counter() - t0
     assert len(done) == n
+    from featx.store import load_embeddings
+
+    t0 = time.perf_counter()
+    loaded = load_embeddings(tmp / "store.h5").embeddings  # every block's checksum checked (caches since 2026-12-07)
+    read_rows = time.perf_counter() - t0
+    assert loaded.shape == (n, info.embed_dim)
     write_record({
         "machine": machine_description(), "embed_dim": info.embed_dim, "rows": n, "batch_size": args.batch_size,
         "append_rows_per_s": n / append, "append_ms_per_batch": 1000 * append / args.batches,
-        "done_rows_per_s": n / read_done,
+        "done_rows_per_s": n / read_done, "load_embeddings_rows_per_s": n / read_rows,
     }, args.out, f"store_rates-{info.embed_dim}d")
 
 
