@@ -440,13 +440,14 @@ def _exit_past_stuck_threads(code: int, grace: float = 3.0) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    from PIL.Image import DecompressionBombWarning
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from .data import quiet_decompression_bomb_warning
     from .errors import FeatxError
 
-    # --max-pixels is the limit featx applies; Pillow's own warning from 89 million pixels on is noise
-    warnings.filterwarnings("ignore", category=DecompressionBombWarning)
+    # --max-pixels is the limit featx applies; Pillow's own warning from 89 million pixels on is noise, also
+    # where something other than featx's decoder opens an image (bench's plain PyTorch loader)
+    quiet_decompression_bomb_warning()
     # Pillow's warnings on a damaged file ("Corrupt EXIF data" for a TIFF cut short) name no file, and
     # came with the path of Pillow's source line: featx records the file's failure and its reason instead,
     # or embeds what decoded

@@ -421,21 +421,29 @@ def thumbnail(path: str | os.PathLike, size: int = 160) -> Image.Image | None:
     return picture
 
 
-# Pillow's own decompression-bomb checks give way to featx's max_pixels, the limit that applies, checked
-# before anything is decoded (a user may raise it for panoramas): its warning from 89 million pixels on
-# (DecompressionBombWarning, which reached those calling featx from Python) is silenced, and its refusal
-# over twice that (179 million) lifted. Both change process-wide settings (the warnings filters, a
-# module constant), so they are changed under this lock; opening reads a header only.
-_PILLOW_LIMITS_CHANGED = threading.Lock()
+# Pillow's own decompression-bomb refusal is lifted, under this lock, for an image over twice
+# Image.MAX_IMAGE_PIXELS (179 million): featx's max_pixels is the limit that applies, checked
+# before anything is decoded, and a user may raise it for panoramas.
+_PILLOW_LIMIT_LIFTED = threading.Lock()
+
+
+def quiet_decompression_bomb_warning() -> None:
+    """Pillow's DecompressionBombWarning (from 89 million pixels) ignored in this process: featx's
+    max_pixels is the limit that applies, and the warning reached those calling featx from Python. One
+    filter left in place (added again only when a caller's ``catch_warnings`` took it away), not one set
+    and restored around each image: that resets Python's record of the warnings already shown, and
+    another library's once-only warning came back at every image."""
+    if not any(f[0] == "ignore" and f[2] is Image.DecompressionBombWarning for f in warnings.filters):
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _open_image(f: io.BytesIO) -> Image.Image:
-    with _PILLOW_LIMITS_CHANGED, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            return Image.open(f)
-        except Image.DecompressionBombError:
-            f.seek(0)
+    quiet_decompression_bomb_warning()
+    try:
+        return Image.open(f)
+    except Image.DecompressionBombError:
+        f.seek(0)
+        with _PILLOW_LIMIT_LIFTED:
             limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
                 return Image.open(f)
