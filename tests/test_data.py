@@ -98,6 +98,24 @@ def test_pixel_limit_refuses_decompression_bombs(tmp_path):
     assert decode_image(path).size == (4000, 3000)
 
 
+def test_decoding_images_shows_another_librarys_warning_once_as_python_does(tmp_path, coffee):
+    """featx ignores Pillow's 89-megapixel warning; setting and restoring a filter around each image reset
+    Python's record of warnings shown, and a library's once-only warning came back at every image."""
+    import warnings
+
+    from featx.data import load_image
+
+    coffee.save(tmp_path / "coffee.jpg")
+    cfg = PreprocessConfig((224, 224), 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")  # once per place, as Python shows a UserWarning
+        load_image(tmp_path / "coffee.jpg", cfg)
+        for _ in range(3):
+            warnings.warn("a library's warning", UserWarning)
+            load_image(tmp_path / "coffee.jpg", cfg)
+    assert [str(w.message) for w in shown] == ["a library's warning"]
+
+
 def test_max_pixels_is_the_limit_even_above_pillows_own(tmp_path, coffee):
     """Pillow refuses any image over 179 million pixels by itself; a user who raises --max-pixels for a
     panorama gets it embedded, and one under the default limit is refused in featx's words, unless it is
