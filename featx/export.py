@@ -276,22 +276,13 @@ TENSORS_DIGEST_KEY = "featx_tensors_sha256"
 
 
 def tensors_digest(proto) -> str:
-    """SHA-256 of every initializer of ``proto``'s graph in order: its name, type, shape and bytes (an
-    initializer in an external file: where it lies, not its bytes). ResNet-50's 100 MB: 0.15 s."""
-    import hashlib
+    """:func:`featx.backbones.tensors_sha256` of ``proto``'s initializers in the graph's order (featx writes
+    no external data: every initializer is in the file). ResNet-50's 100 MB: 0.14 s."""
+    from onnx import numpy_helper
 
-    from onnx import TensorProto, numpy_helper
+    from .backbones import tensors_sha256
 
-    digest = hashlib.sha256()
-    for tensor in proto.graph.initializer:
-        digest.update(f"{tensor.name}|{tensor.data_type}|{list(tensor.dims)}|".encode())
-        if tensor.data_location == TensorProto.EXTERNAL:
-            digest.update(repr([(e.key, e.value) for e in tensor.external_data]).encode())
-        elif tensor.raw_data:
-            digest.update(tensor.raw_data)
-        else:  # small constants may be kept as typed fields rather than raw bytes
-            digest.update(numpy_helper.to_array(tensor).tobytes())
-    return digest.hexdigest()
+    return tensors_sha256((tensor.name, numpy_helper.to_array(tensor)) for tensor in proto.graph.initializer)
 
 
 def weights_damage(proto) -> str | None:

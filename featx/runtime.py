@@ -180,7 +180,7 @@ _WEIGHTS_CHECKED: set[tuple[str, int, int]] = set()
 
 def _check_weights(path: Path, proto=None) -> None:
     """Refuse a file whose weights are not those featx wrote (:func:`featx.export.weights_damage`);
-    ``proto``: the file parsed already, else parsed here."""
+    ``proto``: the file parsed already, else parsed here (an engine's session has not parsed it in Python)."""
     st = path.stat()
     seen = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if seen in _WEIGHTS_CHECKED:
@@ -286,7 +286,6 @@ class OnnxEngine:
         import onnxruntime as ort
 
         self.path = _existing(path)
-        _check_weights(self.path)  # onnxruntime would run damaged weights, to other embeddings
         self.device = resolve_device(device)
         if tensorrt:
             problem = tensorrt_problem()
@@ -330,6 +329,8 @@ class OnnxEngine:
         except UnicodeDecodeError as e:  # a damaged file whose metadata still parses
             raise ModelFileError(f"{self.path}: featx metadata is unreadable ({first_line(e)})") from None
         self.info = _info_from_metadata(self.path, meta)
+        if TENSORS_DIGEST_KEY in meta:  # onnxruntime would run damaged weights, to other embeddings
+            _check_weights(self.path)
         # the outputs featx reads: a classifier file's class_mean_cosine is for those who run it without
         # featx (classify computes it from the embedding), not computed a second time on every batch
         self.outputs = [o.name for o in self.session.get_outputs() if o.name in ("embedding", self.info.class_scores)]
