@@ -219,6 +219,7 @@ def test_a_file_damaged_inside_its_weights_is_refused(lite0_onnx, photos_dir, tm
     from featx.cli import main
     from featx.data import load_image
     from featx.export import TENSORS_DIGEST_KEY
+    from featx.runtime import OnnxEngine
 
     proto = onnx.load(str(lite0_onnx))
     stem = next(n for n in proto.graph.node if n.op_type == "Conv").input[1]  # the first convolution's weights
@@ -235,6 +236,8 @@ def test_a_file_damaged_inside_its_weights_is_refused(lite0_onnx, photos_dir, tm
     with pytest.raises(ModelFileError, match=f"^{re.escape(str(damaged))}: its weights are not those featx wrote "
                                              r"\(the SHA-256 of its \d+ tensors differs\): damaged on disk"):
         featx.classify([photos_dir / "coffee.png"], model=damaged)
+    with pytest.raises(ModelFileError, match="its weights are not those featx wrote"):
+        OnnxEngine(damaged)  # an engine made directly, with no read of the file's metadata before it
     capsys.readouterr()
     assert main(["info", str(damaged)]) == 2
     err = capsys.readouterr().err
