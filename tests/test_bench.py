@@ -183,3 +183,12 @@ def test_bench_times_a_users_flat_photo_folder_end_to_end_on_the_files_embed_rea
         with pytest.raises(featx.FeatxError, match=said):
             featx.bench_models(model="test_efficientnet", weights="none", device="cpu", images=images,
                                n_images=n_images, out_dir=tmp_path / "out", models_dir=tmp_path / "models")
+
+
+def test_weights_digest_script_times_the_check_of_a_real_model(tmp_path, lite0_onnx):
+    """The figures behind the README's cost of the weights digest: the script must keep running."""
+    record = run_benchmark("weights_digest.py", tmp_path, "--model", str(lite0_onnx), "--repeats", "1",
+                           record="weights_digest-efficientnet_lite0.json")
+    assert record["model"] == "efficientnet_lite0" and 15 < record["weights_mb"] < 25  # Lite0's 4.7 M floats
+    assert all(record[key] > 0 for key in ("parse_s", "digest_s", "read_model_info_first_s", "onnx_engine_first_s",
+                                           "read_model_info_later_s", "onnx_engine_later_s"))
