@@ -17,8 +17,6 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 
 def main() -> None:
@@ -32,11 +30,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import featx
-    from featx.bench import machine_description, write_record
+    from featx.bench import machine_description, scratch_folder, write_record
     from featx.samples import write_jpeg_folder
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    tmp = Path(tempfile.mkdtemp(prefix="featx-batch-sizes-"))
+    tmp = scratch_folder("featx-batch-sizes-")
     model_file = featx.ensure_model_file(args.model, weights=args.weights, models_dir=tmp / "models")
     root = write_jpeg_folder(tmp / "jpegs", args.n_jpegs)
     record = {"machine": machine_description(), "model": args.model, "n_jpegs": args.n_jpegs,

@@ -11,7 +11,6 @@ the frozen baseline uses the model's own 224 px preprocessing (its best case).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,11 +26,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import featx
-    from featx.bench import machine_description, write_record
+    from featx.bench import machine_description, scratch_folder, write_record
     from featx.heads import LogRegHead
     from featx.samples import write_digits_folder
 
-    tmp = Path(tempfile.mkdtemp(prefix="featx-ft-bench-"))
+    tmp = scratch_folder("featx-ft-bench-")
     root = write_digits_folder(tmp / "digits", size=64)
     unfreeze = args.unfreeze if args.unfreeze == "all" else int(args.unfreeze)
     t0 = time.perf_counter()

@@ -11,9 +11,7 @@ The 20,000-row set is the 1,797 real digit embeddings repeated with small Gaussi
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -30,11 +28,11 @@ def main() -> None:
     from sklearn.preprocessing import StandardScaler
 
     import featx
-    from featx.bench import machine_description, write_record
+    from featx.bench import machine_description, scratch_folder, write_record
     from featx.heads import LogRegHead, MLPHead
     from featx.samples import write_digits_folder
 
-    tmp = Path(tempfile.mkdtemp(prefix="featx-heads-bench-"))
+    tmp = scratch_folder("featx-heads-bench-")
     root = write_digits_folder(tmp / "digits", size=64)
     t0 = time.perf_counter()
     featx.embed_folder(root, tmp / "digits.h5", device="cpu", models_dir=tmp / "models")

@@ -20,7 +20,6 @@ Recorded:
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -78,13 +77,13 @@ def main() -> None:
     from scipy.sparse.csgraph import connected_components
 
     import featx
-    from featx.bench import machine_description, write_record
+    from featx.bench import machine_description, scratch_folder, write_record
     from featx.search import LOOK_ALIKE_COSINE
     from featx.store import unit_rows
     from similar_search import noisy_digits_cache
 
     threshold = LOOK_ALIKE_COSINE if args.min_similarity is None else args.min_similarity
-    tmp = Path(tempfile.mkdtemp(prefix="featx-look-alikes-bench-"))
+    tmp = scratch_folder("featx-look-alikes-bench-")
     cache, _, model_file = noisy_digits_cache(tmp, args.rows, np.random.default_rng(0), digits=args.digits,
                                             noise=args.noise)
     record = {"benchmark": "look_alikes", "machine": machine_description(), "min_similarity": threshold,

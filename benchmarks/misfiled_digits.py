@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
@@ -26,10 +24,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import featx
-    from featx.bench import machine_description, write_record
+    from featx.bench import machine_description, scratch_folder, write_record
     from featx.samples import write_digits_folder
 
-    tmp = Path(tempfile.mkdtemp(prefix="featx-misfiled-bench-"))
+    tmp = scratch_folder("featx-misfiled-bench-")
     root = write_digits_folder(tmp / "digits", size=32)
     rng = np.random.default_rng(0)
     files = sorted(root.rglob("*.png"))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import tempfile
 import time
 from pathlib import Path
 
@@ -100,12 +99,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import featx
-    from featx.bench import machine_description, write_record
+    from featx.bench import machine_description, scratch_folder, write_record
     from featx.data import NEAR_COPY_BITS, load_image, perceptual_hashes
     from featx.runtime import read_model_info
     from featx.store import near_copy_pairs
 
-    tmp = Path(tempfile.mkdtemp(prefix="featx-near-copies-bench-"))
+    tmp = scratch_folder("featx-near-copies-bench-")
     model_file = featx.ensure_model_file(featx.DEFAULT_BACKBONE, models_dir=tmp / "models")
     cfg = read_model_info(model_file).preprocess
 

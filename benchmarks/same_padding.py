@@ -30,7 +30,6 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/cpu")
     args = parser.parse_args()
 
-    import tempfile
     from pathlib import Path
 
     import onnx
@@ -38,11 +37,11 @@ def main() -> None:
     import torch
 
     from featx.backbones import load_backbone
-    from featx.bench import machine_description, write_record
+    from featx.bench import machine_description, scratch_folder, write_record
     from featx.export import check_images, embedding_model, export_onnx
 
     backbone = load_backbone(args.model, weights=args.weights)
-    tmp = Path(tempfile.mkdtemp(prefix="featx-same-padding-"))
+    tmp = scratch_folder("featx-same-padding-")
     fixed_file, per_call_file = tmp / "fixed.onnx", tmp / "per-call.onnx"
     export_onnx(backbone, fixed_file)
     export_onnx(backbone, per_call_file, fixed_padding=False)  # the export as it was before

@@ -11,7 +11,6 @@ time and sorts only about the best 150 rows of a chunk for each query. Both must
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,10 +63,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import featx
-    from featx.bench import machine_description, write_record
+    from featx.bench import machine_description, scratch_folder, write_record
     from featx.store import unit_rows
 
-    tmp = Path(tempfile.mkdtemp(prefix="featx-similar-bench-"))
+    tmp = scratch_folder("featx-similar-bench-")
     rng = np.random.default_rng(0)
     query_rows = np.sort(rng.choice(args.rows, args.queries, replace=False))
     cache, folder, model_file = noisy_digits_cache(tmp, args.rows, rng, digits=args.digits)

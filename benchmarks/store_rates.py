@@ -22,15 +22,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
-    import tempfile
-    from pathlib import Path
-
-    from featx.bench import machine_description, write_record
+    from featx.bench import machine_description, scratch_folder, write_record
     from featx.export import ensure_model_file
     from featx.runtime import read_model_info
     from featx.store import EmbeddingStore
 
-    tmp = Path(tempfile.mkdtemp(prefix="featx-store-bench-"))
+    tmp = scratch_folder("featx-store-bench-")
     model_file = ensure_model_file("resnet50", weights="none", models_dir=tmp / "models")  # its 2048-d rows
     info = read_model_info(model_file)
     rng = np.random.default_rng(0)

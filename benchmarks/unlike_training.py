@@ -23,7 +23,6 @@ featx does), the mean top probability, and the accuracy on the images marked and
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +51,11 @@ def main() -> None:
     from PIL import Image
 
     import featx
-    from featx.bench import machine_description, write_record
+    from featx.bench import machine_description, scratch_folder, write_record
     from featx.heads import TYPICAL_SHARE, stratified_split
     from featx.samples import write_digits_folder, write_jpeg_folder
 
-    tmp = Path(tempfile.mkdtemp(prefix="featx-unlike-bench-"))
+    tmp = scratch_folder("featx-unlike-bench-")
     model = featx.ensure_model_file(featx.DEFAULT_BACKBONE, models_dir=tmp / "models")
     folder = write_digits_folder(tmp / "digits")
     featx.embed_folder(folder, tmp / "digits.h5", model=model, progress=True)

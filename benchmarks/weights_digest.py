@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,10 +26,10 @@ def main() -> None:
     import onnx
 
     import featx.runtime as runtime
-    from featx.bench import machine_description, write_record
+    from featx.bench import machine_description, scratch_folder, write_record
     from featx.export import ensure_model_file, is_model_file, tensors_digest
 
-    models = Path(tempfile.mkdtemp(prefix="featx-digest-bench-"))
+    models = scratch_folder("featx-digest-bench-")
     model_file = Path(args.model) if is_model_file(args.model) else \
         ensure_model_file(args.model, weights="none", models_dir=models)
 

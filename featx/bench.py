@@ -8,11 +8,13 @@ the same files (PIL + torchvision transforms) + the model, same workers, batch s
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -198,87 +200,92 @@ def bench_models(
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std).view(1, 3, 1, 1)
 
-    engines: list[tuple[str, Callable]] = []
-    t0 = time.perf_counter()
-    try:
-        ort_engine = OnnxEngine(model_file, device=device)
-        engines.append((f"featx onnxruntime {precision} ({device})", lambda x: ort_engine.encode(x)))
-    except ModelFileError as e:  # e.g. CPU-only onnxruntime on a GPU machine: measure the rest
-        _logger.warning("onnxruntime engine not measured: %s", e)
-    ort_setup = time.perf_counter() - t0 + export_seconds
-    if int8 and device != "cpu":
-        _logger.warning("--int8 is timed on the CPU only (onnxruntime's dynamic int8 kernels are the CPU's): "
-                        "not measured on %s", device)
-    if int8 and device == "cpu":
-        q_path = quantize_int8(model_file, Path(tempfile.mkdtemp()) / "int8.onnx")
-        q_engine = OnnxEngine(q_path, device="cpu")
-        photos = check_images(cfg)
-        agreement = cosine_agreement(q_engine.encode(photos).embedding, ort_engine.encode(photos).embedding)
-        engines.append((f"featx onnxruntime int8 (cos>={agreement:.4f})", lambda x: q_engine.encode(x)))
-    torch_engine = TorchEngine(info, device=device, backbone=backbone)
-    engines.append((f"featx torch engine {'fp16 channels_last' if device == 'cuda' else 'fp32'}",
-                    lambda x: torch_engine.forward(x)))
-    modes = [] if not compile else ["default"] if compile is True else [compile] if isinstance(compile, str) else compile
-    for mode in modes:
-        compiled = TorchEngine(info, device=device, backbone=backbone, compile=True if mode == "default" else mode)
-        engines.append((f"featx torch engine compiled ({mode})", compiled.forward))
+    # the int8 copy, the generated JPEGs and the end-to-end caches: gone when bench returns or fails, so
+    # runs do not fill the temporary folder (a 512-JPEG run wrote 26 MB)
+    with tempfile.TemporaryDirectory(prefix="featx-bench-", ignore_cleanup_errors=True) as scratch:
+        engines: list[tuple[str, Callable]] = []
+        t0 = time.perf_counter()
+        try:
+            ort_engine = OnnxEngine(model_file, device=device)
+            engines.append((f"featx onnxruntime {precision} ({device})", lambda x: ort_engine.encode(x)))
+        except ModelFileError as e:  # e.g. CPU-only onnxruntime on a GPU machine: measure the rest
+            _logger.warning("onnxruntime engine not measured: %s", e)
+        ort_setup = time.perf_counter() - t0 + export_seconds
+        if int8 and device != "cpu":
+            _logger.warning("--int8 is timed on the CPU only (onnxruntime's dynamic int8 kernels are the CPU's): "
+                            "not measured on %s", device)
+        if int8 and device == "cpu":
+            q_path = quantize_int8(model_file, Path(scratch) / "int8.onnx")
+            q_engine = OnnxEngine(q_path, device="cpu")
+            photos = check_images(cfg)
+            agreement = cosine_agreement(q_engine.encode(photos).embedding, ort_engine.encode(photos).embedding)
+            engines.append((f"featx onnxruntime int8 (cos>={agreement:.4f})", lambda x: q_engine.encode(x)))
+        torch_engine = TorchEngine(info, device=device, backbone=backbone)
+        engines.append((f"featx torch engine {'fp16 channels_last' if device == 'cuda' else 'fp32'}",
+                        lambda x: torch_engine.forward(x)))
+        modes = [] if not compile else ["default"] if compile is True else [compile] if isinstance(compile, str) else compile
+        for mode in modes:
+            compiled = TorchEngine(info, device=device, backbone=backbone, compile=True if mode == "default" else mode)
+            engines.append((f"featx torch engine compiled ({mode})", compiled.forward))
 
-    plain = backbone.features.to(device).eval()
-    baselines: list[tuple[str, Callable, str]] = [("torch eager fp32", plain, "fp32")]
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
-        plain_half = copy.deepcopy(plain).half().to(memory_format=torch.channels_last)
-        baselines.append(("torch eager fp16 channels_last", plain_half, "fp16"))
-        if compile:
-            baselines.append(("torch.compile fp16 channels_last", torch.compile(plain_half), "fp16"))
+        plain = backbone.features.to(device).eval()
+        baselines: list[tuple[str, Callable, str]] = [("torch eager fp32", plain, "fp32")]
+        if device == "cuda":
+            torch.backends.cudnn.benchmark = True
+            plain_half = copy.deepcopy(plain).half().to(memory_format=torch.channels_last)
+            baselines.append(("torch eager fp16 channels_last", plain_half, "fp16"))
+            if compile:
+                baselines.append(("torch.compile fp16 channels_last", torch.compile(plain_half), "fp16"))
 
-    for bs in batch_sizes:
-        batch_u8 = rng.integers(0, 256, (bs, h, w, 3), dtype=np.uint8)
-        batch_t = torch.from_numpy(batch_u8)
-        gpu_u8 = batch_t.to(device)
-        # the permuted NHWC batch stays channels_last in memory, as featx's torch engine runs: on a CPU that
-        # is 1.5x the contiguous NCHW a DataLoader of ToTensor gives (Lite0, batch 32, 2-core Xeon: 42-45
-        # against 28 images/s), so the eager baseline is the stronger of the two
-        float_in = ((batch_t.permute(0, 3, 1, 2).float() / 255 - mean) / std).to(device)
-        for name, fn in engines:
-            x = batch_u8 if name.startswith("featx onnxruntime") else gpu_u8
-            t0 = time.perf_counter()
-            fn(x)
-            sync()
-            first_call = time.perf_counter() - t0
-            rate, spread = time_throughput(lambda: fn(x), bs, repeats=repeats, sync=sync)
-            setup = ort_setup if "onnxruntime" in name else first_call
-            result.timings.append(Timing(name, "model", bs, rate, spread, setup))
-        for name, module, precision in baselines:
-            x = float_in.half().contiguous(memory_format=torch.channels_last) if precision == "fp16" else float_in
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                module(x)
-            sync()
-            first_call = time.perf_counter() - t0
-
-            def run(module=module, x=x):
+        for bs in batch_sizes:
+            batch_u8 = rng.integers(0, 256, (bs, h, w, 3), dtype=np.uint8)
+            batch_t = torch.from_numpy(batch_u8)
+            gpu_u8 = batch_t.to(device)
+            # the permuted NHWC batch stays channels_last in memory, as featx's torch engine runs: on a CPU that
+            # is 1.5x the contiguous NCHW a DataLoader of ToTensor gives (Lite0, batch 32, 2-core Xeon: 42-45
+            # against 28 images/s), so the eager baseline is the stronger of the two
+            float_in = ((batch_t.permute(0, 3, 1, 2).float() / 255 - mean) / std).to(device)
+            for name, fn in engines:
+                x = batch_u8 if name.startswith("featx onnxruntime") else gpu_u8
+                t0 = time.perf_counter()
+                fn(x)
+                sync()
+                first_call = time.perf_counter() - t0
+                rate, spread = time_throughput(lambda: fn(x), bs, repeats=repeats, sync=sync)
+                setup = ort_setup if "onnxruntime" in name else first_call
+                result.timings.append(Timing(name, "model", bs, rate, spread, setup))
+            for name, module, precision in baselines:
+                x = float_in.half().contiguous(memory_format=torch.channels_last) if precision == "fp16" else float_in
+                t0 = time.perf_counter()
                 with torch.inference_mode():
-                    return module(x)
+                    module(x)
+                sync()
+                first_call = time.perf_counter() - t0
 
-            rate, spread = time_throughput(run, bs, repeats=repeats, sync=sync)
-            result.timings.append(Timing(name, "model", bs, rate, spread, first_call))
+                def run(module=module, x=x):
+                    with torch.inference_mode():
+                        return module(x)
 
-    if end_to_end:
-        first_mode = modes[0] if modes else False
-        embed_default = default_batch_size(device)
-        e2e_batch = embed_default if embed_default in batch_sizes else max(batch_sizes)
-        _bench_end_to_end(result, backbone, model_file, images, n_images, e2e_batch, device, workers,
-                          True if first_mode == "default" else first_mode)
+                rate, spread = time_throughput(run, bs, repeats=repeats, sync=sync)
+                result.timings.append(Timing(name, "model", bs, rate, spread, first_call))
+
+        if end_to_end:
+            first_mode = modes[0] if modes else False
+            embed_default = default_batch_size(device)
+            e2e_batch = embed_default if embed_default in batch_sizes else max(batch_sizes)
+            _bench_end_to_end(result, backbone, model_file, images, n_images, e2e_batch, device, workers,
+                              True if first_mode == "default" else first_mode, Path(scratch))
     _ratios(result)
     if out_dir:
         result.files = _write_results(result, Path(out_dir))
     return result
 
 
-def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size, device, workers, compile) -> None:
+def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size, device, workers, compile,
+                      tmp: Path) -> None:
     """Both sides timed from their first image, with the model already loaded (setup reported apart).
-    ``n_images``: how many images the folder ``images`` holds, or how many to generate without one."""
+    ``n_images``: how many images the folder ``images`` holds, or how many to generate without one; ``tmp``
+    takes the generated JPEGs and the caches."""
     import torch
     import torchvision
 
@@ -288,7 +295,6 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
     from .store import load_digests, load_failures
 
     workers = default_workers() if workers is None else workers
-    tmp = Path(tempfile.mkdtemp(prefix="featx-bench-"))
     root = Path(images) if images else write_jpeg_folder(tmp / "jpegs", n_images)
     n = n_images
 
@@ -470,13 +476,22 @@ def _write_results(result: BenchResult, out_dir: Path) -> list[str]:
     return [str(json_path), str(png_path)]
 
 
+def scratch_folder(prefix: str) -> Path:
+    """A new temporary folder, removed when the process exits: a benchmark script's JPEGs, exports and
+    caches (tens of MB a run) do not pile up in the temporary folder."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def bench_workspace(prefix: str, n_jpegs: int = 0, model: str = DEFAULT_BACKBONE) -> tuple[Path, Path, Path | None]:
     """(a fresh temporary folder, ``model`` exported into it, a folder of ``n_jpegs`` 500x375 JPEGs or None):
-    what the benchmark scripts start from, so no export or file from an earlier run is measured."""
+    what the benchmark scripts start from, so no export or file from an earlier run is measured. The folder
+    is removed when the process exits."""
     from .export import ensure_model_file
     from .samples import write_jpeg_folder
 
-    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    tmp = scratch_folder(prefix)
     model_file = ensure_model_file(model, models_dir=tmp / "models")
     return tmp, model_file, write_jpeg_folder(tmp / "jpegs", n_jpegs) if n_jpegs else None
 

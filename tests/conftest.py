@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
-# engine="auto" calibrations are cached per test session, not in the user's ~/.cache
-os.environ.setdefault("FEATX_CACHE_DIR", tempfile.mkdtemp(prefix="featx-test-cache-"))
+if "FEATX_CACHE_DIR" not in os.environ:  # engine="auto" calibrations: cached per test session, not in ~/.cache
+    os.environ["FEATX_CACHE_DIR"] = tempfile.mkdtemp(prefix="featx-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FEATX_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,9 +1,11 @@
 """The benchmark harness on a tiny model: it runs and records what a reader needs (not the speed)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,15 +15,27 @@ import featx
 
 def run_benchmark(script: str, out: Path, *args: str, record: str) -> dict:
     """Run ``benchmarks/<script>`` with ``args`` and ``--out out`` in a fresh interpreter, as a reader
-    would; its JSON ``record`` from ``out``."""
+    would; its JSON ``record`` from ``out``. The script leaves nothing in the temporary folder."""
     path = Path(__file__).parents[1] / "benchmarks" / script
+    scratch = out / "tmp"
+    scratch.mkdir(parents=True)
     run = subprocess.run([sys.executable, str(path), *args, "--out", str(out)], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env={**os.environ, "TMPDIR": str(scratch)})
     assert run.returncode == 0, run.stderr[-2000:]
+    assert not left_in(scratch), f"{script} left {left_in(scratch)}"
     return json.loads((out / record).read_text())
 
 
-def test_bench_writes_json_and_png_with_the_comparisons(tmp_path):
+def left_in(scratch: Path) -> list[str]:
+    """What is left in a temporary folder, but what other libraries keep there on purpose, one each: torch's
+    compile cache (torchinductor_USER) and the session-id file that importing onnxruntime 1.31 writes (.ses)."""
+    return sorted(p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_") and p.name != ".ses")
+
+
+def test_bench_writes_json_and_png_with_the_comparisons(tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     result = featx.bench_models(model="test_efficientnet", weights="none", device="cpu", batch_sizes=[1, 8, 16],
                                 n_images=12, repeats=2, workers=1, out_dir=tmp_path / "out",
                                 models_dir=tmp_path / "models")
@@ -38,6 +52,8 @@ def test_bench_writes_json_and_png_with_the_comparisons(tmp_path):
     assert e2e_sizes == {8}
     assert "end-to-end featx embed / featx model-only (same batch)" in record["ratios"]
     assert (tmp_path / "out" / "test_efficientnet-cpu.png").stat().st_size > 10_000
+    # the generated JPEGs and the end-to-end caches are gone: runs do not fill the temporary folder
+    assert not left_in(scratch)
     table = result.table()
     assert "ratio" in table
     # a model row shows the spread of its repetitions; an end-to-end row is one whole run, shown as "-"
