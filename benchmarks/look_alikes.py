@@ -78,6 +78,7 @@ def main() -> None:
 
     import featx
     from featx.bench import machine_description, scratch_folder, write_record
+    from featx.runtime import resolve_device
     from featx.search import LOOK_ALIKE_COSINE
     from featx.store import unit_rows
     from similar_search import noisy_digits_cache
@@ -112,7 +113,7 @@ def main() -> None:
         "rows": args.rows, "pairs_alike": int(len(i)), "groups": len(groups),
         "pictures_in_groups": sum(len(g.pictures) for g in groups), "largest_group": max(
             (len(g.pictures) for g in groups), default=0),
-        "featx_seconds": featx_seconds, "plain_numpy_seconds": plain_seconds,
+        "featx_device": resolve_device("auto"), "featx_seconds": featx_seconds, "plain_numpy_seconds": plain_seconds,
         "featx_vs_plain": plain_seconds / featx_seconds, "same_groups": same}
     record["command"] = f"python benchmarks/look_alikes.py --rows {args.rows} --noise {args.noise} --out {args.out}"
     print("->", write_record(record, args.out, f"look_alikes-{args.rows}"))

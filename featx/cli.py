@@ -592,7 +592,7 @@ def _run(args: argparse.Namespace) -> int:
             raise FeatxError("--groups compares the whole cache with itself: give no query images, -k or --weights")
         threshold = LOOK_ALIKE_COSINE if args.min_similarity is None else args.min_similarity
         groups = featx.look_alike_groups(args.cache, min_similarity=threshold, model=args.model, output=args.output,
-                                         sheet=args.sheet, progress=not args.quiet)
+                                         sheet=args.sheet, progress=not args.quiet, device=args.device)
         if not args.output:
             for group in groups:
                 print(group.text())

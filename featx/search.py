@@ -366,6 +366,7 @@ def look_alike_groups(
     output: str | os.PathLike | None = None,
     sheet: str | os.PathLike | None = None,
     progress: bool = False,
+    device: str | None = "auto",
 ) -> list[LookAlikes]:
     """What a folder holds more than once, in groups, each picture in one group at most: pictures that look
     alike (every pair at cosine ``min_similarity`` or more is joined, and so are pairs of pairs: a group
@@ -376,7 +377,8 @@ def look_alike_groups(
     Every file is compared with every other (a picture is alike another when any of its files is: its
     small copy alone may not be): a cache of n files costs n²/2 dot products (20,000 of Lite0's 1,280-d
     embeddings: 5 s on a 2-core CPU, ``benchmarks/look_alikes.py``), its embeddings held in memory (5 KB
-    a file). Rows not finite or of files deleted from the folder are left out.
+    a file), on ``device`` too (auto: a GPU when one is visible). Rows not finite or of files deleted from
+    the folder are left out.
 
     Args:
         model: the cache's model group (its name, or the .onnx file by its fingerprint); needed only when
@@ -386,8 +388,10 @@ def look_alike_groups(
     """
     from .data import walk_sort_key
     from .errors import check_output_file
+    from .runtime import resolve_device
     from .store import gone_keys, iter_embeddings, load_digests, picture_numbers, recorded_paths
 
+    device = resolve_device(device)
     check_output_file(output, example="look-alikes.csv")
     check_output_file(sheet, example="look-alikes.png")
     group = _group_of(cache, model)
@@ -414,7 +418,7 @@ def look_alike_groups(
     rows, E = rows[by_order], E[by_order]  # the folder's order: a group lists its pictures, a picture its files so
     # every file compared, not one per picture: a picture's small copy (the first file of it, or the only one
     # left) is less alike the others than its original (a third-size copy of a photo: cosine 0.75)
-    component, nearest = _alike_components(E, min_similarity, progress, picture[rows])
+    component, nearest = _alike_components(E, min_similarity, progress, picture[rows], device)
     files: dict[int, list[int]] = {}  # picture -> its rows, the first in the folder's order first
     best: dict[int, float] = {}  # picture -> its highest cosine to another picture's file
     for row, cosine in zip(rows.tolist(), nearest.tolist()):
@@ -464,11 +468,14 @@ _PAIRS_HELD = 10_000_000  # 160 MB of pairs
 
 
 def _alike_components(E: np.ndarray, min_similarity: float, progress: bool,
-                      same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                      same: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """For unit rows ``E`` (m, d): a group number per row, shared by rows at cosine ``min_similarity`` or more,
     by rows of one picture (``same``: int per row) whatever their cosine, and by their chains (scipy's
     connected components); and each row's highest cosine to a row of another picture (-inf: none at
-    ``min_similarity``). Similarities a block of rows at a time against the rows after it."""
+    ``min_similarity``). Similarities a block of rows at a time against the rows after it, by torch on
+    ``device``: on a GPU the n²/2 dot products take a fraction of the time; on a CPU torch ran them as fast
+    as numpy (20,000 rows of 1,280: 3.3 against 4.0 s, 2-core Xeon), so the two share one code."""
+    import torch
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -483,26 +490,30 @@ def _alike_components(E: np.ndarray, min_similarity: float, progress: bool,
     _, first, picture = np.unique(same, return_index=True, return_inverse=True)  # joined through its first row
     pairs = [np.stack([np.arange(m), first[picture.ravel()]], axis=1)]
     held = m  # pairs held: past _PAIRS_HELD (a low cosine on a large cache) each group is kept as a tree instead
-    nearest = np.full(m, -np.inf, dtype=np.float32)
+    rows = torch.from_numpy(np.ascontiguousarray(E, dtype=np.float32)).to(device)
+    same_of = torch.from_numpy(np.asarray(same, dtype=np.int64)).to(device)
+    nearest = torch.full((m,), -torch.inf, dtype=torch.float32, device=device)
     block = max(1, min(1024, 2 ** 25 // max(m, 1)))  # (block, m) similarities: 128 MiB at most
     bar = _progress_bar(m * (m - 1) // 2, progress, desc="look-alikes", unit="pair")
-    for a in range(0, m, block):
-        sims = E[a:a + block] @ E[a:].T  # each block against itself and the rows after it
-        i, j = np.nonzero(sims >= min_similarity)
-        keep = (j > i) & (same[a + i] != same[a + j])  # each pair once, not two files of one picture
-        i, j = i[keep], j[keep]
-        np.maximum.at(nearest, a + i, sims[i, j])
-        np.maximum.at(nearest, a + j, sims[i, j])
-        pairs.append(np.stack([a + i, a + j], axis=1))
-        held += len(i)
-        if held > _PAIRS_HELD:
-            component = components(np.concatenate(pairs))
-            _, root = np.unique(component, return_index=True)
-            tree = np.stack([np.arange(m), root[component]], axis=1)
-            pairs, held = [tree[tree[:, 0] != tree[:, 1]]], m
-        bar.update(sum(m - 1 - row for row in range(a, min(a + block, m))))
+    with torch.inference_mode():
+        for a in range(0, m, block):
+            sims = rows[a:a + block] @ rows[a:].T  # each block against itself and the rows after it
+            i, j = torch.nonzero(sims >= min_similarity).unbind(1)
+            keep = (j > i) & (same_of[a + i] != same_of[a + j])  # each pair once, not two files of one picture
+            i, j = i[keep], j[keep]
+            cosines = sims[i, j]
+            nearest.scatter_reduce_(0, a + i, cosines, reduce="amax")
+            nearest.scatter_reduce_(0, a + j, cosines, reduce="amax")
+            pairs.append(torch.stack([a + i, a + j], dim=1).cpu().numpy())
+            held += len(i)
+            if held > _PAIRS_HELD:
+                component = components(np.concatenate(pairs))
+                _, root = np.unique(component, return_index=True)
+                tree = np.stack([np.arange(m), root[component]], axis=1)
+                pairs, held = [tree[tree[:, 0] != tree[:, 1]]], m
+            bar.update(sum(m - 1 - row for row in range(a, min(a + block, m))))
     bar.close()
-    return components(np.concatenate(pairs)), nearest
+    return components(np.concatenate(pairs)), nearest.cpu().numpy()
 
 
 def _group_of(cache: str | os.PathLike, model: str | os.PathLike | None) -> str:

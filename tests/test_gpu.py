@@ -144,3 +144,26 @@ def test_two_engines_on_one_gpu_fill_one_store_like_one(tmp_path, lite0_onnx):
     assert cosine_min(a.embeddings, b.embeddings) >= 0.999
     again = featx.embed_folder(root, tmp_path / "two.h5", model=lite0_onnx, engine="torch", devices=["cuda:0"] * 2)
     assert (again.n_embedded, again.n_cached, again.n_failed_before) == (0, 96, 1)
+
+
+def test_look_alike_groups_on_cuda_are_those_of_the_cpu(photos_dir, lite0_onnx, tmp_path):
+    """`similar --groups` takes its n²/2 dot products to a GPU when one is visible: the same groups, files
+    and cosines as on the CPU, for the sample photos with edits of two of them (alike, not copies)."""
+    import shutil
+
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    shutil.copytree(photos_dir, folder)
+    coffee = Image.open(folder / "coffee.png")
+    w, h = coffee.size
+    coffee.crop((w // 10, h // 20, w, h)).save(folder / "coffee_crop.png")
+    coffee.transpose(Image.FLIP_LEFT_RIGHT).save(folder / "coffee_mirror.png")
+    Image.open(folder / "chelsea.png").transpose(Image.FLIP_LEFT_RIGHT).save(folder / "chelsea_mirror.png")
+    shutil.copy(folder / "astronaut.png", folder / "astronaut_copy.png")
+    cache = tmp_path / "photos.h5"
+    featx.embed_folder(folder, cache, model=lite0_onnx, engine="onnx", device="cpu", workers=1)
+    cpu, gpu = (featx.look_alike_groups(cache, device=device) for device in ("cpu", "cuda"))
+    assert [[key for key, _ in g.pictures] for g in gpu] == [[key for key, _ in g.pictures] for g in cpu]
+    assert len(cpu) == 3 and [(g.copies, g.near_copies) for g in gpu] == [(g.copies, g.near_copies) for g in cpu]
+    assert np.allclose([c for g in gpu for _, c in g.pictures], [c for g in cpu for _, c in g.pictures], atol=1e-4)
