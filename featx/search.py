@@ -490,7 +490,13 @@ def _alike_components(E: np.ndarray, min_similarity: float, progress: bool,
     _, first, picture = np.unique(same, return_index=True, return_inverse=True)  # joined through its first row
     pairs = [np.stack([np.arange(m), first[picture.ravel()]], axis=1)]
     held = m  # pairs held: past _PAIRS_HELD (a low cosine on a large cache) each group is kept as a tree instead
-    rows = torch.from_numpy(np.ascontiguousarray(E, dtype=np.float32)).to(device)
+    rows = torch.from_numpy(np.ascontiguousarray(E, dtype=np.float32))
+    try:
+        rows = rows.to(device)
+    except torch.cuda.OutOfMemoryError:  # the cache's rows are held whole: a GPU may not take them all
+        _logger.warning("%d embeddings of %d values do not fit in %s's free memory: compared on the CPU", m,
+                        E.shape[1], device)
+        device = "cpu"
     same_of = torch.from_numpy(np.asarray(same, dtype=np.int64)).to(device)
     nearest = torch.full((m,), -torch.inf, dtype=torch.float32, device=device)
     block = max(1, min(1024, 2 ** 25 // max(m, 1)))  # (block, m) similarities: 128 MiB at most
