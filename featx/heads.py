@@ -624,6 +624,7 @@ class LoadedHead:
     # and their perceptual hashes; evaluate leaves those images out when the cache is not there
     trained_digests: np.ndarray | None = field(default=None, compare=False, repr=False)
     trained_phashes: np.ndarray | None = field(default=None, compare=False, repr=False)
+    weights_checked: bool = field(default=False, compare=False)  # its arrays matched their recorded digest
 
     def summary(self) -> str:
         """One line: kind, classes, what its fit chose, and the embeddings it was trained on."""
@@ -728,7 +729,8 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
         if name in _FITTED and isinstance(value, (int, float)):  # a file's header is not trusted to hold more
             setattr(head, name, value)
     return LoadedHead(head, header["fingerprint"], header["backbone"], header["model"], header.get("model_file"),
-                      header.get("cache"), arrays.get("trained_digests"), arrays.get("trained_phashes"))
+                      header.get("cache"), arrays.get("trained_digests"), arrays.get("trained_phashes"),
+                      weights_checked=recorded is not None)
 
 
 _HEAD_KINDS = {"LogRegHead": LogRegHead, "MLPHead": MLPHead}  # a head file's "kind" -> its class

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .backbones import NO_DIGEST
 from .errors import FeatxError, check_output_file
 from .heads import load_head
 
@@ -58,15 +59,16 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
         stale = ("\n  its 'SAME' padding is worked out at every call (an earlier featx's export): exported again "
                  "(featx export) it gives the same embeddings at 1.5-1.9x the speed on a CPU" if info.pads_per_call else "")
         if not info.weights_checked:
-            stale += ("\n  it keeps no digest of its weights (an earlier featx's export, or another tool's): damage "
-                      "inside them cannot be told; exported again (featx export) it has one")
+            stale += f"\n  {NO_DIGEST.format(again='exported again (featx export)')}"
         return f"{path}: {info.summary()}{stale}"
     if kind == "safetensors" or path.suffix == ".safetensors":
         from .finetune import describe_checkpoint, is_finetune_checkpoint
 
         if is_finetune_checkpoint(path):
             return f"{path}: {describe_checkpoint(path)}"
-        return f"{path}: {load_head(path).summary()}"
+        head = load_head(path)
+        return f"{path}: {head.summary()}" + ("" if head.weights_checked else
+                                              f"\n  {NO_DIGEST.format(again='trained again')}")
     raise FeatxError(f"{path}: not a featx file (an embedding cache .h5, a model .onnx, or a head or fine-tuning "
                      f"checkpoint .safetensors)")
 

@@ -1,5 +1,6 @@
 """Fine-tuning in torch: meaningful blocks, frozen stays frozen, checkpoint -> ONNX, the four cases."""
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -224,9 +225,21 @@ def test_finetune_says_which_epoch_it_saved_and_why(small_digits, tmp_path, caps
     (tmp_path / "damaged.safetensors").write_bytes(bytes(data))
     capsys.readouterr()
     assert main(["-q", *command.replace(str(ckpt), str(tmp_path / "damaged.safetensors")).split()]) == 2
-    assert capsys.readouterr().err == (f"featx: error: {tmp_path / 'damaged.safetensors'}: its tensors are not those "
-                                       "featx wrote (their SHA-256 differs: damaged on disk or in a copy); fine-tune "
-                                       "again\n")
+    refusal = (f"featx: error: {tmp_path / 'damaged.safetensors'}: its tensors are not those featx wrote (their "
+               "SHA-256 differs: damaged on disk or in a copy); fine-tune again\n")
+    assert capsys.readouterr().err == refusal
+    # featx info reads its tensors too: the damaged copy is refused there, the good one described
+    assert main(["info", str(tmp_path / "damaged.safetensors")]) == 2 and capsys.readouterr().err == refusal
+    assert main(["info", str(ckpt)]) == 0 and "no digest" not in capsys.readouterr().out
+    # one written before featx kept the digest: described, saying damage inside it cannot be told
+    from safetensors.torch import save_file
+
+    del meta["tensors_sha256"]
+    save_file(state, str(tmp_path / "older.safetensors"), metadata={"featx": json.dumps(meta)})
+    assert main(["info", str(tmp_path / "older.safetensors")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "  it keeps no digest of its weights (an earlier featx's, or another tool's): damage inside them cannot be "
+        "told; fine-tuned again it has one")
 
 
 def test_finetune_takes_an_exported_file_as_the_model_it_was_made_from(small_digits, lite0_onnx, tmp_path,

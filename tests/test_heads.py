@@ -798,6 +798,11 @@ def test_a_multilabel_head_saved_with_the_old_thresholds_is_named(digits_cache, 
         load_head(tmp_path / "old.safetensors")
     assert "old.safetensors: a multi-label head saved before" in caplog.text and "0.05, 0.05" in caplog.text
     assert "train it again" in caplog.text
+    # featx info says which of the two it can check for damage inside its arrays
+    assert "no digest" not in featx.describe_file(tmp_path / "new.safetensors")
+    assert featx.describe_file(tmp_path / "old.safetensors").splitlines()[-1] == (
+        "  it keeps no digest of its weights (an earlier featx's, or another tool's): damage inside them cannot be "
+        "told; trained again it has one")
 
 
 def test_an_option_the_head_does_not_take_is_refused_not_left_unused(digits_cache, tmp_path, capsys):
