@@ -467,21 +467,22 @@ def _cosine_text(similarity: float, decimals: int = 3) -> str:
 _PAIRS_HELD = 10_000_000  # 160 MB of pairs
 
 
-def _alike_components(E: np.ndarray, min_similarity: float, progress: bool,
-                      same: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def _alike_components(E: np.ndarray, min_similarity: float, progress: bool, same: np.ndarray,
+                      device: str = "cpu", library: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For unit rows ``E`` (m, d): a group number per row, shared by rows at cosine ``min_similarity`` or more,
     by rows of one picture (``same``: int per row) whatever their cosine, and by their chains (scipy's
     connected components); and each row's highest cosine to a row of another picture (-inf: none at
-    ``min_similarity``). Similarities a block of rows at a time against the rows after it, by torch on
-    ``device``: on a GPU the n²/2 dot products take a fraction of the time; on a CPU torch ran them as fast
-    as numpy (20,000 rows of 1,280: 3.3 against 4.0 s, 2-core Xeon), so the two share one code."""
-    import torch
+    ``min_similarity``). Similarities a block of rows at a time against the rows after it, by ``library``:
+    numpy, or torch on ``device`` (the default on a GPU, where the n²/2 dot products take a fraction of the
+    time). On a CPU numpy, though torch ran them a little faster (20,000 rows of 1,280: 3.9-4.5 against
+    4.8-5.2 s, 2-core Xeon): importing torch costs 1.5-2 s, so a small cache's groups took 2.4 s against 0.5."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     from .pipeline import _progress_bar
 
     m = len(E)
+    pairs_at_least = _similar_pairs(E, min_similarity, device, library or ("numpy" if device == "cpu" else "torch"))
 
     def components(pairs: np.ndarray) -> np.ndarray:
         graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m))
@@ -490,36 +491,53 @@ def _alike_components(E: np.ndarray, min_similarity: float, progress: bool,
     _, first, picture = np.unique(same, return_index=True, return_inverse=True)  # joined through its first row
     pairs = [np.stack([np.arange(m), first[picture.ravel()]], axis=1)]
     held = m  # pairs held: past _PAIRS_HELD (a low cosine on a large cache) each group is kept as a tree instead
+    nearest = np.full(m, -np.inf, dtype=np.float32)
+    block = max(1, min(1024, 2 ** 25 // max(m, 1)))  # (block, m) similarities: 128 MiB at most
+    bar = _progress_bar(m * (m - 1) // 2, progress, desc="look-alikes", unit="pair")
+    for a in range(0, m, block):
+        i, j, cosines = pairs_at_least(a, block)  # each block against itself and the rows after it
+        keep = (j > i) & (same[a + i] != same[a + j])  # each pair once, not two files of one picture
+        i, j, cosines = i[keep], j[keep], cosines[keep]
+        np.maximum.at(nearest, a + i, cosines)
+        np.maximum.at(nearest, a + j, cosines)
+        pairs.append(np.stack([a + i, a + j], axis=1))
+        held += len(i)
+        if held > _PAIRS_HELD:
+            component = components(np.concatenate(pairs))
+            _, root = np.unique(component, return_index=True)
+            tree = np.stack([np.arange(m), root[component]], axis=1)
+            pairs, held = [tree[tree[:, 0] != tree[:, 1]]], m
+        bar.update(sum(m - 1 - row for row in range(a, min(a + block, m))))
+    bar.close()
+    return components(np.concatenate(pairs)), nearest
+
+
+def _similar_pairs(E: np.ndarray, min_similarity: float, device: str, library: str):
+    """``pairs_at_least(a, block)``: (i, j, cosine) of rows ``a + i`` and ``a + j`` of ``E`` at ``min_similarity``
+    or more, for i < ``block``, with numpy or torch on ``device``; the pairs come back as numpy arrays."""
+    if library == "numpy":
+        def pairs_at_least(a: int, block: int):
+            sims = E[a:a + block] @ E[a:].T
+            i, j = np.nonzero(sims >= min_similarity)
+            return i, j, sims[i, j]
+
+        return pairs_at_least
+    import torch
+
     rows = torch.from_numpy(np.ascontiguousarray(E, dtype=np.float32))
     try:
         rows = rows.to(device)
     except torch.cuda.OutOfMemoryError:  # the cache's rows are held whole: a GPU may not take them all
-        _logger.warning("%d embeddings of %d values do not fit in %s's free memory: compared on the CPU", m,
+        _logger.warning("%d embeddings of %d values do not fit in %s's free memory: compared on the CPU", len(E),
                         E.shape[1], device)
-        device = "cpu"
-    same_of = torch.from_numpy(np.asarray(same, dtype=np.int64)).to(device)
-    nearest = torch.full((m,), -torch.inf, dtype=torch.float32, device=device)
-    block = max(1, min(1024, 2 ** 25 // max(m, 1)))  # (block, m) similarities: 128 MiB at most
-    bar = _progress_bar(m * (m - 1) // 2, progress, desc="look-alikes", unit="pair")
-    with torch.inference_mode():
-        for a in range(0, m, block):
-            sims = rows[a:a + block] @ rows[a:].T  # each block against itself and the rows after it
+
+    def pairs_at_least(a: int, block: int):
+        with torch.inference_mode():
+            sims = rows[a:a + block] @ rows[a:].T
             i, j = torch.nonzero(sims >= min_similarity).unbind(1)
-            keep = (j > i) & (same_of[a + i] != same_of[a + j])  # each pair once, not two files of one picture
-            i, j = i[keep], j[keep]
-            cosines = sims[i, j]
-            nearest.scatter_reduce_(0, a + i, cosines, reduce="amax")
-            nearest.scatter_reduce_(0, a + j, cosines, reduce="amax")
-            pairs.append(torch.stack([a + i, a + j], dim=1).cpu().numpy())
-            held += len(i)
-            if held > _PAIRS_HELD:
-                component = components(np.concatenate(pairs))
-                _, root = np.unique(component, return_index=True)
-                tree = np.stack([np.arange(m), root[component]], axis=1)
-                pairs, held = [tree[tree[:, 0] != tree[:, 1]]], m
-            bar.update(sum(m - 1 - row for row in range(a, min(a + block, m))))
-    bar.close()
-    return components(np.concatenate(pairs)), nearest.cpu().numpy()
+            return i.cpu().numpy(), j.cpu().numpy(), sims[i, j].cpu().numpy()
+
+    return pairs_at_least
 
 
 def _group_of(cache: str | os.PathLike, model: str | os.PathLike | None) -> str:

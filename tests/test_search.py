@@ -362,6 +362,28 @@ def test_a_photos_small_copy_is_its_first_match_whatever_its_cosine(photos_dir, 
     assert rows[1]["query_picture"] == "" and len(rows) == 2
 
 
+def test_look_alikes_through_torch_join_the_rows_numpy_joins(digits_cache):
+    """On a GPU `similar --groups` takes its dot products to torch; here torch on the CPU, against numpy (the
+    CPU's way) on the 1,797 real digits' embeddings: the same groups and each row's same highest cosine, at
+    a cosine no pair lies within 1e-6 of (the two libraries' float sums differed by up to 5e-7)."""
+    from featx.search import _alike_components
+    from featx.store import unit_rows
+
+    E = unit_rows(featx.load_embeddings(digits_cache).embeddings)
+    sims = np.triu(E @ E.T, k=1)
+    threshold = next(t for t in np.arange(0.95, 0.96, 0.0001) if not (np.abs(sims - t) < 1e-6).any())
+    same = np.arange(len(E))
+    same[1] = same[0]  # two rows of one picture: joined whatever their cosine, not a pair of pictures
+    ways = {library: _alike_components(E, float(threshold), False, same, "cpu", library)
+            for library in ("numpy", "torch")}
+    (numpy_groups, numpy_nearest), (torch_groups, torch_nearest) = ways["numpy"], ways["torch"]
+    assert 50 < len(set(numpy_groups)) < len(E) - 50  # groups of several rows, and rows alike no other
+    assert numpy_groups[0] == numpy_groups[1]
+    # the same partition of the rows, whatever each group's number
+    assert len(set(zip(numpy_groups, torch_groups))) == len(set(numpy_groups)) == len(set(torch_groups))
+    assert np.isfinite(numpy_nearest).sum() > 100 and np.allclose(numpy_nearest, torch_nearest, atol=1e-6)
+
+
 def test_groups_print_each_look_alike_picture_and_its_files_once(photos_dir, lite0_onnx, tmp_path, capsys):
     """`similar FOLDER --cache` of the folder itself lists each look-alike pair under both of its files; --groups
     names every picture alike another, and every picture stored twice, once: the edited photos with their
