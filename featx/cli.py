@@ -114,6 +114,27 @@ def _batch_sizes(text: str) -> list[int]:
     return [int(size) for size in sizes]
 
 
+def _add_cache(p: argparse.ArgumentParser, help: str) -> None:
+    """The cache a command reads, first on its line or as --cache (as similar, predict and evaluate name it):
+    ``featx train-head --cache c.h5`` was refused as an unrecognised argument. Either one, checked by
+    :func:`_cache_given` once parsed."""
+    p.add_argument("cache", nargs="?", default=None, help=help)
+    p.add_argument("--cache", dest="cache_option", metavar="CACHE", default=None, help="the same, named")
+    p.set_defaults(cache_parser=p)
+
+
+def _cache_given(args: argparse.Namespace) -> None:
+    """``args.cache`` from the positional or --cache of :func:`_add_cache`; argparse's error where neither or
+    two different ones are given."""
+    if not hasattr(args, "cache_option"):
+        return
+    if args.cache and args.cache_option and args.cache != args.cache_option:
+        args.cache_parser.error(f"two caches given, {args.cache} and --cache {args.cache_option}: give one")
+    args.cache = args.cache or args.cache_option
+    if not args.cache:
+        args.cache_parser.error("the following arguments are required: cache (or --cache CACHE)")
+
+
 def _add_device(p: argparse.ArgumentParser, *, engine: bool = False) -> None:
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     if engine:
@@ -222,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="measure again even when a cached result exists")
 
     p = sub.add_parser("map", help="draw cached embeddings on a plane, coloured by class (PNG)")
-    p.add_argument("cache", help="embedding cache (.h5)")
+    _add_cache(p, "embedding cache (.h5)")
     p.add_argument("-o", "--output", default=None, help="PNG (default: next to the cache, CACHE.map.png)")
     p.add_argument("--model", "-m", default=None, help="model group in the cache (needed when it holds several)")
     p.add_argument("--method", choices=["tsne", "pca"], default="tsne",
@@ -257,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strict(p)
 
     p = sub.add_parser("train-head", help="fit a classifier head on cached embeddings")
-    p.add_argument("cache", help="embedding cache (.h5) of a folder with class subfolders")
+    _add_cache(p, "embedding cache (.h5) of a folder with class subfolders")
     p.add_argument("--model", "-m", default=None, help="model group in the cache (needed when it holds several)")
     p.add_argument("--head", choices=["logreg", "mlp"], default="logreg",
                    help="logreg: scikit-learn logistic regression (default); mlp: a small MLP in torch")
@@ -439,6 +460,7 @@ def _exit_past_stuck_threads(code: int, grace: float = 3.0) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _cache_given(args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -699,7 +699,8 @@ def test_train_head_balanced_is_saved_and_reported(digits_cache, tmp_path, capsy
     assert load_head(tmp_path / "b.safetensors").head.class_weight == "balanced"
     from featx.cli import main
 
-    assert main(["-q", "train-head", str(digits_cache), "-o", str(tmp_path / "cli.safetensors"), "--C", "1",
+    # the cache named --cache, as similar, predict and evaluate name it (it was an unrecognised argument)
+    assert main(["-q", "train-head", "--cache", str(digits_cache), "-o", str(tmp_path / "cli.safetensors"), "--C", "1",
                  "--balanced"]) == 0
     assert load_head(tmp_path / "cli.safetensors").head.class_weight == "balanced"
     assert "balanced accuracy" in capsys.readouterr().out
@@ -829,6 +830,20 @@ def test_an_option_the_head_does_not_take_is_refused_not_left_unused(digits_cach
     assert main(["-q", "train-head", str(digits_cache), "-o", head, "--head", "mlp", "--hidden", "64", "--epochs", "5",
                  "--dropout", "0.2"]) == 0
     assert load_head(head).head.get_params()["hidden"] == (64,)
+
+
+def test_train_head_and_map_take_the_cache_first_or_as_cache(capsys):
+    """similar, predict and evaluate name the cache --cache; `featx train-head --cache c.h5` was refused as an
+    unrecognised argument. Both forms are read now (test_train_head_balanced_is_saved_and_reported runs
+    one); none, or two different ones, are refused as the command is read."""
+    from featx.cli import main
+
+    for args, said in [(["train-head", "-o", "h.safetensors"], "the following arguments are required: cache (or "
+                                                               "--cache CACHE)"),
+                       (["map", "a.h5", "--cache", "b.h5"], "two caches given, a.h5 and --cache b.h5: give one")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2 and said in capsys.readouterr().err, args
 
 
 def test_numbers_that_make_no_sense_are_refused_as_the_command_is_read(capsys):
