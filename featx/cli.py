@@ -114,11 +114,11 @@ def _batch_sizes(text: str) -> list[int]:
     return [int(size) for size in sizes]
 
 
-def _add_cache(p: argparse.ArgumentParser, help: str) -> None:
+def _add_cache(p: argparse.ArgumentParser, what: str) -> None:
     """The cache a command reads, first on its line or as --cache (as similar, predict and evaluate name it):
     ``featx train-head --cache c.h5`` was refused as an unrecognised argument. Either one, checked by
     :func:`_cache_given` once parsed."""
-    p.add_argument("cache", nargs="?", default=None, help=help)
+    p.add_argument("cache", nargs="?", default=None, help=what)
     p.add_argument("--cache", dest="cache_option", metavar="CACHE", default=None, help="the same, named")
     p.set_defaults(cache_parser=p)
 
