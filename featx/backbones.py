@@ -92,11 +92,6 @@ class Backbone:
                               for item in module.state_dict().items())
 
 
-# `featx info` of a file written before featx recorded the digest of its weights (2026-12-07)
-NO_DIGEST = ("it keeps no digest of its weights (an earlier featx's, or another tool's): damage inside them "
-             "cannot be told; {again} it has one")
-
-
 def tensors_sha256(named) -> str:
     """SHA-256 of (name, shape, dtype, bytes) of each (name, torch tensor or numpy array) in the order given:
     the identity of a set of weights, and what featx's .safetensors files (heads, fine-tuning checkpoints)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import DEFAULT_BACKBONE, NO_DIGEST, tensors_sha256
+from .backbones import DEFAULT_BACKBONE, tensors_sha256
 from .errors import FeatxError, check_output_file
 
 _logger = logging.getLogger(__name__)
@@ -613,7 +613,7 @@ def _classifier_from_state(state: dict, meta: dict):
 def describe_checkpoint(path: str | os.PathLike) -> str:
     """One line from a fine-tuning checkpoint's metadata: the model, its classes, the size it trained at,
     the blocks trained and its best epoch, and how to export it; its tensors are read to check their
-    digest (a FeatxError for a damaged file), and a checkpoint without one is said to have none."""
+    digest (a FeatxError for a damaged file)."""
     meta = _read_checkpoint(Path(path))[1]
     classes = meta.get("class_names", [])
     blocks = meta.get("trained_blocks")
@@ -624,8 +624,7 @@ def describe_checkpoint(path: str | os.PathLike) -> str:
             f"val_loss {loss_text(meta.get('val_loss', float('nan')))}); "
             + ("its training images' class means kept (its export marks images unlike them); "
                if "typical_cosine" in meta else "")
-            + f"{export_command(path, meta)} makes it a model"
-            + ("" if "tensors_sha256" in meta else f"\n  {NO_DIGEST.format(again='fine-tuned again')}"))
+            + f"{export_command(path, meta)} makes it a model")
 
 
 def export_command(path: str | os.PathLike, meta: dict | None = None) -> str | None:

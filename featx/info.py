@@ -6,9 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .backbones import NO_DIGEST
 from .errors import FeatxError, check_output_file
 from .heads import load_head
+
+
+# said of a model, head or checkpoint written before featx recorded the digest of its weights (2026-12-07)
+_NO_DIGEST = ("\n  it keeps no digest of its weights (an earlier featx's, or another tool's): damage inside them "
+              "cannot be told; {again} it has one")
 
 
 def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_copies: bool = False,
@@ -59,16 +63,16 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
         stale = ("\n  its 'SAME' padding is worked out at every call (an earlier featx's export): exported again "
                  "(featx export) it gives the same embeddings at 1.5-1.9x the speed on a CPU" if info.pads_per_call else "")
         if not info.weights_checked:
-            stale += f"\n  {NO_DIGEST.format(again='exported again (featx export)')}"
+            stale += _NO_DIGEST.format(again="exported again (featx export)")
         return f"{path}: {info.summary()}{stale}"
     if kind == "safetensors" or path.suffix == ".safetensors":
-        from .finetune import describe_checkpoint, is_finetune_checkpoint
+        from .finetune import _checkpoint_meta, describe_checkpoint, is_finetune_checkpoint
 
         if is_finetune_checkpoint(path):
-            return f"{path}: {describe_checkpoint(path)}"
+            return f"{path}: {describe_checkpoint(path)}" + (
+                "" if "tensors_sha256" in _checkpoint_meta(path) else _NO_DIGEST.format(again="fine-tuned again"))
         head = load_head(path)
-        return f"{path}: {head.summary()}" + ("" if head.weights_checked else
-                                              f"\n  {NO_DIGEST.format(again='trained again')}")
+        return f"{path}: {head.summary()}" + ("" if head.weights_checked else _NO_DIGEST.format(again="trained again"))
     raise FeatxError(f"{path}: not a featx file (an embedding cache .h5, a model .onnx, or a head or fine-tuning "
                      f"checkpoint .safetensors)")
 
