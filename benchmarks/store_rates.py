@@ -1,7 +1,7 @@
 """How fast the HDF5 cache takes rows, against what the GPU target needs (10,000 images/s end to end):
 batches of 256 ResNet-50 embeddings (2048-d float32) appended and committed as `featx embed` commits
 them (every column written, flushed, then the row count raised), the re-run's `done()` read back, and
-every embedding read back with `load_embeddings` (each block's checksum checked).
+every embedding read back with `load_embeddings`.
 
     python benchmarks/store_rates.py [--batches 200] [--out benchmarks/results]
 """
@@ -48,7 +48,7 @@ def main() -> None:
     from featx.store import load_embeddings
 
     t0 = time.perf_counter()
-    loaded = load_embeddings(tmp / "store.h5").embeddings  # every block's checksum checked (caches since 2026-12-07)
+    loaded = load_embeddings(tmp / "store.h5").embeddings
     read_rows = time.perf_counter() - t0
     assert loaded.shape == (n, info.embed_dim)
     write_record({

@@ -34,13 +34,12 @@ def main() -> None:
         ensure_model_file(args.model, weights="none", models_dir=models)
 
     def seconds(step) -> float:
-        times = []
-        for _ in range(args.repeats):
-            runtime._WEIGHTS_CHECKED.clear()  # as a new process finds it
-            t0 = time.perf_counter()
+        """Median time of ``step`` as a new process finds the file: not yet checked."""
+        def unchecked() -> None:
+            runtime._WEIGHTS_CHECKED.clear()
             step()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+
+        return statistics.median(_timed(unchecked) for _ in range(args.repeats))
 
     proto = onnx.load(str(model_file), load_external_data=False)
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
