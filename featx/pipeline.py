@@ -1180,21 +1180,69 @@ class _FolderProgress:
             self.bar.close()
 
 
-LOGGED_BAR_SECONDS = 30  # a bar written to a file (nohup, a scheduler's log) is redrawn this seldom
+LOGGED_BAR_SECONDS = 30  # a bar written to a file (nohup, a scheduler's log) gets a line this seldom
+
+
+class _LoggedBar:
+    """A progress bar for stderr that is not a terminal (nohup, a batch scheduler, CI). tqdm redraws its
+    line in place with '\r', and a log keeps every redraw on one line: ``tail`` of a ten-hour run showed
+    a line of all of them, and a run's log began with a "0img" line drawn before the walk found a file.
+    Here tqdm's meter (without the bar) is a line of its own every LOGGED_BAR_SECONDS, and once more
+    when the bar is done, unless it is a passing one (``leave=False``: a fine-tuning epoch's)."""
+
+    def __init__(self, total: int | None, desc: str | None, unit: str, leave: bool):
+        self.total, self.desc, self.unit, self.leave = total, desc, unit, leave
+        self.n = 0
+        self.postfix: str | None = None
+        self.started = self.logged = time.monotonic()
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def update(self, n: int = 1) -> None:
+        with self.lock:
+            self.n += n
+            if time.monotonic() - self.logged >= LOGGED_BAR_SECONDS:
+                self._write()
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def refresh(self) -> None:
+        """A log gets a line as work is done, not when the total is counted."""
+
+    def close(self) -> None:
+        with self.lock:
+            if not self.closed and self.leave and (self.n or self.total):
+                self._write()
+            self.closed = True
+
+    def _write(self) -> None:
+        import sys
+
+        from tqdm import tqdm
+
+        self.logged = time.monotonic()
+        elapsed = self.logged - self.started
+        line = tqdm.format_meter(self.n, self.total, elapsed, prefix=f"{self.desc}: " if self.desc else "",
+                                 unit=self.unit, unit_scale=self.unit != "img", postfix=self.postfix,
+                                 rate=self.n / elapsed if elapsed > 0 else None,
+                                 bar_format=None if self.total is None else
+                                 "{desc}{percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def _progress_bar(total: int | None, show: bool, desc: str | None = None, *, leave: bool = True, unit: str = "img"):
-    if not show:
-        return _NoBar()
     import sys
 
+    if not show or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
+        return _NoBar()
+    if not sys.stderr.isatty():
+        return _LoggedBar(total, desc, unit, leave)
     from tqdm import tqdm
 
-    # tqdm redraws ten times a second; into a log file each redraw stays, a '\r' line of some 80 bytes:
-    # 30 MB over a ten-hour run. A terminal keeps the live bar.
-    interval = 0.1 if sys.stderr.isatty() else LOGGED_BAR_SECONDS
     return tqdm(total=total, unit=unit, unit_scale=unit != "img", dynamic_ncols=True, smoothing=0.1, desc=desc,
-                mininterval=interval, leave=leave)
+                leave=leave)
 
 
 def _walk_ahead(batches: Iterator[list[FileEntry]], depth: int = 8) -> Iterator[list[FileEntry]]:

@@ -730,23 +730,43 @@ def test_strict_exit_code(small_digits, tmp_path, lite0_onnx, capsys):
     assert main(base + ["-o", str(tmp_path / "b.h5"), "--strict"]) == 1
 
 
-def test_a_bar_written_to_a_log_file_is_not_redrawn_every_tenth_of_a_second(tmp_path, lite0_onnx):
-    """stderr to a file (nohup, a batch scheduler): each tqdm redraw stays in the log. The digits' run of
-    some ten seconds drew its bar about a hundred times (480 of them, some five seconds: fifty); now the
-    bar is drawn when it starts, when its total is known and when it ends, and at most every
-    LOGGED_BAR_SECONDS between."""
+def test_a_bar_written_to_a_log_file_is_a_line_at_the_end_not_redraws(tmp_path, lite0_onnx):
+    """stderr to a file (nohup, a batch scheduler): tqdm's redraws, each behind a '\r', stayed in the log
+    on one line (480 digits: a hundred redraws, then fifty), and a run's log began with a "0img" bar drawn
+    before the walk found a file. A short run now logs its bar once, as a line of its own, at the end."""
     from featx.samples import write_digits_folder
 
-    folder = write_digits_folder(tmp_path / "digits", size=32, limit=480)
+    folder = write_digits_folder(tmp_path / "digits", size=32, limit=120)
     log = tmp_path / "embed.log"
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # the suite's own setting (conftest)
     with open(log, "w") as stderr:
         r = subprocess.run([sys.executable, "-m", "featx", "embed", str(folder), "-o", str(tmp_path / "c.h5"),
                             "--model", str(lite0_onnx), "--engine", "onnx"],
                            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
-    assert r.returncode == 0 and "480 embedded" in r.stdout
-    text = log.read_bytes()  # as written: read_text would turn each '\r' into a newline
-    assert b"480/480" in text and text.count(b"\r") <= 4, text
+    assert r.returncode == 0 and "120 embedded" in r.stdout
+    text = log.read_bytes().decode()  # as written: read_text would turn each '\r' into a newline
+    assert "\r" not in text, text
+    assert [line for line in text.splitlines() if "120/120 [" in line or "img [" in line] == \
+        [next(line for line in text.splitlines() if line.startswith("100% 120/120 ["))], text
+
+
+def test_a_long_run_logs_its_progress_as_lines_of_their_own(small_digits, tmp_path, lite0_onnx, capfd,
+                                                           monkeypatch):
+    """Every LOGGED_BAR_SECONDS (here every batch) a run whose stderr is not a terminal logs a line, so
+    `tail embed.log` shows how far it got; a skipped file's line stands between them, whole."""
+    from featx import pipeline
+    from featx.cli import main
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setattr(pipeline, "LOGGED_BAR_SECONDS", 0)
+    (small_digits / "3" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    assert main(["embed", str(small_digits), "-o", str(tmp_path / "c.h5"), "--model", str(lite0_onnx),
+                 "--engine", "onnx", "--batch-size", "8", "--workers", "0"]) == 0
+    err = capfd.readouterr().err
+    assert "\r" not in err, err
+    counts = [int(m.group(1)) for m in re.finditer(r"^(?:\s*\d+% )?(\d+)(?:/61|img) \[", err, re.MULTILINE)]
+    assert len(counts) >= 8 and counts == sorted(counts) and counts[-1] == 61, err
+    assert re.search(r"^skipped 3/cut\.png: cannot decode", err, re.MULTILINE), err
 
 
 def test_the_bar_counts_images_saved_without_an_extension(digits_dir, tmp_path, lite0_onnx):
