@@ -179,10 +179,38 @@ def test_finetune_shows_a_bar_through_each_epoch(small_digits, tmp_path):
 
     cmd = [sys.executable, "-m", "featx", "finetune", str(small_digits), "-o", str(tmp_path / "ft.safetensors"),
            "--unfreeze", "0", "--epochs", "2", "--input-size", "32", "--no-hflip"]
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # as a user runs it: progress bars on
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert "epoch 1/2:   0%" in run.stderr and "epoch 2/2:   0%" in run.stderr and "| 0/60 [" in run.stderr
+    terminal, stderr = pty.openpty()  # stderr a terminal: the live bar (in a log, a line every 30 s)
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new one is 0 columns wide
+    shown = bytearray()
+
+    def read_terminal():
+        while True:
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # the child closed its side
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, timeout=300)
+    finally:
+        os.close(stderr)
+        reader.join(10)
+        os.close(terminal)
+    err = shown.decode(errors="replace")
+    assert run.returncode == 0, err
+    assert "epoch 1/2:   0%" in err and "epoch 2/2:   0%" in err and "| 0/60 [" in err, err
     assert [line[:10] for line in run.stdout.splitlines() if line.startswith("Epoch ")] == ["Epoch 1/2 ", "Epoch 2/2 "]
 
 
