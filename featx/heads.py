@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -905,8 +906,32 @@ def _check_held_out_share(fraction: float, n: int, *, per_side: int, unit: str, 
     n_held = int(np.ceil(fraction * n)) if fraction < 1 else int(fraction)
     if per_side <= n_held <= n - per_side:
         return
-    instead = (f"use {option} between {per_side / n:.2g} and {1 - per_side / n:.2g}, or add images"
-               if n >= 2 * per_side else "add images")
+
+    def fits(share: str) -> bool:
+        return per_side <= int(np.ceil(float(share) * n)) <= n - per_side
+
+    def shown(share: float, inward: int) -> str:
+        """``share`` in as few decimals as still fit: rounded, or else a step or two towards the middle
+        (``inward``: +1 or -1) where that moves it by a tenth at most. Of 1,003 pictures 0.1505 to 0.8495
+        fit, so the upper end is 0.84 (0.85 does not fit); of 129 with 12 a side, 0.9 (up to 117/129 =
+        0.90698); of 10,000 with 2 a side, 0.0002 (0.01 would hide how low it goes); of 150 with 66 a side
+        0.55, as 0.56 x 150 is 84.00000000000001 in floats, which scikit-learn's split takes as 85."""
+        for decimals in range(2, 8):
+            scale = 10 ** decimals
+            towards = (math.ceil if inward > 0 else math.floor)(share * scale)
+            for value in (round(share, decimals), towards / scale, (towards + inward) / scale):
+                text = f"{value:.{decimals}f}".rstrip("0").rstrip(".")
+                if abs(value - share) <= 0.1 * share and fits(text):
+                    return text
+        return f"{share:g}"
+
+    if n == 2 * per_side:  # one share alone does
+        instead = f"use {option} 0.5, or add images"
+    elif n > 2 * per_side:
+        instead = (f"use {option} between {shown(per_side / n, +1)} and {shown(1 - per_side / n, -1)}, "
+                   "or add images")
+    else:
+        instead = "add images"
     raise FeatxError(f"{option} {fraction:g} holds out {n_held} of {n} {unit}s for {held_out}, but {needs}: "
                      f"{instead}")
 

@@ -365,6 +365,28 @@ def test_a_labels_csv_may_name_files_without_their_extension_where_one_file_has_
         "cats/a.jpg": ["x"], "cats/b": ["y"], "dogs/c.v2.webp": ["z"], "dogs/d": ["w"], "dogs/e": ["v"]}
 
 
+def test_the_test_sizes_a_refused_split_suggests_are_taken():
+    """A --test-size refused names the range that would do; its ends, rounded for reading, were once
+    outside it (1,003 pictures, 151 a side: 'between 0.15 and 0.85', and 0.85 leaves 150 to train on), and
+    where a single share does (4 images, 2 classes) it said 'between 0.5 and 0.5'."""
+    from featx.heads import _check_held_out_share
+
+    def suggested(n, per_side):
+        with pytest.raises(featx.FeatxError) as refused:
+            _check_held_out_share(0.999, n, per_side=per_side, unit="image", held_out="test", option="--test-size",
+                                  needs="each class needs one")
+        return str(refused.value).split(": use --test-size ")[1].split(", or add images")[0]
+
+    assert suggested(4, 2) == "0.5" and suggested(1003, 151) == "between 0.15 and 0.84"
+    for n in range(3, 400, 7):
+        for per_side in range(1, n // 2 + 1, max(1, n // 11)):
+            ends = suggested(n, per_side).removeprefix("between ").split(" and ")
+            for share in ends:  # each is taken: no error
+                _check_held_out_share(float(share), n, per_side=per_side, unit="image", held_out="test",
+                                      option="--test-size", needs="")
+            assert float(ends[0]) <= float(ends[-1]) and all(len(share) <= 8 for share in ends), (n, per_side, ends)
+
+
 def test_train_head_says_which_classes_cannot_be_split(small_digits, lite0_onnx, tmp_path):
     """A class folder with one photo, a held-out share too small for the classes, --cv above the smallest
     class, a folder of one class: each a one-line error naming the fix, and no head file written."""
