@@ -1232,12 +1232,18 @@ class _LoggedBar:
         sys.stderr.flush()
 
 
+def _redraws_in_place(stream) -> bool:
+    """Whether ``stream`` shows a line redrawn behind '\r' in place: a terminal, or a Jupyter notebook's
+    output (ipykernel's stream, no terminal, whose front end draws '\r' as a terminal does)."""
+    return stream.isatty() or type(stream).__module__.startswith("ipykernel.")
+
+
 def _progress_bar(total: int | None, show: bool, desc: str | None = None, *, leave: bool = True, unit: str = "img"):
     import sys
 
     if not show or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
         return _NoBar()
-    if not sys.stderr.isatty():
+    if not _redraws_in_place(sys.stderr):
         return _LoggedBar(total, desc, unit, leave)
     from tqdm import tqdm
 

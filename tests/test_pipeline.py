@@ -769,6 +769,25 @@ def test_a_long_run_logs_its_progress_as_lines_of_their_own(small_digits, tmp_pa
     assert re.search(r"^skipped 3/cut\.png: cannot decode", err, re.MULTILINE), err
 
 
+def test_a_notebook_keeps_the_live_bar_that_a_log_file_does_not_get(monkeypatch):
+    """Jupyter's stderr (ipykernel's stream) is no terminal, but the notebook draws '\r' in place as a
+    terminal does: it keeps tqdm's live bar. A file gets the meter as a line of its own."""
+    import io
+
+    from featx.pipeline import _progress_bar
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    notebook = type("OutStream", (io.StringIO,), {"__module__": "ipykernel.iostream"})()
+    log = io.StringIO()
+    for stream in (notebook, log):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = _progress_bar(3, True, desc="embedding")
+        bar.update(3)
+        bar.close()
+    assert notebook.getvalue().startswith("\r") and "embedding: 100%|" in notebook.getvalue(), notebook.getvalue()
+    assert re.fullmatch(r"embedding: 100% 3/3 \[00:00<00:00, +[\d.]+img/s\]\n", log.getvalue()), log.getvalue()
+
+
 def test_the_bar_counts_images_saved_without_an_extension(digits_dir, tmp_path, lite0_onnx):
     """A scraped folder names its files by hash, without an extension; the walk takes those whose content is
     an image, and the bar's total counted them too (it said 4/2 where 4 of 4 were embedded)."""
