@@ -1181,6 +1181,7 @@ class _FolderProgress:
 
 
 LOGGED_BAR_SECONDS = 30  # a bar written to a file (nohup, a scheduler's log) gets a line this seldom
+_LOGGED_METER = "{desc}{percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
 class _LoggedBar:
@@ -1226,8 +1227,7 @@ class _LoggedBar:
         line = tqdm.format_meter(self.n, self.total, elapsed, prefix=f"{self.desc}: " if self.desc else "",
                                  unit=self.unit, unit_scale=self.unit != "img", postfix=self.postfix,
                                  rate=self.n / elapsed if elapsed > 0 else None,
-                                 bar_format=None if self.total is None else
-                                 "{desc}{percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+                                 bar_format=None if self.total is None else _LOGGED_METER)
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
@@ -1247,8 +1247,9 @@ def _progress_bar(total: int | None, show: bool, desc: str | None = None, *, lea
         return _LoggedBar(total, desc, unit, leave)
     from tqdm import tqdm
 
+    # TQDM_DISABLE is read above, when the bar is made: tqdm reads it once, when first imported
     return tqdm(total=total, unit=unit, unit_scale=unit != "img", dynamic_ncols=True, smoothing=0.1, desc=desc,
-                leave=leave)
+                leave=leave, disable=False)
 
 
 def _walk_ahead(batches: Iterator[list[FileEntry]], depth: int = 8) -> Iterator[list[FileEntry]]:
