@@ -451,6 +451,20 @@ def _open_image(f: io.BytesIO) -> Image.Image:
                 Image.MAX_IMAGE_PIXELS = limit
 
 
+def _float_grey_as_8_bits(a: np.ndarray) -> np.ndarray:
+    """uint8 of a float greyscale file's values (a TIFF of Pillow's mode F: microscopy, depth, remote
+    sensing): 0..1 as arrays are read (x 255), else 0..255 as they are, else its own lowest to highest
+    stretched onto 0..255, as an image viewer shows it. NaN and infinities are 0. Clipped to 0..255, as
+    before, a 0..1 image was black, and one of 16-bit values white."""
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(a.min()), float(a.max())
+    if 0.0 <= lo and hi <= 1.0:
+        a = a * 255.0
+    elif not (0.0 <= lo and hi <= 255.0):
+        a = (a - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit greyscale: scale 0..65535 onto 0..255 instead of letting PIL clip at 255
@@ -458,7 +472,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         img = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
     elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(_float_grey_as_8_bits(np.asarray(img, dtype=np.float64)), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

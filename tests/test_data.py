@@ -218,6 +218,28 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path):
     assert 100 < out.mean() < 155  # clipping at 255 would make nearly every pixel 255
 
 
+def test_a_float_tiff_is_read_on_its_range_not_clipped_black(tmp_path, coffee):
+    """A float greyscale TIFF (microscopy, depth, remote sensing; Pillow's mode F) was clipped to 0..255:
+    one in 0..1, as scikit-image and tifffile write them, decoded black (the coffee photo: 'nematode
+    2.1%'), one of 16-bit values white. 0..1 is read as in-memory float arrays are, 0..255 as it is, and
+    any other range stretched from its lowest to its highest value; NaN counts as the lowest possible, 0."""
+    grey = np.asarray(coffee.convert("L"))
+
+    def stretched(values):  # lowest to highest onto 0..255
+        values = np.nan_to_num(values.astype(np.float64), nan=0.0)
+        return np.rint((values - values.min()) * (255.0 / (values.max() - values.min())))
+
+    with_nan = grey.astype(np.float32) * 16.0 - 1000.0
+    with_nan[0, :8] = np.nan
+    cases = {"unit": (grey / 255.0, grey), "bytes": (grey, grey), "deep": (grey * 257.0, stretched(grey * 257.0)),
+             "signed": (with_nan, stretched(with_nan))}
+    for name, (values, expected) in cases.items():
+        Image.fromarray(values.astype(np.float32)).save(tmp_path / f"{name}.tif")  # mode F
+        out = np.asarray(decode_image(tmp_path / f"{name}.tif"))
+        assert out.shape == grey.shape + (3,) and (out[..., 0] == out[..., 2]).all(), name
+        assert np.abs(out[..., 0].astype(int) - expected).max() <= 1, name
+
+
 def test_exif_orientation_is_applied(tmp_path):
     img = Image.new("RGB", (40, 20), (0, 0, 255))
     exif = Image.Exif()
