@@ -30,7 +30,11 @@ _logger = logging.getLogger(__name__)
 
 # .jfif and .jpe: JPEGs as Windows and browsers save them ("Save image as" in Chrome on Windows)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
-                              ".heic", ".heif", ".avif"})
+                              ".heic", ".heif", ".avif",
+                              # Netpbm: datasets from before PNG was everywhere (GTSRB's traffic signs, AT&T's faces)
+                              ".ppm", ".pgm", ".pbm", ".pnm",
+                              # JPEG 2000: archives, medical and satellite imagery (Pillow's own OpenJPEG)
+                              ".jp2", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx"})
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs (--max-pixels)
 _INTERPOLATION = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 # Where an image has transparency, it is composited onto this colour (white, as browsers show it).
@@ -70,6 +74,10 @@ def sniff_format(head: bytes) -> str | None:
         return "webp"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
+    if head[:1] == b"P" and head[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6") and head[2:3].isspace():
+        return "pnm"  # Netpbm: bitmap, greymap, pixmap, as text (1-3) or binary (4-6)
+    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
+        return "jpeg2000"  # the JP2 file's signature box, or a bare codestream's SOC and SIZ markers
     if head[4:8] == b"ftyp":  # ISO base media file: the major brand, or a generic one and the compatible list
         brand, compatible = head[8:12], head[16:32]
         if brand in (b"avif", b"avis") or (brand in (b"mif1", b"msf1") and b"avif" in compatible):

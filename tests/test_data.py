@@ -401,6 +401,35 @@ def test_phone_formats_are_walked_decoded_upright_and_classified(tmp_path, coffe
     assert result.top[0][0] == "espresso"
 
 
+def test_netpbm_and_jpeg_2000_files_are_walked_and_decoded(tmp_path, coffee, lite0_onnx):
+    """Datasets from before PNG was everywhere come as Netpbm (GTSRB's 39,209 traffic signs are .ppm,
+    AT&T's faces .pgm), archives and satellite imagery as JPEG 2000: featx left them out of the walk as
+    files it does not read. They are walked (by name or content) and decoded as the same picture."""
+    import featx
+
+    grey = coffee.convert("L")
+    coffee.save(tmp_path / "sign.ppm")
+    grey.save(tmp_path / "face.pgm")
+    Image.fromarray(np.asarray(grey).astype(np.uint16) * 257).save(tmp_path / "deep.pgm")
+    (tmp_path / "plain.pbm").write_bytes(b"P1\n# a comment\n3 2\n1 0 1\n0 1 0\n")
+    coffee.save(tmp_path / "archive.jp2")
+    coffee.save(tmp_path / "tile.j2k", no_jp2=True)  # a bare codestream
+    coffee.save(tmp_path / "scan_without_extension", format="JPEG2000")
+    (tmp_path / "cut.jp2").write_bytes((tmp_path / "archive.jp2").read_bytes()[:300])
+    walked = {e.key for e in walk_images(tmp_path)}
+    assert walked == {"sign.ppm", "face.pgm", "deep.pgm", "plain.pbm", "archive.jp2", "tile.j2k",
+                      "scan_without_extension", "cut.jp2"}
+    for name in ("sign.ppm", "archive.jp2", "tile.j2k", "scan_without_extension"):  # lossless: the same pixels
+        assert np.array_equal(np.asarray(decode_image(tmp_path / name)), np.asarray(coffee)), name
+    for name in ("face.pgm", "deep.pgm"):
+        assert np.array_equal(np.asarray(decode_image(tmp_path / name))[..., 1], np.asarray(grey)), name
+    assert np.asarray(decode_image(tmp_path / "plain.pbm"))[..., 0].tolist() == [[0, 255, 0], [255, 0, 255]]
+    with pytest.raises(ImageError, match=r"^cannot decode: [^<]*$"):
+        decode_image(tmp_path / "cut.jp2")
+    results = featx.classify([tmp_path / "sign.ppm", tmp_path / "archive.jp2"], model=lite0_onnx, top=1)
+    assert [r.top[0][0] for r in results] == ["espresso", "espresso"]
+
+
 def test_heic_without_pillow_heif_is_a_recorded_failure_that_says_what_to_install(tmp_path, coffee):
     """pillow-heif is what reads HEIC; where it is missing (a minimal install), a folder of iPhone photos
     must not end the run or fail with a bare 'cannot identify image': each file names the package."""
