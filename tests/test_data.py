@@ -373,6 +373,45 @@ def test_camera_sized_jpeg_decodes_at_reduced_scale_and_embeds_like_a_full_decod
         assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) >= 0.999
 
 
+def test_a_large_jpeg_2000_decodes_at_reduced_resolution_and_embeds_like_a_full_decode(tmp_path, lite0_onnx):
+    """JPEG 2000 keeps each halving of the picture in its wavelet levels, which OpenJPEG can leave out as
+    libjpeg scales a JPEG: a 2736x2048 photo is decoded at half of each side, its shorter side still four
+    times the resize target, and is under a --max-pixels that its full size is over (a 10980-pixel
+    Sentinel-2 tile was refused at the default). The wavelet's low-pass filters less well than libjpeg's
+    scaling: the embedding's cosine to the full decode's is 0.9989 here (a JPEG's, 0.9998), as far as a
+    JPEG re-save at quality 90 moves the sample photos (0.996 to 0.998); at a quarter of each side it was
+    0.996, which is why featx stops at four times. A codestream whose component has fewer levels (a COC
+    marker) is left no more than it has: OpenJPEG fails the decode ("broken data stream") when asked to
+    leave out more."""
+    import featx
+    from featx.data import load_image, preprocess_image
+    from featx.samples import camera_sized_photo
+
+    photo = camera_sized_photo((2736, 2048))
+    photo.save(tmp_path / "scan.jp2", quality_mode="rates", quality_layers=[20])
+    assert decode_image(tmp_path / "scan.jp2", min_size=512).size == (1368, 1024)
+    assert decode_image(tmp_path / "scan.jp2", min_size=512, max_pixels=2_000_000).size == (1368, 1024)
+    with pytest.raises(ImageError, match="2736x2048 = 5,603,328 pixels is over the limit of 2,000,000"):
+        decode_image(tmp_path / "scan.jp2", max_pixels=2_000_000)
+    engine = featx.load_model(lite0_onnx, device="cpu", engine="onnx")
+    cfg = engine.info.preprocess
+    reduced, full = load_image(tmp_path / "scan.jp2", cfg), preprocess_image(decode_image(tmp_path / "scan.jp2"), cfg)
+    a, b = engine.encode(np.stack([reduced, full])).embedding
+    assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) >= 0.998
+
+    photo.resize((1024, 768)).save(tmp_path / "tile.j2k", no_jp2=True)  # a bare codestream: SOC, SIZ, COD …
+    data = (tmp_path / "tile.j2k").read_bytes()
+    cod = data.index(b"\xff\x52")
+    end = cod + 2 + int.from_bytes(data[cod + 2:cod + 4], "big")
+    assert data[cod + 9] == 5  # Pillow's 5 wavelet levels
+    sp = bytearray(data[cod + 9:end])
+    sp[0] = 2  # component 0: 2 levels
+    coc = b"\xff\x53" + (4 + len(sp)).to_bytes(2, "big") + b"\x00" + data[cod + 4:cod + 5] + bytes(sp)
+    (tmp_path / "fewer.j2k").write_bytes(data[:end] + coc + data[end:])
+    assert decode_image(tmp_path / "tile.j2k", min_size=8).size == (32, 24)  # 1/32: all 5 levels
+    assert decode_image(tmp_path / "fewer.j2k", min_size=8).size == (256, 192)  # 1/4: not 1/32
+
+
 @pytest.mark.parametrize("fmt,ext", [("HEIF", ".heic"), ("AVIF", ".avif")])
 def test_phone_formats_are_walked_decoded_upright_and_classified(tmp_path, coffee, lite0_onnx, fmt, ext):
     """iPhones save HEIC, Android and web exports AVIF: featx lists them (by name or by content),
