@@ -509,8 +509,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit greyscale: scale 0..65535 onto 0..255 instead of letting PIL clip at 255
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+        if img.mode == "I" and (a.min() < 0 or a.max() > 65535):  # 32-bit, on no fixed range: as mode F's
+            img = Image.fromarray(_float_grey_as_8_bits(a), mode="L")
+        else:
+            top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
     elif img.mode == "F":
         img = Image.fromarray(_float_grey_as_8_bits(np.asarray(img, dtype=np.float64)), mode="L")
     if img.mode == "P" and "transparency" in img.info:

@@ -222,7 +222,8 @@ def test_a_float_tiff_is_read_on_its_range_not_clipped_black(tmp_path, coffee):
     """A float greyscale TIFF (microscopy, depth, remote sensing; Pillow's mode F) was clipped to 0..255:
     one in 0..1, as scikit-image and tifffile write them, decoded black (the coffee photo: 'nematode
     2.1%'), one of 16-bit values white. 0..1 is read as in-memory float arrays are, 0..255 as it is, and
-    any other range stretched from its lowest to its highest value; NaN counts as the lowest possible, 0."""
+    any other range stretched from its lowest to its highest value; NaN counts as 0. So is a 32-bit integer
+    TIFF (mode I) beyond 0..65535, which was clipped too."""
     grey = np.asarray(coffee.convert("L"))
 
     def stretched(values):  # lowest to highest onto 0..255
@@ -235,6 +236,10 @@ def test_a_float_tiff_is_read_on_its_range_not_clipped_black(tmp_path, coffee):
              "signed": (with_nan, stretched(with_nan))}
     for name, (values, expected) in cases.items():
         Image.fromarray(values.astype(np.float32)).save(tmp_path / f"{name}.tif")  # mode F
+    counts = grey.astype(np.int32) * 1000 - 5000  # 32-bit integers (mode I), beyond 16 bits: clipped white
+    Image.fromarray(counts).save(tmp_path / "counts.tif")
+    cases["counts"] = (counts, stretched(counts))
+    for name, (values, expected) in cases.items():
         out = np.asarray(decode_image(tmp_path / f"{name}.tif"))
         assert out.shape == grey.shape + (3,) and (out[..., 0] == out[..., 2]).all(), name
         assert np.abs(out[..., 0].astype(int) - expected).max() <= 1, name
