@@ -501,7 +501,7 @@ def _float_grey_as_8_bits(a: np.ndarray) -> np.ndarray:
     if 0.0 <= lo and hi <= 1.0:
         a = a * 255.0
     elif not (0.0 <= lo and hi <= 255.0):
-        a = (a - lo) * (255.0 / (hi - lo))
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)  # one value, out of range: black
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 

@@ -239,9 +239,11 @@ def test_a_float_tiff_is_read_on_its_range_not_clipped_black(tmp_path, coffee):
     counts = grey.astype(np.int32) * 1000 - 5000  # 32-bit integers (mode I), beyond 16 bits: clipped white
     Image.fromarray(counts).save(tmp_path / "counts.tif")
     cases["counts"] = (counts, stretched(counts))
+    Image.fromarray(np.full((40, 60), 300.0, np.float32)).save(tmp_path / "flat.tif")  # one value: nothing to stretch
+    cases["flat"] = (None, np.zeros((40, 60)))
     for name, (values, expected) in cases.items():
         out = np.asarray(decode_image(tmp_path / f"{name}.tif"))
-        assert out.shape == grey.shape + (3,) and (out[..., 0] == out[..., 2]).all(), name
+        assert out.shape == expected.shape + (3,) and (out[..., 0] == out[..., 2]).all(), name
         assert np.abs(out[..., 0].astype(int) - expected).max() <= 1, name
 
 
