@@ -306,6 +306,17 @@ def save_model_file(proto, path: str | os.PathLike) -> None:
     entry = proto.metadata_props.add()
     entry.key, entry.value = TENSORS_DIGEST_KEY, tensors_digest(proto)
     onnx.save(proto, str(path))
+    from .runtime import weights_written
+
+    weights_written(path)
+
+
+def replace_model_file(written: str | os.PathLike, path: str | os.PathLike) -> None:
+    """``os.replace`` of a file :func:`save_model_file` wrote, still counted as checked under its new name."""
+    from .runtime import weights_written
+
+    os.replace(written, path)
+    weights_written(path)
 
 
 def class_mean_cosine_graph(means: np.ndarray, *, prefix: str = "") -> tuple[list, list]:
@@ -421,7 +432,7 @@ def export_onnx(
         onnx.checker.check_model(str(tmp))
         if check:
             compare_with_torch(tmp, backbone, half=half)
-        os.replace(tmp, path)
+        replace_model_file(tmp, path)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         tmp.unlink(missing_ok=True)
@@ -632,7 +643,7 @@ def refresh_models_folder_file(path: Path, name: str, *, weights=None, half: boo
             _logger.warning("%s kept as it is: exported again, %s's fingerprint is %s, not the file's %s (other "
                             "weights?)", path, name, new, old.fingerprint)
             return False
-        os.replace(fresh, path)
+        replace_model_file(fresh, path)
         return True
     except Exception as e:  # the old file still works: a failed refresh must not stop the run
         _logger.warning("%s kept as it is (per-call padding): exporting %s again failed: %s", path, name,

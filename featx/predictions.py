@@ -567,7 +567,7 @@ def export_classifier(
     from onnx import TensorProto, compose, helper, numpy_helper
 
     from .export import (METADATA_KEY, TRAINED_PHASHES_KEY, TYPICAL_COSINE_KEY, class_mean_cosine_graph, encode_phashes,
-                         save_model_file)
+                         replace_model_file, save_model_file)
 
     check_output_file(output, example="classifier.onnx")
     loaded = load_head(head)
@@ -638,7 +638,7 @@ def export_classifier(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
     save_model_file(merged, tmp)
-    os.replace(tmp, output)
+    replace_model_file(tmp, output)
     return output
 
 

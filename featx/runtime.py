@@ -178,11 +178,22 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
 _WEIGHTS_CHECKED: set[tuple[str, int, int]] = set()
 
 
+def _checked_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def weights_written(path: str | os.PathLike) -> None:
+    """Count ``path`` as checked in this process: featx has just written it, its digest taken from the very
+    tensors written (an export, a merged classifier), so its first engine does not parse and hash it
+    again (VGG-16: 3 s of a 20 s export, and as long again where the same run then embeds with it)."""
+    _WEIGHTS_CHECKED.add(_checked_key(Path(path)))
+
+
 def _check_weights(path: Path, proto=None) -> None:
     """Refuse a file whose weights are not those featx wrote (:func:`featx.export.weights_damage`);
     ``proto``: the file parsed already, else parsed here (an engine's session has not parsed it in Python)."""
-    st = path.stat()
-    seen = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    seen = _checked_key(path)
     if seen in _WEIGHTS_CHECKED:
         return
     if proto is None:
