@@ -610,10 +610,10 @@ def _classifier_from_state(state: dict, meta: dict):
     return torch.nn.Sequential(*modules)
 
 
-def describe_checkpoint(path: str | os.PathLike) -> str:
+def describe_checkpoint(path: str | os.PathLike) -> tuple[str, bool]:
     """One line from a fine-tuning checkpoint's metadata: the model, its classes, the size it trained at,
-    the blocks trained and its best epoch, and how to export it; its tensors are read to check their
-    digest (a FeatxError for a damaged file)."""
+    the blocks trained and its best epoch, and how to export it; and whether it records the digest of its
+    tensors. They are read to check it (a FeatxError for a damaged file)."""
     meta = _read_checkpoint(Path(path))[1]
     classes = meta.get("class_names", [])
     blocks = meta.get("trained_blocks")
@@ -624,7 +624,7 @@ def describe_checkpoint(path: str | os.PathLike) -> str:
             f"val_loss {loss_text(meta.get('val_loss', float('nan')))}); "
             + ("its training images' class means kept (its export marks images unlike them); "
                if "typical_cosine" in meta else "")
-            + f"{export_command(path, meta)} makes it a model")
+            + f"{export_command(path, meta)} makes it a model"), "tensors_sha256" in meta
 
 
 def export_command(path: str | os.PathLike, meta: dict | None = None) -> str | None:

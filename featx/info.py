@@ -66,11 +66,11 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
             stale += _NO_DIGEST.format(again="exported again (featx export)")
         return f"{path}: {info.summary()}{stale}"
     if kind == "safetensors" or path.suffix == ".safetensors":
-        from .finetune import _checkpoint_meta, describe_checkpoint, is_finetune_checkpoint
+        from .finetune import describe_checkpoint, is_finetune_checkpoint
 
         if is_finetune_checkpoint(path):
-            return f"{path}: {describe_checkpoint(path)}" + (
-                "" if "tensors_sha256" in _checkpoint_meta(path) else _NO_DIGEST.format(again="fine-tuned again"))
+            line, weights_checked = describe_checkpoint(path)
+            return f"{path}: {line}" + ("" if weights_checked else _NO_DIGEST.format(again="fine-tuned again"))
         head = load_head(path)
         return f"{path}: {head.summary()}" + ("" if head.weights_checked else _NO_DIGEST.format(again="trained again"))
     raise FeatxError(f"{path}: not a featx file (an embedding cache .h5, a model .onnx, or a head or fine-tuning "
