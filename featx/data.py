@@ -431,7 +431,7 @@ def _jpeg2000_reductions(data: bytes | bytearray, width: int, height: int, min_s
     0.996 at a quarter (where a JPEG's DCT scaling stays at 0.9998); at the bound, 2736x2048 at half,
     0.9989. A 10980-pixel Sentinel-2 tile, 121 megapixels and over the default --max-pixels, is decoded
     at 1/8 of its sides for a model that resizes to 256."""
-    start = bytes(data[:1 << 20]).find(b"\xff\x4f\xff\x51")  # SOC, SIZ: after the JP2 boxes, if any
+    start = data.find(b"\xff\x4f\xff\x51", 0, 1 << 20)  # SOC, SIZ: after the JP2 boxes, if any
     levels, components, i = [], 0, start + 2
     while 0 <= start and i + 10 <= len(data) and data[i] == 0xFF and data[i + 1] != 0x90:  # up to the first tile
         marker, at = data[i + 1], i + 4  # past the marker and its segment's length
