@@ -6,7 +6,8 @@ Layout (readable with plain h5py)::
                                          featx_version, created, n_rows (rows committed), folder (the
                                          folder embedded) and model_file (the .onnx that embedded it):
                                          absolute paths, bytes as the file system names them
-        embeddings     (n, D) float32 or float16, chunked, resizable
+        embeddings     (n, D) float32 or float16, chunked, resizable; every dataset of numbers carries
+                              Fletcher-32 checksums (h5py's fletcher32=True), checked by HDF5 on each read
         keys           (n,)   UTF-8 path relative to the folder ('/'-separated)
         labels         (n,)   int32 index into class_names, -1 when unlabelled
         file_size      (n,)   int64  } identity of the file that was embedded: a re-run
@@ -47,6 +48,10 @@ _logger = logging.getLogger(__name__)
 
 _STR = None  # h5py string dtype, created on first use (h5py imported lazily)
 CHUNK_ROWS = 256
+# every chunk of numbers carries a Fletcher-32 checksum, checked by HDF5 on each read: bytes changed on disk
+# after featx wrote them (a bad sector, a bad copy) are an error, not embeddings that are silently wrong.
+# (HDF5 filters no variable-length strings: keys and names are not checksummed.)
+_CHECKSUMMED = {"fletcher32": True}
 
 
 def _str_dtype():
@@ -155,9 +160,21 @@ def _damage_said(path: Path):
     except Exception as e:
         if not _raised_by_h5py(e):
             raise
-        said = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str() quotes it
-        raise StoreError(f"{path} is damaged: HDF5 cannot read it ({said.splitlines()[0] if said else type(e).__name__}); "
-                         "embed into a new file (the images are read again)") from None
+        raise _damaged(path, e) from None
+
+
+def _damaged(path: Path, error: BaseException) -> StoreError:
+    """The one-line error for a cache HDF5 failed to read: what HDF5 said, in words where featx knows them."""
+    said = error.args[0] if isinstance(error, KeyError) and error.args else str(error)  # KeyError's str() quotes it
+    if _CHECKSUM_FAILED in said:
+        said = "a checksum of its stored data does not match: its bytes changed after featx wrote them"
+    else:
+        said = f"HDF5 cannot read it ({said.splitlines()[0] if said else type(error).__name__})"
+    return StoreError(f"{path} is damaged: {said}; embed into a new file (the images are read again)")
+
+
+# what HDF5 says when a chunk's Fletcher-32 checksum fails, the only filter featx writes
+_CHECKSUM_FAILED = "filter returned failure"
 
 
 def _raised_by_h5py(error: BaseException) -> bool:
@@ -782,6 +799,7 @@ class CacheSummary:
     copy_groups: list[list[CopyOf]] | None = None
     # among the rows without a class: (pictures stored more than once, the images they make)
     unlabelled_copies: tuple[int, int] = (0, 0)
+    checksummed: bool = True  # its embeddings' chunks carry checksums (caches from before featx wrote them do not)
 
     def text(self, *, list_failures: bool = False, listed_in: str | None = None) -> str:
         """Several lines; every failed file with ``list_failures``, and every picture stored more than once
@@ -818,6 +836,9 @@ class CacheSummary:
             lines.append(f"  {self.unhashed:,} rows have no perceptual hash (embedded by a featx from before it kept "
                          "them, or a black image): their near copies are not found until `featx embed` runs on the "
                          "folder again, which hashes them")
+        if not self.checksummed:
+            lines.append("  its rows carry no checksums (made by a featx from before it wrote them): damage on disk "
+                         "that leaves finite numbers goes unseen; embed the folder into a new file to have them")
         if self.failures:
             n = len(self.failures)
             lines.append(f"  {n:,} file{'s' if n > 1 else ''} failed (skipped until {'they change' if n > 1 else 'it changes'}"
@@ -887,7 +908,8 @@ def summarize_cache(path: str | os.PathLike, *, list_copies: bool = False) -> li
                                     near_copies=near_copies, pictures=pictures,
                                     unhashed=int((phashes == 0).sum()), gone=gone,
                                     copy_groups=_named_copy_groups(columns, n, raw, phashes) if list_copies else None,
-                                    unlabelled_copies=(len(shown_twice), sum(map(len, shown_twice)))))
+                                    unlabelled_copies=(len(shown_twice), sum(map(len, shown_twice))),
+                                    checksummed=emb.fletcher32))
     return out
 
 
@@ -972,13 +994,13 @@ class EmbeddingStore:
             g = f.create_group(self.model)
             d = self.info.embed_dim
             g.create_dataset("embeddings", (0, d), maxshape=(None, d), chunks=(CHUNK_ROWS, d),
-                             dtype=np.float16 if self.half else np.float32)
+                             dtype=np.float16 if self.half else np.float32, **_CHECKSUMMED)
             for group in (g, g.create_group("failures")):
                 group.create_dataset("keys", (0,), maxshape=(None,), chunks=(1024,), dtype=_str_dtype())
-                group.create_dataset("file_size", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int64)
-                group.create_dataset("file_mtime_ns", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int64)
+                group.create_dataset("file_size", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int64, **_CHECKSUMMED)
+                group.create_dataset("file_mtime_ns", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int64, **_CHECKSUMMED)
                 group.attrs["n_rows"] = 0
-            g.create_dataset("labels", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int32)
+            g.create_dataset("labels", (0,), maxshape=(None,), chunks=(1024,), dtype=np.int32, **_CHECKSUMMED)
             for column in (_DIGESTS, _PHASHES):
                 self._create_column(g, column, 0)
             g["failures"].create_dataset("reasons", (0,), maxshape=(None,), chunks=(1024,), dtype=_str_dtype())
@@ -1055,7 +1077,7 @@ class EmbeddingStore:
     def _create_column(self, group, name: str, n: int) -> None:
         """An identity column of ``n`` rows, each "not known" (b"", 0)."""
         with self._writing():
-            group.create_dataset(name, (n,), maxshape=(None,), chunks=(1024,), dtype=_COLUMN_DTYPES[name])
+            group.create_dataset(name, (n,), maxshape=(None,), chunks=(1024,), dtype=_COLUMN_DTYPES[name], **_CHECKSUMMED)
             self.file.flush()
 
     @staticmethod
@@ -1193,6 +1215,8 @@ class EmbeddingStore:
         try:
             yield
         except (OSError, RuntimeError) as e:  # h5py reports a failed flush (disk full) as RuntimeError
+            if _CHECKSUM_FAILED in str(e):  # a partly filled chunk is read back to be written: it was damaged
+                raise _damaged(self.path, e) from None
             raise StoreError(f"writing to {self.path} failed ({_reason(e)}); rows committed before are intact") from None
 
     def _commit(self, group, n: int, k: int, columns: dict[str, np.ndarray]) -> None:
@@ -1232,7 +1256,8 @@ class EmbeddingStore:
             del g[_STAGING]
         staging = g.create_group(_STAGING)
         for name, ds in _row_datasets(g):
-            staging.create_dataset(name, data=ds[:n][keep], maxshape=ds.maxshape, chunks=ds.chunks)
+            staging.create_dataset(name, data=ds[:n][keep], maxshape=ds.maxshape, chunks=ds.chunks,
+                                   fletcher32=ds.fletcher32)
         staging.attrs["n_rows"] = int(keep.sum())
         self.file.flush()
         g.attrs[_STAGED] = True  # the copy is complete: from here on the rewrite is finished, never undone
@@ -1283,6 +1308,8 @@ class EmbeddingStore:
         except StoreError:
             if exc_type is None:
                 raise  # otherwise the error already on its way (e.g. the failed write) is the one to report
+        if exc is not None and _raised_by_h5py(exc):  # a read of stored rows inside the block (rows reused)
+            raise _damaged(self.path, exc) from None
 
 
 # keys of rows whose files the last walk found deleted: a group, so that no per-row code takes it for a column

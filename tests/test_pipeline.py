@@ -673,6 +673,44 @@ def test_a_damaged_or_cut_short_cache_is_refused_in_one_line_naming_it(small_dig
     assert not (tmp_path / "h.safetensors").exists()
 
 
+def test_a_stored_embedding_changed_on_disk_is_caught_by_its_checksum(small_digits, tmp_path, lite0_onnx, capsys):
+    """One byte of a stored embedding changed on disk (a bad sector, a bad copy) left a finite number, so a
+    head was trained on it without a word. Every chunk now carries a Fletcher-32 checksum that HDF5 checks
+    as it reads: reading the rows, and appending a new image into their partly filled chunk, is one line."""
+    from PIL import Image
+
+    from featx.cli import main
+
+    cache, old = tmp_path / "c.h5", tmp_path / "old.h5"
+    embed(small_digits, cache, lite0_onnx)
+    shutil.copy(cache, old)
+    with h5py.File(old, "r+") as f:  # as a featx from before checksums wrote it
+        g = f["efficientnet_lite0"]
+        rows = g["embeddings"][:]
+        del g["embeddings"]
+        g.create_dataset("embeddings", data=rows, maxshape=(None, 1280), chunks=(256, 1280))
+    unchecked = "its rows carry no checksums (made by a featx from before it wrote them)"
+    assert main(["info", str(cache)]) == 0 and unchecked not in capsys.readouterr().out
+    assert main(["info", str(old)]) == 0 and unchecked in capsys.readouterr().out
+    with h5py.File(cache, "r") as f:
+        chunk = f["efficientnet_lite0/embeddings"].id.get_chunk_info(0)
+    with open(cache, "r+b") as f:  # the lowest byte of row 7's fourth number: a change in its 7th digit
+        f.seek(chunk.byte_offset + 4 * (7 * 1280 + 3))
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x01]))
+    said = (f"featx: error: {cache} is damaged: a checksum of its stored data does not match: its bytes changed "
+            "after featx wrote them; embed into a new file (the images are read again)")
+    assert main(["-q", "train-head", str(cache), "--C", "1", "-o", str(tmp_path / "h.safetensors")]) == 2
+    assert capsys.readouterr().err.strip() == said and not (tmp_path / "h.safetensors").exists()
+    with Image.open(next((small_digits / "1").iterdir())) as digit:
+        digit.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(small_digits / "0" / "mirrored.png")
+    assert main(["-q", "embed", str(small_digits), "-o", str(cache), "--model", str(lite0_onnx)]) == 2
+    assert capsys.readouterr().err.strip() == said
+    with h5py.File(cache, "r") as f:  # what was stored before is still there, as it was
+        assert f["efficientnet_lite0"].attrs["n_rows"] == 60 and f["efficientnet_lite0/embeddings"].fletcher32
+
+
 def test_a_model_group_whose_making_was_cut_short_is_made_again(small_digits, tmp_path, lite0_onnx):
     """A run killed as it made its model group, after the datasets and before their attributes, left a
     group without a fingerprint, and every later run was refused ("made with model fingerprint None")."""
@@ -1163,7 +1201,9 @@ def test_rows_of_deleted_files_are_left_out_of_heads_and_maps_until_pruned(small
     featx.embed_folder(small_digits, cache, model=lite0_onnx, workers=0)
     assert len(featx.load_embeddings(cache, present_only=True).gone) == 2
     featx.embed_folder(small_digits, cache, model=lite0_onnx, workers=0, prune=True)
-    assert featx.load_embeddings(cache, present_only=True).gone == [] and featx.summarize_cache(cache)[0].rows == 58
+    summary = featx.summarize_cache(cache)[0]
+    assert featx.load_embeddings(cache, present_only=True).gone == [] and summary.rows == 58
+    assert summary.checksummed  # the rows --prune copies keep their checksums
     # a photo embedded once and then cut short (a copy that stopped) is a failure; its earlier row, of bytes no
     # longer there, is left out as a deleted file's is: predict gave that file two rows, the old class and FAILED
     cut = sevens[1]
