@@ -91,6 +91,77 @@ def sniff_format(head: bytes) -> str | None:
 _HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 
 
+# what libtiff said while this thread decoded a TIFF (its errors, in order); None outside such a decode
+_libtiff_said = threading.local()
+
+
+@functools.cache
+def _take_libtiff_messages() -> None:
+    """libtiff's errors and warnings go to featx instead of stderr, where libtiff writes them itself, from C,
+    naming no file ("ZIPDecode: Decoding error at scanline 0, invalid distance too far back" between the
+    progress bar's lines, a line per damaged strip). Errors are kept per thread (:data:`_libtiff_said`), so
+    a damaged TIFF's failure row says what libtiff found, where Pillow says only "decoder error -2";
+    warnings (a tag it does not know) are dropped, as Pillow's own are. Pillow's copy of libtiff is the one
+    set: found among the libraries loaded with it; left as it is where it is not found (Windows, where
+    Pillow links libtiff into itself)."""
+    import ctypes
+    import ctypes.util
+
+    path = _loaded_library("libtiff") or ctypes.util.find_library("tiff")  # PIL.Image, imported, has loaded it
+    if path is None:
+        return
+    try:
+        libtiff = ctypes.CDLL(path)
+        vsnprintf = ctypes.CDLL(ctypes.util.find_library("c")).vsnprintf
+        set_error, set_warning = libtiff.TIFFSetErrorHandler, libtiff.TIFFSetWarningHandler
+    except (OSError, AttributeError, TypeError):
+        return
+    # void handler(const char *module, const char *fmt, va_list ap): a va_list is passed as a pointer (x86-64:
+    # an array; AArch64: a structure of 32 bytes, passed by reference), which vsnprintf takes as it came
+    handler_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
+    vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+
+    def error(module: bytes | None, fmt: bytes | None, args: int | None) -> None:
+        said = getattr(_libtiff_said, "errors", None)
+        if said is None or fmt is None:
+            return
+        text = ctypes.create_string_buffer(300)
+        vsnprintf(text, len(text), fmt, args)
+        module_name = (module or b"").decode(errors="replace")
+        # Pillow hands libtiff its file as "tempfile.tif": a module name says where in libtiff, a file name nothing
+        said.append(" ".join(filter(None, [f"{module_name}:" if module_name and "." not in module_name else "",
+                                           text.value.decode(errors="replace").strip()])))
+
+    handlers = handler_type(error), handler_type(lambda module, fmt, args: None)
+    for setter, handler in zip((set_error, set_warning), handlers):
+        setter.argtypes, setter.restype = [handler_type], ctypes.c_void_p
+        setter(handler)
+    _LIBTIFF_HANDLERS.extend(handlers)  # libtiff keeps only their addresses: they must outlive every call
+
+
+_LIBTIFF_HANDLERS: list = []
+
+
+def _loaded_library(prefix: str) -> str | None:
+    """The path of a shared library this process has loaded whose file name starts with ``prefix`` (Linux:
+    /proc/self/maps; macOS: Pillow's .dylibs folder), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                # libtiff.so.6, or a wheel's own copy: libtiff-20b7e810.so.6.3.0
+                if os.path.basename(path).startswith((prefix + ".", prefix + "-")):
+                    return path
+    except OSError:
+        pass
+    import glob
+
+    import PIL
+
+    found = sorted(glob.glob(os.path.join(os.path.dirname(PIL.__file__), ".dylibs", prefix + "*")))
+    return found[0] if found else None
+
+
 @functools.cache
 def _open_heif_with_pillow() -> None:
     """Teach PIL to open HEIF (Pillow reads AVIF itself). pillow-heif applies the container's
@@ -399,6 +470,9 @@ def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int
                 raise ImageError(_not_an_image(head))
             if fmt == "heif":
                 _open_heif_with_pillow()
+            if fmt == "tiff":
+                _take_libtiff_messages()
+                _libtiff_said.errors = []
             f.seek(0)
             with _open_image(f) as img:
                 if min_size and fmt == "jpeg":  # first: the limit is on what is decoded, here 1/2 to 1/8 of it
@@ -419,7 +493,11 @@ def decode_image(path: str | os.PathLike | bytes | bytearray, *, max_pixels: int
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         # PIL names the file object it was given ("<_io.BufferedReader name='...'>"): the row has the path
         text = [re.sub(r"\s*<_io\.\w+[^>]*>", "", line) for line in str(e).strip().splitlines()]
-        raise ImageError(f"cannot decode: {text[0] if text and text[0] else type(e).__name__}") from None
+        libtiff = getattr(_libtiff_said, "errors", None)
+        raise ImageError(f"cannot decode: {text[0] if text and text[0] else type(e).__name__}"
+                         + (f" (libtiff: {libtiff[0]})" if libtiff else "")) from None
+    finally:
+        _libtiff_said.errors = None
 
 
 def _jpeg2000_reductions(data: bytes | bytearray, width: int, height: int, min_size: int) -> int:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import featx
 from featx.backbones import PreprocessConfig
 from featx.data import decode_image, load_batch, walk_images, WalkFailure
 from featx.errors import ImageError
@@ -340,6 +341,32 @@ def test_a_damaged_tiff_is_a_failure_with_its_reason_and_no_stray_pillow_warning
     assert "1 embedded, 0 already cached, 1 failed" in r.stdout + r.stderr
     assert "skipped a_cut.tif: cannot decode: cannot identify image file" in r.stderr
     assert "Warning" not in r.stderr and "EXIF" not in r.stderr, r.stderr
+
+
+def test_libtiffs_own_messages_name_the_files_reason_and_are_not_printed(tmp_path, coffee, lite0_onnx, capfd):
+    """libtiff writes its errors and warnings to stderr itself, from C, naming no file: "ZIPDecode: Decoding
+    error at scanline 0, invalid distance too far back", a line per damaged strip, among the bar's lines,
+    while the file's failure row said only "decoder error -2". Its words are now the row's, and the
+    warnings of a TIFF that decodes (a JPEG-compressed one with damaged markers) are not printed."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for compression in ("tiff_lzw", "tiff_adobe_deflate", "jpeg"):
+        buf = io.BytesIO()
+        coffee.save(buf, "TIFF", compression=compression)
+        data = bytearray(buf.getvalue())
+        for at in range(2000, 60000, 97):  # damage through the image data, not the tags before it
+            data[at] ^= 0x5A
+        (folder / f"{compression}.tif").write_bytes(data)
+    capfd.readouterr()
+    with pytest.raises(ImageError) as said:
+        decode_image(folder / "tiff_adobe_deflate.tif")
+    assert str(said.value) == ("cannot decode: decoder error -2 (libtiff: ZIPDecode: Decoding error at scanline 0, "
+                               "invalid distance too far back)")
+    stats = featx.embed_folder(folder, tmp_path / "c.h5", model=lite0_onnx, workers=2)  # decoded in threads
+    assert featx.load_failures(tmp_path / "c.h5") == {
+        "tiff_adobe_deflate.tif": str(said.value),
+        "tiff_lzw.tif": "cannot decode: decoder error -2 (libtiff: Using code not yet in table)"}
+    assert stats.n_embedded == 1 and capfd.readouterr().err == ""
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
