@@ -459,12 +459,12 @@ def iter_embeddings(path: str | os.PathLike, model: str | None = None, *, rows_p
             chunks = (order[start:start + rows_per_chunk] for start in range(0, n, rows_per_chunk))
         for rows in chunks:
             keys = _decode(columns["keys"][rows]) if sort_key is None else [all_keys[row] for row in rows]
-            chunk = keys, _read_rows(columns["embeddings"], rows).astype(np.float32)
+            chunk = keys, _read_rows_past_damage(columns["embeddings"], rows, path).astype(np.float32)
             if with_digests:
-                chunk += (_read_rows(columns[_DIGESTS], rows) if _DIGESTS in columns
+                chunk += (_read_rows_past_damage(columns[_DIGESTS], rows, path) if _DIGESTS in columns
                           else np.zeros(len(chunk[0]), dtype=_DIGEST_DTYPE),)
             if with_phashes:
-                chunk += (_read_rows(columns[_PHASHES], rows) if _PHASHES in columns
+                chunk += (_read_rows_past_damage(columns[_PHASHES], rows, path) if _PHASHES in columns
                           else np.zeros(len(chunk[0]), dtype=np.uint64),)
             yield chunk
 
@@ -475,6 +475,33 @@ def _read_rows(dataset, rows: slice | np.ndarray) -> np.ndarray:
         return dataset[rows]
     increasing = np.sort(rows)
     return dataset[increasing][np.searchsorted(increasing, rows)]
+
+
+def _read_rows_past_damage(dataset, rows: slice | np.ndarray, path: Path) -> np.ndarray:
+    """:func:`_read_rows`, but the rows of a chunk that fails its checksum (bytes changed on disk after featx
+    wrote them) read as "not known" (NaN embeddings, b"" digests, 0 hashes), said in a warning, rather than
+    failing the whole read: a search leaves those rows out and a query embeds its file again, as for rows
+    that hold NaN. (What fits on every row, a head or a map, refuses the file instead: load_embeddings.)"""
+    try:
+        return _read_rows(dataset, rows)
+    except OSError as e:
+        if _CHECKSUM_FAILED not in str(e):
+            raise
+    wanted = np.arange(*rows.indices(dataset.shape[0])) if isinstance(rows, slice) else np.asarray(rows, np.int64)
+    unknown = {"f": np.nan, "S": b""}.get(dataset.dtype.kind, 0)  # b"": a digest "0" would make the rows copies
+    out = np.full((len(wanted), *dataset.shape[1:]), unknown, dtype=dataset.dtype)
+    step, failed = dataset.chunks[0], 0
+    for start in (np.unique(wanted // step) * step).tolist():
+        inside = (wanted >= start) & (wanted < start + step)
+        try:
+            out[inside] = dataset[start:start + step][wanted[inside] - start]
+        except OSError as e:
+            if _CHECKSUM_FAILED not in str(e):
+                raise
+            failed += int(inside.sum())
+    _logger.warning("%s: %d row(s) of %s fail their checksum (bytes changed on disk after featx wrote them): "
+                    "taken as damaged; embed into a new file", path, failed, dataset.name.lstrip("/"))
+    return out
 
 
 def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[str | os.PathLike]
@@ -507,7 +534,8 @@ def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[s
             if (size, mtime_ns) == (st.st_size, st.st_mtime_ns):
                 current[i] = row
         read = sorted(set(current.values()))  # h5py reads increasing rows
-        stored = dict(zip(read, columns["embeddings"][read].astype(np.float32))) if read else {}
+        stored = dict(zip(read, _read_rows_past_damage(columns["embeddings"], np.array(read, dtype=np.int64),
+                                                       path).astype(np.float32))) if read else {}
         damaged = {row for row, embedding in stored.items() if not np.isfinite(embedding).all()}
         if damaged:
             _logger.warning("%s: %d stored embedding(s) of %s are not finite numbers (NaN or infinity), e.g. that of "
@@ -589,7 +617,7 @@ def rows_at(path: str | os.PathLike, model: str | None, rows: np.ndarray) -> tup
         columns, _ = _committed_columns(f[_pick_model(f, path, model)])
 
         def column(name: str, missing) -> np.ndarray:
-            return _read_rows(columns[name], rows) if name in columns and len(rows) else missing
+            return _read_rows_past_damage(columns[name], rows, path) if name in columns and len(rows) else missing
 
         return (_decode(column("keys", [])),
                 column("embeddings", np.zeros((0, columns["embeddings"].shape[1]))).astype(np.float32),

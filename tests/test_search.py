@@ -306,6 +306,49 @@ def test_a_cached_embedding_that_is_not_finite_is_embedded_again_or_left_out_and
         assert np.allclose([p for _, p in rows[key].top], [p for _, p in expected[key].top], atol=1e-6)
 
 
+def test_rows_whose_checksum_fails_are_searched_past_as_damaged_rows_are(small_digits, lite0_onnx, tmp_path, capsys,
+                                                                        monkeypatch):
+    """A chunk of a cache whose bytes changed on disk fails its checksum, and reading it failed the whole
+    search. `similar` and `predict` take its rows as damaged, as rows holding NaN: a query of one of them
+    is embedded again from its file, the others are searched, a folder's prediction marks them failed, and
+    it is said; train-head, which fits on every row, refuses the file in one line."""
+    import featx.store
+    from featx.cli import main
+    from featx.predictions import NOT_FINITE
+
+    monkeypatch.setattr(featx.store, "CHUNK_ROWS", 16)  # 60 digits in four chunks, of which one is damaged
+    cache, damaged = tmp_path / "c.h5", tmp_path / "damaged.h5"
+    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
+    head = tmp_path / "h.safetensors"
+    featx.train_head(cache, head, C=1.0)
+    shutil.copy(cache, damaged)
+    with h5py.File(damaged, "r") as f:
+        group = f["efficientnet_lite0"]
+        keys = [k.decode() for k in group["keys"][:]]
+        chunk = group["embeddings"].id.get_chunk_info_by_coord((16, 0))  # rows 16 to 31
+    with open(damaged, "r+b") as f:
+        f.seek(chunk.byte_offset + 4 * ((20 - 16) * 1280 + 5))  # row 20, the chunk's fifth
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x01]))
+    lost = set(keys[16:32])
+    query = small_digits / keys[20]
+    (clean,) = featx.find_similar([query], cache, k=60, model=lite0_onnx)
+    capsys.readouterr()
+    assert main(["similar", str(query), "--cache", str(damaged), "-k", "5", "--model", str(lite0_onnx)]) == 0
+    assert f"{damaged}: 16 row(s) of efficientnet_lite0/embeddings fail their checksum (bytes changed on disk " \
+           "after featx wrote them): taken as damaged; embed into a new file" in capsys.readouterr().err
+    (found,) = featx.find_similar([query], damaged, k=5, model=lite0_onnx)
+    expected = [(key, cosine) for key, cosine in clean.matches if key not in lost][:5]
+    assert found.error is None and [key for key, _ in found.matches] == [key for key, _ in expected]
+    assert np.allclose([c for _, c in found.matches], [c for _, c in expected], atol=1e-4)  # embedded again
+    rows = {r.key: r for r in featx.predict([small_digits], head=head, cache=damaged)}
+    assert {k for k, r in rows.items() if r.error} == {str(small_digits / key) for key in lost}
+    assert all(r.error == NOT_FINITE for r in rows.values() if r.error)
+    assert main(["-q", "train-head", str(damaged), "--C", "1", "-o", str(tmp_path / "h2.safetensors")]) == 2
+    assert "a checksum of its stored data does not match" in capsys.readouterr().err
+
+
 def test_a_photos_small_copy_is_its_first_match_whatever_its_cosine(photos_dir, lite0_onnx, tmp_path, capsys):
     """A photo saved again at a sixth of its size is the same picture, but its embedding moves far: on 21
     real photos the cosine of such a copy ranged from 0.36 to 0.99 (benchmarks/near_copies.py), so a
