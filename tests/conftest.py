@@ -136,3 +136,27 @@ def _retry_failed_scenario(folder: Path, cache: Path, model, **kw) -> None:
 @pytest.fixture
 def retry_failed_scenario():
     return _retry_failed_scenario
+
+
+def _change_a_stored_byte(cache: Path, row: int, column: int = 0) -> None:
+    """One byte of a cache's stored embedding changed on disk, as a bad sector or a bad copy changes it: the
+    lowest byte of (row, column) of the single model group's float32 embeddings, a change in its 7th digit
+    that leaves a finite number, found in the file where HDF5 put that row's chunk."""
+    import h5py
+
+    with h5py.File(cache, "r") as f:
+        (group,) = [g for g in f.values() if "fingerprint" in g.attrs]
+        embeddings = group["embeddings"]
+        first = row - row % embeddings.chunks[0]
+        at = embeddings.id.get_chunk_info_by_coord((first, 0)).byte_offset
+        at += embeddings.dtype.itemsize * ((row - first) * embeddings.shape[1] + column)
+    with open(cache, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x01]))
+
+
+@pytest.fixture
+def change_a_stored_byte():
+    return _change_a_stored_byte

@@ -673,7 +673,8 @@ def test_a_damaged_or_cut_short_cache_is_refused_in_one_line_naming_it(small_dig
     assert not (tmp_path / "h.safetensors").exists()
 
 
-def test_a_stored_embedding_changed_on_disk_is_caught_by_its_checksum(small_digits, tmp_path, lite0_onnx, capsys):
+def test_a_stored_embedding_changed_on_disk_is_caught_by_its_checksum(small_digits, tmp_path, lite0_onnx, capsys,
+                                                                      change_a_stored_byte):
     """One byte of a stored embedding changed on disk (a bad sector, a bad copy) left a finite number, so a
     head was trained on it without a word. Every chunk now carries a Fletcher-32 checksum that HDF5 checks
     as it reads: reading the rows, and appending a new image into their partly filled chunk, is one line."""
@@ -692,13 +693,7 @@ def test_a_stored_embedding_changed_on_disk_is_caught_by_its_checksum(small_digi
     unchecked = "its rows carry no checksums (made by a featx from before it wrote them)"
     assert main(["info", str(cache)]) == 0 and unchecked not in capsys.readouterr().out
     assert main(["info", str(old)]) == 0 and unchecked in capsys.readouterr().out
-    with h5py.File(cache, "r") as f:
-        chunk = f["efficientnet_lite0/embeddings"].id.get_chunk_info(0)
-    with open(cache, "r+b") as f:  # the lowest byte of row 7's fourth number: a change in its 7th digit
-        f.seek(chunk.byte_offset + 4 * (7 * 1280 + 3))
-        byte = f.read(1)[0]
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte ^ 0x01]))
+    change_a_stored_byte(cache, row=7, column=3)
     said = (f"featx: error: {cache} is damaged: a checksum of its stored data does not match: its bytes changed "
             "after featx wrote them; embed into a new file (the images are read again)")
     assert main(["-q", "train-head", str(cache), "--C", "1", "-o", str(tmp_path / "h.safetensors")]) == 2

@@ -262,6 +262,15 @@ def test_a_cache_and_its_heads_find_the_model_they_were_made_with(small_digits, 
         featx.predict(queries, head=head, model=other)
 
 
+def _cache_its_head_and_a_copy(folder, model, tmp_path):
+    """``folder`` embedded, a head trained on it, and a copy of the cache to damage."""
+    cache, head, copy = tmp_path / "c.h5", tmp_path / "h.safetensors", tmp_path / "damaged.h5"
+    featx.embed_folder(folder, cache, model=model, engine="onnx", workers=0)
+    featx.train_head(cache, head, C=1.0)
+    shutil.copy(cache, copy)
+    return cache, head, copy
+
+
 def test_a_cached_embedding_that_is_not_finite_is_embedded_again_or_left_out_and_said(small_digits, lite0_onnx,
                                                                                      tmp_path, caplog):
     """A damaged cache holding NaN in one row and infinity in another (the rows HDF5 reads back fine):
@@ -272,11 +281,7 @@ def test_a_cached_embedding_that_is_not_finite_is_embedded_again_or_left_out_and
 
     from featx.predictions import NOT_FINITE
 
-    cache, damaged = tmp_path / "c.h5", tmp_path / "damaged.h5"
-    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
-    head = tmp_path / "h.safetensors"
-    featx.train_head(cache, head, C=1.0)
-    shutil.copy(cache, damaged)
+    cache, head, damaged = _cache_its_head_and_a_copy(small_digits, lite0_onnx, tmp_path)
     with h5py.File(damaged, "r+") as f:
         (group,) = [g for g in f.values() if "fingerprint" in g.attrs]
         keys = [k.decode() for k in group["keys"][:]]
@@ -307,7 +312,7 @@ def test_a_cached_embedding_that_is_not_finite_is_embedded_again_or_left_out_and
 
 
 def test_rows_whose_checksum_fails_are_searched_past_as_damaged_rows_are(small_digits, lite0_onnx, tmp_path, capsys,
-                                                                        monkeypatch):
+                                                                        monkeypatch, change_a_stored_byte):
     """A chunk of a cache whose bytes changed on disk fails its checksum, and reading it failed the whole
     search. `similar` and `predict` take its rows as damaged, as rows holding NaN: a query of one of them
     is embedded again from its file, the others are searched, a folder's prediction marks them failed, and
@@ -317,21 +322,10 @@ def test_rows_whose_checksum_fails_are_searched_past_as_damaged_rows_are(small_d
     from featx.predictions import NOT_FINITE
 
     monkeypatch.setattr(featx.store, "CHUNK_ROWS", 16)  # 60 digits in four chunks, of which one is damaged
-    cache, damaged = tmp_path / "c.h5", tmp_path / "damaged.h5"
-    featx.embed_folder(small_digits, cache, model=lite0_onnx, engine="onnx", workers=0)
-    head = tmp_path / "h.safetensors"
-    featx.train_head(cache, head, C=1.0)
-    shutil.copy(cache, damaged)
-    with h5py.File(damaged, "r") as f:
-        group = f["efficientnet_lite0"]
-        keys = [k.decode() for k in group["keys"][:]]
-        chunk = group["embeddings"].id.get_chunk_info_by_coord((16, 0))  # rows 16 to 31
-    with open(damaged, "r+b") as f:
-        f.seek(chunk.byte_offset + 4 * ((20 - 16) * 1280 + 5))  # row 20, the chunk's fifth
-        byte = f.read(1)[0]
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte ^ 0x01]))
-    lost = set(keys[16:32])
+    cache, head, damaged = _cache_its_head_and_a_copy(small_digits, lite0_onnx, tmp_path)
+    change_a_stored_byte(damaged, row=20, column=5)
+    keys = featx.load_embeddings(cache).keys
+    lost = set(keys[16:32])  # the chunk of row 20
     query = small_digits / keys[20]
     (clean,) = featx.find_similar([query], cache, k=60, model=lite0_onnx)
     capsys.readouterr()
