@@ -101,13 +101,13 @@ def _take_libtiff_messages() -> None:
     naming no file ("ZIPDecode: Decoding error at scanline 0, invalid distance too far back" between the
     progress bar's lines, a line per damaged strip). Errors are kept per thread (:data:`_libtiff_said`), so
     a damaged TIFF's failure row says what libtiff found, where Pillow says only "decoder error -2";
-    warnings (a tag it does not know) are dropped, as Pillow's own are. Pillow's copy of libtiff is the one
-    set: found among the libraries loaded with it; left as it is where it is not found (Windows, where
-    Pillow links libtiff into itself)."""
+    warnings (a tag it does not know) are dropped, as Pillow's own are. Only Pillow's libtiff is set
+    (:func:`_pillows_library`); left as it is where it is not found (Windows, where Pillow links libtiff
+    into itself)."""
     import ctypes
     import ctypes.util
 
-    path = _loaded_library("libtiff") or ctypes.util.find_library("tiff")  # PIL.Image, imported, has loaded it
+    path = _pillows_library("libtiff")
     if path is None:
         return
     try:
@@ -142,24 +142,29 @@ def _take_libtiff_messages() -> None:
 _LIBTIFF_HANDLERS: list = []
 
 
-def _loaded_library(prefix: str) -> str | None:
-    """The path of a shared library this process has loaded whose file name starts with ``prefix`` (Linux:
-    /proc/self/maps; macOS: Pillow's .dylibs folder), or None."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split(maxsplit=5)[-1].strip()
-                # libtiff.so.6, or a wheel's own copy: libtiff-20b7e810.so.6.3.0
-                if os.path.basename(path).startswith((prefix + ".", prefix + "-")):
-                    return path
-    except OSError:
-        pass
+def _pillows_library(prefix: str) -> str | None:
+    """The path of the shared library named ``prefix`` that Pillow uses: the copy its wheel carries
+    (``pillow.libs/libtiff-20b7e810.so.6.3.0`` on Linux, ``PIL/.dylibs`` on macOS), else the one this
+    process has loaded (a Pillow built on the system's libtiff), else None. Another library's own copy
+    (OpenCV's, GDAL's) is left alone: their messages are theirs to handle."""
     import glob
 
     import PIL
 
-    found = sorted(glob.glob(os.path.join(os.path.dirname(PIL.__file__), ".dylibs", prefix + "*")))
-    return found[0] if found else None
+    site = os.path.dirname(os.path.dirname(PIL.__file__))
+    for folder in (os.path.join(site, "pillow.libs"), os.path.join(site, "PIL", ".dylibs")):
+        found = sorted(glob.glob(os.path.join(folder, prefix + "[.-]*")))
+        if found:
+            return found[0]
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                if os.path.basename(path).startswith(prefix + "."):  # libtiff.so.6
+                    return path
+    except OSError:
+        pass
+    return None
 
 
 @functools.cache
