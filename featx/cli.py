@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated devices, one engine each, one store (default: every GPU, else the CPU)")
     p.add_argument("--half", action="store_true", help="fp16 model and float16 storage")
     p.add_argument("--prune", action="store_true", help="remove files no longer in the folder from the cache")
+    p.add_argument("--repair", action="store_true",
+                   help="embed again the rows a damaged cache cannot vouch for (a chunk failing its checksum, "
+                        "embeddings that are not numbers); reads every stored number once")
     p.add_argument("--retry-failed", action="store_true",
                    help="try again the files that failed before, though unchanged (skipped otherwise): after raising "
                         "--max-pixels, installing a decoder or fixing permissions")
@@ -552,7 +555,7 @@ def _run(args: argparse.Namespace) -> int:
         stats = featx.embed_folder(
             args.root, args.out, model=args.model, weights=args.weights, batch_size=args.batch_size,
             workers=args.workers, device=args.device, engine=args.engine, half=args.half, prune=args.prune,
-            new_folder=args.new_folder, retry_failed=args.retry_failed,
+            new_folder=args.new_folder, retry_failed=args.retry_failed, repair=args.repair,
             max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet, decode=args.decode,
             compile=(True if args.compile == "default" else args.compile) if args.compile else False,
             address=args.address, num_gpus_per_worker=args.num_gpus_per_worker,

@@ -429,6 +429,7 @@ class RunStats:
     n_failed: int = 0
     n_failed_before: int = 0  # failures recorded by an earlier run, file unchanged: not retried
     n_pruned: int = 0
+    repaired: list[str] = field(default_factory=list)  # keys of damaged rows dropped by --repair, embedded again
     # new paths whose bytes the cache had embedded under another path (moved, renamed, copied): their
     # embeddings were reused, not recomputed
     n_moved: int = 0
@@ -477,6 +478,8 @@ class RunStats:
             + (f" ({self.n_failed_before} failed before, unchanged: --retry-failed tries them again)"
                if self.n_failed_before else "")
             + (f", {self.n_hashed} older rows given a perceptual hash" if self.n_hashed else "")
+            + (f", {len(self.repaired)} damaged row{'s' if len(self.repaired) > 1 else ''} dropped to be embedded "
+               "again (--repair)" if self.repaired else "")
             + (f", {self.n_deleted} deleted from the folder" + (" (pruned)" if self.n_pruned else
                " (their rows stay, left out of heads and maps; --prune removes them)") if self.n_deleted else "")
             + (self._unreadable_now_said() if self.unreadable_now else "")
@@ -543,6 +546,7 @@ def embed_folder(
     devices: Sequence[str] | None = None,
     new_folder: bool = False,
     retry_failed: bool = False,
+    repair: bool = False,
 ) -> RunStats:
     """Embed every image under ``root`` into the HDF5 cache ``out``; only new or changed files are decoded.
 
@@ -558,6 +562,9 @@ def embed_folder(
             the folder, so two folders' files at the same path would take each other's rows.
         retry_failed: try again the files that failed before though unchanged (skipped otherwise): a
             higher ``max_pixels``, a decoder installed or permissions fixed since.
+        repair: first drop the rows the cache cannot vouch for (a chunk failing its checksum: bytes
+            changed on disk; embeddings that are not finite numbers), so that this run embeds their
+            files again (:meth:`EmbeddingStore.drop_damaged_rows`); reads every stored number once.
         progress: show a tqdm bar (images, images/s, ETA).
         decode: "gpu" decodes JPEGs with nvJPEG and resizes on the GPU (the torch engine on CUDA);
             "auto" does so whenever that engine runs.
@@ -590,7 +597,8 @@ def embed_folder(
                              "--engine ray")
         return embed_folder_ray(root, out, model=model, weights=weights, batch_size=batch_size, workers=workers,
                                 address=address, num_gpus_per_worker=num_gpus_per_worker, max_pixels=max_pixels,
-                                models_dir=models_dir, prune=prune, new_folder=new_folder, retry_failed=retry_failed)
+                                models_dir=models_dir, prune=prune, new_folder=new_folder, retry_failed=retry_failed,
+                                repair=repair)
     ray_only = [name for name, given in (("--address", address), ("--num-gpus-per-worker", num_gpus_per_worker))
                 if given]
     if ray_only:  # said rather than left unused: no cluster is asked for without --engine ray
@@ -630,6 +638,8 @@ def embed_folder(
     with EmbeddingStore(out, group, info=info, half=half, folder=root, new_folder=new_folder,
                         model_file=model_file) as store:
         stats.folder, stats.subfolder = store.folder, store.subfolder
+        if repair:
+            stats.repaired = store.drop_damaged_rows()
         label_of = store.label_index(classes_walked(store.folder, store.subfolder))
         done, failed_before = store.done(), store.failed()
         seen: set[str] = set()
@@ -1144,6 +1154,7 @@ def _count_candidates(root: Path, stop: threading.Event | None = None) -> int | 
 class _NoBar:
     def update(self, n: int = 1) -> None: ...
     def set_postfix(self, **kw) -> None: ...
+    def refresh(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -1156,7 +1167,7 @@ class _FolderProgress:
         self.bar = _progress_bar(None, show)
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        if show:
+        if not isinstance(self.bar, _NoBar):  # shown (not -q, nor TQDM_DISABLE)
             threading.Thread(target=self._count, args=(root,), name="featx-count", daemon=True).start()
 
     def _count(self, root: Path) -> None:

@@ -183,6 +183,7 @@ def embed_folder_ray(
     prune: bool = False,
     new_folder: bool = False,
     retry_failed: bool = False,
+    repair: bool = False,
 ) -> RunStats:
     """The same result as :func:`featx.embed_folder`, computed on a Ray cluster.
 
@@ -191,7 +192,7 @@ def embed_folder_ray(
         workers: embedding actors (default: one per GPU with GPUs, else 1).
         num_gpus_per_worker: GPUs each actor holds (its onnxruntime session then runs on CUDA).
         prune: remove rows of files no longer under ``root``.
-        new_folder: as for :func:`featx.embed_folder`.
+        new_folder, retry_failed, repair: as for :func:`featx.embed_folder`.
     Shards go to ``OUT.shards/<model>/``, which must be on storage the workers and the driver share.
     """
     try:
@@ -214,6 +215,8 @@ def embed_folder_ray(
     with EmbeddingStore(out, group, info=info, folder=root, new_folder=new_folder, model_file=model_file) as store:
         stats.n_embedded, recovered_failures = stitch_shards(shard_dir, store)  # a killed run's finished shards
         stats.folder, stats.subfolder = store.folder, store.subfolder
+        if repair:
+            stats.repaired = store.drop_damaged_rows()
         label_of = store.label_index(classes_walked(store.folder, store.subfolder))
         done, failed_before = store.done(), store.failed()
         items, seen = [], set()

@@ -135,7 +135,7 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
     from .export import ensure_model_file
     from .pipeline import encode_files_through_cache, expand_inputs
     from .runtime import load_model, model_file_for, read_model_info
-    from .store import gone_keys, iter_embeddings, model_fingerprints, recorded_paths, rows_at, rows_near
+    from .store import gone_keys, iter_embeddings, model_fingerprints, recorded_paths, repair_said, rows_at, rows_near
 
     if k < 1:
         raise FeatxError(f"k={k}: ask for at least one match")
@@ -221,8 +221,8 @@ def _search(images, cache, *, k: int, model, weights, device, batch_size, rows_p
         start += len(keys)
     if damaged:
         _logger.warning("%s: %d stored embedding(s) are not finite numbers (NaN or infinity), e.g. that of %s: "
-                        "left out of the search; the cache is damaged, embed into a new file", cache, len(damaged),
-                        damaged[0])
+                        "left out of the search; the cache is damaged: %s", cache, len(damaged), damaged[0],
+                        repair_said(cache, folder))
     chosen = []  # per query: its pictures, each a list of rows, the query's own picture first
     for rows, mine in zip(kept, own_picture):
         pictures = _top_pictures(rows, k)
@@ -389,7 +389,7 @@ def look_alike_groups(
     from .data import walk_sort_key
     from .errors import check_output_file
     from .runtime import resolve_device
-    from .store import gone_keys, iter_embeddings, load_digests, picture_numbers, recorded_paths
+    from .store import gone_keys, iter_embeddings, load_digests, picture_numbers, recorded_paths, repair_said
 
     device = resolve_device(device)
     check_output_file(output, example="look-alikes.csv")
@@ -411,7 +411,7 @@ def look_alike_groups(
         start += len(chunk)
         if not finite.all():
             _logger.warning("%s: %d stored embedding(s) are not finite numbers (NaN or infinity): left out; the "
-                            "cache is damaged, embed into a new file", cache, int((~finite).sum()))
+                            "cache is damaged: %s", cache, int((~finite).sum()), repair_said(cache, folder))
     rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     E = np.concatenate(parts) if len(rows) else np.zeros((0, 1), np.float32)
     by_order = np.array(sorted(range(len(rows)), key=lambda i: walk_sort_key(keys[rows[i]])), dtype=np.int64)

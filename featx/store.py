@@ -167,10 +167,15 @@ def _damaged(path: Path, error: BaseException) -> StoreError:
     """The one-line error for a cache HDF5 failed to read: what HDF5 said, in words where featx knows them."""
     said = error.args[0] if isinstance(error, KeyError) and error.args else str(error)  # KeyError's str() quotes it
     if _CHECKSUM_FAILED in said:
-        said = "a checksum of its stored data does not match: its bytes changed after featx wrote them"
-    else:
-        said = f"HDF5 cannot read it ({said.splitlines()[0] if said else type(error).__name__})"
+        return StoreError(f"{path} is damaged: a checksum of its stored data does not match: its bytes changed after "
+                          f"featx wrote them; {repair_said(path)}")
+    said = f"HDF5 cannot read it ({said.splitlines()[0] if said else type(error).__name__})"
     return StoreError(f"{path} is damaged: {said}; embed into a new file (the images are read again)")
+
+
+def repair_said(cache: str | os.PathLike, folder: str | None = None) -> str:
+    """What to do about damaged rows of a cache whose file can still be read."""
+    return f"`featx embed {folder or 'FOLDER'} -o {cache} --repair` embeds the damaged rows again, or embed into a new file"
 
 
 # what HDF5 says when a chunk's Fletcher-32 checksum fails, the only filter featx writes
@@ -430,7 +435,7 @@ def check_finite(data: Embeddings, cache) -> None:
     if bad:
         raise StoreError(f"{cache}: {len(bad):,} stored embedding(s) of {data.model} are not finite numbers (NaN or "
                          f"infinity), e.g. that of {data.keys[bad[0]]}: the file is damaged, or the model overflowed "
-                         "(fp16: embed without --half); embed into a new file")
+                         f"(fp16: embed without --half); {repair_said(cache, data.attrs.get('folder'))}")
 
 
 def _phashes_of(columns: dict, pick, n: int) -> np.ndarray:
@@ -482,26 +487,36 @@ def _read_rows_past_damage(dataset, rows: slice | np.ndarray, path: Path) -> np.
     wrote them) read as "not known" (NaN embeddings, b"" digests, 0 hashes), said in a warning, rather than
     failing the whole read: a search leaves those rows out and a query embeds its file again, as for rows
     that hold NaN. (What fits on every row, a head or a map, refuses the file instead: load_embeddings.)"""
+    values, failed = _rows_and_damage(dataset, rows)
+    if failed.any():
+        _logger.warning("%s: %d row(s) of %s fail their checksum (bytes changed on disk after featx wrote them): "
+                        "taken as damaged; %s", path, int(failed.sum()), dataset.name.lstrip("/"), repair_said(path))
+    return values
+
+
+def _rows_and_damage(dataset, rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``dataset[rows]``, bool per row: its chunk fails its checksum), the failed rows "not known" (NaN,
+    b"" or 0)."""
     try:
-        return _read_rows(dataset, rows)
+        values = _read_rows(dataset, rows)
+        return values, np.zeros(len(values), dtype=bool)
     except OSError as e:
         if _CHECKSUM_FAILED not in str(e):
             raise
     wanted = np.arange(*rows.indices(dataset.shape[0])) if isinstance(rows, slice) else np.asarray(rows, np.int64)
     unknown = {"f": np.nan, "S": b""}.get(dataset.dtype.kind, 0)  # b"": a digest "0" would make the rows copies
-    out = np.full((len(wanted), *dataset.shape[1:]), unknown, dtype=dataset.dtype)
-    step, failed = dataset.chunks[0], 0
+    values = np.full((len(wanted), *dataset.shape[1:]), unknown, dtype=dataset.dtype)
+    failed = np.zeros(len(wanted), dtype=bool)
+    step = dataset.chunks[0]
     for start in (np.unique(wanted // step) * step).tolist():
         inside = (wanted >= start) & (wanted < start + step)
         try:
-            out[inside] = dataset[start:start + step][wanted[inside] - start]
+            values[inside] = dataset[start:start + step][wanted[inside] - start]
         except OSError as e:
             if _CHECKSUM_FAILED not in str(e):
                 raise
-            failed += int(inside.sum())
-    _logger.warning("%s: %d row(s) of %s fail their checksum (bytes changed on disk after featx wrote them): "
-                    "taken as damaged; embed into a new file", path, failed, dataset.name.lstrip("/"))
-    return out
+            failed |= inside
+    return values, failed
 
 
 def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[str | os.PathLike]
@@ -539,9 +554,9 @@ def stored_rows_of(path: str | os.PathLike, model: str | None, files: Sequence[s
         damaged = {row for row, embedding in stored.items() if not np.isfinite(embedding).all()}
         if damaged:
             _logger.warning("%s: %d stored embedding(s) of %s are not finite numbers (NaN or infinity), e.g. that of "
-                            "%s: embedded again from the file%s; the cache is damaged, embed into a new file", path,
+                            "%s: embedded again from the file%s; the cache is damaged: %s", path,
                             len(damaged), g.name.lstrip("/"), _decode(columns["keys"][[min(damaged)]])[0],
-                            "" if len(damaged) == 1 else "s")
+                            "" if len(damaged) == 1 else "s", repair_said(path, folder))
         usable = {i: stored[row] for i, row in current.items() if row not in damaged}
         phashes = dict(zip(read, _phashes_of(columns, read, len(read)).tolist())) if read else {}
         return {i: row for i, (row, _, _) in rows.items()}, usable, {i: phashes[current[i]] for i in usable}
@@ -1114,7 +1129,11 @@ class EmbeddingStore:
         for _name, ds in _row_datasets(group):
             if ds.shape[0] != n:
                 _logger.warning("%s: dropping %d rows of a batch that was not committed", ds.name, ds.shape[0] - n)
-                ds.resize(n, axis=0)
+                try:
+                    ds.resize(n, axis=0)
+                except (OSError, RuntimeError) as e:  # the last chunk, cut to size, fails its checksum: readers
+                    if _CHECKSUM_FAILED not in str(e):  # stop at n_rows; a write into it (or --repair) says so
+                        raise
 
     # ------------------------------------------------------------------ reading state
     def done(self) -> dict[str, tuple[int, int, int]]:
@@ -1242,6 +1261,8 @@ class EmbeddingStore:
         """Every write to the file goes through here: a failed one (disk full, I/O error) is one line."""
         try:
             yield
+        except FeatxError:  # already said (StoreError is a RuntimeError too)
+            raise
         except (OSError, RuntimeError) as e:  # h5py reports a failed flush (disk full) as RuntimeError
             if _CHECKSUM_FAILED in str(e):  # a partly filled chunk is read back to be written: it was damaged
                 raise _damaged(self.path, e) from None
@@ -1278,13 +1299,44 @@ class EmbeddingStore:
             self._finish_rewrite(g)
         return removed
 
+    def drop_damaged_rows(self) -> list[str]:
+        """Remove every row the cache cannot vouch for, so that the walk that follows embeds its file again:
+        rows in a chunk that fails its checksum, in any column, and rows whose embedding is not finite;
+        failure records in a damaged chunk are dropped too (their files are tried again). Reads every
+        stored number once, a chunk at a time. Returns the keys of the rows removed."""
+        dropped = []
+        for failures in (False, True):
+            g = self.group["failures"] if failures else self.group
+            n = int(g.attrs["n_rows"])
+            bad = np.zeros(n, dtype=bool)
+            for name, ds in _row_datasets(g):
+                if ds.dtype.kind not in "fiuS":  # keys and reasons: strings HDF5 keeps no checksum of
+                    continue
+                for start in range(0, n, ds.chunks[0] * 64):  # a bounded block of rows at a time
+                    rows = slice(start, min(n, start + ds.chunks[0] * 64))
+                    values, failed = _rows_and_damage(ds, rows)
+                    bad[rows] |= failed
+                    if name == "embeddings":
+                        bad[rows] |= ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+            if bad.any():
+                keys = _decode(g["keys"][:n])
+                drop = {keys[i] for i in np.flatnonzero(bad)}
+                self.rewrite_without(drop, failures=failures)
+                if not failures:
+                    dropped = sorted(drop, key=os.fsencode)
+        return dropped
+
     def _stage_rewrite(self, g, keep: np.ndarray) -> None:
         n = int(g.attrs["n_rows"])
         if _STAGING in g:
             del g[_STAGING]
         staging = g.create_group(_STAGING)
         for name, ds in _row_datasets(g):
-            staging.create_dataset(name, data=ds[:n][keep], maxshape=ds.maxshape, chunks=ds.chunks,
+            values, failed = _rows_and_damage(ds, slice(0, n))
+            if (failed & keep).any():  # only rows being dropped (--repair's) may be past repair
+                del g[_STAGING]
+                raise _damaged(self.path, OSError(_CHECKSUM_FAILED))
+            staging.create_dataset(name, data=values[keep], maxshape=ds.maxshape, chunks=ds.chunks,
                                    fletcher32=ds.fletcher32)
         staging.attrs["n_rows"] = int(keep.sum())
         self.file.flush()

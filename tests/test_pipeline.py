@@ -669,7 +669,8 @@ def test_a_damaged_or_cut_short_cache_is_refused_in_one_line_naming_it(small_dig
         assert capsys.readouterr().err.strip() == (
             f"featx: error: {nan}: 1 stored embedding(s) of efficientnet_lite0 are not finite numbers (NaN or "
             f"infinity), e.g. that of {key}: the file is damaged, or the model overflowed (fp16: embed without "
-            "--half); embed into a new file"), argv
+            f"--half); `featx embed {os.path.realpath(small_digits)} -o {nan} --repair` embeds the damaged rows "
+            "again, or embed into a new file"), argv
     assert not (tmp_path / "h.safetensors").exists()
 
 
@@ -677,7 +678,9 @@ def test_a_stored_embedding_changed_on_disk_is_caught_by_its_checksum(small_digi
                                                                       change_a_stored_byte):
     """One byte of a stored embedding changed on disk (a bad sector, a bad copy) left a finite number, so a
     head was trained on it without a word. Every chunk now carries a Fletcher-32 checksum that HDF5 checks
-    as it reads: reading the rows, and appending a new image into their partly filled chunk, is one line."""
+    as it reads: reading the rows, and appending a new image into their partly filled chunk, is one line,
+    and `embed --repair` drops the rows of the damaged chunk, as it drops rows that are not numbers (a
+    cache without checksums), and embeds their files again."""
     from PIL import Image
 
     from featx.cli import main
@@ -695,7 +698,8 @@ def test_a_stored_embedding_changed_on_disk_is_caught_by_its_checksum(small_digi
     assert main(["info", str(old)]) == 0 and unchecked in capsys.readouterr().out
     change_a_stored_byte(cache, row=7, column=3)
     said = (f"featx: error: {cache} is damaged: a checksum of its stored data does not match: its bytes changed "
-            "after featx wrote them; embed into a new file (the images are read again)")
+            f"after featx wrote them; `featx embed FOLDER -o {cache} --repair` embeds the damaged rows again, or "
+            "embed into a new file")
     assert main(["-q", "train-head", str(cache), "--C", "1", "-o", str(tmp_path / "h.safetensors")]) == 2
     assert capsys.readouterr().err.strip() == said and not (tmp_path / "h.safetensors").exists()
     with Image.open(next((small_digits / "1").iterdir())) as digit:
@@ -704,6 +708,19 @@ def test_a_stored_embedding_changed_on_disk_is_caught_by_its_checksum(small_digi
     assert capsys.readouterr().err.strip() == said
     with h5py.File(cache, "r") as f:  # what was stored before is still there, as it was
         assert f["efficientnet_lite0"].attrs["n_rows"] == 60 and f["efficientnet_lite0/embeddings"].fletcher32
+    expected = featx.load_embeddings(old)
+    with h5py.File(old, "r+") as f:  # a row that is not numbers, in the cache without checksums
+        f["efficientnet_lite0/embeddings"][12] = np.nan
+    for damaged, dropped in ((cache, "60 damaged rows"), (old, "1 damaged row")):  # all 60 share one chunk
+        assert main(["embed", str(small_digits), "-o", str(damaged), "--model", str(lite0_onnx), "--repair"]) == 0
+        summary = capsys.readouterr().out
+        assert f"{2 if damaged == old else 61} embedded, " in summary
+        assert f", {dropped} dropped to be embedded again (--repair)" in summary
+        repaired = featx.load_embeddings(damaged)
+        again = dict(zip(repaired.keys, repaired.embeddings))
+        assert len(again) == 61 and np.isfinite(repaired.embeddings).all()
+        assert np.allclose([again[k] for k in expected.keys], expected.embeddings, atol=1e-5)
+    assert main(["-q", "train-head", str(cache), "--C", "1", "-o", str(tmp_path / "h.safetensors")]) == 0
 
 
 def test_a_model_group_whose_making_was_cut_short_is_made_again(small_digits, tmp_path, lite0_onnx):

@@ -331,7 +331,8 @@ def test_rows_whose_checksum_fails_are_searched_past_as_damaged_rows_are(small_d
     capsys.readouterr()
     assert main(["similar", str(query), "--cache", str(damaged), "-k", "5", "--model", str(lite0_onnx)]) == 0
     assert f"{damaged}: 16 row(s) of efficientnet_lite0/embeddings fail their checksum (bytes changed on disk " \
-           "after featx wrote them): taken as damaged; embed into a new file" in capsys.readouterr().err
+           f"after featx wrote them): taken as damaged; `featx embed FOLDER -o {damaged} --repair` embeds the " \
+           "damaged rows again, or embed into a new file" in capsys.readouterr().err
     (found,) = featx.find_similar([query], damaged, k=5, model=lite0_onnx)
     expected = [(key, cosine) for key, cosine in clean.matches if key not in lost][:5]
     assert found.error is None and [key for key, _ in found.matches] == [key for key, _ in expected]
