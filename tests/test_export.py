@@ -457,7 +457,9 @@ def test_a_model_file_whose_text_went_bad_is_refused_in_one_line_with_nothing_on
     assert main(["classify", str(photos_dir / "coffee.png"), "--model", str(path)]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.startswith(f"featx: error: {path}: ") and "can't decode byte 0x8a" in err and err.count("\n") == 1, err
+    assert err.startswith(f"featx: error: {path}: ") and err.count("\n") == 1, err
+    # onnxruntime 1.31 says which byte; 1.23 (the last with Python 3.10 wheels) raises InvalidArgument with no words
+    assert "can't decode byte 0x8a" in err or err.endswith("not a valid ONNX model (InvalidArgument)\n"), err
 
 
 def test_a_cache_or_a_head_given_as_the_model_is_named_as_what_it_is(tmp_path, digits_cache, photos_dir, capsys):
