@@ -105,10 +105,15 @@ def test_fitting_a_head_on_a_cache_takes_little_more_memory_than_its_embeddings(
     float64 copy, and each fold's rows copied again)."""
     import tracemalloc
 
+    import sklearn
+
+    # scikit-learn before 1.9 (1.7 the last for Python 3.10) copies X to float64 inside LogisticRegression's
+    # fit, 2.15x X's float32 size, which featx cannot keep it from: measured 2.15x with 1.7.2 and 1.8.0, 0.12x with 1.9.1
+    its_copy = 2.2 if tuple(int(part) for part in sklearn.__version__.split(".")[:2]) < (1, 9) else 0.0
     data = featx.load_embeddings(digits_cache)
     X = np.tile(data.embeddings, (4, 1))  # 7,188 real embeddings, 37 MB
     y = np.tile(np.array(data.class_names)[data.labels], 4)
-    for head, bound in ((LogRegHead(C=1.0), 1.6), (LogRegHead(cv=2), 1.6)):
+    for head, bound in ((LogRegHead(C=1.0), 1.6 + its_copy), (LogRegHead(cv=2), 1.6 + its_copy)):
         tracemalloc.start()
         try:
             head.fit(X, y)
@@ -126,7 +131,7 @@ def test_fitting_a_head_on_a_cache_takes_little_more_memory_than_its_embeddings(
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 0.8 * X.nbytes, peak / X.nbytes
+    assert peak < (0.8 + its_copy) * X.nbytes, peak / X.nbytes
     assert not np.array_equal(rows, X)  # standardised in place
     copied = LogRegHead(C=1.0).fit(X, y)
     assert np.array_equal(in_place.predict(X), copied.predict(X))
