@@ -167,10 +167,14 @@ def _damaged(path: Path, error: BaseException) -> StoreError:
     """The one-line error for a cache HDF5 failed to read: what HDF5 said, in words where featx knows them."""
     said = error.args[0] if isinstance(error, KeyError) and error.args else str(error)  # KeyError's str() quotes it
     if _CHECKSUM_FAILED in said:
-        return StoreError(f"{path} is damaged: a checksum of its stored data does not match: its bytes changed after "
-                          f"featx wrote them; {repair_said(path)}")
+        return _checksum_failed(path)
     said = f"HDF5 cannot read it ({said.splitlines()[0] if said else type(error).__name__})"
     return StoreError(f"{path} is damaged: {said}; embed into a new file (the images are read again)")
+
+
+def _checksum_failed(path: Path) -> StoreError:
+    return StoreError(f"{path} is damaged: a checksum of its stored data does not match: its bytes changed after "
+                      f"featx wrote them; {repair_said(path)}")
 
 
 def repair_said(cache: str | os.PathLike, folder: str | None = None) -> str:
@@ -1317,7 +1321,7 @@ class EmbeddingStore:
                     values, failed = _rows_and_damage(ds, rows)
                     bad[rows] |= failed
                     if name == "embeddings":
-                        bad[rows] |= ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+                        bad[rows] |= ~np.isfinite(values).all(axis=1)
             if bad.any():
                 keys = _decode(g["keys"][:n])
                 drop = {keys[i] for i in np.flatnonzero(bad)}
@@ -1335,7 +1339,7 @@ class EmbeddingStore:
             values, failed = _rows_and_damage(ds, slice(0, n))
             if (failed & keep).any():  # only rows being dropped (--repair's) may be past repair
                 del g[_STAGING]
-                raise _damaged(self.path, OSError(_CHECKSUM_FAILED))
+                raise _checksum_failed(self.path)
             staging.create_dataset(name, data=values[keep], maxshape=ds.maxshape, chunks=ds.chunks,
                                    fletcher32=ds.fletcher32)
         staging.attrs["n_rows"] = int(keep.sum())
