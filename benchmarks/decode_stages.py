@@ -46,7 +46,6 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from featx.backbones import load_backbone
     from featx.bench import bench_workspace, machine_description, write_record
     from featx.data import FileEntry, class_names_of, load_batch, read_image_file, walk_images
     from featx.gpudecode import GpuDecoder, _read, available_jpeg_libraries, nvjpeg_pixels
@@ -56,8 +55,8 @@ def main() -> None:
 
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    cfg = load_backbone("efficientnet_lite0", weights=None).preprocess
     tmp, model_file, root = bench_workspace("featx-decode-bench-", args.n_jpegs)
+    cfg = read_model_info(model_file).preprocess
     paths = sorted(str(p) for p in root.rglob("*.jpg"))
     n, bs = len(paths), args.batch_size
     batches = [paths[i:i + bs] for i in range(0, n, bs)]

@@ -87,9 +87,13 @@ class Backbone:
     typical_cosine: float | None = None
 
     def weights_sha256(self) -> str:
-        """Hash of every parameter and buffer (names, shapes, bytes): the identity of these weights."""
-        return tensors_sha256(item for module in (self.features, self.classifier) if module is not None
-                              for item in module.state_dict().items())
+        """Hash of every parameter and buffer (names, shapes, bytes): the identity of these weights. With a
+        flag where the module scales its input back inside (Inception v3's, GoogLeNet's ``transform_input``,
+        which no tensor holds): featx exported them without it before 2026-12-07, another model with the
+        same weights, whose caches must not take the embeddings of today's."""
+        flag = [("transform_input", np.ones(1, np.uint8))] if getattr(self.features, "transform_input", False) else []
+        return tensors_sha256([item for module in (self.features, self.classifier) if module is not None
+                               for item in module.state_dict().items()] + flag)
 
 
 def tensors_sha256(named) -> str:
@@ -336,19 +340,15 @@ def _torchvision_backbone(name: str, weights: str | None) -> Backbone:
 
     weights_enum = torchvision.models.get_model_weights(name).DEFAULT
     source = _resolve_weights(weights, "pretrained")
-    kwargs = {"aux_logits": False, "init_weights": False} if name == "inception_v3" else {}
-    if name.startswith("googlenet"):
-        kwargs = {"aux_logits": False, "init_weights": False}
-    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    model = torchvision.models.get_model(name, weights=None, **_built_as_its_weights(name, weights_enum))
     if source == "pretrained":
         try:
             state = weights_enum.get_state_dict(progress=False, check_hash=True)
         except Exception as e:  # urllib, ssl, socket and hash errors all mean "not available here"
             raise _download_failed(name, e) from None
-        state = {k: v for k, v in state.items() if "AuxLogits" not in k and not k.startswith("aux")}
-        apply_state_dict(model, state, source=f"pretrained weights {weights_enum}")
+        apply_state_dict(model, _without_auxiliary(state), source=f"pretrained weights {weights_enum}")
     elif source != "none":
-        apply_state_dict(model, load_state_dict_file(source), source=source)
+        apply_state_dict(model, _without_auxiliary(load_state_dict_file(source)), source=source)
     categories = list(weights_enum.meta["categories"])
     if isinstance(model, torchvision.models.SqueezeNet):
         model, classifier, embed_dim = _squeezenet_features(model)
@@ -378,6 +378,32 @@ def _torchvision_backbone(name: str, weights: str | None) -> Backbone:
         class_names=categories if classifier is not None else None,
         weights=source,
     )
+
+
+def _built_as_its_weights(name: str, weights_enum) -> dict:
+    """The arguments torchvision's builder takes besides ``weights`` when it is given ``weights_enum``, so the
+    module is the one those weights were trained in whatever weights fill it (pretrained, a local file of
+    them, or random): Inception v3's and GoogLeNet's take ImageNet-normalised input and scale it back to
+    the [-1, 1] Google trained them on (``transform_input``: without it their pretrained logits are
+    another model's); a ViT's position embeddings are sized for its weights' images (ViT-H/14's 518, not the
+    builder's 224), as MaxViT's input size is. Their auxiliary classifiers are left out: featx exports the
+    main one."""
+    import torchvision
+
+    module = torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+    if module in ("inception", "googlenet"):
+        return {"transform_input": True, "aux_logits": False, "init_weights": False}
+    if module == "vision_transformer":
+        return {"image_size": weights_enum.meta["min_size"][0]}
+    if module == "maxvit":
+        return {"input_size": weights_enum.meta["min_size"]}
+    return {}
+
+
+def _without_auxiliary(state: dict) -> dict:
+    """``state`` less Inception v3's and GoogLeNet's auxiliary classifiers (AuxLogits, aux1, aux2), which
+    their weights hold and featx does not build: it exports the main classifier."""
+    return {k: v for k, v in state.items() if not k.startswith(("AuxLogits.", "aux1.", "aux2."))}
 
 
 def _squeezenet_features(model) -> tuple[torch.nn.Module, None, int]:

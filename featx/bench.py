@@ -485,14 +485,16 @@ def scratch_folder(prefix: str) -> Path:
 
 
 def bench_workspace(prefix: str, n_jpegs: int = 0, model: str = DEFAULT_BACKBONE) -> tuple[Path, Path, Path | None]:
-    """(a fresh temporary folder, ``model`` exported into it, a folder of ``n_jpegs`` 500x375 JPEGs or None):
-    what the benchmark scripts start from, so no export or file from an earlier run is measured. The folder
+    """(a fresh temporary folder, ``model``'s export, a folder of ``n_jpegs`` 500x375 JPEGs or None): what the
+    benchmark scripts start from, so no file from an earlier run is measured. The export is the one in
+    ``$FEATX_MODELS`` where that is set (featx's models folder of the user's choosing, whose files are
+    checked and exported again when stale; the tests' session export), else made in the folder. The folder
     is removed when the process exits."""
     from .export import ensure_model_file
     from .samples import write_jpeg_folder
 
     tmp = scratch_folder(prefix)
-    model_file = ensure_model_file(model, models_dir=tmp / "models")
+    model_file = ensure_model_file(model, models_dir=os.environ.get("FEATX_MODELS") or tmp / "models")
     return tmp, model_file, write_jpeg_folder(tmp / "jpegs", n_jpegs) if n_jpegs else None
 
 

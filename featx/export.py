@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import warnings
@@ -68,6 +69,10 @@ class ModelInfo:
     # padding out at every call (Ceil nodes; featx before 2026-11-25, :func:`_static_same_padding`), the
     # same model as today's export but 0.5-0.6x as fast on a CPU
     pads_per_call: bool = field(default=False, compare=False)
+    # read from the graph by featx.runtime.read_model_info: torchvision's Inception v3 or GoogLeNet exported
+    # by featx before 2026-12-07, without the input scaling their weights expect (transform_input): not
+    # torchvision's model, its classes wrong; another fingerprint than today's export of the same weights
+    unscaled_input: bool = field(default=False, compare=False)
     # read_model_info found the digest of its weights (TENSORS_DIGEST_KEY) and checked them against it; an
     # earlier featx's file has none
     weights_checked: bool = field(default=False, compare=False)
@@ -381,6 +386,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = ModelInfo.from_backbone(backbone, half=half)
+    _check_fits_one_file(backbone, half=half)
     model = embedding_model(backbone, half=half, fixed_padding=fixed_padding)
     h, w = backbone.preprocess.input_size
     example = torch.zeros(2, h, w, 3, dtype=torch.uint8)
@@ -394,7 +400,11 @@ def export_onnx(
     # a name of this export's own (two first runs may export one model at once), created by the exporter
     # with the user's umask: mkstemp's 0600 made the models folder's files unreadable to the others
     # sharing it (FEATX_MODELS on a group's server)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
+    # in a folder of its own: tensors the exporter writes beside its file (external data, for a graph near
+    # protobuf's 2 GB) go with it, not into the models folder
+    partial = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
+    partial.mkdir()
+    tmp = partial / path.name
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         # nn.MultiheadAttention's fused fast path (ViT) has no ONNX symbolic: trace the plain ops
@@ -435,8 +445,31 @@ def export_onnx(
         replace_model_file(tmp, path)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
     return info
+
+
+ONNX_FILE_LIMIT = 2 ** 31  # protobuf's: a model's whole file is one message, of less than 2 GiB
+
+
+def _check_fits_one_file(backbone: Backbone, *, half: bool) -> None:
+    """Refuse, before any export work, a model whose weights alone pass :data:`ONNX_FILE_LIMIT`: featx writes
+    every weight inside its one file (no external data). ViT-H/14 (632 M weights, 2.5 GB in float32) went
+    through 2.4 minutes and 12 GB of export to a protobuf EncodeError, and left 200 tensor files beside it."""
+    modules = [backbone.features] + ([backbone.classifier] if backbone.classifier is not None else [])
+    tensors = {t.data_ptr(): t.numel() for m in modules for t in [*m.parameters(), *m.buffers()]}  # tied: once
+    values = sum(tensors.values())
+    size = values * (2 if half else 4)
+    if size < ONNX_FILE_LIMIT:
+        return
+    def gb(n: int) -> str:
+        return f"{n / 1e9:.2f} GB"
+
+    advice = (f"; `--half` exports them in float16 ({gb(values * 2)})" if not half and values * 2 < ONNX_FILE_LIMIT
+              else "")
+    raise ExportCheckError(f"{backbone.name}: its {values / 1e6:.0f} M weights are {gb(size)} in "
+                           f"{'float16' if half else 'float32'}, past the {gb(ONNX_FILE_LIMIT)} one ONNX file holds "
+                           f"(protobuf's limit; featx writes no external data){advice}")
 
 
 def _export_to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, outputs: list[str], *, opset: int,
@@ -632,6 +665,8 @@ def refresh_models_folder_file(path: Path, name: str, *, weights=None, half: boo
         if damage is None:
             return False  # a model, not featx's: loading it names what is wrong
         return _export_over_damaged(path, name, damage, refused=e, weights=weights, half=half)
+    if old.unscaled_input:
+        return _export_over_unscaled(path, name, old, weights=weights, half=half)
     if not old.pads_per_call:
         return False
     fresh = path.with_name(f".{path.stem}.refresh.onnx")
@@ -651,6 +686,26 @@ def refresh_models_folder_file(path: Path, name: str, *, weights=None, half: boo
         return False
     finally:
         fresh.unlink(missing_ok=True)
+
+
+def _export_over_unscaled(path: Path, name: str, old: ModelInfo, *, weights, half: bool) -> bool:
+    """Replace an earlier featx's export of Inception v3 or GoogLeNet that does not scale its input as the
+    weights expect (ModelInfo.unscaled_input) whatever the new file's fingerprint: its embeddings and
+    classes are not the pretrained model's. Where the export cannot be made (offline), the old file is used."""
+    from .backbones import load_backbone
+
+    try:
+        new = export_onnx(load_backbone(name, weights=weights), path, half=half).fingerprint
+    except Exception as e:
+        _logger.warning("%s kept as it is, though it is not %s as its weights were trained (an earlier featx's export, "
+                        "without the input scaling Google's weights expect): exporting it again failed: %s", path,
+                        name, first_line(e))
+        return False
+    _logger.warning("%s exported again: the file an earlier featx wrote did not scale its input as %s's weights "
+                    "expect (transform_input), so its embeddings and classes were another model's; what caches and "
+                    "heads hold of it (fingerprint %s) stays apart from this one's (%s)", path, name,
+                    old.fingerprint, new)
+    return True
 
 
 def _damage_of(path: Path) -> str | None:

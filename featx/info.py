@@ -62,6 +62,10 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
         info = read_model_info(path)
         stale = ("\n  its 'SAME' padding is worked out at every call (an earlier featx's export): exported again "
                  "(featx export) it gives the same embeddings at 1.5-1.9x the speed on a CPU" if info.pads_per_call else "")
+        if info.unscaled_input:
+            stale += ("\n  it does not scale its input as its weights expect (an earlier featx's export, without "
+                      "torchvision's transform_input): its embeddings and classes are not the pretrained model's; "
+                      "exported again (featx export) it is, under another fingerprint")
         if not info.weights_checked:
             stale += _NO_DIGEST.format(again="exported again (featx export)")
         return f"{path}: {info.summary()}{stale}"

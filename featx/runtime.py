@@ -170,7 +170,24 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
         means = next((numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == CLASS_MEANS_NAME), None)
         info = dataclasses.replace(info, class_means=None if means is None else means.T.copy())
     return dataclasses.replace(info, pads_per_call=any(node.op_type == "Ceil" for node in proto.graph.node),
+                               # a fine-tuned export or a merged head learnt on the file's own embeddings
+                               unscaled_input=info.backbone in _SCALES_ITS_INPUT and info.trained_phashes is None
+                               and info.class_scores == "logits" and not _scales_input(proto),
                                weights_checked=TENSORS_DIGEST_KEY in meta)
+
+
+_SCALES_ITS_INPUT = ("inception_v3", "googlenet")  # torchvision's: their weights take transform_input
+
+
+def _scales_input(proto) -> bool:
+    """Whether the graph scales the normalised input per channel before its first convolution: torchvision's
+    transform_input takes the three channels apart and joins them again (a Concat)."""
+    for node in proto.graph.node:
+        if node.op_type == "Conv":
+            return False
+        if node.op_type == "Concat":
+            return True
+    return False
 
 
 # files whose weights matched their digest in this process, by path, size and modification time: a run

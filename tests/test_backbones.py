@@ -39,6 +39,8 @@ def test_bundled_lite_weights_classify_like_imagenet(lite0_backbone, photos_dir)
 
 
 def test_inception_preprocessing_comes_from_weights_metadata():
+    """And the model is built as its weights are by torchvision: it scales the ImageNet-normalised input
+    back to the [-1, 1] Google trained it on (GoogLeNet's logits against torchvision's: test_export)."""
     import torchvision
 
     bb = featx.load_backbone("inception_v3", weights="none")
@@ -46,6 +48,16 @@ def test_inception_preprocessing_comes_from_weights_metadata():
     assert bb.preprocess.input_size == (299, 299) == (t.crop_size[0], t.crop_size[0])
     assert bb.preprocess.resize_size == t.resize_size[0]
     assert bb.embed_dim == 2048
+    assert bb.features.transform_input and bb.features.AuxLogits is None
+
+
+def test_a_vit_is_built_for_the_image_size_its_weights_take():
+    """torchvision's default ViT-H/14 weights (SWAG) take 518x518 images: featx built the builder's 224 model,
+    so its export failed with an AssertionError traceback on the 518 images its preprocessing gives (and
+    pretrained weights would not fit its position embeddings). Built on the meta device: no time, no memory."""
+    with torch.device("meta"):
+        bb = featx.load_backbone("vit_h_14", weights="none")
+    assert bb.features.image_size == bb.preprocess.input_size[0] == 518
 
 
 def test_unknown_name_is_refused_with_the_closest_names(tmp_path, caplog):

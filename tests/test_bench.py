@@ -13,14 +13,16 @@ import pytest
 import featx
 
 
-def run_benchmark(script: str, out: Path, *args: str, record: str) -> dict:
+def run_benchmark(script: str, out: Path, *args: str, record: str, models: Path | None = None) -> dict:
     """Run ``benchmarks/<script>`` with ``args`` and ``--out out`` in a fresh interpreter, as a reader
-    would; its JSON ``record`` from ``out``. The script leaves nothing in the temporary folder."""
+    would; its JSON ``record`` from ``out``. The script leaves nothing in the temporary folder. ``models``:
+    the models folder it takes its export from (FEATX_MODELS: the session's Lite0, not exported again)."""
     path = Path(__file__).parents[1] / "benchmarks" / script
     scratch = out / "tmp"
     scratch.mkdir(parents=True)
+    env = {**os.environ, "TMPDIR": str(scratch), **({"FEATX_MODELS": str(models)} if models else {})}
     run = subprocess.run([sys.executable, str(path), *args, "--out", str(out)], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "TMPDIR": str(scratch)})
+                         timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert not left_in(scratch), f"{script} left {left_in(scratch)}"
     return json.loads((out / record).read_text())
@@ -63,12 +65,12 @@ def test_bench_writes_json_and_png_with_the_comparisons(tmp_path, monkeypatch):
     assert e2e and all(line.split("  (")[0].split()[-1] == "-" for line in e2e)
 
 
-def test_decode_stages_script_records_every_stage_on_the_cpu(tmp_path):
+def test_decode_stages_script_records_every_stage_on_the_cpu(tmp_path, lite0_onnx):
     """The script a GPU session runs first (benchmarks/README.md) must not break unseen: on the CPU it
     times the same stages (both JPEG libraries, the decode stage with and without CPU workers) and
     writes the JSON and the PNG."""
     record = run_benchmark("decode_stages.py", tmp_path, "--device", "cpu", "--n-jpegs", "32", "--batch-size", "16",
-                           record="decode_stages-cpu.json")
+                           record="decode_stages-cpu.json", models=lite0_onnx.parent)
     rates = {k: v for k, v in record.items() if k.endswith("_per_s")}
     assert {"torchcodec_decode_jpeg_batch16_per_s", "torchvision_decode_jpeg_batch16_per_s", "resize_crop_per_s",
             "cpu_pil_1_workers_per_s", "cpu_pil_1_threads_per_s", "decode_stage_0_cpu_workers_per_s",
@@ -78,9 +80,10 @@ def test_decode_stages_script_records_every_stage_on_the_cpu(tmp_path):
     assert (tmp_path / "decode_stages-cpu.png").stat().st_size > 10_000
 
 
-def test_preprocess_script_records_both_resizes_and_how_far_apart_they_are(tmp_path):
+def test_preprocess_script_records_both_resizes_and_how_far_apart_they_are(tmp_path, lite0_onnx):
     """The figures behind data.preprocess_image's crop-region resize: the script must keep running."""
-    record = run_benchmark("preprocess.py", tmp_path, "--n-jpegs", "8", record="preprocess-cpu.json")
+    record = run_benchmark("preprocess.py", tmp_path, "--n-jpegs", "8", record="preprocess-cpu.json",
+                           models=lite0_onnx.parent)
     for name in ("efficientnet_lite0", "resnet50"):
         assert record[f"{name}_featx_resize_crop_per_s"] > 0 and record[f"{name}_torchvision_resize_crop_per_s"] > 0
         assert record[f"{name}_most_levels_apart"] <= 4 and record[f"{name}_share_of_pixels_apart"] < 0.05
@@ -100,11 +103,11 @@ def test_batch_sizes_script_records_rates_and_memory_at_each_size(tmp_path):
     assert (tmp_path / "batch_sizes-efficientnet_lite0.png").stat().st_size > 10_000
 
 
-def test_similar_search_script_finds_what_plain_numpy_finds(tmp_path):
+def test_similar_search_script_finds_what_plain_numpy_finds(tmp_path, lite0_onnx):
     """The figures behind the search's partial sort: the script must keep running, and featx's top k must
     be plain numpy's full sort's."""
     record = run_benchmark("similar_search.py", tmp_path, "--rows", "3000", "--queries", "40", "--digits", "200",
-                           record="similar_search-3000.json")
+                           record="similar_search-3000.json", models=lite0_onnx.parent)
     assert record["same_top_k"] == 1.0 and record["featx_seconds"] > 0 and record["plain_numpy_seconds"] > 0
 
 
@@ -117,10 +120,11 @@ def test_look_alikes_script_groups_as_plain_numpy_does(tmp_path):
     assert record["edit_cosines"]["mirrored"]["min"] > record["distinct_photos_max_cosine"]
 
 
-def test_int8_static_script_sets_each_calibration_beside_fp32(tmp_path):
+def test_int8_static_script_sets_each_calibration_beside_fp32(tmp_path, lite0_onnx):
     """The figures behind featx having no int8 export: the script must keep running (small sizes here)."""
     record = run_benchmark("int8_static.py", tmp_path, "--methods", "MinMax", "--n-calibration", "8",
-                           "--n-digits", "150", "--repeats", "1", record="int8_static-cpu.json")
+                           "--n-digits", "150", "--repeats", "1", record="int8_static-cpu.json",
+                           models=lite0_onnx.parent)
     assert record["calibration_images"] == 16 and record["head_test_digits"] == 50
     assert record["fp32_per_s"] > 0 and record["int8_MinMax_per_s"] > 0
     # ten classes: a head on either file's embeddings is far better than chance, and int8 is not fp32

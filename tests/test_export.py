@@ -583,6 +583,97 @@ def test_timm_heads_that_are_not_one_linear_give_the_models_own_logits(name, has
         [info.class_names[i] for i in reference.argmax(1)]
 
 
+def test_torchvisions_pretrained_weights_give_torchvisions_own_logits(photos_dir, tmp_path, monkeypatch):
+    """The real download path, served from torch's hub cache: featx's pretrained GoogLeNet gives the logits
+    torchvision's own pretrained model gives on real photos. Its weights, as Inception v3's, scale the
+    ImageNet-normalised input back to Google's [-1, 1] inside the model (transform_input, which
+    torchvision's builder sets for their weights): featx built both without it, so their embeddings and
+    classes were another model's (Inception v3's: test_backbones). A local file of the same weights (as
+    a user saves them, the auxiliary classifiers included) loads as the same weights."""
+    name = "googlenet"
+    import torch
+    import torchvision
+
+    from featx.data import load_image
+
+    torch.manual_seed(0)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    info = featx.load_backbone(name, weights="none").preprocess
+    files = sorted(photos_dir.iterdir())
+    images = np.stack([load_image(f, info) for f in files])
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(info.mean)[:, None, None]) \
+        / torch.tensor(info.std)[:, None, None]
+    trained = torchvision.models.get_model(name, weights=None, aux_logits=True, init_weights=True, transform_input=True)
+    for batch_norm in (m for m in trained.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        batch_norm.momentum = None  # its statistics those of the photos, as trained weights' are of their images:
+    with torch.no_grad():  # random weights' activations otherwise explode (Inception) or vanish (GoogLeNet)
+        trained.train()(x)
+    state = trained.state_dict()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    reference = torchvision.models.get_model(name, weights=weights).eval()  # torchvision's own, from that file
+    pretrained = featx.load_backbone(name, weights="pretrained")
+    info = featx.export_onnx(pretrained, tmp_path / f"{name}.onnx")
+    with torch.no_grad():
+        expected = reference(x).numpy()
+    assert len(set(expected.argmax(1))) > 1  # the photos tell apart
+    logits = featx.load_model(tmp_path / f"{name}.onnx", device="cpu").encode(images).logits
+    assert np.abs(logits - expected).max() < 1e-4 * np.abs(expected).max()
+    torch.save(state, tmp_path / "local.pth")
+    assert featx.load_backbone(name, weights=str(tmp_path / "local.pth")).weights_sha256() == pretrained.weights_sha256()
+
+
+def test_an_earlier_featxs_googlenet_without_its_input_scaling_is_exported_again(tmp_path, caplog, capsys):
+    """featx before 2026-12-07 exported torchvision's GoogLeNet and Inception v3 without the input scaling
+    their weights expect: such a file in the models folder is exported again on its next use, under
+    another fingerprint (what a cache holds of the old file stays apart), and `featx info` says what is
+    wrong with one elsewhere."""
+    import shutil
+
+    from featx.cli import main
+    from featx.export import ensure_model_file, model_path
+    from featx.runtime import read_model_info
+
+    as_before = featx.load_backbone("googlenet", weights="none")
+    as_before.features.transform_input = False  # as featx built it then
+    path = model_path("googlenet", weights="none", models_dir=tmp_path / "models")
+    old = featx.export_onnx(as_before, path)
+    shutil.copy(path, tmp_path / "old.onnx")
+    assert main(["info", str(tmp_path / "old.onnx")]) == 0
+    assert "does not scale its input as its weights expect" in capsys.readouterr().out
+    with caplog.at_level(logging.WARNING, logger="featx"):
+        assert ensure_model_file("googlenet", weights="none", models_dir=tmp_path / "models") == path
+    new = read_model_info(path)
+    assert not new.unscaled_input and read_model_info(tmp_path / "old.onnx").unscaled_input
+    assert new.fingerprint != old.fingerprint and f"(fingerprint {old.fingerprint}) stays apart" in caplog.text
+    caplog.clear()
+    ensure_model_file("googlenet", weights="none", models_dir=tmp_path / "models")  # once
+    assert "exported again" not in caplog.text
+
+
+def test_a_model_past_what_one_onnx_file_holds_is_refused_before_the_export(tmp_path, monkeypatch, capsys):
+    """An ONNX file is one protobuf message, of less than 2 GiB: ViT-H/14's 2.5 GB of float32 weights went through
+    2.4 minutes of export to an EncodeError traceback and left 200 tensor files in the models folder. Now the
+    export is refused at once in one line, which names --half where float16 fits. The limit scaled down here
+    to ResNet-18's 47 MB (23 MB in float16)."""
+    import featx.export
+    from featx.cli import main
+
+    monkeypatch.setattr(featx.export, "ONNX_FILE_LIMIT", 30_000_000)
+    models = tmp_path / "models"
+    assert main(["export", "resnet18", "--weights", "none", "-o", str(models / "r18.onnx")]) == 2
+    assert capsys.readouterr().err == (
+        "featx: error: resnet18: its 12 M weights are 0.05 GB in float32, past the 0.03 GB one ONNX file holds "
+        "(protobuf's limit; featx writes no external data); `--half` exports them in float16 (0.02 GB)\n")
+    monkeypatch.setattr(featx.export, "ONNX_FILE_LIMIT", 20_000_000)
+    assert main(["export", "resnet18", "--weights", "none", "--half", "-o", str(models / "r18.onnx")]) == 2
+    assert capsys.readouterr().err.endswith("are 0.02 GB in float16, past the 0.02 GB one ONNX file holds "
+                                            "(protobuf's limit; featx writes no external data)\n")
+    assert not models.exists() or not list(models.iterdir())
+
+
 def test_squeezenet_gives_its_pooled_features_and_says_it_has_no_logits(photos_dir, tmp_path):
     """The one torchvision classification model with no final Linear layer (its classifier is a 1x1
     convolution and a ReLU before the pooling) was refused: `featx export squeezenet1_1` said "no final
