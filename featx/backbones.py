@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # torch is imported inside functions: importing featx must st
 _logger = logging.getLogger(__name__)
 
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
+CropMode = Literal["center", "squash", "border"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,10 @@ class PreprocessConfig:
     """What a backbone expects of an image, resolved from its weights' metadata.
 
     The image is resized so its shorter side is ``resize_size`` (aspect kept), then centre-cropped
-    to ``input_size`` (height, width), scaled to [0, 1] and normalised with ``mean``/``std``.
+    to ``input_size`` (height, width), scaled to [0, 1] and normalised with ``mean``/``std``. timm's
+    other ``crop_mode``s (62 of its architectures' default weights: EfficientNet-B5, NFNet-F, EVA-02,
+    MaxViT-TF …): "squash" resizes each side to ``resize_size`` (the aspect not kept: nothing cut off at
+    crop_pct 1), "border" the longer side, the rest padded with the mean colour.
     """
 
     input_size: tuple[int, int]
@@ -46,9 +50,13 @@ class PreprocessConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: Interpolation = "bilinear"
+    crop_mode: CropMode = "center"
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        d = dataclasses.asdict(self)
+        if d["crop_mode"] == "center":  # as files written before crop modes say it: their fingerprints hold
+            del d["crop_mode"]
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> PreprocessConfig:
@@ -59,7 +67,40 @@ class PreprocessConfig:
             mean=tuple(d["mean"]),
             std=tuple(d["std"]),
             interpolation=d["interpolation"],
+            crop_mode=d.get("crop_mode", "center"),
         )
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) a ``width`` x ``height`` picture is resized to before it is centre-cropped (or
+        padded) to ``input_size``: as torchvision's Resize of the shorter side, or timm's eval transforms
+        for "squash" (Resize to a (h, w) size) and "border" (ResizeKeepRatio of the longer side)."""
+        box_w, box_h = self.box
+        if self.crop_mode == "squash":
+            return box_w, box_h
+        if self.crop_mode == "border":
+            ratio = max(width / box_w, height / box_h)
+            return round(width / ratio), round(height / ratio)
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize_size, int(self.resize_size * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+    @property
+    def box(self) -> tuple[int, int]:
+        """(width, height): ``input_size`` over crop_pct, what "squash" resizes to and "border" fits into."""
+        ch, cw = self.input_size
+        return cw * self.resize_size // min(ch, cw), ch * self.resize_size // min(ch, cw)
+
+    @property
+    def pad_fill(self) -> tuple[int, int, int]:
+        """The colour around a picture smaller than the input: black, as torchvision's centre crop pads;
+        the mean, as timm's "border" mode pads."""
+        return tuple(round(255 * m) for m in self.mean) if self.crop_mode == "border" else (0, 0, 0)
+
+    def resize_text(self) -> str:
+        """How a picture is resized, in words."""
+        return {"squash": f"each side to {self.resize_size}, its aspect not kept",
+                "border": f"its longer side to {self.resize_size}"}.get(self.crop_mode,
+                                                                       f"its shorter side to {self.resize_size}")
 
 
 @dataclass
@@ -434,7 +475,22 @@ def _timm_preprocess(model) -> PreprocessConfig:
         mean=tuple(float(m) for m in cfg["mean"]),
         std=tuple(float(s) for s in cfg["std"]),
         interpolation=interp,
+        crop_mode=cfg.get("crop_mode") if cfg.get("crop_mode") in ("squash", "border") else "center",
     )
+
+
+def timm_crop_mode(name: str) -> str | None:
+    """The crop mode timm evaluates backbone ``name``'s default weights with ("center", "squash", "border"), read
+    from timm's table without building the model; None for a name that is not timm's."""
+    if name in _REGISTRY or (not name.startswith("timm/") and name in _torchvision_names()):
+        return None
+    import timm.models
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name.removeprefix("timm/"))
+    except Exception:  # not a timm name (a fine-tuned model's, another tool's): nothing to say
+        return None
+    return None if cfg is None else (getattr(cfg, "crop_mode", None) or "center")
 
 
 def _timm_classifier(model):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .backbones import DEFAULT_BACKBONE
+from .backbones import DEFAULT_BACKBONE, PreprocessConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -354,9 +355,14 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
                 os.environ["FEATX_JPEG_LIBRARY"] = chosen
 
     p = backbone.preprocess
+    # torchvision's Resize of the shorter side, or of both (timm's "squash"); timm's "border" fits the longer
+    # side (its padding a plain crop gives in black)
+    mode = getattr(torchvision.transforms.InterpolationMode, p.interpolation.upper())
+    resize = torchvision.transforms.Resize(p.box[::-1] if p.crop_mode == "squash" else p.resize_size, interpolation=mode)
+    if p.crop_mode == "border":
+        resize = torchvision.transforms.Lambda(functools.partial(_fit_longer_side, cfg=p))
     transform = torchvision.transforms.Compose([
-        torchvision.transforms.Resize(p.resize_size, interpolation=getattr(
-            torchvision.transforms.InterpolationMode, p.interpolation.upper())),
+        resize,
         torchvision.transforms.CenterCrop(p.input_size),
         torchvision.transforms.ToTensor(),
         torchvision.transforms.Normalize(p.mean, p.std),
@@ -482,6 +488,13 @@ def scratch_folder(prefix: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def _fit_longer_side(img, cfg: PreprocessConfig):
+    """A PIL image resized as timm's "border" mode resizes it (a picklable transform for DataLoader workers)."""
+    from .data import _INTERPOLATION
+
+    return img.resize(cfg.resized_size(*img.size), _INTERPOLATION[cfg.interpolation])
 
 
 def bench_workspace(prefix: str, n_jpegs: int = 0, model: str = DEFAULT_BACKBONE) -> tuple[Path, Path, Path | None]:

@@ -648,7 +648,8 @@ def as_rgb(img: Image.Image | np.ndarray) -> Image.Image:
 
 def preprocess_image(img: Image.Image | np.ndarray, cfg: PreprocessConfig, *,
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Resize the shorter side to ``cfg.resize_size``, centre-crop to ``cfg.input_size``.
+    """Resize the shorter side to ``cfg.resize_size``, centre-crop to ``cfg.input_size`` (or as timm's crop
+    modes say: :meth:`PreprocessConfig.resized_size`).
 
     What torchvision's Resize + CenterCrop give on PIL images, computed for the crop only: Pillow
     resamples the crop's region of the photo (``resize(box=...)``, the same filter at the same
@@ -672,11 +673,9 @@ def preprocess_image(img: Image.Image | np.ndarray, cfg: PreprocessConfig, *,
     elif img.mode != "RGB":
         img = _to_rgb(img)
     w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = cfg.resize_size, int(cfg.resize_size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    new_w, new_h = cfg.resized_size(w, h)
     if new_w * new_h > max_pixels:
-        raise ImageError(f"{w}x{h} resized to {new_w}x{new_h} (its short side to {cfg.resize_size}) = "
+        raise ImageError(f"{w}x{h} resized to {new_w}x{new_h} ({cfg.resize_text()}) = "
                          f"{new_w * new_h:,} pixels is over the limit of {max_pixels:,} (--max-pixels)")
     ch, cw = cfg.input_size
     top, left = int(round((new_h - ch) / 2.0)), int(round((new_w - cw) / 2.0))
@@ -686,8 +685,8 @@ def preprocess_image(img: Image.Image | np.ndarray, cfg: PreprocessConfig, *,
         return np.asarray(img.resize((cw, ch), _INTERPOLATION[cfg.interpolation], box=box), dtype=np.uint8)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), _INTERPOLATION[cfg.interpolation])
-    if new_w < cw or new_h < ch:  # only when resize_size < crop: pad like torchvision's center_crop
-        canvas = Image.new("RGB", (max(new_w, cw), max(new_h, ch)))
+    if new_w < cw or new_h < ch:  # resize_size < crop, or timm's "border": pad as torchvision's center_crop
+        canvas = Image.new("RGB", (max(new_w, cw), max(new_h, ch)), cfg.pad_fill)
         canvas.paste(img, ((max(new_w, cw) - new_w) // 2, (max(new_h, ch) - new_h) // 2))
         img, (new_w, new_h) = canvas, canvas.size
     top = int(round((new_h - ch) / 2.0))

@@ -112,9 +112,10 @@ class ModelInfo:
         """What the file takes, for whoever runs it without featx: the shape and how a photo gets there
         (normalisation is inside the graph)."""
         pre = self.preprocess
-        (h, w), size = pre.input_size, pre.resize_size
-        return (f"uint8 RGB (n, {h}, {w}, 3): each photo resized ({pre.interpolation}) so its shorter side is "
-                f"{size}, then centre-cropped to {h}x{w}")
+        (h, w) = pre.input_size
+        how = {"squash": f"{pre.resize_text()},", "border": f"{pre.resize_text()}, padded with RGB {pre.pad_fill},"
+               }.get(pre.crop_mode, f"so its shorter side is {pre.resize_size},")
+        return f"uint8 RGB (n, {h}, {w}, 3): each photo resized ({pre.interpolation}) {how} then centre-cropped to {h}x{w}"
 
     def to_json(self) -> str:
         return json.dumps(
@@ -665,8 +666,9 @@ def refresh_models_folder_file(path: Path, name: str, *, weights=None, half: boo
         if damage is None:
             return False  # a model, not featx's: loading it names what is wrong
         return _export_over_damaged(path, name, damage, refused=e, weights=weights, half=half)
-    if old.unscaled_input:
-        return _export_over_unscaled(path, name, old, weights=weights, half=half)
+    outdated = outdated_export(old, name)
+    if outdated is not None:
+        return _export_over_outdated(path, name, old, outdated, weights=weights, half=half)
     if not old.pads_per_call:
         return False
     fresh = path.with_name(f".{path.stem}.refresh.onnx")
@@ -688,24 +690,69 @@ def refresh_models_folder_file(path: Path, name: str, *, weights=None, half: boo
         fresh.unlink(missing_ok=True)
 
 
-def _export_over_unscaled(path: Path, name: str, old: ModelInfo, *, weights, half: bool) -> bool:
-    """Replace an earlier featx's export of Inception v3 or GoogLeNet that does not scale its input as the
-    weights expect (ModelInfo.unscaled_input) whatever the new file's fingerprint: its embeddings and
-    classes are not the pretrained model's. Where the export cannot be made (offline), the old file is used."""
-    from .backbones import load_backbone
+def outdated_export(info: ModelInfo, name: str | None = None) -> str | None:
+    """Why an earlier featx's export of a backbone is not the model its weights are, or None: torchvision's
+    Inception v3 or GoogLeNet without the input scaling its weights expect (:attr:`ModelInfo.unscaled_input`),
+    or a timm model centre-cropped where timm evaluates its weights with another crop mode (before
+    2026-12-07 both). A fine-tuned export or a merged head learnt on the file's own embeddings: None.
+    ``name``: the backbone name the file was asked for (timm/efficientnet_b5, whose file says efficientnet_b5,
+    which is torchvision's too)."""
+    from .backbones import timm_crop_mode
+
+    if info.trained_phashes is not None or info.class_scores != "logits":
+        return None
+    if info.unscaled_input:
+        return ("it does not scale its input as its weights expect (torchvision's transform_input), so its embeddings "
+                "and classes are another model's")
+    mode = timm_crop_mode(name or info.backbone) if info.preprocess.crop_mode == "center" else None
+    if mode not in (None, "center"):
+        return (f"it centre-crops photos, where timm evaluates {name or info.backbone}'s weights with its {mode!r} crop mode "
+                "(the whole photo), so its embeddings are of a part of each photo")
+    return None
+
+
+def _export_over_outdated(path: Path, name: str, old: ModelInfo, outdated: str, *, weights, half: bool) -> bool:
+    """Replace an earlier featx's export that :func:`outdated_export` finds is not the model its weights are,
+    whatever the new file's fingerprint: exported again (Inception v3, GoogLeNet), or, where only the crop
+    mode its metadata says was wrong, that metadata rewritten (the graph is the model's; no download). Where
+    the export cannot be made (offline), the old file is used."""
+    from .backbones import load_backbone, timm_crop_mode
 
     try:
-        new = export_onnx(load_backbone(name, weights=weights), path, half=half).fingerprint
+        if old.unscaled_input:
+            new = export_onnx(load_backbone(name, weights=weights), path, half=half).fingerprint
+        else:
+            new = _rewrite_crop_mode(path, timm_crop_mode(name))
     except Exception as e:
-        _logger.warning("%s kept as it is, though it is not %s as its weights were trained (an earlier featx's export, "
-                        "without the input scaling Google's weights expect): exporting it again failed: %s", path,
-                        name, first_line(e))
+        _logger.warning("%s kept as it is, though %s (an earlier featx's export): exporting %s again failed: %s",
+                        path, outdated, name, first_line(e))
         return False
-    _logger.warning("%s exported again: the file an earlier featx wrote did not scale its input as %s's weights "
-                    "expect (transform_input), so its embeddings and classes were another model's; what caches and "
-                    "heads hold of it (fingerprint %s) stays apart from this one's (%s)", path, name,
-                    old.fingerprint, new)
+    _logger.warning("%s exported again: %s (an earlier featx's export); what caches and heads hold of it "
+                    "(fingerprint %s) stays apart from this one's (%s)", path, outdated, old.fingerprint, new)
     return True
+
+
+def _rewrite_crop_mode(path: Path, crop_mode: str) -> str:
+    """``path`` with ``crop_mode`` in its preprocessing metadata, written by rename; its new fingerprint."""
+    import onnx
+
+    from .runtime import read_model_info
+
+    proto = onnx.load(str(path))
+    entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    meta = json.loads(entry.value)
+    meta["preprocess"]["crop_mode"] = crop_mode
+    if "input" in meta:  # the words for whoever runs the file without featx
+        meta["input"] = ModelInfo.from_json(json.dumps(meta)).input_description()
+    entry.value = json.dumps(meta)
+    fresh = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+    try:
+        save_model_file(proto, fresh)
+        fingerprint = read_model_info(fresh).fingerprint
+        replace_model_file(fresh, path)
+    finally:
+        fresh.unlink(missing_ok=True)
+    return fingerprint
 
 
 def _damage_of(path: Path) -> str | None:

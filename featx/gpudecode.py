@@ -393,15 +393,19 @@ class GpuDecoder:
         import torch.nn.functional as F
 
         cfg = self.cfg
-        short, long = min(ih, iw), max(ih, iw)
-        new_short, new_long = cfg.resize_size, int(cfg.resize_size * long / short)
-        nh, nw = (new_short, new_long) if ih <= iw else (new_long, new_short)
+        nw, nh = cfg.resized_size(iw, ih)
         x = batch.float()
         if (nh, nw) != (ih, iw):
             mode = cfg.interpolation if cfg.interpolation != "nearest" else "nearest-exact"
             x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=mode != "nearest-exact",
                               align_corners=False if mode != "nearest-exact" else None)
         ch, cw = cfg.input_size
+        if nh < ch or nw < cw:  # timm's "border" (or a resize under the crop): padded as the CPU path pads
+            canvas = torch.tensor(cfg.pad_fill, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            canvas = canvas.expand(len(x), 3, max(nh, ch), max(nw, cw)).clone()
+            top, left = (max(nh, ch) - nh) // 2, (max(nw, cw) - nw) // 2
+            canvas[:, :, top:top + nh, left:left + nw] = x
+            x, (nh, nw) = canvas, canvas.shape[2:]
         top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
         x = x[:, :, max(top, 0):max(top, 0) + ch, max(left, 0):max(left, 0) + cw]
         return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

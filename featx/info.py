@@ -28,6 +28,7 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
     or near copy; ``bits_apart``: between the perceptual hashes of the file and the first, empty where
     one has none). ``list_failures``: rows ``model,key,reason``. ``sheet``: with ``list_copies``, a PNG
     of the pictures stored more than once (the first 20), a row of thumbnails each (:func:`plot_copies`)."""
+    from .export import outdated_export
     from .runtime import file_kind, read_model_info
     from .store import summarize_cache
 
@@ -62,10 +63,10 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
         info = read_model_info(path)
         stale = ("\n  its 'SAME' padding is worked out at every call (an earlier featx's export): exported again "
                  "(featx export) it gives the same embeddings at 1.5-1.9x the speed on a CPU" if info.pads_per_call else "")
-        if info.unscaled_input:
-            stale += ("\n  it does not scale its input as its weights expect (an earlier featx's export, without "
-                      "torchvision's transform_input): its embeddings and classes are not the pretrained model's; "
-                      "exported again (featx export) it is, under another fingerprint")
+        outdated = outdated_export(info)
+        if outdated is not None:
+            stale += (f"\n  {outdated} (an earlier featx's export): exported again (featx export) it is the model "
+                      "its weights are, under another fingerprint")
         if not info.weights_checked:
             stale += _NO_DIGEST.format(again="exported again (featx export)")
         return f"{path}: {info.summary()}{stale}"

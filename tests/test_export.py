@@ -383,6 +383,39 @@ def test_runtime_preprocessing_matches_timm_reference_transform(lite0_backbone, 
         assert float(levels.max()) < 1.01 and float((levels > 0.5).float().mean()) < 1e-3, name
 
 
+@pytest.mark.parametrize("name, crop_mode", [("efficientnet_b5", "squash"), ("dm_nfnet_f0", "squash"),
+                                             ("deepseek_vit_412m", "border")])
+def test_timms_other_crop_modes_are_its_own_eval_transform(name, crop_mode, photos_dir):
+    """62 timm architectures' default weights (EfficientNet-B5, NFNet-F, EVA-02, MaxViT-TF …) are evaluated by
+    timm on the whole photo resized to a square ("squash", its aspect not kept) or fitted into one and
+    padded with the mean ("border"): featx cut their centre out, as for every other model, so it saw
+    a quarter less of a 4:3 photo than the weights were trained on. Now featx's resize is timm's eval
+    transform on landscape and portrait photos, to a few levels in a few pixels (built on the meta
+    device: no weights needed to read their preprocessing)."""
+    import dataclasses
+
+    import timm.data
+    from PIL import Image
+
+    from featx.backbones import _timm_preprocess
+    from featx.data import preprocess_image
+
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    cfg = _timm_preprocess(model)
+    assert cfg.crop_mode == crop_mode
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    mean, std = torch.tensor(cfg.mean)[:, None, None], torch.tensor(cfg.std)[:, None, None]
+    portrait = Image.open(photos_dir / "coffee.png").convert("RGB").transpose(Image.Transpose.ROTATE_90)
+    for photo in (Image.open(photos_dir / "china.jpg").convert("RGB"), portrait):
+        reference = ((transform(photo) * std + mean) * 255).permute(1, 2, 0).numpy()
+        levels = np.abs(preprocess_image(photo, cfg).astype(float) - reference)
+        # (the crop's region resized alone, in float32: NFNet's 213 squash cropped to 192, 4 % a level or more)
+        assert levels.max() <= 6 and (levels > 1.5).mean() < 0.05, (levels.max(), (levels > 1.5).mean())
+        centre = preprocess_image(photo, dataclasses.replace(cfg, crop_mode="center")).astype(float)
+        assert np.abs(centre - reference).mean() > 10  # what featx gave before: another part of the photo
+
+
 def test_onnx_and_torch_reference_pipeline_agree_on_real_photos(lite0_onnx, lite0_backbone, photos_dir):
     """Same file -> same embedding: featx (decode, resize, ONNX) vs timm transform + torch model."""
     import timm.data
@@ -639,7 +672,7 @@ def test_an_earlier_featxs_googlenet_without_its_input_scaling_is_exported_again
     as_before = featx.load_backbone("googlenet", weights="none")
     as_before.features.transform_input = False  # as featx built it then
     path = model_path("googlenet", weights="none", models_dir=tmp_path / "models")
-    old = featx.export_onnx(as_before, path)
+    old = featx.export_onnx(as_before, path, check=False)
     shutil.copy(path, tmp_path / "old.onnx")
     assert main(["info", str(tmp_path / "old.onnx")]) == 0
     assert "does not scale its input as its weights expect" in capsys.readouterr().out
@@ -651,6 +684,36 @@ def test_an_earlier_featxs_googlenet_without_its_input_scaling_is_exported_again
     caplog.clear()
     ensure_model_file("googlenet", weights="none", models_dir=tmp_path / "models")  # once
     assert "exported again" not in caplog.text
+
+
+def test_an_earlier_featxs_export_of_a_squash_model_gets_its_crop_mode_without_an_export(tmp_path, caplog, capsys):
+    """A timm model whose weights timm evaluates on the whole photo squashed (EfficientNetV2-B3 here), as
+    featx before 2026-12-07 exported it (centre crop): in the models folder, its metadata is rewritten on
+    its next use (the graph is the model's: no download, no export), under another fingerprint, and
+    `featx info` says what is wrong with such a file elsewhere."""
+    import dataclasses
+    import shutil
+
+    from featx.cli import main
+    from featx.export import ensure_model_file, model_path
+    from featx.runtime import read_model_info
+
+    backbone = featx.load_backbone("tf_efficientnetv2_b3", weights="none")
+    assert backbone.preprocess.crop_mode == "squash"
+    backbone.preprocess = dataclasses.replace(backbone.preprocess, crop_mode="center")  # as featx had it
+    path = model_path("tf_efficientnetv2_b3", weights="none", models_dir=tmp_path / "models")
+    old = featx.export_onnx(backbone, path, check=False)
+    shutil.copy(path, tmp_path / "old.onnx")
+    assert main(["info", str(tmp_path / "old.onnx")]) == 0
+    assert "it centre-crops photos, where timm evaluates tf_efficientnetv2_b3's weights with its 'squash' crop mode" \
+        in capsys.readouterr().out
+    with caplog.at_level(logging.WARNING, logger="featx"):
+        assert ensure_model_file("tf_efficientnetv2_b3", weights="none", models_dir=tmp_path / "models") == path
+    new = read_model_info(path)
+    assert new.preprocess == dataclasses.replace(old.preprocess, crop_mode="squash") and "each side to" in new.input_description()
+    assert new.weights_sha256 == old.weights_sha256 and new.fingerprint != old.fingerprint
+    assert f"(fingerprint {old.fingerprint}) stays apart" in caplog.text
+    assert main(["info", str(path)]) == 0 and "centre-crops" not in capsys.readouterr().out
 
 
 def test_a_model_past_what_one_onnx_file_holds_is_refused_before_the_export(tmp_path, monkeypatch, capsys):

@@ -137,6 +137,31 @@ def test_decoder_matches_the_cpu_path_and_records_what_it_cannot_decode(tmp_path
         assert np.array_equal(images[row].numpy(), load_image(paths[ok[row]], cfg))
 
 
+@pytest.mark.parametrize("crop_mode", ["squash", "border"])
+def test_the_decoders_resize_follows_timms_crop_modes_as_the_cpu_path_does(tmp_path, lite0_backbone, crop_mode):
+    """The GPU path's resize (run here on the CPU) for a timm model evaluated on the whole photo: squashed,
+    or fitted and padded with the mean colour, as load_image gives it (torch resizes, PIL resizes)."""
+    import dataclasses
+
+    from featx.samples import write_jpeg_folder
+
+    cfg = dataclasses.replace(lite0_backbone.preprocess, crop_mode=crop_mode)
+    root = write_jpeg_folder(tmp_path / "jpegs", 4, processes=1)
+    paths = sorted(str(p) for p in root.rglob("*.jpg"))
+    decoder = GpuDecoder(cfg, device="cpu", library=next(iter(AVAILABLE)))
+    try:
+        decoded = decoder.decode(paths)
+    finally:
+        decoder.close()
+    assert decoded.decoded_by == "gpu" and decoded.ok == list(range(len(paths)))
+    reference = np.stack([load_image(p, cfg) for p in paths]).astype(np.float32)
+    assert np.abs(decoded.images.numpy().astype(np.float32) - reference).mean() < 1.0
+    if crop_mode == "border":  # 500x375 photos fitted into Lite0's 256: 192 rows, 16 of the mean colour above and below
+        assert cfg.resized_size(500, 375) == (256, 192)
+        assert (decoded.images[:, :16].numpy() == 128).all() and (decoded.images[:, -16:].numpy() == 128).all()
+        assert (decoded.images[:, 16].numpy() != 128).any()
+
+
 @pytest.mark.skipif("torchcodec" not in AVAILABLE, reason="TorchCodec does not load here")
 def test_torchcodec_turns_every_exif_orientation_upright_like_the_cpu_path(tmp_path, lite0_backbone):
     """Phone photos carry their rotation in EXIF; with TorchCodec they stay on nvJPEG and must come out
