@@ -358,7 +358,8 @@ def _bench_end_to_end(result, backbone, model_file, images, n_images, batch_size
     # torchvision's Resize of the shorter side, or of both (timm's "squash"); timm's "border" fits the longer
     # side (its padding a plain crop gives in black)
     mode = getattr(torchvision.transforms.InterpolationMode, p.interpolation.upper())
-    resize = torchvision.transforms.Resize(p.box[::-1] if p.crop_mode == "squash" else p.resize_size, interpolation=mode)
+    resize = torchvision.transforms.Resize(p.box[::-1] if p.crop_mode == "squash" else p.resize_size,
+                                           interpolation=mode)
     if p.crop_mode == "border":
         resize = torchvision.transforms.Lambda(functools.partial(_fit_longer_side, cfg=p))
     transform = torchvision.transforms.Compose([

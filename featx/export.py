@@ -115,7 +115,8 @@ class ModelInfo:
         (h, w) = pre.input_size
         how = {"squash": f"{pre.resize_text()},", "border": f"{pre.resize_text()}, padded with RGB {pre.pad_fill},"
                }.get(pre.crop_mode, f"so its shorter side is {pre.resize_size},")
-        return f"uint8 RGB (n, {h}, {w}, 3): each photo resized ({pre.interpolation}) {how} then centre-cropped to {h}x{w}"
+        return (f"uint8 RGB (n, {h}, {w}, 3): each photo resized ({pre.interpolation}) {how} then centre-cropped "
+                f"to {h}x{w}")
 
     def to_json(self) -> str:
         return json.dumps(
@@ -706,8 +707,8 @@ def outdated_export(info: ModelInfo, name: str | None = None) -> str | None:
                 "and classes are another model's")
     mode = timm_crop_mode(name or info.backbone) if info.preprocess.crop_mode == "center" else None
     if mode not in (None, "center"):
-        return (f"it centre-crops photos, where timm evaluates {name or info.backbone}'s weights with its {mode!r} crop mode "
-                "(the whole photo), so its embeddings are of a part of each photo")
+        return (f"it centre-crops photos, where timm evaluates {name or info.backbone}'s weights with its {mode!r} "
+                "crop mode (the whole photo), so its embeddings are of a part of each photo")
     return None
 
 
