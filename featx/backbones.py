@@ -53,8 +53,13 @@ class PreprocessConfig:
     crop_mode: CropMode = "center"
 
     def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def identity_json(self) -> str:
+        """:meth:`to_json` as a fingerprint hashes it: without the centre crop, as files and caches written
+        before featx knew timm's crop modes have it, so their fingerprints hold."""
         d = dataclasses.asdict(self)
-        if d["crop_mode"] == "center":  # as files written before crop modes say it: their fingerprints hold
+        if d["crop_mode"] == "center":
             del d["crop_mode"]
         return json.dumps(d, sort_keys=True)
 

@@ -73,6 +73,9 @@ class ModelInfo:
     # by featx before 2026-12-07, without the input scaling their weights expect (transform_input): not
     # torchvision's model, its classes wrong; another fingerprint than today's export of the same weights
     unscaled_input: bool = field(default=False, compare=False)
+    # its metadata names the crop mode (featx since 2026-12-07); an earlier featx's file says none, and one
+    # of a timm model whose weights take another crop mode than the centre is outdated (outdated_export)
+    crop_mode_said: bool = field(default=True, compare=False)
     # read_model_info found the digest of its weights (TENSORS_DIGEST_KEY) and checked them against it; an
     # earlier featx's file has none
     weights_checked: bool = field(default=False, compare=False)
@@ -87,7 +90,7 @@ class ModelInfo:
         """Identity of what the embeddings mean: weights + preprocessing + precision, not the engine."""
         import hashlib
 
-        h = hashlib.sha256(f"{self.weights_sha256}|{self.preprocess.to_json()}|{self.precision}".encode())
+        h = hashlib.sha256(f"{self.weights_sha256}|{self.preprocess.identity_json()}|{self.precision}".encode())
         return h.hexdigest()[:16]
 
     def summary(self) -> str:
@@ -145,6 +148,7 @@ class ModelInfo:
             weights_sha256=d["weights_sha256"],
             precision=d["precision"],
             featx_version=d["featx_version"],
+            crop_mode_said="crop_mode" in d["preprocess"],
         )
 
     @classmethod
@@ -670,6 +674,9 @@ def refresh_models_folder_file(path: Path, name: str, *, weights=None, half: boo
     outdated = outdated_export(old, name)
     if outdated is not None:
         return _export_over_outdated(path, name, old, outdated, weights=weights, half=half)
+    if not old.crop_mode_said:  # said once (the same fingerprint), it is not looked up again
+        with contextlib.suppress(OSError):  # a folder shared read-only: looked up at every run
+            _rewrite_crop_mode(path, old.preprocess.crop_mode)
     if not old.pads_per_call:
         return False
     fresh = path.with_name(f".{path.stem}.refresh.onnx")
@@ -705,7 +712,8 @@ def outdated_export(info: ModelInfo, name: str | None = None) -> str | None:
     if info.unscaled_input:
         return ("it does not scale its input as its weights expect (torchvision's transform_input), so its embeddings "
                 "and classes are another model's")
-    mode = timm_crop_mode(name or info.backbone) if info.preprocess.crop_mode == "center" else None
+    # (timm's table needs torch and timm imported, 2-3 s: looked up only for a file that does not say its mode)
+    mode = None if info.crop_mode_said else timm_crop_mode(name or info.backbone)
     if mode not in (None, "center"):
         return (f"it centre-crops photos, where timm evaluates {name or info.backbone}'s weights with its {mode!r} "
                 "crop mode (the whole photo), so its embeddings are of a part of each photo")

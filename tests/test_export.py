@@ -686,11 +686,13 @@ def test_an_earlier_featxs_googlenet_without_its_input_scaling_is_exported_again
     assert "exported again" not in caplog.text
 
 
-def test_an_earlier_featxs_export_of_a_squash_model_gets_its_crop_mode_without_an_export(tmp_path, caplog, capsys):
+def test_an_earlier_featxs_export_of_a_squash_model_gets_its_crop_mode_without_an_export(tmp_path, caplog, capsys,
+                                                                                          lite0_onnx):
     """A timm model whose weights timm evaluates on the whole photo squashed (EfficientNetV2-B3 here), as
     featx before 2026-12-07 exported it (centre crop): in the models folder, its metadata is rewritten on
     its next use (the graph is the model's: no download, no export), under another fingerprint, and
-    `featx info` says what is wrong with such a file elsewhere."""
+    `featx info` says what is wrong with such a file elsewhere. An earlier file of a centre-crop model
+    gets the mode said once, its fingerprint the same (timm's table costs 2-3 s of imports to read)."""
     import dataclasses
     import shutil
 
@@ -698,11 +700,22 @@ def test_an_earlier_featxs_export_of_a_squash_model_gets_its_crop_mode_without_a
     from featx.export import ensure_model_file, model_path
     from featx.runtime import read_model_info
 
+    import onnx
+
+    from featx.export import save_model_file
+
     backbone = featx.load_backbone("tf_efficientnetv2_b3", weights="none")
     assert backbone.preprocess.crop_mode == "squash"
     backbone.preprocess = dataclasses.replace(backbone.preprocess, crop_mode="center")  # as featx had it
     path = model_path("tf_efficientnetv2_b3", weights="none", models_dir=tmp_path / "models")
     old = featx.export_onnx(backbone, path, check=False)
+    proto = onnx.load(str(path))  # whose metadata named no crop mode
+    entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    meta = json.loads(entry.value)
+    del meta["preprocess"]["crop_mode"]
+    entry.value = json.dumps(meta)
+    save_model_file(proto, path)
+    assert read_model_info(path).fingerprint == old.fingerprint
     shutil.copy(path, tmp_path / "old.onnx")
     assert main(["info", str(tmp_path / "old.onnx")]) == 0
     assert "it centre-crops photos, where timm evaluates tf_efficientnetv2_b3's weights with its 'squash' crop mode" \
@@ -715,6 +728,15 @@ def test_an_earlier_featxs_export_of_a_squash_model_gets_its_crop_mode_without_a
     assert new.weights_sha256 == old.weights_sha256 and new.fingerprint != old.fingerprint
     assert f"(fingerprint {old.fingerprint}) stays apart" in caplog.text
     assert main(["info", str(path)]) == 0 and "centre-crops" not in capsys.readouterr().out
+    lite0 = tmp_path / "models" / "efficientnet_lite0.onnx"
+    proto = onnx.load(str(lite0_onnx))
+    entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    entry.value = entry.value.replace('"crop_mode": "center", ', "")
+    save_model_file(proto, lite0)
+    assert not read_model_info(lite0).crop_mode_said
+    ensure_model_file("efficientnet_lite0", models_dir=tmp_path / "models")
+    assert read_model_info(lite0).crop_mode_said and read_model_info(lite0).fingerprint == \
+        read_model_info(lite0_onnx).fingerprint
 
 
 def test_a_model_past_what_one_onnx_file_holds_is_refused_before_the_export(tmp_path, monkeypatch, capsys):
