@@ -468,6 +468,7 @@ def _check_fits_one_file(backbone: Backbone, *, half: bool) -> None:
     size = values * (2 if half else 4)
     if size < ONNX_FILE_LIMIT:
         return
+
     def gb(n: int) -> str:
         return f"{n / 1e9:.2f} GB"
 

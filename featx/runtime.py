@@ -172,11 +172,14 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
     return dataclasses.replace(info, pads_per_call=any(node.op_type == "Ceil" for node in proto.graph.node),
                                # a fine-tuned export or a merged head learnt on the file's own embeddings
                                unscaled_input=info.backbone in _SCALES_ITS_INPUT and info.trained_phashes is None
-                               and info.class_scores == "logits" and not _scales_input(proto),
+                               and info.class_scores == "logits" and info.preprocess.mean != (0.5, 0.5, 0.5)
+                               and not _scales_input(proto),
                                weights_checked=TENSORS_DIGEST_KEY in meta)
 
 
-_SCALES_ITS_INPUT = ("inception_v3", "googlenet")  # torchvision's: their weights take transform_input
+# torchvision's: their weights take ImageNet-normalised input and scale it back (transform_input); timm's
+# inception_v3, of the same name, is normalised to [-1, 1] (mean 0.5) and scales nothing
+_SCALES_ITS_INPUT = ("inception_v3", "googlenet")
 
 
 def _scales_input(proto) -> bool:

@@ -684,6 +684,10 @@ def test_an_earlier_featxs_googlenet_without_its_input_scaling_is_exported_again
     caplog.clear()
     ensure_model_file("googlenet", weights="none", models_dir=tmp_path / "models")  # once
     assert "exported again" not in caplog.text
+    # timm's Inception v3, whose file names it inception_v3 too, takes [-1, 1] input: nothing to scale back
+    timms = featx.export_onnx(featx.load_backbone("timm/inception_v3", weights="none"), tmp_path / "timm.onnx",
+                              check=False)
+    assert timms.backbone == "inception_v3" and not read_model_info(tmp_path / "timm.onnx").unscaled_input
 
 
 def test_an_earlier_featxs_export_of_a_squash_model_gets_its_crop_mode_without_an_export(tmp_path, caplog, capsys,
