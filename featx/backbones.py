@@ -239,6 +239,10 @@ def _load_backbone(name: str, weights: str | None) -> Backbone:
         backbone = _REGISTRY[name](weights)
     elif name.startswith("timm/"):
         backbone = _timm_backbone(name[len("timm/"):], weights)
+        # its plain name is torchvision's model: files and checkpoints name timm's, so the torch engine rebuilds
+        # this model, not torchvision's (featx before 2026-12-07 wrote the plain name)
+        if backbone.name in _torchvision_names():
+            backbone.name = name
     elif name in _torchvision_names():
         backbone = _torchvision_backbone(name, weights)
     else:

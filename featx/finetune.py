@@ -662,7 +662,8 @@ def load_finetuned(backbone, path: str | os.PathLike):
     from .backbones import apply_state_dict
 
     state, meta = _read_checkpoint(Path(path))
-    if meta.get("model") != backbone.name:
+    # (timm/resnet50's checkpoints said resnet50 before 2026-12-07)
+    if meta.get("model") not in (backbone.name, backbone.name.removeprefix("timm/")):
         raise FeatxError(f"{path} fine-tuned {meta.get('model')}, not {backbone.name}")
     apply_state_dict(backbone.features, {k[len("features."):]: v for k, v in state.items()
                                          if k.startswith("features.")}, source=str(path))

@@ -565,6 +565,23 @@ def test_torch_engine_gives_the_onnx_embedding(lite0_onnx, lite0_backbone, photo
     assert cos.min() > 0.9999
 
 
+def test_the_torch_engine_rebuilds_timms_model_whose_name_torchvision_has_too(tmp_path):
+    """timm's ResNet-18 exported as timm/resnet18: its file named it resnet18, so the torch engine (featx's
+    fastest on a GPU) built torchvision's ResNet-18, whose weights hash otherwise, and never served timm's
+    ResNets, EfficientNets or ViTs. The file says timm/resnet18 now, and the torch engine's embeddings
+    are the file's."""
+    from featx.runtime import TorchEngine, load_model
+
+    info = featx.export_onnx(featx.load_backbone("timm/resnet18", weights="none"), tmp_path / "r18.onnx", check=False)
+    assert info.backbone == "timm/resnet18"
+    images = featx.export.check_images(info.preprocess)[:2]
+    onnx_out = load_model(tmp_path / "r18.onnx", device="cpu").encode(images)
+    torch_out = TorchEngine(featx.read_model_info(tmp_path / "r18.onnx"), device="cpu").encode(images)
+    cos = (onnx_out.embedding * torch_out.embedding).sum(1) / (
+        np.linalg.norm(onnx_out.embedding, axis=1) * np.linalg.norm(torch_out.embedding, axis=1))
+    assert cos.min() > 0.9999
+
+
 def test_torch_engine_refuses_other_weights(lite0_onnx):
     from featx.runtime import TorchEngine
 
@@ -684,10 +701,13 @@ def test_an_earlier_featxs_googlenet_without_its_input_scaling_is_exported_again
     caplog.clear()
     ensure_model_file("googlenet", weights="none", models_dir=tmp_path / "models")  # once
     assert "exported again" not in caplog.text
-    # timm's Inception v3, whose file names it inception_v3 too, takes [-1, 1] input: nothing to scale back
-    timms = featx.export_onnx(featx.load_backbone("timm/inception_v3", weights="none"), tmp_path / "timm.onnx",
-                              check=False)
-    assert timms.backbone == "inception_v3" and not read_model_info(tmp_path / "timm.onnx").unscaled_input
+    # timm's Inception v3, whose file an earlier featx named inception_v3 too, takes [-1, 1] input: nothing to
+    # scale back
+    timms = featx.load_backbone("timm/inception_v3", weights="none")
+    assert timms.name == "timm/inception_v3"
+    timms.name = "inception_v3"  # as featx named it then
+    featx.export_onnx(timms, tmp_path / "timm.onnx", check=False)
+    assert not read_model_info(tmp_path / "timm.onnx").unscaled_input
 
 
 def test_an_earlier_featxs_export_of_a_squash_model_gets_its_crop_mode_without_an_export(tmp_path, caplog, capsys,
