@@ -403,12 +403,11 @@ def export_onnx(
         raise ExportCheckError(f"{backbone.name}: the backbone gives {width}-d embeddings but declares "
                                f"embed_dim={info.embed_dim}")
     outputs = ["embedding", "logits"] if info.has_logits else ["embedding"]
-    # a name of this export's own (two first runs may export one model at once), created by the exporter
-    # with the user's umask: mkstemp's 0600 made the models folder's files unreadable to the others
-    # sharing it (FEATX_MODELS on a group's server)
-    # in a folder of its own: tensors the exporter writes beside its file (external data, for a graph near
-    # protobuf's 2 GB) go with it, not into the models folder
-    partial = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
+    # in a folder of this export's own (two first runs may export one model at once; tensors the exporter
+    # writes beside its file, external data for a graph near protobuf's 2 GB, go with it, not into the models
+    # folder), the file created by the exporter with the user's umask: mkstemp's 0600 made the models
+    # folder's files unreadable to the others sharing it (FEATX_MODELS on a group's server)
+    partial = _partial_name(path)
     partial.mkdir()
     tmp = partial / path.name
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -728,17 +727,18 @@ def _export_over_outdated(path: Path, name: str, old: ModelInfo, outdated: str, 
     the export cannot be made (offline), the old file is used."""
     from .backbones import load_backbone, timm_crop_mode
 
+    done = "exported again" if old.unscaled_input else "its crop mode written into it"
     try:
         if old.unscaled_input:
             new = export_onnx(load_backbone(name, weights=weights), path, half=half).fingerprint
         else:
             new = _rewrite_crop_mode(path, timm_crop_mode(name))
     except Exception as e:
-        _logger.warning("%s kept as it is, though %s (an earlier featx's export): exporting %s again failed: %s",
-                        path, outdated, name, first_line(e))
+        _logger.warning("%s kept as it is, though %s (an earlier featx's export): %s failed: %s", path, outdated,
+                        "exporting it again" if old.unscaled_input else "rewriting it", first_line(e))
         return False
-    _logger.warning("%s exported again: %s (an earlier featx's export); what caches and heads hold of it "
-                    "(fingerprint %s) stays apart from this one's (%s)", path, outdated, old.fingerprint, new)
+    _logger.warning("%s %s: %s (an earlier featx's export); what caches and heads hold of it (fingerprint %s) stays "
+                    "apart from this one's (%s)", path, done, outdated, old.fingerprint, new)
     return True
 
 
@@ -746,23 +746,26 @@ def _rewrite_crop_mode(path: Path, crop_mode: str) -> str:
     """``path`` with ``crop_mode`` in its preprocessing metadata, written by rename; its new fingerprint."""
     import onnx
 
-    from .runtime import read_model_info
-
     proto = onnx.load(str(path))
     entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
     meta = json.loads(entry.value)
     meta["preprocess"]["crop_mode"] = crop_mode
+    info = ModelInfo.from_json(json.dumps(meta))
     if "input" in meta:  # the words for whoever runs the file without featx
-        meta["input"] = ModelInfo.from_json(json.dumps(meta)).input_description()
+        meta["input"] = info.input_description()
     entry.value = json.dumps(meta)
-    fresh = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+    fresh = _partial_name(path)
     try:
         save_model_file(proto, fresh)
-        fingerprint = read_model_info(fresh).fingerprint
         replace_model_file(fresh, path)
     finally:
         fresh.unlink(missing_ok=True)
-    return fingerprint
+    return info.fingerprint
+
+
+def _partial_name(path: Path) -> Path:
+    """A hidden name beside ``path`` of this write's own (two runs may write one model at once)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
 
 
 def _damage_of(path: Path) -> str | None:
