@@ -484,7 +484,7 @@ def _timm_preprocess(model) -> PreprocessConfig:
         mean=tuple(float(m) for m in cfg["mean"]),
         std=tuple(float(s) for s in cfg["std"]),
         interpolation=interp,
-        crop_mode=cfg.get("crop_mode") if cfg.get("crop_mode") in ("squash", "border") else "center",
+        crop_mode=_crop_mode(cfg.get("crop_mode")),
     )
 
 
@@ -499,7 +499,12 @@ def timm_crop_mode(name: str) -> str | None:
         cfg = timm.models.get_pretrained_cfg(name.removeprefix("timm/"))
     except Exception:  # not a timm name (a fine-tuned model's, another tool's): nothing to say
         return None
-    return None if cfg is None else (getattr(cfg, "crop_mode", None) or "center")
+    return None if cfg is None else _crop_mode(getattr(cfg, "crop_mode", None))
+
+
+def _crop_mode(timms: str | None) -> CropMode:
+    """timm's crop mode as featx takes it: "squash" and "border" as they are, the centre crop for the rest."""
+    return timms if timms in ("squash", "border") else "center"
 
 
 def _timm_classifier(model):
