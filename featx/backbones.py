@@ -161,6 +161,29 @@ def tensors_sha256(named) -> str:
     return h.hexdigest()
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, header: dict) -> Path:
+    """Write ``tensors`` (all numpy arrays, or all torch tensors) as .safetensors at ``path``, ``header`` as JSON
+    under the "featx" key with the tensors' digest (:func:`tensors_sha256`) added. Written under another name
+    and renamed, so a kill while writing leaves the earlier file whole, and given the permissions the user's
+    umask gives a new file: safetensors 0.8 creates its files 0600, so a head or checkpoint written on a
+    shared server was unreadable to the others there, where featx's caches and exports are not."""
+    if all(isinstance(t, np.ndarray) for t in tensors.values()):
+        from safetensors.numpy import save_file
+    else:
+        from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    header = {**header, "tensors_sha256": tensors_sha256(sorted(tensors.items()))}
+    save_file(tensors, str(partial), metadata={"featx": json.dumps(header)})
+    umask = os.umask(0)  # read, and set back at once: Python has no other way to read it
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)
+    os.replace(partial, path)
+    return path
+
+
 def _uint8():
     import torch
 

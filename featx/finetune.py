@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import DEFAULT_BACKBONE, tensors_sha256
+from .backbones import DEFAULT_BACKBONE, save_safetensors, tensors_sha256
 from .errors import FeatxError, check_output_file
 
 _logger = logging.getLogger(__name__)
@@ -441,7 +441,7 @@ def _add_class_means(path: Path, features, loader, device: str, n_classes: int, 
     if typical is None:
         return
     state[_CLASS_MEANS] = torch.from_numpy(means.astype(np.float32))
-    _save_checkpoint(path, state, {**meta, "typical_cosine": typical})
+    save_safetensors(state, path, {**meta, "typical_cosine": typical})
 
 
 def plot_curves(history: Sequence[EpochLog], path: Path, *, title: str) -> None:
@@ -545,18 +545,7 @@ def _write_checkpoint(path: Path, features, classifier, *, trained_phashes: np.n
     known = np.unique(trained_phashes[trained_phashes != 0])
     state[_TRAINED_PHASHES] = torch.from_numpy(known.view(np.int64))  # safetensors' torch side has no uint64
     state[_SAMPLE_PHASHES] = torch.from_numpy(np.ascontiguousarray(trained_phashes, dtype=np.uint64).view(np.int64))
-    _save_checkpoint(path, state, {"format": CHECKPOINT_FORMAT, **meta})
-
-
-def _save_checkpoint(path: Path, state: dict, meta: dict) -> None:
-    """Written under another name and renamed: a kill while writing leaves the previous checkpoint whole."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    meta = {**meta, "tensors_sha256": tensors_sha256(sorted(state.items()))}
-    save_file(state, str(tmp), metadata={"featx": json.dumps(meta)})
-    os.replace(tmp, path)
+    save_safetensors(state, path, {"format": CHECKPOINT_FORMAT, **meta})
 
 
 _TRAINED_PHASHES = "featx.trained_phashes"

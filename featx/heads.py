@@ -26,7 +26,7 @@ from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .backbones import DEFAULT_BACKBONE, tensors_sha256
+from .backbones import DEFAULT_BACKBONE, save_safetensors, tensors_sha256
 from .errors import FeatxError, HeadMismatchError, first_line
 from .reports import (NO_MULTILABEL_MISTAKES, HeadReport, check_report_files, misclassified, multilabel_report,
                       mistakes_png_beside, plot_confusion, plot_label_f1, plot_mistakes, single_label_report)
@@ -553,8 +553,6 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
     ``trained_on``: (SHA-256 digests as the cache keeps them, uint64 perceptual hashes) of the images it
     was fit and scored on, kept in the file (8 bytes of each digest, 16 bytes an image) so that evaluate
     leaves them out of a test folder once the cache is gone or elsewhere."""
-    from safetensors.numpy import save_file
-
     check_is_fitted(head)
     tensors = {"mean": head.mean_, "scale": head.scale_}
     if trained_on is not None:
@@ -585,11 +583,7 @@ def save_head(head: _Head, path: str | os.PathLike, *, fingerprint: str, backbon
         header["thresholds_from"] = THRESHOLDS_FROM
     arrays = {k: np.ascontiguousarray(v, dtype=np.uint64 if v.dtype == np.uint64 else np.float64)
               for k, v in tensors.items()}
-    header["tensors_sha256"] = tensors_sha256(sorted(arrays.items()))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(arrays, str(path), metadata={"featx": json.dumps(header)})
-    return path
+    return save_safetensors(arrays, path, header)
 
 
 _FITTED = ("C_", "cv_folds_", "n_epochs_", "best_epoch_")  # what a fit chose that its parameters do not say

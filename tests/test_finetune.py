@@ -59,8 +59,13 @@ def test_finetune_trains_only_the_top_blocks_and_reexports(small_digits, tmp_pat
     Image.new("RGB", (64, 64)).save(small_digits / ".thumbnails" / "x.png")
     (small_digits / "3" / "loop").symlink_to("..")
     lines = []
-    result = featx.fine_tune(small_digits, ckpt, unfreeze=2, epochs=2, input_size=64, hflip=False,
-                            batch_size=16, patience=5, log=lines.append)
+    umask = os.umask(0o022)
+    try:
+        result = featx.fine_tune(small_digits, ckpt, unfreeze=2, epochs=2, input_size=64, hflip=False,
+                                batch_size=16, patience=5, log=lines.append)
+    finally:
+        os.umask(umask)
+    assert ckpt.stat().st_mode & 0o777 == 0o644  # readable where the folder is shared (safetensors makes 0600)
     assert result.n_train + result.n_val == 62 and result.n_copies == 0  # 60 digits and the 2 bad files
     assert result.trainable == ["blocks.6", "conv_head+bn2"]
     assert sorted(Path(p).name for p in result.skipped) == ["empty.png", "zz_broken.jpg"]

@@ -138,6 +138,27 @@ def test_fitting_a_head_on_a_cache_takes_little_more_memory_than_its_embeddings(
     assert np.allclose(in_place.predict_proba(X), copied.predict_proba(X), atol=1e-6)
 
 
+def test_a_saved_head_has_the_permissions_the_umask_gives_and_replaces_the_old_one_whole(tmp_path):
+    """safetensors 0.8 creates its files 0600: a head trained on a shared server was unreadable to the others
+    there (featx predict: PermissionError), where the cache it came from was not. It is written under another
+    name and renamed, so a kill while writing leaves the earlier head whole."""
+    from featx.heads import save_head
+
+    X, y = np.random.default_rng(0).normal(size=(20, 8)), np.arange(20) % 2
+    path = tmp_path / "h.safetensors"
+    modes = []
+    for umask, C in ((0o022, 1.0), (0o077, 0.5)):
+        previous = os.umask(umask)
+        try:
+            save_head(LogRegHead(C=C).fit(X, y), path, fingerprint="0123456789abcdef", backbone="resnet50",
+                      model="resnet50")
+        finally:
+            os.umask(previous)
+        modes.append(path.stat().st_mode & 0o777)
+    assert modes == [0o644, 0o600]  # the user's own umask, whichever it is
+    assert load_head(path).head.C == 0.5 and [p.name for p in tmp_path.iterdir()] == ["h.safetensors"]
+
+
 def test_head_refuses_another_backbone(tmp_path, lite0_onnx, monkeypatch):
     from featx.heads import save_head
 
