@@ -634,6 +634,7 @@ def ensure_model_file(
     (:func:`refresh_models_folder_file`).
     """
     if is_model_file(model):
+        _say_if_outdated(Path(model))
         return Path(model)
     from .backbones import load_backbone
 
@@ -651,6 +652,35 @@ def ensure_model_file(
     else:
         refresh_models_folder_file(path, name, weights=weights, half=half)
     return path
+
+
+# files given by path that _say_if_outdated has read, by path, size and modification time: once a process
+_OUTDATED_SAID: set[tuple[str, int, int]] = set()
+
+
+def _say_if_outdated(path: Path) -> None:
+    """Warn, once a process, when a file given by path is an earlier featx's export of another model than its
+    weights are (:func:`outdated_export`). featx replaces such a file in its models folder itself; a user's own
+    file is theirs, and the caches and heads made with it keep to it, so it is used, and said."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return  # loading it says what is wrong
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _OUTDATED_SAID:
+        return
+    _OUTDATED_SAID.add(key)
+    from .runtime import read_model_info
+
+    try:
+        info = read_model_info(path)
+    except (FeatxError, OSError):
+        return  # not featx's, or damaged: loading it says so
+    outdated = outdated_export(info)
+    if outdated is not None:
+        _logger.warning("%s: %s (an earlier featx's export); `featx export %s -o NEW.onnx`, with the weights it was "
+                        "made from, exports the model its weights are, under another fingerprint (embed into a new "
+                        "cache with it)", path, outdated, info.backbone)
 
 
 def refresh_models_folder_file(path: Path, name: str, *, weights=None, half: bool = False) -> bool:

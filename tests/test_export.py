@@ -693,6 +693,11 @@ def test_an_earlier_featxs_googlenet_without_its_input_scaling_is_exported_again
     shutil.copy(path, tmp_path / "old.onnx")
     assert main(["info", str(tmp_path / "old.onnx")]) == 0
     assert "does not scale its input as its weights expect" in capsys.readouterr().out
+    with caplog.at_level(logging.WARNING, logger="featx"):  # given by path: used as it is, and said once
+        assert ensure_model_file(tmp_path / "old.onnx") == ensure_model_file(tmp_path / "old.onnx")
+    assert caplog.text.count("old.onnx: it does not scale its input as its weights expect") == 1
+    assert "`featx export googlenet -o NEW.onnx`" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="featx"):
         assert ensure_model_file("googlenet", weights="none", models_dir=tmp_path / "models") == path
     new = read_model_info(path)
@@ -744,6 +749,10 @@ def test_an_earlier_featxs_export_of_a_squash_model_gets_its_crop_mode_without_a
     assert main(["info", str(tmp_path / "old.onnx")]) == 0
     assert "it centre-crops photos, where timm evaluates tf_efficientnetv2_b3's weights with its 'squash' crop mode" \
         in capsys.readouterr().out
+    with caplog.at_level(logging.WARNING, logger="featx"):  # given by path: used as it is, and said
+        assert ensure_model_file(tmp_path / "old.onnx") == tmp_path / "old.onnx"
+    assert "old.onnx: it centre-crops photos" in caplog.text and "export tf_efficientnetv2_b3 -o NEW" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="featx"):
         assert ensure_model_file("tf_efficientnetv2_b3", weights="none", models_dir=tmp_path / "models") == path
     new = read_model_info(path)
