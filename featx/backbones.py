@@ -176,11 +176,15 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, header: dict) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     header = {**header, "tensors_sha256": tensors_sha256(sorted(tensors.items()))}
-    save_file(tensors, str(partial), metadata={"featx": json.dumps(header)})
-    umask = os.umask(0)  # read, and set back at once: Python has no other way to read it
-    os.umask(umask)
-    os.chmod(partial, 0o666 & ~umask)
-    os.replace(partial, path)
+    try:
+        save_file(tensors, str(partial), metadata={"featx": json.dumps(header)})
+        umask = os.umask(0)  # read, and set back at once: Python has no other way to read it
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)
+        os.replace(partial, path)
+    except BaseException:  # a full disk, Ctrl-C: no hidden partial file left beside the earlier one
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 

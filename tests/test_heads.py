@@ -141,7 +141,8 @@ def test_fitting_a_head_on_a_cache_takes_little_more_memory_than_its_embeddings(
 def test_a_saved_head_has_the_permissions_the_umask_gives_and_replaces_the_old_one_whole(tmp_path):
     """safetensors 0.8 creates its files 0600: a head trained on a shared server was unreadable to the others
     there (featx predict: PermissionError), where the cache it came from was not. It is written under another
-    name and renamed, so a kill while writing leaves the earlier head whole."""
+    name and renamed, so a kill or a full disk while writing leaves the earlier head whole, and no part file
+    (safetensors 0.8 writes through a file of its own; 0.4, which pyproject allows, wrote in place)."""
     from featx.heads import save_head
 
     X, y = np.random.default_rng(0).normal(size=(20, 8)), np.arange(20) % 2
@@ -156,6 +157,19 @@ def test_a_saved_head_has_the_permissions_the_umask_gives_and_replaces_the_old_o
             os.umask(previous)
         modes.append(path.stat().st_mode & 0o777)
     assert modes == [0o644, 0o600]  # the user's own umask, whichever it is
+    assert load_head(path).head.C == 0.5 and [p.name for p in tmp_path.iterdir()] == ["h.safetensors"]
+    import resource
+    import signal
+
+    wide = LogRegHead(C=2.0).fit(np.random.default_rng(0).normal(size=(20, 4096)), y)  # 64 KB of weights
+    handler, limits = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, limits[1]))  # a full disk, as the OS tells the process
+    try:
+        with pytest.raises(Exception):
+            save_head(wide, path, fingerprint="0123456789abcdef", backbone="resnet50", model="resnet50")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
     assert load_head(path).head.C == 0.5 and [p.name for p in tmp_path.iterdir()] == ["h.safetensors"]
 
 
