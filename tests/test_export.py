@@ -105,6 +105,10 @@ def test_a_models_folder_file_with_per_call_padding_is_exported_again_if_it_is_t
         assert featx.ensure_model_file("efficientnet_lite0", models_dir=tmp_path / "other") == other
     assert other.read_bytes() == before and "kept as it is" in caplog.text
     assert [p.name for p in other.parent.iterdir()] == [other.name]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="featx"):  # given by path: used as it is, the speed it lacks said
+        assert featx.ensure_model_file(other) == other
+    assert f"{other} works its 'SAME' padding out at every call" in caplog.text and other.read_bytes() == before
 
 
 def test_onnx_classifies_real_photos(lite0_onnx, photos_dir):
