@@ -683,9 +683,10 @@ def _say_if_outdated(path: Path) -> None:
                         "made from, exports the model its weights are, under another fingerprint (embed into a new "
                         "cache with it)", path, outdated, info.backbone)
     elif info.pads_per_call:
-        _logger.info("%s works its 'SAME' padding out at every call (an earlier featx's export): `featx export %s -o "
-                     "NEW.onnx`, with the weights it was made from, gives the same embeddings under the same "
-                     "fingerprint at 1.5-1.9x the speed on a CPU", path, info.backbone)
+        again = ("`featx export-classifier` with the head it was made from" if info.class_scores == "probabilities"
+                 else f"`featx export {info.backbone} -o NEW.onnx`, with the weights it was made from,")
+        _logger.info("%s works its 'SAME' padding out at every call (an earlier featx's export): %s gives the same "
+                     "embeddings under the same fingerprint at 1.5-1.9x the speed on a CPU", path, again)
 
 
 def refresh_models_folder_file(path: Path, name: str, *, weights=None, half: bool = False) -> bool:
