@@ -14,6 +14,7 @@ not depend on the weights' values: ``--weights none`` times architectures whose 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,9 @@ def main() -> None:
 
     sizes = [int(s) for s in args.sizes.split(",")]
     tmp = scratch_folder("featx-batch-sizes-")
-    model_file = featx.ensure_model_file(args.model, weights=args.weights, models_dir=tmp / "models")
+    # the models folder of the user's choosing where set (the tests' session export), else one of its own
+    model_file = featx.ensure_model_file(args.model, weights=args.weights,
+                                         models_dir=os.environ.get("FEATX_MODELS") or tmp / "models")
     root = write_jpeg_folder(tmp / "jpegs", args.n_jpegs)
     record = {"machine": machine_description(), "model": args.model, "n_jpegs": args.n_jpegs,
               "default_batch_size_cpu": featx.default_batch_size("cpu")}

@@ -91,10 +91,10 @@ def test_preprocess_script_records_both_resizes_and_how_far_apart_they_are(tmp_p
     assert (tmp_path / "preprocess-cpu.png").stat().st_size > 10_000
 
 
-def test_batch_sizes_script_records_rates_and_memory_at_each_size(tmp_path):
+def test_batch_sizes_script_records_rates_and_memory_at_each_size(tmp_path, lite0_onnx):
     """Where the CPU's default batch size comes from: the script must keep running (tiny sizes here)."""
     record = run_benchmark("batch_sizes.py", tmp_path, "--sizes", "2,4", "--n-jpegs", "8", "--repeats", "1",
-                           record="batch_sizes-efficientnet_lite0.json")
+                           record="batch_sizes-efficientnet_lite0.json", models=lite0_onnx.parent)
     assert record["default_batch_size_cpu"] == featx.default_batch_size("cpu")
     for bs in (2, 4):
         assert record[f"model_only_batch{bs}_per_s"] > 0 and record[f"featx_embed_batch{bs}_per_s"] > 0
@@ -111,11 +111,11 @@ def test_similar_search_script_finds_what_plain_numpy_finds(tmp_path, lite0_onnx
     assert record["same_top_k"] == 1.0 and record["featx_seconds"] > 0 and record["plain_numpy_seconds"] > 0
 
 
-def test_look_alikes_script_groups_as_plain_numpy_does(tmp_path):
+def test_look_alikes_script_groups_as_plain_numpy_does(tmp_path, lite0_onnx):
     """The figures behind the default look-alike cosine and the cost of --groups: featx's groups must be
     plain numpy's, and an edited photo closer to its photo than distinct photos come."""
     record = run_benchmark("look_alikes.py", tmp_path, "--rows", "300", "--digits", "30",
-                           record="look_alikes-300.json")
+                           record="look_alikes-300.json", models=lite0_onnx.parent)
     assert record["grouping"]["same_groups"] and record["grouping"]["groups"] > 0
     assert record["edit_cosines"]["mirrored"]["min"] > record["distinct_photos_max_cosine"]
 
