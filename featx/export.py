@@ -679,14 +679,20 @@ def _say_if_outdated(path: Path) -> None:
         return  # not featx's, or damaged: loading it says so
     outdated = outdated_export(info)
     if outdated is not None:
-        _logger.warning("%s: %s (an earlier featx's export); `featx export %s -o NEW.onnx`, with the weights it was "
-                        "made from, exports the model its weights are, under another fingerprint (embed into a new "
-                        "cache with it)", path, outdated, info.backbone)
+        _logger.warning("%s: %s (an earlier featx's export); %s exports the model its weights are, under another "
+                        "fingerprint (embed into a new cache with it)", path, outdated, export_again_command(info))
     elif info.pads_per_call:
-        again = ("`featx export-classifier` with the head it was made from" if info.class_scores == "probabilities"
-                 else f"`featx export {info.backbone} -o NEW.onnx`, with the weights it was made from,")
         _logger.info("%s works its 'SAME' padding out at every call (an earlier featx's export): %s gives the same "
-                     "embeddings under the same fingerprint at 1.5-1.9x the speed on a CPU", path, again)
+                     "embeddings under the same fingerprint at 1.5-1.9x the speed on a CPU", path,
+                     export_again_command(info))
+
+
+def export_again_command(info: ModelInfo) -> str:
+    """The command that writes an earlier featx's file again as today's featx exports it: a merged classifier's
+    with its head (`featx export` would drop the head), any other with the weights it was made from."""
+    if info.class_scores == "probabilities":
+        return "`featx export-classifier` with the head it was made from"
+    return f"`featx export {info.backbone} -o NEW.onnx` with the weights it was made from"
 
 
 def refresh_models_folder_file(path: Path, name: str, *, weights=None, half: bool = False) -> bool:

@@ -28,7 +28,7 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
     or near copy; ``bits_apart``: between the perceptual hashes of the file and the first, empty where
     one has none). ``list_failures``: rows ``model,key,reason``. ``sheet``: with ``list_copies``, a PNG
     of the pictures stored more than once (the first 20), a row of thumbnails each (:func:`plot_copies`)."""
-    from .export import outdated_export
+    from .export import export_again_command, outdated_export
     from .runtime import file_kind, read_model_info
     from .store import summarize_cache
 
@@ -61,12 +61,13 @@ def describe_file(path: str | os.PathLike, *, list_failures: bool = False, list_
                             for s in summaries] + ([f"-> {sheet}"] if drawn else []))
     if kind == "onnx":
         info = read_model_info(path)
-        stale = ("\n  its 'SAME' padding is worked out at every call (an earlier featx's export): exported again "
-                 "(featx export) it gives the same embeddings at 1.5-1.9x the speed on a CPU" if info.pads_per_call else "")
+        again = export_again_command(info)
+        stale = (f"\n  its 'SAME' padding is worked out at every call (an earlier featx's export): exported again "
+                 f"({again}) it gives the same embeddings at 1.5-1.9x the speed on a CPU" if info.pads_per_call else "")
         outdated = outdated_export(info)
         if outdated is not None:
-            stale += (f"\n  {outdated} (an earlier featx's export): exported again (featx export) it is the model "
-                      "its weights are, under another fingerprint")
+            stale += (f"\n  {outdated} (an earlier featx's export): exported again ({again}) it is the model its "
+                      "weights are, under another fingerprint")
         if not info.weights_checked:
             stale += _NO_DIGEST.format(again="exported again (featx export)")
         return f"{path}: {info.summary()}{stale}"

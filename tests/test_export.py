@@ -109,6 +109,15 @@ def test_a_models_folder_file_with_per_call_padding_is_exported_again_if_it_is_t
     with caplog.at_level(logging.INFO, logger="featx"):  # given by path: used as it is, the speed it lacks said
         assert featx.ensure_model_file(other) == other
     assert f"{other} works its 'SAME' padding out at every call" in caplog.text and other.read_bytes() == before
+    # a head merged with such a file pads per call too: made again with export-classifier (export would drop the head)
+    from featx.heads import LogRegHead, save_head
+
+    X, y = np.random.default_rng(0).normal(size=(20, 1280)), np.arange(20) % 2
+    save_head(LogRegHead(C=1.0).fit(X, y), tmp_path / "h.safetensors", backbone="efficientnet_lite0",
+              fingerprint=featx.read_model_info(other).fingerprint, model="efficientnet_lite0")
+    merged = featx.export_classifier(other, tmp_path / "h.safetensors", tmp_path / "merged.onnx")
+    assert "exported again (`featx export-classifier` with the head it was made from) it gives the same " \
+        "embeddings" in featx.describe_file(merged)
 
 
 def test_onnx_classifies_real_photos(lite0_onnx, photos_dir):
