@@ -421,8 +421,13 @@ def _redeliver_lost_interrupt(unraisable) -> None:
     global _signals
     if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
         again = signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT
-        _signals = 0  # it never reached the run: the next one raises
-        threading.Timer(0.01, os.kill, (os.getpid(), again)).start()
+        while True:
+            _signals = 0  # it never reached the run: the next one raises
+            try:
+                threading.Timer(0.01, os.kill, (os.getpid(), again)).start()
+                return
+            except KeyboardInterrupt:  # the next Ctrl-C came while the timer started: raised in this hook, it was
+                continue  # lost as well, and the one sent again only said "stopping" (a run went on to its end)
     else:
         sys.__unraisablehook__(unraisable)
 
