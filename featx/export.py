@@ -654,8 +654,8 @@ def ensure_model_file(
     return path
 
 
-# files given by path that _say_if_outdated has read, by path, size and modification time: once a process
-_OUTDATED_SAID: set[tuple[str, int, int]] = set()
+# files given by path that _say_if_outdated has read (runtime._checked_key): once a process
+_OUTDATED_SAID: set[tuple[str, int, int, int]] = set()
 
 
 def _say_if_outdated(path: Path) -> None:
@@ -663,15 +663,15 @@ def _say_if_outdated(path: Path) -> None:
     weights are (:func:`outdated_export`), and say when it is one that pads per call, slower than today's export
     of the same model. featx replaces such files in its models folder itself; a user's own file is theirs, and
     the caches and heads made with it keep to it, so it is used, and said."""
+    from .runtime import _checked_key, read_model_info
+
     try:
-        stat = path.stat()
+        key = _checked_key(path)
     except OSError:
         return  # loading it says what is wrong
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key in _OUTDATED_SAID:
         return
     _OUTDATED_SAID.add(key)
-    from .runtime import read_model_info
 
     try:
         info = read_model_info(path)

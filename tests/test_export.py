@@ -688,6 +688,33 @@ def test_torchvisions_pretrained_weights_give_torchvisions_own_logits(photos_dir
     assert featx.load_backbone(name, weights=str(tmp_path / "local.pth")).weights_sha256() == pretrained.weights_sha256()
 
 
+def test_a_run_parses_a_model_file_once_and_a_file_written_again_is_read_again(small_digits, lite0_onnx, tmp_path,
+                                                                             monkeypatch):
+    """Each read of a file's metadata parsed its whole graph (0.7-1.3 s for VGG-16's 528 MB): twice in a run
+    whose engine is calibrated, and again at each later read in the process (a notebook's embed, then info).
+    It is parsed once; a file written again under the same name (a new export, new metadata) is read again."""
+    from featx.cli import main
+    from featx.export import save_model_file
+
+    model = tmp_path / "lite0.onnx"
+    shutil.copy(lite0_onnx, model)
+    parsed = []
+    load = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda f, *a, **k: parsed.append(Path(f)) or load(f, *a, **k))
+    assert main(["-q", "embed", str(small_digits), "-o", str(tmp_path / "c.h5"), "--model", str(model),
+                 "--engine", "onnx", "--workers", "0"]) == 0
+    assert main(["info", str(model)]) == 0
+    assert parsed.count(model) == 1, parsed
+    assert featx.read_model_info(model).weights == featx.read_model_info(lite0_onnx).weights != "tuned.safetensors"
+
+    proto = load(str(model))
+    meta = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    meta.value = json.dumps({**json.loads(meta.value), "weights": "tuned.safetensors"})
+    save_model_file(proto, model)  # written in place, as onnx.save writes
+    assert featx.read_model_info(model).weights == "tuned.safetensors"
+    assert parsed.count(model) == 2
+
+
 def test_an_earlier_featxs_googlenet_without_its_input_scaling_is_exported_again(tmp_path, caplog, capsys):
     """featx before 2026-12-07 exported torchvision's GoogLeNet and Inception v3 without the input scaling
     their weights expect: such a file in the models folder is exported again on its next use, under
