@@ -319,15 +319,14 @@ def save_model_file(proto, path: str | os.PathLike) -> None:
     onnx.save(proto, str(path))
     from .runtime import weights_written
 
-    weights_written(path)
+    weights_written(path, proto)
 
 
 def replace_model_file(written: str | os.PathLike, path: str | os.PathLike) -> None:
     """``os.replace`` of a file :func:`save_model_file` wrote, still counted as checked under its new name."""
-    from .runtime import weights_written
+    from .runtime import rename_written_file
 
-    os.replace(written, path)
-    weights_written(path)
+    rename_written_file(written, path)
 
 
 def class_mean_cosine_graph(means: np.ndarray, *, prefix: str = "") -> tuple[list, list]:

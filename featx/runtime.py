@@ -10,6 +10,7 @@ onnxruntime's CUDA kernels). The model's config is always read back from the fil
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -162,23 +163,26 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
     path = _existing(path)
     key = _checked_key(path)
     if key not in _INFO_READ:
-        info = _parse_model_info(path)
-        for array in (info.class_means, info.trained_phashes):  # shared by every later read: kept as read
-            if array is not None:
-                array.flags.writeable = False
-        if len(_INFO_READ) >= 64:
-            _INFO_READ.clear()
-        _INFO_READ[key] = info
+        import onnx
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:
+            raise _not_onnx(path, e) from None
+        _remember_info(key, _info_of(path, proto))
     return _INFO_READ[key]
 
 
-def _parse_model_info(path: Path) -> ModelInfo:
-    import onnx
+def _remember_info(key: tuple[str, int, int, int], info: ModelInfo) -> None:
+    for array in (info.class_means, info.trained_phashes):  # shared by every later read: kept as read
+        if array is not None:
+            array.flags.writeable = False
+    if len(_INFO_READ) >= 64:
+        _INFO_READ.clear()
+    _INFO_READ[key] = info
 
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise _not_onnx(path, e) from None
+
+def _info_of(path: Path, proto) -> ModelInfo:
     meta = {p.key: p.value for p in proto.metadata_props}
     info = _info_from_metadata(path, meta)
     _check_weights(path, proto)
@@ -222,11 +226,27 @@ def _checked_key(path: Path) -> tuple[str, int, int, int]:
     return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino
 
 
-def weights_written(path: str | os.PathLike) -> None:
+def weights_written(path: str | os.PathLike, proto=None) -> None:
     """Count ``path`` as checked in this process: featx has just written it, its digest taken from the very
     tensors written (an export, a merged classifier), so its first engine does not parse and hash it
-    again (VGG-16: 3 s of a 20 s export, and as long again where the same run then embeds with it)."""
-    _WEIGHTS_CHECKED.add(_checked_key(Path(path)))
+    again (VGG-16: 3 s of a 20 s export, and as long again where the same run then embeds with it).
+    ``proto``, the model as written: its metadata is kept too, so its first reader does not parse it."""
+    path = Path(path)
+    key = _checked_key(path)
+    _WEIGHTS_CHECKED.add(key)
+    if proto is not None:
+        with contextlib.suppress(ModelFileError):  # no featx metadata: refused when it is read
+            _remember_info(key, _info_of(path, proto))
+
+
+def rename_written_file(written: str | os.PathLike, path: str | os.PathLike) -> None:
+    """``os.replace`` of a file :func:`weights_written` counted, its records kept under its new name."""
+    before = _checked_key(Path(written))
+    os.replace(written, path)
+    after = _checked_key(Path(path))
+    _WEIGHTS_CHECKED.add(after)
+    if before in _INFO_READ:
+        _INFO_READ[after] = _INFO_READ[before]
 
 
 def _check_weights(path: Path, proto=None) -> None:
