@@ -84,6 +84,23 @@ def digits_cache(tmp_path_factory, digits_dir, lite0_onnx) -> Path:
     return out
 
 
+@pytest.fixture
+def cache_from_digits(digits_cache, lite0_onnx):
+    """``cache_from_digits(folder, out)``: the cache ``featx embed folder -o out`` makes of ``folder``, copies of
+    some of the session's digits, made from the session's digits cache instead: copied, taken to stand for
+    ``folder`` (--new-folder: rows reused by content) and the other digits' rows pruned. Its rows are those an
+    embed of its own gives, bit for bit, in 0.1 s instead of 4 s for 500 digits."""
+    from featx import embed_folder
+
+    def make(folder: Path, out: Path):
+        shutil.copy(digits_cache, out)
+        report = embed_folder(folder, out, model=lite0_onnx, engine="onnx", workers=0, new_folder=True, prune=True)
+        assert report.n_embedded == 0 and report.n_failed == 0, "a file of the folder is none of the session's digits"
+        return report
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def overflowing_lite0(tmp_path_factory, lite0_onnx) -> tuple[Path, set[str]]:
     """A real ONNX file whose embedding is not finite on some images, as an fp16 engine's that overflows:

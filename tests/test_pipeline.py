@@ -1117,7 +1117,7 @@ def test_sigterm_ends_a_run_whose_read_never_returns(tmp_path, lite0_onnx):
 
 
 @pytest.mark.slow
-def test_disk_full_is_one_line_and_the_next_run_resumes(digits_dir, tmp_path, lite0_onnx):
+def test_disk_full_is_one_line_and_the_next_run_resumes(digits_dir, digits_cache, tmp_path, lite0_onnx):
     """The OS refuses writes past a size (RLIMIT_FSIZE: what a full disk looks like to the process):
     the run stops with one line, committed rows stay readable, and the same command, with room
     again, finishes the folder exactly like an uninterrupted run."""
@@ -1145,10 +1145,10 @@ def test_disk_full_is_one_line_and_the_next_run_resumes(digits_dir, tmp_path, li
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{len(committed.keys)} already cached" in r.stdout
-    embed(folder, tmp_path / "whole.h5", lite0_onnx, engine="onnx")
-    resumed, whole = featx.load_embeddings(out), featx.load_embeddings(tmp_path / "whole.h5")
-    assert resumed.keys == whole.keys
-    assert np.abs(resumed.embeddings - whole.embeddings).max() < 1e-4
+    resumed, whole = featx.load_embeddings(out), featx.load_embeddings(digits_cache)  # the whole folder's, embedded once
+    rows = [i for i, key in enumerate(whole.keys) if key.split("/")[0] in ("0", "1", "2")]
+    assert resumed.keys == [whole.keys[i] for i in rows]
+    np.testing.assert_allclose(resumed.embeddings, whole.embeddings[rows], rtol=0, atol=1e-5)
 
 
 def test_a_cache_on_a_file_system_without_locks_is_written_with_one_warning(small_digits, tmp_path, lite0_onnx):

@@ -161,7 +161,7 @@ def test_merged_onnx_classifier_gives_featx_probabilities(kind, digits_cache, di
 
 @pytest.mark.slow
 def test_evaluate_scores_a_test_folder_as_predict_classifies_it_and_lists_its_mistakes(
-        digits_dir, lite0_onnx, tmp_path, capsys, caplog):
+        digits_dir, cache_from_digits, lite0_onnx, tmp_path, capsys, caplog):
     """A head trained on 500 digits, scored on 150 others kept apart, five of whose 3s were filed under 8 by
     mistake: the score is what predict's top class gives, and every mistake is listed, most confident first."""
     import shutil
@@ -179,7 +179,7 @@ def test_evaluate_scores_a_test_folder_as_predict_classifies_it_and_lists_its_mi
         return to
 
     train, test = copy(range(500), tmp_path / "train"), copy(range(1400, 1550), tmp_path / "test")
-    featx.embed_folder(train, tmp_path / "train.h5", model=lite0_onnx)
+    cache_from_digits(train, tmp_path / "train.h5")
     head = tmp_path / "head.safetensors"
     featx.train_head(tmp_path / "train.h5", head, C=1.0)
     misfiled = sorted((test / "3").iterdir())[:5]
@@ -249,7 +249,7 @@ def test_evaluate_scores_a_test_folder_as_predict_classifies_it_and_lists_its_mi
 
 @pytest.mark.slow
 def test_evaluate_leaves_out_what_the_head_trained_on_classes_it_lacks_and_scores_a_part_alone(
-        digits_dir, lite0_onnx, tmp_path, caplog):
+        digits_dir, cache_from_digits, lite0_onnx, tmp_path, caplog):
     import shutil
 
     from featx.errors import FeatxError
@@ -260,7 +260,7 @@ def test_evaluate_leaves_out_what_the_head_trained_on_classes_it_lacks_and_score
         if 60 <= int(path.stem) < 360:
             (train / path.parent.name).mkdir(parents=True, exist_ok=True)
             shutil.copy(path, train / path.parent.name / path.name)
-    featx.embed_folder(train, tmp_path / "train.h5", model=lite0_onnx)
+    cache_from_digits(train, tmp_path / "train.h5")
     head = tmp_path / "head.safetensors"
     featx.train_head(tmp_path / "train.h5", head, C=1.0)
     test = write_digits_folder(tmp_path / "test", size=40, limit=60)
@@ -318,7 +318,8 @@ def test_evaluate_leaves_out_what_the_head_trained_on_classes_it_lacks_and_score
 
 
 @pytest.mark.slow
-def test_evaluate_a_multilabel_head_with_the_test_folders_labels(digits_dir, digits_cache, lite0_onnx, tmp_path):
+def test_evaluate_a_multilabel_head_with_the_test_folders_labels(digits_dir, digits_cache, cache_from_digits,
+                                                                 lite0_onnx, tmp_path):
     import shutil
 
     from featx.errors import FeatxError
@@ -331,7 +332,7 @@ def test_evaluate_a_multilabel_head_with_the_test_folders_labels(digits_dir, dig
             shutil.copy(path, train / path.parent.name / path.name)
     cache = tmp_path / "caches" / "train.h5"  # not beside the test folder: no cache is left there
     cache.parent.mkdir()
-    featx.embed_folder(train, cache, model=lite0_onnx)
+    cache_from_digits(train, cache)
     data = featx.load_embeddings(cache)
     with open(tmp_path / "train.csv", "w") as f:
         f.writelines(f"{key},{';'.join(_multilabel_tags(key))}\n" for key in data.keys)
