@@ -1,9 +1,8 @@
 """The benchmark harness on a tiny model: it runs and records what a reader needs (not the speed)."""
 
 import json
-import os
+import runpy
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -14,16 +13,35 @@ import featx
 
 
 def run_benchmark(script: str, out: Path, *args: str, record: str, models: Path | None = None) -> dict:
-    """Run ``benchmarks/<script>`` with ``args`` and ``--out out`` in a fresh interpreter, as a reader
-    would; its JSON ``record`` from ``out``. The script leaves nothing in the temporary folder. ``models``:
-    the models folder it takes its export from (FEATX_MODELS: the session's Lite0, not exported again)."""
+    """Run ``benchmarks/<script>`` with ``args`` and ``--out out`` as ``python script ...`` runs it (its
+    ``__main__``, its own namespace, its folder first on the path), in this process: a fresh interpreter
+    would import torch, timm and onnxruntime again, 4-7 s a script. Its JSON ``record`` from ``out``. What
+    the script removes at its exit is removed when it returns, and nothing is left in the temporary folder.
+    ``models``: the models folder it takes its export from (FEATX_MODELS: the session's Lite0, not
+    exported again)."""
+    import types
+
+    import featx.bench
+
     path = Path(__file__).parents[1] / "benchmarks" / script
     scratch = out / "tmp"
     scratch.mkdir(parents=True)
-    env = {**os.environ, "TMPDIR": str(scratch), **({"FEATX_MODELS": str(models)} if models else {})}
-    run = subprocess.run([sys.executable, str(path), *args, "--out", str(out)], capture_output=True, text=True,
-                         timeout=300, env=env)
-    assert run.returncode == 0, run.stderr[-2000:]
+    at_exit = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [str(path), *args, "--out", str(out)])
+        patch.syspath_prepend(str(path.parent))
+        patch.setattr(tempfile, "tempdir", str(scratch))
+        patch.setenv("TMPDIR", str(scratch))  # for the processes a script starts
+        if models:
+            patch.setenv("FEATX_MODELS", str(models))
+        # featx.bench.scratch_folder's removal at exit, which is the end of the script here
+        patch.setattr(featx.bench, "atexit", types.SimpleNamespace(register=lambda *call, **kw: at_exit.append(
+            (call, kw))))
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+        finally:
+            for (function, *call), kw in reversed(at_exit):
+                function(*call, **kw)
     assert not left_in(scratch), f"{script} left {left_in(scratch)}"
     return json.loads((out / record).read_text())
 
@@ -65,6 +83,8 @@ def test_bench_writes_json_and_png_with_the_comparisons(tmp_path, monkeypatch):
     assert e2e and all(line.split("  (")[0].split()[-1] == "-" for line in e2e)
 
 
+# the script times torchvision's JPEG decoder beside torchcodec's on purpose
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
 def test_decode_stages_script_records_every_stage_on_the_cpu(tmp_path, lite0_onnx):
     """The script a GPU session runs first (benchmarks/README.md) must not break unseen: on the CPU it
     times the same stages (both JPEG libraries, the decode stage with and without CPU workers) and
